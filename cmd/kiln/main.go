@@ -1,0 +1,61 @@
+// Command kiln is a hermetic, reproducible, attested build-execution engine: a Remote
+// Execution API backend, a local action runner and a rebuild verifier in one binary.
+package main
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"strings"
+
+	"github.com/spf13/cobra"
+)
+
+// version is the kiln release; set with -ldflags "-X main.version=...".
+var version = "0.1.0-dev"
+
+func main() {
+	root := newRootCmd()
+	err := root.Execute()
+	if err == nil {
+		return
+	}
+	var ee *exitError
+	if errors.As(err, &ee) {
+		if ee.msg != "" {
+			fmt.Fprintln(os.Stderr, "kiln: "+oneLine(ee.msg))
+		}
+		os.Exit(ee.code)
+	}
+	fmt.Fprintln(os.Stderr, "kiln: "+oneLine(err.Error()))
+	os.Exit(2)
+}
+
+func newRootCmd() *cobra.Command {
+	root := &cobra.Command{
+		Use:           "kiln",
+		Short:         "Hermetic, reproducible, attested build execution",
+		SilenceUsage:  true,
+		SilenceErrors: true,
+		Version:       version,
+	}
+	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error {
+		return &exitError{code: 2, msg: err.Error()}
+	})
+	root.AddCommand()
+	return root
+}
+
+// exitError ends the process with a given exit code and an optional one-line message.
+type exitError struct {
+	code int
+	msg  string
+}
+
+func (e *exitError) Error() string { return fmt.Sprintf("exit status %d: %s", e.code, e.msg) }
+
+// oneLine folds a multi-line message into one line, as every CLI error must be.
+func oneLine(s string) string {
+	s = strings.TrimSpace(s)
+	return strings.Join(strings.Fields(strings.ReplaceAll(s, "\n", " ")), " ")
+}

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# setup.sh installs what kiln's build, tests and demo need on Debian 12, idempotently:
+# Debian packages (only those missing) and the Go modules in go.sum.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+pkgs=(
+  gcc libc6-dev pkg-config libseccomp-dev   # cgo + seccomp for the sandbox
+  busybox-static                            # the tiny test toolchain
+  bubblewrap                                # benchmark peer for the sandbox
+  bazel-bootstrap                           # Bazel 4.2.3, the real REAPI client in e2e tests
+  debootstrap                               # builds the debian-gcc toolchain recipe
+  ca-certificates
+)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}" >&2
+  if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq || true
+  $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# Go modules: go.sum pins them; GONOSUMDB lets the remote-apis modules (served only at
+# exact versions) verify against go.sum alone.
+export GONOSUMDB=github.com/bazelbuild
+go mod download
