@@ -1,0 +1,99 @@
+// Package cache holds kiln's content-addressed storage: CAS blobs keyed by SHA-256
+// digest and the action cache, behind small interfaces with behaviour added by wrapping.
+package cache
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"strconv"
+
+	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+)
+
+// Digest names a blob by its lowercase hex SHA-256 hash and its size in bytes.
+type Digest struct {
+	Hash string
+	Size int64
+}
+
+// EmptyDigest is the digest of the empty blob, which every store always holds.
+var EmptyDigest = Digest{Hash: "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855", Size: 0}
+
+// NewDigest validates hash and size and returns them as a Digest (INVALID_ARGUMENT otherwise).
+func NewDigest(hash string, size int64) (Digest, error) {
+	if len(hash) != sha256.Size*2 {
+		return Digest{}, status.Errorf(codes.InvalidArgument, "digest hash %q: want %d lowercase hex characters (SHA-256)", truncate(hash), sha256.Size*2)
+	}
+	for i := 0; i < len(hash); i++ {
+		c := hash[i]
+		if !(c >= '0' && c <= '9' || c >= 'a' && c <= 'f') {
+			return Digest{}, status.Errorf(codes.InvalidArgument, "digest hash %q: not lowercase hex", truncate(hash))
+		}
+	}
+	if size < 0 {
+		return Digest{}, status.Errorf(codes.InvalidArgument, "digest %s: negative size %d", hash, size)
+	}
+	return Digest{Hash: hash, Size: size}, nil
+}
+
+// ParseDigest parses "HASH/SIZE", the form Digest.String writes.
+func ParseDigest(s string) (Digest, error) {
+	for i := len(s) - 1; i >= 0; i-- {
+		if s[i] == '/' {
+			size, err := strconv.ParseInt(s[i+1:], 10, 64)
+			if err != nil {
+				return Digest{}, status.Errorf(codes.InvalidArgument, "digest %q: bad size", truncate(s))
+			}
+			return NewDigest(s[:i], size)
+		}
+	}
+	return Digest{}, status.Errorf(codes.InvalidArgument, "digest %q: want HASH/SIZE", truncate(s))
+}
+
+// FromProto validates a REAPI digest; a nil digest is INVALID_ARGUMENT.
+func FromProto(d *repb.Digest) (Digest, error) {
+	if d == nil {
+		return Digest{}, status.Error(codes.InvalidArgument, "digest missing")
+	}
+	return NewDigest(d.GetHash(), d.GetSizeBytes())
+}
+
+// Proto returns the REAPI form of d.
+func (d Digest) Proto() *repb.Digest { return &repb.Digest{Hash: d.Hash, SizeBytes: d.Size} }
+
+// String returns "HASH/SIZE".
+func (d Digest) String() string { return d.Hash + "/" + strconv.FormatInt(d.Size, 10) }
+
+// IsEmpty reports whether d names the empty blob.
+func (d Digest) IsEmpty() bool { return d == EmptyDigest }
+
+// DigestOf hashes data.
+func DigestOf(data []byte) Digest {
+	sum := sha256.Sum256(data)
+	return Digest{Hash: hex.EncodeToString(sum[:]), Size: int64(len(data))}
+}
+
+// DigestOfProto marshals m deterministically and returns its bytes and digest.
+func DigestOfProto(m proto.Message) ([]byte, Digest, error) {
+	b, err := proto.MarshalOptions{Deterministic: true}.Marshal(m)
+	if err != nil {
+		return nil, Digest{}, status.Errorf(codes.Internal, "marshal %T: %v", m, err)
+	}
+	return b, DigestOf(b), nil
+}
+
+func truncate(s string) string {
+	if len(s) > 80 {
+		return s[:80] + "..."
+	}
+	return s
+}
+
+// errorf returns a gRPC status error; a small shorthand used across the package.
+func errorf(c codes.Code, format string, args ...any) error {
+	return status.Error(c, fmt.Sprintf(format, args...))
+}

@@ -1,0 +1,539 @@
+// Package disk is kiln's embedded on-disk store: CAS blobs and action-cache entries as
+// content-addressed files, written atomically, verified on read, evicted least recently
+// used first when the store grows past its bound.
+//
+// Several processes may use one directory at once (a long-running `kiln serve` and CLI
+// commands): the files are the truth and every write is a rename, so no lock is needed
+// to read or write. Only one process at a time (the one holding evict.lock) evicts.
+package disk
+
+import (
+	"container/list"
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"hash/fnv"
+	"io"
+	"io/fs"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/kilnbuild/kiln/cache"
+	"github.com/prometheus/client_golang/prometheus"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+)
+
+// Options configures a Store.
+type Options struct {
+	// MaxSize bounds the bytes of blobs and action-cache entries kept; 0 means no bound
+	// and no eviction (what CLI commands use while a server owns eviction).
+	MaxSize int64
+	// Fsync makes every write durable before it becomes visible (file and directory
+	// fsync). Without it a power loss can tear a blob, which verification on read then
+	// catches and removes.
+	Fsync bool
+	// Logger receives eviction and corruption events; nil discards them.
+	Logger *slog.Logger
+	// Registerer, if set, receives the store's size, count and eviction metrics.
+	Registerer prometheus.Registerer
+	// Now is the clock; nil means time.Now.
+	Now func() time.Time
+}
+
+// Store is the on-disk CAS and action cache rooted at one directory.
+type Store struct {
+	dir     string
+	opts    Options
+	log     *slog.Logger
+	now     func() time.Time
+	stripes [256]sync.Mutex // serialize rename-in against unlink for one key
+
+	mu      sync.Mutex
+	index   map[string]*entry // key: "c"+hash or "a"+keyhash
+	lru     *list.List        // front: most recently used
+	total   int64
+	evictor *os.File // flock on evict.lock, held while this process may evict
+
+	sizeGauge  prometheus.Gauge
+	countGauge prometheus.Gauge
+	evictions  prometheus.Counter
+	corrupt    prometheus.Counter
+}
+
+type entry struct {
+	key       string
+	size      int64
+	touched   time.Time // last time the file's mtime was set, for LRU across restarts
+	elem      *list.Element
+	permanent bool
+}
+
+// touchEvery is how stale a file's mtime may get before an access refreshes it, so the
+// LRU order survives a restart without a write on every read.
+const touchEvery = time.Hour
+
+// tmpMaxAge is how old an abandoned temp file must be before Open removes it: other
+// processes may be writing the younger ones.
+const tmpMaxAge = time.Hour
+
+// Open opens (creating if needed) the store in dir. With MaxSize > 0 it scans the
+// directory to rebuild the LRU index, oldest mtime first, and evicts at once if needed.
+func Open(ctx context.Context, dir string, opts Options) (*Store, error) {
+	s := &Store{dir: dir, opts: opts, log: opts.Logger, now: opts.Now, index: map[string]*entry{}, lru: list.New()}
+	if s.log == nil {
+		s.log = slog.New(slog.DiscardHandler)
+	}
+	if s.now == nil {
+		s.now = time.Now
+	}
+	for _, sub := range []string{"cas", "ac", "tmp"} {
+		if err := os.MkdirAll(filepath.Join(dir, sub), 0o755); err != nil {
+			return nil, status.Errorf(codes.Internal, "create store: %v", err)
+		}
+	}
+	for i := 0; i < 256; i++ {
+		for _, sub := range []string{"cas", "ac"} {
+			if err := os.MkdirAll(filepath.Join(dir, sub, fmt.Sprintf("%02x", i)), 0o755); err != nil {
+				return nil, status.Errorf(codes.Internal, "create store: %v", err)
+			}
+		}
+	}
+	s.sweepTmp()
+	if opts.Registerer != nil {
+		s.sizeGauge = prometheus.NewGauge(prometheus.GaugeOpts{Name: "kiln_store_size_bytes", Help: "Bytes held by the on-disk store (as indexed by this process)."})
+		s.countGauge = prometheus.NewGauge(prometheus.GaugeOpts{Name: "kiln_store_entries", Help: "Blobs and action-cache entries in the on-disk store."})
+		s.evictions = prometheus.NewCounter(prometheus.CounterOpts{Name: "kiln_store_evictions_total", Help: "Entries evicted to keep the store under --max-size."})
+		s.corrupt = prometheus.NewCounter(prometheus.CounterOpts{Name: "kiln_store_corrupt_blobs_total", Help: "Blobs that failed verification on read and were removed."})
+		opts.Registerer.MustRegister(s.sizeGauge, s.countGauge, s.evictions, s.corrupt)
+	}
+	if opts.MaxSize > 0 {
+		f, err := os.OpenFile(filepath.Join(dir, "evict.lock"), os.O_CREATE|os.O_RDWR, 0o644)
+		if err != nil {
+			return nil, status.Errorf(codes.Internal, "open eviction lock: %v", err)
+		}
+		if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+			f.Close()
+			return nil, status.Errorf(codes.FailedPrecondition, "store %s: another process already bounds its size (holds evict.lock); run one size-bounded process per data dir", dir)
+		}
+		s.evictor = f
+		if err := s.scan(ctx); err != nil {
+			f.Close()
+			return nil, err
+		}
+		s.evict()
+	}
+	return s, nil
+}
+
+// Close releases the eviction lock.
+func (s *Store) Close() error {
+	if s.evictor != nil {
+		return s.evictor.Close()
+	}
+	return nil
+}
+
+// Dir returns the store's root directory.
+func (s *Store) Dir() string { return s.dir }
+
+// Size returns the bytes this process has indexed.
+func (s *Store) Size() int64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.total
+}
+
+func (s *Store) casPath(hash string) string {
+	return filepath.Join(s.dir, "cas", hash[:2], hash)
+}
+
+func (s *Store) acPath(keyHash string) string {
+	return filepath.Join(s.dir, "ac", keyHash[:2], keyHash)
+}
+
+// BlobPath returns where blob d lives (whether or not it is present), for callers that
+// hardlink blobs. Files there are read-only and must never be written.
+func (s *Store) BlobPath(d cache.Digest) string { return s.casPath(d.Hash) }
+
+func (s *Store) stripe(key string) *sync.Mutex {
+	h := fnv.New32a()
+	h.Write([]byte(key))
+	return &s.stripes[h.Sum32()%uint32(len(s.stripes))]
+}
+
+// sweepTmp removes temp files abandoned by crashed writers.
+func (s *Store) sweepTmp() {
+	tmp := filepath.Join(s.dir, "tmp")
+	ents, err := os.ReadDir(tmp)
+	if err != nil {
+		return
+	}
+	cutoff := s.now().Add(-tmpMaxAge)
+	for _, e := range ents {
+		info, err := e.Info()
+		if err == nil && info.ModTime().Before(cutoff) {
+			os.Remove(filepath.Join(tmp, e.Name()))
+		}
+	}
+}
+
+// scan indexes every file in the store, least recently modified first.
+func (s *Store) scan(ctx context.Context) error {
+	type found struct {
+		key   string
+		size  int64
+		mtime time.Time
+	}
+	var all []found
+	for _, sub := range []struct{ dir, prefix string }{{"cas", "c"}, {"ac", "a"}} {
+		root := filepath.Join(s.dir, sub.dir)
+		err := filepath.WalkDir(root, func(path string, d fs.DirEntry, err error) error {
+			if err != nil {
+				return err
+			}
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			if d.IsDir() || !validKeyHash(d.Name()) {
+				return nil
+			}
+			info, err := d.Info()
+			if err != nil {
+				return nil // removed meanwhile
+			}
+			all = append(all, found{sub.prefix + d.Name(), info.Size(), info.ModTime()})
+			return nil
+		})
+		if err != nil {
+			return status.Errorf(codes.Internal, "scan store: %v", err)
+		}
+	}
+	sort.Slice(all, func(i, j int) bool { return all[i].mtime.Before(all[j].mtime) })
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, f := range all {
+		e := &entry{key: f.key, size: f.size, touched: f.mtime}
+		e.elem = s.lru.PushFront(e)
+		s.index[f.key] = e
+		s.total += f.size
+	}
+	s.updateGauges()
+	s.log.Info("store indexed", "dir", s.dir, "entries", len(all), "bytes", s.total)
+	return nil
+}
+
+func validKeyHash(name string) bool {
+	if len(name) != 64 {
+		return false
+	}
+	_, err := hex.DecodeString(name)
+	return err == nil
+}
+
+func (s *Store) updateGauges() {
+	if s.sizeGauge != nil {
+		s.sizeGauge.Set(float64(s.total))
+		s.countGauge.Set(float64(len(s.index)))
+	}
+}
+
+// touch marks key as just used (indexing it if another process wrote it) and, every
+// touchEvery, refreshes its file's mtime so the order survives restarts.
+func (s *Store) touch(key, path string, size int64) {
+	now := s.now()
+	s.mu.Lock()
+	e, ok := s.index[key]
+	if ok {
+		s.lru.MoveToFront(e.elem)
+		stale := now.Sub(e.touched) > touchEvery
+		if stale {
+			e.touched = now
+		}
+		s.mu.Unlock()
+		if stale {
+			os.Chtimes(path, now, now)
+		}
+		return
+	}
+	e = &entry{key: key, size: size, touched: now}
+	e.elem = s.lru.PushFront(e)
+	s.index[key] = e
+	s.total += size
+	s.updateGauges()
+	over := s.opts.MaxSize > 0 && s.total > s.opts.MaxSize
+	s.mu.Unlock()
+	if over {
+		s.evict()
+	}
+}
+
+// forget drops key from the index (its file is gone).
+func (s *Store) forget(key string) {
+	s.mu.Lock()
+	if e, ok := s.index[key]; ok {
+		s.lru.Remove(e.elem)
+		delete(s.index, key)
+		s.total -= e.size
+		s.updateGauges()
+	}
+	s.mu.Unlock()
+}
+
+// evict removes least recently used entries until the store is at 95% of MaxSize.
+func (s *Store) evict() {
+	if s.evictor == nil {
+		return
+	}
+	low := s.opts.MaxSize - s.opts.MaxSize/20
+	s.mu.Lock()
+	var victims []*entry
+	for s.total > low {
+		back := s.lru.Back()
+		if back == nil {
+			break
+		}
+		e := back.Value.(*entry)
+		s.lru.Remove(back)
+		delete(s.index, e.key)
+		s.total -= e.size
+		victims = append(victims, e)
+	}
+	s.updateGauges()
+	s.mu.Unlock()
+	for _, e := range victims {
+		lk := s.stripe(e.key)
+		lk.Lock()
+		s.mu.Lock()
+		_, back := s.index[e.key] // written again meanwhile: keep the new file
+		s.mu.Unlock()
+		if !back {
+			os.Remove(s.keyPath(e.key))
+			if s.evictions != nil {
+				s.evictions.Inc()
+			}
+		}
+		lk.Unlock()
+	}
+	if len(victims) > 0 {
+		s.log.Debug("evicted", "entries", len(victims))
+	}
+}
+
+func (s *Store) keyPath(key string) string {
+	if key[0] == 'c' {
+		return s.casPath(key[1:])
+	}
+	return s.acPath(key[1:])
+}
+
+// commit atomically moves a complete temp file to its final path and indexes it.
+func (s *Store) commit(tmp *os.File, key, final string, size int64) error {
+	if s.opts.Fsync {
+		if err := tmp.Sync(); err != nil {
+			return status.Errorf(codes.Internal, "sync %s: %v", tmp.Name(), err)
+		}
+	}
+	if err := tmp.Close(); err != nil {
+		return status.Errorf(codes.Internal, "close %s: %v", tmp.Name(), err)
+	}
+	lk := s.stripe(key)
+	lk.Lock()
+	err := os.Rename(tmp.Name(), final)
+	lk.Unlock()
+	if err != nil {
+		return status.Errorf(codes.Internal, "commit %s: %v", final, err)
+	}
+	if s.opts.Fsync {
+		syncDir(filepath.Dir(final))
+	}
+	s.touch(key, final, size)
+	return nil
+}
+
+func syncDir(dir string) {
+	if d, err := os.Open(dir); err == nil {
+		d.Sync()
+		d.Close()
+	}
+}
+
+// createTemp makes a temp file in the store's tmp dir (same filesystem as the blobs).
+func (s *Store) createTemp(mode os.FileMode) (*os.File, error) {
+	var b [12]byte
+	rand.Read(b[:])
+	name := filepath.Join(s.dir, "tmp", hex.EncodeToString(b[:]))
+	f, err := os.OpenFile(name, os.O_CREATE|os.O_EXCL|os.O_WRONLY, mode)
+	if err != nil {
+		return nil, status.Errorf(codes.Internal, "create temp file: %v", err)
+	}
+	return f, nil
+}
+
+func discard(f *os.File) {
+	f.Close()
+	os.Remove(f.Name())
+}
+
+// Get implements cache.BlobStore; the whole blob is verified against its digest as it
+// is read, and a blob that fails is removed.
+func (s *Store) Get(ctx context.Context, d cache.Digest, offset int64) (io.ReadCloser, error) {
+	if offset < 0 || offset > d.Size {
+		return nil, status.Errorf(codes.OutOfRange, "read offset %d outside blob %s", offset, d)
+	}
+	path := s.casPath(d.Hash)
+	key := "c" + d.Hash
+	f, err := os.Open(path)
+	if err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			s.forget(key)
+			return nil, status.Errorf(codes.NotFound, "blob %s not found", d)
+		}
+		return nil, status.Errorf(codes.Internal, "open blob %s: %v", d, err)
+	}
+	info, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, status.Errorf(codes.Internal, "stat blob %s: %v", d, err)
+	}
+	if info.Size() != d.Size {
+		// A blob is stored under its hash alone: a size mismatch means either the client
+		// named the wrong size, or the file is damaged. Only the second is our problem.
+		f.Close()
+		if s.verifyFile(path, d.Hash, info) {
+			return nil, status.Errorf(codes.NotFound, "blob %s not found (a blob with that hash has size %d)", d, info.Size())
+		}
+		return nil, status.Errorf(codes.NotFound, "blob %s not found", d)
+	}
+	s.touch(key, path, d.Size)
+	h := sha256.New()
+	if offset > 0 {
+		if _, err := io.CopyN(h, f, offset); err != nil {
+			f.Close()
+			return nil, status.Errorf(codes.Internal, "read blob %s: %v", d, err)
+		}
+	}
+	return cache.NewVerifyingReader(f, d, h, offset, func() { s.removeCorrupt(path, key, info) }), nil
+}
+
+// verifyFile hashes the file at path and removes it if it does not match hash; it
+// reports whether the file is sound.
+func (s *Store) verifyFile(path, hash string, info fs.FileInfo) bool {
+	f, err := os.Open(path)
+	if err != nil {
+		return false
+	}
+	h := sha256.New()
+	_, err = io.Copy(h, f)
+	f.Close()
+	if err == nil && hex.EncodeToString(h.Sum(nil)) == hash {
+		return true
+	}
+	s.removeCorrupt(path, "c"+hash, info)
+	return false
+}
+
+// removeCorrupt deletes a blob that failed verification, unless a sound copy replaced it
+// meanwhile (the path no longer names the file that was read).
+func (s *Store) removeCorrupt(path, key string, read fs.FileInfo) {
+	lk := s.stripe(key)
+	lk.Lock()
+	defer lk.Unlock()
+	if cur, err := os.Stat(path); err == nil && os.SameFile(cur, read) {
+		os.Remove(path)
+		s.forget(key)
+		if s.corrupt != nil {
+			s.corrupt.Inc()
+		}
+		s.log.Warn("removed corrupt blob", "path", path)
+	}
+}
+
+// Put implements cache.BlobStore. The data is verified even when the blob is already
+// present, but then it is not written again.
+func (s *Store) Put(ctx context.Context, d cache.Digest, r io.Reader) error {
+	key := "c" + d.Hash
+	path := s.casPath(d.Hash)
+	if s.Has(d) {
+		return cache.CopyVerified(io.Discard, r, d)
+	}
+	tmp, err := s.createTemp(0o444)
+	if err != nil {
+		return err
+	}
+	if err := cache.CopyVerified(tmp, r, d); err != nil {
+		discard(tmp)
+		return err
+	}
+	if ctx.Err() != nil {
+		discard(tmp)
+		return status.FromContextError(ctx.Err()).Err()
+	}
+	if err := s.commit(tmp, key, path, d.Size); err != nil {
+		discard(tmp)
+		return err
+	}
+	return nil
+}
+
+// Has reports whether blob d is stored (without verifying its content).
+func (s *Store) Has(d cache.Digest) bool {
+	key := "c" + d.Hash
+	s.mu.Lock()
+	e, ok := s.index[key]
+	if ok && e.size == d.Size {
+		s.lru.MoveToFront(e.elem)
+		s.mu.Unlock()
+		return true
+	}
+	s.mu.Unlock()
+	path := s.casPath(d.Hash)
+	info, err := os.Stat(path)
+	if err != nil || info.Size() != d.Size {
+		return false
+	}
+	s.touch(key, path, d.Size)
+	return true
+}
+
+// FindMissing implements cache.BlobStore; found blobs count as used, so they are the
+// last to be evicted (clients call FindMissing before relying on blobs).
+func (s *Store) FindMissing(ctx context.Context, ds []cache.Digest) ([]cache.Digest, error) {
+	var missing, unindexed []cache.Digest
+	s.mu.Lock()
+	for _, d := range ds {
+		if e, ok := s.index["c"+d.Hash]; ok && e.size == d.Size {
+			s.lru.MoveToFront(e.elem)
+			continue
+		}
+		unindexed = append(unindexed, d)
+	}
+	s.mu.Unlock()
+	for _, d := range unindexed {
+		if !s.Has(d) {
+			missing = append(missing, d)
+		}
+	}
+	return missing, ctx.Err()
+}
+
+// Stats summarises the store for logs and CLI output.
+func (s *Store) Stats() (entries int, bytes int64) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.index), s.total
+}
+
+// String describes the store.
+func (s *Store) String() string {
+	return "disk store " + strings.TrimSuffix(s.dir, "/")
+}

@@ -1,0 +1,253 @@
+package disk
+
+import (
+	"bytes"
+	"context"
+	"io"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
+	"github.com/kilnbuild/kiln/cache"
+	"github.com/kilnbuild/kiln/cache/cachetest"
+	"google.golang.org/grpc/codes"
+)
+
+func open(t *testing.T, dir string, opts Options) *Store {
+	t.Helper()
+	s, err := Open(context.Background(), dir, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s
+}
+
+func TestConformance(t *testing.T) {
+	cachetest.BlobStore(t, func(t *testing.T) cache.BlobStore { return open(t, t.TempDir(), Options{}) })
+	cachetest.ActionCache(t, func(t *testing.T) cache.ActionCache { return open(t, t.TempDir(), Options{}).ActionCache() })
+	cachetest.BlobStore(t, func(t *testing.T) cache.BlobStore { return open(t, t.TempDir(), Options{MaxSize: 1 << 30, Fsync: true}) })
+}
+
+// TestCorruptBlobRemovedOnRead flips a byte in a stored blob: the read fails with
+// DATA_LOSS at the end and the blob is gone afterwards.
+func TestCorruptBlobRemovedOnRead(t *testing.T) {
+	ctx := context.Background()
+	s := open(t, t.TempDir(), Options{MaxSize: 1 << 30})
+	data, d := cachetest.RandomBlob(t, 100000)
+	if err := s.Put(ctx, d, bytes.NewReader(data)); err != nil {
+		t.Fatal(err)
+	}
+	damage(t, s.BlobPath(d), 500)
+	r, err := s.Get(ctx, d, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = io.ReadAll(r)
+	r.Close()
+	cachetest.WantCode(t, err, codes.DataLoss)
+	if m, _ := s.FindMissing(ctx, []cache.Digest{d}); len(m) != 1 {
+		t.Fatal("corrupt blob still reported present")
+	}
+	if _, err := os.Stat(s.BlobPath(d)); !os.IsNotExist(err) {
+		t.Fatalf("corrupt blob file still on disk: %v", err)
+	}
+	// A later sound upload brings it back.
+	if err := s.Put(ctx, d, bytes.NewReader(data)); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := cache.ReadAll(ctx, s, d, 0); err != nil || !bytes.Equal(got, data) {
+		t.Fatal(err)
+	}
+}
+
+// TestTruncatedBlob: a blob file cut short (a torn write after power loss) is missing.
+func TestTruncatedBlob(t *testing.T) {
+	ctx := context.Background()
+	s := open(t, t.TempDir(), Options{})
+	data, d := cachetest.RandomBlob(t, 5000)
+	if err := s.Put(ctx, d, bytes.NewReader(data)); err != nil {
+		t.Fatal(err)
+	}
+	p := s.BlobPath(d)
+	os.Chmod(p, 0o644)
+	if err := os.Truncate(p, 100); err != nil {
+		t.Fatal(err)
+	}
+	_, err := s.Get(ctx, d, 0)
+	cachetest.WantCode(t, err, codes.NotFound)
+	if _, err := os.Stat(p); !os.IsNotExist(err) {
+		t.Fatal("truncated blob not removed")
+	}
+}
+
+// TestCorruptReadFromOffset: a read from an offset verifies the skipped prefix too.
+func TestCorruptReadFromOffset(t *testing.T) {
+	ctx := context.Background()
+	s := open(t, t.TempDir(), Options{})
+	data, d := cachetest.RandomBlob(t, 5000)
+	s.Put(ctx, d, bytes.NewReader(data))
+	damage(t, s.BlobPath(d), 10)
+	r, err := s.Get(ctx, d, 4000)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = io.ReadAll(r)
+	r.Close()
+	cachetest.WantCode(t, err, codes.DataLoss)
+}
+
+func damage(t *testing.T, path string, off int64) {
+	t.Helper()
+	os.Chmod(path, 0o644)
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := make([]byte, 1)
+	f.ReadAt(b, off)
+	b[0] ^= 0xff
+	if _, err := f.WriteAt(b, off); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+}
+
+func TestDamagedActionCacheEntry(t *testing.T) {
+	ctx := context.Background()
+	s := open(t, t.TempDir(), Options{})
+	ac := s.ActionCache()
+	_, d := cachetest.RandomBlob(t, 10)
+	k := cache.ActionKey{Action: d}
+	if err := ac.Put(ctx, k, &repb.ActionResult{ExitCode: 0, StdoutRaw: []byte("hello world")}); err != nil {
+		t.Fatal(err)
+	}
+	damage(t, s.acPath(acKey(k)), 40)
+	_, err := ac.Get(ctx, k)
+	cachetest.WantCode(t, err, codes.NotFound)
+	if _, err := os.Stat(s.acPath(acKey(k))); !os.IsNotExist(err) {
+		t.Fatal("damaged entry not removed")
+	}
+}
+
+func TestEvictionLRU(t *testing.T) {
+	ctx := context.Background()
+	s := open(t, t.TempDir(), Options{MaxSize: 100 << 10})
+	var ds [][]byte
+	var dg []cache.Digest
+	for i := 0; i < 10; i++ {
+		data, d := cachetest.RandomBlob(t, 10<<10)
+		ds = append(ds, data)
+		dg = append(dg, d)
+		if err := s.Put(ctx, d, bytes.NewReader(data)); err != nil {
+			t.Fatal(err)
+		}
+		if i == 0 {
+			continue
+		}
+		// Keep blob 0 hot.
+		if m, _ := s.FindMissing(ctx, dg[:1]); len(m) != 0 {
+			t.Fatalf("hot blob evicted after %d puts", i)
+		}
+	}
+	// One more blob pushes the store over 100 KiB: the coldest (blob 1) goes, blob 0 stays.
+	data, d := cachetest.RandomBlob(t, 10<<10)
+	if err := s.Put(ctx, d, bytes.NewReader(data)); err != nil {
+		t.Fatal(err)
+	}
+	if s.Size() > 100<<10 {
+		t.Fatalf("size %d over bound", s.Size())
+	}
+	if m, _ := s.FindMissing(ctx, []cache.Digest{dg[1]}); len(m) != 1 {
+		t.Fatal("least recently used blob survived eviction")
+	}
+	if m, _ := s.FindMissing(ctx, []cache.Digest{dg[0], d}); len(m) != 0 {
+		t.Fatalf("recently used blobs evicted: %v", m)
+	}
+	if _, err := os.Stat(s.BlobPath(dg[1])); !os.IsNotExist(err) {
+		t.Fatal("evicted blob's file remains")
+	}
+}
+
+// TestEvictionWhileReading: a reader that opened a blob keeps reading it whole even if
+// eviction removes it meanwhile.
+func TestEvictionWhileReading(t *testing.T) {
+	ctx := context.Background()
+	s := open(t, t.TempDir(), Options{MaxSize: 1 << 20})
+	data, d := cachetest.RandomBlob(t, 600<<10)
+	s.Put(ctx, d, bytes.NewReader(data))
+	r, err := s.Get(ctx, d, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	other, od := cachetest.RandomBlob(t, 600<<10)
+	if err := s.Put(ctx, od, bytes.NewReader(other)); err != nil {
+		t.Fatal(err)
+	}
+	if m, _ := s.FindMissing(ctx, []cache.Digest{d}); len(m) != 1 {
+		t.Fatal("expected the first blob to be evicted")
+	}
+	got, err := io.ReadAll(r)
+	r.Close()
+	if err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("reader of an evicted blob: %v", err)
+	}
+}
+
+// TestReopenKeepsOrderAndSharesDir: a second Store on the same directory (another
+// process, e.g. the CLI while a server runs) sees blobs the first wrote, and the index
+// rebuilt at open keeps the LRU order by mtime.
+func TestReopenKeepsOrderAndSharesDir(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	now := time.Unix(1_700_000_000, 0)
+	clock := func() time.Time { return now }
+	a := open(t, dir, Options{Now: clock})
+	var dg []cache.Digest
+	for i := 0; i < 4; i++ {
+		data, d := cachetest.RandomBlob(t, 30<<10)
+		if err := a.Put(ctx, d, bytes.NewReader(data)); err != nil {
+			t.Fatal(err)
+		}
+		// Make the mtimes distinct and ordered: blob 0 oldest.
+		mt := now.Add(time.Duration(i) * time.Minute)
+		os.Chtimes(a.BlobPath(d), mt, mt)
+		dg = append(dg, d)
+	}
+	b := open(t, dir, Options{MaxSize: 100 << 10})
+	// Opening over the bound evicted the oldest first.
+	if m, _ := b.FindMissing(ctx, dg); len(m) != 1 || m[0] != dg[0] {
+		t.Fatalf("missing after reopen = %v, want only the oldest", m)
+	}
+	// Blobs written by a, unknown to b's index, are found and accounted.
+	data, d := cachetest.RandomBlob(t, 1000)
+	a.Put(ctx, d, bytes.NewReader(data))
+	if m, _ := b.FindMissing(ctx, []cache.Digest{d}); len(m) != 0 {
+		t.Fatal("blob written by another Store not visible")
+	}
+	// A second size-bounded Store on the dir is refused: one evictor per dir.
+	if _, err := Open(ctx, dir, Options{MaxSize: 1 << 20}); err == nil {
+		t.Fatal("two evicting stores on one dir")
+	}
+}
+
+func TestSweepsOldTempFiles(t *testing.T) {
+	dir := t.TempDir()
+	s := open(t, dir, Options{})
+	old := filepath.Join(dir, "tmp", "abandoned")
+	young := filepath.Join(dir, "tmp", "inflight")
+	os.WriteFile(old, []byte("x"), 0o644)
+	os.WriteFile(young, []byte("x"), 0o644)
+	past := time.Now().Add(-2 * time.Hour)
+	os.Chtimes(old, past, past)
+	s.Close()
+	open(t, dir, Options{})
+	if _, err := os.Stat(old); !os.IsNotExist(err) {
+		t.Fatal("abandoned temp file not swept")
+	}
+	if _, err := os.Stat(young); err != nil {
+		t.Fatal("a young temp file (maybe another process's upload) was removed")
+	}
+}
