@@ -50,7 +50,8 @@ func ParseRef(s string) (Ref, error) {
 	}
 	if !strings.Contains(s, "/") && strings.Contains(s, ":") && !strings.Contains(s, "@") {
 		// "sha256:HEX" or "sha512:..." (a bare digest), or "name:tag".
-		if alg, _, _ := strings.Cut(s, ":"); digest.Algorithm(alg).Available() {
+		switch alg, _, _ := strings.Cut(s, ":"); alg {
+		case "sha256", "sha384", "sha512":
 			d, err := parseDigest(s)
 			if err != nil {
 				return Ref{}, status.Errorf(codes.InvalidArgument, "malformed toolchain reference %q: %v", orig, err)

@@ -93,6 +93,9 @@ func (t *txn) put(ctx context.Context, want ocispec.Descriptor, fill func(w io.W
 	// diagnosis of a damaged blob) is reported in preference to a parse error.
 	fillErr := fill(dst)
 	got := ocispec.Descriptor{MediaType: want.MediaType, Digest: dg.Digest(), Size: cw.n, Annotations: want.Annotations, Platform: want.Platform}
+	if fillErr != nil && cw.n == 0 {
+		return fail(fillErr) // nothing read: the source lacks the blob
+	}
 	if known && (got.Digest != want.Digest || (want.Size != 0 && got.Size != want.Size)) {
 		return fail(statusInvalid(
 			"blob %s does not match its digest (read %d bytes hashing to %s): the image is corrupt or was altered",
