@@ -4,7 +4,6 @@ import (
 	"archive/tar"
 	"fmt"
 	"io"
-	"path"
 	"strings"
 
 	"github.com/containerd/containerd/v2/core/images"
@@ -46,7 +45,7 @@ func checkEntry(hdr *tar.Header) error {
 		return fmt.Errorf("unsafe path %q in layer (\"..\" component)", hdr.Name)
 	}
 	switch hdr.Typeflag {
-	case tar.TypeReg, tar.TypeRegA, tar.TypeDir, tar.TypeSymlink, tar.TypeFifo, tar.TypeXGlobalHeader: //nolint:staticcheck // TypeRegA appears in old archives
+	case tar.TypeReg, tar.TypeDir, tar.TypeSymlink, tar.TypeFifo, tar.TypeXGlobalHeader: // tar.Reader maps old TypeRegA to TypeReg
 	case tar.TypeLink:
 		if unsafePath(hdr.Linkname) {
 			return fmt.Errorf("hard link %q points outside the root (%q)", hdr.Name, hdr.Linkname)
@@ -81,7 +80,6 @@ func applyPolicy(hdr *tar.Header) {
 			delete(hdr.PAXRecords, k)
 		}
 	}
-	hdr.Xattrs = nil //nolint:staticcheck // the deprecated field still feeds PAX records
 }
 
 // scanLayer reads a whole (possibly compressed) layer stream, checks every entry
@@ -114,11 +112,6 @@ func scanLayer(r io.Reader) (digest.Digest, error) {
 		return "", fmt.Errorf("read layer: %w", err)
 	}
 	return dg.Digest(), nil
-}
-
-// cleanLayerName normalises a tar entry name for comparisons ("./a/b/" -> "a/b").
-func cleanLayerName(name string) string {
-	return strings.TrimPrefix(path.Clean("/"+name), "/")
 }
 
 // statusInvalid formats an INVALID_ARGUMENT status for a refused image.
