@@ -210,6 +210,9 @@ func writeTree(ctx context.Context, w io.Writer, root string, mtime time.Time) e
 		return nil
 	})
 	if err != nil {
+		if ctx.Err() != nil {
+			return status.FromContextError(ctx.Err()).Err()
+		}
 		if _, ok := status.FromError(err); ok {
 			return err
 		}

@@ -152,6 +152,10 @@ func (s *Store) importIndex(ctx context.Context, t *txn, prov content.Provider, 
 		}
 		switch desc.MediaType {
 		case ocispec.MediaTypeImageManifest, images.MediaTypeDockerSchema2Manifest:
+			if f := byMf[desc.Digest]; f != nil {
+				add(f.img, "", desc.Annotations) // listed again under another name
+				continue
+			}
 			img, err := s.importManifest(ctx, t, prov, desc)
 			if err != nil {
 				return nil, err

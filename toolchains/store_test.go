@@ -231,6 +231,15 @@ func TestBuildDeterministic(t *testing.T) {
 	if strings.Join(e.Names, ",") != "kiln/det:1,kiln/det:2" {
 		t.Errorf("names %v", e.Names)
 	}
+	// An export lists the image once per name; the import verifies it once, keeps both.
+	lay := filepath.Join(t.TempDir(), "two-names")
+	must(t, s1.Export(ctx, i1.Digest.String(), lay))
+	fresh := openStore(t, t.TempDir(), Options{})
+	imgs, err := fresh.Import(ctx, lay, ImportOptions{})
+	must(t, err)
+	if e, _ := fresh.Inspect(ctx, i1.Digest.String()); len(imgs) != 1 || strings.Join(e.Names, ",") != "kiln/det:1,kiln/det:2" {
+		t.Errorf("two-name import: %d images, names %v", len(imgs), e.Names)
+	}
 	// The unpacked build has the hard link and no setuid bit.
 	root, err := s1.RootFS(ctx, i1)
 	must(t, err)
