@@ -3,6 +3,7 @@ package sandbox
 import (
 	"crypto/sha256"
 	"encoding/hex"
+	"encoding/json"
 	"path"
 	"path/filepath"
 	"strconv"
@@ -11,6 +12,9 @@ import (
 	"github.com/opencontainers/cgroups"
 	devices "github.com/opencontainers/cgroups/devices/config"
 	"github.com/opencontainers/runc/libcontainer/configs"
+
+	"github.com/kilnbuild/kiln/sandbox/internal/trampoline"
+	"github.com/kilnbuild/kiln/sandbox/seccomp"
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -81,10 +85,17 @@ func normalize(spec Spec) (Spec, error) {
 			return bad("mount source %q: %v", m.Source, err)
 		}
 		m.Source = abs
+		var st unix.Stat_t
+		if err := unix.Stat(abs, &st); err != nil {
+			return bad("mount source %q: %v", m.Source, err)
+		}
+		m.sourceIsFile = st.Mode&unix.S_IFMT != unix.S_IFDIR
 		mounts = append(mounts, m)
 	}
 	s.Mounts = mounts
-	if s.Cwd == "" {
+	if s.Cwd == "" && s.ExecRoot == "" {
+		s.Cwd = "/"
+	} else if s.Cwd == "" {
 		s.Cwd = s.ExecRootPath
 	} else if !path.IsAbs(s.Cwd) {
 		s.Cwd = path.Join(s.ExecRootPath, s.Cwd)
@@ -209,7 +220,7 @@ var namespaces = configs.Namespaces{
 }
 
 // containerConfig turns a normalized Spec into a libcontainer configuration.
-func (r *Runner) containerConfig(id string, s *Spec) (*configs.Config, error) {
+func (r *Runner) containerConfig(id, root string, s *Spec) *configs.Config {
 	umask := uint32(0o022)
 	mounts := []*configs.Mount{
 		{Source: "proc", Destination: "/proc", Device: "proc", Flags: mntNoSuidDevExec},
@@ -246,7 +257,7 @@ func (r *Runner) containerConfig(id string, s *Spec) (*configs.Config, error) {
 		res.CpuQuota = int64(s.Limits.CPUs * 100000)
 	}
 	cfg := &configs.Config{
-		Rootfs:            s.RootFS,
+		Rootfs:            root,
 		Readonlyfs:        true,
 		RootPropagation:   unix.MS_PRIVATE | unix.MS_REC,
 		Umask:             &umask,
@@ -259,6 +270,7 @@ func (r *Runner) containerConfig(id string, s *Spec) (*configs.Config, error) {
 		MaskPaths:         maskedPaths,
 		ReadonlyPaths:     readonlyPaths,
 		NoNewPrivileges:   true,
+		Seccomp:           seccomp.Config(),
 		ParentDeathSignal: int(unix.SIGKILL),
 		Rlimits: []configs.Rlimit{
 			{Type: unix.RLIMIT_NOFILE, Hard: s.Limits.OpenFiles, Soft: s.Limits.OpenFiles},
@@ -270,13 +282,104 @@ func (r *Runner) containerConfig(id string, s *Spec) (*configs.Config, error) {
 			Resources: res,
 		},
 	}
-	return cfg, nil
+	return cfg
 }
 
-// policyDigest names the isolation policy applied to s.
-func policyDigest(s *Spec) string {
-	var b strings.Builder
-	b.WriteString("kiln-sandbox-policy/v1\n")
-	h := sha256.Sum256([]byte(b.String()))
+// policyVersion names the layout of the policy description below; bump it when the
+// description or the isolation it describes changes.
+const policyVersion = "kiln-sandbox-policy/1"
+
+// policy is the canonical description of the isolation a Spec gets. It holds no host
+// path, host name or variation knob, so equal limits give equal digests everywhere.
+type policy struct {
+	Version       string         `json:"version"`
+	Seccomp       string         `json:"seccomp"`
+	SeccompDigest string         `json:"seccomp_digest"`
+	Init          string         `json:"init"` // sha256 of kiln-init
+	Namespaces    []string       `json:"namespaces"`
+	Capabilities  []string       `json:"capabilities"`
+	NoNewPrivs    bool           `json:"no_new_privs"`
+	RootFS        string         `json:"rootfs"`
+	Network       string         `json:"network"`
+	Mounts        []policyMount  `json:"mounts"`
+	Masked        []string       `json:"masked_paths"`
+	ReadOnly      []string       `json:"readonly_paths"`
+	Devices       []string       `json:"devices"`
+	Limits        map[string]any `json:"limits"`
+}
+
+type policyMount struct {
+	Target string `json:"target"`
+	Type   string `json:"type"`
+	Mode   string `json:"mode"`
+	Data   string `json:"data,omitempty"`
+}
+
+// policyDigest names the isolation policy of cfg, the configuration built for s,
+// as "sha256:<hex>". It reads the applied configuration, so it cannot drift from it.
+func policyDigest(s *Spec, cfg *configs.Config) string {
+	p := policy{
+		Version:       policyVersion,
+		Seccomp:       seccomp.Version,
+		SeccompDigest: seccomp.Digest(),
+		Init:          initDigest,
+		Capabilities:  []string{},
+		NoNewPrivs:    cfg.NoNewPrivileges,
+		Network:       "private namespace, loopback only",
+		Masked:        cfg.MaskPaths,
+		ReadOnly:      cfg.ReadonlyPaths,
+		Limits: map[string]any{
+			"memory_bytes": cfg.Cgroups.Resources.Memory,
+			"memory_swap":  cfg.Cgroups.Resources.MemorySwap,
+			"pids":         *cfg.Cgroups.Resources.PidsLimit,
+			"cpu_quota":    cfg.Cgroups.Resources.CpuQuota,
+			"cpu_period":   cfg.Cgroups.Resources.CpuPeriod,
+		},
+	}
+	if cfg.Readonlyfs {
+		p.RootFS = "read-only"
+	}
+	for _, rl := range cfg.Rlimits {
+		p.Limits["rlimit_"+strconv.Itoa(rl.Type)] = [2]uint64{rl.Soft, rl.Hard}
+	}
+	for _, ns := range cfg.Namespaces {
+		p.Namespaces = append(p.Namespaces, string(ns.Type))
+	}
+	for _, d := range cfg.Devices {
+		p.Devices = append(p.Devices, d.Path)
+	}
+	for _, m := range cfg.Mounts {
+		target := m.Destination
+		if s.ExecRoot != "" && target == s.ExecRootPath {
+			target = "<exec root>" // the path is a variation knob, not policy
+		}
+		p.Mounts = append(p.Mounts, policyMount{Target: target, Type: m.Device, Mode: mountMode(m), Data: m.Data})
+	}
+	b, err := json.Marshal(p) // struct fields in declaration order, map keys sorted
+	if err != nil {
+		panic(err) // plain data; cannot fail
+	}
+	h := sha256.Sum256(b)
 	return "sha256:" + hex.EncodeToString(h[:])
 }
+
+func mountMode(m *configs.Mount) string {
+	mode := "rw"
+	if m.Flags&unix.MS_RDONLY != 0 {
+		mode = "ro"
+	}
+	for _, f := range []struct {
+		bit  int
+		name string
+	}{{unix.MS_NOSUID, "nosuid"}, {unix.MS_NODEV, "nodev"}, {unix.MS_NOEXEC, "noexec"}} {
+		if m.Flags&f.bit != 0 {
+			mode += "," + f.name
+		}
+	}
+	return mode
+}
+
+var initDigest = func() string {
+	h := sha256.Sum256(trampoline.Binary)
+	return "sha256:" + hex.EncodeToString(h[:])
+}()

@@ -1,6 +1,7 @@
 package sandbox
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -9,21 +10,27 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
 
 	"github.com/opencontainers/runc/libcontainer"
+	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+
+	"github.com/kilnbuild/kiln/sandbox/internal/trampoline"
 )
 
 // Config configures a Runner.
 type Config struct {
-	// StateDir holds the Runner's state (container state, overlay mount points). It
-	// is owned by one Runner at a time (locked) and swept of leftovers by New.
+	// StateDir holds the Runner's state: container state, root overlays and their
+	// skeletons. One Runner owns it at a time (it is locked); New removes whatever a
+	// crashed earlier owner left there and in its cgroups. Conventionally DATA/sandbox.
 	StateDir string
-	// Logger receives debug and sweep messages; slog.Default() if nil.
+	// Logger receives warnings about clean-up; slog.Default() if nil.
 	Logger *slog.Logger
 }
 
@@ -33,16 +40,27 @@ type Runner struct {
 	dir    string // StateDir, absolute
 	ctrDir string // libcontainer state root
 	cgName string // cgroup parent name, unique to StateDir
-	seq    atomic.Uint64
 	lock   *os.File
-	closed atomic.Bool
+	init   *os.File // sealed memfd holding kiln-init
+	roots  *roots
+
+	seq     atomic.Uint64
+	mu      sync.Mutex
+	running sync.WaitGroup
+	closed  bool
 }
 
 // New creates a Runner that keeps its state in cfg.StateDir, after removing what a
 // crashed earlier process left there (containers, cgroups, mounts).
 func New(ctx context.Context, cfg Config) (*Runner, error) {
 	if cfg.StateDir == "" {
-		return nil, status.Error(codes.InvalidArgument, "sandbox: StateDir is required")
+		return nil, status.Error(codes.InvalidArgument, "sandbox: Config.StateDir is required")
+	}
+	if os.Geteuid() != 0 {
+		return nil, status.Error(codes.FailedPrecondition, "sandbox: the Runner must run as root (rootless sandboxes are not supported yet; see docs/sandbox.md)")
+	}
+	if len(trampoline.Binary) == 0 || !supportedArch {
+		return nil, status.Error(codes.Unimplemented, "sandbox: only linux/amd64 is supported")
 	}
 	dir, err := filepath.Abs(cfg.StateDir)
 	if err != nil {
@@ -55,41 +73,109 @@ func New(ctx context.Context, cfg Config) (*Runner, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, status.Errorf(codes.Internal, "sandbox: state dir: %v", err)
 	}
+	lock, err := os.OpenFile(filepath.Join(dir, "lock"), os.O_RDWR|os.O_CREATE|syscall.O_CLOEXEC, 0o600)
+	if err != nil {
+		return nil, status.Errorf(codes.Internal, "sandbox: state dir lock: %v", err)
+	}
+	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		lock.Close()
+		return nil, status.Errorf(codes.FailedPrecondition, "sandbox: state dir %s is in use by another process", dir)
+	}
 	r := &Runner{
 		log:    log,
 		dir:    dir,
 		ctrDir: filepath.Join(dir, "containers"),
 		cgName: cgroupName(dir),
+		lock:   lock,
+		roots:  newRoots(filepath.Join(dir, "roots")),
 	}
-	if err := os.MkdirAll(r.ctrDir, 0o700); err != nil {
-		return nil, status.Errorf(codes.Internal, "sandbox: state dir: %v", err)
+	if err := r.sweep(ctx); err != nil {
+		lock.Close()
+		return nil, status.Errorf(codes.Internal, "sandbox: sweeping leftovers in %s: %v", dir, err)
+	}
+	for _, d := range []string{r.ctrDir, filepath.Join(dir, "roots", "mnt"), filepath.Join(dir, "roots", "skel")} {
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			lock.Close()
+			return nil, status.Errorf(codes.Internal, "sandbox: state dir: %v", err)
+		}
+	}
+	// Sandboxes run as an unprivileged uid: they must be able to traverse to the root
+	// overlays (the directories themselves are not readable to them: 0711).
+	for _, d := range []string{dir, filepath.Join(dir, "roots"), filepath.Join(dir, "roots", "mnt")} {
+		if err := os.Chmod(d, 0o711); err != nil {
+			lock.Close()
+			return nil, status.Errorf(codes.Internal, "sandbox: state dir: %v", err)
+		}
+	}
+	if r.init, err = trampoline.Memfd(); err != nil {
+		lock.Close()
+		return nil, status.Errorf(codes.Internal, "sandbox: kiln-init: %v", err)
 	}
 	return r, nil
 }
 
-// Close releases the Runner's lock; runs in flight must have returned.
+// Close waits for running sandboxes, unmounts the root overlays and releases the
+// state directory. Run fails after Close.
 func (r *Runner) Close() error {
-	r.closed.Store(true)
+	r.mu.Lock()
+	if r.closed {
+		r.mu.Unlock()
+		return nil
+	}
+	r.closed = true
+	r.mu.Unlock()
+	r.running.Wait()
+	err := r.roots.closeAll()
+	if e := removeCgroupParent(r.cgName); e != nil && err == nil {
+		err = e
+	}
+	r.init.Close()
+	r.lock.Close()
+	if err != nil {
+		return status.Errorf(codes.Internal, "sandbox: close: %v", err)
+	}
 	return nil
 }
 
 // Run runs spec.Args in a fresh sandbox and destroys it before returning. The error
-// is non-nil only when the sandbox itself failed (bad Spec, set-up failure); the
-// command's own failure is reported in Result.
+// is non-nil only when the sandbox itself failed (bad Spec: INVALID_ARGUMENT; a limit
+// the host cannot give: RESOURCE_EXHAUSTED; set-up failure: INTERNAL; ctx ended
+// before the start: CANCELED or DEADLINE_EXCEEDED). A command that fails, crashes, is
+// killed at its timeout or by the OOM killer is a Result, not an error.
 func (r *Runner) Run(ctx context.Context, spec Spec) (Result, error) {
-	if r.closed.Load() {
+	r.mu.Lock()
+	if r.closed {
+		r.mu.Unlock()
 		return Result{}, status.Error(codes.FailedPrecondition, "sandbox: runner is closed")
 	}
+	r.running.Add(1)
+	r.mu.Unlock()
+	defer r.running.Done()
+
 	s, err := normalize(spec)
 	if err != nil {
 		return Result{}, err
 	}
-	id := "k" + strconv.Itoa(os.Getpid()) + "-" + strconv.FormatUint(r.seq.Add(1), 10)
-	cfg, err := r.containerConfig(id, &s)
-	if err != nil {
-		return Result{}, err
+	if err := ctx.Err(); err != nil {
+		return Result{}, status.FromContextError(err).Err()
 	}
-	res := Result{PolicyDigest: policyDigest(&s)}
+	cmd, err := trampoline.Command{Cwd: s.Cwd, Args: s.Args, Env: envFor(&s), DisableASLR: s.DisableASLR}.Encode()
+	if err != nil {
+		return Result{}, status.Errorf(codes.InvalidArgument, "sandbox: %v", err)
+	}
+	tr := newTrace()
+	defer tr.done()
+
+	root, release, err := r.roots.acquire(s.RootFS, mountPoints(&s))
+	if err != nil {
+		return Result{}, status.Errorf(codes.Internal, "sandbox: root filesystem: %v", err)
+	}
+	defer release()
+	tr.mark("root")
+
+	id := "k" + strconv.Itoa(os.Getpid()) + "-" + strconv.FormatUint(r.seq.Add(1), 10)
+	cfg := r.containerConfig(id, root, &s)
+	res := Result{PolicyDigest: policyDigest(&s, cfg)}
 
 	stdout, err := newCappedFile(s.Stdout)
 	if err != nil {
@@ -102,34 +188,55 @@ func (r *Runner) Run(ctx context.Context, spec Spec) (Result, error) {
 	}
 	defer stderr.Close()
 
+	var p pipes
+	defer p.close()
+	if err := p.open(); err != nil {
+		return Result{}, status.Errorf(codes.Internal, "sandbox: pipes: %v", err)
+	}
+	tr.mark("prepare")
+
 	start := time.Now()
 	ctr, err := libcontainer.Create(r.ctrDir, id, cfg)
 	if err != nil {
 		return Result{}, status.Errorf(codes.Internal, "sandbox: create container: %v", err)
 	}
 	defer func() {
+		tr.mark("wait")
 		if err := ctr.Destroy(); err != nil {
 			r.log.Warn("sandbox: destroy container", "id", id, "err", err)
 		}
+		tr.mark("destroy")
 	}()
-	env := s.Env
-	if s.ReverseEnv {
-		env = reversed(env)
-	}
+	tr.mark("create")
 	proc := &libcontainer.Process{
-		Args:   s.Args,
-		Env:    env,
-		UID:    s.UID,
-		GID:    s.GID,
-		Cwd:    s.Cwd,
-		Stdin:  nil,
-		Stdout: stdout,
-		Stderr: stderr,
-		Init:   true,
+		Args:       []string{"/proc/self/fd/" + strconv.Itoa(trampoline.SelfFD)},
+		Env:        []string{"HOME=/"},
+		UID:        s.UID,
+		GID:        s.GID,
+		Cwd:        "/",
+		Stdout:     p.stdoutW,
+		Stderr:     p.stderrW,
+		ExtraFiles: []*os.File{r.init, p.ctrlR, p.statusW},
+		Init:       true,
 	}
 	if err := ctr.Run(proc); err != nil {
-		return Result{}, status.Errorf(codes.Internal, "sandbox: start: %v", err)
+		return Result{}, startError(err)
 	}
+	tr.mark("start")
+	p.closeChildEnds()
+
+	var wg sync.WaitGroup
+	var statusBytes []byte
+	wg.Add(3)
+	go func() {
+		defer wg.Done()
+		_, _ = p.ctrlW.Write(cmd) // fails only if kiln-init died; the wait status says why
+		p.ctrlW.Close()
+	}()
+	go func() { defer wg.Done(); _, _ = io.Copy(stdout, p.stdoutR) }()
+	go func() { defer wg.Done(); _, _ = io.Copy(stderr, p.stderrR) }()
+	statusDone := make(chan struct{})
+	go func() { statusBytes, _ = io.ReadAll(p.statusR); close(statusDone) }()
 
 	if s.Timeout > 0 {
 		var cancel context.CancelFunc
@@ -137,56 +244,171 @@ func (r *Runner) Run(ctx context.Context, spec Spec) (Result, error) {
 		defer cancel()
 	}
 	waited := make(chan struct{})
-	var timedOut atomic.Bool
+	var killed atomic.Bool
 	go func() {
 		select {
 		case <-ctx.Done():
-			timedOut.Store(true)
-			_ = ctr.Signal(syscall.SIGKILL)
+			killed.Store(true)
+			_ = ctr.Signal(unix.SIGKILL) // kills PID 1, and with it the pid namespace
 		case <-waited:
 		}
 	}()
 	ps, werr := proc.Wait()
 	close(waited)
 	res.Wall = time.Since(start)
+	wg.Wait()
+	<-statusDone
 	if ps == nil {
 		return Result{}, status.Errorf(codes.Internal, "sandbox: wait: %v", werr)
 	}
-	if ws, ok := ps.Sys().(syscall.WaitStatus); ok {
-		switch {
-		case ws.Exited():
-			res.ExitCode = ws.ExitStatus()
-		case ws.Signaled():
-			res.Signal = int(ws.Signal())
-			res.ExitCode = 128 + res.Signal
-		}
+	rep, err := trampoline.ParseReport(statusBytes)
+	if err != nil {
+		return Result{}, status.Errorf(codes.Internal, "sandbox: %v", err)
+	}
+	ws, _ := ps.Sys().(syscall.WaitStatus)
+	if rep.Exited {
+		ws = rep.Status
+	}
+	switch {
+	case ws.Exited():
+		res.ExitCode = ws.ExitStatus()
+	case ws.Signaled():
+		res.Signal = int(ws.Signal())
+		res.ExitCode = 128 + res.Signal
+	}
+	switch rep.Stage {
+	case "":
+	case "setup":
+		return Result{}, status.Errorf(codes.Internal, "sandbox: kiln-init: %v", rep.Errno)
+	default:
+		res.StartError = fmt.Sprintf("%s %s: %v", rep.Stage, startTarget(rep.Stage, &s), rep.Errno)
 	}
 	if ru, ok := ps.SysUsage().(*syscall.Rusage); ok {
 		res.User = time.Duration(ru.Utime.Nano())
 		res.System = time.Duration(ru.Stime.Nano())
 		res.MaxRSS = ru.Maxrss * 1024
 	}
-	res.TimedOut = timedOut.Load() && ctx.Err() != nil
+	res.TimedOut = killed.Load() && ctx.Err() == context.DeadlineExceeded && !rep.Exited
+	if killed.Load() && !res.TimedOut && ctx.Err() != nil && !rep.Exited {
+		// The caller cancelled: not the command's doing, so not a Result.
+		return Result{}, status.FromContextError(ctx.Err()).Err()
+	}
+	res.OOMKilled = oomKilled(ctr)
 	res.Stdout = stdout.result()
 	res.Stderr = stderr.result()
 	return res, nil
 }
 
-func reversed(in []string) []string {
-	out := make([]string, len(in))
-	for i, v := range in {
-		out[len(in)-1-i] = v
+func startTarget(stage string, s *Spec) string {
+	if stage == "chdir" {
+		return s.Cwd
+	}
+	return s.Args[0]
+}
+
+// startError classifies a libcontainer start failure.
+func startError(err error) error {
+	msg := err.Error()
+	if strings.Contains(msg, "OOM") {
+		return status.Errorf(codes.ResourceExhausted, "sandbox: start: %v", err)
+	}
+	return status.Errorf(codes.Internal, "sandbox: start: %v", err)
+}
+
+// envFor returns the environment to pass, after the order variation.
+func envFor(s *Spec) []string {
+	if !s.ReverseEnv {
+		return s.Env
+	}
+	out := make([]string, len(s.Env))
+	for i, v := range s.Env {
+		out[len(s.Env)-1-i] = v
 	}
 	return out
 }
 
-// cappedFile is an io.Writer to a host file that keeps at most limit bytes.
+// mountPoints lists what the root skeleton must hold for s.
+func mountPoints(s *Spec) []mountPoint {
+	mps := []mountPoint{{path: "/proc"}, {path: "/dev"}, {path: "/sys"}, {path: "/tmp"}}
+	if s.ExecRoot != "" {
+		mps = append(mps, mountPoint{path: s.ExecRootPath})
+	}
+	for _, m := range s.Mounts {
+		mps = append(mps, mountPoint{path: m.Target, file: m.sourceIsFile})
+	}
+	return mps
+}
+
+// oomKilled reports whether the kernel's OOM killer killed a process of ctr.
+func oomKilled(ctr *libcontainer.Container) bool {
+	st, err := ctr.State()
+	if err != nil {
+		return false
+	}
+	p := st.CgroupPaths["memory"]
+	if p == "" {
+		return false
+	}
+	b, err := os.ReadFile(filepath.Join(p, "memory.oom_control"))
+	if err != nil {
+		return false
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "oom_kill "); ok {
+			n, _ := strconv.Atoi(strings.TrimSpace(v))
+			return n > 0
+		}
+	}
+	return false
+}
+
+// pipes connects the host to kiln-init and the command's output.
+type pipes struct {
+	ctrlR, ctrlW     *os.File // command, host -> kiln-init
+	statusR, statusW *os.File // reports, kiln-init -> host
+	stdoutR, stdoutW *os.File
+	stderrR, stderrW *os.File
+}
+
+func (p *pipes) open() error {
+	var err error
+	for _, pr := range []struct{ r, w **os.File }{
+		{&p.ctrlR, &p.ctrlW}, {&p.statusR, &p.statusW}, {&p.stdoutR, &p.stdoutW}, {&p.stderrR, &p.stderrW},
+	} {
+		if *pr.r, *pr.w, err = os.Pipe(); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (p *pipes) closeChildEnds() {
+	for _, f := range []**os.File{&p.ctrlR, &p.statusW, &p.stdoutW, &p.stderrW} {
+		if *f != nil {
+			(*f).Close()
+			*f = nil
+		}
+	}
+}
+
+func (p *pipes) close() {
+	for _, f := range []**os.File{&p.ctrlR, &p.ctrlW, &p.statusR, &p.statusW, &p.stdoutR, &p.stdoutW, &p.stderrR, &p.stderrW} {
+		if *f != nil {
+			(*f).Close()
+			*f = nil
+		}
+	}
+}
+
+// cappedFile is an io.Writer to a host file that keeps at most limit bytes and
+// drops the rest, so that the command never blocks on a full pipe.
 type cappedFile struct {
 	f         *os.File
 	path      string
-	limit     int64
+	limit     int64 // < 0: none
 	n         int64
 	truncated bool
+	err       error
 }
 
 func newCappedFile(o Output) (*cappedFile, error) {
@@ -208,9 +430,13 @@ func (c *cappedFile) Write(p []byte) (int, error) {
 		c.truncated = true
 		p = p[:c.limit-c.n]
 	}
-	if c.f != nil && len(p) > 0 {
+	if len(p) == 0 {
+		return n, nil
+	}
+	if c.f != nil && c.err == nil {
 		if _, err := c.f.Write(p); err != nil {
-			return 0, err
+			c.err = err // keep draining the pipe; the result says what was kept
+			return n, nil
 		}
 	}
 	c.n += int64(len(p))
@@ -228,9 +454,9 @@ func (c *cappedFile) result() OutputResult {
 	if c.f == nil {
 		return OutputResult{Truncated: c.truncated}
 	}
-	return OutputResult{Path: c.path, Size: c.n, Truncated: c.truncated}
+	return OutputResult{Path: c.path, Size: c.n, Truncated: c.truncated || c.err != nil}
 }
 
 var _ io.Writer = (*cappedFile)(nil)
+var _ = bytes.MinRead
 var _ = errors.New
-var _ = fmt.Sprint

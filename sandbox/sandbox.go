@@ -41,7 +41,7 @@ type Spec struct {
 	// Mounts are further bind mounts (read-only unless Writable).
 	Mounts []Mount
 	// Cwd is the working directory inside; relative paths are relative to
-	// ExecRootPath; empty means ExecRootPath.
+	// ExecRootPath; empty means ExecRootPath (or / without an ExecRoot).
 	Cwd string
 	// Args is the command; Args[0] is a path inside the sandbox, or a name looked up
 	// in the PATH of Env.
@@ -75,6 +75,8 @@ type Mount struct {
 	Source   string // host path (file or directory)
 	Target   string // absolute path inside the sandbox
 	Writable bool   // read-only unless set
+
+	sourceIsFile bool // set by normalize
 }
 
 // Output is a host file that receives one output stream, with a byte cap.
@@ -109,6 +111,11 @@ type Result struct {
 	MaxRSS int64 // bytes, largest resident set of any process of the command
 
 	Stdout, Stderr OutputResult
+
+	// StartError says why the command could not be started ("exec /bin/cc: no such
+	// file or directory", "chdir /x: ..."); ExitCode is then 127 or 126. Empty when
+	// the command ran.
+	StartError string
 
 	// PolicyDigest names the isolation policy (seccomp profile version, namespaces,
 	// mounts layout, limits) as "sha256:<hex>"; equal for equal Spec limits on any host.

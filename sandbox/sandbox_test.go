@@ -43,7 +43,7 @@ func TestRunEcho(t *testing.T) {
 	out := filepath.Join(t.TempDir(), "out")
 	res, err := r.Run(ctx, sandbox.Spec{
 		RootFS: rootfs,
-		Args:   []string{"/bin/sh", "-c", "echo hello; id; hostname; exit 3"},
+		Args:   []string{"/bin/sh", "-c", "echo hello; id; hostname; env; cat /proc/self/status | grep -i -E 'cap|seccomp|nonewpriv'; cat /proc/mounts; exit 3"},
 		Env:    []string{"PATH=/bin"},
 		Stdout: sandbox.Output{Path: out},
 	})
