@@ -4,12 +4,16 @@ package sandboxtest
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 )
+
+// ErrMissing marks an error caused by a missing prerequisite (a Debian package).
+var ErrMissing = errors.New("missing prerequisite")
 
 // BusyboxPath is where Debian's busybox-static package installs the binary.
 const BusyboxPath = "/bin/busybox"
@@ -21,7 +25,7 @@ func BuildBusyboxRootfs(dir string) error {
 	bb := BusyboxPath
 	fi, err := os.Stat(bb)
 	if err != nil {
-		return fmt.Errorf("busybox-static not installed (apt-get install busybox-static): %w", err)
+		return fmt.Errorf("%w: busybox-static not installed (apt-get install busybox-static): %v", ErrMissing, err)
 	}
 	if !fi.Mode().IsRegular() {
 		return fmt.Errorf("%s is not a regular file", bb)
@@ -29,6 +33,9 @@ func BuildBusyboxRootfs(dir string) error {
 	out, err := exec.Command(bb, "--list").Output()
 	if err != nil {
 		return fmt.Errorf("busybox --list: %w", err)
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
 	}
 	if err := os.Chmod(dir, 0o755); err != nil {
 		return err
