@@ -127,7 +127,7 @@ func (f *hostFixture) udpReceived(marker string) int {
 // hostile is one escape or abuse attempt.
 type hostile struct {
 	name  string
-	args  []string           // the attempt, run in the sandbox
+	args  []string                        // the attempt, run in the sandbox
 	tweak func(*testing.T, *sandbox.Spec) // optional Spec changes (limits, exec root)
 	// check asserts the attempt was contained.
 	check func(t *testing.T, o outcome)
