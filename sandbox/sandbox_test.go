@@ -248,7 +248,7 @@ func TestConcurrentRuns(t *testing.T) {
 				out := filepath.Join(t.TempDir(), "out")
 				res, err := r.Run(context.Background(), sandbox.Spec{
 					RootFS: env.rootfs, Env: []string{"N=" + string(rune('a'+i))},
-					Args:   []string{"/bin/sh", "-c", "echo $N"}, Stdout: sandbox.Output{Path: out},
+					Args: []string{"/bin/sh", "-c", "echo $N"}, Stdout: sandbox.Output{Path: out},
 				})
 				b, _ := os.ReadFile(out)
 				if err != nil || res.ExitCode != 0 || string(b) != string(rune('a'+i))+"\n" {
