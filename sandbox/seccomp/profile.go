@@ -12,7 +12,6 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
-	"slices"
 
 	"github.com/opencontainers/runc/libcontainer/configs"
 	"golang.org/x/sys/unix"
@@ -172,7 +171,11 @@ func Config() *configs.Seccomp {
 	}
 	for _, s := range conditional {
 		cp := *s
-		cp.Args = slices.Clone(s.Args)
+		cp.Args = nil
+		for _, a := range s.Args {
+			ac := *a
+			cp.Args = append(cp.Args, &ac)
+		}
 		c.Syscalls = append(c.Syscalls, &cp)
 	}
 	for _, name := range enosys {
