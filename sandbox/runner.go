@@ -1,9 +1,7 @@
 package sandbox
 
 import (
-	"bytes"
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -400,10 +398,11 @@ func (p *pipes) close() {
 	}
 }
 
-// cappedFile is an io.Writer to a host file that keeps at most limit bytes and
-// drops the rest, so that the command never blocks on a full pipe.
+// cappedFile is an io.Writer to a host file (or writer) that keeps at most limit
+// bytes and drops the rest, so that the command never blocks on a full pipe.
 type cappedFile struct {
 	f         *os.File
+	w         io.Writer // f, or Output.Writer
 	path      string
 	limit     int64 // < 0: none
 	n         int64
@@ -414,13 +413,14 @@ type cappedFile struct {
 func newCappedFile(o Output) (*cappedFile, error) {
 	c := &cappedFile{path: o.Path, limit: o.Limit}
 	if o.Path == "" {
+		c.w = o.Writer
 		return c, nil
 	}
 	f, err := os.OpenFile(o.Path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC|syscall.O_CLOEXEC, 0o644)
 	if err != nil {
 		return nil, err
 	}
-	c.f = f
+	c.f, c.w = f, f
 	return c, nil
 }
 
@@ -433,8 +433,8 @@ func (c *cappedFile) Write(p []byte) (int, error) {
 	if len(p) == 0 {
 		return n, nil
 	}
-	if c.f != nil && c.err == nil {
-		if _, err := c.f.Write(p); err != nil {
+	if c.w != nil && c.err == nil {
+		if _, err := c.w.Write(p); err != nil {
 			c.err = err // keep draining the pipe; the result says what was kept
 			return n, nil
 		}
@@ -451,12 +451,10 @@ func (c *cappedFile) Close() error {
 }
 
 func (c *cappedFile) result() OutputResult {
-	if c.f == nil {
+	if c.w == nil {
 		return OutputResult{Truncated: c.truncated}
 	}
 	return OutputResult{Path: c.path, Size: c.n, Truncated: c.truncated || c.err != nil}
 }
 
 var _ io.Writer = (*cappedFile)(nil)
-var _ = bytes.MinRead
-var _ = errors.New

@@ -11,6 +11,7 @@
 package sandbox
 
 import (
+	"io"
 	"time"
 )
 
@@ -79,10 +80,14 @@ type Mount struct {
 	sourceIsFile bool // set by normalize
 }
 
-// Output is a host file that receives one output stream, with a byte cap.
+// Output is a host file (or writer) that receives one output stream, with a byte cap.
 type Output struct {
-	// Path of the host file, created or truncated; empty discards the stream.
+	// Path of the host file, created or truncated; empty discards the stream
+	// unless Writer is set.
 	Path string
+	// Writer, when set instead of Path, receives the stream as it comes (for the
+	// CLI); it is written from one goroutine.
+	Writer io.Writer
 	// Limit is the most bytes kept; the rest is read and dropped. 0 means
 	// DefaultOutputLimit, negative means no limit.
 	Limit int64
@@ -100,31 +105,32 @@ type Limits struct {
 // Result is how a command ended. A command that fails is a Result with a non-zero
 // ExitCode or a Signal, not an error.
 type Result struct {
-	ExitCode  int // exit status, or 128+signal when killed by a signal
-	Signal    int // signal that ended the command, 0 if it exited
-	TimedOut  bool
-	OOMKilled bool
+	ExitCode  int  `json:"exit_code"` // exit status, or 128+signal when a signal ended it
+	Signal    int  `json:"signal"`    // signal that ended the command, 0 if it exited
+	TimedOut  bool `json:"timed_out"`
+	OOMKilled bool `json:"oom_killed"`
 
-	Wall   time.Duration
-	User   time.Duration
-	System time.Duration
-	MaxRSS int64 // bytes, largest resident set of any process of the command
+	Wall   time.Duration `json:"wall_ns"`
+	User   time.Duration `json:"user_ns"`
+	System time.Duration `json:"system_ns"`
+	MaxRSS int64         `json:"max_rss_bytes"` // largest resident set of any process of the command
 
-	Stdout, Stderr OutputResult
+	Stdout OutputResult `json:"stdout"`
+	Stderr OutputResult `json:"stderr"`
 
 	// StartError says why the command could not be started ("exec /bin/cc: no such
 	// file or directory", "chdir /x: ..."); ExitCode is then 127 or 126. Empty when
 	// the command ran.
-	StartError string
+	StartError string `json:"start_error,omitempty"`
 
 	// PolicyDigest names the isolation policy (seccomp profile version, namespaces,
 	// mounts layout, limits) as "sha256:<hex>"; equal for equal Spec limits on any host.
-	PolicyDigest string
+	PolicyDigest string `json:"policy_digest"`
 }
 
 // OutputResult says where one output stream went and whether it was cut.
 type OutputResult struct {
-	Path      string
-	Size      int64 // bytes written to Path
-	Truncated bool  // the command wrote more than the limit
+	Path      string `json:"path,omitempty"`
+	Size      int64  `json:"size"`      // bytes kept (written to Path or Writer)
+	Truncated bool   `json:"truncated"` // the command wrote more than the limit
 }
