@@ -93,6 +93,22 @@ func normalize(spec Spec) (Spec, error) {
 		mounts = append(mounts, m)
 	}
 	s.Mounts = mounts
+	// Bind mounts are attached to mount points of the read-only root; one inside
+	// another (or inside the exec root) would need a mount point in a host directory.
+	var targets []string
+	if s.ExecRoot != "" {
+		targets = append(targets, s.ExecRootPath)
+	}
+	for _, m := range s.Mounts {
+		targets = append(targets, m.Target)
+	}
+	for i, a := range targets {
+		for j, b := range targets {
+			if i != j && (a == b || strings.HasPrefix(a, b+"/")) {
+				return bad("mount target %q is inside (or equal to) %q", a, b)
+			}
+		}
+	}
 	if s.Cwd == "" && s.ExecRoot == "" {
 		s.Cwd = "/"
 	} else if s.Cwd == "" {
@@ -230,16 +246,6 @@ func (r *Runner) containerConfig(id, root string, s *Spec) *configs.Config {
 		{Source: "sysfs", Destination: "/sys", Device: "sysfs", Flags: mntNoSuidDevExec | unix.MS_RDONLY},
 		{Source: "tmpfs", Destination: "/tmp", Device: "tmpfs", Flags: unix.MS_NOSUID | unix.MS_NODEV, Data: "mode=1777,size=" + strconv.FormatInt(s.Limits.TmpBytes, 10)},
 	}
-	if s.ExecRoot != "" {
-		mounts = append(mounts, &configs.Mount{Source: s.ExecRoot, Destination: s.ExecRootPath, Device: "bind", Flags: unix.MS_BIND | unix.MS_NOSUID | unix.MS_NODEV})
-	}
-	for _, m := range s.Mounts {
-		flags := unix.MS_BIND | unix.MS_NOSUID | unix.MS_NODEV
-		if !m.Writable {
-			flags |= unix.MS_RDONLY
-		}
-		mounts = append(mounts, &configs.Mount{Source: m.Source, Destination: m.Target, Device: "bind", Flags: flags})
-	}
 	var rules []*devices.Rule
 	rules = append(rules, &devices.Rule{Type: devices.WildcardDevice, Major: devices.Wildcard, Minor: devices.Wildcard, Permissions: "rwm", Allow: false})
 	for _, d := range sandboxDevices {
@@ -349,11 +355,17 @@ func policyDigest(s *Spec, cfg *configs.Config) string {
 		p.Devices = append(p.Devices, d.Path)
 	}
 	for _, m := range cfg.Mounts {
-		target := m.Destination
-		if s.ExecRoot != "" && target == s.ExecRootPath {
+		p.Mounts = append(p.Mounts, policyMount{Target: m.Destination, Type: m.Device, Mode: mountMode(m), Data: m.Data})
+	}
+	for i, m := range lateMounts(s) {
+		target, mode := m.Target, "ro,nosuid,nodev"
+		if i == 0 && s.ExecRoot != "" {
 			target = "<exec root>" // the path is a variation knob, not policy
 		}
-		p.Mounts = append(p.Mounts, policyMount{Target: target, Type: m.Device, Mode: mountMode(m), Data: m.Data})
+		if m.Writable {
+			mode = "rw,nosuid,nodev"
+		}
+		p.Mounts = append(p.Mounts, policyMount{Target: target, Type: "bind", Mode: mode})
 	}
 	b, err := json.Marshal(p) // struct fields in declaration order, map keys sorted
 	if err != nil {

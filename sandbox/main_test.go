@@ -97,8 +97,15 @@ func need(t testing.TB) {
 // newRunner returns a Runner on a fresh state dir, closed at the end of the test.
 func newRunner(t testing.TB) *sandbox.Runner {
 	t.Helper()
+	return newRunnerWith(t, sandbox.Config{})
+}
+
+// newRunnerWith is newRunner with cfg (its StateDir is filled in).
+func newRunnerWith(t testing.TB, cfg sandbox.Config) *sandbox.Runner {
+	t.Helper()
 	need(t)
-	r, err := sandbox.New(context.Background(), sandbox.Config{StateDir: t.TempDir()})
+	cfg.StateDir = t.TempDir()
+	r, err := sandbox.New(context.Background(), cfg)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -23,8 +23,8 @@ import (
 
 // mountPoint is a path the skeleton must hold, as a directory or an empty file.
 type mountPoint struct {
-	path string // absolute, clean
-	file bool
+	Path string `json:"path"` // absolute, clean
+	File bool   `json:"file,omitempty"`
 }
 
 // maxRoots bounds how many idle overlays a Runner keeps mounted.
@@ -56,7 +56,7 @@ func rootKey(rootfs string, mps []mountPoint) string {
 	h := sha256.New()
 	fmt.Fprintf(h, "%s\x00", rootfs)
 	for _, mp := range mps {
-		fmt.Fprintf(h, "%s\x00%t\x00", mp.path, mp.file)
+		fmt.Fprintf(h, "%s\x00%t\x00", mp.Path, mp.File)
 	}
 	return hex.EncodeToString(h.Sum(nil))[:32]
 }
@@ -64,7 +64,7 @@ func rootKey(rootfs string, mps []mountPoint) string {
 // acquire returns the path of a mounted root for rootfs with the given mount points;
 // release it with the returned function.
 func (r *roots) acquire(rootfs string, mps []mountPoint) (string, func(), error) {
-	sort.Slice(mps, func(i, j int) bool { return mps[i].path < mps[j].path })
+	sort.Slice(mps, func(i, j int) bool { return mps[i].Path < mps[j].Path })
 	key := rootKey(rootfs, mps)
 	r.mu.Lock()
 	e, ok := r.m[key]
@@ -157,15 +157,15 @@ func buildSkeleton(dir string, mps []mountPoint) error {
 		return err
 	}
 	for _, mp := range mps {
-		p := filepath.Join(dir, mp.path)
+		p := filepath.Join(dir, mp.Path)
 		parent := p
-		if mp.file {
+		if mp.File {
 			parent = filepath.Dir(p)
 		}
 		if err := os.MkdirAll(parent, 0o755); err != nil {
 			return err
 		}
-		if mp.file {
+		if mp.File {
 			f, err := os.OpenFile(p, os.O_CREATE|os.O_WRONLY, 0o644)
 			if err != nil {
 				return err

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"sort"
 	"strconv"
 	"strings"
 	"sync"
@@ -15,6 +16,7 @@ import (
 	"time"
 
 	"github.com/opencontainers/runc/libcontainer"
+	"github.com/opencontainers/runc/libcontainer/configs"
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -30,6 +32,12 @@ type Config struct {
 	StateDir string
 	// Logger receives warnings about clean-up; slog.Default() if nil.
 	Logger *slog.Logger
+	// Prestart is how many sandboxes to keep prepared, per layout (toolchain, mount
+	// points, host name, ids, CPU set, limits), ahead of the commands that will use
+	// them. Each still runs one command and is destroyed after it; preparing ahead
+	// takes most of a sandbox's set-up off the command's path. A long-lived engine
+	// should set it near its concurrency; 0 prepares every sandbox on demand.
+	Prestart int
 }
 
 // Runner creates sandboxes. It is safe for concurrent use by many goroutines.
@@ -41,6 +49,7 @@ type Runner struct {
 	lock   *os.File
 	init   *os.File // sealed memfd holding kiln-init
 	roots  *roots
+	pool   *pool
 
 	seq     atomic.Uint64
 	mu      sync.Mutex
@@ -86,6 +95,7 @@ func New(ctx context.Context, cfg Config) (*Runner, error) {
 		cgName: cgroupName(dir),
 		lock:   lock,
 		roots:  newRoots(filepath.Join(dir, "roots")),
+		pool:   newPool(cfg.Prestart),
 	}
 	if err := r.sweep(ctx); err != nil {
 		lock.Close()
@@ -123,6 +133,7 @@ func (r *Runner) Close() error {
 	r.closed = true
 	r.mu.Unlock()
 	r.running.Wait()
+	r.pool.close(r)
 	err := r.roots.closeAll()
 	if e := removeCgroupParent(r.cgName); e != nil && err == nil {
 		err = e
@@ -138,8 +149,8 @@ func (r *Runner) Close() error {
 // Run runs spec.Args in a fresh sandbox and destroys it before returning. The error
 // is non-nil only when the sandbox itself failed (bad Spec: INVALID_ARGUMENT; a limit
 // the host cannot give: RESOURCE_EXHAUSTED; set-up failure: INTERNAL; ctx ended
-// before the start: CANCELED or DEADLINE_EXCEEDED). A command that fails, crashes, is
-// killed at its timeout or by the OOM killer is a Result, not an error.
+// before the command finished: CANCELED or DEADLINE_EXCEEDED). A command that fails,
+// crashes, is killed at its timeout or by the OOM killer is a Result, not an error.
 func (r *Runner) Run(ctx context.Context, spec Spec) (Result, error) {
 	r.mu.Lock()
 	if r.closed {
@@ -164,17 +175,107 @@ func (r *Runner) Run(ctx context.Context, spec Spec) (Result, error) {
 	tr := newTrace()
 	defer tr.done()
 
-	root, release, err := r.roots.acquire(s.RootFS, mountPoints(&s))
-	if err != nil {
-		return Result{}, status.Errorf(codes.Internal, "sandbox: root filesystem: %v", err)
+	key := poolKey(&s)
+	sb := r.pool.take(key)
+	if sb == nil {
+		if sb, err = r.prepare(&s, key); err != nil {
+			return Result{}, err
+		}
+		tr.mark("prepare")
+	} else {
+		tr.mark("take")
 	}
-	defer release()
-	tr.mark("root")
+	r.pool.refill(r, &s, key)
+	defer func() {
+		tr.mark("run")
+		sb.destroy(r.log)
+		tr.mark("destroy")
+	}()
+	return r.execute(ctx, sb, &s, cmd)
+}
 
-	id := "k" + strconv.Itoa(os.Getpid()) + "-" + strconv.FormatUint(r.seq.Add(1), 10)
-	cfg := r.containerConfig(id, root, &s)
-	res := Result{PolicyDigest: policyDigest(&s, cfg)}
+// sandbox is a created container whose init waits, before exec'ing kiln-init, for
+// the command to be bound to it (execute). It runs exactly one command.
+type sandbox struct {
+	id      string
+	key     string
+	ctr     *libcontainer.Container
+	proc    *libcontainer.Process
+	p       pipes
+	release func() // of the root overlay
+	cfg     *configs.Config
+}
 
+// prepare creates and starts a container for specs with s's key: namespaces,
+// cgroups, root, seccomp and uid are set up; the bind mounts and the command come
+// later, in execute.
+func (r *Runner) prepare(s *Spec, key string) (_ *sandbox, retErr error) {
+	root, release, err := r.roots.acquire(s.RootFS, mountPoints(s))
+	if err != nil {
+		return nil, status.Errorf(codes.Internal, "sandbox: root filesystem: %v", err)
+	}
+	sb := &sandbox{
+		id:      "k" + strconv.Itoa(os.Getpid()) + "-" + strconv.FormatUint(r.seq.Add(1), 10),
+		key:     key,
+		release: release,
+	}
+	defer func() {
+		if retErr != nil {
+			sb.destroy(r.log)
+		}
+	}()
+	sb.cfg = r.containerConfig(sb.id, root, s)
+	if err := sb.p.open(); err != nil {
+		return nil, status.Errorf(codes.Internal, "sandbox: pipes: %v", err)
+	}
+	if sb.ctr, err = libcontainer.Create(r.ctrDir, sb.id, sb.cfg); err != nil {
+		return nil, status.Errorf(codes.Internal, "sandbox: create container: %v", err)
+	}
+	sb.proc = &libcontainer.Process{
+		Args:       []string{"/proc/self/fd/" + strconv.Itoa(trampoline.SelfFD)},
+		Env:        []string{"HOME=/"},
+		UID:        s.UID,
+		GID:        s.GID,
+		Cwd:        "/",
+		Stdout:     sb.p.stdoutW,
+		Stderr:     sb.p.stderrW,
+		ExtraFiles: []*os.File{r.init, sb.p.ctrlR, sb.p.statusW},
+		Init:       true,
+	}
+	if err := sb.ctr.Start(sb.proc); err != nil {
+		sb.proc = nil
+		return nil, startError(err)
+	}
+	sb.p.closeChildEnds()
+	return sb, nil
+}
+
+// destroy kills whatever still runs in the sandbox and removes the container, its
+// cgroups and state.
+func (sb *sandbox) destroy(log *slog.Logger) {
+	if sb.ctr != nil {
+		if sb.proc != nil {
+			if st, err := sb.ctr.Status(); err == nil && st != libcontainer.Stopped {
+				_ = sb.ctr.Signal(unix.SIGKILL)
+				_, _ = sb.proc.Wait()
+			}
+		}
+		if err := sb.ctr.Destroy(); err != nil {
+			log.Warn("sandbox: destroy container", "id", sb.id, "err", err)
+		}
+		sb.ctr = nil
+	}
+	sb.p.close()
+	if sb.release != nil {
+		sb.release()
+		sb.release = nil
+	}
+}
+
+// execute binds s's mounts into sb, lets its init exec kiln-init with the command,
+// and waits for the command.
+func (r *Runner) execute(ctx context.Context, sb *sandbox, s *Spec, cmd []byte) (Result, error) {
+	res := Result{PolicyDigest: policyDigest(s, sb.cfg)}
 	stdout, err := newCappedFile(s.Stdout)
 	if err != nil {
 		return Result{}, status.Errorf(codes.Internal, "sandbox: stdout: %v", err)
@@ -185,56 +286,30 @@ func (r *Runner) Run(ctx context.Context, spec Spec) (Result, error) {
 		return Result{}, status.Errorf(codes.Internal, "sandbox: stderr: %v", err)
 	}
 	defer stderr.Close()
-
-	var p pipes
-	defer p.close()
-	if err := p.open(); err != nil {
-		return Result{}, status.Errorf(codes.Internal, "sandbox: pipes: %v", err)
+	st, err := sb.ctr.State()
+	if err != nil {
+		return Result{}, status.Errorf(codes.Internal, "sandbox: container state: %v", err)
 	}
-	tr.mark("prepare")
+	if err := attachMounts(st.InitProcessPid, lateMounts(s)); err != nil {
+		return Result{}, status.Errorf(codes.Internal, "sandbox: bind mounts: %v", err)
+	}
 
 	start := time.Now()
-	ctr, err := libcontainer.Create(r.ctrDir, id, cfg)
-	if err != nil {
-		return Result{}, status.Errorf(codes.Internal, "sandbox: create container: %v", err)
+	if err := sb.ctr.Exec(); err != nil {
+		return Result{}, status.Errorf(codes.Internal, "sandbox: start kiln-init: %v", err)
 	}
-	defer func() {
-		tr.mark("wait")
-		if err := ctr.Destroy(); err != nil {
-			r.log.Warn("sandbox: destroy container", "id", id, "err", err)
-		}
-		tr.mark("destroy")
-	}()
-	tr.mark("create")
-	proc := &libcontainer.Process{
-		Args:       []string{"/proc/self/fd/" + strconv.Itoa(trampoline.SelfFD)},
-		Env:        []string{"HOME=/"},
-		UID:        s.UID,
-		GID:        s.GID,
-		Cwd:        "/",
-		Stdout:     p.stdoutW,
-		Stderr:     p.stderrW,
-		ExtraFiles: []*os.File{r.init, p.ctrlR, p.statusW},
-		Init:       true,
-	}
-	if err := ctr.Run(proc); err != nil {
-		return Result{}, startError(err)
-	}
-	tr.mark("start")
-	p.closeChildEnds()
-
 	var wg sync.WaitGroup
 	var statusBytes []byte
 	wg.Add(3)
 	go func() {
 		defer wg.Done()
-		_, _ = p.ctrlW.Write(cmd) // fails only if kiln-init died; the wait status says why
-		p.ctrlW.Close()
+		_, _ = sb.p.ctrlW.Write(cmd) // fails only if kiln-init died; the wait status says why
+		sb.p.ctrlW.Close()
 	}()
-	go func() { defer wg.Done(); _, _ = io.Copy(stdout, p.stdoutR) }()
-	go func() { defer wg.Done(); _, _ = io.Copy(stderr, p.stderrR) }()
+	go func() { defer wg.Done(); _, _ = io.Copy(stdout, sb.p.stdoutR) }()
+	go func() { defer wg.Done(); _, _ = io.Copy(stderr, sb.p.stderrR) }()
 	statusDone := make(chan struct{})
-	go func() { statusBytes, _ = io.ReadAll(p.statusR); close(statusDone) }()
+	go func() { statusBytes, _ = io.ReadAll(sb.p.statusR); close(statusDone) }()
 
 	if s.Timeout > 0 {
 		var cancel context.CancelFunc
@@ -247,11 +322,11 @@ func (r *Runner) Run(ctx context.Context, spec Spec) (Result, error) {
 		select {
 		case <-ctx.Done():
 			killed.Store(true)
-			_ = ctr.Signal(unix.SIGKILL) // kills PID 1, and with it the pid namespace
+			_ = sb.ctr.Signal(unix.SIGKILL) // kills PID 1, and with it the pid namespace
 		case <-waited:
 		}
 	}()
-	ps, werr := proc.Wait()
+	ps, werr := sb.proc.Wait()
 	close(waited)
 	res.Wall = time.Since(start)
 	wg.Wait()
@@ -279,7 +354,7 @@ func (r *Runner) Run(ctx context.Context, spec Spec) (Result, error) {
 	case "setup":
 		return Result{}, status.Errorf(codes.Internal, "sandbox: kiln-init: %v", rep.Errno)
 	default:
-		res.StartError = fmt.Sprintf("%s %s: %v", rep.Stage, startTarget(rep.Stage, &s), rep.Errno)
+		res.StartError = fmt.Sprintf("%s %s: %v", rep.Stage, startTarget(rep.Stage, s), rep.Errno)
 	}
 	if ru, ok := ps.SysUsage().(*syscall.Rusage); ok {
 		res.User = time.Duration(ru.Utime.Nano())
@@ -291,7 +366,7 @@ func (r *Runner) Run(ctx context.Context, spec Spec) (Result, error) {
 		// The caller cancelled: not the command's doing, so not a Result.
 		return Result{}, status.FromContextError(ctx.Err()).Err()
 	}
-	res.OOMKilled = oomKilled(ctr)
+	res.OOMKilled = oomKilled(st)
 	res.Stdout = stdout.result()
 	res.Stderr = stderr.result()
 	return res, nil
@@ -325,24 +400,37 @@ func envFor(s *Spec) []string {
 	return out
 }
 
+// lateMounts are the bind mounts of s, attached after the container started.
+func lateMounts(s *Spec) []Mount {
+	var ms []Mount
+	if s.ExecRoot != "" {
+		ms = append(ms, Mount{Source: s.ExecRoot, Target: s.ExecRootPath, Writable: true})
+	}
+	return append(ms, s.Mounts...)
+}
+
+// sortedMountPoints is mountPoints in a canonical order.
+func sortedMountPoints(s *Spec) []mountPoint {
+	mps := mountPoints(s)
+	sort.Slice(mps, func(i, j int) bool { return mps[i].Path < mps[j].Path })
+	return mps
+}
+
 // mountPoints lists what the root skeleton must hold for s.
 func mountPoints(s *Spec) []mountPoint {
-	mps := []mountPoint{{path: "/proc"}, {path: "/dev"}, {path: "/sys"}, {path: "/tmp"}}
+	mps := []mountPoint{{Path: "/proc"}, {Path: "/dev"}, {Path: "/sys"}, {Path: "/tmp"}}
 	if s.ExecRoot != "" {
-		mps = append(mps, mountPoint{path: s.ExecRootPath})
+		mps = append(mps, mountPoint{Path: s.ExecRootPath})
 	}
 	for _, m := range s.Mounts {
-		mps = append(mps, mountPoint{path: m.Target, file: m.sourceIsFile})
+		mps = append(mps, mountPoint{Path: m.Target, File: m.sourceIsFile})
 	}
 	return mps
 }
 
-// oomKilled reports whether the kernel's OOM killer killed a process of ctr.
-func oomKilled(ctr *libcontainer.Container) bool {
-	st, err := ctr.State()
-	if err != nil {
-		return false
-	}
+// oomKilled reports whether the kernel's OOM killer killed a process of the
+// container whose state is st.
+func oomKilled(st *libcontainer.State) bool {
 	p := st.CgroupPaths["memory"]
 	if p == "" {
 		return false
