@@ -113,24 +113,13 @@ func newTestEnv(t *testing.T, conc int) *testEnv {
 	cas := cache.WithEmptyBlob(store)
 	ac := cache.WithCompletenessCheck(store.ActionCache(), cas)
 	sb := &fakeSandbox{}
-	ex, err := NewExecutor(ExecutorConfig{CAS: casWithPath{cas, store}, AC: ac, Sandbox: sb, Toolchains: fakeToolchains{},
+	ex, err := NewExecutor(ExecutorConfig{CAS: localStore{cas, store}, AC: ac, Sandbox: sb, Toolchains: fakeToolchains{},
 		WorkDir: filepath.Join(dir, "exec"), UID: os.Getuid(), GID: os.Getgid(), MaxTimeout: time.Hour})
 	if err != nil {
 		t.Fatal(err)
 	}
 	return &testEnv{store: store, cas: cas, ac: ac, exec: ex, sb: sb,
 		sched: NewScheduler(ex, SchedulerConfig{Concurrency: conc, MaxQueue: 4})}
-}
-
-// casWithPath keeps the disk store's hardlink and adopt abilities behind the empty-blob wrapper.
-type casWithPath struct {
-	cache.BlobStore
-	d *disk.Store
-}
-
-func (c casWithPath) BlobPath(d cache.Digest) string { return c.d.BlobPath(d) }
-func (c casWithPath) AdoptFile(ctx context.Context, d cache.Digest, f *os.File) error {
-	return c.d.AdoptFile(ctx, d, f)
 }
 
 func (e *testEnv) put(t *testing.T, m proto.Message) cache.Digest {

@@ -9,8 +9,7 @@ import (
 	"net/http"
 	"time"
 
-	"github.com/kilnbuild/kiln/cache"
-	"github.com/kilnbuild/kiln/cache/disk"
+	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"github.com/kilnbuild/kiln/engine/reapi"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
@@ -30,8 +29,20 @@ type ServerConfig struct {
 	AllowClientACWrites bool
 	Fsync               bool
 	Logger              *slog.Logger
+	// Execution configures remote execution; with Disabled the server is a cache only.
+	Execution ExecutionConfig
 	// Ready, if set, is called with the bound addresses once the server accepts calls.
 	Ready func(grpcAddr, httpAddr string)
+}
+
+// ExecutionConfig configures the Execution service of `kiln serve`.
+type ExecutionConfig struct {
+	Disabled                        bool
+	DefaultToolchain                string
+	Concurrency                     int
+	MaxQueue                        int
+	DefaultTimeout, MaxTimeout      time.Duration
+	IgnoreUnknownPlatformProperties bool
 }
 
 // drainTimeout bounds how long a graceful shutdown waits for calls in flight.
@@ -46,24 +57,35 @@ func Serve(ctx context.Context, cfg ServerConfig) error {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 
-	store, err := disk.Open(ctx, cfg.Data.Store(), disk.Options{
-		MaxSize: cfg.MaxSize, Fsync: cfg.Fsync, Logger: log, Registerer: reg,
+	eng, err := Open(ctx, Options{
+		Data: cfg.Data, MaxSize: cfg.MaxSize, Fsync: cfg.Fsync, Logger: log, Registerer: reg,
+		DefaultToolchain: cfg.Execution.DefaultToolchain, Concurrency: cfg.Execution.Concurrency,
+		MaxQueue: cfg.Execution.MaxQueue, DefaultTimeout: cfg.Execution.DefaultTimeout,
+		MaxTimeout: cfg.Execution.MaxTimeout, IgnoreUnknownPlatformProperties: cfg.Execution.IgnoreUnknownPlatformProperties,
+		NoSandbox: cfg.Execution.Disabled, Prestart: cfg.Execution.Concurrency,
 	})
 	if err != nil {
 		return err
 	}
-	defer store.Close()
-	metrics := cache.NewMetrics(reg)
-	cas := metrics.BlobStore("cas", cache.WithEmptyBlob(store))
-	ac := metrics.ActionCache(cache.WithCompletenessCheck(store.ActionCache(), cas))
-
-	srv := reapi.New(cas, ac, reapi.Options{AllowClientACWrites: cfg.AllowClientACWrites, Logger: log})
+	defer eng.Close()
+	ropts := reapi.Options{AllowClientACWrites: cfg.AllowClientACWrites, Logger: log}
+	if !cfg.Execution.Disabled {
+		ropts.ExecutionCapabilities = &repb.ExecutionCapabilities{
+			DigestFunction:  repb.DigestFunction_SHA256,
+			DigestFunctions: []repb.DigestFunction_Value{repb.DigestFunction_SHA256},
+			ExecEnabled:     true,
+		}
+	}
+	srv := reapi.New(eng.CAS, eng.AC, ropts)
 	defer srv.Close()
 	obs := reapi.NewObserver(reg, log)
 	g := grpc.NewServer(append(obs.ServerOptions(),
 		grpc.MaxRecvMsgSize(reapi.MaxMessageSize),
 	)...)
 	srv.Register(g)
+	if eng.Scheduler != nil {
+		RegisterExecution(g, eng.Scheduler)
+	}
 	hs := health.NewServer()
 	healthpb.RegisterHealthServer(g, hs)
 	reflection.Register(g)
@@ -98,9 +120,10 @@ func Serve(ctx context.Context, cfg ServerConfig) error {
 	errc := make(chan error, 1)
 	go func() { errc <- g.Serve(lis) }()
 	hs.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
-	entries, bytes := store.Stats()
+	entries, bytes := eng.Store.Stats()
 	log.Info("kiln serving", "grpc", lis.Addr().String(), "http", httpAddr, "data", string(cfg.Data),
-		"store_entries", entries, "store_bytes", bytes, "max_size", cfg.MaxSize, "client_ac_writes", cfg.AllowClientACWrites)
+		"store_entries", entries, "store_bytes", bytes, "max_size", cfg.MaxSize, "client_ac_writes", cfg.AllowClientACWrites,
+		"execution", !cfg.Execution.Disabled)
 	if cfg.Ready != nil {
 		cfg.Ready(lis.Addr().String(), httpAddr)
 	}

@@ -8,6 +8,7 @@ import (
 	"os"
 	"strings"
 
+	clog "github.com/containerd/log"
 	"github.com/spf13/cobra"
 
 	// The sandbox re-executes this binary as its container init; nsenter's C
@@ -24,6 +25,9 @@ func main() {
 	// First of all: when re-executed as a sandbox's container init, become it
 	// (never returns); nothing else may run before.
 	sandbox.Init()
+	// containerd's process-wide logger warns on every content-store open where
+	// fs-verity is missing; kiln's own logs say what matters.
+	_ = clog.SetLevel("error")
 	root := newRootCmd()
 	err := root.Execute()
 	if err == nil {
@@ -55,6 +59,7 @@ func newRootCmd() *cobra.Command {
 		newServeCmd(),
 		newToolchainCmd(),
 		newSandboxCmd(),
+		newExecCmd(),
 	)
 	return root
 }

@@ -4,6 +4,7 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+	"time"
 
 	"github.com/kilnbuild/kiln/engine"
 	"github.com/spf13/cobra"
@@ -41,6 +42,14 @@ func newServeCmd() *cobra.Command {
 	f.StringVar(&maxSize, "max-size", "0", "bound on the store's size, e.g. 50GiB (0: unbounded)")
 	f.BoolVar(&cfg.AllowClientACWrites, "allow-client-ac-writes", false, "let clients write the action cache (cache-only deployments; never with remote execution)")
 	f.BoolVar(&cfg.Fsync, "fsync", false, "fsync every blob before it becomes visible (durability across power loss)")
+	ex := &cfg.Execution
+	f.BoolVar(&ex.Disabled, "no-execution", false, "serve storage only (no Execution service, no sandbox)")
+	f.StringVar(&ex.DefaultToolchain, "default-toolchain", "", "container-image for actions that name none (a pinned reference)")
+	f.IntVar(&ex.Concurrency, "concurrency", 0, "actions run at once (0: number of CPUs)")
+	f.IntVar(&ex.MaxQueue, "max-queue", 10000, "actions waiting for a slot before Execute answers RESOURCE_EXHAUSTED")
+	f.DurationVar(&ex.DefaultTimeout, "default-timeout", 15*time.Minute, "timeout of actions that set none")
+	f.DurationVar(&ex.MaxTimeout, "max-timeout", time.Hour, "longest timeout an action may ask for")
+	f.BoolVar(&ex.IgnoreUnknownPlatformProperties, "ignore-unknown-platform-properties", false, "accept platform properties kiln does not understand instead of refusing the action")
 	addDataFlag(cmd, &data)
 	logFlag.register(cmd)
 	return cmd

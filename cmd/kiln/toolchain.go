@@ -6,13 +6,11 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"log/slog"
 	"os"
 	"strconv"
 	"strings"
 	"text/tabwriter"
 
-	clog "github.com/containerd/log"
 	"github.com/spf13/cobra"
 	"google.golang.org/grpc/status"
 
@@ -54,10 +52,7 @@ func (f *toolchainFlags) add(cmd *cobra.Command, withJSON bool) {
 
 func (f *toolchainFlags) open(ctx context.Context) (*toolchains.Store, error) {
 	// Progress logs stay quiet on the command line: stdout carries results, stderr errors.
-	// containerd's global logger warns on every store open where fs-verity is missing.
-	_ = clog.SetLevel("error")
-	lg := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
-	s, err := toolchains.Open(ctx, f.data, toolchains.Options{Logger: lg})
+	s, err := toolchains.Open(ctx, f.data, toolchains.Options{Logger: quietLogger()})
 	return s, statusMsg(err)
 }
 
