@@ -496,11 +496,11 @@ func (f *Fetcher) attempt(ctx context.Context, u string, algos []string, progres
 	if err != nil {
 		return nil, false, 0, status.Errorf(codes.Internal, "create temp file: %v", err)
 	}
-	dl = &download{file: tmp}
+	out := &download{file: tmp}
 	ok := false
 	defer func() {
 		if !ok {
-			dl.discard()
+			out.discard()
 		}
 	}()
 	hashes := make([]hash.Hash, len(algos))
@@ -517,15 +517,15 @@ func (f *Fetcher) attempt(ctx context.Context, u string, algos []string, progres
 		timer.Reset(f.opts.IdleTimeout)
 		n, rerr := resp.Body.Read(buf)
 		if n > 0 {
-			dl.size += int64(n)
-			if dl.size > f.opts.MaxSize {
+			out.size += int64(n)
+			if out.size > f.opts.MaxSize {
 				return nil, false, 0, status.Errorf(codes.ResourceExhausted, "%s: body exceeds the %d-byte limit", final, f.opts.MaxSize)
 			}
 			if _, werr := w.Write(buf[:n]); werr != nil {
 				return nil, false, 0, status.Errorf(codes.Internal, "write temp file: %v", werr)
 			}
 			if progress != nil {
-				progress(dl.size, total)
+				progress(out.size, total)
 			}
 		}
 		if rerr == io.EOF {
@@ -536,23 +536,23 @@ func (f *Fetcher) attempt(ctx context.Context, u string, algos []string, progres
 			case ctx.Err() != nil:
 				return nil, false, 0, status.FromContextError(ctx.Err()).Err()
 			case idle.Load():
-				return nil, false, 0, status.Errorf(codes.DeadlineExceeded, "%s: no data for %s after %d bytes", final, f.opts.IdleTimeout, dl.size)
+				return nil, false, 0, status.Errorf(codes.DeadlineExceeded, "%s: no data for %s after %d bytes", final, f.opts.IdleTimeout, out.size)
 			case actx.Err() != nil:
-				return nil, false, 0, status.Errorf(codes.DeadlineExceeded, "%s: body not complete within %s (%d bytes read)", final, f.opts.Timeout, dl.size)
+				return nil, false, 0, status.Errorf(codes.DeadlineExceeded, "%s: body not complete within %s (%d bytes read)", final, f.opts.Timeout, out.size)
 			}
 			// A reset or truncated body: the server or network hiccuped; try again.
-			return nil, true, 0, status.Errorf(codes.Unavailable, "%s: reading body after %d bytes: %v", final, dl.size, rerr)
+			return nil, true, 0, status.Errorf(codes.Unavailable, "%s: reading body after %d bytes: %v", final, out.size, rerr)
 		}
 	}
 	timer.Stop()
 	if idle.Load() {
-		return nil, false, 0, status.Errorf(codes.DeadlineExceeded, "%s: no data for %s after %d bytes", final, f.opts.IdleTimeout, dl.size)
+		return nil, false, 0, status.Errorf(codes.DeadlineExceeded, "%s: no data for %s after %d bytes", final, f.opts.IdleTimeout, out.size)
 	}
 	for i, a := range algos {
-		dl.sums = append(dl.sums, Checksum{Algo: a, Sum: hashes[i].Sum(nil)})
+		out.sums = append(out.sums, Checksum{Algo: a, Sum: hashes[i].Sum(nil)})
 	}
 	ok = true
-	return dl, false, 0, nil
+	return out, false, 0, nil
 }
 
 // unwrapURLError drops net/http's *url.Error wrapper, whose message repeats the URL
