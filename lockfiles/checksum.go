@@ -118,8 +118,8 @@ func (c Checksum) String() string { return c.Algo + ":" + c.Hex() }
 // Equal reports whether c and o are the same algorithm and sum.
 func (c Checksum) Equal(o Checksum) bool { return c.Algo == o.Algo && bytes.Equal(c.Sum, o.Sum) }
 
-// findAlgo returns the checksum in cs with algorithm algo.
-func findAlgo(cs []Checksum, algo string) (Checksum, bool) {
+// FindAlgo returns the checksum in cs with algorithm algo.
+func FindAlgo(cs []Checksum, algo string) (Checksum, bool) {
 	for _, c := range cs {
 		if c.Algo == algo {
 			return c, true
@@ -128,12 +128,12 @@ func findAlgo(cs []Checksum, algo string) (Checksum, bool) {
 	return Checksum{}, false
 }
 
-// mergeChecksums returns the union of a and b, or an error if they name two different
+// MergeChecksums returns the union of a and b, or an error if they name two different
 // sums for one algorithm (no content can match both).
-func mergeChecksums(a, b []Checksum) ([]Checksum, error) {
+func MergeChecksums(a, b []Checksum) ([]Checksum, error) {
 	out := append([]Checksum(nil), a...)
 	for _, c := range b {
-		if prev, ok := findAlgo(out, c.Algo); ok {
+		if prev, ok := FindAlgo(out, c.Algo); ok {
 			if !prev.Equal(c) {
 				return nil, fmt.Errorf("conflicting %s checksums %s and %s", c.Algo, prev.Hex(), c.Hex())
 			}

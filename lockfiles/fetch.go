@@ -110,7 +110,7 @@ type Result struct {
 
 // Integrity returns the result's checksum in algo as an SRI value, or "".
 func (r *Result) Integrity(algo string) string {
-	if c, ok := findAlgo(r.Checksums, algo); ok {
+	if c, ok := FindAlgo(r.Checksums, algo); ok {
 		return c.SRI()
 	}
 	return ""
@@ -318,7 +318,7 @@ func (f *Fetcher) Fetch(ctx context.Context, cas cache.BlobStore, req Request) (
 			return nil, status.Errorf(codes.InvalidArgument, "fetch: unusable checksum %q", c.Algo)
 		}
 	}
-	if _, err := mergeChecksums(nil, req.Want); err != nil {
+	if _, err := MergeChecksums(nil, req.Want); err != nil {
 		return nil, status.Errorf(codes.InvalidArgument, "fetch: %v", err)
 	}
 	var errs []error
@@ -395,9 +395,9 @@ func (f *Fetcher) fetchURL(ctx context.Context, cas cache.BlobStore, u string, r
 	defer dl.discard()
 
 	got := dl.sums
-	sha, _ := findAlgo(got, SHA256)
+	sha, _ := FindAlgo(got, SHA256)
 	for _, w := range req.Want {
-		g, _ := findAlgo(got, w.Algo)
+		g, _ := FindAlgo(got, w.Algo)
 		if !g.Equal(w) {
 			err := &MismatchError{URL: safe, Want: w, Got: g, WantSize: req.Size, GotSize: dl.size}
 			f.log.Error("download does not match its pinned digest; nothing stored",

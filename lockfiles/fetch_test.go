@@ -370,7 +370,7 @@ func TestFetchDigestMismatch(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	pinned, _ := findAlgo(first.Checksums, SHA256)
+	pinned, _ := FindAlgo(first.Checksums, SHA256)
 	_, err = f.Fetch(context.Background(), cas, Request{URLs: []string{ts.URL + "/r.tgz", mirror.URL}, Want: []Checksum{pinned}, Size: first.Digest.Size})
 	var mm *MismatchError
 	if !errors.As(err, &mm) || status.Code(err) != codes.Aborted {

@@ -339,7 +339,7 @@ func (d *Dependency) Checksums() ([]Checksum, error) {
 		if err != nil {
 			return nil, err
 		}
-		merged, err := mergeChecksums(cs, []Checksum{c})
+		merged, err := MergeChecksums(cs, []Checksum{c})
 		if err != nil {
 			return nil, status.Errorf(codes.InvalidArgument, "dependency %q: %v", d.Name, err)
 		}
@@ -357,7 +357,7 @@ func (d *Dependency) Digest() (cache.Digest, bool) {
 	if err != nil || d.Size <= 0 {
 		return cache.Digest{}, false
 	}
-	c, ok := findAlgo(cs, SHA256)
+	c, ok := FindAlgo(cs, SHA256)
 	if !ok {
 		return cache.Digest{}, false
 	}

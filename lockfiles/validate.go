@@ -228,7 +228,7 @@ func (v *validator) dependencies(n *jnode, l *Lockfile) {
 			if s, ok := v.str(f.val, what+": integrity"); ok {
 				if c, err := ParseSRI(s); err != nil {
 					v.errAt(f.val.pos, "%s: %s", what, status.Convert(err).Message())
-				} else if merged, err := mergeChecksums(sums, []Checksum{c}); err != nil {
+				} else if merged, err := MergeChecksums(sums, []Checksum{c}); err != nil {
 					v.errAt(f.val.pos, "%s: integrity disagrees with sha256: %v", what, err)
 				} else {
 					d.Integrity = s
@@ -288,7 +288,7 @@ func (v *validator) dependencies(n *jnode, l *Lockfile) {
 				}
 				seen[key] = e.pos
 				if o, dup := owners[key]; dup && len(sums) > 0 {
-					if _, err := mergeChecksums(o.sums, sums); err != nil {
+					if _, err := MergeChecksums(o.sums, sums); err != nil {
 						ol, oc := lineCol(v.data, o.pos)
 						v.errAt(e.pos, "%s: URL %q is also pinned by dependency %q (at %d:%d) to different content", what, short(s), o.name, ol, oc)
 						continue
