@@ -29,6 +29,7 @@ import (
 
 	"github.com/kilnbuild/kiln/cache"
 	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 )
@@ -485,40 +486,27 @@ func (s *Store) Put(ctx context.Context, d cache.Digest, r io.Reader) error {
 	return nil
 }
 
-// Has reports whether blob d is stored (without verifying its content).
+// Has reports whether blob d is stored (without verifying its content). The file is
+// the truth: the index only orders eviction, so a blob removed by another process is
+// never reported present.
 func (s *Store) Has(d cache.Digest) bool {
-	key := "c" + d.Hash
-	s.mu.Lock()
-	e, ok := s.index[key]
-	if ok && e.size == d.Size {
-		s.lru.MoveToFront(e.elem)
-		s.mu.Unlock()
-		return true
-	}
-	s.mu.Unlock()
 	path := s.casPath(d.Hash)
-	info, err := os.Stat(path)
-	if err != nil || info.Size() != d.Size {
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil || st.Size != d.Size {
+		if err != nil {
+			s.forget("c" + d.Hash)
+		}
 		return false
 	}
-	s.touch(key, path, d.Size)
+	s.touch("c"+d.Hash, path, d.Size)
 	return true
 }
 
 // FindMissing implements cache.BlobStore; found blobs count as used, so they are the
 // last to be evicted (clients call FindMissing before relying on blobs).
 func (s *Store) FindMissing(ctx context.Context, ds []cache.Digest) ([]cache.Digest, error) {
-	var missing, unindexed []cache.Digest
-	s.mu.Lock()
+	var missing []cache.Digest
 	for _, d := range ds {
-		if e, ok := s.index["c"+d.Hash]; ok && e.size == d.Size {
-			s.lru.MoveToFront(e.elem)
-			continue
-		}
-		unindexed = append(unindexed, d)
-	}
-	s.mu.Unlock()
-	for _, d := range unindexed {
 		if !s.Has(d) {
 			missing = append(missing, d)
 		}

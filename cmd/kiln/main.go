@@ -42,7 +42,9 @@ func newRootCmd() *cobra.Command {
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error {
 		return &exitError{code: 2, msg: err.Error()}
 	})
-	root.AddCommand()
+	root.AddCommand(
+		newServeCmd(),
+	)
 	return root
 }
 

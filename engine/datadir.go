@@ -1,0 +1,24 @@
+// Package engine is kiln's executor and server: it turns actions into sandboxed runs,
+// outputs, action results and signed links, and serves them over the Remote Execution API.
+package engine
+
+import "path/filepath"
+
+// DataDir is the layout of a kiln data directory, shared by `kiln serve` and every CLI
+// command (several may use one directory at once).
+type DataDir string
+
+// Store is the on-disk CAS and action cache (package cache/disk).
+func (d DataDir) Store() string { return filepath.Join(string(d), "store") }
+
+// Toolchains holds imported toolchain images and their unpacked roots.
+func (d DataDir) Toolchains() string { return filepath.Join(string(d), "toolchains") }
+
+// Keys holds the executor's signing keys; it is never mounted into a sandbox.
+func (d DataDir) Keys() string { return filepath.Join(string(d), "keys") }
+
+// Log holds the transparency log of link envelopes.
+func (d DataDir) Log() string { return filepath.Join(string(d), "log") }
+
+// Sandbox holds per-run sandbox state and exec roots.
+func (d DataDir) Sandbox() string { return filepath.Join(string(d), "sandbox") }

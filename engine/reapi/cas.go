@@ -1,0 +1,257 @@
+package reapi
+
+import (
+	"bytes"
+	"context"
+	"encoding/base64"
+	"io"
+	"strconv"
+
+	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
+	"github.com/kilnbuild/kiln/cache"
+	"github.com/klauspost/compress/zstd"
+	"google.golang.org/genproto/googleapis/rpc/errdetails"
+	rpcstatus "google.golang.org/genproto/googleapis/rpc/status"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+)
+
+// maxTreePage bounds the directories one GetTree response carries.
+const maxTreePage = 1000
+
+// casServer implements ContentAddressableStorage; the chunking methods added in REAPI
+// 2.4 (SplitBlob, SpliceBlob, ...) answer UNIMPLEMENTED, as kiln does not advertise them.
+type casServer struct {
+	repb.UnimplementedContentAddressableStorageServer
+	s *Server
+}
+
+func digests(ps []*repb.Digest) ([]cache.Digest, error) {
+	ds := make([]cache.Digest, len(ps))
+	for i, p := range ps {
+		d, err := cache.FromProto(p)
+		if err != nil {
+			return nil, err
+		}
+		ds[i] = d
+	}
+	return ds, nil
+}
+
+func (c casServer) FindMissingBlobs(ctx context.Context, req *repb.FindMissingBlobsRequest) (*repb.FindMissingBlobsResponse, error) {
+	if err := checkInstance(req.GetInstanceName()); err != nil {
+		return nil, err
+	}
+	if err := checkDigestFunction(req.GetDigestFunction()); err != nil {
+		return nil, err
+	}
+	ds, err := digests(req.GetBlobDigests())
+	if err != nil {
+		return nil, err
+	}
+	missing, err := c.s.cas.FindMissing(ctx, ds)
+	if err != nil {
+		return nil, err
+	}
+	resp := &repb.FindMissingBlobsResponse{MissingBlobDigests: make([]*repb.Digest, len(missing))}
+	for i, d := range missing {
+		resp.MissingBlobDigests[i] = d.Proto()
+	}
+	return resp, nil
+}
+
+func statusProto(err error) *rpcstatus.Status {
+	if err == nil {
+		return &rpcstatus.Status{}
+	}
+	return status.Convert(err).Proto()
+}
+
+func (c casServer) BatchUpdateBlobs(ctx context.Context, req *repb.BatchUpdateBlobsRequest) (*repb.BatchUpdateBlobsResponse, error) {
+	if err := checkInstance(req.GetInstanceName()); err != nil {
+		return nil, err
+	}
+	if err := checkDigestFunction(req.GetDigestFunction()); err != nil {
+		return nil, err
+	}
+	var total int64
+	for _, r := range req.GetRequests() {
+		total += r.GetDigest().GetSizeBytes()
+	}
+	if total > MaxBatchSize {
+		return nil, status.Errorf(codes.InvalidArgument, "batch of %d bytes is over max_batch_total_size_bytes (%d); use ByteStream for large blobs", total, MaxBatchSize)
+	}
+	resp := &repb.BatchUpdateBlobsResponse{Responses: make([]*repb.BatchUpdateBlobsResponse_Response, len(req.GetRequests()))}
+	for i, r := range req.GetRequests() {
+		resp.Responses[i] = &repb.BatchUpdateBlobsResponse_Response{Digest: r.GetDigest(), Status: statusProto(c.updateOne(ctx, r))}
+	}
+	return resp, nil
+}
+
+func (c casServer) updateOne(ctx context.Context, r *repb.BatchUpdateBlobsRequest_Request) error {
+	d, err := cache.FromProto(r.GetDigest())
+	if err != nil {
+		return err
+	}
+	var body io.Reader = bytes.NewReader(r.GetData())
+	switch r.GetCompressor() {
+	case repb.Compressor_IDENTITY:
+	case repb.Compressor_ZSTD:
+		dec, err := zstd.NewReader(body, zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxMemory(uint64(MaxBatchSize)+1<<20))
+		if err != nil {
+			return status.Errorf(codes.InvalidArgument, "blob %s: bad zstd data: %v", d, err)
+		}
+		defer dec.Close()
+		body = zstdErrors{dec, d}
+	default:
+		return status.Errorf(codes.InvalidArgument, "blob %s: unsupported compressor %v", d, r.GetCompressor())
+	}
+	return c.s.cas.Put(ctx, d, body)
+}
+
+// zstdErrors reports a corrupt compressed stream as INVALID_ARGUMENT (the client's
+// fault), not as an internal error.
+type zstdErrors struct {
+	r io.Reader
+	d cache.Digest
+}
+
+func (z zstdErrors) Read(p []byte) (int, error) {
+	n, err := z.r.Read(p)
+	if err != nil && err != io.EOF {
+		if _, ok := status.FromError(err); !ok {
+			err = status.Errorf(codes.InvalidArgument, "blob %s: bad zstd data: %v", z.d, err)
+		}
+	}
+	return n, err
+}
+
+func (c casServer) BatchReadBlobs(ctx context.Context, req *repb.BatchReadBlobsRequest) (*repb.BatchReadBlobsResponse, error) {
+	if err := checkInstance(req.GetInstanceName()); err != nil {
+		return nil, err
+	}
+	if err := checkDigestFunction(req.GetDigestFunction()); err != nil {
+		return nil, err
+	}
+	var total int64
+	for _, d := range req.GetDigests() {
+		total += d.GetSizeBytes()
+	}
+	if total > MaxBatchSize {
+		return nil, status.Errorf(codes.InvalidArgument, "batch read of %d bytes is over max_batch_total_size_bytes (%d); use ByteStream for large blobs", total, MaxBatchSize)
+	}
+	resp := &repb.BatchReadBlobsResponse{Responses: make([]*repb.BatchReadBlobsResponse_Response, len(req.GetDigests()))}
+	for i, p := range req.GetDigests() {
+		out := &repb.BatchReadBlobsResponse_Response{Digest: p, Compressor: repb.Compressor_IDENTITY}
+		d, err := cache.FromProto(p)
+		if err == nil {
+			out.Data, err = cache.ReadAll(ctx, c.s.cas, d, MaxBatchSize)
+			if status.Code(err) == codes.DataLoss {
+				err = status.Errorf(codes.NotFound, "blob %s not found (it failed verification and was removed)", d)
+			}
+		}
+		out.Status = statusProto(err)
+		resp.Responses[i] = out
+	}
+	return resp, nil
+}
+
+// GetTree streams the Directory messages reachable from root_digest, each distinct
+// directory once, breadth first. The page token is the number of directories already
+// sent; each page recomputes the walk up to its end, which keeps tokens small and
+// the server stateless.
+func (c casServer) GetTree(req *repb.GetTreeRequest, stream repb.ContentAddressableStorage_GetTreeServer) error {
+	ctx := stream.Context()
+	if err := checkInstance(req.GetInstanceName()); err != nil {
+		return err
+	}
+	if err := checkDigestFunction(req.GetDigestFunction()); err != nil {
+		return err
+	}
+	root, err := cache.FromProto(req.GetRootDigest())
+	if err != nil {
+		return err
+	}
+	skip := 0
+	if tok := req.GetPageToken(); tok != "" {
+		b, err := base64.RawURLEncoding.DecodeString(tok)
+		if err == nil {
+			skip, err = strconv.Atoi(string(b))
+		}
+		if err != nil || skip < 0 {
+			return status.Errorf(codes.InvalidArgument, "bad page token %q", trunc(tok))
+		}
+	}
+	pageSize := int(req.GetPageSize())
+	if pageSize <= 0 || pageSize > maxTreePage {
+		pageSize = maxTreePage
+	}
+	seen := map[cache.Digest]bool{root: true}
+	queue := []cache.Digest{root}
+	var page []*repb.Directory
+	n := 0
+	for len(queue) > 0 && len(page) < pageSize {
+		d := queue[0]
+		queue = queue[1:]
+		dir := &repb.Directory{}
+		if err := cache.ReadProto(ctx, c.s.cas, d, dir, cache.MaxTreeSize); err != nil {
+			if d == root && status.Code(err) == codes.NotFound {
+				return status.Errorf(codes.NotFound, "tree root %s not found", d)
+			}
+			if status.Code(err) == codes.NotFound || status.Code(err) == codes.DataLoss {
+				continue // the spec: return the portion present, omit the rest
+			}
+			return err
+		}
+		for _, sub := range dir.GetDirectories() {
+			sd, err := cache.FromProto(sub.GetDigest())
+			if err != nil {
+				return status.Errorf(codes.InvalidArgument, "directory %s: child %q: %s", d, sub.GetName(), status.Convert(err).Message())
+			}
+			if !seen[sd] {
+				seen[sd] = true
+				queue = append(queue, sd)
+			}
+		}
+		if n >= skip {
+			page = append(page, dir)
+		}
+		n++
+	}
+	next := ""
+	if len(queue) > 0 {
+		next = base64.RawURLEncoding.EncodeToString([]byte(strconv.Itoa(n)))
+	}
+	// Split into messages that fit the gRPC limit.
+	var batch []*repb.Directory
+	size := 0
+	for _, dir := range page {
+		sz := proto.Size(dir)
+		if len(batch) > 0 && size+sz > MaxBatchSize {
+			if err := stream.Send(&repb.GetTreeResponse{Directories: batch}); err != nil {
+				return err
+			}
+			batch, size = nil, 0
+		}
+		batch = append(batch, dir)
+		size += sz
+	}
+	return stream.Send(&repb.GetTreeResponse{Directories: batch, NextPageToken: next})
+}
+
+// missingError is the FAILED_PRECONDITION with PreconditionFailure MISSING violations
+// that REAPI prescribes when referenced blobs are absent, so clients re-upload them.
+func missingError(msg string, missing []cache.Digest) error {
+	st := status.New(codes.FailedPrecondition, msg)
+	pf := &errdetails.PreconditionFailure{}
+	for _, d := range missing {
+		pf.Violations = append(pf.Violations, &errdetails.PreconditionFailure_Violation{
+			Type: "MISSING", Subject: "blobs/" + d.String(),
+		})
+	}
+	if withDetails, err := st.WithDetails(pf); err == nil {
+		st = withDetails
+	}
+	return st.Err()
+}

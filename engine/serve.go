@@ -1,0 +1,133 @@
+package engine
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"time"
+
+	"github.com/kilnbuild/kiln/cache"
+	"github.com/kilnbuild/kiln/cache/disk"
+	"github.com/kilnbuild/kiln/engine/reapi"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/reflection"
+)
+
+// ServerConfig configures `kiln serve`.
+type ServerConfig struct {
+	Listen              string // gRPC address
+	HTTPListen          string // /metrics and /healthz; empty disables
+	Data                DataDir
+	MaxSize             int64 // store bound in bytes; 0 = unbounded
+	AllowClientACWrites bool
+	Fsync               bool
+	Logger              *slog.Logger
+	// Ready, if set, is called with the bound addresses once the server accepts calls.
+	Ready func(grpcAddr, httpAddr string)
+}
+
+// drainTimeout bounds how long a graceful shutdown waits for calls in flight.
+const drainTimeout = 10 * time.Second
+
+// Serve runs the REAPI server until ctx is cancelled, then drains calls in flight.
+func Serve(ctx context.Context, cfg ServerConfig) error {
+	log := cfg.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+
+	store, err := disk.Open(ctx, cfg.Data.Store(), disk.Options{
+		MaxSize: cfg.MaxSize, Fsync: cfg.Fsync, Logger: log, Registerer: reg,
+	})
+	if err != nil {
+		return err
+	}
+	defer store.Close()
+	metrics := cache.NewMetrics(reg)
+	cas := metrics.BlobStore("cas", cache.WithEmptyBlob(store))
+	ac := metrics.ActionCache(cache.WithCompletenessCheck(store.ActionCache(), cas))
+
+	srv := reapi.New(cas, ac, reapi.Options{AllowClientACWrites: cfg.AllowClientACWrites, Logger: log})
+	defer srv.Close()
+	obs := reapi.NewObserver(reg, log)
+	g := grpc.NewServer(append(obs.ServerOptions(),
+		grpc.MaxRecvMsgSize(reapi.MaxMessageSize),
+	)...)
+	srv.Register(g)
+	hs := health.NewServer()
+	healthpb.RegisterHealthServer(g, hs)
+	reflection.Register(g)
+
+	lis, err := net.Listen("tcp", cfg.Listen)
+	if err != nil {
+		return fmt.Errorf("listen on %s: %w", cfg.Listen, err)
+	}
+	var httpSrv *http.Server
+	httpAddr := ""
+	if cfg.HTTPListen != "" {
+		hl, err := net.Listen("tcp", cfg.HTTPListen)
+		if err != nil {
+			lis.Close()
+			return fmt.Errorf("listen on %s: %w", cfg.HTTPListen, err)
+		}
+		httpAddr = hl.Addr().String()
+		mux := http.NewServeMux()
+		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+		mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) {
+			resp, err := hs.Check(r.Context(), &healthpb.HealthCheckRequest{})
+			if err != nil || resp.GetStatus() != healthpb.HealthCheckResponse_SERVING {
+				http.Error(w, "not serving", http.StatusServiceUnavailable)
+				return
+			}
+			fmt.Fprintln(w, "ok")
+		})
+		httpSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+		go httpSrv.Serve(hl)
+	}
+
+	errc := make(chan error, 1)
+	go func() { errc <- g.Serve(lis) }()
+	hs.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
+	entries, bytes := store.Stats()
+	log.Info("kiln serving", "grpc", lis.Addr().String(), "http", httpAddr, "data", string(cfg.Data),
+		"store_entries", entries, "store_bytes", bytes, "max_size", cfg.MaxSize, "client_ac_writes", cfg.AllowClientACWrites)
+	if cfg.Ready != nil {
+		cfg.Ready(lis.Addr().String(), httpAddr)
+	}
+
+	select {
+	case err := <-errc:
+		return err
+	case <-ctx.Done():
+	}
+	log.Info("shutting down: draining calls in flight")
+	hs.Shutdown()
+	stopped := make(chan struct{})
+	go func() { g.GracefulStop(); close(stopped) }()
+	select {
+	case <-stopped:
+	case <-time.After(drainTimeout):
+		log.Warn("drain timed out; closing remaining calls")
+		g.Stop()
+	}
+	if httpSrv != nil {
+		sctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		httpSrv.Shutdown(sctx)
+		cancel()
+	}
+	if err := <-errc; err != nil && !errors.Is(err, grpc.ErrServerStopped) {
+		return err
+	}
+	log.Info("stopped")
+	return nil
+}
