@@ -150,3 +150,54 @@ func short(s string) string {
 	}
 	return s
 }
+
+// Hashes computes several checksums of one stream at once.
+type Hashes struct {
+	algos []string
+	hs    []hash.Hash
+}
+
+// NewHashes returns Hashes for SHA-256 and every algorithm in cs.
+func NewHashes(cs []Checksum) *Hashes {
+	h := &Hashes{}
+	h.add(SHA256)
+	for _, c := range cs {
+		h.add(c.Algo)
+	}
+	return h
+}
+
+func (h *Hashes) add(algo string) {
+	if contains(h.algos, algo) || newHash(algo) == nil {
+		return
+	}
+	h.algos = append(h.algos, algo)
+	h.hs = append(h.hs, newHash(algo))
+}
+
+// Write implements io.Writer.
+func (h *Hashes) Write(p []byte) (int, error) {
+	for _, x := range h.hs {
+		x.Write(p)
+	}
+	return len(p), nil
+}
+
+// Sum returns the checksum in algo of what was written (zero if algo is not computed).
+func (h *Hashes) Sum(algo string) Checksum {
+	for i, a := range h.algos {
+		if a == algo {
+			return Checksum{Algo: a, Sum: h.hs[i].Sum(nil)}
+		}
+	}
+	return Checksum{}
+}
+
+// All returns every computed checksum, SHA-256 first.
+func (h *Hashes) All() []Checksum {
+	out := make([]Checksum, len(h.algos))
+	for i := range h.algos {
+		out[i] = h.Sum(h.algos[i])
+	}
+	return out
+}

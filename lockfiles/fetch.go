@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"hash"
 	"io"
 	"log/slog"
 	"net"
@@ -359,12 +358,6 @@ func (f *Fetcher) Fetch(ctx context.Context, cas cache.BlobStore, req Request) (
 func (f *Fetcher) fetchURL(ctx context.Context, cas cache.BlobStore, u string, req Request) (*Result, error) {
 	start := f.opts.Now()
 	safe := RedactURL(u)
-	algos := []string{SHA256}
-	for _, c := range req.Want {
-		if !contains(algos, c.Algo) {
-			algos = append(algos, c.Algo)
-		}
-	}
 	var dl *download
 	attempts := 0
 	for {
@@ -372,7 +365,7 @@ func (f *Fetcher) fetchURL(ctx context.Context, cas cache.BlobStore, u string, r
 		var retryAfter time.Duration
 		var err error
 		var retry bool
-		dl, retry, retryAfter, err = f.attempt(ctx, u, algos, req.Progress)
+		dl, retry, retryAfter, err = f.attempt(ctx, u, req.Want, req.Progress)
 		if err == nil {
 			break
 		}
@@ -436,7 +429,7 @@ func (d *download) discard() {
 
 // attempt makes one request and streams the body to a temp file. retry says whether
 // the failure is transient; retryAfter is the server's Retry-After, if any.
-func (f *Fetcher) attempt(ctx context.Context, u string, algos []string, progress func(done, total int64)) (dl *download, retry bool, retryAfter time.Duration, err error) {
+func (f *Fetcher) attempt(ctx context.Context, u string, want []Checksum, progress func(done, total int64)) (dl *download, retry bool, retryAfter time.Duration, err error) {
 	safe := RedactURL(u)
 	actx, cancel := context.WithTimeout(ctx, f.opts.Timeout)
 	defer cancel()
@@ -503,13 +496,8 @@ func (f *Fetcher) attempt(ctx context.Context, u string, algos []string, progres
 			out.discard()
 		}
 	}()
-	hashes := make([]hash.Hash, len(algos))
-	writers := []io.Writer{tmp}
-	for i, a := range algos {
-		hashes[i] = newHash(a)
-		writers = append(writers, hashes[i])
-	}
-	w := io.MultiWriter(writers...)
+	hashes := NewHashes(want)
+	w := io.MultiWriter(tmp, hashes)
 
 	buf := make([]byte, 256<<10)
 	total := resp.ContentLength
@@ -548,9 +536,7 @@ func (f *Fetcher) attempt(ctx context.Context, u string, algos []string, progres
 	if idle.Load() {
 		return nil, false, 0, status.Errorf(codes.DeadlineExceeded, "%s: no data for %s after %d bytes", final, f.opts.IdleTimeout, out.size)
 	}
-	for i, a := range algos {
-		out.sums = append(out.sums, Checksum{Algo: a, Sum: hashes[i].Sum(nil)})
-	}
+	out.sums = hashes.All()
 	ok = true
 	return out, false, 0, nil
 }
