@@ -11,6 +11,7 @@ import (
 
 	"github.com/kilnbuild/kiln/cache"
 	"github.com/kilnbuild/kiln/cache/disk"
+	"github.com/kilnbuild/kiln/engine/asset"
 	"github.com/kilnbuild/kiln/engine/reapi"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
@@ -30,6 +31,10 @@ type ServerConfig struct {
 	AllowClientACWrites bool
 	Fsync               bool
 	Logger              *slog.Logger
+	// Lockfile and FetchAllow configure the Remote Asset API (package engine/asset):
+	// serve only downloads pinned in the lockfile, from these hosts.
+	Lockfile   string
+	FetchAllow []string
 	// Ready, if set, is called with the bound addresses once the server accepts calls.
 	Ready func(grpcAddr, httpAddr string)
 }
@@ -64,6 +69,11 @@ func Serve(ctx context.Context, cfg ServerConfig) error {
 		grpc.MaxRecvMsgSize(reapi.MaxMessageSize),
 	)...)
 	srv.Register(g)
+	assets, err := asset.New(cas, asset.Config{Lockfile: cfg.Lockfile, Allow: cfg.FetchAllow, SizeOf: asset.SizeFromBlobFiles(store), Logger: log})
+	if err != nil {
+		return err
+	}
+	assets.Register(g)
 	hs := health.NewServer()
 	healthpb.RegisterHealthServer(g, hs)
 	reflection.Register(g)

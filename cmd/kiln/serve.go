@@ -41,6 +41,8 @@ func newServeCmd() *cobra.Command {
 	f.StringVar(&maxSize, "max-size", "0", "bound on the store's size, e.g. 50GiB (0: unbounded)")
 	f.BoolVar(&cfg.AllowClientACWrites, "allow-client-ac-writes", false, "let clients write the action cache (cache-only deployments; never with remote execution)")
 	f.BoolVar(&cfg.Fsync, "fsync", false, "fsync every blob before it becomes visible (durability across power loss)")
+	f.StringVar(&cfg.Lockfile, "lockfile", "", "Remote Asset API: serve only the downloads pinned in this kiln.lock")
+	f.StringSliceVar(&cfg.FetchAllow, "fetch-allow", nil, "Remote Asset API: host or host:port downloads may come from (repeatable; none by default)")
 	addDataFlag(cmd, &data)
 	logFlag.register(cmd)
 	return cmd

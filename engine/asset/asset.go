@@ -77,15 +77,28 @@ func WithLogger(l *slog.Logger) Option { return func(s *Server) { s.log = l } }
 
 // WithSizeLookup tells the server how to find the size of a stored blob from its
 // SHA-256 alone (a checksum.sri qualifier carries no size), so a blob stored before
-// this server started is served without a download. By default a store with a
-// BlobPath(cache.Digest) string method (the on-disk store) is asked via the file's size.
+// this server started is served without a download. By default a store that is a
+// BlobFiles (the on-disk store, unwrapped) is asked via SizeFromBlobFiles.
 func WithSizeLookup(fn func(hash string) (int64, bool)) Option {
 	return func(s *Server) { s.sizeOf = fn }
 }
 
-// blobPather is implemented by stores that keep each blob in a file named by its hash.
-type blobPather interface {
+// BlobFiles is implemented by stores that keep each blob in a file named by its hash
+// alone, such as *disk.Store.
+type BlobFiles interface {
 	BlobPath(cache.Digest) string
+}
+
+// SizeFromBlobFiles returns a size lookup for WithSizeLookup that reads the size of a
+// blob's file. The size is only a hint: the CAS still verifies the blob when it is read.
+func SizeFromBlobFiles(bf BlobFiles) func(hash string) (int64, bool) {
+	return func(hash string) (int64, bool) {
+		info, err := os.Stat(bf.BlobPath(cache.Digest{Hash: hash}))
+		if err != nil || !info.Mode().IsRegular() {
+			return 0, false
+		}
+		return info.Size(), true
+	}
 }
 
 // NewServer returns a Remote Asset server that stores into cas and downloads with f
@@ -102,14 +115,8 @@ func NewServer(cas cache.BlobStore, f *lockfiles.Fetcher, opts ...Option) *Serve
 		s.f, _ = lockfiles.NewFetcher(lockfiles.FetcherOptions{Logger: s.log}) // empty allowlist: denies all
 	}
 	if s.sizeOf == nil {
-		if bp, ok := cas.(blobPather); ok {
-			s.sizeOf = func(hash string) (int64, bool) {
-				info, err := os.Stat(bp.BlobPath(cache.Digest{Hash: hash}))
-				if err != nil || !info.Mode().IsRegular() {
-					return 0, false
-				}
-				return info.Size(), true
-			}
+		if bf, ok := cas.(BlobFiles); ok {
+			s.sizeOf = SizeFromBlobFiles(bf)
 		}
 	}
 	return s
@@ -404,4 +411,49 @@ func (s *Server) PushBlob(context.Context, *remoteasset.PushBlobRequest) (*remot
 // PushDirectory implements remoteasset.PushServer by refusing.
 func (s *Server) PushDirectory(context.Context, *remoteasset.PushDirectoryRequest) (*remoteasset.PushDirectoryResponse, error) {
 	return nil, errNoPush
+}
+
+// Config is what `kiln serve` configures the service with.
+type Config struct {
+	// Lockfile, if set, is the path of a kiln.lock: only URLs and digests pinned in it
+	// are served (WithLockfile). It is read once, at start.
+	Lockfile string
+	// Allow is the host allowlist (--fetch-allow): "host" or "host:port" entries.
+	Allow []string
+	// Fetcher tunes downloads; its Allow and Logger are taken from this Config.
+	Fetcher lockfiles.FetcherOptions
+	// SizeOf, if set, is passed to WithSizeLookup.
+	SizeOf func(hash string) (int64, bool)
+	// Logger receives the service's events.
+	Logger *slog.Logger
+}
+
+// New builds the service from cfg: it loads the lockfile (a bad one is an error naming
+// its line and column) and sets up the fetcher.
+func New(cas cache.BlobStore, cfg Config) (*Server, error) {
+	log := cfg.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	fo := cfg.Fetcher
+	fo.Allow, fo.Logger = cfg.Allow, log
+	f, err := lockfiles.NewFetcher(fo)
+	if err != nil {
+		return nil, err
+	}
+	opts := []Option{WithLogger(log)}
+	if cfg.SizeOf != nil {
+		opts = append(opts, WithSizeLookup(cfg.SizeOf))
+	}
+	pinned := 0
+	if cfg.Lockfile != "" {
+		l, err := lockfiles.Load(cfg.Lockfile)
+		if err != nil {
+			return nil, err
+		}
+		opts = append(opts, WithLockfile(l))
+		pinned = len(l.Dependencies)
+	}
+	log.Info("remote asset fetch", "allow", cfg.Allow, "lockfile", cfg.Lockfile, "pinned_dependencies", pinned)
+	return NewServer(cas, f, opts...), nil
 }
