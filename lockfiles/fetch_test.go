@@ -398,8 +398,7 @@ func TestFetchLogsNoCredentials(t *testing.T) {
 	const secret = "s3cr3t-VALUE"
 	var n atomic.Int64
 	var sawAuth atomic.Bool
-	var ts *testServer
-	ts = newTestServer(t, func(w http.ResponseWriter, r *http.Request) {
+	ts := newTestServer(t, func(w http.ResponseWriter, r *http.Request) {
 		if _, _, ok := r.BasicAuth(); ok {
 			sawAuth.Store(true)
 		}
@@ -463,7 +462,7 @@ func TestFetchIgnoresContentEncoding(t *testing.T) {
 
 // TestFetchCancel checks that cancelling the context stops a fetch and its backoff.
 func TestFetchCancel(t *testing.T) {
-	ts := newTestServer(t, func(w http.ResponseWriter, r *http.Request) { http.Error(w, "x", 503) })
+	ts := newTestServer(t, func(w http.ResponseWriter, r *http.Request) { http.Error(w, "x", http.StatusServiceUnavailable) })
 	ctx, cancel := context.WithCancel(context.Background())
 	f, _ := newFetcher(t, FetcherOptions{Allow: []string{ts.hostPort()}, Sleep: func(ctx context.Context, d time.Duration) error {
 		cancel()

@@ -46,7 +46,8 @@ type Toolchain struct {
 
 // Dependency pins one external download by digest.
 type Dependency struct {
-	// Name is the dependency's key in the lockfile (not written inside the entry).
+	// Name is the dependency's key in the lockfile (not written inside the entry); Load
+	// and SetDependency set it.
 	Name string `json:"-"`
 	// URLs are mirrors of the same content, tried in order.
 	URLs []string `json:"urls"`
@@ -304,7 +305,8 @@ func familiarName(ref string) string {
 }
 
 // DependencyByURL returns the dependency that lists url among its mirrors (scheme and
-// host compared case-insensitively).
+// host compared case-insensitively). It only reads, so a loaded Lockfile may serve
+// concurrent lookups.
 func (l *Lockfile) DependencyByURL(url string) (*Dependency, bool) {
 	if l == nil {
 		return nil, false
@@ -314,9 +316,6 @@ func (l *Lockfile) DependencyByURL(url string) (*Dependency, bool) {
 		d := l.Dependencies[name]
 		for _, u := range d.URLs {
 			if normalizeURL(u) == want {
-				if d.Name == "" {
-					d.Name = name
-				}
 				return d, true
 			}
 		}

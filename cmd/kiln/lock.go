@@ -42,6 +42,14 @@ func (l *lockFlags) openStore(ctx context.Context) (*disk.Store, error) {
 	return disk.Open(ctx, engine.DataDir(l.data).Store(), disk.Options{})
 }
 
+// withAllowHint adds how to follow a refused redirect to a fetch error.
+func withAllowHint(err error) error {
+	if s, ok := status.FromError(err); ok && s.Code() == codes.PermissionDenied && strings.Contains(s.Message(), "redirect to") {
+		return status.Error(codes.PermissionDenied, s.Message()+" (if that host is trusted, pass --allow HOST)")
+	}
+	return err
+}
+
 // plain turns a gRPC status error into its message, for one-line CLI errors.
 func plain(err error) error {
 	if err == nil {
@@ -205,7 +213,7 @@ review the recorded digest against the publisher's.`,
 			res, err := f.Fetch(ctx, store, lockfiles.Request{URLs: urls, Want: want, Progress: bar.update})
 			bar.done()
 			if err != nil {
-				return plain(err)
+				return plain(withAllowHint(err))
 			}
 			sha256c, _ := lockfiles.FindAlgo(res.Checksums, lockfiles.SHA256)
 			dep := lockfiles.Dependency{URLs: urls, SHA256: sha256c.Hex(), Size: res.Digest.Size, Archive: archive, StripPrefix: stripPrefix}
@@ -410,7 +418,7 @@ digest. Exit 1 with the list of failures if any.`,
 					res, err := f.Fetch(ctx, store, lockfiles.Request{URLs: d.URLs, Want: want, Size: d.Size, Progress: bar.update})
 					bar.done()
 					if err != nil {
-						r.Status, r.Error = "failed", status.Convert(err).Message()
+						r.Status, r.Error = "failed", status.Convert(withAllowHint(err)).Message()
 					} else {
 						r.Status, r.Digest, r.URL = "fetched", res.Digest.String(), lockfiles.RedactURL(res.URL)
 					}
