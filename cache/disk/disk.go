@@ -24,7 +24,6 @@ import (
 	"sort"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
 
 	"github.com/kilnbuild/kiln/cache"
@@ -59,6 +58,9 @@ type Store struct {
 	now     func() time.Time
 	stripes [256]sync.Mutex // serialize rename-in against unlink for one key
 
+	owner     string   // prefix of this Store's temp files
+	ownerLock *os.File // flock held while the Store is open
+
 	mu      sync.Mutex
 	index   map[string]*entry // key: "c"+hash or "a"+keyhash
 	lru     *list.List        // front: most recently used
@@ -83,9 +85,10 @@ type entry struct {
 // LRU order survives a restart without a write on every read.
 const touchEvery = time.Hour
 
-// tmpMaxAge is how old an abandoned temp file must be before Open removes it: other
-// processes may be writing the younger ones.
-const tmpMaxAge = time.Hour
+// Temp files are named OWNER-RANDOM, where OWNER is a random id per open Store that
+// holds a flock on tmp/OWNER.owner while it lives. An owner file that can be locked
+// belongs to a dead process, whose temp files are swept.
+const ownerSuffix = ".owner"
 
 // Open opens (creating if needed) the store in dir. With MaxSize > 0 it scans the
 // directory to rebuild the LRU index, oldest mtime first, and evicts at once if needed.
@@ -109,7 +112,9 @@ func Open(ctx context.Context, dir string, opts Options) (*Store, error) {
 			}
 		}
 	}
-	s.sweepTmp()
+	if err := s.claimOwner(); err != nil {
+		return nil, err
+	}
 	if opts.Registerer != nil {
 		s.sizeGauge = prometheus.NewGauge(prometheus.GaugeOpts{Name: "kiln_store_size_bytes", Help: "Bytes held by the on-disk store (as indexed by this process)."})
 		s.countGauge = prometheus.NewGauge(prometheus.GaugeOpts{Name: "kiln_store_entries", Help: "Blobs and action-cache entries in the on-disk store."})
@@ -122,7 +127,7 @@ func Open(ctx context.Context, dir string, opts Options) (*Store, error) {
 		if err != nil {
 			return nil, status.Errorf(codes.Internal, "open eviction lock: %v", err)
 		}
-		if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
 			f.Close()
 			return nil, status.Errorf(codes.FailedPrecondition, "store %s: another process already bounds its size (holds evict.lock); run one size-bounded process per data dir", dir)
 		}
@@ -136,12 +141,13 @@ func Open(ctx context.Context, dir string, opts Options) (*Store, error) {
 	return s, nil
 }
 
-// Close releases the eviction lock.
+// Close releases the store's locks; its temp files are gone by then.
 func (s *Store) Close() error {
 	if s.evictor != nil {
-		return s.evictor.Close()
+		s.evictor.Close()
 	}
-	return nil
+	os.Remove(s.ownerLock.Name())
+	return s.ownerLock.Close()
 }
 
 // Dir returns the store's root directory.
@@ -172,19 +178,62 @@ func (s *Store) stripe(key string) *sync.Mutex {
 	return &s.stripes[h.Sum32()%uint32(len(s.stripes))]
 }
 
-// sweepTmp removes temp files abandoned by crashed writers.
+// claimOwner creates this Store's owner file and locks it, then sweeps temp files of
+// owners that are gone (crashed processes).
+func (s *Store) claimOwner() error {
+	var b [8]byte
+	rand.Read(b[:])
+	s.owner = hex.EncodeToString(b[:])
+	f, err := os.OpenFile(filepath.Join(s.dir, "tmp", s.owner+ownerSuffix), os.O_CREATE|os.O_EXCL|os.O_RDWR, 0o600)
+	if err != nil {
+		return status.Errorf(codes.Internal, "create store owner file: %v", err)
+	}
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		f.Close()
+		return status.Errorf(codes.Internal, "lock store owner file: %v", err)
+	}
+	s.ownerLock = f
+	s.sweepTmp()
+	return nil
+}
+
+// sweepTmp removes temp files whose owner no longer holds its lock.
 func (s *Store) sweepTmp() {
 	tmp := filepath.Join(s.dir, "tmp")
 	ents, err := os.ReadDir(tmp)
 	if err != nil {
 		return
 	}
-	cutoff := s.now().Add(-tmpMaxAge)
+	dead := map[string]bool{}
 	for _, e := range ents {
-		info, err := e.Info()
-		if err == nil && info.ModTime().Before(cutoff) {
-			os.Remove(filepath.Join(tmp, e.Name()))
+		name := e.Name()
+		if !strings.HasSuffix(name, ownerSuffix) {
+			continue
 		}
+		id := strings.TrimSuffix(name, ownerSuffix)
+		if id == s.owner {
+			continue
+		}
+		f, err := os.OpenFile(filepath.Join(tmp, name), os.O_RDWR, 0)
+		if err != nil {
+			continue
+		}
+		if unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB) == nil {
+			dead[id] = true
+			os.Remove(filepath.Join(tmp, name))
+		}
+		f.Close()
+	}
+	swept := 0
+	for _, e := range ents {
+		name := e.Name()
+		if i := strings.IndexByte(name, '-'); i > 0 && dead[name[:i]] {
+			os.Remove(filepath.Join(tmp, name))
+			swept++
+		}
+	}
+	if swept > 0 {
+		s.log.Info("removed temp files of crashed writers", "files", swept)
 	}
 }
 
@@ -372,7 +421,7 @@ func syncDir(dir string) {
 func (s *Store) createTemp(mode os.FileMode) (*os.File, error) {
 	var b [12]byte
 	rand.Read(b[:])
-	name := filepath.Join(s.dir, "tmp", hex.EncodeToString(b[:]))
+	name := filepath.Join(s.dir, "tmp", s.owner+"-"+hex.EncodeToString(b[:]))
 	f, err := os.OpenFile(name, os.O_CREATE|os.O_EXCL|os.O_WRONLY, mode)
 	if err != nil {
 		return nil, status.Errorf(codes.Internal, "create temp file: %v", err)

@@ -28,7 +28,9 @@ func open(t *testing.T, dir string, opts Options) *Store {
 func TestConformance(t *testing.T) {
 	cachetest.BlobStore(t, func(t *testing.T) cache.BlobStore { return open(t, t.TempDir(), Options{}) })
 	cachetest.ActionCache(t, func(t *testing.T) cache.ActionCache { return open(t, t.TempDir(), Options{}).ActionCache() })
-	cachetest.BlobStore(t, func(t *testing.T) cache.BlobStore { return open(t, t.TempDir(), Options{MaxSize: 1 << 30, Fsync: true}) })
+	cachetest.BlobStore(t, func(t *testing.T) cache.BlobStore {
+		return open(t, t.TempDir(), Options{MaxSize: 1 << 30, Fsync: true})
+	})
 }
 
 // TestCorruptBlobRemovedOnRead flips a byte in a stored blob: the read fails with
@@ -233,21 +235,25 @@ func TestReopenKeepsOrderAndSharesDir(t *testing.T) {
 	}
 }
 
-func TestSweepsOldTempFiles(t *testing.T) {
+// TestSweepsTempFilesOfDeadWriters: temp files of a Store whose process died are
+// removed when the next Store opens; those of a live Store are left alone.
+func TestSweepsTempFilesOfDeadWriters(t *testing.T) {
 	dir := t.TempDir()
-	s := open(t, dir, Options{})
-	old := filepath.Join(dir, "tmp", "abandoned")
-	young := filepath.Join(dir, "tmp", "inflight")
-	os.WriteFile(old, []byte("x"), 0o644)
-	os.WriteFile(young, []byte("x"), 0o644)
-	past := time.Now().Add(-2 * time.Hour)
-	os.Chtimes(old, past, past)
-	s.Close()
-	open(t, dir, Options{})
-	if _, err := os.Stat(old); !os.IsNotExist(err) {
-		t.Fatal("abandoned temp file not swept")
+	live := open(t, dir, Options{})
+	liveTmp, err := live.createTemp(0o644)
+	if err != nil {
+		t.Fatal(err)
 	}
-	if _, err := os.Stat(young); err != nil {
-		t.Fatal("a young temp file (maybe another process's upload) was removed")
+	defer liveTmp.Close()
+	// A crashed writer: its owner file exists, unlocked, with a temp file beside it.
+	os.WriteFile(filepath.Join(dir, "tmp", "deadbeef"+ownerSuffix), nil, 0o600)
+	deadTmp := filepath.Join(dir, "tmp", "deadbeef-0123")
+	os.WriteFile(deadTmp, []byte("half a blob"), 0o644)
+	open(t, dir, Options{})
+	if _, err := os.Stat(deadTmp); !os.IsNotExist(err) {
+		t.Fatal("temp file of a dead writer not swept")
+	}
+	if _, err := os.Stat(liveTmp.Name()); err != nil {
+		t.Fatal("temp file of a live writer was removed")
 	}
 }

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# bench.sh: kiln's benchmarks, each beside its peers in the same run, printing ratios.
+# Peers that are not installed are skipped with a note (bazel-remote is not packaged
+# in Debian: build it from source yourself and point BAZEL_REMOTE at the binary).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+KILN=${KILN:-$PWD/bin/kiln}
+work=$(mktemp -d /tmp/kiln-bench.XXXXXX)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+
+# wait_port waits until something listens on 127.0.0.1:$1.
+wait_port() { for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "bench: nothing listening on $1" >&2; return 1; }
+
+echo "== CAS (ByteStream 1 MiB x 8 streams, BatchUpdate 4 KiB, FindMissing) =="
+go build -o "$work/casbench" ./test/bench/casbench
+"$KILN" serve --data "$work/kiln" --listen 127.0.0.1:18801 --http-listen "" --log-level warn &
+pids+=($!)
+wait_port 18801
+"$work/casbench" --addr 127.0.0.1:18801 --name kiln | tee "$work/kiln.txt"
+kill "${pids[-1]}"
+if [ -n "${BAZEL_REMOTE:-}" ] && [ -x "$BAZEL_REMOTE" ]; then
+  "$BAZEL_REMOTE" --dir "$work/br" --max_size 20 --storage_mode uncompressed --grpc_address 127.0.0.1:18802 --http_address 127.0.0.1:18803 >/dev/null 2>&1 &
+  pids+=($!)
+  wait_port 18802
+  "$work/casbench" --addr 127.0.0.1:18802 --name bazel-remote | tee "$work/br.txt"
+  kill "${pids[-1]}"
+else
+  echo "bazel-remote: skipped (set BAZEL_REMOTE=/path/to/bazel-remote for a side-by-side run)"
+fi
+
+for extra in scripts/bench-*.sh; do
+  [ -x "$extra" ] && { echo; "$extra"; }
+done

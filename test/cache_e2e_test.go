@@ -1,0 +1,78 @@
+// Package test holds kiln's end-to-end tests: the real binary with real clients.
+package test
+
+import (
+	"os/exec"
+	"strings"
+	"testing"
+
+	"github.com/kilnbuild/kiln/test/harness"
+)
+
+// TestBazelRemoteCache builds examples/bazel-hello with Debian's Bazel 4.2.3 against
+// `kiln serve` as its remote cache; after `bazel clean` every action is a cache hit.
+func TestBazelRemoteCache(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	srv := harness.StartServer(t, "--allow-client-ac-writes")
+	bz := harness.NewBazel(t, "examples/bazel-hello")
+	flags := []string{"build", "--remote_cache=grpc://" + srv.Addr, "--spawn_strategy=local", "//..."}
+	out, err := bz.Run(t, flags...)
+	if err != nil {
+		t.Fatalf("first build: %v\n%s", err, out)
+	}
+	first := harness.Processes(out)
+	ran := first["total"] - first["internal"]
+	if ran < 5 || first["remote cache hit"] != 0 {
+		t.Fatalf("first build from a clean cache: %v\n%s", first, out)
+	}
+	if out, err := bz.Run(t, "clean"); err != nil {
+		t.Fatalf("clean: %v\n%s", err, out)
+	}
+	out, err = bz.Run(t, flags...)
+	if err != nil {
+		t.Fatalf("second build: %v\n%s", err, out)
+	}
+	second := harness.Processes(out)
+	if second["remote cache hit"] != ran || second["total"]-second["internal"] != ran {
+		t.Fatalf("second build: %v, want all %d non-internal processes as remote cache hits\n%s", second, ran, out)
+	}
+	hello, err := exec.Command(bz.Workspace + "/bazel-bin/app/hello").CombinedOutput()
+	if err != nil || !strings.Contains(string(hello), "hello, kiln (greet 1.0.0)") {
+		t.Fatalf("binary from cache: %v %q", err, hello)
+	}
+	if hits := srv.Metric(t, "kiln_action_cache_lookups_total", `result="hit"`); int(hits) != ran {
+		t.Fatalf("server counted %v hits, want %d", hits, ran)
+	}
+}
+
+// TestBazelCacheWritesRefused: without --allow-client-ac-writes the server advertises
+// update_enabled=false; Bazel then refuses to upload (a clear error), and with uploads
+// off it builds, but nothing it ran locally is ever served back as a hit.
+func TestBazelCacheWritesRefused(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	srv := harness.StartServer(t)
+	bz := harness.NewBazel(t, "examples/bazel-hello")
+	out, err := bz.Run(t, "build", "--remote_cache=grpc://"+srv.Addr, "//...")
+	if err == nil || !strings.Contains(out, "not authorized to write local results") {
+		t.Fatalf("Bazel with uploads on against a read-only cache: %v\n%s", err, out)
+	}
+	flags := []string{"build", "--remote_cache=grpc://" + srv.Addr, "--noremote_upload_local_results", "--spawn_strategy=local", "//..."}
+	if out, err := bz.Run(t, flags...); err != nil {
+		t.Fatalf("first build: %v\n%s", err, out)
+	}
+	bz.Run(t, "clean")
+	out, err = bz.Run(t, flags...)
+	if err != nil {
+		t.Fatalf("second build: %v\n%s", err, out)
+	}
+	if p := harness.Processes(out); p["remote cache hit"] != 0 {
+		t.Fatalf("results were served from a cache clients cannot write: %v", p)
+	}
+	if n := srv.Metric(t, "kiln_grpc_requests_total", "UpdateActionResult", `code="OK"`); n != 0 {
+		t.Fatalf("%v client action-cache writes accepted", n)
+	}
+}
