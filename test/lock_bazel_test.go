@@ -8,6 +8,7 @@ import (
 	"testing"
 
 	"github.com/kilnbuild/kiln/cache"
+	"github.com/kilnbuild/kiln/test/harness"
 )
 
 // lockBazel is a Bazel 4.2.3 workspace with an http_archive, and its own output base.
@@ -26,8 +27,7 @@ const lockBuild = `genrule(
 // newLockBazel writes a workspace whose WORKSPACE pins @dep to url and sha256.
 func newLockBazel(t *testing.T, url, sha256 string) *lockBazel {
 	t.Helper()
-	bin, err := exec.LookPath("bazel")
-	lockRequire(t, err == nil, "bazel not installed (scripts/setup.sh installs bazel-bootstrap)")
+	bin := harness.RequireCommand(t, "bazel")
 	b := &lockBazel{bin: bin, ws: filepath.Join(t.TempDir(), "ws"), outputBase: filepath.Join(t.TempDir(), "ob"),
 		userRoot: filepath.Join(os.TempDir(), "kiln-test-bazel-root")}
 	os.MkdirAll(b.ws, 0o755)
@@ -80,22 +80,22 @@ func TestLockBazelRemoteDownloader(t *testing.T) {
 	t.Run("pinned, fetched, then served from the CAS", func(t *testing.T) {
 		dir := t.TempDir()
 		// kiln lock add pins the URL (its own cache is elsewhere, so the server downloads).
-		if r := lockKiln(t, dir, "lock", "add", "dep", url, "--data", filepath.Join(dir, "cli-data")); r.code != 0 {
-			t.Fatalf("lock add: %s", r.stderr)
+		if r := lockKiln(t, dir, "lock", "add", "dep", url, "--data", filepath.Join(dir, "cli-data")); r.Code != 0 {
+			t.Fatalf("lock add: %s", r.Stderr)
 		}
 		data := filepath.Join(dir, "data")
-		srv := lockServe(t, data, "--fetch-allow", origin.host(), "--lockfile", filepath.Join(dir, "kiln.lock"))
+		srv := harness.StartServer(t, "--data", data, "--fetch-allow", origin.host(), "--lockfile", filepath.Join(dir, "kiln.lock"))
 		bz := newLockBazel(t, url, d.Hash)
 		hits := origin.hits.Load()
-		out, err := bz.build(srv.addr)
+		out, err := bz.build(srv.Addr)
 		if err != nil {
-			t.Fatalf("build: %v\n%s\nserver:\n%s", err, out, srv.logs())
+			t.Fatalf("build: %v\n%s\nserver:\n%s", err, out, srv.Log())
 		}
 		if got, _ := os.ReadFile(filepath.Join(bz.ws, "bazel-bin", "out.txt")); string(got) != "hello from dep\n" {
 			t.Fatalf("out.txt = %q", got)
 		}
-		if origin.hits.Load() != hits+1 || !strings.Contains(srv.logs(), `msg="asset fetched"`) {
-			t.Fatalf("origin hits %d, want 1; server:\n%s", origin.hits.Load()-hits, srv.logs())
+		if origin.hits.Load() != hits+1 || !strings.Contains(srv.Log(), `msg="asset fetched"`) {
+			t.Fatalf("origin hits %d, want 1; server:\n%s", origin.hits.Load()-hits, srv.Log())
 		}
 		if _, err := os.Stat(blobPath(data)); err != nil {
 			t.Fatalf("the archive is not in the CAS: %v", err)
@@ -104,20 +104,20 @@ func TestLockBazelRemoteDownloader(t *testing.T) {
 		if out, err := bz.run("clean", "--expunge"); err != nil {
 			t.Fatalf("clean: %v\n%s", err, out)
 		}
-		if out, err := bz.build(srv.addr); err != nil {
+		if out, err := bz.build(srv.Addr); err != nil {
 			t.Fatalf("second build: %v\n%s", err, out)
 		}
-		if origin.hits.Load() != hits+1 || !strings.Contains(srv.logs(), `msg="asset served from the CAS"`) {
-			t.Fatalf("second build contacted the origin (%d requests); server:\n%s", origin.hits.Load()-hits-1, srv.logs())
+		if origin.hits.Load() != hits+1 || !strings.Contains(srv.Log(), `msg="asset served from the CAS"`) {
+			t.Fatalf("second build contacted the origin (%d requests); server:\n%s", origin.hits.Load()-hits-1, srv.Log())
 		}
 	})
 
 	t.Run("wrong sha256 fails the build and caches nothing", func(t *testing.T) {
 		data := filepath.Join(t.TempDir(), "data")
-		srv := lockServe(t, data, "--fetch-allow", origin.host())
+		srv := harness.StartServer(t, "--data", data, "--fetch-allow", origin.host())
 		wrong := cache.DigestOf([]byte("not the archive")).Hash
 		bz := newLockBazel(t, url, wrong)
-		out, err := bz.build(srv.addr)
+		out, err := bz.build(srv.Addr)
 		if err == nil {
 			t.Fatalf("build with a wrong sha256 succeeded:\n%s", out)
 		}
@@ -126,8 +126,8 @@ func TestLockBazelRemoteDownloader(t *testing.T) {
 				t.Errorf("Bazel's output lacks %q:\n%s", want, out)
 			}
 		}
-		if !strings.Contains(srv.logs(), "nothing cached") || !strings.Contains(srv.logs(), d.Hash) {
-			t.Errorf("the server did not log the mismatch with both digests:\n%s", srv.logs())
+		if !strings.Contains(srv.Log(), "nothing cached") || !strings.Contains(srv.Log(), d.Hash) {
+			t.Errorf("the server did not log the mismatch with both digests:\n%s", srv.Log())
 		}
 		if _, err := os.Stat(blobPath(data)); !os.IsNotExist(err) {
 			t.Errorf("mismatching content was cached: %v", err)
@@ -135,10 +135,10 @@ func TestLockBazelRemoteDownloader(t *testing.T) {
 	})
 
 	t.Run("host not on the allowlist", func(t *testing.T) {
-		srv := lockServe(t, filepath.Join(t.TempDir(), "data"), "--fetch-allow", "mirror.example")
+		srv := harness.StartServer(t, "--data", filepath.Join(t.TempDir(), "data"), "--fetch-allow", "mirror.example")
 		bz := newLockBazel(t, url, d.Hash)
 		hits := origin.hits.Load()
-		out, err := bz.build(srv.addr)
+		out, err := bz.build(srv.Addr)
 		if err == nil || !strings.Contains(out, "PERMISSION_DENIED") || !strings.Contains(out, "is not on the fetch allowlist") {
 			t.Fatalf("build from a host off the allowlist: %v\n%s", err, out)
 		}
@@ -150,13 +150,13 @@ func TestLockBazelRemoteDownloader(t *testing.T) {
 	t.Run("lockfile refuses an unpinned URL", func(t *testing.T) {
 		dir := t.TempDir()
 		origin.set("/pinned.tar.gz", archive)
-		if r := lockKiln(t, dir, "lock", "add", "pinned", origin.URL+"/pinned.tar.gz", "--data", filepath.Join(dir, "cli-data")); r.code != 0 {
-			t.Fatalf("lock add: %s", r.stderr)
+		if r := lockKiln(t, dir, "lock", "add", "pinned", origin.URL+"/pinned.tar.gz", "--data", filepath.Join(dir, "cli-data")); r.Code != 0 {
+			t.Fatalf("lock add: %s", r.Stderr)
 		}
-		srv := lockServe(t, filepath.Join(dir, "data"), "--fetch-allow", origin.host(), "--lockfile", filepath.Join(dir, "kiln.lock"))
+		srv := harness.StartServer(t, "--data", filepath.Join(dir, "data"), "--fetch-allow", origin.host(), "--lockfile", filepath.Join(dir, "kiln.lock"))
 		bz := newLockBazel(t, url, d.Hash)
 		hits := origin.hits.Load()
-		out, err := bz.build(srv.addr)
+		out, err := bz.build(srv.Addr)
 		if err == nil || !strings.Contains(out, "PERMISSION_DENIED: "+url+" is not pinned in the lockfile") {
 			t.Fatalf("build of an unpinned URL: %v\n%s", err, out)
 		}
@@ -168,16 +168,16 @@ func TestLockBazelRemoteDownloader(t *testing.T) {
 	t.Run("origin changes the archive", func(t *testing.T) {
 		origin.set("/changed.tar.gz", archive)
 		curl := origin.URL + "/changed.tar.gz"
-		srv := lockServe(t, filepath.Join(t.TempDir(), "data"), "--fetch-allow", origin.host())
+		srv := harness.StartServer(t, "--data", filepath.Join(t.TempDir(), "data"), "--fetch-allow", origin.host())
 		bz := newLockBazel(t, curl, d.Hash)
-		if out, err := bz.build(srv.addr); err != nil {
+		if out, err := bz.build(srv.Addr); err != nil {
 			t.Fatalf("build: %v\n%s", err, out)
 		}
 		// Same URL, new bytes; a fresh server (empty CAS) must download and refuse them.
 		origin.set("/changed.tar.gz", lockTarGz(t, "dep-1.0", map[string]string{"BUILD.bazel": "exports_files([\"data.txt\"])\n", "data.txt": "backdoored\n"}))
-		srv2 := lockServe(t, filepath.Join(t.TempDir(), "data"), "--fetch-allow", origin.host())
+		srv2 := harness.StartServer(t, "--data", filepath.Join(t.TempDir(), "data"), "--fetch-allow", origin.host())
 		bz.run("clean", "--expunge")
-		out, err := bz.build(srv2.addr)
+		out, err := bz.build(srv2.Addr)
 		if err == nil || !strings.Contains(out, "content does not match its pin") {
 			t.Fatalf("build of a changed archive: %v\n%s", err, out)
 		}

@@ -24,28 +24,28 @@ func TestLockAddVerifyFetch(t *testing.T) {
 	url := origin.URL + "/dep-1.0.tar.gz"
 
 	r := lockKiln(t, dir, "lock", "add", "dep", url, "--data", data, "--json")
-	if r.code != 0 {
-		t.Fatalf("lock add: exit %d: %s", r.code, r.stderr)
+	if r.Code != 0 {
+		t.Fatalf("lock add: exit %d: %s", r.Code, r.Stderr)
 	}
 	var added struct {
 		SHA256  string `json:"sha256"`
 		Size    int64  `json:"size"`
 		Archive string `json:"archive"`
 	}
-	if err := json.Unmarshal([]byte(r.stdout), &added); err != nil {
-		t.Fatalf("lock add --json: %v\n%s", err, r.stdout)
+	if err := json.Unmarshal([]byte(r.Stdout), &added); err != nil {
+		t.Fatalf("lock add --json: %v\n%s", err, r.Stdout)
 	}
 	want := cache.DigestOf(body)
 	if added.SHA256 != want.Hash || added.Size != want.Size || added.Archive != "tar.gz" {
 		t.Fatalf("lock add recorded %+v, want %v", added, want)
 	}
-	if r := lockKiln(t, dir, "lock", "add", "other", origin.URL+"/other.txt", "--data", data, "--sha256", cache.DigestOf(other).Hash); r.code != 0 {
-		t.Fatalf("lock add --sha256: exit %d: %s", r.code, r.stderr)
+	if r := lockKiln(t, dir, "lock", "add", "other", origin.URL+"/other.txt", "--data", data, "--sha256", cache.DigestOf(other).Hash); r.Code != 0 {
+		t.Fatalf("lock add --sha256: exit %d: %s", r.Code, r.Stderr)
 	}
 	// A wrong --sha256 is refused and nothing is pinned.
 	r = lockKiln(t, dir, "lock", "add", "wrong", url, "--data", data, "--sha256", cache.DigestOf(other).Hash)
-	if r.code == 0 || !strings.Contains(r.stderr, "does not match") {
-		t.Fatalf("lock add with a wrong --sha256: exit %d: %s", r.code, r.stderr)
+	if r.Code == 0 || !strings.Contains(r.Stderr, "does not match") {
+		t.Fatalf("lock add with a wrong --sha256: exit %d: %s", r.Code, r.Stderr)
 	}
 	l, err := lockfiles.Load(filepath.Join(dir, "kiln.lock"))
 	if err != nil {
@@ -54,8 +54,8 @@ func TestLockAddVerifyFetch(t *testing.T) {
 	if len(l.Dependencies) != 2 {
 		t.Fatalf("lockfile has %v", l.DependencyNames())
 	}
-	if r := lockKiln(t, dir, "lock", "verify", "--data", data); r.code != 0 || !strings.Contains(r.stdout, "all 2 dependencies verified") {
-		t.Fatalf("verify of a sound cache: exit %d\n%s%s", r.code, r.stdout, r.stderr)
+	if r := lockKiln(t, dir, "lock", "verify", "--data", data); r.Code != 0 || !strings.Contains(r.Stdout, "all 2 dependencies verified") {
+		t.Fatalf("verify of a sound cache: exit %d\n%s%s", r.Code, r.Stdout, r.Stderr)
 	}
 
 	// Flip one byte of the stored blob (files in the store are 0444; root writes anyway).
@@ -73,42 +73,42 @@ func TestLockAddVerifyFetch(t *testing.T) {
 	}
 	os.Chmod(path, 0o444)
 	r = lockKiln(t, dir, "lock", "verify", "--data", data, "--json")
-	if r.code != 1 {
-		t.Fatalf("verify of an altered blob: exit %d, want 1\n%s%s", r.code, r.stdout, r.stderr)
+	if r.Code != 1 {
+		t.Fatalf("verify of an altered blob: exit %d, want 1\n%s%s", r.Code, r.Stdout, r.Stderr)
 	}
-	if !strings.Contains(r.stderr, "1 of 2 dependencies failed verification: dep (corrupt)") {
-		t.Errorf("stderr does not list the bad entry: %q", r.stderr)
+	if !strings.Contains(r.Stderr, "1 of 2 dependencies failed verification: dep (corrupt)") {
+		t.Errorf("stderr does not list the bad entry: %q", r.Stderr)
 	}
 	var report struct {
 		OK           bool
 		Dependencies []struct{ Name, Status string }
 	}
-	if err := json.Unmarshal([]byte(r.stdout), &report); err != nil || report.OK || len(report.Dependencies) != 2 ||
+	if err := json.Unmarshal([]byte(r.Stdout), &report); err != nil || report.OK || len(report.Dependencies) != 2 ||
 		report.Dependencies[0].Status != "corrupt" || report.Dependencies[1].Status != "ok" {
-		t.Errorf("verify --json: %v %+v\n%s", err, report, r.stdout)
+		t.Errorf("verify --json: %v %+v\n%s", err, report, r.Stdout)
 	}
 
 	// lock fetch refetches what is missing (the corrupt blob was removed) and verifies it.
 	before := origin.hits.Load()
 	r = lockKiln(t, dir, "lock", "fetch", "--data", data)
-	if r.code != 0 || !strings.Contains(r.stdout, "fetched  dep") || !strings.Contains(r.stdout, "present  other") {
-		t.Fatalf("lock fetch: exit %d\n%s%s", r.code, r.stdout, r.stderr)
+	if r.Code != 0 || !strings.Contains(r.Stdout, "fetched  dep") || !strings.Contains(r.Stdout, "present  other") {
+		t.Fatalf("lock fetch: exit %d\n%s%s", r.Code, r.Stdout, r.Stderr)
 	}
 	if origin.hits.Load() != before+1 {
 		t.Errorf("lock fetch made %d requests, want 1 (only the missing blob)", origin.hits.Load()-before)
 	}
-	if r := lockKiln(t, dir, "lock", "verify", "--data", data); r.code != 0 {
-		t.Fatalf("verify after fetch: exit %d\n%s%s", r.code, r.stdout, r.stderr)
+	if r := lockKiln(t, dir, "lock", "verify", "--data", data); r.Code != 0 {
+		t.Fatalf("verify after fetch: exit %d\n%s%s", r.Code, r.Stdout, r.Stderr)
 	}
 
 	// The origin now serves other bytes: lock fetch into an empty cache refuses them.
 	origin.set("/dep-1.0.tar.gz", append([]byte{}, append(body, 0)...))
 	r = lockKiln(t, dir, "lock", "fetch", "--data", filepath.Join(dir, "data2"))
-	if r.code != 1 || !strings.Contains(r.stdout, "content does not match its pin") || !strings.Contains(r.stderr, "dep") {
-		t.Fatalf("lock fetch of changed content: exit %d\n%s%s", r.code, r.stdout, r.stderr)
+	if r.Code != 1 || !strings.Contains(r.Stdout, "content does not match its pin") || !strings.Contains(r.Stderr, "dep") {
+		t.Fatalf("lock fetch of changed content: exit %d\n%s%s", r.Code, r.Stdout, r.Stderr)
 	}
-	if r := lockKiln(t, dir, "lock", "verify", "--data", filepath.Join(dir, "data2")); r.code != 1 || !strings.Contains(r.stderr, "dep (missing)") {
-		t.Fatalf("changed content was stored: verify exit %d\n%s%s", r.code, r.stdout, r.stderr)
+	if r := lockKiln(t, dir, "lock", "verify", "--data", filepath.Join(dir, "data2")); r.Code != 1 || !strings.Contains(r.Stderr, "dep (missing)") {
+		t.Fatalf("changed content was stored: verify exit %d\n%s%s", r.Code, r.Stdout, r.Stderr)
 	}
 }
 
@@ -119,14 +119,14 @@ func TestLockBadLockfileAndToolchainPin(t *testing.T) {
 	data := filepath.Join(dir, "data")
 	os.WriteFile(filepath.Join(dir, "kiln.lock"), []byte("{\n  \"version\": 1,\n  \"dependencies\": {\n    \"x\": {\"urls\": [\"https://h.example/x\"], \"sha256\": \"nope\"}\n  }\n}\n"), 0o644)
 	r := lockKiln(t, dir, "lock", "verify", "--data", data)
-	if r.code != 2 || !strings.Contains(r.stderr, "kiln.lock:4:54: dependency \"x\": sha256 \"nope\"") {
-		t.Fatalf("bad lockfile: exit %d: %q", r.code, r.stderr)
+	if r.Code != 2 || !strings.Contains(r.Stderr, "kiln.lock:4:54: dependency \"x\": sha256 \"nope\"") {
+		t.Fatalf("bad lockfile: exit %d: %q", r.Code, r.Stderr)
 	}
 	lock := filepath.Join(dir, "tc.lock")
 	digest := "sha256:" + strings.Repeat("ab", 32)
 	r = lockKiln(t, dir, "lock", "pin-toolchain", "debian:12", "docker.io/library/debian@"+digest, "--lockfile", lock, "--data", data)
-	if r.code != 0 {
-		t.Fatalf("pin-toolchain: exit %d: %s", r.code, r.stderr)
+	if r.Code != 0 {
+		t.Fatalf("pin-toolchain: exit %d: %s", r.Code, r.Stderr)
 	}
 	l, err := lockfiles.Load(lock)
 	if err != nil {
@@ -136,7 +136,7 @@ func TestLockBadLockfileAndToolchainPin(t *testing.T) {
 		t.Errorf("pinned %q, %v", d, ok)
 	}
 	r = lockKiln(t, dir, "lock", "pin-toolchain", "debian:12", "debian:12", "--lockfile", lock, "--data", data)
-	if r.code == 0 || !strings.Contains(r.stderr, "has no digest") {
-		t.Fatalf("pin-toolchain with a tag: exit %d: %s", r.code, r.stderr)
+	if r.Code == 0 || !strings.Contains(r.Stderr, "has no digest") {
+		t.Fatalf("pin-toolchain with a tag: exit %d: %s", r.Code, r.Stderr)
 	}
 }
