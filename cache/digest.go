@@ -5,7 +5,6 @@ package cache
 import (
 	"crypto/sha256"
 	"encoding/hex"
-	"fmt"
 	"strconv"
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
@@ -91,9 +90,4 @@ func truncate(s string) string {
 		return s[:80] + "..."
 	}
 	return s
-}
-
-// errorf returns a gRPC status error; a small shorthand used across the package.
-func errorf(c codes.Code, format string, args ...any) error {
-	return status.Error(c, fmt.Sprintf(format, args...))
 }

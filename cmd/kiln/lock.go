@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -111,13 +110,6 @@ func loadOrNew(path string) (*lockfiles.Lockfile, error) {
 		return lockfiles.New(), nil
 	}
 	return l, plain(err)
-}
-
-func printJSON(w io.Writer, v any) error {
-	enc := json.NewEncoder(w)
-	enc.SetIndent("", "  ")
-	enc.SetEscapeHTML(false)
-	return enc.Encode(v)
 }
 
 // archiveSuffixes maps URL suffixes to archive types, longest first.

@@ -13,7 +13,7 @@ import (
 type acServer struct{ s *Server }
 
 func (a acServer) GetActionResult(ctx context.Context, req *repb.GetActionResultRequest) (*repb.ActionResult, error) {
-	if err := checkInstance(req.GetInstanceName()); err != nil {
+	if err := CheckInstance(req.GetInstanceName()); err != nil {
 		return nil, err
 	}
 	if err := checkDigestFunction(req.GetDigestFunction()); err != nil {
@@ -70,7 +70,7 @@ func (a acServer) UpdateActionResult(ctx context.Context, req *repb.UpdateAction
 	if !a.s.opts.AllowClientACWrites {
 		return nil, status.Error(codes.PermissionDenied, "this server does not accept action results from clients (only its executor writes the action cache); run kiln serve with --allow-client-ac-writes for a cache-only deployment")
 	}
-	if err := checkInstance(req.GetInstanceName()); err != nil {
+	if err := CheckInstance(req.GetInstanceName()); err != nil {
 		return nil, err
 	}
 	if err := checkDigestFunction(req.GetDigestFunction()); err != nil {
@@ -93,7 +93,7 @@ func (a acServer) UpdateActionResult(ctx context.Context, req *repb.UpdateAction
 	ds, err := cache.ReferencedDigests(ctx, a.s.cas, r)
 	if err != nil {
 		if status.Code(err) == codes.NotFound {
-			return nil, missingError("action result references a Tree that is not in the CAS", nil)
+			return nil, cache.MissingBlobsError("action result references a Tree that is not in the CAS", nil)
 		}
 		return nil, status.Errorf(codes.InvalidArgument, "action result: %s", status.Convert(err).Message())
 	}
@@ -102,7 +102,7 @@ func (a acServer) UpdateActionResult(ctx context.Context, req *repb.UpdateAction
 		return nil, err
 	}
 	if len(missing) > 0 {
-		return nil, missingError("action result references blobs that are not in the CAS", missing)
+		return nil, cache.MissingBlobsError("action result references blobs that are not in the CAS", missing)
 	}
 	if err := a.s.ac.Put(ctx, cache.ActionKey{Instance: req.GetInstanceName(), Action: d}, r); err != nil {
 		return nil, err

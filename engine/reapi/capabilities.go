@@ -18,7 +18,7 @@ var (
 type capabilities struct{ s *Server }
 
 func (c capabilities) GetCapabilities(_ context.Context, req *repb.GetCapabilitiesRequest) (*repb.ServerCapabilities, error) {
-	if err := checkInstance(req.GetInstanceName()); err != nil {
+	if err := CheckInstance(req.GetInstanceName()); err != nil {
 		return nil, err
 	}
 	return &repb.ServerCapabilities{

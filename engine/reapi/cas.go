@@ -10,7 +10,6 @@ import (
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"github.com/kilnbuild/kiln/cache"
 	"github.com/klauspost/compress/zstd"
-	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	rpcstatus "google.golang.org/genproto/googleapis/rpc/status"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -40,7 +39,7 @@ func digests(ps []*repb.Digest) ([]cache.Digest, error) {
 }
 
 func (c casServer) FindMissingBlobs(ctx context.Context, req *repb.FindMissingBlobsRequest) (*repb.FindMissingBlobsResponse, error) {
-	if err := checkInstance(req.GetInstanceName()); err != nil {
+	if err := CheckInstance(req.GetInstanceName()); err != nil {
 		return nil, err
 	}
 	if err := checkDigestFunction(req.GetDigestFunction()); err != nil {
@@ -69,7 +68,7 @@ func statusProto(err error) *rpcstatus.Status {
 }
 
 func (c casServer) BatchUpdateBlobs(ctx context.Context, req *repb.BatchUpdateBlobsRequest) (*repb.BatchUpdateBlobsResponse, error) {
-	if err := checkInstance(req.GetInstanceName()); err != nil {
+	if err := CheckInstance(req.GetInstanceName()); err != nil {
 		return nil, err
 	}
 	if err := checkDigestFunction(req.GetDigestFunction()); err != nil {
@@ -128,7 +127,7 @@ func (z zstdErrors) Read(p []byte) (int, error) {
 }
 
 func (c casServer) BatchReadBlobs(ctx context.Context, req *repb.BatchReadBlobsRequest) (*repb.BatchReadBlobsResponse, error) {
-	if err := checkInstance(req.GetInstanceName()); err != nil {
+	if err := CheckInstance(req.GetInstanceName()); err != nil {
 		return nil, err
 	}
 	if err := checkDigestFunction(req.GetDigestFunction()); err != nil {
@@ -163,7 +162,7 @@ func (c casServer) BatchReadBlobs(ctx context.Context, req *repb.BatchReadBlobsR
 // the server stateless.
 func (c casServer) GetTree(req *repb.GetTreeRequest, stream repb.ContentAddressableStorage_GetTreeServer) error {
 	ctx := stream.Context()
-	if err := checkInstance(req.GetInstanceName()); err != nil {
+	if err := CheckInstance(req.GetInstanceName()); err != nil {
 		return err
 	}
 	if err := checkDigestFunction(req.GetDigestFunction()); err != nil {
@@ -238,20 +237,4 @@ func (c casServer) GetTree(req *repb.GetTreeRequest, stream repb.ContentAddressa
 		size += sz
 	}
 	return stream.Send(&repb.GetTreeResponse{Directories: batch, NextPageToken: next})
-}
-
-// missingError is the FAILED_PRECONDITION with PreconditionFailure MISSING violations
-// that REAPI prescribes when referenced blobs are absent, so clients re-upload them.
-func missingError(msg string, missing []cache.Digest) error {
-	st := status.New(codes.FailedPrecondition, msg)
-	pf := &errdetails.PreconditionFailure{}
-	for _, d := range missing {
-		pf.Violations = append(pf.Violations, &errdetails.PreconditionFailure_Violation{
-			Type: "MISSING", Subject: "blobs/" + d.String(),
-		})
-	}
-	if withDetails, err := st.WithDetails(pf); err == nil {
-		st = withDetails
-	}
-	return st.Err()
 }

@@ -79,9 +79,9 @@ func checkDigestFunction(f repb.DigestFunction_Value) error {
 	return nil
 }
 
-// checkInstance refuses instance names that could be confused with resource paths:
+// CheckInstance refuses instance names that could be confused with resource paths:
 // empty, '.' or '..' segments, a leading slash, or a segment REAPI reserves.
-func checkInstance(name string) error {
+func CheckInstance(name string) error {
 	if name == "" {
 		return nil
 	}

@@ -1,0 +1,143 @@
+package engine
+
+import (
+	"context"
+	"errors"
+
+	"cloud.google.com/go/longrunning/autogen/longrunningpb"
+	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
+	"github.com/kilnbuild/kiln/cache"
+	"github.com/kilnbuild/kiln/engine/reapi"
+	rpcstatus "google.golang.org/genproto/googleapis/rpc/status"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/emptypb"
+)
+
+// executionServer implements the REAPI Execution service and google.longrunning
+// Operations over a Scheduler.
+type executionServer struct {
+	longrunningpb.UnimplementedOperationsServer
+	s *Scheduler
+}
+
+// RegisterExecution adds the Execution and Operations services to g.
+func RegisterExecution(g *grpc.Server, s *Scheduler) {
+	es := &executionServer{s: s}
+	repb.RegisterExecutionServer(g, es)
+	longrunningpb.RegisterOperationsServer(g, es)
+}
+
+func (e *executionServer) Execute(req *repb.ExecuteRequest, stream repb.Execution_ExecuteServer) error {
+	ctx := stream.Context()
+	if err := reapi.CheckInstance(req.GetInstanceName()); err != nil {
+		return err
+	}
+	if f := req.GetDigestFunction(); f != repb.DigestFunction_UNKNOWN && f != repb.DigestFunction_SHA256 {
+		return status.Errorf(codes.InvalidArgument, "digest function %v is not supported; kiln serves SHA256", f)
+	}
+	d, err := cache.FromProto(req.GetActionDigest())
+	if err != nil {
+		return err
+	}
+	w, err := e.s.Submit(ctx, Request{Instance: req.GetInstanceName(), ActionDigest: d, SkipCacheLookup: req.GetSkipCacheLookup()})
+	if err != nil {
+		if status.Code(err) == codes.FailedPrecondition || status.Code(err) == codes.InvalidArgument {
+			// REAPI: errors about the action itself travel in the ExecuteResponse, so
+			// clients see the MISSING violations and re-upload.
+			return sendFailed(stream, d, err)
+		}
+		return err
+	}
+	return e.follow(ctx, w, stream)
+}
+
+func (e *executionServer) WaitExecution(req *repb.WaitExecutionRequest, stream repb.Execution_WaitExecutionServer) error {
+	w, err := e.s.Wait(req.GetName())
+	if err != nil {
+		return err
+	}
+	return e.follow(stream.Context(), w, stream)
+}
+
+type opSender interface {
+	Send(*longrunningpb.Operation) error
+}
+
+// follow streams the operation's stages until it is done or the client leaves.
+func (e *executionServer) follow(ctx context.Context, w *Watch, stream opSender) error {
+	defer w.Close()
+	var seen repb.ExecutionStage_Value
+	for {
+		op, err := w.Next(ctx, &seen)
+		if err != nil {
+			if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
+				return status.FromContextError(err).Err()
+			}
+			return err
+		}
+		if err := stream.Send(op); err != nil {
+			return err
+		}
+		if op.GetDone() {
+			return nil
+		}
+	}
+}
+
+// sendFailed answers with one finished operation carrying err as its status.
+func sendFailed(stream opSender, d cache.Digest, err error) error {
+	op := &operation{name: "operations/failed", action: d}
+	p, perr := op.proto(repb.ExecutionStage_COMPLETED, &repb.ExecuteResponse{Status: statusProto(err)})
+	if perr != nil {
+		return perr
+	}
+	return stream.Send(p)
+}
+
+func (e *executionServer) GetOperation(ctx context.Context, req *longrunningpb.GetOperationRequest) (*longrunningpb.Operation, error) {
+	w, err := e.s.Wait(req.GetName())
+	if err != nil {
+		return nil, err
+	}
+	defer w.detachQuietly()
+	e.s.mu.Lock()
+	stage, resp := w.op.stage, w.op.resp
+	e.s.mu.Unlock()
+	return w.op.proto(stage, resp)
+}
+
+func (e *executionServer) CancelOperation(ctx context.Context, req *longrunningpb.CancelOperationRequest) (*emptypb.Empty, error) {
+	e.s.mu.Lock()
+	op := e.s.ops[req.GetName()]
+	e.s.mu.Unlock()
+	if op == nil {
+		return nil, status.Errorf(codes.NotFound, "operation %q not found", req.GetName())
+	}
+	if op.cancel != nil {
+		op.cancel()
+	}
+	return &emptypb.Empty{}, nil
+}
+
+func (e *executionServer) DeleteOperation(ctx context.Context, req *longrunningpb.DeleteOperationRequest) (*emptypb.Empty, error) {
+	e.s.mu.Lock()
+	defer e.s.mu.Unlock()
+	op := e.s.ops[req.GetName()]
+	if op == nil {
+		return nil, status.Errorf(codes.NotFound, "operation %q not found", req.GetName())
+	}
+	if op.resp == nil {
+		return nil, status.Errorf(codes.FailedPrecondition, "operation %q is still running; cancel it first", req.GetName())
+	}
+	delete(e.s.ops, req.GetName())
+	return &emptypb.Empty{}, nil
+}
+
+func statusProto(err error) *rpcstatus.Status {
+	if err == nil {
+		return &rpcstatus.Status{}
+	}
+	return status.Convert(err).Proto()
+}
