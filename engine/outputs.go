@@ -46,12 +46,10 @@ type ProducedFile struct {
 // outputs are collected, so nothing can change the file between the hash and the
 // store; the stored inode is made root-owned and read-only first.
 func (c *collector) storeFile(ctx context.Context, f *os.File) (cache.Digest, error) {
-	h := sha256.New()
-	n, err := io.Copy(h, f)
+	d, err := hashReader(f)
 	if err != nil {
 		return cache.Digest{}, status.Errorf(codes.Internal, "read output: %v", err)
 	}
-	d := cache.Digest{Hash: hex.EncodeToString(h.Sum(nil)), Size: n}
 	if d.IsEmpty() {
 		return d, nil
 	}
@@ -68,6 +66,16 @@ func (c *collector) storeFile(ctx context.Context, f *os.File) (cache.Digest, er
 		return cache.Digest{}, status.Errorf(codes.Internal, "rewind output: %v", err)
 	}
 	return d, c.cas.Put(ctx, d, f)
+}
+
+// hashReader returns the digest of everything r yields.
+func hashReader(r io.Reader) (cache.Digest, error) {
+	h := sha256.New()
+	n, err := io.Copy(h, r)
+	if err != nil {
+		return cache.Digest{}, err
+	}
+	return cache.Digest{Hash: hex.EncodeToString(h.Sum(nil)), Size: n}, nil
 }
 
 // collect gathers the declared outputs under the working directory cwd (relative to
