@@ -9,12 +9,21 @@ import (
 	"strings"
 
 	"github.com/spf13/cobra"
+
+	// The sandbox re-executes this binary as its container init; nsenter's C
+	// constructor must be linked in for that (sandbox imports it too).
+	_ "github.com/opencontainers/runc/libcontainer/nsenter"
+
+	"github.com/kilnbuild/kiln/sandbox"
 )
 
 // version is the kiln release; set with -ldflags "-X main.version=...".
 var version = "0.1.0-dev"
 
 func main() {
+	// First of all: when re-executed as a sandbox's container init, become it
+	// (never returns); nothing else may run before.
+	sandbox.Init()
 	root := newRootCmd()
 	err := root.Execute()
 	if err == nil {
@@ -45,6 +54,7 @@ func newRootCmd() *cobra.Command {
 	root.AddCommand(
 		newServeCmd(),
 		newToolchainCmd(),
+		newSandboxCmd(),
 		newLockCmd(),
 	)
 	return root

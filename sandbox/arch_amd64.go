@@ -1,0 +1,4 @@
+package sandbox
+
+// supportedArch: kiln-init and the seccomp profile exist for linux/amd64 only.
+const supportedArch = true

@@ -1,0 +1,118 @@
+package sandbox_test
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/kilnbuild/kiln/sandbox"
+)
+
+// crasher runs in a child test process (KILN_SANDBOX_TEST_CRASHER=state dir): it
+// starts a long sandbox and waits to be killed, leaving everything behind.
+func crasher(dir string) {
+	r, err := sandbox.New(context.Background(), sandbox.Config{StateDir: filepath.Join(dir, "state")})
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	_, err = r.Run(context.Background(), sandbox.Spec{
+		RootFS:   os.Getenv("KILN_SANDBOX_TEST_ROOTFS"),
+		ExecRoot: filepath.Join(dir, "execroot"),
+		Args:     []string{"/bin/sh", "-c", "touch started; exec sleep 600"},
+	})
+	fmt.Fprintln(os.Stderr, "crasher: Run returned", err)
+	os.Exit(1)
+}
+
+// cgroupLeftovers lists the cgroup directories named like a Runner's parent.
+func cgroupLeftovers(t *testing.T, name string) []string {
+	t.Helper()
+	var found []string
+	_ = filepath.WalkDir("/sys/fs/cgroup", func(p string, d os.DirEntry, err error) error {
+		if err != nil || !d.IsDir() {
+			return nil
+		}
+		if strings.HasPrefix(d.Name(), name) {
+			found = append(found, p)
+			return filepath.SkipDir
+		}
+		return nil
+	})
+	return found
+}
+
+func mountsUnder(t *testing.T, dir string) int {
+	t.Helper()
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return strings.Count(string(b), " "+dir+"/")
+}
+
+// TestSweepAfterCrash kills a process in the middle of a Run and checks that New on
+// the same state directory removes its container, cgroups and mounts.
+func TestSweepAfterCrash(t *testing.T) {
+	need(t)
+	dir := t.TempDir()
+	er := filepath.Join(dir, "execroot")
+	if err := os.Mkdir(er, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chown(er, sandbox.DefaultUID, sandbox.DefaultGID); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), "KILN_SANDBOX_TEST_CRASHER="+dir, "KILN_SANDBOX_TEST_ROOTFS="+env.rootfs)
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; ; i++ {
+		if _, err := os.Stat(filepath.Join(er, "started")); err == nil {
+			break
+		}
+		if i > 1000 {
+			cmd.Process.Kill()
+			t.Fatal("the crasher's sandbox never started")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if err := cmd.Process.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	cmd.Wait()
+
+	state := filepath.Join(dir, "state")
+	cg := sandbox.CgroupName(state)
+	ctrs, _ := os.ReadDir(filepath.Join(state, "containers"))
+	if len(ctrs) == 0 || len(cgroupLeftovers(t, cg)) == 0 || mountsUnder(t, state) == 0 {
+		t.Fatalf("the crash left nothing to sweep (containers %d, cgroups %v, mounts %d): the test proves nothing",
+			len(ctrs), cgroupLeftovers(t, cg), mountsUnder(t, state))
+	}
+
+	r, err := sandbox.New(context.Background(), sandbox.Config{StateDir: state})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctrs, _ = os.ReadDir(filepath.Join(state, "containers"))
+	if len(ctrs) != 0 {
+		t.Errorf("containers left after the sweep: %v", ctrs)
+	}
+	if n := mountsUnder(t, state); n != 0 {
+		t.Errorf("%d mounts left under the state dir", n)
+	}
+	if err := r.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if left := cgroupLeftovers(t, cg); len(left) != 0 {
+		t.Errorf("cgroups left after the sweep and Close: %v", left)
+	}
+}

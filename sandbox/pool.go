@@ -1,0 +1,150 @@
+package sandbox
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"log/slog"
+	"sync"
+)
+
+// A pool keeps sandboxes prepared ahead of their command. Preparing (namespaces,
+// cgroups, mounts, seccomp, and above all starting libcontainer's Go init) is most
+// of a sandbox's cost; done in the background between commands, it leaves only the
+// bind mounts, the exec of kiln-init and the tear-down on a command's path. Each
+// prepared sandbox still runs exactly one command and is destroyed after it.
+//
+// Sandboxes are keyed by everything fixed at preparation (root, mount points, host
+// name, ids, CPU set, limits): a Run takes one with its key or prepares its own. The
+// pool holds at most size idle sandboxes per key and keys for the maxKeys most
+// recently used layouts.
+type pool struct {
+	size int
+
+	mu       sync.Mutex
+	idle     map[string][]*sandbox
+	inflight map[string]int
+	recent   []string // keys, most recent last
+	closed   bool
+	wg       sync.WaitGroup
+}
+
+const maxKeys = 8
+
+func newPool(size int) *pool {
+	return &pool{size: size, idle: map[string][]*sandbox{}, inflight: map[string]int{}}
+}
+
+// poolKey names what prepare fixes for s.
+func poolKey(s *Spec) string {
+	b, _ := json.Marshal(struct {
+		RootFS   string
+		Mps      []mountPoint
+		Hostname string
+		UID, GID int
+		CPUs     string
+		Limits   Limits
+	}{s.RootFS, sortedMountPoints(s), s.Hostname, s.UID, s.GID, s.CPUs, s.Limits})
+	h := sha256.Sum256(b)
+	return hex.EncodeToString(h[:16])
+}
+
+// take returns an idle prepared sandbox for key, or nil.
+func (p *pool) take(key string) *sandbox {
+	if p.size <= 0 {
+		return nil
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.touch(key)
+	l := p.idle[key]
+	if len(l) == 0 {
+		return nil
+	}
+	sb := l[len(l)-1]
+	p.idle[key] = l[:len(l)-1]
+	return sb
+}
+
+// touch marks key recently used; drops (and destroys the idle sandboxes of) the
+// least recently used keys beyond maxKeys. Called with mu held.
+func (p *pool) touch(key string) {
+	for i, k := range p.recent {
+		if k == key {
+			p.recent = append(p.recent[:i], p.recent[i+1:]...)
+			break
+		}
+	}
+	p.recent = append(p.recent, key)
+	for len(p.recent) > maxKeys {
+		old := p.recent[0]
+		p.recent = p.recent[1:]
+		for _, sb := range p.idle[old] {
+			go sb.destroy(nopLogger)
+		}
+		delete(p.idle, old)
+	}
+}
+
+// refill prepares sandboxes for key in the background until size are idle or
+// being prepared.
+func (p *pool) refill(r *Runner, s *Spec, key string) {
+	if p.size <= 0 {
+		return
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closed {
+		return
+	}
+	spec := *s
+	for len(p.idle[key])+p.inflight[key] < p.size {
+		p.inflight[key]++
+		p.wg.Add(1)
+		go func() {
+			defer p.wg.Done()
+			sb, err := r.prepare(&spec, key)
+			p.mu.Lock()
+			p.inflight[key]--
+			keep := err == nil && !p.closed && p.isRecent(key)
+			if keep {
+				p.idle[key] = append(p.idle[key], sb)
+			}
+			p.mu.Unlock()
+			if err != nil {
+				r.log.Warn("sandbox: preparing a sandbox in the background", "err", err)
+			} else if !keep {
+				sb.destroy(r.log)
+			}
+		}()
+	}
+}
+
+func (p *pool) isRecent(key string) bool {
+	for _, k := range p.recent {
+		if k == key {
+			return true
+		}
+	}
+	return false
+}
+
+// close stops refills, waits for those in flight and destroys the idle sandboxes.
+func (p *pool) close(r *Runner) {
+	p.mu.Lock()
+	p.closed = true
+	p.mu.Unlock()
+	p.wg.Wait()
+	p.mu.Lock()
+	idle := p.idle
+	p.idle = map[string][]*sandbox{}
+	p.mu.Unlock()
+	for _, l := range idle {
+		for _, sb := range l {
+			sb.destroy(r.log)
+		}
+	}
+}
+
+// nopLogger discards; for destroys whose failures nobody can act on.
+var nopLogger = slog.New(slog.DiscardHandler)

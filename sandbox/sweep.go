@@ -1,0 +1,219 @@
+package sandbox
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/opencontainers/cgroups"
+	"github.com/opencontainers/runc/libcontainer"
+	"golang.org/x/sys/unix"
+)
+
+// sweep removes what an earlier Runner on the same state directory left behind when
+// its process died: mounts under the directory, containers (their processes and
+// cgroups) and the Runner's cgroup parent with anything under it.
+func (r *Runner) sweep(ctx context.Context) error {
+	var errs []error
+	// Containers first: libcontainer knows their cgroups from their state files.
+	if ents, err := os.ReadDir(r.ctrDir); err == nil {
+		for _, e := range ents {
+			ctr, err := libcontainer.Load(r.ctrDir, e.Name())
+			if err == nil {
+				_ = ctr.Signal(unix.SIGKILL)
+				waitStopped(ctx, ctr)
+				if err := ctr.Destroy(); err != nil {
+					errs = append(errs, err)
+				}
+			}
+			_ = os.RemoveAll(filepath.Join(r.ctrDir, e.Name()))
+			r.log.Info("sandbox: swept leftover container", "id", e.Name())
+		}
+	}
+	// Then whatever cgroups remain (a crash between cgroup creation and state file).
+	if err := removeCgroupTree(ctx, r.cgName); err != nil {
+		errs = append(errs, err)
+	}
+	if err := unmountUnder(r.dir); err != nil {
+		errs = append(errs, err)
+	}
+	for _, d := range []string{r.ctrDir, filepath.Join(r.dir, "roots")} {
+		if err := os.RemoveAll(d); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func waitStopped(ctx context.Context, ctr *libcontainer.Container) {
+	for i := 0; i < 100 && ctx.Err() == nil; i++ {
+		st, err := ctr.Status()
+		if err != nil || st == libcontainer.Stopped {
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// cgroupDirs returns, for every mounted v1 hierarchy (and the v2 one), the path of
+// name below this process's own cgroup there.
+func cgroupDirs(name string) ([]string, error) {
+	own, err := cgroups.ParseCgroupFile("/proc/self/cgroup")
+	if err != nil {
+		return nil, err
+	}
+	mounts, err := cgroups.GetCgroupMounts(true)
+	if err != nil {
+		return nil, err
+	}
+	var dirs []string
+	seen := map[string]bool{}
+	for _, m := range mounts {
+		if seen[m.Mountpoint] {
+			continue
+		}
+		seen[m.Mountpoint] = true
+		rel := "/"
+		for _, sub := range m.Subsystems {
+			if p, ok := own[sub]; ok {
+				rel = p
+				break
+			}
+		}
+		dirs = append(dirs, filepath.Join(m.Mountpoint, rel, name))
+	}
+	if p, ok := own[""]; ok && cgroups.IsCgroup2HybridMode() {
+		dirs = append(dirs, filepath.Join("/sys/fs/cgroup/unified", p, name))
+	}
+	return dirs, nil
+}
+
+// removeCgroupTree kills every process below the cgroup parent name in every
+// hierarchy and removes the cgroups, deepest first.
+func removeCgroupTree(ctx context.Context, name string) error {
+	dirs, err := cgroupDirs(name)
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, d := range dirs {
+		if _, err := os.Stat(d); err != nil {
+			continue
+		}
+		var all []string
+		_ = filepath.WalkDir(d, func(p string, e os.DirEntry, err error) error {
+			if err == nil && e.IsDir() {
+				all = append(all, p)
+			}
+			return nil
+		})
+		sort.Slice(all, func(i, j int) bool { return len(all[i]) > len(all[j]) })
+		for _, p := range all {
+			if err := killAndRemoveCgroup(ctx, p); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// removeCgroupParent removes the Runner's (empty) cgroup parent from every hierarchy.
+func removeCgroupParent(name string) error {
+	dirs, err := cgroupDirs(name)
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, d := range dirs {
+		if err := unix.Rmdir(d); err != nil && err != unix.ENOENT {
+			errs = append(errs, fmt.Errorf("rmdir %s: %w", d, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func killAndRemoveCgroup(ctx context.Context, dir string) error {
+	for i := 0; ; i++ {
+		pids, _ := readPids(filepath.Join(dir, "cgroup.procs"))
+		for _, pid := range pids {
+			_ = unix.Kill(pid, unix.SIGKILL)
+		}
+		err := unix.Rmdir(dir)
+		if err == nil || err == unix.ENOENT {
+			return nil
+		}
+		if err != unix.EBUSY || i >= 50 || ctx.Err() != nil {
+			return fmt.Errorf("rmdir %s: %w", dir, err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func readPids(path string) ([]int, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	var pids []int
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		if pid, err := strconv.Atoi(strings.TrimSpace(sc.Text())); err == nil && pid > 0 {
+			pids = append(pids, pid)
+		}
+	}
+	return pids, sc.Err()
+}
+
+// unmountUnder detaches every mount at or below dir, deepest first.
+func unmountUnder(dir string) error {
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return err
+	}
+	var targets []string
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) < 5 {
+			continue
+		}
+		mp := unescapeMountinfo(f[4])
+		if mp == dir || strings.HasPrefix(mp, dir+"/") {
+			targets = append(targets, mp)
+		}
+	}
+	sort.Slice(targets, func(i, j int) bool { return len(targets[i]) > len(targets[j]) })
+	var errs []error
+	for _, t := range targets {
+		if err := unix.Unmount(t, unix.MNT_DETACH); err != nil && err != unix.EINVAL && err != unix.ENOENT {
+			errs = append(errs, fmt.Errorf("unmount %s: %w", t, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// unescapeMountinfo undoes the octal escapes (\040 for space, ...) of mountinfo.
+func unescapeMountinfo(s string) string {
+	if !strings.Contains(s, `\`) {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] == '\\' && i+3 < len(s) {
+			if v, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
+				b.WriteByte(byte(v))
+				i += 3
+				continue
+			}
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
+}
