@@ -10,7 +10,10 @@ import (
 	"time"
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
+	"github.com/kilnbuild/kiln/engine/asset"
 	"github.com/kilnbuild/kiln/engine/reapi"
+	"github.com/kilnbuild/kiln/lockfiles"
+	"github.com/kilnbuild/kiln/toolchains"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -31,6 +34,10 @@ type ServerConfig struct {
 	Logger              *slog.Logger
 	// Execution configures remote execution; with Disabled the server is a cache only.
 	Execution ExecutionConfig
+	// Lockfile and FetchAllow configure the Remote Asset API (package engine/asset):
+	// serve only downloads pinned in the lockfile, from these hosts.
+	Lockfile   string
+	FetchAllow []string
 	// Ready, if set, is called with the bound addresses once the server accepts calls.
 	Ready func(grpcAddr, httpAddr string)
 }
@@ -57,12 +64,21 @@ func Serve(ctx context.Context, cfg ServerConfig) error {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 
+	var lock *lockfiles.Lockfile
+	if cfg.Lockfile != "" {
+		l, err := lockfiles.Load(cfg.Lockfile)
+		if err != nil {
+			return err
+		}
+		lock = l
+	}
 	eng, err := Open(ctx, Options{
 		Data: cfg.Data, MaxSize: cfg.MaxSize, Fsync: cfg.Fsync, Logger: log, Registerer: reg,
 		DefaultToolchain: cfg.Execution.DefaultToolchain, Concurrency: cfg.Execution.Concurrency,
 		MaxQueue: cfg.Execution.MaxQueue, DefaultTimeout: cfg.Execution.DefaultTimeout,
 		MaxTimeout: cfg.Execution.MaxTimeout, IgnoreUnknownPlatformProperties: cfg.Execution.IgnoreUnknownPlatformProperties,
 		NoSandbox: cfg.Execution.Disabled, Prestart: cfg.Execution.Concurrency,
+		Pinner: pinner(lock),
 	})
 	if err != nil {
 		return err
@@ -86,6 +102,11 @@ func Serve(ctx context.Context, cfg ServerConfig) error {
 	if eng.Scheduler != nil {
 		RegisterExecution(g, eng.Scheduler)
 	}
+	assets, err := asset.New(eng.CAS, asset.Config{Lockfile: lock, Allow: cfg.FetchAllow, SizeOf: asset.SizeFromBlobFiles(eng.Store), Logger: log})
+	if err != nil {
+		return err
+	}
+	assets.Register(g)
 	hs := health.NewServer()
 	healthpb.RegisterHealthServer(g, hs)
 	reflection.Register(g)
@@ -153,4 +174,12 @@ func Serve(ctx context.Context, cfg ServerConfig) error {
 	}
 	log.Info("stopped")
 	return nil
+}
+
+// pinner returns the lockfile as a toolchain tag pinner, or none.
+func pinner(l *lockfiles.Lockfile) toolchains.TagPinner {
+	if l == nil {
+		return nil
+	}
+	return l
 }

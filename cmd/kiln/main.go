@@ -60,6 +60,7 @@ func newRootCmd() *cobra.Command {
 		newToolchainCmd(),
 		newSandboxCmd(),
 		newExecCmd(),
+		newLockCmd(),
 	)
 	return root
 }

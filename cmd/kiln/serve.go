@@ -50,6 +50,8 @@ func newServeCmd() *cobra.Command {
 	f.DurationVar(&ex.DefaultTimeout, "default-timeout", 15*time.Minute, "timeout of actions that set none")
 	f.DurationVar(&ex.MaxTimeout, "max-timeout", time.Hour, "longest timeout an action may ask for")
 	f.BoolVar(&ex.IgnoreUnknownPlatformProperties, "ignore-unknown-platform-properties", false, "accept platform properties kiln does not understand instead of refusing the action")
+	f.StringVar(&cfg.Lockfile, "lockfile", "", "Remote Asset API: serve only the downloads pinned in this kiln.lock")
+	f.StringSliceVar(&cfg.FetchAllow, "fetch-allow", nil, "Remote Asset API: host or host:port downloads may come from (repeatable; none by default)")
 	addDataFlag(cmd, &data)
 	logFlag.register(cmd)
 	return cmd
