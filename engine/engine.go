@@ -22,8 +22,10 @@ import (
 
 // Options configures an Engine: what `kiln serve` and the CLI commands share.
 type Options struct {
-	Data    DataDir
-	MaxSize int64 // store bound; 0 = unbounded (CLI commands leave bounding to the server)
+	Data DataDir
+	// Primary makes this process the store's indexer (kiln serve; one per data dir).
+	Primary bool
+	MaxSize int64 // store bound; 0 = unbounded; needs Primary
 	Fsync   bool
 	// DefaultToolchain is the container-image used by actions without one.
 	DefaultToolchain string
@@ -74,7 +76,7 @@ func Open(ctx context.Context, opts Options) (*Engine, error) {
 		}
 	}()
 	var err error
-	e.Store, err = disk.Open(ctx, opts.Data.Store(), disk.Options{MaxSize: opts.MaxSize, Fsync: opts.Fsync, Logger: log, Registerer: reg})
+	e.Store, err = disk.Open(ctx, opts.Data.Store(), disk.Options{Primary: opts.Primary, MaxSize: opts.MaxSize, Fsync: opts.Fsync, Logger: log, Registerer: reg})
 	if err != nil {
 		return nil, err
 	}

@@ -73,7 +73,7 @@ func Serve(ctx context.Context, cfg ServerConfig) error {
 		lock = l
 	}
 	eng, err := Open(ctx, Options{
-		Data: cfg.Data, MaxSize: cfg.MaxSize, Fsync: cfg.Fsync, Logger: log, Registerer: reg,
+		Data: cfg.Data, Primary: true, MaxSize: cfg.MaxSize, Fsync: cfg.Fsync, Logger: log, Registerer: reg,
 		DefaultToolchain: cfg.Execution.DefaultToolchain, Concurrency: cfg.Execution.Concurrency,
 		MaxQueue: cfg.Execution.MaxQueue, DefaultTimeout: cfg.Execution.DefaultTimeout,
 		MaxTimeout: cfg.Execution.MaxTimeout, IgnoreUnknownPlatformProperties: cfg.Execution.IgnoreUnknownPlatformProperties,
