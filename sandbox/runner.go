@@ -176,7 +176,7 @@ func (r *Runner) Run(ctx context.Context, spec Spec) (Result, error) {
 	defer tr.done()
 
 	key := poolKey(&s)
-	sb := r.pool.take(key)
+	sb := r.pool.take(ctx, key)
 	if sb == nil {
 		if sb, err = r.prepare(&s, key); err != nil {
 			return Result{}, err
@@ -191,11 +191,11 @@ func (r *Runner) Run(ctx context.Context, spec Spec) (Result, error) {
 		sb.destroy(r.log)
 		tr.mark("destroy")
 	}()
-	return r.execute(ctx, sb, &s, cmd)
+	return r.execute(ctx, sb, &s, cmd, tr)
 }
 
-// sandbox is a created container whose init waits, before exec'ing kiln-init, for
-// the command to be bound to it (execute). It runs exactly one command.
+// sandbox is a started container whose PID 1, kiln-init, waits for the command to
+// be bound to it (execute). It runs exactly one command.
 type sandbox struct {
 	id      string
 	key     string
@@ -207,7 +207,8 @@ type sandbox struct {
 }
 
 // prepare creates and starts a container for specs with s's key: namespaces,
-// cgroups, root, seccomp and uid are set up; the bind mounts and the command come
+// cgroups, root, seccomp and uid are set up, and libcontainer's init has exec'd
+// kiln-init, which waits for its command. The bind mounts and the command come
 // later, in execute.
 func (r *Runner) prepare(s *Spec, key string) (_ *sandbox, retErr error) {
 	root, release, err := r.roots.acquire(s.RootFS, mountPoints(s))
@@ -242,8 +243,10 @@ func (r *Runner) prepare(s *Spec, key string) (_ *sandbox, retErr error) {
 		ExtraFiles: []*os.File{r.init, sb.p.ctrlR, sb.p.statusW},
 		Init:       true,
 	}
-	if err := sb.ctr.Start(sb.proc); err != nil {
-		sb.proc = nil
+	if err := sb.ctr.Run(sb.proc); err != nil {
+		if st, _ := sb.ctr.Status(); st == libcontainer.Stopped {
+			sb.proc = nil
+		}
 		return nil, startError(err)
 	}
 	sb.p.closeChildEnds()
@@ -272,9 +275,8 @@ func (sb *sandbox) destroy(log *slog.Logger) {
 	}
 }
 
-// execute binds s's mounts into sb, lets its init exec kiln-init with the command,
-// and waits for the command.
-func (r *Runner) execute(ctx context.Context, sb *sandbox, s *Spec, cmd []byte) (Result, error) {
+// execute binds s's mounts into sb, hands kiln-init the command and waits for it.
+func (r *Runner) execute(ctx context.Context, sb *sandbox, s *Spec, cmd []byte, tr *trace) (Result, error) {
 	res := Result{PolicyDigest: policyDigest(s, sb.cfg)}
 	stdout, err := newCappedFile(s.Stdout)
 	if err != nil {
@@ -293,11 +295,9 @@ func (r *Runner) execute(ctx context.Context, sb *sandbox, s *Spec, cmd []byte) 
 	if err := attachMounts(st.InitProcessPid, lateMounts(s)); err != nil {
 		return Result{}, status.Errorf(codes.Internal, "sandbox: bind mounts: %v", err)
 	}
+	tr.mark("attach")
 
 	start := time.Now()
-	if err := sb.ctr.Exec(); err != nil {
-		return Result{}, status.Errorf(codes.Internal, "sandbox: start kiln-init: %v", err)
-	}
 	var wg sync.WaitGroup
 	var statusBytes []byte
 	wg.Add(3)
@@ -327,6 +327,7 @@ func (r *Runner) execute(ctx context.Context, sb *sandbox, s *Spec, cmd []byte) 
 		}
 	}()
 	ps, werr := sb.proc.Wait()
+	tr.mark("wait")
 	close(waited)
 	res.Wall = time.Since(start)
 	wg.Wait()
@@ -356,7 +357,10 @@ func (r *Runner) execute(ctx context.Context, sb *sandbox, s *Spec, cmd []byte) 
 	default:
 		res.StartError = fmt.Sprintf("%s %s: %v", rep.Stage, startTarget(rep.Stage, s), rep.Errno)
 	}
-	if ru, ok := ps.SysUsage().(*syscall.Rusage); ok {
+	if rep.HasUsage {
+		res.User, res.System, res.MaxRSS = rep.User, rep.System, rep.MaxRSSKiB*1024
+	} else if ru, ok := ps.SysUsage().(*syscall.Rusage); ok {
+		// kiln-init was killed before it could report: this includes the set-up.
 		res.User = time.Duration(ru.Utime.Nano())
 		res.System = time.Duration(ru.Stime.Nano())
 		res.MaxRSS = ru.Maxrss * 1024
