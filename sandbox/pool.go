@@ -26,7 +26,7 @@ type pool struct {
 	idle     map[string][]*sandbox
 	inflight map[string]int
 	waiters  map[string][]chan *sandbox // Runs waiting for an in-flight preparation
-	recent   []string // keys, most recent last
+	recent   []string                   // keys, most recent last
 	closed   bool
 	wg       sync.WaitGroup
 }
