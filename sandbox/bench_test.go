@@ -129,3 +129,19 @@ func BenchmarkRun(b *testing.B) {
 		}
 	}
 }
+
+// BenchmarkRunPrestart is BenchmarkRun with a pool of one prepared sandbox.
+func BenchmarkRunPrestart(b *testing.B) {
+	r := newRunnerWith(b, sandbox.Config{Prestart: 1})
+	spec := sandbox.Spec{RootFS: env.rootfs, Args: []string{"/bin/true"}}
+	ctx := context.Background()
+	if _, err := r.Run(ctx, spec); err != nil {
+		b.Fatal(err)
+	}
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		if _, err := r.Run(ctx, spec); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
