@@ -4,8 +4,11 @@ import (
 	"context"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 
 	"github.com/kilnbuild/kiln/sandbox"
 )
@@ -63,5 +66,66 @@ func TestCloseDestroysPreparedSandboxes(t *testing.T) {
 	b, _ := os.ReadFile("/proc/self/mountinfo")
 	if strings.Contains(string(b), dir) {
 		t.Errorf("mounts left under %s", dir)
+	}
+}
+
+// preparedInits lists the pids of kiln-init processes (comm "3": exec'd as
+// /proc/self/fd/3) whose parent is this process.
+func preparedInits(t *testing.T) []int {
+	t.Helper()
+	ents, _ := os.ReadDir("/proc")
+	var pids []int
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "stat"))
+		if err != nil {
+			continue
+		}
+		// pid (comm) state ppid ...
+		s := string(b)
+		i := strings.LastIndexByte(s, ')')
+		if i < 0 || !strings.HasSuffix(s[:i], "(3") {
+			continue
+		}
+		f := strings.Fields(s[i+1:])
+		if len(f) > 1 && f[1] == strconv.Itoa(os.Getpid()) {
+			pids = append(pids, pid)
+		}
+	}
+	return pids
+}
+
+// TestDeadPreparedSandboxIsReplaced: a prepared sandbox killed from outside is not
+// handed to a command.
+func TestDeadPreparedSandboxIsReplaced(t *testing.T) {
+	r := newRunnerWith(t, sandbox.Config{Prestart: 1})
+	run(t, r, nil, "/bin/true")
+	var pids []int
+	for i := 0; i < 500 && len(pids) == 0; i++ {
+		pids = preparedInits(t)
+		time.Sleep(10 * time.Millisecond)
+	}
+	if len(pids) == 0 {
+		t.Fatal("no prepared sandbox appeared")
+	}
+	for _, pid := range pids {
+		syscall.Kill(pid, syscall.SIGKILL)
+	}
+	// Wait until the kill has landed (the processes are zombies, not yet reaped).
+	for _, pid := range pids {
+		for i := 0; i < 500; i++ {
+			b, _ := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "stat"))
+			if s := string(b); s == "" || strings.Contains(s[strings.LastIndexByte(s, ')'):], ") Z") {
+				break
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+	o := run(t, r, nil, "/bin/sh", "-c", "echo fine")
+	if o.stdout != "fine\n" || o.res.ExitCode != 0 {
+		t.Fatalf("got %q %+v", o.stdout, o.res)
 	}
 }

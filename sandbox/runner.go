@@ -17,6 +17,7 @@ import (
 
 	"github.com/opencontainers/runc/libcontainer"
 	"github.com/opencontainers/runc/libcontainer/configs"
+	lcseccomp "github.com/opencontainers/runc/libcontainer/seccomp"
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -66,6 +67,9 @@ func New(ctx context.Context, cfg Config) (*Runner, error) {
 	if os.Geteuid() != 0 {
 		return nil, status.Error(codes.FailedPrecondition, "sandbox: the Runner must run as root (rootless sandboxes are not supported yet; see docs/sandbox.md)")
 	}
+	if !lcseccomp.Enabled {
+		return nil, status.Error(codes.FailedPrecondition, "sandbox: kiln was built without seccomp support (build with CGO_ENABLED=1 -tags seccomp)")
+	}
 	if len(trampoline.Binary) == 0 || !supportedArch {
 		return nil, status.Error(codes.Unimplemented, "sandbox: only linux/amd64 is supported")
 	}
@@ -103,14 +107,6 @@ func New(ctx context.Context, cfg Config) (*Runner, error) {
 	}
 	for _, d := range []string{r.ctrDir, filepath.Join(dir, "roots", "mnt"), filepath.Join(dir, "roots", "skel")} {
 		if err := os.MkdirAll(d, 0o700); err != nil {
-			lock.Close()
-			return nil, status.Errorf(codes.Internal, "sandbox: state dir: %v", err)
-		}
-	}
-	// Sandboxes run as an unprivileged uid: they must be able to traverse to the root
-	// overlays (the directories themselves are not readable to them: 0711).
-	for _, d := range []string{dir, filepath.Join(dir, "roots"), filepath.Join(dir, "roots", "mnt")} {
-		if err := os.Chmod(d, 0o711); err != nil {
 			lock.Close()
 			return nil, status.Errorf(codes.Internal, "sandbox: state dir: %v", err)
 		}
@@ -177,6 +173,13 @@ func (r *Runner) Run(ctx context.Context, spec Spec) (Result, error) {
 
 	key := poolKey(&s)
 	sb := r.pool.take(ctx, key)
+	if sb != nil {
+		if st, err := sb.ctr.Status(); err != nil || st != libcontainer.Running {
+			// Its kiln-init died while it waited (killed from outside): discard it.
+			sb.destroy(r.log)
+			sb = nil
+		}
+	}
 	if sb == nil {
 		if sb, err = r.prepare(&s, key); err != nil {
 			return Result{}, err
