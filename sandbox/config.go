@@ -4,8 +4,10 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"math"
 	"path"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 
@@ -126,8 +128,11 @@ func normalize(spec Spec) (Spec, error) {
 	if s.GID == 0 {
 		s.GID = DefaultGID
 	}
-	if s.UID < 0 || s.GID < 0 {
-		return bad("negative uid or gid")
+	if s.UID < 0 || s.GID < 0 || s.UID > math.MaxInt32 || s.GID > math.MaxInt32 {
+		return bad("uid or gid out of range")
+	}
+	if s.CPUs != "" && !cpusetRE.MatchString(s.CPUs) {
+		return bad("CPUs %q is not a CPU list like 0-3,6", s.CPUs)
 	}
 	if s.Timeout < 0 {
 		return bad("negative timeout")
@@ -154,11 +159,14 @@ func normalize(spec Spec) (Spec, error) {
 	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &nofile); err == nil && l.OpenFiles > nofile.Max {
 		return Spec{}, status.Errorf(codes.ResourceExhausted, "sandbox: open files limit %d is above this host's hard limit %d", l.OpenFiles, nofile.Max)
 	}
-	if l.MemoryBytes < 4<<20 || l.Pids < 1 || l.CPUs < 0 || l.TmpBytes < 4096 {
+	if l.MemoryBytes < 4<<20 || l.Pids < 1 || !(l.CPUs >= 0 && l.CPUs <= 1<<20) || l.TmpBytes < 4096 {
 		return bad("limits out of range (memory >= 4 MiB, pids >= 1, cpus >= 0, tmp >= 4 KiB)")
 	}
 	return s, nil
 }
+
+// cpusetRE matches the cpuset list syntax: "0", "0-3", "0-3,6,8-9".
+var cpusetRE = regexp.MustCompile(`^[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*$`)
 
 func isCleanAbs(p string) bool { return path.IsAbs(p) && path.Clean(p) == p }
 
