@@ -107,7 +107,11 @@ func (p *pool) touch(key string) {
 		old := p.recent[0]
 		p.recent = p.recent[1:]
 		for _, sb := range p.idle[old] {
-			go sb.destroy(nopLogger)
+			p.wg.Add(1)
+			go func() {
+				defer p.wg.Done()
+				sb.destroy(nopLogger)
+			}()
 		}
 		delete(p.idle, old)
 	}

@@ -2,10 +2,13 @@ package sandbox_test
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -20,10 +23,10 @@ func TestPrestartedSandboxesAreFresh(t *testing.T) {
 	for i := 0; i < 5; i++ {
 		er := execRoot(t)
 		o := run(t, r, func(s *sandbox.Spec) { s.ExecRoot = er },
-			"/bin/sh", "-c", "ls /tmp; echo x > /tmp/marker; ls /proc | grep -c '^[0-9]'; pwd; echo out > result")
-		// An empty /tmp; only kiln-init, sh, ls and grep in the pid namespace.
-		if o.stdout != "4\n/kiln/execroot\n" {
-			t.Fatalf("run %d saw %q; want an empty /tmp, 4 processes, its exec root", i, o.stdout)
+			"/bin/sh", "-c", "ls /tmp; echo x > /tmp/marker; n=0; for p in /proc/[0-9]*; do n=$((n+1)); done; echo $n; pwd; echo out > result")
+		// An empty /tmp; only kiln-init and sh in the pid namespace (the glob is sh's own).
+		if o.stdout != "2\n/kiln/execroot\n" {
+			t.Fatalf("run %d saw %q; want an empty /tmp, 2 processes, its exec root", i, o.stdout)
 		}
 		if b, err := os.ReadFile(filepath.Join(er, "result")); err != nil || string(b) != "out\n" {
 			t.Fatalf("run %d: output not in its exec root: %q %v", i, b, err)
@@ -127,5 +130,56 @@ func TestDeadPreparedSandboxIsReplaced(t *testing.T) {
 	o := run(t, r, nil, "/bin/sh", "-c", "echo fine")
 	if o.stdout != "fine\n" || o.res.ExitCode != 0 {
 		t.Fatalf("got %q %+v", o.stdout, o.res)
+	}
+}
+
+// TestThreadExitsDoNotKillSandboxes: containers are forked with a parent-death
+// signal, which Linux sends when the forking *thread* ends. Goroutines that lock
+// their thread and return end threads all the time (libcontainer does, while it
+// starts a container); sandboxes being started or waiting in the pool must survive.
+func TestThreadExitsDoNotKillSandboxes(t *testing.T) {
+	r := newRunnerWith(t, sandbox.Config{Prestart: 2})
+	stop := make(chan struct{})
+	var churn sync.WaitGroup
+	churn.Add(1)
+	go func() {
+		defer churn.Done()
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			var wg sync.WaitGroup
+			for i := 0; i < 8; i++ {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					runtime.LockOSThread() // returning locked ends the thread
+					time.Sleep(200 * time.Microsecond)
+				}()
+			}
+			wg.Wait()
+		}
+	}()
+	defer func() { close(stop); churn.Wait() }()
+	var wg sync.WaitGroup
+	errs := make(chan string, 64)
+	for g := 0; g < 6; g++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; i < 5; i++ {
+				res, err := r.Run(context.Background(), sandbox.Spec{RootFS: env.rootfs, Args: []string{"/bin/true"}})
+				if err != nil || res.ExitCode != 0 {
+					errs <- fmt.Sprint(err, res.ExitCode, res.Signal)
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for e := range errs {
+		t.Error(e)
 	}
 }

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"runtime"
 	"sort"
 	"strconv"
 	"strings"
@@ -51,6 +52,7 @@ type Runner struct {
 	init   *os.File // sealed memfd holding kiln-init
 	roots  *roots
 	pool   *pool
+	spawn  *spawner // threads that fork container processes
 
 	seq     atomic.Uint64
 	mu      sync.Mutex
@@ -115,6 +117,7 @@ func New(ctx context.Context, cfg Config) (*Runner, error) {
 		lock.Close()
 		return nil, status.Errorf(codes.Internal, "sandbox: kiln-init: %v", err)
 	}
+	r.spawn = newSpawner(max(4, 2*runtime.GOMAXPROCS(0)))
 	return r, nil
 }
 
@@ -130,6 +133,7 @@ func (r *Runner) Close() error {
 	r.mu.Unlock()
 	r.running.Wait()
 	r.pool.close(r)
+	r.spawn.close()
 	err := r.roots.closeAll()
 	if e := removeCgroupParent(r.cgName); e != nil && err == nil {
 		err = e
@@ -246,7 +250,8 @@ func (r *Runner) prepare(s *Spec, key string) (_ *sandbox, retErr error) {
 		ExtraFiles: []*os.File{r.init, sb.p.ctrlR, sb.p.statusW},
 		Init:       true,
 	}
-	if err := sb.ctr.Run(sb.proc); err != nil {
+	r.spawn.do(func() { err = sb.ctr.Run(sb.proc) })
+	if err != nil {
 		if st, _ := sb.ctr.Status(); st == libcontainer.Stopped {
 			sb.proc = nil
 		}
@@ -266,8 +271,14 @@ func (sb *sandbox) destroy(log *slog.Logger) {
 				_, _ = sb.proc.Wait()
 			}
 		}
-		if err := sb.ctr.Destroy(); err != nil {
-			log.Warn("sandbox: destroy container", "id", sb.id, "err", err)
+		st, _ := sb.ctr.State()
+		if err := sb.ctr.Destroy(); err != nil && st != nil {
+			// Something still lives in the container's cgroups: kill it, wait longer.
+			left := forceRemoveCgroups(st.CgroupPaths)
+			log.Warn("sandbox: container cgroups were not empty after its init died", "id", sb.id, "err", err, "processes", left)
+			if err := sb.ctr.Destroy(); err != nil {
+				log.Warn("sandbox: destroy container", "id", sb.id, "err", err)
+			}
 		}
 		sb.ctr = nil
 	}
