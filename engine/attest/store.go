@@ -39,7 +39,9 @@ func (s *Store) Paths() Paths { return s.p }
 
 func shard(dir, hash string) string { return filepath.Join(dir, hash[:2], hash) }
 
-func (s *Store) envelopePath(h string) string { return shard(filepath.Join(s.p.Attest, "envelopes"), h) }
+func (s *Store) envelopePath(h string) string {
+	return shard(filepath.Join(s.p.Attest, "envelopes"), h)
+}
 func (s *Store) productPath(alg, h string) string {
 	return shard(filepath.Join(s.p.Attest, "index", alg), h)
 }

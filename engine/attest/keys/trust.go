@@ -5,9 +5,9 @@ import (
 	"context"
 	"crypto"
 	"crypto/ed25519"
-	"errors"
 	"encoding/json"
 	"encoding/pem"
+	"errors"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
