@@ -42,7 +42,7 @@ func newRootCmd() *cobra.Command {
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error {
 		return &exitError{code: 2, msg: err.Error()}
 	})
-	root.AddCommand()
+	root.AddCommand(newAttestCmd(), newLogCmd())
 	return root
 }
 

@@ -94,11 +94,7 @@ func openSigner(t testing.TB, dataDir string, opts Options) *Signer {
 	return s
 }
 
-func init() { tlog.QuietLibraryLogs(discard{}) }
-
-type discard struct{}
-
-func (discard) Write(p []byte) (int, error) { return len(p), nil }
+func init() { tlog.RouteLibraryLogs(nil) }
 
 // payloadOf decodes an envelope's payload without verifying it.
 func payloadOf(t testing.TB, env []byte) []byte {
@@ -137,7 +133,7 @@ func ownerKey(t testing.TB) (priv, pub in_toto.Key) {
 
 // resign replaces env's payload and signs it with key (an attacker's re-signing, or a
 // tamper without re-signing when key is nil).
-func resign(t testing.TB, env []byte, payload []byte, s dsse.SignerVerifier) []byte {
+func resign(t testing.TB, env []byte, payload []byte, s dsse.Signer) []byte {
 	t.Helper()
 	e, err := ParseEnvelope(env)
 	if err != nil {
@@ -164,4 +160,13 @@ func resign(t testing.TB, env []byte, payload []byte, s dsse.SignerVerifier) []b
 		t.Fatal(err)
 	}
 	return b
+}
+
+func mustKey(t testing.TB) ed25519.PrivateKey {
+	t.Helper()
+	_, k, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return k
 }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"os"
 
 	"github.com/transparency-dev/formats/log"
@@ -14,6 +15,7 @@ import (
 	"github.com/transparency-dev/tessera/client"
 	"golang.org/x/mod/sumdb/note"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 )
 
 // Checkpoint is a verified, signed statement of the log's size and root hash.
@@ -44,8 +46,10 @@ type Reader struct {
 
 // NewReader reads the log in dir, trusting checkpoints signed by v.
 func NewReader(dir string, v note.Verifier) *Reader {
-	return &Reader{dir: dir, v: v, f: client.FileFetcher{Root: dir}}
+	return &Reader{dir: dir, v: v, f: fileFetcher(dir)}
 }
+
+func fileFetcher(dir string) client.FileFetcher { return client.FileFetcher{Root: dir} }
 
 // Origin returns the log's origin (the verifier key's name).
 func (r *Reader) Origin() string { return r.v.Name() }
@@ -235,4 +239,8 @@ func (r *Reader) Include(ctx context.Context, data []byte, index uint64, hint bo
 		return 0, nil, err
 	}
 	return index, p, nil
+}
+
+func errf(c codes.Code, format string, args ...any) error {
+	return status.Error(c, fmt.Sprintf(format, args...))
 }

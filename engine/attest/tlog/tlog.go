@@ -3,24 +3,33 @@
 // directory, with checkpoints signed as notes (golang.org/x/mod/sumdb/note), and the
 // inclusion and consistency proofs (transparency-dev/merkle) that make it auditable.
 //
-// Several processes may append to one directory at once (`kiln serve` and `kiln exec`):
-// tessera's POSIX driver sequences each batch under an fcntl lock on
-// .state/treeState.lock and re-reads the tree state inside it, and publishes checkpoints
-// under .state/publish.lock. fcntl locks belong to a process, not to a file descriptor,
-// so two appenders in one process would not exclude each other; Open therefore shares
-// one appender per directory within a process.
+// Several processes may append to one directory (`kiln serve` and `kiln exec`), but
+// never through two tessera appenders at once. tessera v1.0.4's POSIX driver takes fcntl
+// locks, which belong to a process: with two appending processes, one's sequencer
+// (holding treeState.lock) and the other's checkpoint publisher (holding publish.lock)
+// look to the kernel like a deadlock, F_SETLKW fails with EDEADLK and tessera panics
+// (seen when two processes each ran an appender; upstream moved to flock after
+// v1.0.4, unreleased). So appending
+// needs a lease: an flock(2) on .kiln/append.lock. The holder keeps its appender open
+// while it is the only one who wants to append; a process that wants the lease holds
+// a shared flock on .kiln/want.lock while it waits, and the holder, seeing that, hands
+// over as soon as its own appends are done: it publishes a checkpoint covering them,
+// shuts its appender down and releases the lease. Within a process, Open shares one
+// appender per directory.
 package tlog
 
 import (
 	"context"
 	"errors"
-	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"sync"
+	"syscall"
 	"time"
 
+	flog "github.com/transparency-dev/formats/log"
 	"github.com/transparency-dev/tessera"
 	"github.com/transparency-dev/tessera/storage/posix"
 	"golang.org/x/mod/sumdb/note"
@@ -36,15 +45,19 @@ type Options struct {
 	BatchMaxAge time.Duration
 	// BatchMaxSize is how many entries a batch holds at most; 0 means 256.
 	BatchMaxSize uint
-	// CheckpointInterval is how often a new checkpoint may be published (at least
-	// 100ms); 0 means DefaultCheckpointInterval.
+	// CheckpointInterval is how often tessera may publish a new checkpoint while the
+	// lease is held (at least 100ms); 0 means DefaultCheckpointInterval.
 	CheckpointInterval time.Duration
+	// HandoverCheck is how often the lease holder looks for another process that wants
+	// to append; 0 means DefaultHandoverCheck.
+	HandoverCheck time.Duration
 }
 
 // Defaults for Options.
 const (
 	DefaultBatchMaxAge        = 2 * time.Millisecond
 	DefaultCheckpointInterval = 200 * time.Millisecond
+	DefaultHandoverCheck      = 20 * time.Millisecond
 )
 
 // Log appends entries to the log in one directory.
@@ -53,15 +66,23 @@ type Log struct {
 	closed sync.Once
 }
 
-// shared is the one tessera appender of a directory in this process.
+// shared is this process's appending state for one directory.
 type shared struct {
-	dir      string
-	origin   string
+	dir    string
+	signer note.Signer
+	opts   Options
+	refs   int // guarded by openMu
+
+	mu       sync.Mutex
+	idle     *sync.Cond // signalled when inflight drops to 0
+	inflight int
+	lease    *os.File // append.lock, flocked while held
 	appender *tessera.Appender
 	shutdown func(context.Context) error
 	reader   tessera.LogReader
 	cancel   context.CancelFunc
-	refs     int
+	stop     chan struct{} // closes the handover watcher
+	watcher  sync.WaitGroup
 }
 
 var (
@@ -69,8 +90,14 @@ var (
 	openLogs = map[string]*shared{} // by absolute directory; see the package comment
 )
 
-// Open starts appending to the log in dir (created if needed), signing checkpoints with
-// signer, whose name is the log's origin.
+const (
+	kilnDir   = ".kiln"
+	leaseFile = "append.lock"
+	wantFile  = "want.lock"
+)
+
+// Open prepares to append to the log in dir (created if needed), signing checkpoints
+// with signer, whose name is the log's origin. The lease is taken on the first append.
 func Open(ctx context.Context, dir string, signer note.Signer, opts Options) (*Log, error) {
 	abs, err := filepath.Abs(dir)
 	if err != nil {
@@ -79,13 +106,13 @@ func Open(ctx context.Context, dir string, signer note.Signer, opts Options) (*L
 	openMu.Lock()
 	defer openMu.Unlock()
 	if sh, ok := openLogs[abs]; ok {
-		if sh.origin != signer.Name() {
-			return nil, status.Errorf(codes.FailedPrecondition, "log %s is already open in this process for origin %q, not %q", abs, sh.origin, signer.Name())
+		if sh.signer.Name() != signer.Name() {
+			return nil, status.Errorf(codes.FailedPrecondition, "log %s is already open in this process for origin %q, not %q", abs, sh.signer.Name(), signer.Name())
 		}
 		sh.refs++
 		return &Log{sh: sh}, nil
 	}
-	if err := os.MkdirAll(abs, 0o755); err != nil {
+	if err := os.MkdirAll(filepath.Join(abs, kilnDir), 0o755); err != nil {
 		return nil, status.Errorf(codes.Internal, "create log dir: %v", err)
 	}
 	if err := checkOrigin(abs, signer.Name()); err != nil {
@@ -100,24 +127,11 @@ func Open(ctx context.Context, dir string, signer note.Signer, opts Options) (*L
 	if opts.CheckpointInterval == 0 {
 		opts.CheckpointInterval = DefaultCheckpointInterval
 	}
-	drv, err := posix.New(ctx, posix.Config{Path: abs})
-	if err != nil {
-		return nil, status.Errorf(codes.Internal, "open log %s: %v", abs, err)
+	if opts.HandoverCheck == 0 {
+		opts.HandoverCheck = DefaultHandoverCheck
 	}
-	// The appender's background work (batching, checkpoint publishing, GC) lives until
-	// the last Close, not until the caller's ctx ends.
-	bg, cancel := context.WithCancel(context.WithoutCancel(ctx))
-	ao := tessera.NewAppendOptions().
-		WithCheckpointSigner(signer).
-		WithBatching(opts.BatchMaxSize, opts.BatchMaxAge).
-		WithCheckpointInterval(opts.CheckpointInterval).
-		WithShutdownTimeout(30 * time.Second)
-	a, shutdown, r, err := tessera.NewAppender(bg, drv, ao)
-	if err != nil {
-		cancel()
-		return nil, status.Errorf(codes.Internal, "open log %s: %v", abs, err)
-	}
-	sh := &shared{dir: abs, origin: signer.Name(), appender: a, shutdown: shutdown, reader: r, cancel: cancel, refs: 1}
+	sh := &shared{dir: abs, signer: signer, opts: opts, refs: 1}
+	sh.idle = sync.NewCond(&sh.mu)
 	openLogs[abs] = sh
 	return &Log{sh: sh}, nil
 }
@@ -127,10 +141,10 @@ func Open(ctx context.Context, dir string, signer note.Signer, opts Options) (*L
 const originFile = "kiln-origin"
 
 func checkOrigin(dir, origin string) error {
-	p := filepath.Join(dir, originFile)
+	p := filepath.Join(dir, kilnDir, originFile)
 	b, err := os.ReadFile(p)
 	if errors.Is(err, os.ErrNotExist) {
-		tmp, err := os.CreateTemp(dir, ".origin-*")
+		tmp, err := os.CreateTemp(filepath.Dir(p), ".origin-*")
 		if err != nil {
 			return status.Errorf(codes.Internal, "log origin: %v", err)
 		}
@@ -166,10 +180,15 @@ func trimNL(b []byte) []byte {
 func (l *Log) Dir() string { return l.sh.dir }
 
 // Append adds data as one entry and returns its index once the entry is durably
-// sequenced and integrated into the tree (a checkpoint covering it follows within
-// about CheckpointInterval).
+// sequenced and integrated into the tree. A checkpoint covering it follows within about
+// CheckpointInterval, or at once when the lease is handed over or the log closed.
 func (l *Log) Append(ctx context.Context, data []byte) (uint64, error) {
-	idx, err := l.sh.appender.Add(ctx, tessera.NewEntry(data))()
+	a, err := l.sh.begin(ctx)
+	if err != nil {
+		return 0, err
+	}
+	defer l.sh.end()
+	idx, err := a.Add(ctx, tessera.NewEntry(data))()
 	if err != nil {
 		return 0, status.Errorf(codes.Unavailable, "log append: %v", err)
 	}
@@ -177,8 +196,12 @@ func (l *Log) Append(ctx context.Context, data []byte) (uint64, error) {
 }
 
 // Size returns the number of entries integrated so far (which may exceed the latest
-// checkpoint's size).
+// checkpoint's size). It takes the lease, so no other process is mid-append.
 func (l *Log) Size(ctx context.Context) (uint64, error) {
+	if _, err := l.sh.begin(ctx); err != nil {
+		return 0, err
+	}
+	defer l.sh.end()
 	n, err := l.sh.reader.IntegratedSize(ctx)
 	if err != nil {
 		return 0, status.Errorf(codes.Internal, "log size: %v", err)
@@ -186,8 +209,8 @@ func (l *Log) Size(ctx context.Context) (uint64, error) {
 	return n, nil
 }
 
-// Close releases this handle; the last one in the process waits until a checkpoint
-// covers every entry appended through it, then stops the appender.
+// Close releases this handle; the last one in the process publishes a checkpoint that
+// covers every entry appended, and gives up the lease.
 func (l *Log) Close(ctx context.Context) error {
 	var err error
 	l.closed.Do(func() {
@@ -199,21 +222,234 @@ func (l *Log) Close(ctx context.Context) error {
 			return
 		}
 		delete(openLogs, sh.dir)
-		if e := sh.shutdown(ctx); e != nil {
-			err = status.Errorf(codes.DeadlineExceeded, "log %s: waiting for a checkpoint: %v", sh.dir, e)
+		sh.mu.Lock()
+		defer sh.mu.Unlock()
+		for sh.inflight > 0 {
+			sh.idle.Wait()
 		}
-		sh.cancel()
+		err = sh.releaseLocked(ctx)
 	})
 	return err
 }
 
-// QuietLibraryLogs sends tessera's klog output to w instead of stderr (CLI commands
-// print only their own results). Process-wide, like klog itself.
-func QuietLibraryLogs(w io.Writer) {
-	klog.LogToStderr(false)
-	klog.SetOutput(w)
+// begin makes sure this process holds the lease with an open appender and counts one
+// more operation in flight.
+func (s *shared) begin(ctx context.Context) (*tessera.Appender, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.appender == nil {
+		if err := s.acquireLocked(ctx); err != nil {
+			return nil, err
+		}
+	}
+	s.inflight++
+	return s.appender, nil
 }
 
-func errf(c codes.Code, format string, args ...any) error {
-	return status.Error(c, fmt.Sprintf(format, args...))
+func (s *shared) end() {
+	s.mu.Lock()
+	s.inflight--
+	if s.inflight == 0 {
+		s.idle.Broadcast()
+	}
+	s.mu.Unlock()
+}
+
+func (s *shared) lockPath(name string) string { return filepath.Join(s.dir, kilnDir, name) }
+
+// acquireLocked waits for the lease (announcing itself on want.lock meanwhile) and
+// opens a tessera appender. Caller holds s.mu.
+func (s *shared) acquireLocked(ctx context.Context) error {
+	want, err := os.OpenFile(s.lockPath(wantFile), os.O_CREATE|os.O_RDWR|syscall.O_CLOEXEC, 0o644)
+	if err != nil {
+		return status.Errorf(codes.Internal, "log lease: %v", err)
+	}
+	defer want.Close() // also drops the shared lock
+	if err := flock(want, syscall.LOCK_SH); err != nil {
+		return status.Errorf(codes.Internal, "log lease: %v", err)
+	}
+	lease, err := os.OpenFile(s.lockPath(leaseFile), os.O_CREATE|os.O_RDWR|syscall.O_CLOEXEC, 0o644)
+	if err != nil {
+		return status.Errorf(codes.Internal, "log lease: %v", err)
+	}
+	// Poll rather than block, so ctx can end the wait.
+	for delay := 100 * time.Microsecond; ; delay = min(2*delay, 5*time.Millisecond) {
+		err := flock(lease, syscall.LOCK_EX|syscall.LOCK_NB)
+		if err == nil {
+			break
+		}
+		if !errors.Is(err, syscall.EWOULDBLOCK) {
+			lease.Close()
+			return status.Errorf(codes.Internal, "log lease: %v", err)
+		}
+		select {
+		case <-ctx.Done():
+			lease.Close()
+			return status.Errorf(codes.DeadlineExceeded, "waiting for the log lease held by another process: %v", ctx.Err())
+		case <-time.After(delay):
+		}
+	}
+	drv, err := posix.New(ctx, posix.Config{Path: s.dir})
+	if err != nil {
+		lease.Close()
+		return status.Errorf(codes.Internal, "open log %s: %v", s.dir, err)
+	}
+	// The appender's background work lives until the lease is released, not until
+	// the caller's ctx ends.
+	bg, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	ao := tessera.NewAppendOptions().
+		WithCheckpointSigner(s.signer).
+		WithBatching(s.opts.BatchMaxSize, s.opts.BatchMaxAge).
+		WithCheckpointInterval(s.opts.CheckpointInterval).
+		WithShutdownTimeout(30 * time.Second)
+	a, shutdown, r, err := tessera.NewAppender(bg, drv, ao)
+	if err != nil {
+		cancel()
+		lease.Close()
+		return status.Errorf(codes.Internal, "open log %s: %v", s.dir, err)
+	}
+	s.lease, s.appender, s.shutdown, s.reader, s.cancel = lease, a, shutdown, r, cancel
+	s.stop = make(chan struct{})
+	s.watcher.Add(1)
+	go s.watchHandover(s.stop)
+	return nil
+}
+
+// watchHandover gives the lease away when another process wants it and this one has no
+// append in flight.
+func (s *shared) watchHandover(stop chan struct{}) {
+	defer s.watcher.Done()
+	want, err := os.OpenFile(s.lockPath(wantFile), os.O_CREATE|os.O_RDWR|syscall.O_CLOEXEC, 0o644)
+	if err != nil {
+		return
+	}
+	defer want.Close()
+	t := time.NewTicker(s.opts.HandoverCheck)
+	defer t.Stop()
+	for {
+		select {
+		case <-stop:
+			return
+		case <-t.C:
+		}
+		if err := flock(want, syscall.LOCK_EX|syscall.LOCK_NB); err == nil {
+			flock(want, syscall.LOCK_UN)
+			continue // nobody waiting
+		}
+		s.mu.Lock()
+		if s.stop != stop { // Close took over
+			s.mu.Unlock()
+			return
+		}
+		if s.inflight == 0 {
+			close(stop)
+			s.stop = nil
+			s.releaseNoWaitLocked(context.Background())
+			s.mu.Unlock()
+			return
+		}
+		s.mu.Unlock()
+	}
+}
+
+// releaseLocked publishes a checkpoint, shuts the appender down and drops the lease.
+// Caller holds s.mu and has no append in flight.
+func (s *shared) releaseLocked(ctx context.Context) error {
+	if s.appender == nil {
+		return nil
+	}
+	if s.stop != nil {
+		close(s.stop)
+		s.stop = nil
+	}
+	s.mu.Unlock()
+	s.watcher.Wait()
+	s.mu.Lock()
+	return s.releaseNoWaitLocked(ctx)
+}
+
+func (s *shared) releaseNoWaitLocked(ctx context.Context) error {
+	if s.appender == nil {
+		return nil
+	}
+	err := s.publishNow(ctx)
+	if e := s.shutdown(ctx); e != nil && err == nil {
+		err = status.Errorf(codes.DeadlineExceeded, "log %s: waiting for a checkpoint: %v", s.dir, e)
+	}
+	s.cancel()
+	s.lease.Close() // drops the flock
+	s.appender, s.shutdown, s.reader, s.cancel, s.lease = nil, nil, nil, nil, nil
+	return err
+}
+
+// publishNow signs and writes a checkpoint for the integrated tree, unless the current
+// checkpoint already covers it, so a handover need not wait for tessera's publishing
+// interval. It computes the root from the tiles (the public tlog-tiles data); the tree
+// cannot grow meanwhile, as this process holds the lease with nothing in flight.
+func (s *shared) publishNow(ctx context.Context) error {
+	size, err := s.reader.IntegratedSize(ctx)
+	if err != nil {
+		return status.Errorf(codes.Internal, "log size: %v", err)
+	}
+	cpPath := filepath.Join(s.dir, "checkpoint")
+	if raw, err := os.ReadFile(cpPath); err == nil {
+		var cp flog.Checkpoint
+		if _, err := cp.Unmarshal(firstParagraph(raw)); err == nil && cp.Origin == s.signer.Name() && cp.Size >= size {
+			return nil
+		}
+	}
+	r := &Reader{dir: s.dir, f: fileFetcher(s.dir)}
+	root, err := r.RootAt(ctx, size)
+	if err != nil {
+		return err
+	}
+	text := flog.Checkpoint{Origin: s.signer.Name(), Size: size, Hash: root}.Marshal()
+	signed, err := note.Sign(&note.Note{Text: string(text)}, s.signer)
+	if err != nil {
+		return status.Errorf(codes.Internal, "sign checkpoint: %v", err)
+	}
+	tmp, err := os.CreateTemp(s.dir, ".checkpoint-*")
+	if err != nil {
+		return status.Errorf(codes.Internal, "write checkpoint: %v", err)
+	}
+	defer os.Remove(tmp.Name())
+	_, werr := tmp.Write(signed)
+	serr := tmp.Sync()
+	cerr := tmp.Close()
+	if err := errors.Join(werr, serr, cerr, os.Chmod(tmp.Name(), 0o644)); err != nil {
+		return status.Errorf(codes.Internal, "write checkpoint: %v", err)
+	}
+	if err := os.Rename(tmp.Name(), cpPath); err != nil {
+		return status.Errorf(codes.Internal, "write checkpoint: %v", err)
+	}
+	return nil
+}
+
+// firstParagraph returns a note's text (up to the blank line before its signatures).
+func firstParagraph(raw []byte) []byte {
+	for i := 0; i+1 < len(raw); i++ {
+		if raw[i] == '\n' && raw[i+1] == '\n' {
+			return raw[:i+1]
+		}
+	}
+	return raw
+}
+
+func flock(f *os.File, how int) error {
+	for {
+		err := syscall.Flock(int(f.Fd()), how)
+		if err != syscall.EINTR {
+			return err
+		}
+	}
+}
+
+// RouteLibraryLogs sends tessera's klog output (all severities) to l instead of stderr,
+// so CLI commands print only their own results and a server logs through slog. It is
+// process-wide, like klog itself; nil discards.
+func RouteLibraryLogs(l *slog.Logger) {
+	if l == nil {
+		l = slog.New(slog.DiscardHandler)
+	}
+	klog.SetSlogLogger(l)
 }
