@@ -198,7 +198,24 @@ func (a Action) Payload() ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	return CanonicalJSON(l)
+	mats := make(map[string]map[string]string, len(l.Materials))
+	for k, v := range l.Materials {
+		mats[k] = v
+	}
+	prods := make(map[string]map[string]string, len(l.Products))
+	for k, v := range l.Products {
+		prods[k] = v
+	}
+	tree := map[string]any{
+		"_type":       l.Type,
+		"name":        l.Name,
+		"materials":   mats,
+		"products":    prods,
+		"byproducts":  l.ByProducts,
+		"command":     l.Command,
+		"environment": l.Environment,
+	}
+	return canonicalTree(tree, 256+128*(len(mats)+len(prods)))
 }
 
 // checkUTF8 refuses strings JSON cannot carry exactly (encoding/json would silently

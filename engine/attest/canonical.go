@@ -40,6 +40,18 @@ func CanonicalJSON(v any) ([]byte, error) {
 	return buf.Bytes(), nil
 }
 
+// canonicalTree encodes a tree of the plain types Action.Payload builds (strings,
+// ints, bools, slices and string-keyed maps of them) without the encoding/json round
+// trip CanonicalJSON makes; the result is the same bytes.
+func canonicalTree(tree any, sizeHint int) ([]byte, error) {
+	var buf bytes.Buffer
+	buf.Grow(sizeHint)
+	if err := encodeCanonical(&buf, tree); err != nil {
+		return nil, err
+	}
+	return buf.Bytes(), nil
+}
+
 // maxSafeInteger bounds the integers JCS can carry exactly (IEEE-754 doubles).
 const maxSafeInteger = 1<<53 - 1
 
@@ -59,8 +71,28 @@ func encodeCanonical(buf *bytes.Buffer, v any) error {
 			return status.Errorf(codes.InvalidArgument, "canonical json: number %s is not an integer within ±2^53", x)
 		}
 		buf.WriteString(strconv.FormatInt(n, 10))
+	case int:
+		if x > maxSafeInteger || x < -maxSafeInteger {
+			return status.Errorf(codes.InvalidArgument, "canonical json: number %d is not within ±2^53", x)
+		}
+		buf.WriteString(strconv.Itoa(x))
 	case string:
 		return encodeString(buf, x)
+	case []string:
+		buf.WriteByte('[')
+		for i, e := range x {
+			if i > 0 {
+				buf.WriteByte(',')
+			}
+			if err := encodeString(buf, e); err != nil {
+				return err
+			}
+		}
+		buf.WriteByte(']')
+	case map[string]string:
+		return encodeMap(buf, x)
+	case map[string]map[string]string:
+		return encodeMap(buf, x)
 	case []any:
 		buf.WriteByte('[')
 		for i, e := range x {
@@ -73,28 +105,33 @@ func encodeCanonical(buf *bytes.Buffer, v any) error {
 		}
 		buf.WriteByte(']')
 	case map[string]any:
-		keys := make([]string, 0, len(x))
-		for k := range x {
-			keys = append(keys, k)
-		}
-		sort.Slice(keys, func(i, j int) bool { return lessUTF16(keys[i], keys[j]) })
-		buf.WriteByte('{')
-		for i, k := range keys {
-			if i > 0 {
-				buf.WriteByte(',')
-			}
-			if err := encodeString(buf, k); err != nil {
-				return err
-			}
-			buf.WriteByte(':')
-			if err := encodeCanonical(buf, x[k]); err != nil {
-				return err
-			}
-		}
-		buf.WriteByte('}')
+		return encodeMap(buf, x)
 	default:
 		return status.Errorf(codes.Internal, "canonical json: unexpected %T", v)
 	}
+	return nil
+}
+
+func encodeMap[V any](buf *bytes.Buffer, m map[string]V) error {
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	sort.Slice(keys, func(i, j int) bool { return lessUTF16(keys[i], keys[j]) })
+	buf.WriteByte('{')
+	for i, k := range keys {
+		if i > 0 {
+			buf.WriteByte(',')
+		}
+		if err := encodeString(buf, k); err != nil {
+			return err
+		}
+		buf.WriteByte(':')
+		if err := encodeCanonical(buf, any(m[k])); err != nil {
+			return err
+		}
+	}
+	buf.WriteByte('}')
 	return nil
 }
 

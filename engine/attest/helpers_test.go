@@ -15,6 +15,7 @@ import (
 	"github.com/in-toto/in-toto-golang/in_toto"
 	"github.com/kilnbuild/kiln/cache"
 	"github.com/kilnbuild/kiln/cache/disk"
+	"github.com/kilnbuild/kiln/engine/attest/keys"
 	"github.com/kilnbuild/kiln/engine/attest/tlog"
 	"github.com/secure-systems-lab/go-securesystemslib/dsse"
 )
@@ -169,4 +170,31 @@ func mustKey(t testing.TB) ed25519.PrivateKey {
 		t.Fatal(err)
 	}
 	return k
+}
+
+func openCASForHelper(dataDir string) *disk.Store {
+	cas, err := disk.Open(context.Background(), PathsFor(dataDir).CAS, disk.Options{})
+	if err != nil {
+		panic(err)
+	}
+	return cas
+}
+
+// activeTrust trusts every key of a data dir's keyring, and its log key.
+func activeTrust(t testing.TB, data string) keys.Trust {
+	t.Helper()
+	kr, err := keys.Open(context.Background(), PathsFor(data).Keys, keys.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	exp, err := kr.Export()
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := json.Marshal(exp)
+	tr, err := keys.ParseTrust(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tr
 }

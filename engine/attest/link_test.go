@@ -160,11 +160,14 @@ func TestLinkIdempotent(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	if err := s.Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
 	r2, err := s.Link(ctx, sampleAction())
 	if err != nil {
 		t.Fatal(err)
 	}
-	if r1.Digest != r2.Digest || r1.LogIndex != r2.LogIndex {
+	if r1.Digest != r2.Digest || !r2.Logged || r2.LogIndex != 0 {
 		t.Fatalf("relinking changed the envelope or log entry: %+v vs %+v", r1, r2)
 	}
 	n, err := s.log.Size(ctx)
@@ -193,5 +196,46 @@ func TestLinkRejectsBadActions(t *testing.T) {
 		if _, err := a.Payload(); err == nil {
 			t.Errorf("%s: accepted", name)
 		}
+	}
+}
+
+// TestPayloadFastPathMatchesCanonicalJSON: the direct encoder gives the same bytes as
+// canonicalizing the in-toto Link struct through encoding/json.
+func TestPayloadFastPathMatchesCanonicalJSON(t *testing.T) {
+	for _, a := range []Action{sampleAction(), linkAction(sampleAction().Outputs[0]), benchAction(7, 50)} {
+		fast, err := a.Payload()
+		if err != nil {
+			t.Fatal(err)
+		}
+		l, _ := a.Link()
+		slow, err := CanonicalJSON(l)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(fast, slow) {
+			t.Fatalf("fast and generic canonical JSON differ:\n%s\n%s", fast, slow)
+		}
+	}
+}
+
+func TestCanonicalJSON(t *testing.T) {
+	for _, c := range []struct {
+		in   any
+		want string
+	}{
+		{map[string]any{"b": 1, "a": []any{"x\ny", "<&>", "é", "\u2028", "\x01"}}, `{"a":["x\ny","<&>","é","` + "\u2028" + `","\u0001"],"b":1}`},
+		// RFC 8785 sorts by UTF-16 code units: U+1F600 (surrogates D83D..) before U+FB01.
+		{map[string]any{"\uFB01": 1, "\U0001F600": 2}, `{"` + "\U0001F600" + `":2,"` + "\uFB01" + `":1}`},
+	} {
+		got, err := CanonicalJSON(c.in)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if string(got) != c.want {
+			t.Errorf("CanonicalJSON(%v) = %s, want %s", c.in, got, c.want)
+		}
+	}
+	if _, err := CanonicalJSON(map[string]any{"f": 1.5}); err == nil {
+		t.Error("a non-integer number was accepted")
 	}
 }

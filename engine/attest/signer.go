@@ -2,7 +2,17 @@ package attest
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"io/fs"
 	"log/slog"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
 	"time"
 
 	"github.com/kilnbuild/kiln/cache"
@@ -21,6 +31,9 @@ type Options struct {
 	CAS cache.BlobStore
 	// ExecutorKeyFile optionally names the operator's ed25519 private key (PKCS #8 PEM).
 	ExecutorKeyFile string
+	// SyncLog makes Link wait until the link is in the transparency log (about 10ms
+	// on a disk with 0.5ms fsyncs) instead of leaving that to a background writer.
+	SyncLog bool
 	// Log tunes the transparency-log appender.
 	Log tlog.Options
 	// Now is the clock for key validity; nil means time.Now.
@@ -31,11 +44,41 @@ type Options struct {
 
 // Signer writes the attestation of executed actions. It is safe for concurrent use, and
 // other processes may attest into the same data directory at the same time.
+//
+// Link returns once the link is signed and stored; its log append is recorded as a
+// pending marker (DATA/attest/pending/<instance>/<envelope hash>_<size>) and done by a
+// background writer that commits all pending links in one log batch. A marker left by
+// a process that died is appended by the next Open. Close (or Flush) waits for them.
 type Signer struct {
 	store *Store
 	keys  *keys.Keyring
 	log   *tlog.Log
 	lg    *slog.Logger
+	opts  Options
+
+	pendingDir string   // this instance's marker directory
+	pendingLk  *os.File // flock held while this instance lives
+
+	queue   chan *pending
+	writer  sync.WaitGroup
+	mu      sync.Mutex
+	idle    *sync.Cond
+	waiting int   // links queued or being appended
+	lastErr error // the latest log failure, reported by Flush
+
+	closeOnce sync.Once
+	closeErr  error
+}
+
+type pending struct {
+	env    cache.Digest
+	marker string
+	done   chan appendResult // nil unless someone waits
+}
+
+type appendResult struct {
+	index uint64
+	err   error
 }
 
 // Linked is what Link produced for one action.
@@ -46,12 +89,14 @@ type Linked struct {
 	Digest cache.Digest
 	// KeyID is the executor key that signed it.
 	KeyID string
-	// LogIndex is the envelope's entry in the transparency log.
+	// LogIndex is the envelope's entry in the transparency log, if Logged.
 	LogIndex uint64
+	// Logged says whether LogIndex is known: with SyncLog, or for a link logged before.
+	Logged bool
 }
 
 // Open opens (creating on first use) the keyring, the log and the attestation store of
-// opts.DataDir.
+// opts.DataDir, and appends any links a dead process left unlogged.
 func Open(ctx context.Context, opts Options) (*Signer, error) {
 	if opts.CAS == nil {
 		return nil, status.Error(codes.InvalidArgument, "attest: a CAS is required")
@@ -61,45 +106,159 @@ func Open(ctx context.Context, opts Options) (*Signer, error) {
 	if lg == nil {
 		lg = slog.New(slog.DiscardHandler)
 	}
-	s := &Signer{store: NewStore(p, opts.CAS), lg: lg}
-	openLog := func(ctx context.Context) error {
-		if s.log != nil {
-			return nil
-		}
-		ls, err := keys.LoadLogSigner(p.Keys)
-		if err != nil {
-			return err
-		}
-		l, err := tlog.Open(ctx, p.Log, ls, opts.Log)
-		if err != nil {
-			return err
-		}
-		s.log = l
-		return nil
-	}
+	s := &Signer{store: NewStore(p, opts.CAS), lg: lg, opts: opts, queue: make(chan *pending, 4096)}
+	s.idle = sync.NewCond(&s.mu)
 	kr, err := keys.Open(ctx, p.Keys, keys.Options{
 		ExecutorKeyFile: opts.ExecutorKeyFile,
 		Now:             opts.Now,
 		// Retiring a key (adopting an operator key) records the log's size; the log
-		// key exists by then, so the log can be opened from inside keys.Open.
+		// key exists by then (a key is only retired in a used keyring), so the log
+		// and the writer can be started from inside keys.Open.
 		LogSize: func(ctx context.Context) (uint64, error) {
-			if err := openLog(ctx); err != nil {
+			if err := s.start(ctx); err != nil {
 				return 0, err
 			}
-			return s.log.Size(ctx)
+			return s.drainedLogSize(ctx)
 		},
 	})
 	if err == nil {
-		err = openLog(ctx)
+		err = s.start(ctx)
 	}
 	if err != nil {
 		if s.log != nil {
-			s.log.Close(ctx)
+			s.Close(ctx)
 		}
 		return nil, err
 	}
 	s.keys = kr
 	return s, nil
+}
+
+// start opens the log, this instance's pending directory and the writer, and adopts
+// orphaned markers; once.
+func (s *Signer) start(ctx context.Context) error {
+	if s.log != nil {
+		return nil
+	}
+	p := s.store.p
+	ls, err := keys.LoadLogSigner(p.Keys)
+	if err != nil {
+		return err
+	}
+	l, err := tlog.Open(ctx, p.Log, ls, s.opts.Log)
+	if err != nil {
+		return err
+	}
+	if err := s.startPending(); err != nil {
+		l.Close(ctx)
+		return err
+	}
+	s.log = l
+	s.writer.Add(1)
+	go s.writeLoop()
+	return s.adoptOrphans()
+}
+
+func (s *Signer) pendingRoot() string { return filepath.Join(s.store.p.Attest, "pending") }
+
+// startPending creates this instance's marker directory, held by an flock on
+// <dir>.lock for as long as the process lives (so others know it is not orphaned).
+func (s *Signer) startPending() error {
+	if s.pendingDir != "" {
+		return nil
+	}
+	var rnd [8]byte
+	rand.Read(rnd[:])
+	dir := filepath.Join(s.pendingRoot(), hex.EncodeToString(rnd[:]))
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return status.Errorf(codes.Internal, "attest pending: %v", err)
+	}
+	f, err := os.OpenFile(dir+".lock", os.O_CREATE|os.O_RDWR|syscall.O_CLOEXEC, 0o644)
+	if err != nil {
+		return status.Errorf(codes.Internal, "attest pending: %v", err)
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		f.Close()
+		return status.Errorf(codes.Internal, "attest pending: %v", err)
+	}
+	s.pendingDir, s.pendingLk = dir, f
+	return nil
+}
+
+// adoptOrphans queues the markers of instances whose process is gone (their lock is
+// free) for appending by this one.
+func (s *Signer) adoptOrphans() error {
+	locks, _ := filepath.Glob(filepath.Join(s.pendingRoot(), "*.lock"))
+	for _, lk := range locks {
+		dir := strings.TrimSuffix(lk, ".lock")
+		if dir == s.pendingDir {
+			continue
+		}
+		f, err := os.OpenFile(lk, os.O_RDWR|syscall.O_CLOEXEC, 0)
+		if err != nil {
+			continue
+		}
+		if syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB) != nil {
+			f.Close() // alive
+			continue
+		}
+		ents, _ := os.ReadDir(dir)
+		for _, e := range ents {
+			d, err := parseMarker(e.Name())
+			if err != nil {
+				continue
+			}
+			mine := filepath.Join(s.pendingDir, e.Name())
+			if err := os.Rename(filepath.Join(dir, e.Name()), mine); err != nil {
+				continue
+			}
+			s.lg.Info("appending a link an earlier process left unlogged", "envelope", d.String())
+			s.enqueue(&pending{env: d, marker: mine})
+		}
+		os.Remove(dir)
+		os.Remove(lk)
+		f.Close()
+	}
+	return nil
+}
+
+// Pending markers are empty files named "<hash>_<size>" for the envelope digest.
+func markerName(d cache.Digest) string { return d.Hash + "_" + strconv.FormatInt(d.Size, 10) }
+
+func parseMarker(name string) (cache.Digest, error) {
+	return cache.ParseDigest(strings.Replace(name, "_", "/", 1))
+}
+
+// drainedLogSize is the log size for a key retirement: it runs while the keyring is
+// locked exclusively (no new link can be signed), waits until every process has logged
+// the links it signed (no markers left, orphans adopted), then reads the size, so the
+// retired key's bound covers all of its links.
+func (s *Signer) drainedLogSize(ctx context.Context) (uint64, error) {
+	if s.pendingDir != "" {
+		deadline := time.Now().Add(time.Minute)
+		for {
+			s.adoptOrphans()
+			n := 0
+			dirs, _ := filepath.Glob(filepath.Join(s.pendingRoot(), "*"))
+			for _, d := range dirs {
+				if ents, err := os.ReadDir(d); err == nil {
+					n += len(ents)
+				}
+			}
+			if n == 0 {
+				break
+			}
+			if time.Now().After(deadline) {
+				return 0, status.Errorf(codes.DeadlineExceeded, "%d signed links are still waiting to be logged", n)
+			}
+			select {
+			case <-ctx.Done():
+				return 0, status.FromContextError(ctx.Err()).Err()
+			case <-time.After(5 * time.Millisecond):
+			}
+		}
+	}
+	return s.log.Size(ctx)
 }
 
 // Keyring returns the signer's keyring.
@@ -108,23 +267,65 @@ func (s *Signer) Keyring() *keys.Keyring { return s.keys }
 // Store returns the attestation store the signer writes to.
 func (s *Signer) Store() *Store { return s.store }
 
-// Close waits until a log checkpoint covers every link this signer appended (so a short
-// CLI run leaves a provable log) and releases the log.
-func (s *Signer) Close(ctx context.Context) error { return s.log.Close(ctx) }
+// Flush waits until every link linked so far is in the log, and reports the latest
+// log failure, if any.
+func (s *Signer) Flush(ctx context.Context) error {
+	done := make(chan struct{})
+	go func() {
+		s.mu.Lock()
+		for s.waiting > 0 {
+			s.idle.Wait()
+		}
+		s.mu.Unlock()
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-ctx.Done():
+		return status.FromContextError(ctx.Err()).Err()
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.lastErr
+}
+
+// Close logs what is pending, waits until a checkpoint covers it, and releases the log.
+// Links that could not be logged keep their markers for the next Open.
+func (s *Signer) Close(ctx context.Context) error {
+	s.closeOnce.Do(func() { s.closeErr = s.close(ctx) })
+	return s.closeErr
+}
+
+func (s *Signer) close(ctx context.Context) error {
+	ferr := s.Flush(ctx)
+	close(s.queue)
+	s.writer.Wait()
+	lerr := s.log.Close(ctx)
+	if s.pendingLk != nil {
+		if ents, err := os.ReadDir(s.pendingDir); err == nil && len(ents) == 0 {
+			os.Remove(s.pendingDir)
+			os.Remove(s.pendingDir + ".lock")
+		}
+		s.pendingLk.Close()
+	}
+	return errors.Join(ferr, lerr)
+}
 
 // Link attests one executed action: it builds the in-toto link for a, signs it with the
 // active executor key as a DSSE envelope, stores the envelope (CAS and durable copy),
-// appends its digest to the transparency log (waiting until the entry is durably
-// sequenced), and indexes it by action and by every product. Linking the same action
-// again with the same key gives the same envelope and logs it only once.
+// indexes it by action and by every product, and has it appended to the transparency
+// log (waited for only with Options.SyncLog). Linking the same action again with the
+// same key gives the same envelope and logs it only once.
 func (s *Signer) Link(ctx context.Context, a Action) (Linked, error) {
 	payload, err := a.Payload()
 	if err != nil {
 		return Linked{}, err
 	}
 	var out Linked
-	// Under the shared keyring lock: a rotation waits for this link to be in the log,
-	// so the retired key's log-size bound covers it.
+	var p *pending
+	// Under the shared keyring lock until the pending marker exists: a rotation (which
+	// takes the lock exclusively, then waits for markers to drain) records a log size
+	// that bounds every link the old key signed.
 	err = s.keys.SignLock(func() error {
 		k, err := s.keys.Active()
 		if err != nil {
@@ -138,16 +339,19 @@ func (s *Signer) Link(ctx context.Context, a Action) (Linked, error) {
 		if err != nil {
 			return err
 		}
-		idx, ok := s.store.LogIndex(d)
-		if !ok {
-			if idx, err = s.log.Append(ctx, LinkLogEntry(d)); err != nil {
-				return err
-			}
-			if err := s.store.SetLogIndex(d, idx); err != nil {
-				return err
-			}
+		out = Linked{Envelope: env, Digest: d, KeyID: k.ID()}
+		if idx, ok := s.store.LogIndex(d); ok {
+			out.LogIndex, out.Logged = idx, true
+			return nil
 		}
-		out = Linked{Envelope: env, Digest: d, KeyID: k.ID(), LogIndex: idx}
+		// An empty file named for the digest: one create, nothing to tear.
+		marker := filepath.Join(s.pendingDir, markerName(d))
+		f, err := os.OpenFile(marker, os.O_CREATE|os.O_WRONLY, 0o644)
+		if err != nil {
+			return status.Errorf(codes.Internal, "attest pending: %v", err)
+		}
+		f.Close()
+		p = &pending{env: d, marker: marker}
 		return nil
 	})
 	if err != nil {
@@ -156,8 +360,85 @@ func (s *Signer) Link(ctx context.Context, a Action) (Linked, error) {
 	if err := s.index(a, out.Digest); err != nil {
 		return Linked{}, err
 	}
-	s.lg.DebugContext(ctx, "attested action", "action", a.ActionDigest.String(), "envelope", out.Digest.String(), "log_index", out.LogIndex, "key", out.KeyID)
+	if p != nil {
+		if s.opts.SyncLog {
+			p.done = make(chan appendResult, 1)
+		}
+		s.enqueue(p)
+		if p.done != nil {
+			select {
+			case r := <-p.done:
+				if r.err != nil {
+					return Linked{}, status.Errorf(status.Code(r.err), "attest action %s: %v", a.ActionDigest, status.Convert(r.err).Message())
+				}
+				out.LogIndex, out.Logged = r.index, true
+			case <-ctx.Done():
+				return Linked{}, status.FromContextError(ctx.Err()).Err()
+			}
+		}
+	}
+	s.lg.DebugContext(ctx, "attested action", "action", a.ActionDigest.String(), "envelope", out.Digest.String(), "key", out.KeyID)
 	return out, nil
+}
+
+func (s *Signer) enqueue(p *pending) {
+	s.mu.Lock()
+	s.waiting++
+	s.mu.Unlock()
+	s.queue <- p
+}
+
+// writeLoop appends pending links, all that are waiting at once in one log batch
+// (group commit: while one batch is being made durable, the next one gathers).
+func (s *Signer) writeLoop() {
+	defer s.writer.Done()
+	ctx := context.Background()
+	for first := range s.queue {
+		batch := []*pending{first}
+	gather:
+		for len(batch) < 1024 {
+			select {
+			case p, ok := <-s.queue:
+				if !ok {
+					break gather
+				}
+				batch = append(batch, p)
+			default:
+				break gather
+			}
+		}
+		entries := make([][]byte, len(batch))
+		for i, p := range batch {
+			entries[i] = LinkLogEntry(p.env)
+		}
+		idx, err := s.log.AppendBatch(ctx, entries)
+		for i, p := range batch {
+			r := appendResult{err: err}
+			if err == nil {
+				r.index = idx[i]
+				if e := s.store.SetLogIndex(p.env, idx[i]); e != nil {
+					r.err = e
+				} else if e := os.Remove(p.marker); e != nil && !errors.Is(e, fs.ErrNotExist) {
+					r.err = status.Errorf(codes.Internal, "attest pending: %v", e)
+				}
+			}
+			if r.err != nil {
+				s.lg.Error("link not logged; its marker stays for the next start", "envelope", p.env.String(), "err", r.err)
+			}
+			if p.done != nil {
+				p.done <- r
+			}
+			s.mu.Lock()
+			if r.err != nil {
+				s.lastErr = r.err
+			}
+			s.waiting--
+			if s.waiting == 0 {
+				s.idle.Broadcast()
+			}
+			s.mu.Unlock()
+		}
+	}
 }
 
 func (s *Signer) index(a Action, env cache.Digest) error {

@@ -195,6 +195,29 @@ func (l *Log) Append(ctx context.Context, data []byte) (uint64, error) {
 	return idx.Index, nil
 }
 
+// AppendBatch adds entries in one go, so they share tessera's sequencing writes, and
+// returns their indexes once all are durably integrated.
+func (l *Log) AppendBatch(ctx context.Context, entries [][]byte) ([]uint64, error) {
+	a, err := l.sh.begin(ctx)
+	if err != nil {
+		return nil, err
+	}
+	defer l.sh.end()
+	futs := make([]tessera.IndexFuture, len(entries))
+	for i, e := range entries {
+		futs[i] = a.Add(ctx, tessera.NewEntry(e))
+	}
+	idx := make([]uint64, len(entries))
+	for i, f := range futs {
+		x, err := f()
+		if err != nil {
+			return nil, status.Errorf(codes.Unavailable, "log append: %v", err)
+		}
+		idx[i] = x.Index
+	}
+	return idx, nil
+}
+
 // Size returns the number of entries integrated so far (which may exceed the latest
 // checkpoint's size). It takes the lease, so no other process is mid-append.
 func (l *Log) Size(ctx context.Context) (uint64, error) {

@@ -1,0 +1,108 @@
+package attest
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/kilnbuild/kiln/engine/attest/tlog"
+)
+
+const crashEnv = "KILN_ATTEST_CRASH_HELPER"
+
+func TestMain(m *testing.M) {
+	if spec := os.Getenv(crashEnv); spec != "" {
+		os.Exit(crashHelper(spec))
+	}
+	os.Exit(m.Run())
+}
+
+// crashHelper links n actions into a data dir and exits without Close, while its log
+// batches wait 30s: the process dies with every link signed and stored but not logged.
+// spec: dataDir|n.
+func crashHelper(spec string) int {
+	f := strings.Split(spec, "|")
+	n, _ := strconv.Atoi(f[1])
+	ctx := context.Background()
+	cas := openCASForHelper(f[0])
+	s, err := Open(ctx, Options{DataDir: f[0], CAS: cas, Log: tlog.Options{BatchMaxAge: 30 * time.Second}})
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	for i := 0; i < n; i++ {
+		if _, err := s.Link(ctx, benchAction(i, 3)); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 1
+		}
+	}
+	return 0 // no Close: a crash
+}
+
+// TestSyncLog: with SyncLog, Link returns the link's log index.
+func TestSyncLog(t *testing.T) {
+	ctx := context.Background()
+	s := openSigner(t, t.TempDir(), Options{SyncLog: true})
+	r, err := s.Link(ctx, sampleAction())
+	if err != nil {
+		t.Fatal(err)
+	}
+	r2, err := s.Link(ctx, linkAction(sampleAction().Outputs[0]))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !r.Logged || !r2.Logged || r.LogIndex != 0 || r2.LogIndex != 1 {
+		t.Fatalf("sync links: %+v %+v", r, r2)
+	}
+}
+
+// TestCrashedProcessLinksAreLogged: links a process signed but did not log before it
+// died are appended by the next process to open the data dir.
+func TestCrashedProcessLinksAreLogged(t *testing.T) {
+	ctx := context.Background()
+	data := t.TempDir()
+	const n = 5
+	c := exec.Command(os.Args[0], "-test.run=^$")
+	c.Env = append(os.Environ(), crashEnv+"="+data+"|"+strconv.Itoa(n))
+	c.Stderr = os.Stderr
+	if err := c.Run(); err != nil {
+		t.Fatalf("helper: %v", err)
+	}
+	markers, _ := filepath.Glob(filepath.Join(PathsFor(data).Attest, "pending", "*", "*"))
+	if len(markers) != n {
+		t.Fatalf("%d pending markers after the crash, want %d", len(markers), n)
+	}
+	s := openSigner(t, data, Options{})
+	if err := s.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	markers, _ = filepath.Glob(filepath.Join(PathsFor(data).Attest, "pending", "*"))
+	if len(markers) != 0 {
+		t.Fatalf("left behind: %v", markers)
+	}
+	st := NewStore(PathsFor(data), openCAS(t, data))
+	trustData := activeTrust(t, data)
+	lv, _ := trustData.Log.Verifier()
+	v, err := NewVerifier(ctx, st, VerifierOptions{Trust: trustData, LogVerifier: lv})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v.Checkpoint().Size != n {
+		t.Fatalf("log size %d after recovery, want %d", v.Checkpoint().Size, n)
+	}
+	for i := 0; i < n; i++ {
+		envs, _ := st.ActionLinks(benchAction(i, 3).ActionDigest.Hash)
+		if len(envs) != 1 {
+			t.Fatalf("action %d has %d links", i, len(envs))
+		}
+		if _, err := v.Link(ctx, envs[0]); err != nil {
+			t.Fatalf("action %d: %v", i, err)
+		}
+	}
+}
