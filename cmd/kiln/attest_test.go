@@ -109,7 +109,7 @@ func TestAttestCommands(t *testing.T) {
 	exportFile := filepath.Join(work, "keys.json")
 	os.WriteFile(exportFile, []byte(out), 0o644)
 	var exp struct {
-		Active string `json:"active_keyid"`
+		Active string                `json:"active_keyid"`
 		Log    struct{ VKey string } `json:"log"`
 	}
 	if err := json.Unmarshal([]byte(out), &exp); err != nil || exp.Active == "" || exp.Log.VKey == "" {
