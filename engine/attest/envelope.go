@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
-	"fmt"
 	"strconv"
 	"strings"
 
@@ -128,6 +127,3 @@ func short(id string) string {
 	}
 	return id
 }
-
-// digestString renders a digest for messages.
-func digestString(d cache.Digest) string { return fmt.Sprintf("%s/%d", d.Hash, d.Size) }
