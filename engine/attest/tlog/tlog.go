@@ -25,12 +25,14 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strconv"
 	"sync"
 	"syscall"
 	"time"
 
 	flog "github.com/transparency-dev/formats/log"
 	"github.com/transparency-dev/tessera"
+	"github.com/transparency-dev/tessera/api/layout"
 	"github.com/transparency-dev/tessera/storage/posix"
 	"golang.org/x/mod/sumdb/note"
 	"google.golang.org/grpc/codes"
@@ -400,6 +402,9 @@ func (s *shared) releaseNoWaitLocked(ctx context.Context) error {
 		err = status.Errorf(codes.DeadlineExceeded, "log %s: waiting for a checkpoint: %v", s.dir, e)
 	}
 	s.cancel()
+	if e := s.prunePartials(ctx); e != nil && err == nil {
+		err = e
+	}
 	s.lease.Close() // drops the flock
 	s.appender, s.shutdown, s.reader, s.cancel, s.lease = nil, nil, nil, nil, nil
 	return err
@@ -446,6 +451,55 @@ func (s *shared) publishNow(ctx context.Context) error {
 		return status.Errorf(codes.Internal, "write checkpoint: %v", err)
 	}
 	return nil
+}
+
+// gcFile records up to which tree size obsolete partial tiles have been removed.
+const gcFile = "pruned-size"
+
+// prunePartials removes the partial entry bundles and tiles of every tile that became
+// full since the last prune (and that the just-published checkpoint covers). tessera
+// does the same from a job that runs once a minute inside an appender, which a short
+// CLI lease never lives to see; without it every batch would leave a partial copy of
+// its bundle behind (about 10 KB per link). Caller holds the lease.
+func (s *shared) prunePartials(ctx context.Context) error {
+	size, err := s.publishedSize()
+	if err != nil {
+		return err
+	}
+	from := uint64(0)
+	if b, err := os.ReadFile(s.lockPath(gcFile)); err == nil {
+		from, _ = strconv.ParseUint(string(trimNL(b)), 10, 64)
+	}
+	if size <= from {
+		return nil
+	}
+	// A tile at level L with index i is full once size >= (i+1) * 256^(L+1).
+	for level, width := uint64(0), uint64(layout.TileWidth); ; level, width = level+1, width*layout.TileWidth {
+		for i := from / width; (i+1)*width <= size; i++ {
+			if level == 0 {
+				os.RemoveAll(filepath.Join(s.dir, layout.EntriesPath(i, 0)+".p"))
+			}
+			os.RemoveAll(filepath.Join(s.dir, layout.TilePath(level, i, 0)+".p"))
+		}
+		if width > size {
+			break
+		}
+	}
+	return os.WriteFile(s.lockPath(gcFile), []byte(strconv.FormatUint(size, 10)+"\n"), 0o644)
+}
+
+// publishedSize is the size of the checkpoint on disk (not verified: only its owner's
+// own publications can be there when the lease is held).
+func (s *shared) publishedSize() (uint64, error) {
+	raw, err := os.ReadFile(filepath.Join(s.dir, "checkpoint"))
+	if err != nil {
+		return 0, status.Errorf(codes.Internal, "read checkpoint: %v", err)
+	}
+	var cp flog.Checkpoint
+	if _, err := cp.Unmarshal(firstParagraph(raw)); err != nil {
+		return 0, status.Errorf(codes.DataLoss, "checkpoint: %v", err)
+	}
+	return cp.Size, nil
 }
 
 // firstParagraph returns a note's text (up to the blank line before its signatures).

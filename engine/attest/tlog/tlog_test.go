@@ -84,6 +84,13 @@ func TestAppendProveAndTamper(t *testing.T) {
 	if cp.Size != n {
 		t.Fatalf("checkpoint size %d, want %d", cp.Size, n)
 	}
+	// Partial copies of the now-full first bundle and tile are pruned; the second
+	// bundle (44 entries) is still partial and keeps its partials.
+	for p, want := range map[string]bool{"tile/entries/000.p": false, "tile/0/000.p": false, "tile/entries/001.p": true, "tile/entries/000": true} {
+		if _, err := os.Stat(filepath.Join(dir, p)); (err == nil) != want {
+			t.Errorf("%s exists: %v, want %v", p, err == nil, want)
+		}
+	}
 	pv, err := r.Prover(ctx, cp.Size)
 	if err != nil {
 		t.Fatal(err)
