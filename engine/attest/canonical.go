@@ -117,7 +117,7 @@ func encodeMap[V any](buf *bytes.Buffer, m map[string]V) error {
 	for k := range m {
 		keys = append(keys, k)
 	}
-	sort.Slice(keys, func(i, j int) bool { return lessUTF16(keys[i], keys[j]) })
+	sortKeys(keys)
 	buf.WriteByte('{')
 	for i, k := range keys {
 		if i > 0 {
@@ -166,14 +166,20 @@ func encodeString(buf *bytes.Buffer, s string) error {
 	return nil
 }
 
-// lessUTF16 orders strings by their UTF-16 code units, as RFC 8785 sorts object keys.
-// UTF-8 byte order is code point order, which differs from UTF-16 order only between
-// supplementary characters and U+E000..U+FFFF (UTF-8 lead bytes 0xEE and up), so the
-// common case is a plain byte comparison.
-func lessUTF16(a, b string) bool {
-	if !hasHighRunes(a) && !hasHighRunes(b) {
-		return a < b
+// sortKeys sorts object keys by UTF-16 code units; byte order when no key has a rune
+// where the two orders differ.
+func sortKeys(keys []string) {
+	for _, k := range keys {
+		if hasHighRunes(k) {
+			sort.Slice(keys, func(i, j int) bool { return lessUTF16(keys[i], keys[j]) })
+			return
+		}
 	}
+	sort.Strings(keys)
+}
+
+// lessUTF16 orders strings by their UTF-16 code units, as RFC 8785 sorts object keys.
+func lessUTF16(a, b string) bool {
 	ua, ub := utf16.Encode([]rune(a)), utf16.Encode([]rune(b))
 	for i := 0; i < len(ua) && i < len(ub); i++ {
 		if ua[i] != ub[i] {
@@ -183,6 +189,9 @@ func lessUTF16(a, b string) bool {
 	return len(ua) < len(ub)
 }
 
+// hasHighRunes reports whether s has a rune whose UTF-8 order may differ from its
+// UTF-16 order: UTF-8 byte order is code point order, which differs from UTF-16 order
+// only between supplementary characters and U+E000..U+FFFF (lead bytes 0xEE and up).
 func hasHighRunes(s string) bool {
 	for i := 0; i < len(s); i++ {
 		if s[i] >= 0xEE {
