@@ -305,11 +305,18 @@ func (v *Verifier) producedBy(ctx context.Context, alg, hash, path string, bad f
 // Chain.Failures; the error is for failures to read the store at all.
 func (v *Verifier) Chain(ctx context.Context, subj Subject) (*Chain, error) {
 	ch := &Chain{Subject: subj}
-	top, err := v.producedBy(ctx, AlgSHA256, subj.SHA256, subj.Name, func(who, why string) { ch.fail(who, "%s", why) })
+	// Index entries whose link does not verify matter only if no verified link
+	// explains the subject: another executor's link (signed by a key not trusted
+	// here) for the same artifact is not an error.
+	var claims []Failure
+	top, err := v.producedBy(ctx, AlgSHA256, subj.SHA256, subj.Name, func(who, why string) {
+		claims = append(claims, Failure{Link: who, Reason: why})
+	})
 	if err != nil {
 		return nil, err
 	}
 	if len(top) == 0 {
+		ch.Failures = append(ch.Failures, claims...)
 		ch.fail("", "subject %s (sha256 %s): no verified link produced it", subj.Name, subj.SHA256)
 		return ch, nil
 	}
