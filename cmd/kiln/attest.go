@@ -136,7 +136,6 @@ func newAttestKeyCmd() *cobra.Command {
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx := cmd.Context()
-			tlog.RouteLibraryLogs(nil)
 			p := attest.PathsFor(dataDir)
 			cas, err := disk.Open(ctx, p.CAS, disk.Options{})
 			if err != nil {

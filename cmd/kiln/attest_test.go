@@ -19,10 +19,7 @@ import (
 	"github.com/kilnbuild/kiln/cache"
 	"github.com/kilnbuild/kiln/cache/disk"
 	"github.com/kilnbuild/kiln/engine/attest"
-	"github.com/kilnbuild/kiln/engine/attest/tlog"
 )
-
-func init() { tlog.RouteLibraryLogs(nil) }
 
 // runKiln runs the kiln command line in-process and returns stdout, stderr and the exit
 // code main would use.

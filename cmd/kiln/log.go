@@ -15,6 +15,11 @@ import (
 	"github.com/spf13/cobra"
 )
 
+// tessera logs through klog; CLI commands print only their own results. A server
+// that wants those logs calls tlog.RouteLibraryLogs with its logger at start, before
+// it opens a log (klog's logger must not change while tessera runs).
+func init() { tlog.RouteLibraryLogs(nil) }
+
 func newLogCmd() *cobra.Command {
 	c := &cobra.Command{
 		Use:   "log",

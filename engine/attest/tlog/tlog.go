@@ -523,7 +523,8 @@ func flock(f *os.File, how int) error {
 
 // RouteLibraryLogs sends tessera's klog output (all severities) to l instead of stderr,
 // so CLI commands print only their own results and a server logs through slog. It is
-// process-wide, like klog itself; nil discards.
+// process-wide, like klog itself, and must be called before any log is opened (klog's
+// logger is not safe to change while tessera's goroutines run); nil discards.
 func RouteLibraryLogs(l *slog.Logger) {
 	if l == nil {
 		l = slog.New(slog.DiscardHandler)
