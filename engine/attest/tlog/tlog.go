@@ -15,7 +15,9 @@
 // a shared flock on .kiln/want.lock while it waits, and the holder, seeing that, hands
 // over as soon as its own appends are done: it publishes a checkpoint covering them,
 // shuts its appender down and releases the lease. Within a process, Open shares one
-// appender per directory.
+// appender per directory. kiln publishes every checkpoint itself (tessera's publisher
+// is given an interval it never reaches): a tessera publication still in flight after
+// its appender was shut down could otherwise land after a newer checkpoint.
 package tlog
 
 import (
@@ -27,6 +29,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -47,8 +50,8 @@ type Options struct {
 	BatchMaxAge time.Duration
 	// BatchMaxSize is how many entries a batch holds at most; 0 means 256.
 	BatchMaxSize uint
-	// CheckpointInterval is how often tessera may publish a new checkpoint while the
-	// lease is held (at least 100ms); 0 means DefaultCheckpointInterval.
+	// CheckpointInterval is how often a new checkpoint may be published while the
+	// lease is held and the tree grows; 0 means DefaultCheckpointInterval.
 	CheckpointInterval time.Duration
 	// HandoverCheck is how often the lease holder looks for another process that wants
 	// to append; 0 means DefaultHandoverCheck.
@@ -85,7 +88,17 @@ type shared struct {
 	cancel   context.CancelFunc
 	stop     chan struct{} // closes the handover watcher
 	watcher  sync.WaitGroup
+
+	pubMu   sync.Mutex  // serializes publishNow
+	dirty   atomic.Bool // the tree grew since the last publication
+	lastPub time.Time   // guarded by pubMu
 }
+
+// tesseraNeverPublishes is the checkpoint interval given to tessera: kiln publishes
+// every checkpoint itself (publishNow), so that no publication by a tessera goroutine
+// that is still running after its appender was shut down can land after a newer one
+// and make the checkpoint go backwards (seen in tests under load).
+const tesseraNeverPublishes = 100 * 365 * 24 * time.Hour
 
 var (
 	openMu   sync.Mutex
@@ -194,6 +207,7 @@ func (l *Log) Append(ctx context.Context, data []byte) (uint64, error) {
 	if err != nil {
 		return 0, status.Errorf(codes.Unavailable, "log append: %v", err)
 	}
+	l.sh.dirty.Store(true)
 	return idx.Index, nil
 }
 
@@ -217,6 +231,7 @@ func (l *Log) AppendBatch(ctx context.Context, entries [][]byte) ([]uint64, erro
 		}
 		idx[i] = x.Index
 	}
+	l.sh.dirty.Store(true)
 	return idx, nil
 }
 
@@ -325,7 +340,8 @@ func (s *shared) acquireLocked(ctx context.Context) error {
 	ao := tessera.NewAppendOptions().
 		WithCheckpointSigner(s.signer).
 		WithBatching(s.opts.BatchMaxSize, s.opts.BatchMaxAge).
-		WithCheckpointInterval(s.opts.CheckpointInterval).
+		WithCheckpointInterval(tesseraNeverPublishes).
+		WithCheckpointRepublishInterval(0).
 		WithShutdownTimeout(30 * time.Second)
 	a, shutdown, r, err := tessera.NewAppender(bg, drv, ao)
 	if err != nil {
@@ -359,7 +375,16 @@ func (s *shared) watchHandover(stop chan struct{}) {
 		}
 		if err := flock(want, syscall.LOCK_EX|syscall.LOCK_NB); err == nil {
 			flock(want, syscall.LOCK_UN)
-			continue // nobody waiting
+			// Nobody waiting: publish a checkpoint if the tree grew and the last one
+			// is old enough. (Close waits for this goroutine before releasing, so
+			// the appender stays open meanwhile.)
+			s.pubMu.Lock()
+			due := s.dirty.Load() && time.Since(s.lastPub) >= s.opts.CheckpointInterval
+			s.pubMu.Unlock()
+			if due {
+				s.publishNow(context.Background())
+			}
+			continue
 		}
 		s.mu.Lock()
 		if s.stop != stop { // Close took over
@@ -411,10 +436,15 @@ func (s *shared) releaseNoWaitLocked(ctx context.Context) error {
 }
 
 // publishNow signs and writes a checkpoint for the integrated tree, unless the current
-// checkpoint already covers it, so a handover need not wait for tessera's publishing
-// interval. It computes the root from the tiles (the public tlog-tiles data); the tree
-// cannot grow meanwhile, as this process holds the lease with nothing in flight.
+// checkpoint already covers it: periodically while the lease is held, and at handover
+// and close. It computes the root from the tiles (the public tlog-tiles data, immutable
+// for a given size, so appends in flight do not disturb it). Only the lease holder
+// publishes, serialized by pubMu, and never a smaller tree than the one on disk.
 func (s *shared) publishNow(ctx context.Context) error {
+	s.pubMu.Lock()
+	defer s.pubMu.Unlock()
+	s.dirty.Store(false) // an append after this point sets it again
+	s.lastPub = time.Now()
 	size, err := s.reader.IntegratedSize(ctx)
 	if err != nil {
 		return status.Errorf(codes.Internal, "log size: %v", err)

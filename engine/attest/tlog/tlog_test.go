@@ -264,6 +264,9 @@ func TestTwoProcessesAppend(t *testing.T) {
 		case <-time.After(20 * time.Millisecond):
 		}
 		if cp, err := r.Checkpoint(ctx); err == nil && (len(seen) == 0 || seen[len(seen)-1].Size != cp.Size) {
+			if len(seen) > 0 && cp.Size < seen[len(seen)-1].Size {
+				t.Errorf("checkpoint went back from %d to %d", seen[len(seen)-1].Size, cp.Size)
+			}
 			seen = append(seen, cp)
 		}
 	}
