@@ -1,11 +1,11 @@
 package attest
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
-	"io/fs"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -45,10 +45,12 @@ type Options struct {
 // Signer writes the attestation of executed actions. It is safe for concurrent use, and
 // other processes may attest into the same data directory at the same time.
 //
-// Link returns once the link is signed and stored; its log append is recorded as a
-// pending marker (DATA/attest/pending/<instance>/<envelope hash>_<size>) and done by a
-// background writer that commits all pending links in one log batch. A marker left by
-// a process that died is appended by the next Open. Close (or Flush) waits for them.
+// Link returns once the link is signed, in the CAS, and written to a pending file
+// (DATA/attest/pending/<instance>/<envelope hash>_<size>). A background writer then
+// appends all pending links to the log in one batch (group commit), indexes them by
+// action and product, and moves each file into the durable envelope store. The pending
+// files of a process that died are processed by the next Open. Close (or Flush) waits
+// for all of it.
 type Signer struct {
 	store *Store
 	keys  *keys.Keyring
@@ -70,10 +72,14 @@ type Signer struct {
 	closeErr  error
 }
 
+// pending is a signed link on its way into the log and the indexes. Its file
+// (DATA/attest/pending/<instance>/<hash>_<size>) holds the envelope; once logged and
+// indexed it is renamed into the durable envelope store.
 type pending struct {
-	env    cache.Digest
-	marker string
-	done   chan appendResult // nil unless someone waits
+	env      cache.Digest
+	file     string
+	envelope []byte            // nil for an adopted file (read back, checked against env)
+	done     chan appendResult // nil unless someone waits
 }
 
 type appendResult struct {
@@ -212,8 +218,8 @@ func (s *Signer) adoptOrphans() error {
 			if err := os.Rename(filepath.Join(dir, e.Name()), mine); err != nil {
 				continue
 			}
-			s.lg.Info("appending a link an earlier process left unlogged", "envelope", d.String())
-			s.enqueue(&pending{env: d, marker: mine})
+			s.lg.Info("logging a link an earlier process left unlogged", "envelope", d.String())
+			s.enqueue(&pending{env: d, file: mine})
 		}
 		os.Remove(dir)
 		os.Remove(lk)
@@ -312,10 +318,10 @@ func (s *Signer) close(ctx context.Context) error {
 }
 
 // Link attests one executed action: it builds the in-toto link for a, signs it with the
-// active executor key as a DSSE envelope, stores the envelope (CAS and durable copy),
-// indexes it by action and by every product, and has it appended to the transparency
-// log (waited for only with Options.SyncLog). Linking the same action again with the
-// same key gives the same envelope and logs it only once.
+// active executor key as a DSSE envelope and stores the envelope in the CAS; the
+// background writer then appends it to the transparency log and indexes it by action
+// and by every product (Link waits for that only with Options.SyncLog). Linking the same
+// action again with the same key gives the same envelope and logs it only once.
 func (s *Signer) Link(ctx context.Context, a Action) (Linked, error) {
 	payload, err := a.Payload()
 	if err != nil {
@@ -323,9 +329,9 @@ func (s *Signer) Link(ctx context.Context, a Action) (Linked, error) {
 	}
 	var out Linked
 	var p *pending
-	// Under the shared keyring lock until the pending marker exists: a rotation (which
-	// takes the lock exclusively, then waits for markers to drain) records a log size
-	// that bounds every link the old key signed.
+	// Under the shared keyring lock until the pending file exists: a rotation (which
+	// takes the lock exclusively, then waits for pending files to drain) records a log
+	// size that bounds every link the old key signed.
 	err = s.keys.SignLock(func() error {
 		k, err := s.keys.Active()
 		if err != nil {
@@ -335,30 +341,26 @@ func (s *Signer) Link(ctx context.Context, a Action) (Linked, error) {
 		if err != nil {
 			return err
 		}
-		d, err := s.store.PutEnvelope(ctx, env)
-		if err != nil {
-			return err
+		d := cache.DigestOf(env)
+		if err := s.opts.CAS.Put(ctx, d, bytes.NewReader(env)); err != nil {
+			return status.Errorf(status.Code(err), "store envelope in CAS: %v", status.Convert(err).Message())
 		}
 		out = Linked{Envelope: env, Digest: d, KeyID: k.ID()}
-		if idx, ok := s.store.LogIndex(d); ok {
+		if idx, ok := s.store.LogIndex(d); ok && s.store.HasEnvelope(d) {
 			out.LogIndex, out.Logged = idx, true
 			return nil
 		}
-		// An empty file named for the digest: one create, nothing to tear.
-		marker := filepath.Join(s.pendingDir, markerName(d))
-		f, err := os.OpenFile(marker, os.O_CREATE|os.O_WRONLY, 0o644)
-		if err != nil {
+		// The pending file is written in place (no rename): a torn one is detected by
+		// its digest on recovery, and the CAS holds the envelope too.
+		file := filepath.Join(s.pendingDir, markerName(d))
+		if err := os.WriteFile(file, env, 0o644); err != nil {
 			return status.Errorf(codes.Internal, "attest pending: %v", err)
 		}
-		f.Close()
-		p = &pending{env: d, marker: marker}
+		p = &pending{env: d, file: file, envelope: env}
 		return nil
 	})
 	if err != nil {
 		return Linked{}, status.Errorf(status.Code(err), "attest action %s: %v", a.ActionDigest, status.Convert(err).Message())
-	}
-	if err := s.index(a, out.Digest); err != nil {
-		return Linked{}, err
 	}
 	if p != nil {
 		if s.opts.SyncLog {
@@ -389,7 +391,8 @@ func (s *Signer) enqueue(p *pending) {
 }
 
 // writeLoop appends pending links, all that are waiting at once in one log batch
-// (group commit: while one batch is being made durable, the next one gathers).
+// (group commit: while one batch is being made durable, the next one gathers), then
+// indexes each and moves its file into the envelope store.
 func (s *Signer) writeLoop() {
 	defer s.writer.Done()
 	ctx := context.Background()
@@ -407,23 +410,41 @@ func (s *Signer) writeLoop() {
 				break gather
 			}
 		}
-		entries := make([][]byte, len(batch))
+		results := make([]appendResult, len(batch))
+		var entries [][]byte
+		var logged []int
 		for i, p := range batch {
-			entries[i] = LinkLogEntry(p.env)
+			if err := s.load(ctx, p); err != nil {
+				results[i].err = err
+				continue
+			}
+			if idx, ok := s.store.LogIndex(p.env); ok {
+				results[i].index = idx // logged before (a relink, or a crash after the append)
+				continue
+			}
+			entries = append(entries, LinkLogEntry(p.env))
+			logged = append(logged, i)
 		}
-		idx, err := s.log.AppendBatch(ctx, entries)
-		for i, p := range batch {
-			r := appendResult{err: err}
-			if err == nil {
-				r.index = idx[i]
-				if e := s.store.SetLogIndex(p.env, idx[i]); e != nil {
-					r.err = e
-				} else if e := os.Remove(p.marker); e != nil && !errors.Is(e, fs.ErrNotExist) {
-					r.err = status.Errorf(codes.Internal, "attest pending: %v", e)
+		if len(entries) > 0 {
+			idx, err := s.log.AppendBatch(ctx, entries)
+			for j, i := range logged {
+				if err != nil {
+					results[i].err = err
+					continue
+				}
+				results[i].index = idx[j]
+				if e := s.store.SetLogIndex(batch[i].env, idx[j]); e != nil {
+					results[i].err = e
 				}
 			}
+		}
+		for i, p := range batch {
+			r := results[i]
+			if r.err == nil {
+				r.err = s.finish(p)
+			}
 			if r.err != nil {
-				s.lg.Error("link not logged; its marker stays for the next start", "envelope", p.env.String(), "err", r.err)
+				s.lg.Error("link not logged or indexed; it stays pending for the next start", "envelope", p.env.String(), "err", r.err)
 			}
 			if p.done != nil {
 				p.done <- r
@@ -441,17 +462,49 @@ func (s *Signer) writeLoop() {
 	}
 }
 
-func (s *Signer) index(a Action, env cache.Digest) error {
-	if err := s.store.AddAction(a.ActionDigest.Hash, env); err != nil {
+// load makes sure p holds its envelope: an adopted file is read back and checked
+// against its digest, falling back to the CAS if it was torn.
+func (s *Signer) load(ctx context.Context, p *pending) error {
+	if p.envelope != nil {
+		return nil
+	}
+	b, err := os.ReadFile(p.file)
+	if err == nil && cache.DigestOf(b) == p.env {
+		p.envelope = b
+		return nil
+	}
+	b, err = cache.ReadAll(ctx, s.opts.CAS, p.env, 64<<20)
+	if err != nil {
+		return status.Errorf(codes.DataLoss, "pending link %s: its file is damaged and the CAS does not have it: %v", p.env, err)
+	}
+	p.envelope = b
+	return os.WriteFile(p.file, b, 0o644)
+}
+
+// finish indexes a logged link (action and products, from its signed payload) and
+// moves its pending file into the durable envelope store.
+func (s *Signer) finish(p *pending) error {
+	payload, err := EnvelopePayload(p.envelope)
+	if err != nil {
 		return err
 	}
-	for _, f := range a.Outputs {
-		alg, h := artifactHash(f)
-		if err := s.store.AddProduct(alg, h, env); err != nil {
+	l, err := DecodeLink(payload)
+	if err != nil {
+		return err
+	}
+	if err := s.store.AddAction(l.Name, p.env); err != nil {
+		return err
+	}
+	for _, h := range l.Products {
+		alg, hash := artifactOf(h)
+		if alg == "" {
+			continue
+		}
+		if err := s.store.AddProduct(alg, hash, p.env); err != nil {
 			return err
 		}
 	}
-	return nil
+	return s.store.MoveEnvelope(p.file, p.env)
 }
 
 // artifactHash returns the algorithm and hash a file is recorded under in a link.

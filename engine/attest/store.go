@@ -66,6 +66,24 @@ func (s *Store) PutEnvelope(ctx context.Context, env []byte) (cache.Digest, erro
 	return d, nil
 }
 
+// HasEnvelope reports whether the durable store holds envelope d.
+func (s *Store) HasEnvelope(d cache.Digest) bool {
+	fi, err := os.Stat(s.envelopePath(d.Hash))
+	return err == nil && fi.Size() == d.Size
+}
+
+// MoveEnvelope renames file, which holds envelope d, into the durable store.
+func (s *Store) MoveEnvelope(file string, d cache.Digest) error {
+	p := s.envelopePath(d.Hash)
+	if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+		return status.Errorf(codes.Internal, "attest store: %v", err)
+	}
+	if err := os.Rename(file, p); err != nil {
+		return status.Errorf(codes.Internal, "attest store: %v", err)
+	}
+	return nil
+}
+
 // Envelope returns the envelope with digest d, from the durable copy or else the CAS,
 // checked against d.
 func (s *Store) Envelope(ctx context.Context, d cache.Digest) ([]byte, error) {
