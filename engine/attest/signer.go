@@ -391,10 +391,14 @@ func (s *Signer) enqueue(p *pending) {
 }
 
 // writeLoop appends pending links, all that are waiting at once in one log batch
-// (group commit: while one batch is being made durable, the next one gathers), then
-// indexes each and moves its file into the envelope store.
+// (group commit: while one batch is being made durable, the next one gathers), and
+// hands them to finishLoop.
 func (s *Signer) writeLoop() {
 	defer s.writer.Done()
+	finishQ := make(chan finishing, 16)
+	defer close(finishQ)
+	s.writer.Add(1)
+	go s.finishLoop(finishQ)
 	ctx := context.Background()
 	for first := range s.queue {
 		batch := []*pending{first}
@@ -438,16 +442,34 @@ func (s *Signer) writeLoop() {
 				}
 			}
 		}
+		// SyncLog waiters are told as soon as their link is in the log; indexing and
+		// the move into the envelope store follow (Flush waits for those too).
 		for i, p := range batch {
-			r := results[i]
+			if p.done != nil {
+				p.done <- results[i]
+			}
+		}
+		finishQ <- finishing{batch, results}
+	}
+}
+
+type finishing struct {
+	batch   []*pending
+	results []appendResult
+}
+
+// finishLoop indexes logged links and moves them into the envelope store, while the
+// write loop already gathers and appends the next batch.
+func (s *Signer) finishLoop(in <-chan finishing) {
+	defer s.writer.Done()
+	for f := range in {
+		for i, p := range f.batch {
+			r := f.results[i]
 			if r.err == nil {
 				r.err = s.finish(p)
 			}
 			if r.err != nil {
 				s.lg.Error("link not logged or indexed; it stays pending for the next start", "envelope", p.env.String(), "err", r.err)
-			}
-			if p.done != nil {
-				p.done <- r
 			}
 			s.mu.Lock()
 			if r.err != nil {
