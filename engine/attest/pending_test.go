@@ -106,3 +106,32 @@ func TestCrashedProcessLinksAreLogged(t *testing.T) {
 		}
 	}
 }
+
+// TestVerifyRightAfterLinking: a verifier started while a running signer still has
+// links pending (not yet logged or indexed) waits for them.
+func TestVerifyRightAfterLinking(t *testing.T) {
+	ctx := context.Background()
+	data := t.TempDir()
+	s := openSigner(t, data, Options{})
+	a := sampleAction()
+	if _, err := s.Link(ctx, a); err != nil {
+		t.Fatal(err)
+	}
+	b := linkAction(a.Outputs[0])
+	if _, err := s.Link(ctx, b); err != nil {
+		t.Fatal(err)
+	}
+	tr := activeTrust(t, data)
+	lv, _ := tr.Log.Verifier()
+	v, err := NewVerifier(ctx, NewStore(PathsFor(data), openCAS(t, data)), VerifierOptions{Trust: tr, LogVerifier: lv, WaitCheckpoint: 10 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ch, err := v.Chain(ctx, Subject{Name: "out/hello", SHA256: b.Outputs[0].Digest.Hash})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !ch.OK() || len(ch.Links) != 2 {
+		t.Fatalf("chain right after linking: %v", ch.Failures)
+	}
+}

@@ -66,6 +66,19 @@ func (s *Store) PutEnvelope(ctx context.Context, env []byte) (cache.Digest, erro
 	return d, nil
 }
 
+// Pending reports whether some kiln process has signed envelope d but not yet logged
+// and indexed it (its pending file exists).
+func (s *Store) Pending(d cache.Digest) bool {
+	m, _ := filepath.Glob(filepath.Join(s.p.Attest, "pending", "*", d.Hash+"_"+strconv.FormatInt(d.Size, 10)))
+	return len(m) > 0
+}
+
+// PendingFiles lists the pending files of every process (see Signer).
+func (s *Store) PendingFiles() []string {
+	m, _ := filepath.Glob(filepath.Join(s.p.Attest, "pending", "*", "*_*"))
+	return m
+}
+
 // HasEnvelope reports whether the durable store holds envelope d.
 func (s *Store) HasEnvelope(d cache.Digest) bool {
 	fi, err := os.Stat(s.envelopePath(d.Hash))

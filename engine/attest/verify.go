@@ -91,8 +91,9 @@ type VerifierOptions struct {
 	// Pinned, if set, is a checkpoint trusted earlier: the log's latest checkpoint must
 	// be consistent with it (the log was only appended to since).
 	Pinned *tlog.Checkpoint
-	// WaitCheckpoint is how long to wait for a checkpoint that covers a freshly logged
-	// link (checkpoints follow appends within about a second).
+	// WaitCheckpoint is how long to wait, in all, for links that are still on their
+	// way into the log (pending in a running kiln, or logged but not yet covered by a
+	// checkpoint; checkpoints follow appends within about 200ms).
 	WaitCheckpoint time.Duration
 }
 
@@ -104,6 +105,8 @@ type Verifier struct {
 	cp    *tlog.Checkpoint
 	pv    *tlog.Prover
 	done  map[cache.Digest]linkResult
+	// deadline ends all waiting for links still on their way into the log.
+	deadline time.Time
 }
 
 type linkResult struct {
@@ -120,11 +123,33 @@ func NewVerifier(ctx context.Context, store *Store, opts VerifierOptions) (*Veri
 	if opts.LogVerifier == nil {
 		return nil, status.Error(codes.InvalidArgument, "verify: no log key")
 	}
-	v := &Verifier{store: store, log: tlog.NewReader(store.Paths().Log, opts.LogVerifier), opts: opts, done: map[cache.Digest]linkResult{}}
+	v := &Verifier{store: store, log: tlog.NewReader(store.Paths().Log, opts.LogVerifier), opts: opts, done: map[cache.Digest]linkResult{}, deadline: time.Now().Add(opts.WaitCheckpoint)}
+	v.settle(ctx)
 	if err := v.loadCheckpoint(ctx); err != nil {
 		return nil, err
 	}
 	return v, nil
+}
+
+// settle waits (until the deadline) for the links that running kiln processes have
+// signed but not yet logged and indexed when verification starts, so that verifying
+// right after a build sees all of it. Links signed later are not waited for.
+func (v *Verifier) settle(ctx context.Context) {
+	files := v.store.PendingFiles()
+	for len(files) > 0 && time.Now().Before(v.deadline) {
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(20 * time.Millisecond):
+		}
+		kept := files[:0]
+		for _, f := range files {
+			if _, err := os.Stat(f); err == nil {
+				kept = append(kept, f)
+			}
+		}
+		files = kept
+	}
 }
 
 func (v *Verifier) loadCheckpoint(ctx context.Context) error {
@@ -197,8 +222,7 @@ func (v *Verifier) LinkBytes(ctx context.Context, raw []byte) (*VerifiedLink, er
 	if err != nil {
 		return nil, err
 	}
-	hint, ok := v.store.LogIndex(d)
-	idx, err := v.include(ctx, LinkLogEntry(d), hint, ok)
+	idx, err := v.include(ctx, d)
 	if err != nil {
 		return nil, status.Errorf(status.Code(err), "%s%s", claims, status.Convert(err).Message())
 	}
@@ -208,17 +232,20 @@ func (v *Verifier) LinkBytes(ctx context.Context, raw []byte) (*VerifiedLink, er
 	return &VerifiedLink{Envelope: d, KeyID: key.KeyID, Link: l, LogIndex: idx, Raw: raw}, nil
 }
 
-// include proves entry's inclusion, waiting (up to WaitCheckpoint) for a checkpoint to
-// cover an entry logged after the current one.
-func (v *Verifier) include(ctx context.Context, entry []byte, hint uint64, hasHint bool) (uint64, error) {
-	deadline := time.Now().Add(v.opts.WaitCheckpoint)
+// include proves the inclusion of envelope d's log entry. A link that is still
+// pending in some process (signed, not yet appended) or logged beyond the current
+// checkpoint is waited for, until the verifier's deadline (WaitCheckpoint after it was
+// created, shared by all links so failures stay fast).
+func (v *Verifier) include(ctx context.Context, d cache.Digest) (uint64, error) {
+	entry := LinkLogEntry(d)
 	for {
+		hint, hasHint := v.store.LogIndex(d)
 		idx, _, err := v.log.Include(ctx, entry, hint, hasHint, v.cp, v.pv)
 		if err == nil {
 			return idx, nil
 		}
-		covered := !hasHint || hint < v.cp.Size
-		if covered || time.Now().After(deadline) {
+		inFlight := (hasHint && hint >= v.cp.Size) || (!hasHint && v.store.Pending(d))
+		if !inFlight || time.Now().After(v.deadline) {
 			if status.Code(err) == codes.NotFound {
 				return 0, status.Errorf(codes.NotFound, "not in the transparency log (checkpoint size %d)", v.cp.Size)
 			}
@@ -227,7 +254,7 @@ func (v *Verifier) include(ctx context.Context, entry []byte, hint uint64, hasHi
 		select {
 		case <-ctx.Done():
 			return 0, status.FromContextError(ctx.Err()).Err()
-		case <-time.After(100 * time.Millisecond):
+		case <-time.After(50 * time.Millisecond):
 		}
 		if err := v.loadCheckpoint(ctx); err != nil {
 			return 0, err
