@@ -11,7 +11,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/kilnbuild/kiln/engine/attest/tlog"
 )
 
 const crashEnv = "KILN_ATTEST_CRASH_HELPER"
@@ -23,26 +22,89 @@ func TestMain(m *testing.M) {
 	os.Exit(m.Run())
 }
 
-// crashHelper links n actions into a data dir and exits without Close, while its log
-// batches wait 30s: the process dies with every link signed and stored but not logged.
-// spec: dataDir|n.
+// crashHelper links n actions (numbered from first) into a data dir. In "crash" mode
+// it exits without Close while its log batches wait 30s: the process dies with every
+// link signed and stored but not logged. In "clean" mode it closes properly.
+// spec: dataDir|n|mode|first.
 func crashHelper(spec string) int {
 	f := strings.Split(spec, "|")
 	n, _ := strconv.Atoi(f[1])
+	first := 0
+	if len(f) > 3 {
+		first, _ = strconv.Atoi(f[3])
+	}
+	crash := len(f) < 3 || f[2] == "crash"
 	ctx := context.Background()
 	cas := openCASForHelper(f[0])
-	s, err := Open(ctx, Options{DataDir: f[0], CAS: cas, Log: tlog.Options{BatchMaxAge: 30 * time.Second}})
+	opts := Options{DataDir: f[0], CAS: cas}
+	if crash {
+		opts.Log.BatchMaxAge = 30 * time.Second
+	}
+	s, err := Open(ctx, opts)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
 	}
-	for i := 0; i < n; i++ {
+	for i := first; i < first+n; i++ {
 		if _, err := s.Link(ctx, benchAction(i, 3)); err != nil {
 			fmt.Fprintln(os.Stderr, err)
 			return 1
 		}
 	}
-	return 0 // no Close: a crash
+	if crash {
+		return 0 // no Close: a crash
+	}
+	if err := s.Close(ctx); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	return 0
+}
+
+// TestTwoProcessesLink: a "server" process and a "CLI" process attest into one data
+// dir at once; every link of both is logged, indexed and verifies.
+func TestTwoProcessesLink(t *testing.T) {
+	ctx := context.Background()
+	data := t.TempDir()
+	// Create the keyring first so both processes share one executor key.
+	s0 := openSigner(t, data, Options{})
+	s0.Close(ctx)
+	const n = 60
+	var cmds []*exec.Cmd
+	for i := 0; i < 2; i++ {
+		c := exec.Command(os.Args[0], "-test.run=^$")
+		c.Env = append(os.Environ(), crashEnv+"="+strings.Join([]string{data, strconv.Itoa(n), "clean", strconv.Itoa(i * n)}, "|"))
+		c.Stderr = os.Stderr
+		if err := c.Start(); err != nil {
+			t.Fatal(err)
+		}
+		cmds = append(cmds, c)
+	}
+	for _, c := range cmds {
+		if err := c.Wait(); err != nil {
+			t.Fatalf("linking process: %v", err)
+		}
+	}
+	tr := activeTrust(t, data)
+	lv, _ := tr.Log.Verifier()
+	st := NewStore(PathsFor(data), openCAS(t, data))
+	v, err := NewVerifier(ctx, st, VerifierOptions{Trust: tr, LogVerifier: lv})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v.Checkpoint().Size != 2*n {
+		t.Fatalf("log size %d, want %d", v.Checkpoint().Size, 2*n)
+	}
+	for i := 0; i < 2*n; i++ {
+		a := benchAction(i, 3)
+		ch, err := v.Chain(ctx, Subject{Name: a.Outputs[0].Path, SHA256: a.Outputs[0].Digest.Hash})
+		if err != nil || !ch.OK() {
+			t.Fatalf("action %d: %v %v", i, err, ch.Failures)
+		}
+	}
+	if left := st.PendingFiles(); len(left) != 0 {
+		t.Fatalf("pending files left: %v", left)
+	}
 }
 
 // TestSyncLog: with SyncLog, Link returns the link's log index.
