@@ -10,7 +10,6 @@ import (
 	"strings"
 	"testing"
 	"time"
-
 )
 
 const crashEnv = "KILN_ATTEST_CRASH_HELPER"

@@ -3,9 +3,13 @@ package tlog
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
 
 	"github.com/transparency-dev/formats/log"
 	"github.com/transparency-dev/merkle/compact"
@@ -167,7 +171,7 @@ func (r *Reader) RootAt(ctx context.Context, size uint64) ([]byte, error) {
 	if size == 0 {
 		return rfc6962.DefaultHasher.EmptyRoot(), nil
 	}
-	nodes, err := client.FetchRangeNodes(ctx, size, r.f.ReadTile)
+	nodes, err := client.FetchRangeNodes(ctx, size, r.prefixTile)
 	if err != nil {
 		return nil, errf(codes.DataLoss, "root at size %d: %v", size, err)
 	}
@@ -181,6 +185,38 @@ func (r *Reader) RootAt(ctx context.Context, size uint64) ([]byte, error) {
 		return nil, errf(codes.DataLoss, "root at size %d: %v", size, err)
 	}
 	return root, nil
+}
+
+// prefixTile reads the first p hashes of a tile. The tile for exactly p may never have
+// been written (a batch takes the tree from below p to above it in one step), but any
+// later version of the tile, partial or full, starts with the same p hashes: tiles only
+// grow.
+func (r *Reader) prefixTile(ctx context.Context, level, index uint64, p uint8) ([]byte, error) {
+	b, err := r.f.ReadTile(ctx, level, index, p)
+	if err == nil || p == 0 {
+		return b, err
+	}
+	full := filepath.Join(r.dir, layout.TilePath(level, index, 0))
+	candidates := []string{}
+	if ents, err := os.ReadDir(full + ".p"); err == nil {
+		sizes := []int{}
+		for _, e := range ents {
+			if n, err := strconv.Atoi(e.Name()); err == nil && n > int(p) {
+				sizes = append(sizes, n)
+			}
+		}
+		sort.Ints(sizes)
+		for _, n := range sizes {
+			candidates = append(candidates, filepath.Join(full+".p", strconv.Itoa(n)))
+		}
+	}
+	candidates = append(candidates, full)
+	for _, c := range candidates {
+		if b, err := os.ReadFile(c); err == nil && len(b) >= int(p)*sha256.Size {
+			return b[:int(p)*sha256.Size], nil
+		}
+	}
+	return nil, err
 }
 
 // VerifyInclusion checks that data is entry index of the tree cp signs.
