@@ -38,6 +38,10 @@ type ServerConfig struct {
 	// serve only downloads pinned in the lockfile, from these hosts.
 	Lockfile   string
 	FetchAllow []string
+	// ExecutorKeyFile is the operator's signing key; empty uses the data dir's own.
+	ExecutorKeyFile string
+	// Version is kiln's version, recorded in every link.
+	Version string
 	// Ready, if set, is called with the bound addresses once the server accepts calls.
 	Ready func(grpcAddr, httpAddr string)
 }
@@ -78,7 +82,7 @@ func Serve(ctx context.Context, cfg ServerConfig) error {
 		MaxQueue: cfg.Execution.MaxQueue, DefaultTimeout: cfg.Execution.DefaultTimeout,
 		MaxTimeout: cfg.Execution.MaxTimeout, IgnoreUnknownPlatformProperties: cfg.Execution.IgnoreUnknownPlatformProperties,
 		NoSandbox: cfg.Execution.Disabled, Prestart: cfg.Execution.Concurrency,
-		Pinner: pinner(lock),
+		Pinner: pinner(lock), ExecutorKeyFile: cfg.ExecutorKeyFile, Version: cfg.Version,
 	})
 	if err != nil {
 		return err

@@ -329,9 +329,10 @@ type policyMount struct {
 	Data   string `json:"data,omitempty"`
 }
 
-// policyDigest names the isolation policy of cfg, the configuration built for s,
-// as "sha256:<hex>". It reads the applied configuration, so it cannot drift from it.
-func policyDigest(s *Spec, cfg *configs.Config) string {
+// policyDocument describes the isolation policy of cfg, the configuration built for s,
+// as canonical JSON, and names it "sha256:<hex>". It reads the applied configuration,
+// so it cannot drift from it.
+func policyDocument(s *Spec, cfg *configs.Config) ([]byte, string) {
 	p := policy{
 		Version:       policyVersion,
 		Seccomp:       seccomp.Version,
@@ -380,7 +381,7 @@ func policyDigest(s *Spec, cfg *configs.Config) string {
 		panic(err) // plain data; cannot fail
 	}
 	h := sha256.Sum256(b)
-	return "sha256:" + hex.EncodeToString(h[:])
+	return b, "sha256:" + hex.EncodeToString(h[:])
 }
 
 func mountMode(m *configs.Mount) string {

@@ -291,7 +291,8 @@ func (sb *sandbox) destroy(log *slog.Logger) {
 
 // execute binds s's mounts into sb, hands kiln-init the command and waits for it.
 func (r *Runner) execute(ctx context.Context, sb *sandbox, s *Spec, cmd []byte, tr *trace) (Result, error) {
-	res := Result{PolicyDigest: policyDigest(s, sb.cfg)}
+	var res Result
+	res.Policy, res.PolicyDigest = policyDocument(s, sb.cfg)
 	stdout, err := newCappedFile(s.Stdout)
 	if err != nil {
 		return Result{}, status.Errorf(codes.Internal, "sandbox: stdout: %v", err)

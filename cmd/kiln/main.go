@@ -61,6 +61,8 @@ func newRootCmd() *cobra.Command {
 		newSandboxCmd(),
 		newExecCmd(),
 		newLockCmd(),
+		newAttestCmd(),
+		newLogCmd(),
 	)
 	return root
 }
