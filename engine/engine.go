@@ -14,6 +14,7 @@ import (
 	"github.com/kilnbuild/kiln/cache"
 	"github.com/kilnbuild/kiln/cache/disk"
 	"github.com/kilnbuild/kiln/engine/attest"
+	"github.com/kilnbuild/kiln/engine/quarantine"
 	"github.com/kilnbuild/kiln/sandbox"
 	"github.com/kilnbuild/kiln/toolchains"
 	"github.com/prometheus/client_golang/prometheus"
@@ -61,6 +62,7 @@ type Engine struct {
 	Scheduler  *Scheduler
 	Metrics    *cache.Metrics
 	Signer     *attest.Signer
+	Quarantine *quarantine.List
 	runner     *sandbox.Runner
 	log        *slog.Logger
 }
@@ -89,7 +91,10 @@ func Open(ctx context.Context, opts Options) (*Engine, error) {
 	}
 	e.Metrics = cache.NewMetrics(reg)
 	e.CAS = localStore{e.Metrics.BlobStore("cas", cache.WithEmptyBlob(e.Store)), e.Store}
-	e.AC = e.Metrics.ActionCache(cache.WithCompletenessCheck(e.Store.ActionCache(), e.CAS))
+	if e.Quarantine, err = quarantine.Open(string(opts.Data)); err != nil {
+		return nil, err
+	}
+	e.AC = e.Metrics.ActionCache(e.Quarantine.WrapActionCache(cache.WithCompletenessCheck(e.Store.ActionCache(), e.CAS), e.CAS))
 	e.Toolchains, err = toolchains.Open(ctx, string(opts.Data), toolchains.Options{Default: opts.DefaultToolchain, Pinner: opts.Pinner, Logger: log})
 	if err != nil {
 		return nil, err
@@ -112,8 +117,8 @@ func Open(ctx context.Context, opts Options) (*Engine, error) {
 	}
 	e.Executor, err = NewExecutor(ExecutorConfig{
 		CAS: e.CAS, AC: e.AC, Sandbox: sandboxRunner{e.runner}, Toolchains: toolchainResolver{e.Toolchains},
-		Attester: linkAttester{s: e.Signer, version: opts.Version},
-		WorkDir:  filepath.Join(opts.Data.Sandbox(), "exec"), UID: sandbox.DefaultUID, GID: sandbox.DefaultGID,
+		Attester: linkAttester{s: e.Signer, version: opts.Version}, Quarantined: e.Quarantine.Quarantined,
+		WorkDir: filepath.Join(opts.Data.Sandbox(), "exec"), UID: sandbox.DefaultUID, GID: sandbox.DefaultGID,
 		DefaultTimeout: opts.DefaultTimeout, MaxTimeout: opts.MaxTimeout, Logger: log,
 		IgnoreUnknownPlatformProperties: opts.IgnoreUnknownPlatformProperties,
 	})

@@ -120,6 +120,9 @@ type ExecutorConfig struct {
 	// IgnoreUnknownPlatformProperties accepts properties kiln does not know instead of
 	// refusing the action.
 	IgnoreUnknownPlatformProperties bool
+	// Quarantined, if set, reports whether a blob (by hex digest) must not be handed
+	// out: an execution that produces one fails and is not cached.
+	Quarantined func(hash string) bool
 }
 
 // Executor runs actions: fetch, materialize, sandbox, collect, attest, cache.
@@ -426,6 +429,13 @@ func (e *Executor) Execute(ctx context.Context, req Request, a *Action) (*Execut
 		ex.Attest = time.Since(start)
 	}
 
+	if q := e.cfg.Quarantined; q != nil {
+		for _, f := range col.produced {
+			if f.SymlinkTarget == "" && q(f.Digest.Hash) {
+				return nil, status.Errorf(codes.FailedPrecondition, "action %s produced %s (sha256:%s), which is quarantined; see `kiln quarantine ls`", a.Digest, f.Path, f.Digest.Hash)
+			}
+		}
+	}
 	cacheable := jr.ExitCode == 0 && !jr.TimedOut && !a.Action.GetDoNotCache() && !req.NoCache
 	if cacheable {
 		if err := e.cfg.AC.Put(ctx, cache.ActionKey{Instance: req.Instance, Action: a.Digest}, res); err != nil {

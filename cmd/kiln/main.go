@@ -63,6 +63,7 @@ func newRootCmd() *cobra.Command {
 		newLockCmd(),
 		newAttestCmd(),
 		newLogCmd(),
+		newQuarantineCmd(),
 	)
 	return root
 }

@@ -1,0 +1,62 @@
+package quarantine
+
+import (
+	"bytes"
+	"context"
+	"testing"
+
+	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
+	"github.com/kilnbuild/kiln/cache"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+)
+
+func TestQuarantineHidesResultsAndAudits(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	l, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cas := cache.NewMemoryStore()
+	bad := []byte("tampered binary")
+	bd := cache.DigestOf(bad)
+	cas.Put(ctx, bd, bytes.NewReader(bad))
+	ac := l.WrapActionCache(cas.ActionCache(), cas)
+	key := cache.ActionKey{Action: cache.DigestOf([]byte("action"))}
+	ac.Put(ctx, key, &repb.ActionResult{OutputFiles: []*repb.OutputFile{{Path: "bin/app", Digest: bd.Proto()}}})
+	if _, err := ac.Get(ctx, key); err != nil {
+		t.Fatal(err)
+	}
+	// Another process (a second List on the same dir) quarantines: seen at once.
+	other, _ := Open(dir)
+	if _, err := other.Add("sha256:"+bd.Hash, "bin/app", "rebuild FAILED: bin/app differs", "test"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ac.Get(ctx, key); status.Code(err) != codes.NotFound {
+		t.Fatalf("quarantined result served: %v", err)
+	}
+	es, _ := l.List()
+	if len(es) != 1 || es[0].Reason == "" || es[0].Subject != "bin/app" {
+		t.Fatalf("list %+v", es)
+	}
+	if _, err := l.Release(bd.Hash, "", "test"); status.Code(err) != codes.InvalidArgument {
+		t.Fatalf("release without a reason: %v", err)
+	}
+	if _, err := l.Release("sha256:"+bd.Hash, "false alarm: the toolchain image was re-pinned", "test"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ac.Get(ctx, key); err != nil {
+		t.Fatalf("released result still hidden: %v", err)
+	}
+	if _, err := l.Release("sha256:"+bd.Hash, "again", "test"); status.Code(err) != codes.NotFound {
+		t.Fatalf("double release: %v", err)
+	}
+	audit, err := l.Audit()
+	if err != nil || len(audit) != 2 || audit[0].Event != "quarantine" || audit[1].Event != "release" || audit[1].Reason == "" {
+		t.Fatalf("audit %+v %v", audit, err)
+	}
+	if _, err := l.Add("nonsense", "", "x", "test"); status.Code(err) != codes.InvalidArgument {
+		t.Fatalf("bad digest: %v", err)
+	}
+}
