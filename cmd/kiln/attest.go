@@ -16,6 +16,7 @@ import (
 	"github.com/kilnbuild/kiln/engine/attest/tlog"
 	"github.com/spf13/cobra"
 	"golang.org/x/mod/sumdb/note"
+	"google.golang.org/grpc/status"
 )
 
 func newAttestCmd() *cobra.Command {
@@ -197,7 +198,7 @@ func newAttestProvenanceCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			trust, kr, err := localTrust(ctx, dataDir)
+			kr, err := openKeyring(ctx, dataDir)
 			if err != nil {
 				return err
 			}
@@ -206,33 +207,13 @@ func newAttestProvenanceCmd() *cobra.Command {
 				return err
 			}
 			defer done()
-			lv, err := trust.Log.Verifier()
-			if err != nil {
-				return err
-			}
-			v, err := attest.NewVerifier(ctx, store, attest.VerifierOptions{Trust: trust, LogVerifier: lv, WaitCheckpoint: wait})
-			if err != nil {
-				return err
-			}
-			ch, err := v.Chain(ctx, subj)
-			if err != nil {
-				return err
-			}
-			if !ch.OK() {
+			ch, env, k, err := attest.BuildProvenance(ctx, store, kr, subj, wait)
+			if ch != nil && !ch.OK() {
 				for _, f := range ch.Failures {
 					fmt.Fprintln(cmd.ErrOrStderr(), "kiln: "+f.String())
 				}
-				return &exitError{code: 1, msg: fmt.Sprintf("cannot write provenance for %s: %d verification failure(s)", subj.Name, len(ch.Failures))}
+				return &exitError{code: 1, msg: status.Convert(err).Message()}
 			}
-			st, err := ch.Statement(lv.Name())
-			if err != nil {
-				return err
-			}
-			k, err := kr.Active()
-			if err != nil {
-				return err
-			}
-			env, err := attest.SignStatement(ctx, k, st)
 			if err != nil {
 				return err
 			}

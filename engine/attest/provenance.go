@@ -5,6 +5,7 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
+	"time"
 
 	slsa "github.com/in-toto/attestation/go/predicates/provenance/v1"
 	intoto "github.com/in-toto/attestation/go/v1"
@@ -337,4 +338,45 @@ func EnvelopePayload(raw []byte) ([]byte, error) {
 		return nil, err
 	}
 	return base64.StdEncoding.DecodeString(e.Payload)
+}
+
+// BuildProvenance verifies the chain that produced subj from the links in store, with
+// every key of kr trusted and kr's log key, and signs SLSA provenance for it with kr's
+// active key. wait bounds the wait for links still on their way into the log. A chain
+// that does not verify is returned with an error (its Failures say why).
+func BuildProvenance(ctx context.Context, store *Store, kr *keys.Keyring, subj Subject, wait time.Duration) (*Chain, []byte, *keys.Signer, error) {
+	ks, err := kr.Keys()
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	lk := kr.Log()
+	trust := keys.Trust{Keys: ks, Log: &lk}
+	lv, err := lk.Verifier()
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	v, err := NewVerifier(ctx, store, VerifierOptions{Trust: trust, LogVerifier: lv, WaitCheckpoint: wait})
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	ch, err := v.Chain(ctx, subj)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	if !ch.OK() {
+		return ch, nil, nil, status.Errorf(codes.FailedPrecondition, "cannot write provenance for %s: %d verification failure(s)", subj.Name, len(ch.Failures))
+	}
+	st, err := ch.Statement(lv.Name())
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	k, err := kr.Active()
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	env, err := SignStatement(ctx, k, st)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	return ch, env, k, nil
 }
