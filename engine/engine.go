@@ -41,6 +41,8 @@ type Options struct {
 	Pinner toolchains.TagPinner
 	// NoSandbox opens the store and toolchains only (commands that run nothing).
 	NoSandbox bool
+	// VerifyRate is the fraction of actions checked for determinism (SchedulerConfig).
+	VerifyRate float64
 }
 
 // Engine is an open data dir with everything needed to execute actions.
@@ -106,7 +108,8 @@ func Open(ctx context.Context, opts Options) (*Engine, error) {
 	if err != nil {
 		return nil, err
 	}
-	e.Scheduler = NewScheduler(e.Executor, SchedulerConfig{Concurrency: conc, MaxQueue: opts.MaxQueue, Logger: log, Registerer: reg})
+	e.Scheduler = NewScheduler(e.Executor, SchedulerConfig{Concurrency: conc, MaxQueue: opts.MaxQueue, Logger: log, Registerer: reg,
+		VerifyRate: opts.VerifyRate})
 	ok = true
 	return e, nil
 }

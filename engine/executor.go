@@ -160,6 +160,10 @@ type Request struct {
 	Variation *Variation
 	// Queued is when the request entered the queue, for the result's metadata.
 	Queued time.Time
+	// Check, when set, sees the collected execution before it is attested and cached
+	// (kiln-verify): its notes go into the link; cacheable false keeps the result out
+	// of the action cache. It may set the Execution's Message.
+	Check func(ctx context.Context, ex *Execution) (notes []string, cacheable bool, err error)
 }
 
 // Execution is the outcome of a Request.
@@ -393,7 +397,16 @@ func (e *Executor) Execute(ctx context.Context, req Request, a *Action) (*Execut
 		ex.Message = strings.TrimSpace(ex.Message + " (stdout or stderr was truncated at the sandbox's cap)")
 	}
 
-	if e.cfg.Attester != nil {
+	checked := true
+	if req.Check != nil {
+		more, ok, err := req.Check(ctx, ex)
+		if err != nil {
+			return nil, err
+		}
+		notes, checked = append(notes, more...), ok
+	}
+
+	if e.cfg.Attester != nil && req.Variation == nil { // a variation run is a check, not a build
 		rec := &Record{
 			Instance: req.Instance, ActionDigest: a.Digest, CommandDigest: a.CmdDigest, InputRoot: inputRoot,
 			Toolchain: tcDigest, Argv: a.Command.GetArguments(), Env: job.Env,
@@ -417,7 +430,7 @@ func (e *Executor) Execute(ctx context.Context, req Request, a *Action) (*Execut
 	}
 	md.WorkerCompletedTimestamp = timestamppb.Now()
 
-	cacheable := jr.ExitCode == 0 && !jr.TimedOut && !a.Action.GetDoNotCache() && !req.NoCache
+	cacheable := checked && jr.ExitCode == 0 && !jr.TimedOut && !a.Action.GetDoNotCache() && !req.NoCache
 	if cacheable {
 		if err := e.cfg.AC.Put(ctx, cache.ActionKey{Instance: req.Instance, Action: a.Digest}, res); err != nil {
 			e.log.Warn("action cache write failed", "action", a.Digest.String(), "err", err)

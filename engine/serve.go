@@ -50,6 +50,7 @@ type ExecutionConfig struct {
 	MaxQueue                        int
 	DefaultTimeout, MaxTimeout      time.Duration
 	IgnoreUnknownPlatformProperties bool
+	VerifyRate                      float64 // fraction of actions checked for determinism
 }
 
 // drainTimeout bounds how long a graceful shutdown waits for calls in flight.
@@ -78,7 +79,7 @@ func Serve(ctx context.Context, cfg ServerConfig) error {
 		MaxQueue: cfg.Execution.MaxQueue, DefaultTimeout: cfg.Execution.DefaultTimeout,
 		MaxTimeout: cfg.Execution.MaxTimeout, IgnoreUnknownPlatformProperties: cfg.Execution.IgnoreUnknownPlatformProperties,
 		NoSandbox: cfg.Execution.Disabled, Prestart: cfg.Execution.Concurrency,
-		Pinner: pinner(lock),
+		Pinner: pinner(lock), VerifyRate: cfg.Execution.VerifyRate,
 	})
 	if err != nil {
 		return err
