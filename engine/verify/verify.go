@@ -84,9 +84,9 @@ type Report struct {
 	Action        string `json:"action"`
 	Deterministic bool   `json:"deterministic"`
 	// BaselineFailed: the action failed (non-zero exit) in run 1, so nothing more ran.
-	BaselineFailed bool              `json:"baseline_failed,omitempty"`
+	BaselineFailed bool              `json:"baseline_failed"`
 	Variations     []string          `json:"variations"`
-	Unavailable    map[string]string `json:"unavailable,omitempty"`
+	Unavailable    map[string]string `json:"unavailable"`
 	// Compared is how many runs were compared (Options.Runs); Runs also lists the
 	// narrowing runs.
 	Compared    int          `json:"compared_runs"`
@@ -95,9 +95,9 @@ type Report struct {
 	Differences []Difference `json:"differences"`
 	// ReportDir holds the kept outputs, diffoscope's reports, report.json and
 	// report.txt (WriteArtifacts); empty if none were written.
-	ReportDir string `json:"report_dir,omitempty"`
+	ReportDir string `json:"report_dir"`
 	// Diffoscope says whether diffoscope ran: "ran", or why not.
-	Diffoscope string `json:"diffoscope,omitempty"`
+	Diffoscope string `json:"diffoscope"`
 
 	manifests []Manifest // by run, for WriteArtifacts
 }
