@@ -85,8 +85,9 @@ type Setting struct {
 	CPUs         string   `json:"cpus"` // cpuset; "" means every CPU
 	ASLR         bool     `json:"aslr"`
 	ReverseEnv   bool     `json:"reverse_env"`
-	// NewSecond: the run started in a later wall-clock second than the previous
-	// run ended (the time variation).
+	// NewSecond: the run started in a later wall-clock second than the run it is
+	// compared with ended (the baseline, or the first of the two ASLR-off runs):
+	// the time variation.
 	NewSecond bool `json:"new_second"`
 }
 

@@ -133,7 +133,6 @@ type verifier struct {
 	runner  Runner
 	clock   Clock
 	rep     *Report
-	lastEnd time.Time
 	cpus    []int
 }
 
@@ -191,7 +190,7 @@ func Verify(ctx context.Context, cas cache.BlobStore, r Runner, opts Options, ba
 	if baseline != nil {
 		b, err = v.record(ctx, PurposeBaseline, base, baseline)
 	} else {
-		b, err = v.run(ctx, PurposeBaseline, base)
+		b, err = v.run(ctx, PurposeBaseline, base, nil)
 	}
 	if err != nil {
 		return nil, err
@@ -204,7 +203,7 @@ func Verify(ctx context.Context, cas cache.BlobStore, r Runner, opts Options, ba
 
 	first := map[string]int{} // difference key -> index in rep.Differences
 	for k := 1; k < opts.Runs; k++ {
-		r, err := v.run(ctx, PurposeVariation, with(base, fmt.Sprintf("variant-%d", k), active, k, v.cpus))
+		r, err := v.run(ctx, PurposeVariation, with(base, fmt.Sprintf("variant-%d", k), active, k, v.cpus), b)
 		if err != nil {
 			return nil, err
 		}
@@ -236,12 +235,16 @@ func Verify(ctx context.Context, cas cache.BlobStore, r Runner, opts Options, ba
 type run struct {
 	index int
 	m     Manifest
+	end   time.Time
 }
 
-// run runs the action once with s and records it.
-func (v *verifier) run(ctx context.Context, purpose string, s Setting) (*run, error) {
-	if s.NewSecond && !v.lastEnd.IsZero() {
-		next := v.lastEnd.Truncate(time.Second).Add(time.Second)
+// run runs the action once with s and records it. With s.NewSecond it first waits
+// for a later wall-clock second than the run it will be compared with (ref) ended:
+// anything the action reads from the clock, even in whole seconds, then differs.
+// Only that pair needs it, so N runs wait about once, not N times.
+func (v *verifier) run(ctx context.Context, purpose string, s Setting, ref *run) (*run, error) {
+	if s.NewSecond && ref != nil {
+		next := ref.end.Truncate(time.Second).Add(time.Second)
 		if d := next.Sub(v.clock.Now()); d > 0 {
 			if err := v.clock.Sleep(ctx, d); err != nil {
 				return nil, err
@@ -275,13 +278,10 @@ func (v *verifier) add(ctx context.Context, purpose string, s Setting, res *repb
 	if s.Varied == nil {
 		s.Varied = []string{}
 	}
-	r := &run{index: len(v.rep.Runs) + 1, m: m}
+	r := &run{index: len(v.rep.Runs) + 1, m: m, end: end}
 	v.rep.Runs = append(v.rep.Runs, RunReport{Index: r.index, Purpose: purpose, Setting: s, Exit: m.ExitCode,
 		Started: start.UTC(), Seconds: end.Sub(start).Seconds(), Stdout: m.Stdout.Digest, Stderr: m.Stderr.Digest, Differs: []string{}})
 	v.rep.manifests = append(v.rep.manifests, m)
-	if end.After(v.lastEnd) {
-		v.lastEnd = end
-	}
 	return r, nil
 }
 
@@ -325,7 +325,7 @@ func (v *verifier) narrow(ctx context.Context, base Setting, b *run, active []st
 
 	ctl := base
 	ctl.Name, ctl.NewSecond = "control", varyTime
-	c, err := v.run(ctx, PurposeControl, ctl)
+	c, err := v.run(ctx, PurposeControl, ctl, b)
 	if err != nil {
 		return err
 	}
@@ -338,12 +338,12 @@ func (v *verifier) narrow(ctx context.Context, base Setting, b *run, active []st
 	if len(runToRun) > 0 {
 		if contains(active, ASLR) {
 			off := with(base, "aslr-off", []string{ASLR}, 1, v.cpus)
-			a1, err := v.run(ctx, PurposeNarrow, off)
+			a1, err := v.run(ctx, PurposeNarrow, off, b)
 			if err != nil {
 				return err
 			}
 			off.Name, off.NewSecond = "aslr-off-again", varyTime
-			a2, err := v.run(ctx, PurposeNarrow, off)
+			a2, err := v.run(ctx, PurposeNarrow, off, a1)
 			if err != nil {
 				return err
 			}
@@ -374,7 +374,7 @@ func (v *verifier) narrow(ctx context.Context, base Setting, b *run, active []st
 			if n == Time {
 				continue
 			}
-			r, err := v.run(ctx, PurposeNarrow, with(base, n, []string{n}, k0, v.cpus))
+			r, err := v.run(ctx, PurposeNarrow, with(base, n, []string{n}, k0, v.cpus), b)
 			if err != nil {
 				return err
 			}

@@ -122,12 +122,16 @@ func TestDeterministic(t *testing.T) {
 	if r3.Hostname == r2.Hostname || r3.UID == r2.UID || r3.ExecRootPath == r2.ExecRootPath || r3.CPUs != "3" {
 		t.Fatalf("run 3 repeats run 2's values: %+v", r3)
 	}
-	// The time variation: every varied run starts in a later second than the last ended.
+	// The time variation: every varied run starts in a later second than the
+	// baseline ended, and only the first one had to wait for it.
+	baseEnd := rep.Runs[0].Started.Add(time.Duration(rep.Runs[0].Seconds * float64(time.Second)))
 	for i := 1; i < len(rep.Runs); i++ {
-		prevEnd := rep.Runs[i-1].Started.Add(time.Duration(rep.Runs[i-1].Seconds * float64(time.Second)))
-		if rep.Runs[i].Started.Unix() <= prevEnd.Unix() {
-			t.Fatalf("run %d started at %v, in the second run %d ended (%v)", i+1, rep.Runs[i].Started, i, prevEnd)
+		if rep.Runs[i].Started.Unix() <= baseEnd.Unix() {
+			t.Fatalf("run %d started at %v, in the second the baseline ended (%v)", i+1, rep.Runs[i].Started, baseEnd)
 		}
+	}
+	if gap := rep.Runs[2].Started.Sub(rep.Runs[1].Started); gap != 300*time.Millisecond {
+		t.Fatalf("run 3 waited: %v after run 2 started", gap)
 	}
 	if s := rep.Summary(); s != "3 runs, deterministic (varied: hostname, uid, execroot, cpus, aslr, env-order, time)" {
 		t.Fatalf("summary %q", s)
