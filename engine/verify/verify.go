@@ -129,11 +129,11 @@ const (
 
 // verifier is one check in progress.
 type verifier struct {
-	cas     cache.BlobStore
-	runner  Runner
-	clock   Clock
-	rep     *Report
-	cpus    []int
+	cas    cache.BlobStore
+	runner Runner
+	clock  Clock
+	rep    *Report
+	cpus   []int
 }
 
 // Verify runs the check. With a non-nil baseline (kiln serve: the execution that
