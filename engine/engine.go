@@ -13,6 +13,7 @@ import (
 
 	"github.com/kilnbuild/kiln/cache"
 	"github.com/kilnbuild/kiln/cache/disk"
+	"github.com/kilnbuild/kiln/engine/attest"
 	"github.com/kilnbuild/kiln/sandbox"
 	"github.com/kilnbuild/kiln/toolchains"
 	"github.com/prometheus/client_golang/prometheus"
@@ -22,8 +23,10 @@ import (
 
 // Options configures an Engine: what `kiln serve` and the CLI commands share.
 type Options struct {
-	Data    DataDir
-	MaxSize int64 // store bound; 0 = unbounded (CLI commands leave bounding to the server)
+	Data DataDir
+	// Primary makes this process the store's indexer (kiln serve; one per data dir).
+	Primary bool
+	MaxSize int64 // store bound; 0 = unbounded; needs Primary
 	Fsync   bool
 	// DefaultToolchain is the container-image used by actions without one.
 	DefaultToolchain string
@@ -41,6 +44,11 @@ type Options struct {
 	Pinner toolchains.TagPinner
 	// NoSandbox opens the store and toolchains only (commands that run nothing).
 	NoSandbox bool
+	// ExecutorKeyFile is the operator's ed25519 signing key (PKCS #8 PEM); empty uses
+	// (or creates) the data dir's own key.
+	ExecutorKeyFile string
+	// Version is kiln's version, recorded in every link.
+	Version string
 	// VerifyRate is the fraction of actions checked for determinism (SchedulerConfig).
 	VerifyRate float64
 }
@@ -54,6 +62,7 @@ type Engine struct {
 	Executor   *Executor
 	Scheduler  *Scheduler
 	Metrics    *cache.Metrics
+	Signer     *attest.Signer
 	runner     *sandbox.Runner
 	log        *slog.Logger
 }
@@ -76,7 +85,7 @@ func Open(ctx context.Context, opts Options) (*Engine, error) {
 		}
 	}()
 	var err error
-	e.Store, err = disk.Open(ctx, opts.Data.Store(), disk.Options{MaxSize: opts.MaxSize, Fsync: opts.Fsync, Logger: log, Registerer: reg})
+	e.Store, err = disk.Open(ctx, opts.Data.Store(), disk.Options{Primary: opts.Primary, MaxSize: opts.MaxSize, Fsync: opts.Fsync, Logger: log, Registerer: reg})
 	if err != nil {
 		return nil, err
 	}
@@ -91,6 +100,10 @@ func Open(ctx context.Context, opts Options) (*Engine, error) {
 		ok = true
 		return e, nil
 	}
+	e.Signer, err = attest.Open(ctx, attest.Options{DataDir: string(opts.Data), CAS: e.CAS, ExecutorKeyFile: opts.ExecutorKeyFile, Logger: log})
+	if err != nil {
+		return nil, err
+	}
 	e.runner, err = openRunner(ctx, opts.Data.Sandbox(), opts.Prestart, log)
 	if err != nil {
 		return nil, err
@@ -101,7 +114,8 @@ func Open(ctx context.Context, opts Options) (*Engine, error) {
 	}
 	e.Executor, err = NewExecutor(ExecutorConfig{
 		CAS: e.CAS, AC: e.AC, Sandbox: sandboxRunner{e.runner}, Toolchains: toolchainResolver{e.Toolchains},
-		WorkDir: filepath.Join(opts.Data.Sandbox(), "exec"), UID: sandbox.DefaultUID, GID: sandbox.DefaultGID,
+		Attester: linkAttester{s: e.Signer, version: opts.Version},
+		WorkDir:  filepath.Join(opts.Data.Sandbox(), "exec"), UID: sandbox.DefaultUID, GID: sandbox.DefaultGID,
 		DefaultTimeout: opts.DefaultTimeout, MaxTimeout: opts.MaxTimeout, Logger: log,
 		IgnoreUnknownPlatformProperties: opts.IgnoreUnknownPlatformProperties,
 	})
@@ -137,6 +151,10 @@ func (e *Engine) Close() error {
 	var errs []error
 	if e.runner != nil {
 		errs = append(errs, e.runner.Close())
+	}
+	if e.Signer != nil {
+		// Waits for pending log appends, so every link of this process is logged.
+		errs = append(errs, e.Signer.Close(context.Background()))
 	}
 	if e.Store != nil {
 		errs = append(errs, e.Store.Close())

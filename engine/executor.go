@@ -18,7 +18,6 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
-	"google.golang.org/protobuf/types/known/anypb"
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 )
@@ -65,6 +64,7 @@ type JobResult struct {
 	StdoutTruncated bool
 	StderrTruncated bool
 	PolicyDigest    string // digest of the sandbox policy (seccomp profile, namespaces, limits)
+	Policy          []byte // the policy document PolicyDigest names
 	Wall, User, Sys time.Duration
 	MaxRSS          int64
 }
@@ -79,11 +79,10 @@ type Toolchains interface {
 	RootFS(ctx context.Context, digest string) (dir string, err error)
 }
 
-// Attester signs a record of each executed action; package engine/attest implements it.
+// Attester signs a record of each executed action (package engine/attest, through
+// linkAttester) and references the signature from rec.Result.
 type Attester interface {
-	// Attest records a completed execution and returns what to reference from the
-	// ActionResult's auxiliary metadata.
-	Attest(ctx context.Context, rec *Record) (*anypb.Any, error)
+	Attest(ctx context.Context, rec *Record) error
 }
 
 // Record is everything an attestation says about one execution.
@@ -92,15 +91,15 @@ type Record struct {
 	ActionDigest  cache.Digest
 	CommandDigest cache.Digest
 	InputRoot     cache.Digest
-	Toolchain     string // manifest digest
-	Inputs        []ProducedFile
-	Outputs       []ProducedFile
+	Toolchain     string         // manifest digest
+	Inputs        []ProducedFile // every input file and symlink, by path from the input root
+	Outputs       []ProducedFile // every output file and symlink, by path from the working dir
 	Argv          []string
 	Env           []string
 	Platform      []*repb.Platform_Property
 	Result        *repb.ActionResult
-	PolicyDigest  string
-	Notes         []string // e.g. the outcome of a determinism check
+	PolicyDigest  cache.Digest // the sandbox policy document, stored in the CAS
+	Notes         []string     // e.g. the outcome of a determinism check
 }
 
 // ExecutorConfig configures an Executor.
@@ -160,6 +159,8 @@ type Request struct {
 	Variation *Variation
 	// Queued is when the request entered the queue, for the result's metadata.
 	Queued time.Time
+	// Notes are recorded in the action's link (e.g. a determinism check's outcome).
+	Notes []string
 	// Check, when set, sees the collected execution before it is attested and cached
 	// (kiln-verify): its notes go into the link; cacheable false keeps the result out
 	// of the action cache. It may set the Execution's Message.
@@ -406,29 +407,33 @@ func (e *Executor) Execute(ctx context.Context, req Request, a *Action) (*Execut
 		notes, checked = append(notes, more...), ok
 	}
 
+	md.WorkerCompletedTimestamp = timestamppb.Now()
 	if e.cfg.Attester != nil && req.Variation == nil { // a variation run is a check, not a build
 		rec := &Record{
 			Instance: req.Instance, ActionDigest: a.Digest, CommandDigest: a.CmdDigest, InputRoot: inputRoot,
 			Toolchain: tcDigest, Argv: a.Command.GetArguments(), Env: job.Env,
-			Outputs: col.produced, Result: res, PolicyDigest: jr.PolicyDigest, Notes: notes,
+			Outputs: col.produced, Result: res, Notes: append(notes, req.Notes...),
+		}
+		if len(jr.Policy) > 0 {
+			if rec.PolicyDigest, err = cache.PutBytes(ctx, e.cfg.CAS, jr.Policy); err != nil {
+				return nil, err
+			}
 		}
 		for _, f := range tree.files {
-			rec.Inputs = append(rec.Inputs, ProducedFile{f.path, f.digest})
+			rec.Inputs = append(rec.Inputs, ProducedFile{Path: f.path, Digest: f.digest})
+		}
+		for _, l := range tree.symlinks {
+			rec.Inputs = append(rec.Inputs, ProducedFile{Path: l.path, SymlinkTarget: l.target})
 		}
 		if p := a.Action.GetPlatform(); p != nil {
 			rec.Platform = p.GetProperties()
 		} else {
 			rec.Platform = a.Command.GetPlatform().GetProperties()
 		}
-		aux, err := e.cfg.Attester.Attest(ctx, rec)
-		if err != nil {
+		if err := e.cfg.Attester.Attest(ctx, rec); err != nil {
 			return nil, cache.PrefixError(err, "attest action %s", a.Digest)
 		}
-		if aux != nil {
-			md.AuxiliaryMetadata = append(md.AuxiliaryMetadata, aux)
-		}
 	}
-	md.WorkerCompletedTimestamp = timestamppb.Now()
 
 	cacheable := checked && jr.ExitCode == 0 && !jr.TimedOut && !a.Action.GetDoNotCache() && !req.NoCache
 	if cacheable {

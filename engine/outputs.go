@@ -36,10 +36,11 @@ type collector struct {
 	produced []ProducedFile
 }
 
-// ProducedFile is one output file by path (relative to the working directory).
+// ProducedFile is one file (or symlink) of an action's inputs or outputs, by path.
 type ProducedFile struct {
-	Path   string
-	Digest cache.Digest
+	Path          string
+	Digest        cache.Digest
+	SymlinkTarget string // set for symlinks
 }
 
 // storeFile hashes f and links or copies it into the CAS. The action is dead when
@@ -144,7 +145,7 @@ func (c *collector) collectOne(ctx context.Context, parent *os.File, name, rel s
 			return cache.PrefixError(err, "output %q", rel)
 		}
 		r.OutputFiles = append(r.OutputFiles, &repb.OutputFile{Path: rel, Digest: d.Proto(), IsExecutable: st.Mode&0o111 != 0})
-		c.produced = append(c.produced, ProducedFile{rel, d})
+		c.produced = append(c.produced, ProducedFile{Path: rel, Digest: d})
 	case unix.S_IFDIR:
 		if kind == 1 {
 			return status.Errorf(codes.InvalidArgument, "output file %q is a directory", rel)
@@ -173,6 +174,7 @@ func (c *collector) collectOne(ctx context.Context, parent *os.File, name, rel s
 			return err
 		}
 		s := &repb.OutputSymlink{Path: rel, Target: target}
+		c.produced = append(c.produced, ProducedFile{Path: rel, SymlinkTarget: target})
 		switch kind {
 		case 0:
 			r.OutputSymlinks = append(r.OutputSymlinks, s)
@@ -232,7 +234,7 @@ func (c *collector) tree(ctx context.Context, dir *os.File, rel string) (*repb.T
 					return nil, cache.PrefixError(err, "%q", erel)
 				}
 				out.Files = append(out.Files, &repb.FileNode{Name: e.Name(), Digest: d.Proto(), IsExecutable: info.Mode()&0o111 != 0})
-				c.produced = append(c.produced, ProducedFile{erel, d})
+				c.produced = append(c.produced, ProducedFile{Path: erel, Digest: d})
 			case e.IsDir():
 				sf, err := openAt(dir, e.Name(), unix.O_RDONLY|unix.O_DIRECTORY)
 				if err != nil {
@@ -261,6 +263,7 @@ func (c *collector) tree(ctx context.Context, dir *os.File, rel string) (*repb.T
 					return nil, err
 				}
 				out.Symlinks = append(out.Symlinks, &repb.SymlinkNode{Name: e.Name(), Target: target})
+				c.produced = append(c.produced, ProducedFile{Path: erel, SymlinkTarget: target})
 			default:
 				return nil, status.Errorf(codes.InvalidArgument, "%q is neither a file, a directory nor a symlink", erel)
 			}

@@ -40,7 +40,7 @@ func (s sandboxRunner) Run(ctx context.Context, j Job) (JobResult, error) {
 	jr := JobResult{
 		ExitCode: res.ExitCode, TimedOut: res.TimedOut, OOMKilled: res.OOMKilled,
 		StdoutTruncated: res.Stdout.Truncated, StderrTruncated: res.Stderr.Truncated,
-		PolicyDigest: res.PolicyDigest, Wall: res.Wall, User: res.User, Sys: res.System, MaxRSS: res.MaxRSS,
+		PolicyDigest: res.PolicyDigest, Policy: res.Policy, Wall: res.Wall, User: res.User, Sys: res.System, MaxRSS: res.MaxRSS,
 	}
 	if res.Signal != 0 {
 		jr.Signal = unix.SignalName(unix.Signal(res.Signal))

@@ -38,6 +38,10 @@ type ServerConfig struct {
 	// serve only downloads pinned in the lockfile, from these hosts.
 	Lockfile   string
 	FetchAllow []string
+	// ExecutorKeyFile is the operator's signing key; empty uses the data dir's own.
+	ExecutorKeyFile string
+	// Version is kiln's version, recorded in every link.
+	Version string
 	// Ready, if set, is called with the bound addresses once the server accepts calls.
 	Ready func(grpcAddr, httpAddr string)
 }
@@ -74,12 +78,13 @@ func Serve(ctx context.Context, cfg ServerConfig) error {
 		lock = l
 	}
 	eng, err := Open(ctx, Options{
-		Data: cfg.Data, MaxSize: cfg.MaxSize, Fsync: cfg.Fsync, Logger: log, Registerer: reg,
+		Data: cfg.Data, Primary: true, MaxSize: cfg.MaxSize, Fsync: cfg.Fsync, Logger: log, Registerer: reg,
 		DefaultToolchain: cfg.Execution.DefaultToolchain, Concurrency: cfg.Execution.Concurrency,
 		MaxQueue: cfg.Execution.MaxQueue, DefaultTimeout: cfg.Execution.DefaultTimeout,
 		MaxTimeout: cfg.Execution.MaxTimeout, IgnoreUnknownPlatformProperties: cfg.Execution.IgnoreUnknownPlatformProperties,
 		NoSandbox: cfg.Execution.Disabled, Prestart: cfg.Execution.Concurrency,
-		Pinner: pinner(lock), VerifyRate: cfg.Execution.VerifyRate,
+		Pinner: pinner(lock), ExecutorKeyFile: cfg.ExecutorKeyFile, Version: cfg.Version,
+		VerifyRate: cfg.Execution.VerifyRate,
 	})
 	if err != nil {
 		return err

@@ -4,8 +4,10 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"math"
 	"path"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 
@@ -126,8 +128,11 @@ func normalize(spec Spec) (Spec, error) {
 	if s.GID == 0 {
 		s.GID = DefaultGID
 	}
-	if s.UID < 0 || s.GID < 0 {
-		return bad("negative uid or gid")
+	if s.UID < 0 || s.GID < 0 || s.UID > math.MaxInt32 || s.GID > math.MaxInt32 {
+		return bad("uid or gid out of range")
+	}
+	if s.CPUs != "" && !cpusetRE.MatchString(s.CPUs) {
+		return bad("CPUs %q is not a CPU list like 0-3,6", s.CPUs)
 	}
 	if s.Timeout < 0 {
 		return bad("negative timeout")
@@ -154,11 +159,14 @@ func normalize(spec Spec) (Spec, error) {
 	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &nofile); err == nil && l.OpenFiles > nofile.Max {
 		return Spec{}, status.Errorf(codes.ResourceExhausted, "sandbox: open files limit %d is above this host's hard limit %d", l.OpenFiles, nofile.Max)
 	}
-	if l.MemoryBytes < 4<<20 || l.Pids < 1 || l.CPUs < 0 || l.TmpBytes < 4096 {
+	if l.MemoryBytes < 4<<20 || l.Pids < 1 || !(l.CPUs >= 0 && l.CPUs <= 1<<20) || l.TmpBytes < 4096 {
 		return bad("limits out of range (memory >= 4 MiB, pids >= 1, cpus >= 0, tmp >= 4 KiB)")
 	}
 	return s, nil
 }
+
+// cpusetRE matches the cpuset list syntax: "0", "0-3", "0-3,6,8-9".
+var cpusetRE = regexp.MustCompile(`^[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*$`)
 
 func isCleanAbs(p string) bool { return path.IsAbs(p) && path.Clean(p) == p }
 
@@ -215,12 +223,13 @@ func charDev(p string, major, minor int64) *devices.Device {
 }
 
 // maskedPaths are hidden (bind-mounted over with /dev/null or an empty read-only
-// tmpfs): they leak host information or offer kernel interfaces.
+// tmpfs) where the kernel has them: they leak host information or offer kernel
+// interfaces. There is no /sys at all (an empty directory): build actions do not
+// need it, and each mount costs set-up and tear-down time.
 var maskedPaths = []string{
 	"/proc/acpi", "/proc/asound", "/proc/interrupts", "/proc/kcore", "/proc/keys",
 	"/proc/latency_stats", "/proc/sched_debug", "/proc/scsi", "/proc/timer_list",
-	"/proc/timer_stats", "/sys/firmware", "/sys/devices/virtual/powercap",
-	"/sys/kernel/debug", "/sys/kernel/security",
+	"/proc/timer_stats",
 }
 
 // readonlyPaths are remounted read-only inside /proc.
@@ -243,7 +252,6 @@ func (r *Runner) containerConfig(id, root string, s *Spec) *configs.Config {
 		{Source: "tmpfs", Destination: "/dev", Device: "tmpfs", Flags: unix.MS_NOSUID | unix.MS_STRICTATIME, Data: "mode=755,size=64k"},
 		{Source: "devpts", Destination: "/dev/pts", Device: "devpts", Flags: unix.MS_NOSUID | unix.MS_NOEXEC, Data: "newinstance,ptmxmode=0666,mode=0620"},
 		{Source: "shm", Destination: "/dev/shm", Device: "tmpfs", Flags: mntNoSuidDevExec, Data: "mode=1777,size=" + strconv.FormatInt(s.Limits.TmpBytes, 10)},
-		{Source: "sysfs", Destination: "/sys", Device: "sysfs", Flags: mntNoSuidDevExec | unix.MS_RDONLY},
 		{Source: "tmpfs", Destination: "/tmp", Device: "tmpfs", Flags: unix.MS_NOSUID | unix.MS_NODEV, Data: "mode=1777,size=" + strconv.FormatInt(s.Limits.TmpBytes, 10)},
 	}
 	var rules []*devices.Rule
@@ -321,9 +329,10 @@ type policyMount struct {
 	Data   string `json:"data,omitempty"`
 }
 
-// policyDigest names the isolation policy of cfg, the configuration built for s,
-// as "sha256:<hex>". It reads the applied configuration, so it cannot drift from it.
-func policyDigest(s *Spec, cfg *configs.Config) string {
+// policyDocument describes the isolation policy of cfg, the configuration built for s,
+// as canonical JSON, and names it "sha256:<hex>". It reads the applied configuration,
+// so it cannot drift from it.
+func policyDocument(s *Spec, cfg *configs.Config) ([]byte, string) {
 	p := policy{
 		Version:       policyVersion,
 		Seccomp:       seccomp.Version,
@@ -372,7 +381,7 @@ func policyDigest(s *Spec, cfg *configs.Config) string {
 		panic(err) // plain data; cannot fail
 	}
 	h := sha256.Sum256(b)
-	return "sha256:" + hex.EncodeToString(h[:])
+	return b, "sha256:" + hex.EncodeToString(h[:])
 }
 
 func mountMode(m *configs.Mount) string {

@@ -176,7 +176,9 @@ func controlNotEPERM(args ...string) func(*testing.T) {
 }
 
 func TestHostile(t *testing.T) {
-	r := newRunner(t)
+	// Prepared sandboxes are what a long-lived engine uses: test through them (the
+	// parallel subtests also use freshly prepared ones when the pool runs dry).
+	r := newRunnerWith(t, sandbox.Config{Prestart: 4})
 	f := newHostFixture(t)
 	hostName, _ := os.Hostname()
 	hostTmp := t.TempDir()
@@ -299,7 +301,8 @@ func TestHostile(t *testing.T) {
 		{name: "write /proc/sys", args: probe("write", "/proc/sys/kernel/hostname", "evil"),
 			control: controlIs("ok", append(isolateUTS, "write", "/proc/sys/kernel/hostname", "evil")...), check: wantLine("errno=30")},
 		{name: "write /sys", args: probe("write", "/sys/class/net/lo/mtu", "65536"),
-			control: controlIs("ok", "write", "/sys/class/net/lo/mtu", "65536"), check: wantLine("errno=30")},
+			control: controlIs("ok", "write", "/sys/class/net/lo/mtu", "65536"), check: wantLine("errno=2")}, // no sysfs at all
+		{name: "create a file in /sys", args: probe("write", "/sys/evil", "x"), check: wantLine("errno=30")},
 		{name: "reach kiln-init's status pipe through /proc/1/fd", args: probe("write", "/proc/1/fd/5", "s0000"),
 			check: wantLine("errno=13")},
 		{name: "cgroup view is private", args: []string{"/bin/cat", "/proc/self/cgroup"},

@@ -1,6 +1,7 @@
 package sandbox
 
 import (
+	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
@@ -24,7 +25,8 @@ type pool struct {
 	mu       sync.Mutex
 	idle     map[string][]*sandbox
 	inflight map[string]int
-	recent   []string // keys, most recent last
+	waiters  map[string][]chan *sandbox // Runs waiting for an in-flight preparation
+	recent   []string                   // keys, most recent last
 	closed   bool
 	wg       sync.WaitGroup
 }
@@ -32,7 +34,7 @@ type pool struct {
 const maxKeys = 8
 
 func newPool(size int) *pool {
-	return &pool{size: size, idle: map[string][]*sandbox{}, inflight: map[string]int{}}
+	return &pool{size: size, idle: map[string][]*sandbox{}, inflight: map[string]int{}, waiters: map[string][]chan *sandbox{}}
 }
 
 // poolKey names what prepare fixes for s.
@@ -49,21 +51,46 @@ func poolKey(s *Spec) string {
 	return hex.EncodeToString(h[:16])
 }
 
-// take returns an idle prepared sandbox for key, or nil.
-func (p *pool) take(key string) *sandbox {
+// take returns a prepared sandbox for key: an idle one, or one being prepared
+// that no other Run waits for (it is further along than a new one would be); nil
+// when there is neither, or ctx ends first.
+func (p *pool) take(ctx context.Context, key string) *sandbox {
 	if p.size <= 0 {
 		return nil
 	}
 	p.mu.Lock()
-	defer p.mu.Unlock()
 	p.touch(key)
-	l := p.idle[key]
-	if len(l) == 0 {
+	if l := p.idle[key]; len(l) > 0 {
+		sb := l[len(l)-1]
+		p.idle[key] = l[:len(l)-1]
+		p.mu.Unlock()
+		return sb
+	}
+	if p.inflight[key] <= len(p.waiters[key]) {
+		p.mu.Unlock()
 		return nil
 	}
-	sb := l[len(l)-1]
-	p.idle[key] = l[:len(l)-1]
-	return sb
+	ch := make(chan *sandbox, 1)
+	p.waiters[key] = append(p.waiters[key], ch)
+	p.mu.Unlock()
+	select {
+	case sb := <-ch:
+		return sb
+	case <-ctx.Done():
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for i, w := range p.waiters[key] {
+		if w == ch {
+			p.waiters[key] = append(p.waiters[key][:i], p.waiters[key][i+1:]...)
+			return nil
+		}
+	}
+	// Handed over meanwhile: keep it for the next Run.
+	if sb := <-ch; sb != nil {
+		p.idle[key] = append(p.idle[key], sb)
+	}
+	return nil
 }
 
 // touch marks key recently used; drops (and destroys the idle sandboxes of) the
@@ -80,7 +107,11 @@ func (p *pool) touch(key string) {
 		old := p.recent[0]
 		p.recent = p.recent[1:]
 		for _, sb := range p.idle[old] {
-			go sb.destroy(nopLogger)
+			p.wg.Add(1)
+			go func() {
+				defer p.wg.Done()
+				sb.destroy(nopLogger)
+			}()
 		}
 		delete(p.idle, old)
 	}
@@ -107,7 +138,15 @@ func (p *pool) refill(r *Runner, s *Spec, key string) {
 			p.mu.Lock()
 			p.inflight[key]--
 			keep := err == nil && !p.closed && p.isRecent(key)
-			if keep {
+			if w := p.waiters[key]; len(w) > 0 {
+				// A Run waits: hand it over (nil on failure: it prepares its own).
+				p.waiters[key] = w[1:]
+				if !keep {
+					w[0] <- nil
+				} else {
+					w[0] <- sb
+				}
+			} else if keep {
 				p.idle[key] = append(p.idle[key], sb)
 			}
 			p.mu.Unlock()

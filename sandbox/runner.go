@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"runtime"
 	"sort"
 	"strconv"
 	"strings"
@@ -17,6 +18,7 @@ import (
 
 	"github.com/opencontainers/runc/libcontainer"
 	"github.com/opencontainers/runc/libcontainer/configs"
+	lcseccomp "github.com/opencontainers/runc/libcontainer/seccomp"
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -50,6 +52,7 @@ type Runner struct {
 	init   *os.File // sealed memfd holding kiln-init
 	roots  *roots
 	pool   *pool
+	spawn  *spawner // threads that fork container processes
 
 	seq     atomic.Uint64
 	mu      sync.Mutex
@@ -65,6 +68,9 @@ func New(ctx context.Context, cfg Config) (*Runner, error) {
 	}
 	if os.Geteuid() != 0 {
 		return nil, status.Error(codes.FailedPrecondition, "sandbox: the Runner must run as root (rootless sandboxes are not supported yet; see docs/sandbox.md)")
+	}
+	if !lcseccomp.Enabled {
+		return nil, status.Error(codes.FailedPrecondition, "sandbox: kiln was built without seccomp support (build with CGO_ENABLED=1 -tags seccomp)")
 	}
 	if len(trampoline.Binary) == 0 || !supportedArch {
 		return nil, status.Error(codes.Unimplemented, "sandbox: only linux/amd64 is supported")
@@ -107,18 +113,11 @@ func New(ctx context.Context, cfg Config) (*Runner, error) {
 			return nil, status.Errorf(codes.Internal, "sandbox: state dir: %v", err)
 		}
 	}
-	// Sandboxes run as an unprivileged uid: they must be able to traverse to the root
-	// overlays (the directories themselves are not readable to them: 0711).
-	for _, d := range []string{dir, filepath.Join(dir, "roots"), filepath.Join(dir, "roots", "mnt")} {
-		if err := os.Chmod(d, 0o711); err != nil {
-			lock.Close()
-			return nil, status.Errorf(codes.Internal, "sandbox: state dir: %v", err)
-		}
-	}
 	if r.init, err = trampoline.Memfd(); err != nil {
 		lock.Close()
 		return nil, status.Errorf(codes.Internal, "sandbox: kiln-init: %v", err)
 	}
+	r.spawn = newSpawner(max(4, 2*runtime.GOMAXPROCS(0)))
 	return r, nil
 }
 
@@ -134,6 +133,7 @@ func (r *Runner) Close() error {
 	r.mu.Unlock()
 	r.running.Wait()
 	r.pool.close(r)
+	r.spawn.close()
 	err := r.roots.closeAll()
 	if e := removeCgroupParent(r.cgName); e != nil && err == nil {
 		err = e
@@ -176,7 +176,14 @@ func (r *Runner) Run(ctx context.Context, spec Spec) (Result, error) {
 	defer tr.done()
 
 	key := poolKey(&s)
-	sb := r.pool.take(key)
+	sb := r.pool.take(ctx, key)
+	if sb != nil {
+		if st, err := sb.ctr.Status(); err != nil || st != libcontainer.Running {
+			// Its kiln-init died while it waited (killed from outside): discard it.
+			sb.destroy(r.log)
+			sb = nil
+		}
+	}
 	if sb == nil {
 		if sb, err = r.prepare(&s, key); err != nil {
 			return Result{}, err
@@ -191,11 +198,11 @@ func (r *Runner) Run(ctx context.Context, spec Spec) (Result, error) {
 		sb.destroy(r.log)
 		tr.mark("destroy")
 	}()
-	return r.execute(ctx, sb, &s, cmd)
+	return r.execute(ctx, sb, &s, cmd, tr)
 }
 
-// sandbox is a created container whose init waits, before exec'ing kiln-init, for
-// the command to be bound to it (execute). It runs exactly one command.
+// sandbox is a started container whose PID 1, kiln-init, waits for the command to
+// be bound to it (execute). It runs exactly one command.
 type sandbox struct {
 	id      string
 	key     string
@@ -207,7 +214,8 @@ type sandbox struct {
 }
 
 // prepare creates and starts a container for specs with s's key: namespaces,
-// cgroups, root, seccomp and uid are set up; the bind mounts and the command come
+// cgroups, root, seccomp and uid are set up, and libcontainer's init has exec'd
+// kiln-init, which waits for its command. The bind mounts and the command come
 // later, in execute.
 func (r *Runner) prepare(s *Spec, key string) (_ *sandbox, retErr error) {
 	root, release, err := r.roots.acquire(s.RootFS, mountPoints(s))
@@ -242,8 +250,11 @@ func (r *Runner) prepare(s *Spec, key string) (_ *sandbox, retErr error) {
 		ExtraFiles: []*os.File{r.init, sb.p.ctrlR, sb.p.statusW},
 		Init:       true,
 	}
-	if err := sb.ctr.Start(sb.proc); err != nil {
-		sb.proc = nil
+	r.spawn.do(func() { err = sb.ctr.Run(sb.proc) })
+	if err != nil {
+		if st, _ := sb.ctr.Status(); st == libcontainer.Stopped {
+			sb.proc = nil
+		}
 		return nil, startError(err)
 	}
 	sb.p.closeChildEnds()
@@ -260,8 +271,14 @@ func (sb *sandbox) destroy(log *slog.Logger) {
 				_, _ = sb.proc.Wait()
 			}
 		}
-		if err := sb.ctr.Destroy(); err != nil {
-			log.Warn("sandbox: destroy container", "id", sb.id, "err", err)
+		st, _ := sb.ctr.State()
+		if err := sb.ctr.Destroy(); err != nil && st != nil {
+			// Something still lives in the container's cgroups: kill it, wait longer.
+			left := forceRemoveCgroups(st.CgroupPaths)
+			log.Warn("sandbox: container cgroups were not empty after its init died", "id", sb.id, "err", err, "processes", left)
+			if err := sb.ctr.Destroy(); err != nil {
+				log.Warn("sandbox: destroy container", "id", sb.id, "err", err)
+			}
 		}
 		sb.ctr = nil
 	}
@@ -272,10 +289,10 @@ func (sb *sandbox) destroy(log *slog.Logger) {
 	}
 }
 
-// execute binds s's mounts into sb, lets its init exec kiln-init with the command,
-// and waits for the command.
-func (r *Runner) execute(ctx context.Context, sb *sandbox, s *Spec, cmd []byte) (Result, error) {
-	res := Result{PolicyDigest: policyDigest(s, sb.cfg)}
+// execute binds s's mounts into sb, hands kiln-init the command and waits for it.
+func (r *Runner) execute(ctx context.Context, sb *sandbox, s *Spec, cmd []byte, tr *trace) (Result, error) {
+	var res Result
+	res.Policy, res.PolicyDigest = policyDocument(s, sb.cfg)
 	stdout, err := newCappedFile(s.Stdout)
 	if err != nil {
 		return Result{}, status.Errorf(codes.Internal, "sandbox: stdout: %v", err)
@@ -293,11 +310,9 @@ func (r *Runner) execute(ctx context.Context, sb *sandbox, s *Spec, cmd []byte) 
 	if err := attachMounts(st.InitProcessPid, lateMounts(s)); err != nil {
 		return Result{}, status.Errorf(codes.Internal, "sandbox: bind mounts: %v", err)
 	}
+	tr.mark("attach")
 
 	start := time.Now()
-	if err := sb.ctr.Exec(); err != nil {
-		return Result{}, status.Errorf(codes.Internal, "sandbox: start kiln-init: %v", err)
-	}
 	var wg sync.WaitGroup
 	var statusBytes []byte
 	wg.Add(3)
@@ -327,6 +342,7 @@ func (r *Runner) execute(ctx context.Context, sb *sandbox, s *Spec, cmd []byte) 
 		}
 	}()
 	ps, werr := sb.proc.Wait()
+	tr.mark("wait")
 	close(waited)
 	res.Wall = time.Since(start)
 	wg.Wait()
@@ -356,7 +372,10 @@ func (r *Runner) execute(ctx context.Context, sb *sandbox, s *Spec, cmd []byte) 
 	default:
 		res.StartError = fmt.Sprintf("%s %s: %v", rep.Stage, startTarget(rep.Stage, s), rep.Errno)
 	}
-	if ru, ok := ps.SysUsage().(*syscall.Rusage); ok {
+	if rep.HasUsage {
+		res.User, res.System, res.MaxRSS = rep.User, rep.System, rep.MaxRSSKiB*1024
+	} else if ru, ok := ps.SysUsage().(*syscall.Rusage); ok {
+		// kiln-init was killed before it could report: this includes the set-up.
 		res.User = time.Duration(ru.Utime.Nano())
 		res.System = time.Duration(ru.Stime.Nano())
 		res.MaxRSS = ru.Maxrss * 1024

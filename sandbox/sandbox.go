@@ -126,6 +126,8 @@ type Result struct {
 	// PolicyDigest names the isolation policy (seccomp profile version, namespaces,
 	// mounts layout, limits) as "sha256:<hex>"; equal for equal Spec limits on any host.
 	PolicyDigest string `json:"policy_digest"`
+	// Policy is the document PolicyDigest hashes (canonical JSON), for whoever records it.
+	Policy []byte `json:"-"`
 }
 
 // OutputResult says where one output stream went and whether it was cut.

@@ -3,6 +3,7 @@ package sandbox_test
 import (
 	"context"
 	"fmt"
+	"math"
 	"os"
 	"path/filepath"
 	"strings"
@@ -202,6 +203,13 @@ func TestInvalidSpecs(t *testing.T) {
 		"unclean path":       {func(s *sandbox.Spec) { s.ExecRoot = t.TempDir(); s.ExecRootPath = "/a/../b" }, codes.InvalidArgument},
 		"too many files":     {func(s *sandbox.Spec) { s.Limits.OpenFiles = 1 << 40 }, codes.ResourceExhausted},
 		"tiny memory":        {func(s *sandbox.Spec) { s.Limits.MemoryBytes = 1024 }, codes.InvalidArgument},
+		"bad cpuset":         {func(s *sandbox.Spec) { s.CPUs = "0-a" }, codes.InvalidArgument},
+		"NaN cpus":           {func(s *sandbox.Spec) { s.Limits.CPUs = math.NaN() }, codes.InvalidArgument},
+		"huge uid":           {func(s *sandbox.Spec) { s.UID = 1 << 40 }, codes.InvalidArgument},
+		"nested mounts": {func(s *sandbox.Spec) {
+			s.ExecRoot = t.TempDir()
+			s.Mounts = []sandbox.Mount{{Source: "/tmp", Target: "/kiln/execroot/x"}}
+		}, codes.InvalidArgument},
 	} {
 		s := ok
 		c.mut(&s)

@@ -139,6 +139,23 @@ func removeCgroupParent(name string) error {
 	return errors.Join(errs...)
 }
 
+// forceRemoveCgroups kills whatever is in the cgroups at paths and removes them,
+// waiting for the processes to go; it returns the processes it found ("pid comm").
+func forceRemoveCgroups(paths map[string]string) []string {
+	var found []string
+	for _, p := range paths {
+		pids, _ := readPids(filepath.Join(p, "cgroup.procs"))
+		for _, pid := range pids {
+			comm, _ := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/comm")
+			found = append(found, strconv.Itoa(pid)+" "+strings.TrimSpace(string(comm)))
+		}
+	}
+	for _, p := range paths {
+		_ = killAndRemoveCgroup(context.Background(), p)
+	}
+	return found
+}
+
 func killAndRemoveCgroup(ctx context.Context, dir string) error {
 	for i := 0; ; i++ {
 		pids, _ := readPids(filepath.Join(dir, "cgroup.procs"))

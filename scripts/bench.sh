@@ -2,6 +2,8 @@
 # bench.sh: kiln's benchmarks, each beside its peers in the same run, printing ratios.
 # Peers that are not installed are skipped with a note (bazel-remote is not packaged
 # in Debian: build it from source yourself and point BAZEL_REMOTE at the binary).
+#
+#   scripts/bench.sh [cas|sandbox|exec]...   (default: all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 KILN=${KILN:-$PWD/bin/kiln}
@@ -13,6 +15,10 @@ trap cleanup EXIT
 # wait_port waits until something listens on 127.0.0.1:$1.
 wait_port() { for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "bench: nothing listening on $1" >&2; return 1; }
 
+parts=${*:-cas sandbox exec}
+want() { [[ " $parts " == *" $1 "* ]]; }
+
+if want cas; then
 echo "== CAS (ByteStream 1 MiB x 8 streams, BatchUpdate 4 KiB, FindMissing) =="
 go build -o "$work/casbench" ./test/bench/casbench
 "$KILN" serve --data "$work/kiln" --listen 127.0.0.1:18801 --http-listen "" --log-level warn &
@@ -30,6 +36,8 @@ else
   echo "bazel-remote: skipped (set BAZEL_REMOTE=/path/to/bazel-remote for a side-by-side run)"
 fi
 
-for extra in scripts/bench-*.sh; do
-  [ -x "$extra" ] && { echo; "$extra"; }
+fi
+
+for part in sandbox exec; do
+  if want "$part" && [ -x "scripts/bench-$part.sh" ]; then echo; "scripts/bench-$part.sh"; fi
 done

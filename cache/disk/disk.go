@@ -4,7 +4,10 @@
 //
 // Several processes may use one directory at once (a long-running `kiln serve` and CLI
 // commands): the files are the truth and every write is a rename, so no lock is needed
-// to read or write. Only one process at a time (the one holding evict.lock) evicts.
+// to read or write. One process at a time may be the primary (it holds primary.lock):
+// it keeps an in-memory index of the store, answers FindMissing from it, and evicts.
+// The others find blobs with stat, and touch foreign.stamp after writing, which tells
+// the primary to stat what its index lacks.
 package disk
 
 import (
@@ -35,8 +38,10 @@ import (
 
 // Options configures a Store.
 type Options struct {
-	// MaxSize bounds the bytes of blobs and action-cache entries kept; 0 means no bound
-	// and no eviction (what CLI commands use while a server owns eviction).
+	// Primary makes this Store the directory's indexer (one per directory; kiln serve).
+	Primary bool
+	// MaxSize bounds the bytes of blobs and action-cache entries kept; 0 means no bound.
+	// Only a primary Store can bound the size.
 	MaxSize int64
 	// Fsync makes every write durable before it becomes visible (file and directory
 	// fsync). Without it a power loss can tear a blob, which verification on read then
@@ -65,7 +70,10 @@ type Store struct {
 	index   map[string]*entry // key: "c"+hash or "a"+keyhash
 	lru     *list.List        // front: most recently used
 	total   int64
-	evictor *os.File // flock on evict.lock, held while this process may evict
+	primary *os.File // flock on primary.lock, held by the indexing process
+
+	stampMu   sync.Mutex
+	stampSeen time.Time // foreign.stamp's mtime when the primary last synced with it
 
 	sizeGauge  prometheus.Gauge
 	countGauge prometheus.Gauge
@@ -122,16 +130,20 @@ func Open(ctx context.Context, dir string, opts Options) (*Store, error) {
 		s.corrupt = prometheus.NewCounter(prometheus.CounterOpts{Name: "kiln_store_corrupt_blobs_total", Help: "Blobs that failed verification on read and were removed."})
 		opts.Registerer.MustRegister(s.sizeGauge, s.countGauge, s.evictions, s.corrupt)
 	}
-	if opts.MaxSize > 0 {
-		f, err := os.OpenFile(filepath.Join(dir, "evict.lock"), os.O_CREATE|os.O_RDWR, 0o644)
+	if opts.MaxSize > 0 && !opts.Primary {
+		return nil, status.Error(codes.InvalidArgument, "only the primary store can bound its size")
+	}
+	if opts.Primary {
+		f, err := os.OpenFile(filepath.Join(dir, "primary.lock"), os.O_CREATE|os.O_RDWR, 0o644)
 		if err != nil {
-			return nil, status.Errorf(codes.Internal, "open eviction lock: %v", err)
+			return nil, status.Errorf(codes.Internal, "open primary lock: %v", err)
 		}
 		if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
 			f.Close()
-			return nil, status.Errorf(codes.FailedPrecondition, "store %s: another process already bounds its size (holds evict.lock); run one size-bounded process per data dir", dir)
+			return nil, status.Errorf(codes.FailedPrecondition, "store %s already has a primary process (another kiln serve holds primary.lock); run one server per data dir", dir)
 		}
-		s.evictor = f
+		s.primary = f
+		s.stampSeen = s.stampTime()
 		if err := s.scan(ctx); err != nil {
 			f.Close()
 			return nil, err
@@ -143,8 +155,8 @@ func Open(ctx context.Context, dir string, opts Options) (*Store, error) {
 
 // Close releases the store's locks; its temp files are gone by then.
 func (s *Store) Close() error {
-	if s.evictor != nil {
-		s.evictor.Close()
+	if s.primary != nil {
+		s.primary.Close()
 	}
 	os.Remove(s.ownerLock.Name())
 	return s.ownerLock.Close()
@@ -300,6 +312,9 @@ func (s *Store) updateGauges() {
 // touch marks key as just used (indexing it if another process wrote it) and, every
 // touchEvery, refreshes its file's mtime so the order survives restarts.
 func (s *Store) touch(key, path string, size int64) {
+	if s.primary == nil {
+		return
+	}
 	now := s.now()
 	s.mu.Lock()
 	e, ok := s.index[key]
@@ -341,7 +356,7 @@ func (s *Store) forget(key string) {
 
 // evict removes least recently used entries until the store is at 95% of MaxSize.
 func (s *Store) evict() {
-	if s.evictor == nil {
+	if s.primary == nil || s.opts.MaxSize <= 0 {
 		return
 	}
 	low := s.opts.MaxSize - s.opts.MaxSize/20
@@ -407,6 +422,7 @@ func (s *Store) commit(tmp *os.File, key, final string, size int64) error {
 		syncDir(filepath.Dir(final))
 	}
 	s.touch(key, final, size)
+	s.stampForeign()
 	return nil
 }
 
@@ -552,15 +568,78 @@ func (s *Store) Has(d cache.Digest) bool {
 }
 
 // FindMissing implements cache.BlobStore; found blobs count as used, so they are the
-// last to be evicted (clients call FindMissing before relying on blobs).
+// last to be evicted (clients call FindMissing before relying on blobs). The primary
+// answers from its index, and stats what the index lacks only when another process
+// has written to the store since it last looked (foreign.stamp); a stat costs far
+// more than a map lookup.
 func (s *Store) FindMissing(ctx context.Context, ds []cache.Digest) ([]cache.Digest, error) {
 	var missing []cache.Digest
+	if s.primary == nil {
+		for _, d := range ds {
+			if !s.Has(d) {
+				missing = append(missing, d)
+			}
+		}
+		return missing, ctx.Err()
+	}
+	var unknown []cache.Digest
+	s.mu.Lock()
 	for _, d := range ds {
+		if e, ok := s.index["c"+d.Hash]; ok && e.size == d.Size {
+			s.lru.MoveToFront(e.elem)
+			continue
+		}
+		unknown = append(unknown, d)
+	}
+	s.mu.Unlock()
+	if len(unknown) == 0 {
+		return nil, ctx.Err()
+	}
+	if !s.foreignWrites() {
+		return unknown, ctx.Err()
+	}
+	for _, d := range unknown {
 		if !s.Has(d) {
 			missing = append(missing, d)
 		}
 	}
 	return missing, ctx.Err()
+}
+
+func (s *Store) stampPath() string { return filepath.Join(s.dir, "foreign.stamp") }
+
+func (s *Store) stampTime() time.Time {
+	var st unix.Stat_t
+	if err := unix.Stat(s.stampPath(), &st); err != nil {
+		return time.Time{}
+	}
+	return time.Unix(st.Mtim.Unix())
+}
+
+// stampForeign tells the primary that a non-primary process wrote to the store.
+func (s *Store) stampForeign() {
+	if s.primary != nil {
+		return
+	}
+	now := time.Now()
+	if err := os.Chtimes(s.stampPath(), now, now); err != nil {
+		if f, err := os.OpenFile(s.stampPath(), os.O_CREATE|os.O_WRONLY, 0o644); err == nil {
+			f.Close()
+		}
+	}
+}
+
+// foreignWrites reports whether another process wrote since the last call said no.
+// The mark moves before the caller stats, so writes during the stats are seen next time.
+func (s *Store) foreignWrites() bool {
+	t := s.stampTime()
+	s.stampMu.Lock()
+	defer s.stampMu.Unlock()
+	if t.Equal(s.stampSeen) {
+		return false
+	}
+	s.stampSeen = t
+	return true
 }
 
 // AdoptFile makes the open file f blob d by linking its inode into the CAS, without
@@ -601,6 +680,7 @@ func (s *Store) AdoptFile(_ context.Context, d cache.Digest, f *os.File) error {
 		syncDir(filepath.Dir(final))
 	}
 	s.touch(key, final, d.Size)
+	s.stampForeign()
 	return nil
 }
 

@@ -27,9 +27,10 @@ func open(t *testing.T, dir string, opts Options) *Store {
 
 func TestConformance(t *testing.T) {
 	cachetest.BlobStore(t, func(t *testing.T) cache.BlobStore { return open(t, t.TempDir(), Options{}) })
+	cachetest.BlobStore(t, func(t *testing.T) cache.BlobStore { return open(t, t.TempDir(), Options{Primary: true}) })
 	cachetest.ActionCache(t, func(t *testing.T) cache.ActionCache { return open(t, t.TempDir(), Options{}).ActionCache() })
 	cachetest.BlobStore(t, func(t *testing.T) cache.BlobStore {
-		return open(t, t.TempDir(), Options{MaxSize: 1 << 30, Fsync: true})
+		return open(t, t.TempDir(), Options{Primary: true, MaxSize: 1 << 30, Fsync: true})
 	})
 }
 
@@ -37,7 +38,7 @@ func TestConformance(t *testing.T) {
 // DATA_LOSS at the end and the blob is gone afterwards.
 func TestCorruptBlobRemovedOnRead(t *testing.T) {
 	ctx := context.Background()
-	s := open(t, t.TempDir(), Options{MaxSize: 1 << 30})
+	s := open(t, t.TempDir(), Options{Primary: true, MaxSize: 1 << 30})
 	data, d := cachetest.RandomBlob(t, 100000)
 	if err := s.Put(ctx, d, bytes.NewReader(data)); err != nil {
 		t.Fatal(err)
@@ -136,7 +137,7 @@ func TestDamagedActionCacheEntry(t *testing.T) {
 
 func TestEvictionLRU(t *testing.T) {
 	ctx := context.Background()
-	s := open(t, t.TempDir(), Options{MaxSize: 100 << 10})
+	s := open(t, t.TempDir(), Options{Primary: true, MaxSize: 100 << 10})
 	var ds [][]byte
 	var dg []cache.Digest
 	for i := 0; i < 10; i++ {
@@ -177,7 +178,7 @@ func TestEvictionLRU(t *testing.T) {
 // eviction removes it meanwhile.
 func TestEvictionWhileReading(t *testing.T) {
 	ctx := context.Background()
-	s := open(t, t.TempDir(), Options{MaxSize: 1 << 20})
+	s := open(t, t.TempDir(), Options{Primary: true, MaxSize: 1 << 20})
 	data, d := cachetest.RandomBlob(t, 600<<10)
 	s.Put(ctx, d, bytes.NewReader(data))
 	r, err := s.Get(ctx, d, 0)
@@ -218,7 +219,7 @@ func TestReopenKeepsOrderAndSharesDir(t *testing.T) {
 		os.Chtimes(a.BlobPath(d), mt, mt)
 		dg = append(dg, d)
 	}
-	b := open(t, dir, Options{MaxSize: 100 << 10})
+	b := open(t, dir, Options{Primary: true, MaxSize: 100 << 10})
 	// Opening over the bound evicted the oldest first.
 	if m, _ := b.FindMissing(ctx, dg); len(m) != 1 || m[0] != dg[0] {
 		t.Fatalf("missing after reopen = %v, want only the oldest", m)
@@ -229,9 +230,18 @@ func TestReopenKeepsOrderAndSharesDir(t *testing.T) {
 	if m, _ := b.FindMissing(ctx, []cache.Digest{d}); len(m) != 0 {
 		t.Fatal("blob written by another Store not visible")
 	}
-	// A second size-bounded Store on the dir is refused: one evictor per dir.
-	if _, err := Open(ctx, dir, Options{MaxSize: 1 << 20}); err == nil {
-		t.Fatal("two evicting stores on one dir")
+	// A second primary on the dir is refused: one indexer per dir.
+	if _, err := Open(ctx, dir, Options{Primary: true}); err == nil {
+		t.Fatal("two primary stores on one dir")
+	}
+	// A blob that another process removed is not reported present by the primary
+	// once it has been looked at (Get notices and forgets it).
+	os.Remove(a.BlobPath(d))
+	if _, err := b.Get(ctx, d, 0); err == nil {
+		t.Fatal("removed blob readable")
+	}
+	if m, _ := b.FindMissing(ctx, []cache.Digest{d}); len(m) != 1 {
+		t.Fatal("removed blob still reported present")
 	}
 }
 

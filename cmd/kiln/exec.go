@@ -78,7 +78,7 @@ Exit status: the action's own; 124 when it timed out; 2 for a usage or set-up er
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
-			eng, err := engine.Open(ctx, engine.Options{Data: engine.DataDir(af.data), Logger: quietLogger()})
+			eng, err := engine.Open(ctx, engine.Options{Data: engine.DataDir(af.data), Logger: quietLogger(), Version: version})
 			if err != nil {
 				return statusErr(err)
 			}

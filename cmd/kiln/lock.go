@@ -238,8 +238,8 @@ review the recorded digest against the publisher's.`,
 	return cmd
 }
 
-// verifyResult is one dependency's state in the CAS.
-type verifyResult struct {
+// lockVerifyResult is one dependency's state in the CAS.
+type lockVerifyResult struct {
 	Name   string `json:"name"`
 	Digest string `json:"digest,omitempty"`
 	Status string `json:"status"` // ok, missing, corrupt, mismatch, unverifiable
@@ -247,8 +247,8 @@ type verifyResult struct {
 }
 
 // verifyDependency re-hashes the stored bytes of d in every algorithm it pins.
-func verifyDependency(ctx context.Context, store *disk.Store, d *lockfiles.Dependency) verifyResult {
-	r := verifyResult{Name: d.Name}
+func verifyDependency(ctx context.Context, store *disk.Store, d *lockfiles.Dependency) lockVerifyResult {
+	r := lockVerifyResult{Name: d.Name}
 	want, err := d.Checksums()
 	if err != nil {
 		r.Status, r.Detail = "unverifiable", status.Convert(err).Message()
@@ -316,7 +316,7 @@ kiln lock fetch can fetch it again). Toolchain pins are checked when they are re
 				return plain(err)
 			}
 			defer store.Close()
-			var results []verifyResult
+			var results []lockVerifyResult
 			var bad []string
 			for _, name := range l.DependencyNames() {
 				r := verifyDependency(ctx, store, l.Dependencies[name])
@@ -328,9 +328,9 @@ kiln lock fetch can fetch it again). Toolchain pins are checked when they are re
 			out := cmd.OutOrStdout()
 			if lf.json {
 				if err := printJSON(out, struct {
-					OK           bool           `json:"ok"`
-					Dependencies []verifyResult `json:"dependencies"`
-				}{len(bad) == 0, append([]verifyResult{}, results...)}); err != nil {
+					OK           bool               `json:"ok"`
+					Dependencies []lockVerifyResult `json:"dependencies"`
+				}{len(bad) == 0, append([]lockVerifyResult{}, results...)}); err != nil {
 					return err
 				}
 			} else {

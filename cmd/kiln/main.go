@@ -62,6 +62,8 @@ func newRootCmd() *cobra.Command {
 		newExecCmd(),
 		newVerifyCmd(),
 		newLockCmd(),
+		newAttestCmd(),
+		newLogCmd(),
 	)
 	return root
 }

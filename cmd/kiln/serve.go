@@ -32,6 +32,7 @@ func newServeCmd() *cobra.Command {
 				return &exitError{code: 2, msg: fmt.Sprintf("--verify-rate %v: want a fraction from 0 to 1", r)}
 			}
 			cfg.Data = engine.DataDir(data)
+			cfg.Version = version
 			if cfg.Logger, err = logFlag.logger(); err != nil {
 				return err
 			}
@@ -57,6 +58,7 @@ func newServeCmd() *cobra.Command {
 	f.BoolVar(&ex.IgnoreUnknownPlatformProperties, "ignore-unknown-platform-properties", false, "accept platform properties kiln does not understand instead of refusing the action")
 	f.StringVar(&cfg.Lockfile, "lockfile", "", "Remote Asset API: serve only the downloads pinned in this kiln.lock")
 	f.StringSliceVar(&cfg.FetchAllow, "fetch-allow", nil, "Remote Asset API: host or host:port downloads may come from (repeatable; none by default)")
+	f.StringVar(&cfg.ExecutorKeyFile, "key-file", "", "executor signing key (ed25519, PKCS #8 PEM); default: the data dir's own key, created on first start")
 	addDataFlag(cmd, &data)
 	logFlag.register(cmd)
 	return cmd

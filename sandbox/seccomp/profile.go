@@ -21,9 +21,9 @@ import (
 // of the sandbox policy digest that attestations record.
 const Version = "kiln-seccomp/1"
 
-// Allowed are the system calls every build action may make without argument checks:
+// allowed are the system calls every build action may make without argument checks:
 // what compilers, linkers, shells, interpreters (Go, Java, Python) and their tests use.
-var Allowed = []string{
+var allowed = []string{
 	// files and directories
 	"access", "chdir", "chmod", "chown", "close", "close_range", "copy_file_range", "creat",
 	"dup", "dup2", "dup3", "faccessat", "faccessat2", "fadvise64", "fallocate", "fchdir",
@@ -84,9 +84,9 @@ var Allowed = []string{
 	"cachestat", "getrandom", "sysinfo", "uname",
 }
 
-// Denied are refused with EPERM. Everything not allowed is refused anyway; listing
+// denied are refused with EPERM. Everything not allowed is refused anyway; listing
 // these makes the intent explicit, and the hostile tests prove each one.
-var Denied = []string{
+var denied = []string{
 	// debugging and reading other processes
 	"ptrace", "process_vm_readv", "process_vm_writev", "process_madvise", "pidfd_getfd", "kcmp",
 	// mounts and filesystem views
@@ -159,6 +159,13 @@ func allowIf(name string, args ...*configs.Arg) *configs.Syscall {
 	return &configs.Syscall{Name: name, Action: configs.Allow, Args: args}
 }
 
+// Allowed returns the system calls allowed without argument checks (a copy).
+func Allowed() []string { return append([]string(nil), allowed...) }
+
+// Denied returns the system calls the profile refuses by name (a copy); they fail
+// with EPERM like every other call it does not allow.
+func Denied() []string { return append([]string(nil), denied...) }
+
 // Config returns the profile as a libcontainer seccomp configuration (a fresh copy).
 func Config() *configs.Seccomp {
 	eperm, enosysRet := uint(unix.EPERM), uint(unix.ENOSYS)
@@ -166,7 +173,7 @@ func Config() *configs.Seccomp {
 		DefaultAction:   configs.Errno,
 		DefaultErrnoRet: &eperm,
 	}
-	for _, name := range Allowed {
+	for _, name := range allowed {
 		c.Syscalls = append(c.Syscalls, &configs.Syscall{Name: name, Action: configs.Allow})
 	}
 	for _, s := range conditional {
@@ -191,7 +198,7 @@ func Digest() string {
 		Version string
 		Config  *configs.Seccomp
 		Denied  []string
-	}{Version, Config(), Denied})
+	}{Version, Config(), denied})
 	if err != nil {
 		panic(err) // plain data; cannot fail
 	}

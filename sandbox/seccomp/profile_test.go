@@ -8,20 +8,20 @@ import (
 )
 
 func TestProfileIsConsistent(t *testing.T) {
-	allowed := map[string]bool{}
-	for _, n := range Allowed {
-		if allowed[n] {
+	isAllowed := map[string]bool{}
+	for _, n := range allowed {
+		if isAllowed[n] {
 			t.Errorf("%s allowed twice", n)
 		}
-		allowed[n] = true
+		isAllowed[n] = true
 	}
 	for _, s := range conditional {
-		if allowed[s.Name] {
+		if isAllowed[s.Name] {
 			t.Errorf("%s is both allowed and filtered by argument", s.Name)
 		}
 	}
-	for _, n := range Denied {
-		if allowed[n] {
+	for _, n := range denied {
+		if isAllowed[n] {
 			t.Errorf("%s is both allowed and denied", n)
 		}
 		for _, s := range conditional {
@@ -35,7 +35,7 @@ func TestProfileIsConsistent(t *testing.T) {
 			t.Errorf("libseccomp does not know %s: the rule would be dropped", s.Name)
 		}
 	}
-	for _, n := range Denied {
+	for _, n := range denied {
 		if _, err := libseccomp.GetSyscallFromName(n); err != nil {
 			t.Errorf("libseccomp does not know denied %s", n)
 		}
@@ -43,6 +43,7 @@ func TestProfileIsConsistent(t *testing.T) {
 }
 
 func TestConfigIsAFreshCopy(t *testing.T) {
+	digest := Digest()
 	a := Config()
 	a.Syscalls[0].Name = "changed"
 	for _, s := range a.Syscalls {
@@ -51,7 +52,7 @@ func TestConfigIsAFreshCopy(t *testing.T) {
 			break
 		}
 	}
-	if Config().Syscalls[0].Name == "changed" || Digest() != Digest() {
+	if Config().Syscalls[0].Name == "changed" || Digest() != digest {
 		t.Fatal("Config shares state with the profile")
 	}
 	for _, s := range conditional {

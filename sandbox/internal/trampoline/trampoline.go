@@ -10,6 +10,7 @@ import (
 	"os"
 	"strconv"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -97,6 +98,11 @@ type Report struct {
 	// Status is the command's wait status, valid when Exited is set.
 	Status syscall.WaitStatus
 	Exited bool
+	// Usage is the resource use of the command and of every process kiln-init
+	// reaped, valid when HasUsage is set.
+	User, System time.Duration
+	MaxRSSKiB    int64
+	HasUsage     bool
 	// Stage names a failure before the command ran: "chdir", "exec" or "setup".
 	Stage string
 	Errno syscall.Errno
@@ -106,6 +112,17 @@ type Report struct {
 func ParseReport(b []byte) (Report, error) {
 	var r Report
 	for len(b) >= 5 {
+		if b[0] == 'u' {
+			if len(b) < 25 {
+				return r, errors.New("kiln-init: truncated usage report")
+			}
+			r.User = time.Duration(binary.LittleEndian.Uint64(b[1:9])) * time.Microsecond
+			r.System = time.Duration(binary.LittleEndian.Uint64(b[9:17])) * time.Microsecond
+			r.MaxRSSKiB = int64(binary.LittleEndian.Uint64(b[17:25]))
+			r.HasUsage = true
+			b = b[25:]
+			continue
+		}
 		v := binary.LittleEndian.Uint32(b[1:5])
 		switch b[0] {
 		case 's':

@@ -88,6 +88,13 @@ func TestRunsCommandWithExactEnv(t *testing.T) {
 	}
 }
 
+func TestUsageReport(t *testing.T) {
+	r, _, _ := run(t, Command{Cwd: "/", Args: []string{"/bin/sh", "-c", "i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done"}})
+	if !r.HasUsage || r.User+r.System <= 0 || r.MaxRSSKiB <= 0 {
+		t.Fatalf("report %+v", r)
+	}
+}
+
 func TestExitCodeSignalAndCwd(t *testing.T) {
 	dir := t.TempDir()
 	r, ps, out := run(t, Command{Cwd: dir, Args: []string{"/bin/sh", "-c", "pwd; exit 7"}})

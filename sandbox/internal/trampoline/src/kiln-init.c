@@ -13,7 +13,12 @@
  *   u64 length, then length bytes: "kiln-init/1\0" flags\0 cwd\0 argc\0 argv...\0
  *   envc\0 env...\0 (numbers in decimal; flags bit 0 = ADDR_NO_RANDOMIZE)
  * Reports (fd 5): 'c' errno(u32) chdir failed, 'x' errno(u32) execve failed,
- *   'p' errno(u32) protocol/set-up failure, 's' status(u32) the command's wait status.
+ *   'p' errno(u32) protocol/set-up failure, 's' status(u32) the command's wait status,
+ *   then 'u' user_us(u64) sys_us(u64) maxrss_kib(u64): the resource use of the
+ *   command and every process this init reaped (not of the sandbox set-up before).
+ *
+ * The sandbox may start kiln-init long before it has a command for it: it blocks on
+ * fd 4 until the host writes one, so the set-up is off the command's path.
  */
 typedef unsigned long u64;
 typedef long i64;
@@ -33,6 +38,7 @@ typedef unsigned int u32;
 #define SYS_chdir 80
 #define SYS_personality 135
 #define SYS_prctl 157
+#define SYS_getrusage 98
 
 #define ENOENT 2
 #define EINTR 4
@@ -82,6 +88,26 @@ static void report(char kind, u32 v) {
 	b[0] = (unsigned char)kind;
 	b[1] = v & 0xff; b[2] = (v >> 8) & 0xff; b[3] = (v >> 16) & 0xff; b[4] = (v >> 24) & 0xff;
 	sys3(SYS_write, STATUS_FD, (i64)b, 5);
+}
+
+struct kusage {
+	i64 utime_sec, utime_usec, stime_sec, stime_usec, maxrss;
+	i64 rest[11];
+};
+
+static void report_usage(void) {
+	struct kusage ru;
+	if (sys2(SYS_getrusage, -1 /* RUSAGE_CHILDREN */, (i64)&ru) < 0) return;
+	u64 v[3] = {
+		(u64)(ru.utime_sec * 1000000 + ru.utime_usec),
+		(u64)(ru.stime_sec * 1000000 + ru.stime_usec),
+		(u64)ru.maxrss,
+	};
+	unsigned char b[25];
+	b[0] = 'u';
+	for (int i = 0; i < 3; i++)
+		for (int k = 0; k < 8; k++) b[1 + 8 * i + k] = (v[i] >> (8 * k)) & 0xff;
+	sys3(SYS_write, STATUS_FD, (i64)b, 25);
 }
 
 static __attribute__((noreturn)) void fail(char kind, i64 err, i64 code) {
@@ -238,6 +264,7 @@ void run(void) {
 		if (r == -ECHILD) die(125);
 		if (r == child) {
 			report('s', (u32)st);
+			report_usage();
 			if ((st & 0x7f) == 0) die((st >> 8) & 0xff);
 			die(128 + (st & 0x7f));
 		}

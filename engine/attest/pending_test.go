@@ -1,0 +1,198 @@
+package attest
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+)
+
+const crashEnv = "KILN_ATTEST_CRASH_HELPER"
+
+func TestMain(m *testing.M) {
+	if spec := os.Getenv(crashEnv); spec != "" {
+		os.Exit(crashHelper(spec))
+	}
+	os.Exit(m.Run())
+}
+
+// crashHelper links n actions (numbered from first) into a data dir. In "crash" mode
+// it exits without Close while its log batches wait 30s: the process dies with every
+// link signed and stored but not logged. In "clean" mode it closes properly.
+// spec: dataDir|n|mode|first.
+func crashHelper(spec string) int {
+	f := strings.Split(spec, "|")
+	n, _ := strconv.Atoi(f[1])
+	first := 0
+	if len(f) > 3 {
+		first, _ = strconv.Atoi(f[3])
+	}
+	crash := len(f) < 3 || f[2] == "crash"
+	ctx := context.Background()
+	cas := openCASForHelper(f[0])
+	opts := Options{DataDir: f[0], CAS: cas}
+	if crash {
+		opts.Log.BatchMaxAge = 30 * time.Second
+	}
+	s, err := Open(ctx, opts)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	for i := first; i < first+n; i++ {
+		if _, err := s.Link(ctx, benchAction(i, 3)); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 1
+		}
+	}
+	if crash {
+		return 0 // no Close: a crash
+	}
+	if err := s.Close(ctx); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	return 0
+}
+
+// TestTwoProcessesLink: a "server" process and a "CLI" process attest into one data
+// dir at once; every link of both is logged, indexed and verifies.
+func TestTwoProcessesLink(t *testing.T) {
+	ctx := context.Background()
+	data := t.TempDir()
+	// Create the keyring first so both processes share one executor key.
+	s0 := openSigner(t, data, Options{})
+	s0.Close(ctx)
+	const n = 60
+	var cmds []*exec.Cmd
+	for i := 0; i < 2; i++ {
+		c := exec.Command(os.Args[0], "-test.run=^$")
+		c.Env = append(os.Environ(), crashEnv+"="+strings.Join([]string{data, strconv.Itoa(n), "clean", strconv.Itoa(i * n)}, "|"))
+		c.Stderr = os.Stderr
+		if err := c.Start(); err != nil {
+			t.Fatal(err)
+		}
+		cmds = append(cmds, c)
+	}
+	for _, c := range cmds {
+		if err := c.Wait(); err != nil {
+			t.Fatalf("linking process: %v", err)
+		}
+	}
+	tr := activeTrust(t, data)
+	lv, _ := tr.Log.Verifier()
+	st := NewStore(PathsFor(data), openCAS(t, data))
+	v, err := NewVerifier(ctx, st, VerifierOptions{Trust: tr, LogVerifier: lv})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v.Checkpoint().Size != 2*n {
+		t.Fatalf("log size %d, want %d", v.Checkpoint().Size, 2*n)
+	}
+	for i := 0; i < 2*n; i++ {
+		a := benchAction(i, 3)
+		ch, err := v.Chain(ctx, Subject{Name: a.Outputs[0].Path, SHA256: a.Outputs[0].Digest.Hash})
+		if err != nil || !ch.OK() {
+			t.Fatalf("action %d: %v %v", i, err, ch.Failures)
+		}
+	}
+	if left := st.PendingFiles(); len(left) != 0 {
+		t.Fatalf("pending files left: %v", left)
+	}
+}
+
+// TestSyncLog: with SyncLog, Link returns the link's log index.
+func TestSyncLog(t *testing.T) {
+	ctx := context.Background()
+	s := openSigner(t, t.TempDir(), Options{SyncLog: true})
+	r, err := s.Link(ctx, sampleAction())
+	if err != nil {
+		t.Fatal(err)
+	}
+	r2, err := s.Link(ctx, linkAction(sampleAction().Outputs[0]))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !r.Logged || !r2.Logged || r.LogIndex != 0 || r2.LogIndex != 1 {
+		t.Fatalf("sync links: %+v %+v", r, r2)
+	}
+}
+
+// TestCrashedProcessLinksAreLogged: links a process signed but did not log before it
+// died are appended by the next process to open the data dir.
+func TestCrashedProcessLinksAreLogged(t *testing.T) {
+	ctx := context.Background()
+	data := t.TempDir()
+	const n = 5
+	c := exec.Command(os.Args[0], "-test.run=^$")
+	c.Env = append(os.Environ(), crashEnv+"="+data+"|"+strconv.Itoa(n))
+	c.Stderr = os.Stderr
+	if err := c.Run(); err != nil {
+		t.Fatalf("helper: %v", err)
+	}
+	markers, _ := filepath.Glob(filepath.Join(PathsFor(data).Attest, "pending", "*", "*"))
+	if len(markers) != n {
+		t.Fatalf("%d pending markers after the crash, want %d", len(markers), n)
+	}
+	s := openSigner(t, data, Options{})
+	if err := s.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	markers, _ = filepath.Glob(filepath.Join(PathsFor(data).Attest, "pending", "*"))
+	if len(markers) != 0 {
+		t.Fatalf("left behind: %v", markers)
+	}
+	st := NewStore(PathsFor(data), openCAS(t, data))
+	trustData := activeTrust(t, data)
+	lv, _ := trustData.Log.Verifier()
+	v, err := NewVerifier(ctx, st, VerifierOptions{Trust: trustData, LogVerifier: lv})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v.Checkpoint().Size != n {
+		t.Fatalf("log size %d after recovery, want %d", v.Checkpoint().Size, n)
+	}
+	for i := 0; i < n; i++ {
+		envs, _ := st.ActionLinks(benchAction(i, 3).ActionDigest.Hash)
+		if len(envs) != 1 {
+			t.Fatalf("action %d has %d links", i, len(envs))
+		}
+		if _, err := v.Link(ctx, envs[0]); err != nil {
+			t.Fatalf("action %d: %v", i, err)
+		}
+	}
+}
+
+// TestVerifyRightAfterLinking: a verifier started while a running signer still has
+// links pending (not yet logged or indexed) waits for them.
+func TestVerifyRightAfterLinking(t *testing.T) {
+	ctx := context.Background()
+	data := t.TempDir()
+	s := openSigner(t, data, Options{})
+	a := sampleAction()
+	if _, err := s.Link(ctx, a); err != nil {
+		t.Fatal(err)
+	}
+	b := linkAction(a.Outputs[0])
+	if _, err := s.Link(ctx, b); err != nil {
+		t.Fatal(err)
+	}
+	tr := activeTrust(t, data)
+	lv, _ := tr.Log.Verifier()
+	v, err := NewVerifier(ctx, NewStore(PathsFor(data), openCAS(t, data)), VerifierOptions{Trust: tr, LogVerifier: lv, WaitCheckpoint: 10 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ch, err := v.Chain(ctx, Subject{Name: "out/hello", SHA256: b.Outputs[0].Digest.Hash})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !ch.OK() || len(ch.Links) != 2 {
+		t.Fatalf("chain right after linking: %v", ch.Failures)
+	}
+}

@@ -1,0 +1,340 @@
+package attest
+
+import (
+	"context"
+	"encoding/base64"
+	"encoding/json"
+	"fmt"
+
+	slsa "github.com/in-toto/attestation/go/predicates/provenance/v1"
+	intoto "github.com/in-toto/attestation/go/v1"
+	"github.com/in-toto/in-toto-golang/in_toto"
+	"github.com/kilnbuild/kiln/cache"
+	"github.com/kilnbuild/kiln/engine/attest/keys"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/structpb"
+)
+
+// Provenance vocabulary (documented in docs/attestation.md).
+const (
+	// BuildType says how to read a kiln provenance's parameters: the subject was
+	// produced by REAPI actions executed by kiln, described by their in-toto links.
+	BuildType = "https://kiln.build/reapi-action/v1"
+	// BuilderID identifies kiln's executor as the builder.
+	BuilderID = "https://kiln.build/executor/v1"
+	// SLSAProvenanceType is the predicate type of kiln's provenance statements.
+	SLSAProvenanceType = "https://slsa.dev/provenance/v1"
+	// LinkMediaType is the media type of a link byproduct (a DSSE envelope).
+	LinkMediaType = "application/vnd.dsse.envelope.v1+json"
+	// OCIManifestMediaType is the media type of a toolchain dependency.
+	OCIManifestMediaType = "application/vnd.oci.image.manifest.v1+json"
+	// ToolchainName names toolchain dependencies (their digest identifies them).
+	ToolchainName = "kiln:toolchain"
+)
+
+// Statement builds the SLSA provenance v1 statement for a verified chain:
+// externalParameters.actions = the top-level actions (action and command digest, argv,
+// platform, link); resolvedDependencies = the toolchains and the source files (by path,
+// with digests); runDetails.byproducts = every link of the chain (envelope digest, log
+// index, key id). No timestamps: the same chain gives the same statement.
+func (c *Chain) Statement(logOrigin string) (*intoto.Statement, error) {
+	if !c.OK() {
+		return nil, status.Errorf(codes.FailedPrecondition, "the chain of %s did not verify: %s", c.Subject.Name, c.Failures[0])
+	}
+	var actions []any
+	versions := map[string]bool{}
+	keyIDs := map[string]bool{}
+	for _, l := range c.Top {
+		plat, _ := l.Link.Environment[EnvPlatform].([]any)
+		actions = append(actions, map[string]any{
+			"actionDigest":  l.Link.ByProducts[ByproductActionDigest],
+			"commandDigest": l.Link.ByProducts[ByproductCommandDigest],
+			"argv":          stringsToAny(l.Link.Command),
+			"platform":      orEmpty(plat),
+			"link":          l.Envelope.String(),
+		})
+	}
+	var deps []*intoto.ResourceDescriptor
+	for _, t := range c.Toolchains {
+		deps = append(deps, &intoto.ResourceDescriptor{Name: ToolchainName, Uri: "oci:sha256:" + t, Digest: map[string]string{AlgSHA256: t}, MediaType: OCIManifestMediaType})
+	}
+	for _, s := range c.Sources {
+		deps = append(deps, &intoto.ResourceDescriptor{Name: s.Path, Digest: map[string]string{s.Alg: s.Hash}})
+	}
+	var byproducts []*intoto.ResourceDescriptor
+	for _, l := range c.Links {
+		if v, ok := l.Link.Environment[EnvKilnVersion].(string); ok && v != "" {
+			versions[v] = true
+		}
+		keyIDs[l.KeyID] = true
+		ann, err := structpb.NewStruct(map[string]any{
+			"envelopeSize": float64(l.Envelope.Size),
+			"logIndex":     float64(l.LogIndex),
+			"logOrigin":    logOrigin,
+			"keyid":        l.KeyID,
+			"action":       l.Link.Name,
+		})
+		if err != nil {
+			return nil, status.Errorf(codes.Internal, "provenance: %v", err)
+		}
+		byproducts = append(byproducts, &intoto.ResourceDescriptor{
+			Name:        "link:" + l.Link.Name,
+			Digest:      map[string]string{AlgSHA256: l.Envelope.Hash},
+			MediaType:   LinkMediaType,
+			Annotations: ann,
+		})
+	}
+	ext, err := structpb.NewStruct(map[string]any{"actions": actions})
+	if err != nil {
+		return nil, status.Errorf(codes.Internal, "provenance: %v", err)
+	}
+	internal, err := structpb.NewStruct(map[string]any{
+		"kilnVersions": stringsToAny(sortedKeys(versions)),
+		"executorKeys": stringsToAny(sortedKeys(keyIDs)),
+	})
+	if err != nil {
+		return nil, status.Errorf(codes.Internal, "provenance: %v", err)
+	}
+	prov := &slsa.Provenance{
+		BuildDefinition: &slsa.BuildDefinition{
+			BuildType:            BuildType,
+			ExternalParameters:   ext,
+			InternalParameters:   internal,
+			ResolvedDependencies: deps,
+		},
+		RunDetails: &slsa.RunDetails{
+			Builder:    &slsa.Builder{Id: BuilderID},
+			Byproducts: byproducts,
+		},
+	}
+	if err := prov.Validate(); err != nil {
+		return nil, status.Errorf(codes.Internal, "provenance: %v", err)
+	}
+	pred, err := toStruct(prov)
+	if err != nil {
+		return nil, err
+	}
+	st := &intoto.Statement{
+		Type:          intoto.StatementTypeUri,
+		Subject:       []*intoto.ResourceDescriptor{{Name: c.Subject.Name, Digest: map[string]string{AlgSHA256: c.Subject.SHA256}}},
+		PredicateType: SLSAProvenanceType,
+		Predicate:     pred,
+	}
+	if err := st.Validate(); err != nil {
+		return nil, status.Errorf(codes.Internal, "provenance statement: %v", err)
+	}
+	return st, nil
+}
+
+func stringsToAny(ss []string) []any {
+	out := make([]any, len(ss))
+	for i, s := range ss {
+		out[i] = s
+	}
+	return out
+}
+
+func orEmpty(v []any) []any {
+	if v == nil {
+		return []any{}
+	}
+	return v
+}
+
+func toStruct(m proto.Message) (*structpb.Struct, error) {
+	b, err := protojson.Marshal(m)
+	if err != nil {
+		return nil, status.Errorf(codes.Internal, "provenance: %v", err)
+	}
+	s := &structpb.Struct{}
+	if err := protojson.Unmarshal(b, s); err != nil {
+		return nil, status.Errorf(codes.Internal, "provenance: %v", err)
+	}
+	return s, nil
+}
+
+// StatementPayload returns the canonical JSON of st (protojson output is not byte-stable
+// across runs, so it is canonicalized before signing).
+func StatementPayload(st *intoto.Statement) ([]byte, error) {
+	b, err := protojson.Marshal(st)
+	if err != nil {
+		return nil, status.Errorf(codes.Internal, "statement: %v", err)
+	}
+	return CanonicalJSON(json.RawMessage(b))
+}
+
+// SignStatement signs st as a DSSE envelope with key k.
+func SignStatement(ctx context.Context, k *keys.Signer, st *intoto.Statement) ([]byte, error) {
+	p, err := StatementPayload(st)
+	if err != nil {
+		return nil, err
+	}
+	return SignEnvelope(ctx, k, p)
+}
+
+// Provenance is a verified provenance statement: what it claims, decoded.
+type Provenance struct {
+	KeyID     string
+	Statement *intoto.Statement
+	Predicate *slsa.Provenance
+	// Links are the link envelopes it lists as byproducts.
+	Links []cache.Digest
+	// Sources and Toolchains are its resolved dependencies.
+	Sources    []Artifact
+	Toolchains []string
+}
+
+// ParseProvenance verifies a provenance envelope's signature against trust and decodes
+// it, checking that it is SLSA provenance v1 of kiln's build type.
+func ParseProvenance(ctx context.Context, raw []byte, trust keys.Trust) (*Provenance, error) {
+	e, err := ParseEnvelope(raw)
+	if err != nil {
+		return nil, status.Errorf(codes.InvalidArgument, "provenance: %v", status.Convert(err).Message())
+	}
+	key, payload, err := VerifyEnvelope(ctx, e, trust)
+	if err != nil {
+		return nil, status.Errorf(status.Code(err), "provenance: %v", status.Convert(err).Message())
+	}
+	st := &intoto.Statement{}
+	if err := protojson.Unmarshal(payload, st); err != nil {
+		return nil, status.Errorf(codes.InvalidArgument, "provenance: not an in-toto statement: %v", err)
+	}
+	if err := st.Validate(); err != nil {
+		return nil, status.Errorf(codes.InvalidArgument, "provenance: %v", err)
+	}
+	if st.PredicateType != SLSAProvenanceType {
+		return nil, status.Errorf(codes.InvalidArgument, "provenance: predicate type %q, want %q", st.PredicateType, SLSAProvenanceType)
+	}
+	pb, err := protojson.Marshal(st.Predicate)
+	if err != nil {
+		return nil, status.Errorf(codes.InvalidArgument, "provenance: %v", err)
+	}
+	pred := &slsa.Provenance{}
+	if err := protojson.Unmarshal(pb, pred); err != nil {
+		return nil, status.Errorf(codes.InvalidArgument, "provenance: not SLSA provenance v1: %v", err)
+	}
+	if bt := pred.GetBuildDefinition().GetBuildType(); bt != BuildType {
+		return nil, status.Errorf(codes.InvalidArgument, "provenance: build type %q, want %q", bt, BuildType)
+	}
+	p := &Provenance{KeyID: key.KeyID, Statement: st, Predicate: pred}
+	for _, b := range pred.GetRunDetails().GetByproducts() {
+		if b.GetMediaType() != LinkMediaType {
+			continue
+		}
+		h := b.GetDigest()[AlgSHA256]
+		size, _ := b.GetAnnotations().GetFields()["envelopeSize"].GetKind().(*structpb.Value_NumberValue)
+		if size == nil {
+			return nil, status.Errorf(codes.InvalidArgument, "provenance: byproduct %s has no envelopeSize", b.GetName())
+		}
+		d, err := cache.NewDigest(h, int64(size.NumberValue))
+		if err != nil {
+			return nil, status.Errorf(codes.InvalidArgument, "provenance: byproduct %s: %v", b.GetName(), status.Convert(err).Message())
+		}
+		p.Links = append(p.Links, d)
+	}
+	for _, d := range pred.GetBuildDefinition().GetResolvedDependencies() {
+		if d.GetName() == ToolchainName {
+			p.Toolchains = append(p.Toolchains, d.GetDigest()[AlgSHA256])
+			continue
+		}
+		for alg, h := range d.GetDigest() {
+			p.Sources = append(p.Sources, Artifact{Path: d.GetName(), Alg: alg, Hash: h})
+		}
+	}
+	return p, nil
+}
+
+// CheckProvenance verifies a chain exactly as a provenance states it: every link it
+// lists verifies (signature, log), the subject is a product of one of them, and each
+// material of each listed link is a listed toolchain, a listed source (same path and
+// hash) or a product of another listed link. Unlike Chain, it does not consult the
+// product index: a link missing from the provenance leaves its products unexplained.
+func (v *Verifier) CheckProvenance(ctx context.Context, p *Provenance, subj Subject) *Chain {
+	ch := &Chain{Subject: subj, Toolchains: append([]string(nil), p.Toolchains...), Sources: append([]Artifact(nil), p.Sources...)}
+	found := false
+	for _, s := range p.Statement.GetSubject() {
+		if s.GetDigest()[AlgSHA256] == subj.SHA256 {
+			found = true
+		}
+	}
+	if !found {
+		ch.fail("", "provenance is not about subject %s (sha256 %s)", subj.Name, subj.SHA256)
+	}
+	products := map[[2]string][]*VerifiedLink{}
+	for _, d := range p.Links {
+		l, err := v.Link(ctx, d)
+		if err != nil {
+			ch.fail(d.String(), "%s", status.Convert(err).Message())
+			continue
+		}
+		ch.Links = append(ch.Links, l)
+		for _, h := range l.Link.Products {
+			alg, hash := artifactOf(h)
+			products[[2]string{alg, hash}] = append(products[[2]string{alg, hash}], l)
+		}
+		for _, h := range l.Link.Products {
+			if h[AlgSHA256] == subj.SHA256 {
+				ch.Top = append(ch.Top, l)
+				break
+			}
+		}
+	}
+	if found && len(ch.Top) == 0 {
+		ch.fail("", "no link listed in the provenance produced the subject %s (sha256 %s)", subj.Name, subj.SHA256)
+	}
+	tools := map[string]bool{}
+	for _, t := range p.Toolchains {
+		tools[t] = true
+	}
+	srcs := map[Artifact]bool{}
+	for _, s := range p.Sources {
+		srcs[s] = true
+	}
+	for _, l := range ch.Links {
+		for _, path := range sortedKeys(l.Link.Materials) {
+			h := l.Link.Materials[path]
+			switch path {
+			case MaterialAction, MaterialCommand:
+				continue
+			case MaterialToolchain:
+				if !tools[h[AlgSHA256]] {
+					ch.fail(l.Link.Name, "toolchain sha256:%s is not among the provenance's resolved dependencies", h[AlgSHA256])
+				}
+				continue
+			}
+			alg, hash := artifactOf(h)
+			if srcs[Artifact{Path: path, Alg: alg, Hash: hash}] {
+				continue
+			}
+			produced := false
+			for _, pl := range products[[2]string{alg, hash}] {
+				if pl.Envelope != l.Envelope {
+					produced = true
+				}
+			}
+			if !produced {
+				ch.fail(l.Link.Name, "material %s (%s %s) is neither a declared source nor a product of another listed link", path, alg, hash)
+			}
+		}
+	}
+	sortLinks(ch.Top)
+	sortLinks(ch.Links)
+	return ch
+}
+
+// LinkFile is how in-toto's InTotoVerify finds a link on disk: "<name>.<keyid[:8]>.link".
+func LinkFile(l *VerifiedLink) string {
+	return fmt.Sprintf(in_toto.LinkNameFormat, l.Link.Name, l.KeyID)
+}
+
+// EnvelopePayload decodes an envelope's payload without verifying it (for display).
+func EnvelopePayload(raw []byte) ([]byte, error) {
+	e, err := ParseEnvelope(raw)
+	if err != nil {
+		return nil, err
+	}
+	return base64.StdEncoding.DecodeString(e.Payload)
+}

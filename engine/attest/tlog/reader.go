@@ -1,0 +1,282 @@
+package tlog
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
+
+	"github.com/transparency-dev/formats/log"
+	"github.com/transparency-dev/merkle/compact"
+	"github.com/transparency-dev/merkle/proof"
+	"github.com/transparency-dev/merkle/rfc6962"
+	"github.com/transparency-dev/tessera/api/layout"
+	"github.com/transparency-dev/tessera/client"
+	"golang.org/x/mod/sumdb/note"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+)
+
+// Checkpoint is a verified, signed statement of the log's size and root hash.
+type Checkpoint struct {
+	Origin string
+	Size   uint64
+	Root   []byte
+	// Raw is the signed note as published (C2SP tlog-checkpoint).
+	Raw []byte
+}
+
+// ParseCheckpoint verifies raw's signature with v (whose name is the log's origin) and
+// parses it.
+func ParseCheckpoint(raw []byte, v note.Verifier) (*Checkpoint, error) {
+	cp, _, _, err := log.ParseCheckpoint(raw, v.Name(), v)
+	if err != nil {
+		return nil, errf(codes.DataLoss, "checkpoint does not verify with log key %s: %v", v.Name(), err)
+	}
+	return &Checkpoint{Origin: cp.Origin, Size: cp.Size, Root: cp.Hash, Raw: raw}, nil
+}
+
+// Reader reads a log directory without appending: checkpoints, entries, proofs.
+type Reader struct {
+	dir string
+	v   note.Verifier
+	f   client.FileFetcher
+}
+
+// NewReader reads the log in dir, trusting checkpoints signed by v.
+func NewReader(dir string, v note.Verifier) *Reader {
+	return &Reader{dir: dir, v: v, f: fileFetcher(dir)}
+}
+
+func fileFetcher(dir string) client.FileFetcher { return client.FileFetcher{Root: dir} }
+
+// Origin returns the log's origin (the verifier key's name).
+func (r *Reader) Origin() string { return r.v.Name() }
+
+// Checkpoint reads and verifies the latest published checkpoint.
+func (r *Reader) Checkpoint(ctx context.Context) (*Checkpoint, error) {
+	raw, err := r.f.ReadCheckpoint(ctx)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, errf(codes.NotFound, "log %s has no checkpoint yet", r.dir)
+	}
+	if err != nil {
+		return nil, errf(codes.Internal, "read checkpoint: %v", err)
+	}
+	return ParseCheckpoint(raw, r.v)
+}
+
+// LeafHash is the RFC 6962 leaf hash of an entry.
+func LeafHash(data []byte) []byte { return rfc6962.DefaultHasher.HashLeaf(data) }
+
+// Entry returns entry index of a tree of size treeSize.
+func (r *Reader) Entry(ctx context.Context, index, treeSize uint64) ([]byte, error) {
+	if index >= treeSize {
+		return nil, errf(codes.OutOfRange, "entry %d is beyond tree size %d", index, treeSize)
+	}
+	b, err := client.GetEntryBundle(ctx, r.f.ReadEntryBundle, index/layout.EntryBundleWidth, treeSize)
+	if err != nil {
+		return nil, errf(codes.DataLoss, "entry %d: %v", index, err)
+	}
+	i := index % layout.EntryBundleWidth
+	if i >= uint64(len(b.Entries)) {
+		return nil, errf(codes.DataLoss, "entry %d: its bundle holds only %d entries", index, len(b.Entries))
+	}
+	return b.Entries[i], nil
+}
+
+// Scan calls fn for every entry of a tree of size treeSize, in order, until fn returns
+// false.
+func (r *Reader) Scan(ctx context.Context, treeSize uint64, fn func(index uint64, data []byte) bool) error {
+	for bi := uint64(0); bi*layout.EntryBundleWidth < treeSize; bi++ {
+		b, err := client.GetEntryBundle(ctx, r.f.ReadEntryBundle, bi, treeSize)
+		if err != nil {
+			return errf(codes.DataLoss, "entry bundle %d: %v", bi, err)
+		}
+		for i, e := range b.Entries {
+			idx := bi*layout.EntryBundleWidth + uint64(i)
+			if idx >= treeSize {
+				return nil
+			}
+			if !fn(idx, e) {
+				return nil
+			}
+		}
+	}
+	return nil
+}
+
+// Find returns the index of the first entry equal to data in a tree of size treeSize.
+func (r *Reader) Find(ctx context.Context, data []byte, treeSize uint64) (uint64, bool, error) {
+	var found uint64
+	ok := false
+	err := r.Scan(ctx, treeSize, func(i uint64, e []byte) bool {
+		if bytes.Equal(e, data) {
+			found, ok = i, true
+			return false
+		}
+		return true
+	})
+	return found, ok, err
+}
+
+// Prover builds proofs against one tree size, caching the tiles it reads.
+type Prover struct {
+	r    *Reader
+	size uint64
+	pb   *client.ProofBuilder
+}
+
+// Prover returns a proof builder for a tree of the given size.
+func (r *Reader) Prover(ctx context.Context, size uint64) (*Prover, error) {
+	pb, err := client.NewProofBuilder(ctx, size, r.f.ReadTile)
+	if err != nil {
+		return nil, errf(codes.Internal, "proof builder: %v", err)
+	}
+	return &Prover{r: r, size: size, pb: pb}, nil
+}
+
+// Inclusion returns the inclusion proof of entry index in the prover's tree.
+func (p *Prover) Inclusion(ctx context.Context, index uint64) ([][]byte, error) {
+	if index >= p.size {
+		return nil, errf(codes.OutOfRange, "entry %d is not covered by a tree of size %d", index, p.size)
+	}
+	h, err := p.pb.InclusionProof(ctx, index)
+	if err != nil {
+		return nil, errf(codes.DataLoss, "inclusion proof for entry %d: %v", index, err)
+	}
+	return h, nil
+}
+
+// Consistency returns the proof that the tree of size from is a prefix of the prover's
+// tree (to must not exceed its size).
+func (p *Prover) Consistency(ctx context.Context, from, to uint64) ([][]byte, error) {
+	if from > to || to > p.size {
+		return nil, errf(codes.InvalidArgument, "consistency from %d to %d: need from <= to <= %d", from, to, p.size)
+	}
+	h, err := p.pb.ConsistencyProof(ctx, from, to)
+	if err != nil {
+		return nil, errf(codes.DataLoss, "consistency proof %d..%d: %v", from, to, err)
+	}
+	return h, nil
+}
+
+// RootAt computes the root hash of the log's first size entries from its tiles. Only as
+// trustworthy as the tiles: compare it with a signed checkpoint before relying on it.
+func (r *Reader) RootAt(ctx context.Context, size uint64) ([]byte, error) {
+	if size == 0 {
+		return rfc6962.DefaultHasher.EmptyRoot(), nil
+	}
+	nodes, err := client.FetchRangeNodes(ctx, size, r.prefixTile)
+	if err != nil {
+		return nil, errf(codes.DataLoss, "root at size %d: %v", size, err)
+	}
+	rf := compact.RangeFactory{Hash: rfc6962.DefaultHasher.HashChildren}
+	rng, err := rf.NewRange(0, size, nodes)
+	if err != nil {
+		return nil, errf(codes.DataLoss, "root at size %d: %v", size, err)
+	}
+	root, err := rng.GetRootHash(nil)
+	if err != nil {
+		return nil, errf(codes.DataLoss, "root at size %d: %v", size, err)
+	}
+	return root, nil
+}
+
+// prefixTile reads the first p hashes of a tile. The tile for exactly p may never have
+// been written (a batch takes the tree from below p to above it in one step), but any
+// later version of the tile, partial or full, starts with the same p hashes: tiles only
+// grow.
+func (r *Reader) prefixTile(ctx context.Context, level, index uint64, p uint8) ([]byte, error) {
+	b, err := r.f.ReadTile(ctx, level, index, p)
+	if err == nil || p == 0 {
+		return b, err
+	}
+	full := filepath.Join(r.dir, layout.TilePath(level, index, 0))
+	candidates := []string{}
+	if ents, err := os.ReadDir(full + ".p"); err == nil {
+		sizes := []int{}
+		for _, e := range ents {
+			if n, err := strconv.Atoi(e.Name()); err == nil && n > int(p) {
+				sizes = append(sizes, n)
+			}
+		}
+		sort.Ints(sizes)
+		for _, n := range sizes {
+			candidates = append(candidates, filepath.Join(full+".p", strconv.Itoa(n)))
+		}
+	}
+	candidates = append(candidates, full)
+	for _, c := range candidates {
+		if b, err := os.ReadFile(c); err == nil && len(b) >= int(p)*sha256.Size {
+			return b[:int(p)*sha256.Size], nil
+		}
+	}
+	return nil, err
+}
+
+// VerifyInclusion checks that data is entry index of the tree cp signs.
+func VerifyInclusion(data []byte, index uint64, cp *Checkpoint, p [][]byte) error {
+	if err := proof.VerifyInclusion(rfc6962.DefaultHasher, index, cp.Size, LeafHash(data), p, cp.Root); err != nil {
+		return errf(codes.DataLoss, "entry %d is not included in the tree of size %d: %v", index, cp.Size, err)
+	}
+	return nil
+}
+
+// VerifyConsistency checks that the tree (size1, root1) is a prefix of (size2, root2).
+func VerifyConsistency(size1 uint64, root1 []byte, size2 uint64, root2 []byte, p [][]byte) error {
+	if err := proof.VerifyConsistency(rfc6962.DefaultHasher, size1, size2, p, root1, root2); err != nil {
+		return errf(codes.DataLoss, "the tree of size %d is not a prefix of the tree of size %d: %v", size1, size2, err)
+	}
+	return nil
+}
+
+// Include finds data's inclusion in the tree cp signs: index is where the caller
+// expects it (from a local hint), or, if hint is false, the log is scanned for it. The
+// returned proof is already verified.
+func (r *Reader) Include(ctx context.Context, data []byte, index uint64, hint bool, cp *Checkpoint, pv *Prover) (uint64, [][]byte, error) {
+	if hint {
+		if index >= cp.Size {
+			return 0, nil, errf(codes.Unavailable, "entry %d is not yet covered by the latest checkpoint (size %d)", index, cp.Size)
+		}
+		e, err := r.Entry(ctx, index, cp.Size)
+		if err != nil {
+			return 0, nil, err
+		}
+		if !bytes.Equal(e, data) {
+			hint = false // stale or wrong hint: fall back to a scan
+		}
+	}
+	if !hint {
+		i, ok, err := r.Find(ctx, data, cp.Size)
+		if err != nil {
+			return 0, nil, err
+		}
+		if !ok {
+			return 0, nil, errf(codes.NotFound, "not in the log (checkpoint size %d)", cp.Size)
+		}
+		index = i
+	}
+	if pv == nil || pv.size != cp.Size {
+		var err error
+		if pv, err = r.Prover(ctx, cp.Size); err != nil {
+			return 0, nil, err
+		}
+	}
+	p, err := pv.Inclusion(ctx, index)
+	if err != nil {
+		return 0, nil, err
+	}
+	if err := VerifyInclusion(data, index, cp, p); err != nil {
+		return 0, nil, err
+	}
+	return index, p, nil
+}
+
+func errf(c codes.Code, format string, args ...any) error {
+	return status.Error(c, fmt.Sprintf(format, args...))
+}

@@ -1,0 +1,456 @@
+package attest
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/in-toto/in-toto-golang/in_toto"
+	"github.com/kilnbuild/kiln/cache"
+	"github.com/kilnbuild/kiln/engine/attest/keys"
+	"github.com/kilnbuild/kiln/engine/attest/tlog"
+	"golang.org/x/mod/sumdb/note"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+)
+
+// Subject is the artifact whose history is verified or described: a name (the file path
+// given, or the digest) and its SHA-256.
+type Subject struct {
+	Name   string
+	SHA256 string
+}
+
+// ParseSubject reads arg as a file (hashing it) or, if no such file exists, as a digest:
+// "sha256:<hex>", "<hex>" or "<hex>/<size>".
+func ParseSubject(arg string) (Subject, error) {
+	f, err := os.Open(arg)
+	if err == nil {
+		defer f.Close()
+		if fi, err := f.Stat(); err == nil && fi.IsDir() {
+			return Subject{}, status.Errorf(codes.InvalidArgument, "subject %s is a directory; name a file or a digest", arg)
+		}
+		h := sha256.New()
+		if _, err := io.Copy(h, f); err != nil {
+			return Subject{}, status.Errorf(codes.InvalidArgument, "subject %s: %v", arg, err)
+		}
+		return Subject{Name: arg, SHA256: hex.EncodeToString(h.Sum(nil))}, nil
+	}
+	if !errors.Is(err, fs.ErrNotExist) {
+		return Subject{}, status.Errorf(codes.InvalidArgument, "subject %s: %v", arg, err)
+	}
+	s := strings.TrimPrefix(arg, "sha256:")
+	if i := strings.IndexByte(s, '/'); i >= 0 {
+		s = s[:i]
+	}
+	if _, err := cache.NewDigest(s, 0); err != nil {
+		return Subject{}, status.Errorf(codes.InvalidArgument, "subject %q is neither a file nor a sha256 digest", arg)
+	}
+	return Subject{Name: "sha256:" + s, SHA256: s}, nil
+}
+
+// VerifiedLink is a link whose signature, key validity and log inclusion checked out.
+type VerifiedLink struct {
+	Envelope cache.Digest
+	KeyID    string
+	Link     in_toto.Link
+	LogIndex uint64
+	// Raw is the envelope as stored.
+	Raw []byte
+}
+
+// Failure is one reason verification failed, naming the link it concerns.
+type Failure struct {
+	// Link names the link: its action digest hash, or the envelope digest when the link
+	// could not be read; empty for failures of the subject or the log as a whole.
+	Link   string
+	Reason string
+}
+
+func (f Failure) String() string {
+	if f.Link == "" {
+		return f.Reason
+	}
+	return "link " + f.Link + ": " + f.Reason
+}
+
+// VerifierOptions configures NewVerifier.
+type VerifierOptions struct {
+	// Trust holds the executor keys whose links are accepted (required).
+	Trust keys.Trust
+	// LogVerifier checks the log's checkpoints (required).
+	LogVerifier note.Verifier
+	// Pinned, if set, is a checkpoint trusted earlier: the log's latest checkpoint must
+	// be consistent with it (the log was only appended to since).
+	Pinned *tlog.Checkpoint
+	// WaitCheckpoint is how long to wait, in all, for links that are still on their
+	// way into the log (pending in a running kiln, or logged but not yet covered by a
+	// checkpoint; checkpoints follow appends within about 200ms).
+	WaitCheckpoint time.Duration
+}
+
+// Verifier checks links against trusted keys and the transparency log.
+type Verifier struct {
+	store *Store
+	log   *tlog.Reader
+	opts  VerifierOptions
+	cp    *tlog.Checkpoint
+	pv    *tlog.Prover
+	done  map[cache.Digest]linkResult
+	// deadline ends all waiting for links still on their way into the log.
+	deadline time.Time
+}
+
+type linkResult struct {
+	l   *VerifiedLink
+	err error
+}
+
+// NewVerifier reads the log's latest checkpoint (and, with a pinned checkpoint, proves
+// the log consistent with it); an error here means the log itself does not verify.
+func NewVerifier(ctx context.Context, store *Store, opts VerifierOptions) (*Verifier, error) {
+	if len(opts.Trust.Keys) == 0 {
+		return nil, status.Error(codes.InvalidArgument, "verify: no trusted executor keys")
+	}
+	if opts.LogVerifier == nil {
+		return nil, status.Error(codes.InvalidArgument, "verify: no log key")
+	}
+	v := &Verifier{store: store, log: tlog.NewReader(store.Paths().Log, opts.LogVerifier), opts: opts, done: map[cache.Digest]linkResult{}, deadline: time.Now().Add(opts.WaitCheckpoint)}
+	v.settle(ctx)
+	if err := v.loadCheckpoint(ctx); err != nil {
+		return nil, err
+	}
+	return v, nil
+}
+
+// settle waits (until the deadline) for the links that running kiln processes have
+// signed but not yet logged and indexed when verification starts, so that verifying
+// right after a build sees all of it. Links signed later are not waited for.
+func (v *Verifier) settle(ctx context.Context) {
+	files := v.store.PendingFiles()
+	for len(files) > 0 && time.Now().Before(v.deadline) {
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(20 * time.Millisecond):
+		}
+		kept := files[:0]
+		for _, f := range files {
+			if _, err := os.Stat(f); err == nil {
+				kept = append(kept, f)
+			}
+		}
+		files = kept
+	}
+}
+
+func (v *Verifier) loadCheckpoint(ctx context.Context) error {
+	cp, err := v.log.Checkpoint(ctx)
+	if err != nil {
+		return status.Errorf(status.Code(err), "log: %v", status.Convert(err).Message())
+	}
+	pv, err := v.log.Prover(ctx, cp.Size)
+	if err != nil {
+		return err
+	}
+	if p := v.opts.Pinned; p != nil {
+		if p.Size > cp.Size {
+			return status.Errorf(codes.DataLoss, "log: latest checkpoint (size %d) is older than the pinned one (size %d): the log was rolled back", cp.Size, p.Size)
+		}
+		proof, err := pv.Consistency(ctx, p.Size, cp.Size)
+		if err != nil {
+			return status.Errorf(codes.DataLoss, "log: %v", status.Convert(err).Message())
+		}
+		if err := tlog.VerifyConsistency(p.Size, p.Root, cp.Size, cp.Root, proof); err != nil {
+			return status.Errorf(codes.DataLoss, "log: not consistent with the pinned checkpoint: %v", status.Convert(err).Message())
+		}
+	}
+	v.cp, v.pv = cp, pv
+	return nil
+}
+
+// Checkpoint returns the checkpoint the verifier proves inclusion against.
+func (v *Verifier) Checkpoint() *tlog.Checkpoint { return v.cp }
+
+// Link verifies the link in envelope env: a signature by a trusted key, a well-formed
+// link payload, inclusion in the log, and (for a retired key) a log index before the
+// key's retirement.
+func (v *Verifier) Link(ctx context.Context, env cache.Digest) (*VerifiedLink, error) {
+	if r, ok := v.done[env]; ok {
+		return r.l, r.err
+	}
+	l, err := v.link(ctx, env)
+	v.done[env] = linkResult{l, err}
+	return l, err
+}
+
+func (v *Verifier) link(ctx context.Context, env cache.Digest) (*VerifiedLink, error) {
+	raw, err := v.store.Envelope(ctx, env)
+	if err != nil {
+		return nil, err
+	}
+	return v.LinkBytes(ctx, raw)
+}
+
+// LinkBytes verifies a link envelope given as bytes (see Link).
+func (v *Verifier) LinkBytes(ctx context.Context, raw []byte) (*VerifiedLink, error) {
+	d := cache.DigestOf(raw)
+	e, err := ParseEnvelope(raw)
+	if err != nil {
+		return nil, err
+	}
+	// Name the action the envelope claims to attest, so failures say which link.
+	claims := ""
+	if p, err := EnvelopePayload(raw); err == nil {
+		if l, err := DecodeLink(p); err == nil {
+			claims = "claims action " + l.Name + ": "
+		}
+	}
+	key, payload, err := VerifyEnvelope(ctx, e, v.opts.Trust)
+	if err != nil {
+		return nil, status.Errorf(status.Code(err), "%s%s", claims, status.Convert(err).Message())
+	}
+	l, err := DecodeLink(payload)
+	if err != nil {
+		return nil, err
+	}
+	idx, err := v.include(ctx, d)
+	if err != nil {
+		return nil, status.Errorf(status.Code(err), "%s%s", claims, status.Convert(err).Message())
+	}
+	if key.NotAfterLogSize != nil && idx >= *key.NotAfterLogSize {
+		return nil, status.Errorf(codes.PermissionDenied, "%ssigned by key %s, retired at log size %d, but logged at index %d", claims, short(key.KeyID), *key.NotAfterLogSize, idx)
+	}
+	return &VerifiedLink{Envelope: d, KeyID: key.KeyID, Link: l, LogIndex: idx, Raw: raw}, nil
+}
+
+// include proves the inclusion of envelope d's log entry. A link that is still
+// pending in some process (signed, not yet appended) or logged beyond the current
+// checkpoint is waited for, until the verifier's deadline (WaitCheckpoint after it was
+// created, shared by all links so failures stay fast).
+func (v *Verifier) include(ctx context.Context, d cache.Digest) (uint64, error) {
+	entry := LinkLogEntry(d)
+	for {
+		hint, hasHint := v.store.LogIndex(d)
+		idx, _, err := v.log.Include(ctx, entry, hint, hasHint, v.cp, v.pv)
+		if err == nil {
+			return idx, nil
+		}
+		inFlight := (hasHint && hint >= v.cp.Size) || (!hasHint && v.store.Pending(d))
+		if !inFlight || time.Now().After(v.deadline) {
+			if status.Code(err) == codes.NotFound {
+				return 0, status.Errorf(codes.NotFound, "not in the transparency log (checkpoint size %d)", v.cp.Size)
+			}
+			return 0, status.Errorf(status.Code(err), "transparency log: %v", status.Convert(err).Message())
+		}
+		select {
+		case <-ctx.Done():
+			return 0, status.FromContextError(ctx.Err()).Err()
+		case <-time.After(50 * time.Millisecond):
+		}
+		if err := v.loadCheckpoint(ctx); err != nil {
+			return 0, err
+		}
+	}
+}
+
+// Artifact is one source or dependency found in a chain: a path and its hash.
+type Artifact struct {
+	Path string
+	Alg  string // AlgSHA256 or AlgSymlink
+	Hash string
+}
+
+// Chain is the verified history of a subject: the links that produced it and,
+// transitively, its materials; the sources (materials no link produced) and the
+// toolchains the links ran in.
+type Chain struct {
+	Subject Subject
+	// Top are the links that produced the subject, sorted by action.
+	Top []*VerifiedLink
+	// Links are all links of the chain (Top included), sorted by action then envelope.
+	Links []*VerifiedLink
+	// Sources are materials that no link produced, sorted by path.
+	Sources []Artifact
+	// Toolchains are the toolchain manifests' SHA-256s, sorted.
+	Toolchains []string
+	// Failures lists every problem found; the chain is verified only if it is empty.
+	Failures []Failure
+}
+
+// OK reports whether the chain verified without failures.
+func (c *Chain) OK() bool { return len(c.Failures) == 0 && len(c.Top) > 0 }
+
+func (c *Chain) fail(link, format string, args ...any) {
+	c.Failures = append(c.Failures, Failure{Link: link, Reason: fmt.Sprintf(format, args...)})
+}
+
+// producedBy returns the verified links recorded as producing (alg, hash), preferring
+// those that produced it at path. Index entries whose link does not verify, or does not
+// list the product, are reported through bad.
+func (v *Verifier) producedBy(ctx context.Context, alg, hash, path string, bad func(who, why string)) ([]*VerifiedLink, error) {
+	envs, err := v.store.Producers(alg, hash)
+	if err != nil {
+		return nil, err
+	}
+	var same, other []*VerifiedLink
+	for _, e := range envs {
+		l, err := v.Link(ctx, e)
+		if err != nil {
+			bad(e.String(), status.Convert(err).Message())
+			continue
+		}
+		found, samePath := false, false
+		for p, h := range l.Link.Products {
+			if h[alg] == hash {
+				found = true
+				samePath = samePath || p == path
+			}
+		}
+		switch {
+		case !found:
+			bad(l.Link.Name, fmt.Sprintf("the product index says it produced %s:%s, but its signed products do not include it", alg, hash))
+		case samePath:
+			same = append(same, l)
+		default:
+			other = append(other, l)
+		}
+	}
+	return append(same, other...), nil
+}
+
+// Chain walks from the links that produced the subject back through their materials to
+// sources and toolchains, verifying every link on the way. Problems are collected in
+// Chain.Failures; the error is for failures to read the store at all.
+func (v *Verifier) Chain(ctx context.Context, subj Subject) (*Chain, error) {
+	ch := &Chain{Subject: subj}
+	// Index entries whose link does not verify matter only if no verified link
+	// explains the subject: another executor's link (signed by a key not trusted
+	// here) for the same artifact is not an error.
+	var claims []Failure
+	top, err := v.producedBy(ctx, AlgSHA256, subj.SHA256, subj.Name, func(who, why string) {
+		claims = append(claims, Failure{Link: who, Reason: why})
+	})
+	if err != nil {
+		return nil, err
+	}
+	if len(top) == 0 {
+		ch.Failures = append(ch.Failures, claims...)
+		ch.fail("", "subject %s (sha256 %s): no verified link produced it", subj.Name, subj.SHA256)
+		return ch, nil
+	}
+	ch.Top = top
+	seen := map[cache.Digest]bool{}
+	queue := append([]*VerifiedLink(nil), top...)
+	for _, l := range top {
+		seen[l.Envelope] = true
+	}
+	sources := map[Artifact]bool{}
+	toolchains := map[string]bool{}
+	for len(queue) > 0 {
+		l := queue[0]
+		queue = queue[1:]
+		ch.Links = append(ch.Links, l)
+		for _, path := range sortedKeys(l.Link.Materials) {
+			h := l.Link.Materials[path]
+			switch path {
+			case MaterialAction, MaterialCommand:
+				continue
+			case MaterialToolchain:
+				toolchains[h[AlgSHA256]] = true
+				continue
+			}
+			alg, hash := artifactOf(h)
+			if alg == "" {
+				ch.fail(l.Link.Name, "material %s has no sha256 or symlink hash", path)
+				continue
+			}
+			var claims []string
+			prods, err := v.producedBy(ctx, alg, hash, path, func(who, why string) {
+				claims = append(claims, who+" ("+why+")")
+			})
+			if err != nil {
+				return nil, err
+			}
+			var producer *VerifiedLink
+			for _, p := range prods {
+				if p.Envelope != l.Envelope {
+					producer = p
+					break
+				}
+			}
+			switch {
+			case producer != nil:
+				if !seen[producer.Envelope] {
+					seen[producer.Envelope] = true
+					queue = append(queue, producer)
+				}
+			case len(claims) > 0:
+				ch.fail(l.Link.Name, "material %s (%s %s) is claimed by links that do not verify: %s", path, alg, hash, strings.Join(claims, "; "))
+			default:
+				sources[Artifact{Path: path, Alg: alg, Hash: hash}] = true
+			}
+		}
+	}
+	for a := range sources {
+		ch.Sources = append(ch.Sources, a)
+	}
+	sortArtifacts(ch.Sources)
+	for t := range toolchains {
+		ch.Toolchains = append(ch.Toolchains, t)
+	}
+	sort.Strings(ch.Toolchains)
+	sortLinks(ch.Top)
+	sortLinks(ch.Links)
+	return ch, nil
+}
+
+// artifactOf returns the hash a material is matched by: its content sha256, or for a
+// symlink its target hash.
+func artifactOf(h in_toto.HashObj) (string, string) {
+	if x := h[AlgSHA256]; x != "" {
+		return AlgSHA256, x
+	}
+	if x := h[AlgSymlink]; x != "" {
+		return AlgSymlink, x
+	}
+	return "", ""
+}
+
+func sortedKeys[V any](m map[string]V) []string {
+	ks := make([]string, 0, len(m))
+	for k := range m {
+		ks = append(ks, k)
+	}
+	sort.Strings(ks)
+	return ks
+}
+
+func sortArtifacts(as []Artifact) {
+	sort.Slice(as, func(i, j int) bool {
+		if as[i].Path != as[j].Path {
+			return as[i].Path < as[j].Path
+		}
+		if as[i].Alg != as[j].Alg {
+			return as[i].Alg < as[j].Alg
+		}
+		return as[i].Hash < as[j].Hash
+	})
+}
+
+func sortLinks(ls []*VerifiedLink) {
+	sort.Slice(ls, func(i, j int) bool {
+		if ls[i].Link.Name != ls[j].Link.Name {
+			return ls[i].Link.Name < ls[j].Link.Name
+		}
+		return ls[i].Envelope.Hash < ls[j].Envelope.Hash
+	})
+}
