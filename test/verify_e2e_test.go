@@ -18,6 +18,7 @@ import (
 	"github.com/bazelbuild/remote-apis-sdks/go/pkg/digest"
 	"github.com/bazelbuild/remote-apis-sdks/go/pkg/uploadinfo"
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
+	"github.com/kilnbuild/kiln/engine/attest"
 	"github.com/kilnbuild/kiln/engine/verify"
 	"github.com/kilnbuild/kiln/test/harness"
 	"google.golang.org/grpc/codes"
@@ -409,6 +410,32 @@ func (s *verifyServer) execute(t *testing.T, d digest.Digest) *repb.ExecuteRespo
 	return resp
 }
 
+// reproducibility returns the kiln:reproducibility byproduct of the link the
+// result references.
+func (s *verifyServer) reproducibility(t *testing.T, r *repb.ActionResult) string {
+	t.Helper()
+	env, ok, err := attest.LinkFromResult(r)
+	if err != nil || !ok {
+		t.Fatalf("no link in the result: %v", err)
+	}
+	b, _, err := s.c.ReadBlob(context.Background(), digest.Digest{Hash: env.Hash, Size: env.Size})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var dsse struct{ Payload []byte }
+	var link struct {
+		Byproducts map[string]any `json:"byproducts"`
+	}
+	if err := json.Unmarshal(b, &dsse); err != nil {
+		t.Fatal(err)
+	}
+	if err := json.Unmarshal(dsse.Payload, &link); err != nil {
+		t.Fatalf("link payload: %v\n%s", err, dsse.Payload)
+	}
+	got, _ := link.Byproducts[attest.ByproductReproducibility].(string)
+	return got
+}
+
 func (s *verifyServer) cached(t *testing.T, d digest.Digest) bool {
 	t.Helper()
 	err := s.ac(context.Background(), d)
@@ -440,11 +467,18 @@ func TestServerVerifyProperty(t *testing.T) {
 		if n := s.srv.Metric(t, "kiln_nondeterministic_actions_total"); n != float64(i) {
 			t.Fatalf("kiln_nondeterministic_actions_total %v after %d executions", n, i)
 		}
+		// The link's byproducts record the outcome.
+		if got := s.reproducibility(t, resp.GetResult()); !strings.Contains(got, "NONDETERMINISTIC: out differs under hostname") {
+			t.Fatalf("link byproduct kiln:reproducibility %q", got)
+		}
 	}
 	good := s.action(t, "echo same > out", "kiln-verify", "3")
 	resp := s.execute(t, good)
 	if resp.GetCachedResult() || resp.GetMessage() != "" || !s.cached(t, good) {
 		t.Fatalf("deterministic: cached=%v message %q", resp.GetCachedResult(), resp.GetMessage())
+	}
+	if got := s.reproducibility(t, resp.GetResult()); !strings.HasPrefix(got, "kiln-verify: 3 runs, deterministic") {
+		t.Fatalf("link byproduct kiln:reproducibility %q", got)
 	}
 	if resp := s.execute(t, good); !resp.GetCachedResult() {
 		t.Fatal("second execute of a verified action was not a cache hit")
