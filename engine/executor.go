@@ -177,6 +177,8 @@ type Execution struct {
 	Action   *repb.Action
 	Command  *repb.Command
 	Job      JobResult
+	// Attest is the time signing and recording the link took on the action's path.
+	Attest time.Duration
 }
 
 // Action is a parsed, validated action.
@@ -430,9 +432,11 @@ func (e *Executor) Execute(ctx context.Context, req Request, a *Action) (*Execut
 		} else {
 			rec.Platform = a.Command.GetPlatform().GetProperties()
 		}
+		start := time.Now()
 		if err := e.cfg.Attester.Attest(ctx, rec); err != nil {
 			return nil, cache.PrefixError(err, "attest action %s", a.Digest)
 		}
+		ex.Attest = time.Since(start)
 	}
 
 	cacheable := checked && jr.ExitCode == 0 && !jr.TimedOut && !a.Action.GetDoNotCache() && !req.NoCache

@@ -83,7 +83,7 @@ func NewScheduler(exec *Executor, cfg SchedulerConfig) *Scheduler {
 	s.mMerged = prometheus.NewCounter(prometheus.CounterOpts{Name: "kiln_executions_merged_total", Help: "Execute calls merged into an identical execution already in flight."})
 	s.mQueue = prometheus.NewGauge(prometheus.GaugeOpts{Name: "kiln_execution_queue_length", Help: "Executions waiting for a slot."})
 	s.mRun = prometheus.NewGauge(prometheus.GaugeOpts{Name: "kiln_executions_running", Help: "Executions running."})
-	s.mPhase = prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "kiln_execution_phase_seconds", Help: "Time per execution phase (queue, input_fetch, sandbox, output_upload).",
+	s.mPhase = prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "kiln_execution_phase_seconds", Help: "Time per execution phase (queue, input_fetch, sandbox, output_upload, attest) and per execution on the worker (total).",
 		Buckets: prometheus.ExponentialBuckets(0.0005, 2.5, 14)}, []string{"phase"})
 	if cfg.Registerer != nil {
 		cfg.Registerer.MustRegister(s.mExec, s.mMerged, s.mQueue, s.mRun, s.mPhase)
@@ -202,6 +202,12 @@ func (s *Scheduler) run(ctx context.Context, op *operation, req Request, a *Acti
 			s.mExec.WithLabelValues("failed").Inc()
 		}
 		s.observePhases(ex.Result.GetExecutionMetadata())
+		if ex.Attest > 0 {
+			s.mPhase.WithLabelValues("attest").Observe(ex.Attest.Seconds())
+		}
+		if md := ex.Result.GetExecutionMetadata(); md.GetWorkerStartTimestamp() != nil && md.GetWorkerCompletedTimestamp() != nil {
+			s.mPhase.WithLabelValues("total").Observe(md.GetWorkerCompletedTimestamp().AsTime().Sub(md.GetWorkerStartTimestamp().AsTime()).Seconds())
+		}
 	}
 	s.finish(op, resp)
 }

@@ -1,6 +1,8 @@
 package test
 
 import (
+	"encoding/base64"
+	"encoding/json"
 	"net"
 	"os"
 	"os/exec"
@@ -9,6 +11,7 @@ import (
 	"strings"
 	"testing"
 
+	in_toto "github.com/in-toto/in-toto-golang/in_toto"
 	"github.com/kilnbuild/kiln/test/harness"
 )
 
@@ -59,6 +62,7 @@ func TestBazelRemoteExecution(t *testing.T) {
 	if n := r.srv.Metric(t, "kiln_executions_total", `outcome="ok"`); int(n) != ran {
 		t.Fatalf("server ran %v actions, Bazel counted %d", n, ran)
 	}
+	checkBuildAttestation(t, r, ran)
 	if _, err := r.bz.Run(t, "clean"); err != nil {
 		t.Fatal(err)
 	}
@@ -136,3 +140,95 @@ cc_binary(
 }
 
 func itoa(n int) string { return strconv.Itoa(n) }
+
+// checkBuildAttestation: every action of the build has a link that in-toto-golang's
+// own API verifies against the exported public key (none of kiln's verification code
+// is used), and the binary's provenance and SBOM name the toolchain and every source.
+func checkBuildAttestation(t *testing.T, r *remoteBuild, ran int) {
+	t.Helper()
+	data := r.srv.Data
+	pub := harness.Run(t, "attest", "pubkey", "--data", data)
+	if pub.Code != 0 {
+		t.Fatalf("attest pubkey: %s", pub.Stderr)
+	}
+	pubFile := filepath.Join(t.TempDir(), "executor.pub")
+	os.WriteFile(pubFile, []byte(pub.Stdout), 0o644)
+	var key in_toto.Key
+	if err := key.LoadKeyDefaults(pubFile); err != nil {
+		t.Fatalf("in-toto cannot load the exported key: %v", err)
+	}
+	// The provenance walk waits for this process's pending links to be logged.
+	prov, sbom := filepath.Join(t.TempDir(), "hello.intoto.json"), filepath.Join(t.TempDir(), "hello.cdx.json")
+	hello := filepath.Join(r.bz.Workspace, "bazel-bin/app/hello")
+	if res := harness.Run(t, "attest", "provenance", "--data", data, "--subject", hello, "--out", prov, "--sbom", sbom, "--wait", "30s"); res.Code != 0 {
+		t.Fatalf("attest provenance: %s", res.Stderr)
+	}
+	// Envelopes are kept under attest/envelopes/AA/HEX once logged, and under
+	// attest/pending/PROCESS/HEX_SIZE until then.
+	envelopes := map[string]string{}
+	logged, _ := filepath.Glob(filepath.Join(data, "attest", "envelopes", "*", "*"))
+	pending, _ := filepath.Glob(filepath.Join(data, "attest", "pending", "*", "*_*"))
+	for _, p := range append(logged, pending...) {
+		envelopes[strings.SplitN(filepath.Base(p), "_", 2)[0]] = p
+	}
+	if len(envelopes) != ran {
+		t.Fatalf("%d link envelopes for %d executed actions", len(envelopes), ran)
+	}
+	linkDir := t.TempDir()
+	compiles := 0
+	for name, p := range envelopes {
+		b, _ := os.ReadFile(p)
+		f := filepath.Join(linkDir, name+".link")
+		os.WriteFile(f, b, 0o644)
+		md, err := in_toto.LoadMetadata(f)
+		if err != nil {
+			t.Fatalf("in-toto cannot load envelope %s: %v", name, err)
+		}
+		if err := md.VerifySignature(key); err != nil {
+			t.Fatalf("envelope %s: in-toto rejects the signature: %v", name, err)
+		}
+		link, ok := md.GetPayload().(in_toto.Link)
+		if !ok {
+			t.Fatalf("envelope %s holds %T, not a link", name, md.GetPayload())
+		}
+		if got := link.Materials["kiln:toolchain"]["sha256"]; "docker://kiln/debian-gcc@sha256:"+got != r.image {
+			t.Fatalf("link %s: toolchain material %q, want %s", link.Name, got, r.image)
+		}
+		if _, ok := link.Materials["app/main.c"]; ok {
+			compiles++
+		}
+	}
+	if compiles == 0 {
+		t.Fatal("no link has app/main.c among its materials")
+	}
+	if res := harness.Run(t, "attest", "verify", "--data", data, "--subject", hello, "--key", pubFile, "--provenance", prov, "--sbom", sbom); res.Code != 0 {
+		t.Fatalf("attest verify: %s%s", res.Stdout, res.Stderr)
+	}
+	pb, _ := os.ReadFile(prov)
+	sb, _ := os.ReadFile(sbom)
+	payload := decodeEnvelopePayload(t, pb)
+	digest := strings.TrimPrefix(r.image, "docker://kiln/debian-gcc@sha256:")
+	for _, want := range []string{digest, "app/main.c", "lib/greet.c", "lib/greet.h", "lib/VERSION"} {
+		if !strings.Contains(payload, want) {
+			t.Errorf("provenance does not name %s", want)
+		}
+		if !strings.Contains(string(sb), want) {
+			t.Errorf("SBOM does not name %s", want)
+		}
+	}
+}
+
+func decodeEnvelopePayload(t *testing.T, env []byte) string {
+	t.Helper()
+	var e struct {
+		Payload string `json:"payload"`
+	}
+	if err := json.Unmarshal(env, &e); err != nil {
+		t.Fatalf("provenance is not a DSSE envelope: %v", err)
+	}
+	b, err := base64.StdEncoding.DecodeString(e.Payload)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
