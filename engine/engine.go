@@ -50,6 +50,8 @@ type Options struct {
 	ExecutorKeyFile string
 	// Version is kiln's version, recorded in every link.
 	Version string
+	// VerifyRate is the fraction of actions checked for determinism (SchedulerConfig).
+	VerifyRate float64
 }
 
 // Engine is an open data dir with everything needed to execute actions.
@@ -125,7 +127,8 @@ func Open(ctx context.Context, opts Options) (*Engine, error) {
 	if err != nil {
 		return nil, err
 	}
-	e.Scheduler = NewScheduler(e.Executor, SchedulerConfig{Concurrency: conc, MaxQueue: opts.MaxQueue, Logger: log, Registerer: reg})
+	e.Scheduler = NewScheduler(e.Executor, SchedulerConfig{Concurrency: conc, MaxQueue: opts.MaxQueue, Logger: log, Registerer: reg,
+		VerifyRate: opts.VerifyRate})
 	ok = true
 	return e, nil
 }

@@ -164,6 +164,10 @@ type Request struct {
 	Queued time.Time
 	// Notes are recorded in the action's link (e.g. a determinism check's outcome).
 	Notes []string
+	// Check, when set, sees the collected execution before it is attested and cached
+	// (kiln-verify): its notes go into the link; cacheable false keeps the result out
+	// of the action cache. It may set the Execution's Message.
+	Check func(ctx context.Context, ex *Execution) (notes []string, cacheable bool, err error)
 }
 
 // Execution is the outcome of a Request.
@@ -399,8 +403,17 @@ func (e *Executor) Execute(ctx context.Context, req Request, a *Action) (*Execut
 		ex.Message = strings.TrimSpace(ex.Message + " (stdout or stderr was truncated at the sandbox's cap)")
 	}
 
+	checked := true
+	if req.Check != nil {
+		more, ok, err := req.Check(ctx, ex)
+		if err != nil {
+			return nil, err
+		}
+		notes, checked = append(notes, more...), ok
+	}
+
 	md.WorkerCompletedTimestamp = timestamppb.Now()
-	if e.cfg.Attester != nil {
+	if e.cfg.Attester != nil && req.Variation == nil { // a variation run is a check, not a build
 		rec := &Record{
 			Instance: req.Instance, ActionDigest: a.Digest, CommandDigest: a.CmdDigest, InputRoot: inputRoot,
 			Toolchain: tcDigest, Argv: a.Command.GetArguments(), Env: job.Env,
@@ -436,7 +449,7 @@ func (e *Executor) Execute(ctx context.Context, req Request, a *Action) (*Execut
 			}
 		}
 	}
-	cacheable := jr.ExitCode == 0 && !jr.TimedOut && !a.Action.GetDoNotCache() && !req.NoCache
+	cacheable := checked && jr.ExitCode == 0 && !jr.TimedOut && !a.Action.GetDoNotCache() && !req.NoCache
 	if cacheable {
 		if err := e.cfg.AC.Put(ctx, cache.ActionKey{Instance: req.Instance, Action: a.Digest}, res); err != nil {
 			e.log.Warn("action cache write failed", "action", a.Digest.String(), "err", err)

@@ -22,6 +22,9 @@ func (s sandboxRunner) Run(ctx context.Context, j Job) (JobResult, error) {
 		spec.Hostname, spec.UID, spec.GID = v.Hostname, v.UID, v.GID
 		spec.ExecRootPath, spec.CPUs = v.ExecRootPath, v.CPUs
 		spec.DisableASLR, spec.ReverseEnv = !v.ASLR, v.ReverseEnv
+		if err := chownExecRoot(j.ExecRoot, v.UID, v.GID); err != nil { // the varied user must own what the default one would
+			return JobResult{}, err
+		}
 	}
 	res, err := s.r.Run(ctx, spec)
 	if err != nil {

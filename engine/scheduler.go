@@ -24,6 +24,9 @@ type SchedulerConfig struct {
 	Retain      time.Duration // how long finished operations answer WaitExecution
 	Logger      *slog.Logger
 	Registerer  prometheus.Registerer
+	// VerifyRate is the fraction of cacheable actions (sampled by digest) run twice
+	// and compared before their result is cached (kiln serve --verify-rate).
+	VerifyRate float64
 }
 
 // Scheduler queues executions, merges identical ones in flight, bounds concurrency and
@@ -44,6 +47,7 @@ type Scheduler struct {
 	mQueue  prometheus.Gauge
 	mRun    prometheus.Gauge
 	mPhase  *prometheus.HistogramVec
+	verify  *serverVerify // kiln-verify and --verify-rate (verify_exec.go)
 }
 
 // operation is one execution and the clients waiting for it.
@@ -84,6 +88,7 @@ func NewScheduler(exec *Executor, cfg SchedulerConfig) *Scheduler {
 	if cfg.Registerer != nil {
 		cfg.Registerer.MustRegister(s.mExec, s.mMerged, s.mQueue, s.mRun, s.mPhase)
 	}
+	s.verify = newServerVerify(exec, cfg)
 	return s
 }
 
@@ -175,7 +180,7 @@ func (s *Scheduler) run(ctx context.Context, op *operation, req Request, a *Acti
 	s.dequeue()
 	s.mRun.Inc()
 	s.setStage(op, repb.ExecutionStage_EXECUTING)
-	ex, err := s.exec.Execute(ctx, req, a)
+	ex, err := s.exec.Execute(ctx, s.verify.prepare(req, a), a)
 	<-s.slot
 	s.mRun.Dec()
 	resp := &repb.ExecuteResponse{}

@@ -54,6 +54,7 @@ type ExecutionConfig struct {
 	MaxQueue                        int
 	DefaultTimeout, MaxTimeout      time.Duration
 	IgnoreUnknownPlatformProperties bool
+	VerifyRate                      float64 // fraction of actions checked for determinism
 }
 
 // drainTimeout bounds how long a graceful shutdown waits for calls in flight.
@@ -83,6 +84,7 @@ func Serve(ctx context.Context, cfg ServerConfig) error {
 		MaxTimeout: cfg.Execution.MaxTimeout, IgnoreUnknownPlatformProperties: cfg.Execution.IgnoreUnknownPlatformProperties,
 		NoSandbox: cfg.Execution.Disabled, Prestart: cfg.Execution.Concurrency,
 		Pinner: pinner(lock), ExecutorKeyFile: cfg.ExecutorKeyFile, Version: cfg.Version,
+		VerifyRate: cfg.Execution.VerifyRate,
 	})
 	if err != nil {
 		return err

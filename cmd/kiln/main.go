@@ -60,6 +60,7 @@ func newRootCmd() *cobra.Command {
 		newToolchainCmd(),
 		newSandboxCmd(),
 		newExecCmd(),
+		newVerifyCmd(),
 		newLockCmd(),
 		newAttestCmd(),
 		newLogCmd(),

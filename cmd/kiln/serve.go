@@ -1,6 +1,7 @@
 package main
 
 import (
+	"fmt"
 	"os"
 	"os/signal"
 	"syscall"
@@ -27,6 +28,9 @@ func newServeCmd() *cobra.Command {
 				return err
 			}
 			cfg.MaxSize = n
+			if r := cfg.Execution.VerifyRate; r < 0 || r > 1 || r != r {
+				return &exitError{code: 2, msg: fmt.Sprintf("--verify-rate %v: want a fraction from 0 to 1", r)}
+			}
 			cfg.Data = engine.DataDir(data)
 			cfg.Version = version
 			if cfg.Logger, err = logFlag.logger(); err != nil {
@@ -50,6 +54,7 @@ func newServeCmd() *cobra.Command {
 	f.IntVar(&ex.MaxQueue, "max-queue", 10000, "actions waiting for a slot before Execute answers RESOURCE_EXHAUSTED")
 	f.DurationVar(&ex.DefaultTimeout, "default-timeout", 15*time.Minute, "timeout of actions that set none")
 	f.DurationVar(&ex.MaxTimeout, "max-timeout", time.Hour, "longest timeout an action may ask for")
+	f.Float64Var(&ex.VerifyRate, "verify-rate", 0, "fraction of actions (sampled by digest) run twice with variations before caching; see docs/verify.md")
 	f.BoolVar(&ex.IgnoreUnknownPlatformProperties, "ignore-unknown-platform-properties", false, "accept platform properties kiln does not understand instead of refusing the action")
 	f.StringVar(&cfg.Lockfile, "lockfile", "", "Remote Asset API: serve only the downloads pinned in this kiln.lock")
 	f.StringSliceVar(&cfg.FetchAllow, "fetch-allow", nil, "Remote Asset API: host or host:port downloads may come from (repeatable; none by default)")

@@ -1,0 +1,246 @@
+package engine
+
+import (
+	"context"
+	"encoding/binary"
+	"encoding/hex"
+	"io/fs"
+	"log/slog"
+	"math"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
+	"github.com/kilnbuild/kiln/cache"
+	"github.com/kilnbuild/kiln/engine/verify"
+	"github.com/kilnbuild/kiln/sandbox"
+	"github.com/prometheus/client_golang/prometheus"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+)
+
+// Determinism checks (package verify) as the executor runs them: kiln verify
+// (Engine.Verify) and, in kiln serve, actions with kiln-verify=N or sampled by
+// --verify-rate (serverVerify, hooked into Scheduler.run).
+
+// Verify checks that action d, whose blobs are in the CAS, is deterministic: it runs
+// it opts.Runs times in fresh sandboxes with variations, without the action cache,
+// and compares every output (kiln verify). opts.Action and opts.Defaults are set here.
+func (e *Engine) Verify(ctx context.Context, d cache.Digest, opts verify.Options) (*verify.Report, error) {
+	a, err := e.Executor.LoadAction(ctx, d)
+	if err != nil {
+		return nil, err
+	}
+	def := verifyOptions(a, opts.Runs, opts.Variations)
+	opts.Action, opts.Defaults = def.Action, def.Defaults
+	if opts.Unavailable == nil {
+		opts.Unavailable = map[string]string{}
+	}
+	for n, why := range def.Unavailable {
+		opts.Unavailable[n] = why
+	}
+	return verify.Verify(ctx, e.CAS, verifyRunner{e.Executor, "", a}, opts, nil)
+}
+
+// verifyOptions are the options every check of a runs with: kiln's fixed sandbox as
+// the baseline, and what cannot vary for this action.
+func verifyOptions(a *Action, runs int, variations []string) verify.Options {
+	o := verify.Options{Action: "sha256:" + a.Digest.String(), Runs: runs, Variations: variations,
+		Defaults: verify.Setting{Hostname: sandbox.DefaultHostname, UID: sandbox.DefaultUID, GID: sandbox.DefaultGID,
+			ExecRootPath: sandbox.DefaultExecRootPath, ASLR: true},
+		Unavailable: map[string]string{}}
+	if len(a.Command.GetEnvironmentVariables()) < 2 {
+		o.Unavailable[verify.EnvOrder] = "the command has fewer than two environment variables"
+	}
+	return o
+}
+
+// verifyRunner runs a loaded action for package verify: each run in a fresh sandbox,
+// neither reading nor writing the action cache.
+type verifyRunner struct {
+	e        *Executor
+	instance string
+	a        *Action
+}
+
+// Run implements verify.Runner.
+func (r verifyRunner) Run(ctx context.Context, s verify.Setting) (*repb.ActionResult, error) {
+	ex, err := r.e.Execute(ctx, Request{Instance: r.instance, ActionDigest: r.a.Digest, NoCache: true,
+		Variation: variationOf(s), Queued: time.Now()}, r.a)
+	if err != nil {
+		return nil, err
+	}
+	if ex.Status != nil { // timed out: no comparable result
+		return nil, ex.Status
+	}
+	return ex.Result, nil
+}
+
+// variationOf maps a verify setting onto the sandbox. It is never nil, so no
+// verification run is attested as a build (Execute links only runs without a
+// Variation); the baseline's values are kiln's defaults, so it runs exactly as a
+// normal execution does.
+func variationOf(s verify.Setting) *Variation {
+	return &Variation{Hostname: s.Hostname, UID: s.UID, GID: s.GID, ExecRootPath: s.ExecRootPath, CPUs: s.CPUs,
+		ASLR: s.ASLR, ReverseEnv: s.ReverseEnv, Name: s.Name}
+}
+
+// chownExecRoot hands what the executor made for the default sandbox user (the exec
+// root's directories and symlinks) to a variation's uid/gid, so the varied user may
+// write where the default one may. Inputs are root-owned and stay so.
+func chownExecRoot(root string, uid, gid int) error {
+	if uid == 0 {
+		uid = sandbox.DefaultUID
+	}
+	if gid == 0 {
+		gid = sandbox.DefaultGID
+	}
+	if root == "" || (uid == sandbox.DefaultUID && gid == sandbox.DefaultGID) {
+		return nil
+	}
+	err := filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		info, err := d.Info()
+		if err != nil {
+			return err
+		}
+		if st, ok := info.Sys().(*syscall.Stat_t); !ok || int(st.Uid) != sandbox.DefaultUID {
+			return nil
+		}
+		return os.Lchown(p, uid, gid)
+	})
+	if err != nil {
+		return status.Errorf(codes.Internal, "hand the exec root to uid %d: %v", uid, err)
+	}
+	return nil
+}
+
+// serverVerify is kiln serve's determinism check: an action with kiln-verify=N, or
+// one sampled by --verify-rate (N=2), runs N times before its result is cached.
+//
+// The first run is the normal execution. Its Check (Request.Check) runs the other
+// N-1 with variations in the same scheduler slot, one after another, then compares.
+// Deterministic: the result is cached and the link notes it. Nondeterministic: each
+// difference is narrowed to its variation (more runs, same slot); the result is
+// returned to the client but not cached, the ExecuteResponse message and the link
+// say what differs under which variation, and kiln_nondeterministic_actions_total
+// counts it. A check that cannot complete (a variation run fails to start or times
+// out) is treated like a nondeterministic one: returned, not cached, said why.
+type serverVerify struct {
+	exec     *Executor
+	rate     float64
+	log      *slog.Logger
+	mNondet  prometheus.Counter
+	mOutcome *prometheus.CounterVec
+	mRuns    prometheus.Counter
+	clock    verify.Clock // nil: the real one
+}
+
+func newServerVerify(exec *Executor, cfg SchedulerConfig) *serverVerify {
+	v := &serverVerify{exec: exec, rate: cfg.VerifyRate, log: cfg.Logger,
+		mNondet: prometheus.NewCounter(prometheus.CounterOpts{Name: "kiln_nondeterministic_actions_total",
+			Help: "Actions whose determinism check found outputs that differ (their results are not cached)."}),
+		mOutcome: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "kiln_verified_actions_total",
+			Help: "Determinism checks by outcome (deterministic, nondeterministic, error, skipped: the action failed)."}, []string{"outcome"}),
+		mRuns: prometheus.NewCounter(prometheus.CounterOpts{Name: "kiln_verify_runs_total",
+			Help: "Extra sandbox runs made by determinism checks (variations and narrowing)."}),
+	}
+	if v.log == nil {
+		v.log = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Registerer != nil {
+		cfg.Registerer.MustRegister(v.mNondet, v.mOutcome, v.mRuns)
+	}
+	return v
+}
+
+// runs is how many times req must run: the kiln-verify property, at least 2 when
+// --verify-rate samples it; 0 or 1 means no check. A client cannot opt out of the
+// operator's sampling with kiln-verify=1.
+func (v *serverVerify) runs(req Request, a *Action) int {
+	if req.Variation != nil || req.NoCache || req.Check != nil {
+		return 0
+	}
+	n := a.Platform.VerifyRuns
+	if n < 2 && !a.Action.GetDoNotCache() && sampled(a.Digest, v.rate) {
+		n = 2
+	}
+	return n
+}
+
+// prepare adds the determinism check to req when the action needs one.
+func (v *serverVerify) prepare(req Request, a *Action) Request {
+	if v == nil {
+		return req
+	}
+	n := v.runs(req, a)
+	if n < 2 {
+		return req
+	}
+	instance := req.Instance
+	req.Check = func(ctx context.Context, ex *Execution) ([]string, bool, error) {
+		return v.check(ctx, instance, a, n, ex)
+	}
+	return req
+}
+
+// check compares the execution ex with n-1 more runs.
+func (v *serverVerify) check(ctx context.Context, instance string, a *Action, n int, ex *Execution) ([]string, bool, error) {
+	if ex.Status != nil || ex.Result.GetExitCode() != 0 {
+		v.mOutcome.WithLabelValues("skipped").Inc()
+		return []string{"kiln-verify: not checked: the action failed"}, true, nil
+	}
+	opts := verifyOptions(a, n, nil)
+	opts.Clock = v.clock
+	rep, err := verify.Verify(ctx, v.exec.cfg.CAS, verifyRunner{v.exec, instance, a}, opts, ex.Result)
+	if rep != nil {
+		v.mRuns.Add(float64(len(rep.Runs) - 1))
+	}
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil, false, err
+		}
+		v.mOutcome.WithLabelValues("error").Inc()
+		msg := "kiln-verify: the determinism check could not complete, so the result is not cached: " + status.Convert(err).Message()
+		v.log.Warn("determinism check failed", "action", a.Digest.String(), "err", err)
+		ex.Message = joinMessage(ex.Message, msg)
+		return []string{msg}, false, nil
+	}
+	note := "kiln-verify: " + rep.Summary()
+	if rep.Deterministic {
+		v.mOutcome.WithLabelValues("deterministic").Inc()
+		return []string{note}, true, nil
+	}
+	v.mNondet.Inc()
+	v.mOutcome.WithLabelValues("nondeterministic").Inc()
+	v.log.Warn("nondeterministic action: result not cached", "action", a.Digest.String(), "summary", rep.Summary())
+	note += "; the result is not cached"
+	ex.Message = joinMessage(ex.Message, note)
+	return []string{note}, false, nil
+}
+
+func joinMessage(a, b string) string { return strings.TrimSpace(a + "\n" + b) }
+
+// sampled reports whether --verify-rate picks action d: the first 64 bits of its
+// SHA-256, read as a fraction of 2^64, are below rate. The same action is always
+// picked, or never, on every server with the same rate.
+func sampled(d cache.Digest, rate float64) bool {
+	switch {
+	case rate <= 0:
+		return false
+	case rate >= 1:
+		return true
+	case len(d.Hash) < 16:
+		return false
+	}
+	b, err := hex.DecodeString(d.Hash[:16])
+	if err != nil {
+		return false
+	}
+	return float64(binary.BigEndian.Uint64(b))/math.Exp2(64) < rate
+}

@@ -1,0 +1,314 @@
+package engine
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
+	"github.com/kilnbuild/kiln/cache"
+	"github.com/kilnbuild/kiln/sandbox"
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+)
+
+// variantSandbox is the fake sandbox with $HOST in arguments replaced by the run's
+// host name, and a count of how many runs overlap.
+type variantSandbox struct {
+	fakeSandbox
+	running, most atomic.Int64
+}
+
+func (v *variantSandbox) Run(ctx context.Context, j Job) (JobResult, error) {
+	n := v.running.Add(1)
+	defer v.running.Add(-1)
+	for m := v.most.Load(); n > m && !v.most.CompareAndSwap(m, n); m = v.most.Load() {
+	}
+	host := sandbox.DefaultHostname
+	if j.Variation != nil && j.Variation.Hostname != "" {
+		host = j.Variation.Hostname
+	}
+	args := make([]string, len(j.Args))
+	for i, a := range j.Args {
+		args[i] = strings.ReplaceAll(a, "$HOST", host)
+	}
+	j.Args = args
+	time.Sleep(time.Millisecond) // let concurrent runs overlap if the scheduler allowed it
+	return v.fakeSandbox.Run(ctx, j)
+}
+
+// noteAttester records what each execution's link would say.
+type noteAttester struct {
+	mu    sync.Mutex
+	notes [][]string
+}
+
+func (a *noteAttester) Attest(_ context.Context, rec *Record) error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.notes = append(a.notes, append([]string(nil), rec.Notes...))
+	return nil
+}
+
+type verifyEnv struct {
+	*testEnv
+	vsb   *variantSandbox
+	att   *noteAttester
+	sched *Scheduler
+}
+
+func newVerifyEnv(t *testing.T, conc int, rate float64) *verifyEnv {
+	t.Helper()
+	e := newTestEnv(t, conc)
+	vsb := &variantSandbox{}
+	att := &noteAttester{}
+	ex, err := NewExecutor(ExecutorConfig{CAS: e.exec.cfg.CAS, AC: e.ac, Sandbox: vsb, Toolchains: fakeToolchains{}, Attester: att,
+		WorkDir: filepath.Join(t.TempDir(), "exec"), UID: os.Getuid(), GID: os.Getgid(), MaxTimeout: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.exec = ex
+	s := NewScheduler(ex, SchedulerConfig{Concurrency: conc, MaxQueue: 100, VerifyRate: rate, Registerer: prometheus.NewRegistry()})
+	s.verify.clock = &skipClock{}
+	e.sched = s
+	return &verifyEnv{testEnv: e, vsb: vsb, att: att, sched: s}
+}
+
+func (e *verifyEnv) verifyAction(t *testing.T, runs int, args ...string) cache.Digest {
+	t.Helper()
+	var props []*repb.Platform_Property
+	if runs > 0 {
+		props = []*repb.Platform_Property{{Name: PropVerify, Value: fmt.Sprint(runs)}}
+	}
+	cmd := &repb.Command{Arguments: args, OutputFiles: []string{"out"}}
+	return e.action(t, cmd, e.put(t, &repb.Directory{}), func(a *repb.Action) { a.Platform = &repb.Platform{Properties: props} })
+}
+
+func (e *verifyEnv) cached(t *testing.T, d cache.Digest) bool {
+	t.Helper()
+	_, err := e.ac.Get(context.Background(), cache.ActionKey{Action: d})
+	if err != nil && status.Code(err) != codes.NotFound {
+		t.Fatal(err)
+	}
+	return err == nil
+}
+
+func TestServerVerifyDeterministicIsCached(t *testing.T) {
+	e := newVerifyEnv(t, 2, 0)
+	d := e.verifyAction(t, 3, "write", "out", "same")
+	resp, err := e.run(t, d)
+	if err != nil || resp.GetStatus().GetCode() != 0 || resp.GetResult().GetExitCode() != 0 {
+		t.Fatalf("%v %v", err, resp)
+	}
+	if n := e.vsb.runs.Load(); n != 3 {
+		t.Fatalf("%d sandbox runs, want 3", n)
+	}
+	if !e.cached(t, d) || resp.GetMessage() != "" {
+		t.Fatalf("deterministic result not cached (message %q)", resp.GetMessage())
+	}
+	// One link, for the execution returned; variation runs are checks, not builds.
+	if len(e.att.notes) != 1 || len(e.att.notes[0]) != 1 || !strings.HasPrefix(e.att.notes[0][0], "kiln-verify: 3 runs, deterministic") {
+		t.Fatalf("link notes %q", e.att.notes)
+	}
+	if got := counterValue(e.sched.verify.mOutcome.WithLabelValues("deterministic")); got != 1 {
+		t.Fatalf("deterministic outcome counted %v", got)
+	}
+	if got := counterValue(e.sched.verify.mNondet); got != 0 {
+		t.Fatalf("nondeterministic counted %v", got)
+	}
+}
+
+func TestServerVerifyNondeterministicIsNotCached(t *testing.T) {
+	e := newVerifyEnv(t, 1, 0)
+	d := e.verifyAction(t, 2, "write", "out", "built on $HOST")
+	for i := 1; i <= 2; i++ {
+		before := e.vsb.runs.Load()
+		resp, err := e.run(t, d)
+		if err != nil || resp.GetStatus().GetCode() != 0 {
+			t.Fatalf("%v %v", err, resp.GetStatus())
+		}
+		// The client gets the baseline's result: the build can go on.
+		out := resp.GetResult().GetOutputFiles()
+		if len(out) != 1 || resp.GetCachedResult() {
+			t.Fatalf("result %v", resp.GetResult())
+		}
+		b, _ := cache.ReadAll(context.Background(), e.cas, mustDigest(out[0].GetDigest()), 0)
+		if string(b) != "built on kiln" {
+			t.Fatalf("returned output %q, want the baseline's", b)
+		}
+		msg := resp.GetMessage()
+		if !strings.Contains(msg, "NONDETERMINISTIC") || !strings.Contains(msg, "out differs under hostname") || !strings.Contains(msg, "not cached") {
+			t.Fatalf("message %q", msg)
+		}
+		if e.cached(t, d) {
+			t.Fatal("a nondeterministic result was cached")
+		}
+		// Ran again (not from a cache): baseline, variation, control, narrowing.
+		if e.vsb.runs.Load()-before < 3 {
+			t.Fatalf("execute %d ran %d times", i, e.vsb.runs.Load()-before)
+		}
+		if got := counterValue(e.sched.verify.mNondet); got != float64(i) {
+			t.Fatalf("kiln_nondeterministic_actions_total %v after %d", got, i)
+		}
+	}
+	if len(e.att.notes) != 2 || !strings.Contains(e.att.notes[0][0], "NONDETERMINISTIC: out differs under hostname") {
+		t.Fatalf("link notes %q", e.att.notes)
+	}
+	if e.vsb.most.Load() != 1 {
+		t.Fatalf("%d runs overlapped with one scheduler slot", e.vsb.most.Load())
+	}
+}
+
+// TestServerVerifyTakesSlots: many verified actions at once never run more sandboxes
+// than the scheduler's concurrency.
+func TestServerVerifyTakesSlots(t *testing.T) {
+	e := newVerifyEnv(t, 2, 0)
+	var wg sync.WaitGroup
+	for i := 0; i < 6; i++ {
+		d := e.verifyAction(t, 3, "write", "out", fmt.Sprintf("%d on $HOST", i))
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if _, err := e.run(t, d); err != nil {
+				t.Error(err)
+			}
+		}()
+	}
+	wg.Wait()
+	if m := e.vsb.most.Load(); m > 2 {
+		t.Fatalf("%d sandbox runs at once with concurrency 2", m)
+	}
+	if got := counterValue(e.sched.verify.mNondet); got != 6 {
+		t.Fatalf("nondeterministic %v, want 6", got)
+	}
+}
+
+func TestServerVerifyRateAndFailures(t *testing.T) {
+	e := newVerifyEnv(t, 1, 1)
+	d := e.verifyAction(t, 0, "write", "out", "x")
+	if _, err := e.run(t, d); err != nil {
+		t.Fatal(err)
+	}
+	if e.vsb.runs.Load() != 2 || !e.cached(t, d) {
+		t.Fatalf("rate 1: %d runs", e.vsb.runs.Load())
+	}
+	// kiln-verify=1 does not opt out of the operator's sampling.
+	d = e.verifyAction(t, 1, "write", "out", "$HOST")
+	resp, _ := e.run(t, d)
+	if !strings.Contains(resp.GetMessage(), "NONDETERMINISTIC") || e.cached(t, d) {
+		t.Fatalf("kiln-verify=1 escaped the sampling: %q", resp.GetMessage())
+	}
+	// A failing action is not checked (it is not cached anyway).
+	before := e.vsb.runs.Load()
+	resp, _ = e.run(t, e.verifyAction(t, 3, "write", "out", "$HOST", "exit", "1"))
+	if e.vsb.runs.Load()-before != 1 || resp.GetResult().GetExitCode() != 1 || resp.GetMessage() != "" {
+		t.Fatalf("failing action ran %d times, message %q", e.vsb.runs.Load()-before, resp.GetMessage())
+	}
+	if got := counterValue(e.sched.verify.mOutcome.WithLabelValues("skipped")); got != 1 {
+		t.Fatalf("skipped %v", got)
+	}
+	// Rate 0: an action without the property runs once.
+	e0 := newVerifyEnv(t, 1, 0)
+	e0.run(t, e0.verifyAction(t, 0, "write", "out", "$HOST"))
+	if e0.vsb.runs.Load() != 1 {
+		t.Fatalf("rate 0: %d runs", e0.vsb.runs.Load())
+	}
+}
+
+func TestSampledByDigest(t *testing.T) {
+	picked := 0
+	for i := 0; i < 1000; i++ {
+		sum := sha256.Sum256([]byte(fmt.Sprint(i)))
+		d := cache.Digest{Hash: hex.EncodeToString(sum[:]), Size: 10}
+		if sampled(d, 0.25) {
+			picked++
+		}
+		if sampled(d, 0) || !sampled(d, 1) {
+			t.Fatal("rate 0 must pick nothing and rate 1 everything")
+		}
+		if sampled(d, 0.1) && !sampled(d, 0.25) {
+			t.Fatal("a higher rate must include what a lower one picks")
+		}
+	}
+	// sha256 of 0..999: a fixed set, so this count is fixed too.
+	if picked < 200 || picked > 300 {
+		t.Fatalf("rate 0.25 picked %d of 1000", picked)
+	}
+	if sampled(cache.Digest{Hash: "ffffffffffffffff" + strings.Repeat("0", 48)}, 0.999) ||
+		!sampled(cache.Digest{Hash: strings.Repeat("0", 64)}, 0.001) {
+		t.Fatal("bounds")
+	}
+}
+
+// TestChownExecRoot: a uid variation gets what the default sandbox user owned;
+// root-owned inputs stay root's.
+func TestChownExecRoot(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to chown")
+	}
+	root := t.TempDir()
+	os.MkdirAll(filepath.Join(root, "out/sub"), 0o755)
+	os.WriteFile(filepath.Join(root, "in.txt"), []byte("x"), 0o444)
+	os.Symlink("in.txt", filepath.Join(root, "link"))
+	for _, p := range []string{"", "out", "out/sub", "link"} {
+		os.Lchown(filepath.Join(root, p), sandbox.DefaultUID, sandbox.DefaultGID)
+	}
+	if err := chownExecRoot(root, 2111, 2234); err != nil {
+		t.Fatal(err)
+	}
+	owner := func(p string) (uint32, uint32) {
+		var st syscall.Stat_t
+		syscall.Lstat(filepath.Join(root, p), &st)
+		return st.Uid, st.Gid
+	}
+	for _, p := range []string{"", "out", "out/sub", "link"} {
+		if u, g := owner(p); u != 2111 || g != 2234 {
+			t.Errorf("%q owned by %d:%d", p, u, g)
+		}
+	}
+	if u, _ := owner("in.txt"); u != 0 {
+		t.Errorf("input handed to uid %d", u)
+	}
+	if err := chownExecRoot(root, 0, 0); err != nil { // the defaults: nothing to do
+		t.Fatal(err)
+	}
+}
+
+// counterValue reads a counter's value.
+func counterValue(c prometheus.Counter) float64 {
+	var m dto.Metric
+	if err := c.Write(&m); err != nil {
+		return -1
+	}
+	return m.GetCounter().GetValue()
+}
+
+// skipClock is the real clock, moved forward instead of slept on.
+type skipClock struct {
+	mu   sync.Mutex
+	skip time.Duration
+}
+
+func (c *skipClock) Now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return time.Now().Add(c.skip)
+}
+
+func (c *skipClock) Sleep(_ context.Context, d time.Duration) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.skip += d
+	return nil
+}
