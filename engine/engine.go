@@ -56,6 +56,7 @@ type Options struct {
 
 // Engine is an open data dir with everything needed to execute actions.
 type Engine struct {
+	Data       DataDir
 	Store      *disk.Store
 	CAS        cache.BlobStore // the store as clients see it: with the empty blob, metered
 	AC         cache.ActionCache
@@ -79,7 +80,7 @@ func Open(ctx context.Context, opts Options) (*Engine, error) {
 	if reg == nil {
 		reg = prometheus.NewRegistry()
 	}
-	e := &Engine{log: log}
+	e := &Engine{Data: opts.Data, log: log}
 	ok := false
 	defer func() {
 		if !ok {
@@ -101,13 +102,13 @@ func Open(ctx context.Context, opts Options) (*Engine, error) {
 	if err != nil {
 		return nil, err
 	}
-	if opts.NoSandbox {
-		ok = true
-		return e, nil
-	}
 	e.Signer, err = attest.Open(ctx, attest.Options{DataDir: string(opts.Data), CAS: e.CAS, ExecutorKeyFile: opts.ExecutorKeyFile, Logger: log})
 	if err != nil {
 		return nil, err
+	}
+	if opts.NoSandbox {
+		ok = true
+		return e, nil
 	}
 	e.runner, err = openRunner(ctx, opts.Data.Sandbox(), opts.Prestart, log)
 	if err != nil {

@@ -176,6 +176,47 @@ func buildSkeleton(dir string, mps []mountPoint) error {
 	return nil
 }
 
+// setLowerDirs gives the overlay its layers, top first. fsconfig string values are
+// capped at 256 bytes by the kernel, so long data-dir paths cannot go in one
+// "lowerdir" string: layers are passed one at a time as directory file descriptors
+// ("lowerdir+", Linux 6.13+), else one at a time as paths (6.8+), else as one string.
+func setLowerDirs(fsfd int, dirs ...string) error {
+	fdErr := func() error {
+		for _, d := range dirs {
+			dfd, err := unix.Open(d, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+			if err != nil {
+				return err
+			}
+			err = unix.FsconfigSetFd(fsfd, "lowerdir+", dfd)
+			unix.Close(dfd)
+			if err != nil {
+				return err
+			}
+		}
+		return nil
+	}()
+	if fdErr == nil {
+		return nil
+	}
+	if fdErr == unix.ENOENT || fdErr == unix.ENOTDIR {
+		return fdErr
+	}
+	var err error
+	for _, d := range dirs {
+		if err = unix.FsconfigSetString(fsfd, "lowerdir+", d); err != nil {
+			break
+		}
+	}
+	if err == nil {
+		return nil
+	}
+	esc := make([]string, len(dirs))
+	for i, d := range dirs {
+		esc[i] = escapeLowerDir(d)
+	}
+	return unix.FsconfigSetString(fsfd, "lowerdir", strings.Join(esc, ":"))
+}
+
 // escapeLowerDir escapes the separators of overlayfs's lowerdir option.
 func escapeLowerDir(p string) string {
 	return strings.ReplaceAll(strings.ReplaceAll(p, `\`, `\\`), `:`, `\:`)
@@ -189,7 +230,7 @@ func mountOverlay(target, upper, lower string) error {
 		return fmt.Errorf("fsopen overlay: %w", err)
 	}
 	defer unix.Close(fsfd)
-	if err := unix.FsconfigSetString(fsfd, "lowerdir", escapeLowerDir(upper)+":"+escapeLowerDir(lower)); err != nil {
+	if err := setLowerDirs(fsfd, upper, lower); err != nil {
 		return fmt.Errorf("overlay lowerdir: %w", err)
 	}
 	_ = unix.FsconfigSetString(fsfd, "xino", "off")

@@ -24,7 +24,7 @@ func newAttestCmd() *cobra.Command {
 		Use:   "attest",
 		Short: "Executor keys, provenance and verification of kiln's signed action links",
 	}
-	c.AddCommand(newAttestPubkeyCmd(), newAttestKeyCmd(), newAttestProvenanceCmd(), newAttestVerifyCmd())
+	c.AddCommand(newAttestPubkeyCmd(), newAttestKeyCmd(), newAttestProvenanceCmd(), newAttestVerifyCmd(), newVerifySummaryCmd())
 	return c
 }
 
@@ -262,17 +262,9 @@ func newAttestVerifyCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			var trust keys.Trust
-			for _, f := range keyFiles {
-				b, err := os.ReadFile(f)
-				if err != nil {
-					return &exitError{code: 2, msg: err.Error()}
-				}
-				t, err := keys.ParseTrust(b)
-				if err != nil {
-					return fmt.Errorf("--key %s: %w", f, err)
-				}
-				trust.Add(t)
+			trust, err := loadKeys(keyFiles)
+			if err != nil {
+				return err
 			}
 			logVerifier, logSource, err := resolveLogKey(ctx, logKey, trust, dataDir)
 			if err != nil {
@@ -354,6 +346,24 @@ func newAttestVerifyCmd() *cobra.Command {
 	c.Flags().BoolVar(&asJSON, "json", false, "print JSON")
 	c.Flags().DurationVar(&wait, "wait", 5*time.Second, "how long to wait for a log checkpoint covering freshly logged links")
 	return c
+}
+
+// loadKeys reads trusted executor keys from --key files: PEM public keys, or the JSON
+// of `kiln attest pubkey --all --json` (which also carries the log key).
+func loadKeys(files []string) (keys.Trust, error) {
+	var trust keys.Trust
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			return trust, &exitError{code: 2, msg: err.Error()}
+		}
+		t, err := keys.ParseTrust(b)
+		if err != nil {
+			return trust, fmt.Errorf("--key %s: %w", f, err)
+		}
+		trust.Add(t)
+	}
+	return trust, nil
 }
 
 // resolveLogKey picks the log verifier: --log-key, else one from a --key export, else

@@ -65,6 +65,8 @@ func newRootCmd() *cobra.Command {
 		newAttestCmd(),
 		newLogCmd(),
 		newQuarantineCmd(),
+		newExportCmd(),
+		newRebuildCmd(),
 	)
 	return root
 }

@@ -1,0 +1,224 @@
+package main
+
+import (
+	"fmt"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/kilnbuild/kiln/engine"
+	"github.com/kilnbuild/kiln/engine/attest"
+	"github.com/kilnbuild/kiln/engine/attest/keys"
+	"github.com/kilnbuild/kiln/engine/rebuild"
+	"github.com/spf13/cobra"
+)
+
+func newExportCmd() *cobra.Command {
+	var data, subject, out string
+	var wait time.Duration
+	var jsonOut bool
+	c := &cobra.Command{
+		Use:   "export --subject FILE|DIGEST --out BUNDLE",
+		Short: "Write a self-contained bundle to rebuild an artifact: provenance, links, actions, inputs, toolchains, log",
+		Long: `Write everything needed to rebuild an artifact elsewhere: its signed provenance,
+the link of every action in its chain, the transparency log those links are in, every
+Action, Command, input Directory and input file, and every toolchain image. BUNDLE is a
+new directory, or a tar file if it ends in .tar. See docs/rebuild.md for the layout.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if subject == "" || out == "" {
+				return &exitError{code: 2, msg: "--subject and --out are required"}
+			}
+			subj, err := attest.ParseSubject(subject)
+			if err != nil {
+				return statusErr(err)
+			}
+			ctx := cmd.Context()
+			eng, err := engine.Open(ctx, engine.Options{Data: engine.DataDir(data), NoSandbox: true, Logger: quietLogger(), Version: version})
+			if err != nil {
+				return statusErr(err)
+			}
+			defer eng.Close()
+			res, err := rebuild.Export(ctx, eng, subj, out, wait, version)
+			if err != nil {
+				return statusErr(err)
+			}
+			if jsonOut {
+				return printJSON(os.Stdout, res)
+			}
+			fmt.Printf("bundle %s: %s, %d action(s), %d toolchain(s), %d blob(s), %d bytes of blobs\n",
+				out, subj.Name, len(res.Manifest.Actions), len(res.Manifest.Toolchains), res.Blobs, res.Bytes)
+			return nil
+		},
+	}
+	addDataFlag(c, &data)
+	c.Flags().StringVar(&subject, "subject", "", "the artifact: a file, or its sha256 digest")
+	c.Flags().StringVar(&out, "out", "", "the bundle to write: a new directory, or FILE.tar")
+	c.Flags().DurationVar(&wait, "wait", 5*time.Second, "how long to wait for freshly signed links to be logged")
+	c.Flags().BoolVar(&jsonOut, "json", false, "print JSON")
+	return c
+}
+
+func newRebuildCmd() *cobra.Command {
+	var (
+		data, bundle, remote, instance, logKey, out string
+		keyFiles                                    []string
+		jsonOut                                     bool
+		wait                                        time.Duration
+	)
+	c := &cobra.Command{
+		Use:   "rebuild PROVENANCE --key PUB [--bundle BUNDLE | --remote ADDR]",
+		Short: "Re-execute the actions recorded in an artifact's provenance and compare every product bit for bit",
+		Long: `Verify PROVENANCE and every link it lists (signatures by --key, inclusion in the
+transparency log, a connected chain) before anything runs; then re-execute every
+recorded action without any cache in a fresh sandbox, in dependency order, and compare
+each product with the recorded digest. Writes a DSSE-signed SLSA Verification Summary
+(v1) to --out (default stdout), signed with this data dir's executor key.
+
+Blobs and links come from --bundle (kiln export), else from this data dir. Actions run
+locally in this data dir's sandbox, or on the kiln server at --remote.
+
+Exit status: 0 PASSED; 1 FAILED (the subject is then quarantined in this data dir, so
+kiln serve on it no longer hands it out) or the provenance did not verify (nothing ran,
+nothing quarantined); 2 usage or set-up error.`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if len(keyFiles) == 0 {
+				return &exitError{code: 2, msg: "--key is required: the public key(s) the provenance and links must be signed with"}
+			}
+			raw, err := os.ReadFile(args[0])
+			if err != nil {
+				return &exitError{code: 2, msg: err.Error()}
+			}
+			trust, err := loadKeys(keyFiles)
+			if err != nil {
+				return err
+			}
+			if logKey != "" {
+				s := logKey
+				if b, err := os.ReadFile(logKey); err == nil {
+					s = strings.TrimSpace(string(b))
+				}
+				trust.Log = &keys.LogKey{VKey: s}
+			}
+			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
+			defer stop()
+			eng, err := engine.Open(ctx, engine.Options{Data: engine.DataDir(data), Logger: quietLogger(), Version: version, NoSandbox: remote != ""})
+			if err != nil {
+				return &exitError{code: 2, msg: statusErr(err).Error()}
+			}
+			defer eng.Close()
+			opts := rebuild.Options{Provenance: raw, ProvenanceURI: args[0], Trust: trust, Wait: wait, Version: version, Logger: quietLogger()}
+			if bundle != "" {
+				dir, done, err := rebuild.OpenBundle(bundle)
+				if err != nil {
+					return &exitError{code: 2, msg: statusErr(err).Error()}
+				}
+				defer done()
+				opts.Bundle = dir
+			}
+			if remote != "" {
+				r, err := rebuild.DialRemote(ctx, remote, instance)
+				if err != nil {
+					return &exitError{code: 2, msg: statusErr(err).Error()}
+				}
+				defer r.Close()
+				opts.Executor = r
+			}
+			res, err := rebuild.Rebuild(ctx, eng, opts)
+			if err != nil {
+				return &exitError{code: 1, msg: statusErr(err).Error()}
+			}
+			if err := writeOutput(out, append(res.VSA, '\n'), cmd.OutOrStdout()); err != nil {
+				return err
+			}
+			w := os.Stderr
+			if jsonOut {
+				printJSON(os.Stdout, res)
+			} else {
+				for _, a := range res.Actions {
+					state := "reproduced"
+					if a.Error != "" {
+						state = "error: " + a.Error
+					} else if len(a.Differences) > 0 {
+						state = fmt.Sprintf("%d product(s) differ", len(a.Differences))
+					}
+					fmt.Fprintf(w, "action %s: %d product(s), %s\n", a.Action, a.Products, state)
+					for _, d := range a.Differences {
+						fmt.Fprintf(w, "  %s: recorded %q, rebuilt %q\n", d.Path, d.Recorded, d.Rebuilt)
+					}
+				}
+				fmt.Fprintf(w, "%s %s (%s), summary signed by %s\n", res.Verdict, res.Subject.Name, "sha256:"+res.Subject.SHA256, res.SignedBy)
+			}
+			if res.Verdict != rebuild.Passed {
+				return &exitError{code: 1, msg: fmt.Sprintf("rebuild FAILED: %s; quarantined sha256:%s (see kiln quarantine ls)", res.Reason, res.Subject.SHA256)}
+			}
+			return nil
+		},
+	}
+	addDataFlag(c, &data)
+	c.Flags().StringArrayVar(&keyFiles, "key", nil, "trusted executor public key: PEM, or `kiln attest pubkey --all --json` output (repeatable)")
+	c.Flags().StringVar(&logKey, "log-key", "", "the transparency log's verifier key (a note vkey, or a file holding one); default: from a --key JSON export")
+	c.Flags().StringVar(&bundle, "bundle", "", "bundle from kiln export (directory or .tar); default: this data dir")
+	c.Flags().StringVar(&remote, "remote", "", "re-execute on this kiln server (host:port) instead of locally")
+	c.Flags().StringVar(&instance, "instance", "", "REAPI instance name for --remote")
+	c.Flags().StringVar(&out, "out", "", "write the signed verification summary here (default stdout)")
+	c.Flags().BoolVar(&jsonOut, "json", false, "print the per-action result as JSON on stdout (use with --out)")
+	c.Flags().DurationVar(&wait, "wait", 5*time.Second, "how long to wait for freshly signed links to be logged (local data dir)")
+	return c
+}
+
+func newVerifySummaryCmd() *cobra.Command {
+	var keyFiles []string
+	var subject string
+	var jsonOut bool
+	c := &cobra.Command{
+		Use:   "verify-summary VSA --key PUB [--subject FILE|DIGEST]",
+		Short: "Check a verification summary from kiln rebuild: signature, subject, PASSED",
+		Long: `Verify the DSSE signature of a SLSA verification summary against --key, check that
+it is about --subject (when given), and exit 0 only if its result is PASSED (1 when
+FAILED or when anything does not verify).`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if len(keyFiles) == 0 {
+				return &exitError{code: 2, msg: "--key is required"}
+			}
+			raw, err := os.ReadFile(args[0])
+			if err != nil {
+				return &exitError{code: 2, msg: err.Error()}
+			}
+			trust, err := loadKeys(keyFiles)
+			if err != nil {
+				return err
+			}
+			s, err := rebuild.CheckSummary(cmd.Context(), raw, trust)
+			if err != nil {
+				return &exitError{code: 1, msg: statusErr(err).Error()}
+			}
+			if subject != "" {
+				want, err := attest.ParseSubject(subject)
+				if err != nil {
+					return &exitError{code: 2, msg: statusErr(err).Error()}
+				}
+				if want.SHA256 != s.Subject.SHA256 {
+					return &exitError{code: 1, msg: fmt.Sprintf("the summary is about sha256:%s, not %s (sha256:%s)", s.Subject.SHA256, want.Name, want.SHA256)}
+				}
+			}
+			if jsonOut {
+				printJSON(os.Stdout, s)
+			} else {
+				fmt.Printf("%s %s (sha256:%s), signed by %s, policy %s\n", s.Result, s.Subject.Name, s.Subject.SHA256, s.KeyID, s.Policy)
+			}
+			if s.Result != rebuild.Passed {
+				return &exitError{code: 1}
+			}
+			return nil
+		},
+	}
+	c.Flags().StringArrayVar(&keyFiles, "key", nil, "trusted public key: PEM, or `kiln attest pubkey --all --json` output (repeatable)")
+	c.Flags().StringVar(&subject, "subject", "", "the artifact the summary must be about: a file, or its sha256 digest")
+	c.Flags().BoolVar(&jsonOut, "json", false, "print JSON")
+	return c
+}

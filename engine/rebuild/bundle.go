@@ -1,0 +1,371 @@
+// Package rebuild exports what an artifact was built from (a bundle), re-executes the
+// actions recorded in its provenance in fresh sandboxes, compares every product bit for
+// bit with the record, and signs a SLSA verification summary, quarantining the
+// artifact when the rebuild disagrees.
+//
+// A bundle is laid out like a kiln data dir, so the same verification code reads it:
+//
+//	bundle.json                 manifest: subject, actions, toolchains
+//	provenance.json             the DSSE-signed SLSA provenance of the subject
+//	keys.json                   the exporter's public keys and log key (informational:
+//	                            a rebuild trusts only the keys it is given)
+//	store/cas/..                Actions, Commands, input Directories and input files
+//	attest/envelopes/..         the link envelopes of every action of the chain
+//	log/                        the transparency log the links are in (tiles, checkpoint)
+//	toolchains/HEX/             each toolchain image as an OCI layout
+//
+// A bundle may also be one tar file of that tree.
+package rebuild
+
+import (
+	"archive/tar"
+	"context"
+	"encoding/json"
+	"errors"
+	"io"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"time"
+
+	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
+	"github.com/kilnbuild/kiln/cache"
+	"github.com/kilnbuild/kiln/cache/disk"
+	"github.com/kilnbuild/kiln/engine"
+	"github.com/kilnbuild/kiln/engine/attest"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+)
+
+// BundleVersion is the version of the bundle layout.
+const BundleVersion = 1
+
+// Manifest is bundle.json.
+type Manifest struct {
+	Version    int            `json:"version"`
+	Subject    attest.Subject `json:"subject"`
+	Actions    []ActionRef    `json:"actions"`
+	Toolchains []string       `json:"toolchains"` // manifest digests, sha256:HEX
+	Created    string         `json:"created_by"`
+}
+
+// ActionRef is one recorded action of a chain.
+type ActionRef struct {
+	Action string `json:"action"` // HASH/SIZE
+	Link   string `json:"link"`   // envelope HASH/SIZE
+}
+
+// ExportResult says what went into a bundle.
+type ExportResult struct {
+	Manifest Manifest
+	Blobs    int
+	Bytes    int64
+}
+
+// Export writes the bundle of subj (its provenance, links, actions, inputs and
+// toolchains, from eng's data dir) to out: a new directory, or a tar file if out ends
+// in .tar. The chain must verify with the data dir's own keys.
+func Export(ctx context.Context, eng *engine.Engine, subj attest.Subject, out string, wait time.Duration, version string) (*ExportResult, error) {
+	if _, err := os.Stat(out); err == nil {
+		return nil, status.Errorf(codes.AlreadyExists, "%s already exists", out)
+	}
+	ch, env, _, err := attest.BuildProvenance(ctx, eng.Signer.Store(), eng.Signer.Keyring(), subj, wait)
+	if err != nil {
+		if ch != nil && len(ch.Failures) > 0 {
+			return nil, status.Errorf(status.Code(err), "%s: %s", status.Convert(err).Message(), ch.Failures[0])
+		}
+		return nil, err
+	}
+	dir := out
+	asTar := strings.HasSuffix(out, ".tar")
+	if asTar {
+		if dir, err = os.MkdirTemp(filepath.Dir(out), ".kiln-bundle-*"); err != nil {
+			return nil, status.Errorf(codes.Internal, "bundle: %v", err)
+		}
+		defer os.RemoveAll(dir)
+	} else if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, status.Errorf(codes.Internal, "bundle: %v", err)
+	}
+	res := &ExportResult{Manifest: Manifest{Version: BundleVersion, Subject: subj, Toolchains: []string{}, Created: "kiln " + version}}
+	paths := attest.PathsFor(dir)
+	bcas, err := disk.Open(ctx, paths.CAS, disk.Options{})
+	if err != nil {
+		return nil, err
+	}
+	defer bcas.Close()
+	bstore := attest.NewStore(paths, bcas)
+	copied := map[cache.Digest]bool{}
+	copyBlob := func(d cache.Digest) error {
+		if copied[d] || d.IsEmpty() {
+			return nil
+		}
+		copied[d] = true
+		r, err := eng.CAS.Get(ctx, d, 0)
+		if err != nil {
+			return cache.PrefixError(err, "blob %s", d)
+		}
+		defer r.Close()
+		if err := bcas.Put(ctx, d, r); err != nil {
+			return err
+		}
+		res.Blobs++
+		res.Bytes += d.Size
+		return nil
+	}
+	for _, l := range ch.Links {
+		ad, err := ActionDigestOf(l)
+		if err != nil {
+			return nil, err
+		}
+		res.Manifest.Actions = append(res.Manifest.Actions, ActionRef{Action: ad.String(), Link: l.Envelope.String()})
+		if _, err := bstore.PutEnvelope(ctx, l.Raw); err != nil {
+			return nil, err
+		}
+		if err := bstore.SetLogIndex(l.Envelope, l.LogIndex); err != nil {
+			return nil, err
+		}
+		ds, err := actionBlobs(ctx, eng.CAS, ad)
+		if err != nil {
+			return nil, err
+		}
+		for _, d := range ds {
+			if err := copyBlob(d); err != nil {
+				return nil, err
+			}
+		}
+	}
+	sort.Slice(res.Manifest.Actions, func(i, j int) bool { return res.Manifest.Actions[i].Action < res.Manifest.Actions[j].Action })
+	if err := copyTree(eng.Data.Log(), paths.Log); err != nil {
+		return nil, status.Errorf(codes.Internal, "bundle: copy the transparency log: %v", err)
+	}
+	for _, t := range ch.Toolchains {
+		ref := "sha256:" + t
+		if err := eng.Toolchains.Export(ctx, ref, filepath.Join(dir, "toolchains", t)); err != nil {
+			return nil, cache.PrefixError(err, "export toolchain %s", ref)
+		}
+		res.Manifest.Toolchains = append(res.Manifest.Toolchains, ref)
+	}
+	exp, err := eng.Signer.Keyring().Export()
+	if err != nil {
+		return nil, err
+	}
+	for name, v := range map[string]any{"bundle.json": res.Manifest, "keys.json": exp} {
+		b, _ := json.MarshalIndent(v, "", "  ")
+		if err := os.WriteFile(filepath.Join(dir, name), append(b, '\n'), 0o644); err != nil {
+			return nil, status.Errorf(codes.Internal, "bundle: %v", err)
+		}
+	}
+	if err := os.WriteFile(filepath.Join(dir, "provenance.json"), append(env, '\n'), 0o644); err != nil {
+		return nil, status.Errorf(codes.Internal, "bundle: %v", err)
+	}
+	if asTar {
+		if err := writeTar(dir, out); err != nil {
+			return nil, err
+		}
+	}
+	return res, nil
+}
+
+// ActionDigestOf returns the action digest (with size) a verified link records.
+func ActionDigestOf(l *attest.VerifiedLink) (cache.Digest, error) {
+	s, _ := l.Link.ByProducts[attest.ByproductActionDigest].(string)
+	d, err := cache.ParseDigest(s)
+	if err != nil {
+		return cache.Digest{}, status.Errorf(codes.InvalidArgument, "link %s: no usable action digest (%q)", l.Link.Name, s)
+	}
+	if d.Hash != l.Link.Name {
+		return cache.Digest{}, status.Errorf(codes.InvalidArgument, "link %s records action digest %s", l.Link.Name, d)
+	}
+	return d, nil
+}
+
+// actionBlobs lists every blob an action needs: the Action, its Command, the input
+// tree's Directories and files.
+func actionBlobs(ctx context.Context, cas cache.BlobStore, ad cache.Digest) ([]cache.Digest, error) {
+	a := &repb.Action{}
+	if err := cache.ReadProto(ctx, cas, ad, a, 16<<20); err != nil {
+		return nil, cache.PrefixError(err, "action %s", ad)
+	}
+	cd, err := cache.FromProto(a.GetCommandDigest())
+	if err != nil {
+		return nil, err
+	}
+	root, err := cache.FromProto(a.GetInputRootDigest())
+	if err != nil {
+		return nil, err
+	}
+	out := []cache.Digest{ad, cd}
+	seen := map[cache.Digest]bool{}
+	queue := []cache.Digest{root}
+	for len(queue) > 0 {
+		d := queue[0]
+		queue = queue[1:]
+		if seen[d] {
+			continue
+		}
+		seen[d] = true
+		out = append(out, d)
+		dir := &repb.Directory{}
+		if err := cache.ReadProto(ctx, cas, d, dir, 16<<20); err != nil {
+			return nil, cache.PrefixError(err, "input directory %s of action %s", d, ad)
+		}
+		for _, f := range dir.GetFiles() {
+			fd, err := cache.FromProto(f.GetDigest())
+			if err != nil {
+				return nil, err
+			}
+			out = append(out, fd)
+		}
+		for _, s := range dir.GetDirectories() {
+			sd, err := cache.FromProto(s.GetDigest())
+			if err != nil {
+				return nil, err
+			}
+			queue = append(queue, sd)
+		}
+	}
+	return out, nil
+}
+
+// copyTree copies the regular files and directories under src to dst.
+func copyTree(src, dst string) error {
+	return filepath.WalkDir(src, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		rel, _ := filepath.Rel(src, p)
+		target := filepath.Join(dst, rel)
+		switch {
+		case d.IsDir():
+			return os.MkdirAll(target, 0o755)
+		case d.Type().IsRegular():
+			b, err := os.ReadFile(p)
+			if err != nil {
+				return err
+			}
+			return os.WriteFile(target, b, 0o644)
+		}
+		return nil // locks, sockets: not part of the log's content
+	})
+}
+
+// writeTar writes dir as a tar file at out (sorted, fixed metadata), atomically.
+func writeTar(dir, out string) error {
+	tmp := out + ".tmp"
+	f, err := os.Create(tmp)
+	if err != nil {
+		return status.Errorf(codes.Internal, "bundle: %v", err)
+	}
+	tw := tar.NewWriter(f)
+	var files []string
+	err = filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+		if err == nil && d.Type().IsRegular() {
+			files = append(files, p)
+		}
+		return err
+	})
+	sort.Strings(files)
+	for _, p := range files {
+		if err != nil {
+			break
+		}
+		var b []byte
+		if b, err = os.ReadFile(p); err != nil {
+			break
+		}
+		rel, _ := filepath.Rel(dir, p)
+		if err = tw.WriteHeader(&tar.Header{Name: filepath.ToSlash(rel), Mode: 0o644, Size: int64(len(b)), Typeflag: tar.TypeReg, Format: tar.FormatPAX}); err == nil {
+			_, err = tw.Write(b)
+		}
+	}
+	if err == nil {
+		err = tw.Close()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp, out)
+	}
+	if err != nil {
+		os.Remove(tmp)
+		return status.Errorf(codes.Internal, "bundle: %v", err)
+	}
+	return nil
+}
+
+// OpenBundle returns the bundle's directory: path itself, or a temp directory holding
+// the tar file's contents (removed by the returned function).
+func OpenBundle(path string) (string, func(), error) {
+	info, err := os.Stat(path)
+	if err != nil {
+		return "", nil, status.Errorf(codes.InvalidArgument, "bundle: %v", err)
+	}
+	if info.IsDir() {
+		return path, func() {}, nil
+	}
+	dir, err := os.MkdirTemp("", "kiln-bundle-")
+	if err != nil {
+		return "", nil, status.Errorf(codes.Internal, "bundle: %v", err)
+	}
+	done := func() { os.RemoveAll(dir) }
+	if err := extractTar(path, dir); err != nil {
+		done()
+		return "", nil, err
+	}
+	return dir, done, nil
+}
+
+// extractTar unpacks a bundle tar: regular files only, no absolute or climbing names.
+func extractTar(path, dir string) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return status.Errorf(codes.InvalidArgument, "bundle: %v", err)
+	}
+	defer f.Close()
+	tr := tar.NewReader(f)
+	for {
+		h, err := tr.Next()
+		if errors.Is(err, io.EOF) {
+			return nil
+		}
+		if err != nil {
+			return status.Errorf(codes.InvalidArgument, "bundle %s: %v", path, err)
+		}
+		name := filepath.Clean(filepath.FromSlash(h.Name))
+		if h.Typeflag != tar.TypeReg || filepath.IsAbs(name) || name == ".." || strings.HasPrefix(name, ".."+string(filepath.Separator)) {
+			return status.Errorf(codes.InvalidArgument, "bundle %s: refusing entry %q", path, h.Name)
+		}
+		target := filepath.Join(dir, name)
+		if err := os.MkdirAll(filepath.Dir(target), 0o755); err != nil {
+			return status.Errorf(codes.Internal, "bundle: %v", err)
+		}
+		out, err := os.OpenFile(target, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o644)
+		if err != nil {
+			return status.Errorf(codes.InvalidArgument, "bundle %s: %v", path, err)
+		}
+		_, err = io.Copy(out, tr)
+		out.Close()
+		if err != nil {
+			return status.Errorf(codes.InvalidArgument, "bundle %s: %v", path, err)
+		}
+	}
+}
+
+// readManifest reads bundle.json.
+func readManifest(dir string) (Manifest, error) {
+	var m Manifest
+	b, err := os.ReadFile(filepath.Join(dir, "bundle.json"))
+	if err != nil {
+		return m, status.Errorf(codes.InvalidArgument, "bundle: %v", err)
+	}
+	if err := json.Unmarshal(b, &m); err != nil {
+		return m, status.Errorf(codes.InvalidArgument, "bundle.json: %v", err)
+	}
+	if m.Version != BundleVersion {
+		return m, status.Errorf(codes.InvalidArgument, "bundle.json: version %d, this kiln reads %d", m.Version, BundleVersion)
+	}
+	return m, nil
+}
