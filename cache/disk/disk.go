@@ -82,11 +82,10 @@ type Store struct {
 }
 
 type entry struct {
-	key       string
-	size      int64
-	touched   time.Time // last time the file's mtime was set, for LRU across restarts
-	elem      *list.Element
-	permanent bool
+	key     string
+	size    int64
+	touched time.Time // last time the file's mtime was set, for LRU across restarts
+	elem    *list.Element
 }
 
 // touchEvery is how stale a file's mtime may get before an access refreshes it, so the

@@ -138,11 +138,9 @@ func TestDamagedActionCacheEntry(t *testing.T) {
 func TestEvictionLRU(t *testing.T) {
 	ctx := context.Background()
 	s := open(t, t.TempDir(), Options{Primary: true, MaxSize: 100 << 10})
-	var ds [][]byte
 	var dg []cache.Digest
 	for i := 0; i < 10; i++ {
 		data, d := cachetest.RandomBlob(t, 10<<10)
-		ds = append(ds, data)
 		dg = append(dg, d)
 		if err := s.Put(ctx, d, bytes.NewReader(data)); err != nil {
 			t.Fatal(err)

@@ -168,20 +168,6 @@ func deref(p *uint64) uint64 {
 	return *p
 }
 
-// localTrust trusts every key of the data dir's keyring, with validity, and its log key.
-func localTrust(ctx context.Context, dataDir string) (keys.Trust, *keys.Keyring, error) {
-	kr, err := openKeyring(ctx, dataDir)
-	if err != nil {
-		return keys.Trust{}, nil, err
-	}
-	ks, err := kr.Keys()
-	if err != nil {
-		return keys.Trust{}, nil, err
-	}
-	lk := kr.Log()
-	return keys.Trust{Keys: ks, Log: &lk}, kr, nil
-}
-
 func newAttestProvenanceCmd() *cobra.Command {
 	var dataDir, subject, out, sbom string
 	var wait time.Duration
