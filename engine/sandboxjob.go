@@ -22,6 +22,7 @@ func (s sandboxRunner) Run(ctx context.Context, j Job) (JobResult, error) {
 		spec.Hostname, spec.UID, spec.GID = v.Hostname, v.UID, v.GID
 		spec.ExecRootPath, spec.CPUs = v.ExecRootPath, v.CPUs
 		spec.DisableASLR, spec.ReverseEnv = !v.ASLR, v.ReverseEnv
+		spec.OneOff = true // variations are checks: do not keep sandboxes prepared for them
 		if err := chownExecRoot(j.ExecRoot, v.UID, v.GID); err != nil { // the varied user must own what the default one would
 			return JobResult{}, err
 		}

@@ -192,7 +192,9 @@ func (r *Runner) Run(ctx context.Context, spec Spec) (Result, error) {
 	} else {
 		tr.mark("take")
 	}
-	r.pool.refill(r, &s, key)
+	if !s.OneOff {
+		r.pool.refill(r, &s, key)
+	}
 	defer func() {
 		tr.mark("run")
 		sb.destroy(r.log)

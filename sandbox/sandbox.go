@@ -69,6 +69,9 @@ type Spec struct {
 	DisableASLR bool
 	// ReverseEnv passes Env in reverse order, a reproducibility variation.
 	ReverseEnv bool
+	// OneOff says this layout is unlikely to run again soon (a reproducibility
+	// variation): no sandboxes are prepared ahead for it.
+	OneOff bool
 }
 
 // Mount is a bind mount of a host path into the sandbox.
