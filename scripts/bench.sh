@@ -25,6 +25,9 @@ go build -o "$work/casbench" ./test/bench/casbench
 pids+=($!)
 wait_port 18801
 "$work/casbench" --addr 127.0.0.1:18801 --name kiln | tee "$work/kiln.txt"
+# The other physical limit of a disk store: how fast this filesystem takes writes.
+dd if=/dev/zero of="$work/dd.out" bs=1M count=512 conv=fsync 2>&1 | awk '/copied/ { print "filesystem write ceiling (dd 512 MiB, fsync): " $(NF-1) " " $NF }'
+rm -f "$work/dd.out"
 kill "${pids[-1]}"
 if [ -n "${BAZEL_REMOTE:-}" ] && [ -x "$BAZEL_REMOTE" ]; then
   "$BAZEL_REMOTE" --dir "$work/br" --max_size 20 --storage_mode uncompressed --grpc_address 127.0.0.1:18802 --http_address 127.0.0.1:18803 >/dev/null 2>&1 &
