@@ -7,6 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 KILN=${KILN:-$PWD/bin/kiln}
 N=${N:-100}            # cc_library targets (2 actions each) and genrules (1 each)
+# CONC sets kiln serve --concurrency (default 0: the number of CPUs).
 work=$(mktemp -d /tmp/kiln-bench-exec.XXXXXX)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true;
@@ -31,7 +32,7 @@ data=$work/data
 digest=$(toolchains/debian-gcc/build.sh --data "$data" --kiln "$KILN")
 "$KILN" toolchain unpack --data "$data" "$digest" >/dev/null   # unpacked once, outside the timing
 image="docker://kiln/debian-gcc@$digest"
-"$KILN" serve --data "$data" --listen 127.0.0.1:18811 --http-listen 127.0.0.1:18812 --log-level warn &
+"$KILN" serve --data "$data" --listen 127.0.0.1:18811 --http-listen 127.0.0.1:18812 --log-level warn --concurrency "${CONC:-0}" &
 pids+=($!)
 for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/18811) 2>/dev/null && break; sleep 0.05; done
 
@@ -53,4 +54,5 @@ echo "kiln per-action time by phase (mean over the clean build):"
 curl -s http://127.0.0.1:18812/metrics | awk '
   /^kiln_execution_phase_seconds_sum/ { match($0, /phase="[a-z_]+"/); p=substr($0, RSTART+7, RLENGTH-8); sum[p]=$2 }
   /^kiln_execution_phase_seconds_count/ { match($0, /phase="[a-z_]+"/); p=substr($0, RSTART+7, RLENGTH-8); cnt[p]=$2 }
-  END { for (p in sum) if (cnt[p] > 0) printf "  %-14s %7.1f ms  (%d actions)\n", p, 1000*sum[p]/cnt[p], cnt[p] }'
+  END { for (p in sum) if (cnt[p] > 0) printf "  %-14s %7.1f ms  (%d actions)\n", p, 1000*sum[p]/cnt[p], cnt[p]
+        if (cnt["attest"] > 0 && sum["total"] > 0) printf "  attestation share of worker time: %.2f%%\n", 100*sum["attest"]/sum["total"] }'
