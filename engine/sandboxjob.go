@@ -22,7 +22,8 @@ func (s sandboxRunner) Run(ctx context.Context, j Job) (JobResult, error) {
 		spec.Hostname, spec.UID, spec.GID = v.Hostname, v.UID, v.GID
 		spec.ExecRootPath, spec.CPUs = v.ExecRootPath, v.CPUs
 		spec.DisableASLR, spec.ReverseEnv = !v.ASLR, v.ReverseEnv
-		spec.OneOff = true // variations are checks: do not keep sandboxes prepared for them
+		// Variations are checks: do not keep sandboxes prepared for their layouts.
+		spec.OneOff = true
 		if err := chownExecRoot(j.ExecRoot, v.UID, v.GID); err != nil { // the varied user must own what the default one would
 			return JobResult{}, err
 		}
