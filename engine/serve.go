@@ -18,9 +18,11 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/reflection"
+	"google.golang.org/grpc/status"
 )
 
 // ServerConfig configures `kiln serve`.
@@ -69,6 +71,11 @@ func Serve(ctx context.Context, cfg ServerConfig) error {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 
+	if cfg.AllowClientACWrites && !cfg.Execution.Disabled {
+		// A client that may write results could plant one for any action this server
+		// executes; the two roles do not mix.
+		return status.Error(codes.InvalidArgument, "--allow-client-ac-writes is for cache-only deployments: add --no-execution (an executor must be the only writer of its action cache)")
+	}
 	var lock *lockfiles.Lockfile
 	if cfg.Lockfile != "" {
 		l, err := lockfiles.Load(cfg.Lockfile)

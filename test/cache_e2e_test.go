@@ -15,7 +15,7 @@ func TestBazelRemoteCache(t *testing.T) {
 	if testing.Short() {
 		t.Skip("e2e")
 	}
-	srv := harness.StartServer(t, "--allow-client-ac-writes")
+	srv := harness.StartServer(t, "--allow-client-ac-writes", "--no-execution")
 	bz := harness.NewBazel(t, "examples/bazel-hello")
 	flags := []string{"build", "--remote_cache=grpc://" + srv.Addr, "--spawn_strategy=local", "//..."}
 	out, err := bz.Run(t, flags...)
@@ -44,6 +44,15 @@ func TestBazelRemoteCache(t *testing.T) {
 	}
 	if hits := srv.Metric(t, "kiln_action_cache_lookups_total", `result="hit"`); int(hits) != ran {
 		t.Fatalf("server counted %v hits, want %d", hits, ran)
+	}
+}
+
+// TestClientWritesNeedCacheOnly: a server that executes actions refuses to start with
+// client action-cache writes enabled.
+func TestClientWritesNeedCacheOnly(t *testing.T) {
+	res := harness.Run(t, "serve", "--data", t.TempDir(), "--listen", "127.0.0.1:0", "--http-listen", "", "--allow-client-ac-writes")
+	if res.Code == 0 || !strings.Contains(res.Stderr, "--no-execution") {
+		t.Fatalf("serve with client writes and execution: exit %d %q", res.Code, res.Stderr)
 	}
 }
 
