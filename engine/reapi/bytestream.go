@@ -237,6 +237,10 @@ func (b *byteStream) Write(stream bytestream.ByteStream_WriteServer) error {
 			b.abort(u, nil)
 			return status.Errorf(codes.InvalidArgument, "blob %s: got more than the declared %d bytes", res.digest, res.digest.Size)
 		}
+		if res.compressor != "" && u.committed+int64(len(data)) > maxCompressedSize(res.digest.Size) {
+			b.abort(u, nil)
+			return status.Errorf(codes.InvalidArgument, "blob %s: more compressed bytes than zstd can take to encode %d bytes", res.digest, res.digest.Size)
+		}
 		if len(data) > 0 {
 			if _, err := u.pw.Write(data); err != nil {
 				// The Put gave up (bad data, or it was aborted): report its error.
@@ -267,6 +271,11 @@ func (b *byteStream) Write(stream bytestream.ByteStream_WriteServer) error {
 		}
 	}
 }
+
+// maxCompressedSize bounds the zstd encoding of n bytes (zstd's worst case is a few
+// bytes per 128 KiB block plus frame headers), so a client cannot stream unbounded
+// compressed data (e.g. endless empty frames) at one upload.
+func maxCompressedSize(n int64) int64 { return n + n/64 + 64<<10 }
 
 func putError(putErr, pipeErr error) error {
 	if putErr != nil {

@@ -67,6 +67,30 @@ func statusProto(err error) *rpcstatus.Status {
 	return status.Convert(err).Proto()
 }
 
+// maxBatchEntries bounds the blobs of one batch request: even empty blobs cost a
+// response each.
+const maxBatchEntries = 10000
+
+// checkBatch refuses a batch whose declared sizes total more than MaxBatchSize. Sizes
+// are summed only once every digest is known to be well formed: a negative size must
+// not offset the others.
+func checkBatch(ps []*repb.Digest) error {
+	if len(ps) > maxBatchEntries {
+		return status.Errorf(codes.InvalidArgument, "batch of %d blobs is over the limit of %d per request", len(ps), maxBatchEntries)
+	}
+	var total int64
+	for _, p := range ps {
+		if p.GetSizeBytes() < 0 {
+			return status.Errorf(codes.InvalidArgument, "digest %s/%d: negative size", p.GetHash(), p.GetSizeBytes())
+		}
+		total += p.GetSizeBytes()
+		if total > MaxBatchSize {
+			return status.Errorf(codes.InvalidArgument, "batch of more than %d bytes is over max_batch_total_size_bytes; use ByteStream for large blobs", MaxBatchSize)
+		}
+	}
+	return nil
+}
+
 func (c casServer) BatchUpdateBlobs(ctx context.Context, req *repb.BatchUpdateBlobsRequest) (*repb.BatchUpdateBlobsResponse, error) {
 	if err := CheckInstance(req.GetInstanceName()); err != nil {
 		return nil, err
@@ -74,12 +98,12 @@ func (c casServer) BatchUpdateBlobs(ctx context.Context, req *repb.BatchUpdateBl
 	if err := checkDigestFunction(req.GetDigestFunction()); err != nil {
 		return nil, err
 	}
-	var total int64
-	for _, r := range req.GetRequests() {
-		total += r.GetDigest().GetSizeBytes()
+	ps := make([]*repb.Digest, len(req.GetRequests()))
+	for i, r := range req.GetRequests() {
+		ps[i] = r.GetDigest()
 	}
-	if total > MaxBatchSize {
-		return nil, status.Errorf(codes.InvalidArgument, "batch of %d bytes is over max_batch_total_size_bytes (%d); use ByteStream for large blobs", total, MaxBatchSize)
+	if err := checkBatch(ps); err != nil {
+		return nil, err
 	}
 	resp := &repb.BatchUpdateBlobsResponse{Responses: make([]*repb.BatchUpdateBlobsResponse_Response, len(req.GetRequests()))}
 	for i, r := range req.GetRequests() {
@@ -133,12 +157,8 @@ func (c casServer) BatchReadBlobs(ctx context.Context, req *repb.BatchReadBlobsR
 	if err := checkDigestFunction(req.GetDigestFunction()); err != nil {
 		return nil, err
 	}
-	var total int64
-	for _, d := range req.GetDigests() {
-		total += d.GetSizeBytes()
-	}
-	if total > MaxBatchSize {
-		return nil, status.Errorf(codes.InvalidArgument, "batch read of %d bytes is over max_batch_total_size_bytes (%d); use ByteStream for large blobs", total, MaxBatchSize)
+	if err := checkBatch(req.GetDigests()); err != nil {
+		return nil, err
 	}
 	resp := &repb.BatchReadBlobsResponse{Responses: make([]*repb.BatchReadBlobsResponse_Response, len(req.GetDigests()))}
 	for i, p := range req.GetDigests() {

@@ -211,6 +211,16 @@ func TestBatchUpdateAndRead(t *testing.T) {
 	}
 	_, err = e.cas.BatchReadBlobs(ctx, &repb.BatchReadBlobsRequest{Digests: bigDigests})
 	want(t, err, codes.InvalidArgument, "batch read over limit")
+	// A negative size must not offset the others (it once let 200 MB through a 4 MiB limit).
+	trick := append(append([]*repb.Digest{}, bigDigests...), &repb.Digest{Hash: gd.Hash, SizeBytes: -int64(len(bigDigests)) << 20})
+	_, err = e.cas.BatchReadBlobs(ctx, &repb.BatchReadBlobsRequest{Digests: trick})
+	want(t, err, codes.InvalidArgument, "batch read with a negative size")
+	var trickUp []*repb.BatchUpdateBlobsRequest_Request
+	for _, d := range trick {
+		trickUp = append(trickUp, &repb.BatchUpdateBlobsRequest_Request{Digest: d})
+	}
+	_, err = e.cas.BatchUpdateBlobs(ctx, &repb.BatchUpdateBlobsRequest{Requests: trickUp})
+	want(t, err, codes.InvalidArgument, "batch update with a negative size")
 	_, err = e.cas.BatchReadBlobs(ctx, &repb.BatchReadBlobsRequest{DigestFunction: repb.DigestFunction_MD5})
 	want(t, err, codes.InvalidArgument, "md5")
 }
@@ -453,6 +463,7 @@ func TestByteStreamWrite(t *testing.T) {
 		{"dotdot uuid", "uploads/../blobs/" + od.String(), [][]byte{other}, 0, true, codes.InvalidArgument},
 		{"bad zstd", "uploads/" + uuid() + "/compressed-blobs/zstd/" + od.String(), [][]byte{[]byte("garbage garbage")}, 0, true, codes.InvalidArgument},
 		{"zstd of other data", "uploads/" + uuid() + "/compressed-blobs/zstd/" + od.String(), [][]byte{enc.EncodeAll(wrong, nil)}, 0, true, codes.InvalidArgument},
+		{"endless zstd frames", "uploads/" + uuid() + "/compressed-blobs/zstd/" + od.String(), split(bytes.Repeat(enc.EncodeAll(nil, nil), 100000), 64<<10), 0, true, codes.InvalidArgument},
 		{"unsupported digest fn", "uploads/" + uuid() + "/blobs/md5/" + od.String(), [][]byte{other}, 0, true, codes.InvalidArgument},
 	}
 	for _, c := range bad {
@@ -461,6 +472,11 @@ func TestByteStreamWrite(t *testing.T) {
 		if m, _ := e.store.FindMissing(ctx, []cache.Digest{od}); len(m) != 1 {
 			t.Fatalf("%s: a refused write stored the blob", c.name)
 		}
+	}
+	// Endless compressed input is cut off as it arrives, not after it was all taken.
+	_, err := write(ctx, e.bs, "uploads/"+uuid()+"/compressed-blobs/zstd/"+od.String(), split(bytes.Repeat(enc.EncodeAll(nil, nil), 100000), 64<<10), 0, true)
+	if !strings.Contains(status.Convert(err).Message(), "more compressed bytes") {
+		t.Fatalf("endless zstd frames: %v", err)
 	}
 	// Subsequent request with a wrong offset.
 	st, _ := e.bs.Write(ctx)
