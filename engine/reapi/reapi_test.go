@@ -474,7 +474,7 @@ func TestByteStreamWrite(t *testing.T) {
 		}
 	}
 	// Endless compressed input is cut off as it arrives, not after it was all taken.
-	_, err := write(ctx, e.bs, "uploads/"+uuid()+"/compressed-blobs/zstd/"+od.String(), split(bytes.Repeat(enc.EncodeAll(nil, nil), 100000), 64<<10), 0, true)
+	_, err = write(ctx, e.bs, "uploads/"+uuid()+"/compressed-blobs/zstd/"+od.String(), split(bytes.Repeat(enc.EncodeAll(nil, nil), 100000), 64<<10), 0, true)
 	if !strings.Contains(status.Convert(err).Message(), "more compressed bytes") {
 		t.Fatalf("endless zstd frames: %v", err)
 	}
