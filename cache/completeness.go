@@ -89,3 +89,28 @@ func ReferencedDigests(ctx context.Context, cas BlobStore, r *repb.ActionResult)
 	}
 	return ds, nil
 }
+
+// namespaced keeps a set of action-cache entries apart from all others.
+type namespaced struct {
+	ActionCache
+	ns string
+}
+
+// WithNamespace partitions ac: entries written and read through the result live under
+// ns and are invisible to ac used directly (e.g. results clients uploaded, which an
+// executor must never serve as its own). ns must not be a valid instance name; start
+// it with a NUL byte.
+func WithNamespace(ac ActionCache, ns string) ActionCache { return namespaced{ac, ns} }
+
+func (n namespaced) key(k ActionKey) ActionKey {
+	k.Instance = n.ns + "\x00" + k.Instance
+	return k
+}
+
+func (n namespaced) Get(ctx context.Context, k ActionKey) (*repb.ActionResult, error) {
+	return n.ActionCache.Get(ctx, n.key(k))
+}
+
+func (n namespaced) Put(ctx context.Context, k ActionKey, r *repb.ActionResult) error {
+	return n.ActionCache.Put(ctx, n.key(k), r)
+}

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
+	"github.com/kilnbuild/kiln/cache"
 	"github.com/kilnbuild/kiln/engine/asset"
 	"github.com/kilnbuild/kiln/engine/reapi"
 	"github.com/kilnbuild/kiln/lockfiles"
@@ -47,6 +48,10 @@ type ServerConfig struct {
 	// Ready, if set, is called with the bound addresses once the server accepts calls.
 	Ready func(grpcAddr, httpAddr string)
 }
+
+// ClientACNamespace is where client-written action results are kept (see
+// cache.WithNamespace).
+const ClientACNamespace = "\x00client-written"
 
 // ExecutionConfig configures the Execution service of `kiln serve`.
 type ExecutionConfig struct {
@@ -105,7 +110,13 @@ func Serve(ctx context.Context, cfg ServerConfig) error {
 			ExecEnabled:     true,
 		}
 	}
-	srv := reapi.New(eng.CAS, eng.AC, ropts)
+	ac := eng.AC
+	if cfg.AllowClientACWrites {
+		// Results clients upload live apart from the executor's: a data dir served
+		// cache-only today and with execution tomorrow never executes from them.
+		ac = cache.WithNamespace(ac, ClientACNamespace)
+	}
+	srv := reapi.New(eng.CAS, ac, ropts)
 	defer srv.Close()
 	obs := reapi.NewObserver(reg, log)
 	g := grpc.NewServer(append(obs.ServerOptions(),

@@ -2,11 +2,16 @@
 package test
 
 import (
+	"context"
+	"encoding/json"
 	"os/exec"
 	"strings"
 	"testing"
 
+	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"github.com/kilnbuild/kiln/test/harness"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 )
 
 // TestBazelRemoteCache builds examples/bazel-hello with Debian's Bazel 4.2.3 against
@@ -84,4 +89,62 @@ func TestBazelCacheWritesRefused(t *testing.T) {
 	if n := srv.Metric(t, "kiln_grpc_requests_total", "UpdateActionResult", `code="OK"`); n != 0 {
 		t.Fatalf("%v client action-cache writes accepted", n)
 	}
+}
+
+// TestClientWrittenResultsNeverExecuted: results a client uploaded to a cache-only
+// server are not served when the same data dir is later served with execution.
+func TestClientWrittenResultsNeverExecuted(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	data := t.TempDir()
+	bb := harness.RecipeToolchain(t, data, "busybox")
+	out := t.TempDir()
+	j := kilnExecNoCache(t, data, bb, out)
+	hash, size, _ := strings.Cut(strings.TrimPrefix(j.Action, "sha256:"), "/")
+	action := &repb.Digest{Hash: hash, SizeBytes: atoi(t, size)}
+	evil := []byte("EVIL backdoor")
+	srv := harness.StartServer(t, "--data", data, "--no-execution", "--allow-client-ac-writes")
+	c := sdkClient(t, srv.Addr)
+	ed, err := c.WriteBlob(context.Background(), evil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ac := repb.NewActionCacheClient(c.Connection())
+	planted := &repb.ActionResult{OutputFiles: []*repb.OutputFile{{Path: "o.txt", Digest: ed.ToProto()}}}
+	if _, err := ac.UpdateActionResult(context.Background(), &repb.UpdateActionResultRequest{ActionDigest: action, ActionResult: planted}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ac.GetActionResult(context.Background(), &repb.GetActionResultRequest{ActionDigest: action}); err != nil {
+		t.Fatalf("cache-only server does not serve its clients' results: %v", err)
+	}
+	srv.Stop(t)
+	srv.Restart(t, "--default-toolchain", bb)
+	c2 := sdkClient(t, srv.Addr)
+	ac2 := repb.NewActionCacheClient(c2.Connection())
+	if _, err := ac2.GetActionResult(context.Background(), &repb.GetActionResultRequest{ActionDigest: action}); status.Code(err) != codes.NotFound {
+		t.Fatalf("executor served a client-written result: %v", err)
+	}
+	op, err := c2.ExecuteAndWait(context.Background(), &repb.ExecuteRequest{ActionDigest: action})
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp := &repb.ExecuteResponse{}
+	op.GetResponse().UnmarshalTo(resp)
+	if resp.GetCachedResult() || len(resp.GetResult().GetOutputFiles()) != 1 || resp.GetResult().GetOutputFiles()[0].GetDigest().GetHash() == ed.Hash {
+		t.Fatalf("Execute answered with the planted result: %v", resp)
+	}
+}
+
+func kilnExecNoCache(t *testing.T, data, bb, out string) execJSON {
+	t.Helper()
+	res := harness.Run(t, "exec", "--data", data, "--toolchain", "docker://kiln/busybox@"+bb, "--output", "o.txt", "--out", out, "--no-cache", "--json", "--", "/bin/sh", "-c", "echo honest > o.txt")
+	if res.Code != 0 {
+		t.Fatal(res.Stderr)
+	}
+	var j execJSON
+	if err := json.Unmarshal([]byte(res.Stdout), &j); err != nil {
+		t.Fatal(err)
+	}
+	return j
 }

@@ -85,6 +85,9 @@ func CheckInstance(name string) error {
 	if name == "" {
 		return nil
 	}
+	if strings.ContainsRune(name, 0) {
+		return status.Errorf(codes.InvalidArgument, "bad instance name %q: contains NUL", trunc(name))
+	}
 	for _, seg := range strings.Split(name, "/") {
 		if seg == "" || seg == "." || seg == ".." || reserved[seg] {
 			return status.Errorf(codes.InvalidArgument, "bad instance name %q: empty, '.', '..' or reserved segment %q", trunc(name), seg)
