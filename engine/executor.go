@@ -164,6 +164,9 @@ type Request struct {
 	Queued time.Time
 	// Notes are recorded in the action's link (e.g. a determinism check's outcome).
 	Notes []string
+	// CompareOnly marks a run made to compare its products, never to serve them (kiln
+	// rebuild): it may reproduce a quarantined artifact, which is what it checks.
+	CompareOnly bool
 	// Check, when set, sees the collected execution before it is attested and cached
 	// (kiln-verify): its notes go into the link; cacheable false keeps the result out
 	// of the action cache. It may set the Execution's Message.
@@ -442,7 +445,7 @@ func (e *Executor) Execute(ctx context.Context, req Request, a *Action) (*Execut
 		ex.Attest = time.Since(start)
 	}
 
-	if q := e.cfg.Quarantined; q != nil {
+	if q := e.cfg.Quarantined; q != nil && !req.CompareOnly && req.Variation == nil {
 		for _, f := range col.produced {
 			if f.SymlinkTarget == "" && q(f.Digest.Hash) {
 				return nil, status.Errorf(codes.FailedPrecondition, "action %s produced %s (sha256:%s), which is quarantined; see `kiln quarantine ls`", a.Digest, f.Path, f.Digest.Hash)

@@ -113,6 +113,18 @@ func TestRebuildFromBundle(t *testing.T) {
 	if v := harness.Run(t, "attest", "verify-summary", vsa, "--key", c.keys); v.Code != 1 {
 		t.Fatalf("a summary checked against another key passed: %s", v.Stdout)
 	}
+	// A quarantined artifact can still be rebuilt: that is how it is cleared.
+	sum := fileSHA256(t, c.subject)
+	if r := harness.Run(t, "quarantine", "add", "--data", fresh, "sha256:"+sum, "--reason", "suspected"); r.Code != 0 {
+		t.Fatal(r.Stderr)
+	}
+	res = harness.Run(t, "rebuild", prov, "--bundle", bundle, "--key", c.keys, "--data", fresh, "--out", vsa)
+	if res.Code != 0 {
+		t.Fatalf("rebuild of a quarantined artifact: exit %d\n%s", res.Code, res.Stderr)
+	}
+	if ls := harness.Run(t, "quarantine", "ls", "--data", fresh); !strings.Contains(ls.Stdout, "suspected") {
+		t.Fatalf("the operator's quarantine reason was replaced: %s", ls.Stdout)
+	}
 }
 
 // TestRebuildTamperedBundle: a changed byte anywhere the signatures cover stops the

@@ -391,7 +391,7 @@ func (l localExecutor) Execute(ctx context.Context, ad cache.Digest, _ cache.Blo
 	if err != nil {
 		return nil, 0, err
 	}
-	ex, err := l.eng.Executor.Execute(ctx, engine.Request{ActionDigest: ad, NoCache: true, SkipCacheLookup: true, Queued: time.Now(),
+	ex, err := l.eng.Executor.Execute(ctx, engine.Request{ActionDigest: ad, NoCache: true, SkipCacheLookup: true, CompareOnly: true, Queued: time.Now(),
 		Notes: []string{"kiln rebuild"}}, a)
 	if err != nil {
 		return nil, 0, err
