@@ -226,6 +226,8 @@ func TestOutputsThroughPlantedSymlinks(t *testing.T) {
 		{"output file symlink to host", &repb.Command{Arguments: []string{"symlink", secret, "f"}, OutputFiles: []string{"f"}}},
 		{"symlink escaping via ..", &repb.Command{Arguments: []string{"symlink", "../../../../../../" + secret, "f"}, OutputPaths: []string{"f"}}},
 		{"symlink inside output dir", &repb.Command{Arguments: []string{"mkdir", "d", "symlink", secret, "d/x"}, OutputDirectories: []string{"d"}}},
+		// Lexically o/s stays inside (o + 10 b + 11 ..); through o/b -> . it climbs 10 up.
+		{"chained symlinks climbing out", &repb.Command{Arguments: []string{"mkdir", "o", "symlink", ".", "o/b", "symlink", strings.Repeat("b/", 10) + strings.Repeat("../", 11) + "etc", "o/s"}, OutputDirectories: []string{"o"}}},
 	}
 	for _, c := range cases {
 		resp, err := e.run(t, e.action(t, c.cmd, root, nil))
@@ -240,7 +242,7 @@ func TestOutputsThroughPlantedSymlinks(t *testing.T) {
 				}
 			}
 			if len(resp.GetResult().GetOutputDirectories()) > 0 {
-				t.Fatalf("%s: a symlinked output directory was collected", c.name)
+				t.Fatalf("%s: an output directory reaching outside was collected", c.name)
 			}
 		}
 		if _, err := os.Stat(secret); err != nil {

@@ -119,6 +119,24 @@ func (c *collector) collect(ctx context.Context, cwd string, cmd *repb.Command, 
 			return err
 		}
 	}
+	return c.checkSymlinkChains()
+}
+
+// checkSymlinkChains resolves every output symlink through all the others: one link
+// at a time each stays inside, but a chain (o/b -> ., o/s -> b/b/../../..) can climb
+// out of the working directory, and whoever follows it later lands on host files.
+func (c *collector) checkSymlinkChains() error {
+	links := map[string]string{}
+	for _, f := range c.produced {
+		if f.SymlinkTarget != "" {
+			links[f.Path] = f.SymlinkTarget
+		}
+	}
+	for p, target := range links {
+		if _, err := resolveInTree(links, path.Dir(p), target, 0); err != nil {
+			return status.Errorf(codes.InvalidArgument, "output symlink %q -> %q: %v", p, target, err)
+		}
+	}
 	return nil
 }
 
