@@ -6,6 +6,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"strconv"
+	"time"
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"google.golang.org/grpc/codes"
@@ -18,6 +19,13 @@ type Digest struct {
 	Hash string
 	Size int64
 }
+
+// InputMtime is the modification time of every stored blob, and so of every input an
+// action sees (hardlinks share the blob's inode; copies are given it too). Inputs with
+// the same content then look the same whenever they were uploaded, so archivers and
+// compilers that record mtimes (tar, zip, .pyc) stay reproducible. 2000-01-01 UTC: late
+// enough for zip (1980+), and plainly not a real time.
+var InputMtime = time.Unix(946684800, 0)
 
 // EmptyDigest is the digest of the empty blob, which every store always holds.
 var EmptyDigest = Digest{Hash: "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855", Size: 0}

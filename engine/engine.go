@@ -177,6 +177,8 @@ type localStore struct {
 
 func (l localStore) BlobPath(d cache.Digest) string { return l.d.BlobPath(d) }
 
+func (l localStore) Verify(d cache.Digest) error { return l.d.Verify(d) }
+
 func (l localStore) AdoptFile(ctx context.Context, d cache.Digest, f *os.File) error {
 	return l.d.AdoptFile(ctx, d, f)
 }

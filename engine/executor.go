@@ -513,7 +513,13 @@ func (e *Executor) makeOutputDirs(execRoot string, c *repb.Command) error {
 			return err
 		}
 	}
-	return nil
+	// Entries were added: put every directory's mtime back (deepest first).
+	for i := len(dirs) - 1; i >= 0; i-- {
+		for d := dirs[i]; d != "" && d != "."; d = path.Dir(d) {
+			setTimes(filepath.Join(execRoot, filepath.FromSlash(d)), false)
+		}
+	}
+	return setTimes(execRoot, false)
 }
 
 // mkdirAllOwned creates rel under root (no symlinks followed), each new directory

@@ -13,6 +13,7 @@ import (
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"github.com/kilnbuild/kiln/cache"
+	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 )
@@ -264,9 +265,11 @@ type materializer struct {
 	uid, gid int // owner of directories, so the action can create and remove files
 }
 
-// blobPather is a store whose blobs are files that can be hardlinked.
+// blobPather is a store whose blobs are files that can be hardlinked; Verify checks a
+// blob's file (once per change) because a hardlink is never read through the store.
 type blobPather interface {
 	BlobPath(d cache.Digest) string
+	Verify(d cache.Digest) error
 }
 
 // materialize creates the tree under root. Read-only inputs are hardlinked from the
@@ -298,6 +301,12 @@ func (m *materializer) materialize(ctx context.Context, root string, t *inputTre
 			continue
 		}
 		if linkable && !f.executable {
+			if err := bp.Verify(f.digest); err != nil {
+				if status.Code(err) == codes.NotFound {
+					return cache.MissingBlobsError("an input blob was missing or damaged", []cache.Digest{f.digest})
+				}
+				return err
+			}
 			err := os.Link(bp.BlobPath(f.digest), dst)
 			if err == nil {
 				continue
@@ -321,8 +330,24 @@ func (m *materializer) materialize(ctx context.Context, root string, t *inputTre
 			return status.Errorf(codes.Internal, "create input symlink %q: %v", s.path, err)
 		}
 		os.Lchown(dst, m.uid, m.gid)
+		setTimes(dst, true)
+	}
+	// Directories last, deepest first: creating their entries moved their mtimes.
+	for i := len(t.dirs) - 1; i >= 0; i-- {
+		setTimes(filepath.Join(root, filepath.FromSlash(t.dirs[i])), false)
 	}
 	return nil
+}
+
+// setTimes gives p (not following a symlink) cache.InputMtime as its access and
+// modification time, so an action sees the same timestamps on every run.
+func setTimes(p string, symlink bool) error {
+	ts := []unix.Timespec{unix.NsecToTimespec(cache.InputMtime.UnixNano()), unix.NsecToTimespec(cache.InputMtime.UnixNano())}
+	flags := 0
+	if symlink {
+		flags = unix.AT_SYMLINK_NOFOLLOW
+	}
+	return unix.UtimesNanoAt(unix.AT_FDCWD, p, ts, flags)
 }
 
 func writeEmpty(dst string, exec bool) error {
@@ -334,7 +359,8 @@ func writeEmpty(dst string, exec bool) error {
 	if err != nil {
 		return status.Errorf(codes.Internal, "create input %q: %v", dst, err)
 	}
-	return f.Close()
+	f.Close()
+	return setTimes(dst, false)
 }
 
 // copyBlob writes a fresh, root-owned, read-only copy of an input; the store verifies
@@ -366,5 +392,5 @@ func (m *materializer) copyBlob(ctx context.Context, f inputFile, dst string) er
 		}
 		return status.Errorf(codes.Internal, "copy input %q: %v", f.path, err)
 	}
-	return nil
+	return setTimes(dst, false)
 }

@@ -27,6 +27,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/kilnbuild/kiln/cache"
@@ -72,6 +73,8 @@ type Store struct {
 	total   int64
 	primary *os.File // flock on primary.lock, held by the indexing process
 
+	verified sync.Map // hash -> fileID: blobs hashed since they last changed
+
 	stampMu   sync.Mutex
 	stampSeen time.Time // foreign.stamp's mtime when the primary last synced with it
 
@@ -84,11 +87,11 @@ type Store struct {
 type entry struct {
 	key     string
 	size    int64
-	touched time.Time // last time the file's mtime was set, for LRU across restarts
+	touched time.Time // last time the file's atime was set, for LRU across restarts
 	elem    *list.Element
 }
 
-// touchEvery is how stale a file's mtime may get before an access refreshes it, so the
+// touchEvery is how stale a file's atime may get before an access refreshes it, so the
 // LRU order survives a restart without a write on every read.
 const touchEvery = time.Hour
 
@@ -98,7 +101,8 @@ const touchEvery = time.Hour
 const ownerSuffix = ".owner"
 
 // Open opens (creating if needed) the store in dir. With MaxSize > 0 it scans the
-// directory to rebuild the LRU index, oldest mtime first, and evicts at once if needed.
+// directory to rebuild the LRU index, least recently used (atime) first, and evicts at
+// once if needed.
 func Open(ctx context.Context, dir string, opts Options) (*Store, error) {
 	s := &Store{dir: dir, opts: opts, log: opts.Logger, now: opts.Now, index: map[string]*entry{}, lru: list.New()}
 	if s.log == nil {
@@ -272,7 +276,7 @@ func (s *Store) scan(ctx context.Context) error {
 			if err != nil {
 				return nil // removed meanwhile
 			}
-			all = append(all, found{sub.prefix + d.Name(), info.Size(), info.ModTime()})
+			all = append(all, found{sub.prefix + d.Name(), info.Size(), accessTime(info)})
 			return nil
 		})
 		if err != nil {
@@ -293,6 +297,14 @@ func (s *Store) scan(ctx context.Context) error {
 	return nil
 }
 
+// accessTime is a file's atime, the store's record of when it was last used.
+func accessTime(info fs.FileInfo) time.Time {
+	if st, ok := info.Sys().(*syscall.Stat_t); ok {
+		return time.Unix(st.Atim.Unix())
+	}
+	return info.ModTime()
+}
+
 func validKeyHash(name string) bool {
 	if len(name) != 64 {
 		return false
@@ -309,7 +321,8 @@ func (s *Store) updateGauges() {
 }
 
 // touch marks key as just used (indexing it if another process wrote it) and, every
-// touchEvery, refreshes its file's mtime so the order survives restarts.
+// touchEvery, refreshes its file's atime so the order survives restarts. (The mtime is
+// fixed: it is what an action sees on a hardlinked input; see cache.InputMtime.)
 func (s *Store) touch(key, path string, size int64) {
 	if s.primary == nil {
 		return
@@ -325,7 +338,7 @@ func (s *Store) touch(key, path string, size int64) {
 		}
 		s.mu.Unlock()
 		if stale {
-			os.Chtimes(path, now, now)
+			os.Chtimes(path, now, cache.InputMtime)
 		}
 		return
 	}
@@ -409,6 +422,9 @@ func (s *Store) commit(tmp *os.File, key, final string, size int64) error {
 	}
 	if err := tmp.Close(); err != nil {
 		return status.Errorf(codes.Internal, "close %s: %v", tmp.Name(), err)
+	}
+	if err := os.Chtimes(tmp.Name(), s.now(), cache.InputMtime); err != nil {
+		return status.Errorf(codes.Internal, "set times of %s: %v", tmp.Name(), err)
 	}
 	lk := s.stripe(key)
 	lk.Lock()
@@ -524,11 +540,11 @@ func (s *Store) removeCorrupt(path, key string, read fs.FileInfo) {
 }
 
 // Put implements cache.BlobStore. The data is verified even when the blob is already
-// present, but then it is not written again.
+// present; then it is not written again, unless the stored copy turns out damaged.
 func (s *Store) Put(ctx context.Context, d cache.Digest, r io.Reader) error {
 	key := "c" + d.Hash
 	path := s.casPath(d.Hash)
-	if s.Has(d) {
+	if s.Has(d) && s.Verify(d) == nil {
 		return cache.CopyVerified(io.Discard, r, d)
 	}
 	tmp, err := s.createTemp(0o444)
@@ -665,6 +681,10 @@ func (s *Store) AdoptFile(_ context.Context, d cache.Digest, f *os.File) error {
 	if err != nil {
 		return status.Errorf(codes.Internal, "adopt %s: %v", f.Name(), err)
 	}
+	if err := os.Chtimes(tmp, s.now(), cache.InputMtime); err != nil {
+		os.Remove(tmp)
+		return status.Errorf(codes.Internal, "adopt %s: %v", f.Name(), err)
+	}
 	key := "c" + d.Hash
 	final := s.casPath(d.Hash)
 	lk := s.stripe(key)
@@ -680,6 +700,38 @@ func (s *Store) AdoptFile(_ context.Context, d cache.Digest, f *os.File) error {
 	}
 	s.touch(key, final, d.Size)
 	s.stampForeign()
+	return nil
+}
+
+// fileID names one version of a file: a rewrite, rename or chmod changes it.
+type fileID struct {
+	ino   uint64
+	ctime int64
+	size  int64
+}
+
+// Verify hashes blob d's file unless it was verified since it last changed, and
+// removes it if it does not match (NOT_FOUND then). Callers that use the file without
+// reading it through Get (hardlinked inputs) call it first, so a damaged blob never
+// reaches an action.
+func (s *Store) Verify(d cache.Digest) error {
+	path := s.casPath(d.Hash)
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil || st.Size != d.Size {
+		if err != nil {
+			s.forget("c" + d.Hash)
+		}
+		return status.Errorf(codes.NotFound, "blob %s not found", d)
+	}
+	id := fileID{st.Ino, st.Ctim.Nano(), st.Size}
+	if v, ok := s.verified.Load(d.Hash); ok && v.(fileID) == id {
+		return nil
+	}
+	info, err := os.Stat(path)
+	if err != nil || !s.verifyFile(path, d.Hash, info) {
+		return status.Errorf(codes.NotFound, "blob %s not found (the stored copy was damaged and has been removed)", d)
+	}
+	s.verified.Store(d.Hash, id)
 	return nil
 }
 

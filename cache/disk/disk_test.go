@@ -265,3 +265,37 @@ func TestSweepsTempFilesOfDeadWriters(t *testing.T) {
 		t.Fatal("temp file of a live writer was removed")
 	}
 }
+
+// TestVerifyAndRepair: a blob damaged in place (same size) is caught by Verify, which
+// callers use before hardlinking it, and an upload of the right bytes repairs it.
+func TestVerifyAndRepair(t *testing.T) {
+	ctx := context.Background()
+	s := open(t, t.TempDir(), Options{Primary: true})
+	data, d := cachetest.RandomBlob(t, 4096)
+	if err := s.Put(ctx, d, bytes.NewReader(data)); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Verify(d); err != nil {
+		t.Fatal(err)
+	}
+	info, _ := os.Stat(s.BlobPath(d))
+	if !info.ModTime().Equal(cache.InputMtime) {
+		t.Fatalf("blob mtime %v, want the fixed input mtime", info.ModTime())
+	}
+	damage(t, s.BlobPath(d), 100)
+	os.Chmod(s.BlobPath(d), 0o444)
+	cachetest.WantCode(t, s.Verify(d), codes.NotFound)
+	if err := s.Put(ctx, d, bytes.NewReader(data)); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := cache.ReadAll(ctx, s, d, 0); err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("not repaired: %v", err)
+	}
+	// Damage after a successful Verify is caught too: the file changed (ctime).
+	if err := s.Verify(d); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(10 * time.Millisecond)
+	damage(t, s.BlobPath(d), 7)
+	cachetest.WantCode(t, s.Verify(d), codes.NotFound)
+}
