@@ -42,6 +42,7 @@ type inputSymlink struct {
 // inputTree is an input root, flattened and validated.
 type inputTree struct {
 	dirs     []string // every directory, parents first ("" is the root)
+	dirBlobs []cache.Digest // every distinct Directory message
 	files    []inputFile
 	symlinks []inputSymlink
 }
@@ -82,6 +83,7 @@ func fetchTree(ctx context.Context, cas cache.BlobStore, root cache.Digest) (*in
 				return nil, cache.PrefixError(err, "input directory %q (%s)", displayPath(it.path), it.d)
 			}
 			cached[it.d] = dir
+			t.dirBlobs = append(t.dirBlobs, it.d)
 		}
 		t.dirs = append(t.dirs, it.path)
 		nodes += 1 + len(dir.GetFiles()) + len(dir.GetSymlinks())
@@ -135,6 +137,24 @@ func displayPath(p string) string {
 		return "."
 	}
 	return p
+}
+
+// TreeBlobs validates the input tree under root (as Execute would) and returns every
+// blob it consists of: its Directory messages and its files.
+func TreeBlobs(ctx context.Context, cas cache.BlobStore, root cache.Digest) ([]cache.Digest, error) {
+	t, err := fetchTree(ctx, cas, root)
+	if err != nil {
+		return nil, err
+	}
+	out := append([]cache.Digest(nil), t.dirBlobs...)
+	seen := map[cache.Digest]bool{}
+	for _, f := range t.files {
+		if !seen[f.digest] {
+			seen[f.digest] = true
+			out = append(out, f.digest)
+		}
+	}
+	return out, nil
 }
 
 // validateDirectory checks one Directory: names valid, each list sorted and unique,

@@ -188,6 +188,31 @@ func TestRebuildTamperedBundle(t *testing.T) {
 	}
 }
 
+// TestRebuildBundleWithSymlink: a bundle directory with a symlink (here, the store's
+// tmp dir pointing at a host directory) is refused before anything is read or written.
+func TestRebuildBundleWithSymlink(t *testing.T) {
+	c := newChain(t, "tr a-z A-Z < gen.txt > final.txt")
+	bundle := filepath.Join(t.TempDir(), "b")
+	if res := harness.Run(t, "export", "--data", c.data, "--subject", c.subject, "--out", bundle); res.Code != 0 {
+		t.Fatalf("export: %s", res.Stderr)
+	}
+	victim := t.TempDir()
+	os.WriteFile(filepath.Join(victim, "dead-1234.owner"), []byte("x"), 0o644)
+	os.WriteFile(filepath.Join(victim, "dead-precious"), []byte("keep me"), 0o644)
+	os.RemoveAll(filepath.Join(bundle, "store", "tmp"))
+	if err := os.Symlink(victim, filepath.Join(bundle, "store", "tmp")); err != nil {
+		t.Fatal(err)
+	}
+	res := harness.Run(t, "rebuild", filepath.Join(bundle, "provenance.json"), "--bundle", bundle, "--key", c.keys, "--data", t.TempDir(), "--out", filepath.Join(t.TempDir(), "vsa"))
+	if res.Code != 2 || !strings.Contains(res.Stderr, "not a regular file") {
+		t.Fatalf("bundle with a symlink: exit %d %s", res.Code, res.Stderr)
+	}
+	ents, _ := os.ReadDir(victim)
+	if len(ents) != 2 {
+		t.Fatalf("the host directory behind the symlink was changed: %v", ents)
+	}
+}
+
 // TestRebuildFailureQuarantines: an artifact whose recorded product the rebuild does
 // not reproduce (a nondeterministic step) is FAILED and quarantined, and kiln serve on
 // that data dir then refuses to hand it out; a release restores it.

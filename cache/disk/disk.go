@@ -41,6 +41,10 @@ import (
 type Options struct {
 	// Primary makes this Store the directory's indexer (one per directory; kiln serve).
 	Primary bool
+	// ReadOnly opens an existing store (e.g. in an untrusted bundle) without creating,
+	// sweeping, writing or removing anything: Put fails, and a blob that fails
+	// verification is reported, not removed.
+	ReadOnly bool
 	// MaxSize bounds the bytes of blobs and action-cache entries kept; 0 means no bound.
 	// Only a primary Store can bound the size.
 	MaxSize int64
@@ -111,6 +115,12 @@ func Open(ctx context.Context, dir string, opts Options) (*Store, error) {
 	if s.now == nil {
 		s.now = time.Now
 	}
+	if opts.ReadOnly {
+		if opts.Primary || opts.MaxSize > 0 {
+			return nil, status.Error(codes.InvalidArgument, "a read-only store cannot be primary or bounded")
+		}
+		return s, nil
+	}
 	for _, sub := range []string{"cas", "ac", "tmp"} {
 		if err := os.MkdirAll(filepath.Join(dir, sub), 0o755); err != nil {
 			return nil, status.Errorf(codes.Internal, "create store: %v", err)
@@ -160,6 +170,9 @@ func Open(ctx context.Context, dir string, opts Options) (*Store, error) {
 func (s *Store) Close() error {
 	if s.primary != nil {
 		s.primary.Close()
+	}
+	if s.ownerLock == nil {
+		return nil
 	}
 	os.Remove(s.ownerLock.Name())
 	return s.ownerLock.Close()
@@ -450,6 +463,9 @@ func syncDir(dir string) {
 
 // createTemp makes a temp file in the store's tmp dir (same filesystem as the blobs).
 func (s *Store) createTemp(mode os.FileMode) (*os.File, error) {
+	if s.opts.ReadOnly {
+		return nil, status.Error(codes.FailedPrecondition, "the store is open read-only")
+	}
 	var b [12]byte
 	rand.Read(b[:])
 	name := filepath.Join(s.dir, "tmp", s.owner+"-"+hex.EncodeToString(b[:]))
@@ -526,6 +542,10 @@ func (s *Store) verifyFile(path, hash string, info fs.FileInfo) bool {
 // removeCorrupt deletes a blob that failed verification, unless a sound copy replaced it
 // meanwhile (the path no longer names the file that was read).
 func (s *Store) removeCorrupt(path, key string, read fs.FileInfo) {
+	if s.opts.ReadOnly {
+		s.log.Warn("corrupt blob in a read-only store", "path", path)
+		return
+	}
 	lk := s.stripe(key)
 	lk.Lock()
 	defer lk.Unlock()
@@ -662,6 +682,9 @@ func (s *Store) foreignWrites() bool {
 // guarantees nothing can write it any more (the action that made it is dead); f must
 // be on the store's filesystem. A blob already present is kept.
 func (s *Store) AdoptFile(_ context.Context, d cache.Digest, f *os.File) error {
+	if s.opts.ReadOnly {
+		return status.Error(codes.FailedPrecondition, "the store is open read-only")
+	}
 	if s.Has(d) {
 		return nil
 	}

@@ -182,7 +182,7 @@ func ActionDigestOf(l *attest.VerifiedLink) (cache.Digest, error) {
 }
 
 // actionBlobs lists every blob an action needs: the Action, its Command, the input
-// tree's Directories and files.
+// tree's Directories and files (the tree validated as the executor would).
 func actionBlobs(ctx context.Context, cas cache.BlobStore, ad cache.Digest) ([]cache.Digest, error) {
 	a := &repb.Action{}
 	if err := cache.ReadProto(ctx, cas, ad, a, 16<<20); err != nil {
@@ -196,37 +196,11 @@ func actionBlobs(ctx context.Context, cas cache.BlobStore, ad cache.Digest) ([]c
 	if err != nil {
 		return nil, err
 	}
-	out := []cache.Digest{ad, cd}
-	seen := map[cache.Digest]bool{}
-	queue := []cache.Digest{root}
-	for len(queue) > 0 {
-		d := queue[0]
-		queue = queue[1:]
-		if seen[d] {
-			continue
-		}
-		seen[d] = true
-		out = append(out, d)
-		dir := &repb.Directory{}
-		if err := cache.ReadProto(ctx, cas, d, dir, 16<<20); err != nil {
-			return nil, cache.PrefixError(err, "input directory %s of action %s", d, ad)
-		}
-		for _, f := range dir.GetFiles() {
-			fd, err := cache.FromProto(f.GetDigest())
-			if err != nil {
-				return nil, err
-			}
-			out = append(out, fd)
-		}
-		for _, s := range dir.GetDirectories() {
-			sd, err := cache.FromProto(s.GetDigest())
-			if err != nil {
-				return nil, err
-			}
-			queue = append(queue, sd)
-		}
+	tree, err := engine.TreeBlobs(ctx, cas, root)
+	if err != nil {
+		return nil, cache.PrefixError(err, "input tree of action %s", ad)
 	}
-	return out, nil
+	return append([]cache.Digest{ad, cd}, tree...), nil
 }
 
 // copyTree copies the regular files and directories under src to dst.
@@ -304,6 +278,9 @@ func OpenBundle(path string) (string, func(), error) {
 		return "", nil, status.Errorf(codes.InvalidArgument, "bundle: %v", err)
 	}
 	if info.IsDir() {
+		if err := checkBundleTree(path); err != nil {
+			return "", nil, err
+		}
 		return path, func() {}, nil
 	}
 	dir, err := os.MkdirTemp("", "kiln-bundle-")
@@ -316,6 +293,21 @@ func OpenBundle(path string) (string, func(), error) {
 		return "", nil, err
 	}
 	return dir, done, nil
+}
+
+// checkBundleTree refuses a bundle directory holding anything but directories and
+// regular files: a symlink in an untrusted bundle could point kiln's reads (or a
+// careless write) at host files.
+func checkBundleTree(dir string) error {
+	return filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return status.Errorf(codes.InvalidArgument, "bundle: %v", err)
+		}
+		if !d.IsDir() && !d.Type().IsRegular() {
+			return status.Errorf(codes.InvalidArgument, "bundle %s: %s is not a regular file or directory", dir, p)
+		}
+		return nil
+	})
 }
 
 // extractTar unpacks a bundle tar: regular files only, no absolute or climbing names.

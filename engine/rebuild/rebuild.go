@@ -116,7 +116,7 @@ func Verify(ctx context.Context, eng *engine.Engine, opts Options) (*attest.Prov
 	}
 	store := eng.Signer.Store()
 	if opts.Bundle != "" {
-		bcas, err := disk.Open(ctx, attest.PathsFor(opts.Bundle).CAS, disk.Options{})
+		bcas, err := disk.Open(ctx, attest.PathsFor(opts.Bundle).CAS, disk.Options{ReadOnly: true})
 		if err != nil {
 			return nil, nil, err
 		}
@@ -311,7 +311,7 @@ func importBundle(ctx context.Context, eng *engine.Engine, dir string, links []*
 			return status.Errorf(codes.InvalidArgument, "bundle toolchain directory for %s holds another image", t)
 		}
 	}
-	bcas, err := disk.Open(ctx, attest.PathsFor(dir).CAS, disk.Options{})
+	bcas, err := disk.Open(ctx, attest.PathsFor(dir).CAS, disk.Options{ReadOnly: true})
 	if err != nil {
 		return err
 	}
