@@ -41,7 +41,7 @@ type inputSymlink struct {
 
 // inputTree is an input root, flattened and validated.
 type inputTree struct {
-	dirs     []string // every directory, parents first ("" is the root)
+	dirs     []string       // every directory, parents first ("" is the root)
 	dirBlobs []cache.Digest // every distinct Directory message
 	files    []inputFile
 	symlinks []inputSymlink
