@@ -348,3 +348,38 @@ func atoi(t *testing.T, s string) int64 {
 	}
 	return n
 }
+
+// TestRebuildRemote: the actions re-run on another kiln server; its answers count only
+// with a link signed by its key. With the wrong key the rebuild stops without a
+// verdict (and quarantines nothing).
+func TestRebuildRemote(t *testing.T) {
+	c := newChain(t, "tr a-z A-Z < gen.txt > final.txt")
+	remoteData := t.TempDir()
+	bb := harness.RecipeToolchain(t, remoteData, "busybox")
+	if bb != c.bb {
+		t.Fatalf("busybox recipe digests differ: %s %s", bb, c.bb)
+	}
+	srv := harness.StartServer(t, "--data", remoteData)
+	rk := harness.Run(t, "attest", "pubkey", "--data", remoteData, "--all", "--json")
+	remoteKeys := filepath.Join(t.TempDir(), "remote.json")
+	os.WriteFile(remoteKeys, []byte(rk.Stdout), 0o644)
+	prov := filepath.Join(t.TempDir(), "prov.json")
+	if res := harness.Run(t, "attest", "provenance", "--data", c.data, "--subject", c.subject, "--out", prov); res.Code != 0 {
+		t.Fatal(res.Stderr)
+	}
+	vsa := filepath.Join(t.TempDir(), "vsa.json")
+	res := harness.Run(t, "rebuild", prov, "--key", c.keys, "--data", c.data, "--remote", srv.Addr, "--remote-key", remoteKeys, "--out", vsa)
+	if res.Code != 0 || !strings.Contains(res.Stderr, "PASSED") {
+		t.Fatalf("remote rebuild: exit %d %s", res.Code, res.Stderr)
+	}
+	if n := srv.Metric(t, "kiln_executions_total", `outcome="ok"`); n != 2 {
+		t.Fatalf("the remote ran %v actions, want 2", n)
+	}
+	res = harness.Run(t, "rebuild", prov, "--key", c.keys, "--data", c.data, "--remote", srv.Addr, "--remote-key", c.keys, "--out", vsa)
+	if res.Code != 1 || !strings.Contains(res.Stderr, "trusted key") {
+		t.Fatalf("remote rebuild with the wrong remote key: exit %d %s", res.Code, res.Stderr)
+	}
+	if ls := harness.Run(t, "quarantine", "ls", "--data", c.data); strings.TrimSpace(ls.Stdout) != "" {
+		t.Fatalf("an unverifiable remote quarantined the artifact: %s", ls.Stdout)
+	}
+}

@@ -63,10 +63,10 @@ new directory, or a tar file if it ends in .tar. See docs/rebuild.md for the lay
 
 func newRebuildCmd() *cobra.Command {
 	var (
-		data, bundle, remote, instance, logKey, out string
-		keyFiles                                    []string
-		jsonOut                                     bool
-		wait                                        time.Duration
+		data, bundle, remote, instance, logKey, out, remoteCA string
+		keyFiles, remoteKeys                                  []string
+		jsonOut                                               bool
+		wait                                                  time.Duration
 	)
 	c := &cobra.Command{
 		Use:   "rebuild PROVENANCE --key PUB [--bundle BUNDLE | --remote ADDR]",
@@ -78,7 +78,9 @@ each product with the recorded digest. Writes a DSSE-signed SLSA Verification Su
 (v1) to --out (default stdout), signed with this data dir's executor key.
 
 Blobs and links come from --bundle (kiln export), else from this data dir. Actions run
-locally in this data dir's sandbox, or on the kiln server at --remote.
+locally in this data dir's sandbox, or on the kiln server at --remote, whose answers
+count only as far as a link signed by a --remote-key vouches for them (a replay of the
+recorded link is refused).
 
 Exit status: 0 PASSED; 1 FAILED (the subject is then quarantined in this data dir, so
 kiln serve on it no longer hands it out) or the provenance did not verify (nothing ran,
@@ -120,7 +122,11 @@ nothing quarantined); 2 usage or set-up error.`,
 				opts.Bundle = dir
 			}
 			if remote != "" {
-				r, err := rebuild.DialRemote(ctx, remote, instance)
+				rtrust, err := loadKeys(remoteKeys)
+				if err != nil {
+					return err
+				}
+				r, err := rebuild.DialRemote(ctx, remote, instance, remoteCA, rtrust)
 				if err != nil {
 					return &exitError{code: 2, msg: statusErr(err).Error()}
 				}
@@ -164,6 +170,8 @@ nothing quarantined); 2 usage or set-up error.`,
 	c.Flags().StringVar(&bundle, "bundle", "", "bundle from kiln export (directory or .tar); default: this data dir")
 	c.Flags().StringVar(&remote, "remote", "", "re-execute on this kiln server (host:port) instead of locally")
 	c.Flags().StringVar(&instance, "instance", "", "REAPI instance name for --remote")
+	c.Flags().StringArrayVar(&remoteKeys, "remote-key", nil, "public key(s) of the --remote executor: every remote run's result must carry a link signed by one (required with --remote)")
+	c.Flags().StringVar(&remoteCA, "remote-ca", "", "PEM CA certificates: talk TLS to --remote (default: plaintext, for a trusted network)")
 	c.Flags().StringVar(&out, "out", "", "write the signed verification summary here (default stdout)")
 	c.Flags().BoolVar(&jsonOut, "json", false, "print the per-action result as JSON on stdout (use with --out)")
 	c.Flags().DurationVar(&wait, "wait", 5*time.Second, "how long to wait for freshly signed links to be logged (local data dir)")

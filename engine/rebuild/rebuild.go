@@ -58,10 +58,20 @@ type Options struct {
 	Logger  *slog.Logger
 }
 
-// Executor re-executes one recorded action without any cache and returns what it
-// produced (paths relative to the working directory) and its exit code.
+// Executor re-executes one recorded action without any cache.
 type Executor interface {
-	Execute(ctx context.Context, action cache.Digest, src cache.BlobStore) (products map[string]string, exitCode int, err error)
+	Execute(ctx context.Context, action cache.Digest, src cache.BlobStore) (Run, error)
+}
+
+// Run is what a re-execution produced.
+type Run struct {
+	// Products are the outputs by path relative to the working directory, as
+	// "alg:hash" the way links record them.
+	Products map[string]string
+	ExitCode int
+	// Link is the envelope of the link the executor signed for this run, when the
+	// run was remote (it must verify, and must not be a recorded one).
+	Link cache.Digest
 }
 
 // ActionResult is the outcome of one re-executed action.
@@ -163,6 +173,10 @@ func Rebuild(ctx context.Context, eng *engine.Engine, opts Options) (*Result, er
 		ex = localExecutor{eng}
 	}
 	res := &Result{Subject: ch.Subject, Verdict: Passed}
+	recorded := map[cache.Digest]bool{}
+	for _, l := range ch.Links {
+		recorded[l.Envelope] = true
+	}
 	for _, l := range order(ch.Links) {
 		ad, err := ActionDigestOf(l)
 		if err != nil {
@@ -170,15 +184,18 @@ func Rebuild(ctx context.Context, eng *engine.Engine, opts Options) (*Result, er
 		}
 		ar := ActionResult{Action: ad.String(), Link: l.Envelope.String(), Products: len(l.Link.Products)}
 		log.Info("rebuilding", "action", ad.String(), "argv", l.Link.Command)
-		got, code, err := ex.Execute(ctx, ad, src)
-		switch {
-		case err != nil:
-			ar.Error = status.Convert(err).Message()
-		default:
-			ar.Differences = compare(l, got)
-			if rc, ok := recordedExitCode(l); ok && rc != code {
-				ar.Error = fmt.Sprintf("exit code %d, recorded %d", code, rc)
-			}
+		run, err := ex.Execute(ctx, ad, src)
+		if err != nil {
+			// The rebuild could not run (a missing toolchain, an unreachable or
+			// unverifiable executor): that is no verdict on the artifact.
+			return nil, cache.PrefixError(err, "re-executing action %s", ad)
+		}
+		if recorded[run.Link] {
+			return nil, status.Errorf(codes.FailedPrecondition, "re-executing action %s: the executor answered with the recorded link %s instead of running it again", ad, run.Link)
+		}
+		ar.Differences = compare(l, run.Products)
+		if rc, ok := recordedExitCode(l); ok && rc != run.ExitCode {
+			ar.Error = fmt.Sprintf("exit code %d, recorded %d", run.ExitCode, rc)
 		}
 		if ar.Error != "" || len(ar.Differences) > 0 {
 			res.Verdict = Failed
@@ -386,20 +403,20 @@ func summary(res *Result, opts Options) (*intoto.Statement, error) {
 // localExecutor re-executes actions in eng's own sandbox.
 type localExecutor struct{ eng *engine.Engine }
 
-func (l localExecutor) Execute(ctx context.Context, ad cache.Digest, _ cache.BlobStore) (map[string]string, int, error) {
+func (l localExecutor) Execute(ctx context.Context, ad cache.Digest, _ cache.BlobStore) (Run, error) {
 	a, err := l.eng.Executor.LoadAction(ctx, ad)
 	if err != nil {
-		return nil, 0, err
+		return Run{}, err
 	}
 	ex, err := l.eng.Executor.Execute(ctx, engine.Request{ActionDigest: ad, NoCache: true, SkipCacheLookup: true, CompareOnly: true, Queued: time.Now(),
 		Notes: []string{"kiln rebuild"}}, a)
 	if err != nil {
-		return nil, 0, err
+		return Run{}, err
 	}
 	if ex.Status != nil {
-		return nil, 0, ex.Status
+		return Run{}, ex.Status
 	}
-	return Products(ex.Produced), int(ex.Result.GetExitCode()), nil
+	return Run{Products: Products(ex.Produced), ExitCode: int(ex.Result.GetExitCode())}, nil
 }
 
 // Products renders produced files the way links record them: alg:hash by path.

@@ -2,42 +2,49 @@ package rebuild
 
 import (
 	"context"
-	"path"
 
 	"github.com/bazelbuild/remote-apis-sdks/go/pkg/client"
 	"github.com/bazelbuild/remote-apis-sdks/go/pkg/digest"
 	"github.com/bazelbuild/remote-apis-sdks/go/pkg/uploadinfo"
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"github.com/kilnbuild/kiln/cache"
-	"github.com/kilnbuild/kiln/engine"
+	"github.com/kilnbuild/kiln/engine/attest"
+	"github.com/kilnbuild/kiln/engine/attest/keys"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 )
 
-// RemoteExecutor re-executes actions on a REAPI server (another kiln): it uploads what
-// the server lacks and executes with skip_cache_lookup, so the server runs the action
-// afresh instead of answering from its cache.
+// RemoteExecutor re-executes actions on another kiln server: it uploads what the
+// server lacks, executes with skip_cache_lookup, and believes nothing the server says
+// but what a link signed by a trusted key of that server says: the result's link must
+// verify against Trust, name the action, and list exactly the products returned.
 type RemoteExecutor struct {
-	c *client.Client
+	c     *client.Client
+	trust keys.Trust
 }
 
-// DialRemote connects to a REAPI server at addr (plaintext gRPC, host:port).
-func DialRemote(ctx context.Context, addr, instance string) (*RemoteExecutor, error) {
-	c, err := client.NewClient(ctx, instance, client.DialParams{Service: addr, NoSecurity: true}, client.RetryTransient())
+// DialRemote connects to the kiln server at addr whose executor keys are trust;
+// caFile (PEM) turns on TLS, else the connection is plaintext.
+func DialRemote(ctx context.Context, addr, instance, caFile string, trust keys.Trust) (*RemoteExecutor, error) {
+	if len(trust.Keys) == 0 {
+		return nil, status.Error(codes.InvalidArgument, "a remote rebuild needs the remote executor's public key (--remote-key)")
+	}
+	p := client.DialParams{Service: addr, NoSecurity: caFile == "", TLSCACertFile: caFile, NoAuth: true}
+	c, err := client.NewClient(ctx, instance, p, client.RetryTransient())
 	if err != nil {
 		return nil, status.Errorf(codes.Unavailable, "connect to %s: %v", addr, err)
 	}
-	return &RemoteExecutor{c: c}, nil
+	return &RemoteExecutor{c: c, trust: trust}, nil
 }
 
 // Close closes the connection.
 func (r *RemoteExecutor) Close() error { return r.c.Close() }
 
 // Execute implements Executor.
-func (r *RemoteExecutor) Execute(ctx context.Context, ad cache.Digest, src cache.BlobStore) (map[string]string, int, error) {
+func (r *RemoteExecutor) Execute(ctx context.Context, ad cache.Digest, src cache.BlobStore) (Run, error) {
 	ds, err := actionBlobs(ctx, src, ad)
 	if err != nil {
-		return nil, 0, err
+		return Run{}, err
 	}
 	var sdk []digest.Digest
 	for _, d := range ds {
@@ -45,71 +52,82 @@ func (r *RemoteExecutor) Execute(ctx context.Context, ad cache.Digest, src cache
 	}
 	missing, err := r.c.MissingBlobs(ctx, sdk)
 	if err != nil {
-		return nil, 0, err
+		return Run{}, err
 	}
 	var entries []*uploadinfo.Entry
 	for _, d := range missing {
 		b, err := cache.ReadAll(ctx, src, cache.Digest{Hash: d.Hash, Size: d.Size}, 0)
 		if err != nil {
-			return nil, 0, cache.PrefixError(err, "blob %s", d)
+			return Run{}, cache.PrefixError(err, "blob %s", d)
 		}
 		entries = append(entries, uploadinfo.EntryFromBlob(b))
 	}
 	if _, _, err := r.c.UploadIfMissing(ctx, entries...); err != nil {
-		return nil, 0, err
+		return Run{}, err
 	}
 	op, err := r.c.ExecuteAndWait(ctx, &repb.ExecuteRequest{InstanceName: r.c.InstanceName, ActionDigest: ad.Proto(), SkipCacheLookup: true})
 	if err != nil {
-		return nil, 0, err
+		return Run{}, err
 	}
 	if e := op.GetError(); e != nil {
-		return nil, 0, status.ErrorProto(e)
+		return Run{}, status.ErrorProto(e)
 	}
 	resp := &repb.ExecuteResponse{}
 	if err := op.GetResponse().UnmarshalTo(resp); err != nil {
-		return nil, 0, status.Errorf(codes.Internal, "execute response: %v", err)
+		return Run{}, status.Errorf(codes.Internal, "execute response: %v", err)
 	}
 	if s := resp.GetStatus(); s.GetCode() != 0 {
-		return nil, 0, status.ErrorProto(s)
+		return Run{}, status.ErrorProto(s)
 	}
-	res := resp.GetResult()
-	out := map[string]string{}
-	for _, f := range res.GetOutputFiles() {
-		out[f.GetPath()] = "sha256:" + f.GetDigest().GetHash()
-	}
-	for _, s := range append(append(res.GetOutputSymlinks(), res.GetOutputFileSymlinks()...), res.GetOutputDirectorySymlinks()...) {
-		out[s.GetPath()] = symlinkProduct(s.GetTarget())
-	}
-	for _, od := range res.GetOutputDirectories() {
-		tree := &repb.Tree{}
-		td := od.GetTreeDigest()
-		if _, err := r.c.ReadProto(ctx, digest.Digest{Hash: td.GetHash(), Size: td.GetSizeBytes()}, tree); err != nil {
-			return nil, 0, err
-		}
-		children := map[string]*repb.Directory{}
-		for _, c := range tree.GetChildren() {
-			_, d, _ := cache.DigestOfProto(c)
-			children[d.Hash] = c
-		}
-		var walk func(d *repb.Directory, rel string)
-		walk = func(d *repb.Directory, rel string) {
-			for _, f := range d.GetFiles() {
-				out[path.Join(rel, f.GetName())] = "sha256:" + f.GetDigest().GetHash()
-			}
-			for _, s := range d.GetSymlinks() {
-				out[path.Join(rel, s.GetName())] = symlinkProduct(s.GetTarget())
-			}
-			for _, sd := range d.GetDirectories() {
-				if c, ok := children[sd.GetDigest().GetHash()]; ok {
-					walk(c, path.Join(rel, sd.GetName()))
-				}
-			}
-		}
-		walk(tree.GetRoot(), od.GetPath())
-	}
-	return out, int(res.GetExitCode()), nil
+	return r.verifiedRun(ctx, ad, resp.GetResult())
 }
 
-func symlinkProduct(target string) string {
-	return Products([]engine.ProducedFile{{Path: "x", SymlinkTarget: target}})["x"]
+// verifiedRun checks the result's link and returns the products it signs.
+func (r *RemoteExecutor) verifiedRun(ctx context.Context, ad cache.Digest, res *repb.ActionResult) (Run, error) {
+	ld, ok, err := attest.LinkFromResult(res)
+	if err != nil || !ok {
+		return Run{}, status.Errorf(codes.FailedPrecondition, "the remote result of %s carries no link (%v): nothing vouches for its products", ad, err)
+	}
+	raw, _, err := r.c.ReadBlob(ctx, digest.Digest{Hash: ld.Hash, Size: ld.Size})
+	if err != nil {
+		return Run{}, cache.PrefixError(err, "link %s", ld)
+	}
+	if cache.DigestOf(raw) != ld {
+		return Run{}, status.Errorf(codes.DataLoss, "link %s: the remote sent other bytes", ld)
+	}
+	env, err := attest.ParseEnvelope(raw)
+	if err != nil {
+		return Run{}, err
+	}
+	_, payload, err := attest.VerifyEnvelope(ctx, env, r.trust)
+	if err != nil {
+		return Run{}, cache.PrefixError(err, "link of the remote run of %s", ad)
+	}
+	link, err := attest.DecodeLink(payload)
+	if err != nil {
+		return Run{}, err
+	}
+	if link.Name != ad.Hash {
+		return Run{}, status.Errorf(codes.FailedPrecondition, "the remote run's link is for action %s, not %s", link.Name, ad.Hash)
+	}
+	products := map[string]string{}
+	for p, hs := range link.Products {
+		for alg, h := range hs {
+			products[p] = alg + ":" + h
+		}
+	}
+	// The result handed back must be what the link signs.
+	for _, f := range res.GetOutputFiles() {
+		if products[f.GetPath()] != attest.AlgSHA256+":"+f.GetDigest().GetHash() {
+			return Run{}, status.Errorf(codes.FailedPrecondition, "the remote result's %s is not what its link signs", f.GetPath())
+		}
+	}
+	code := 0
+	if v, ok := link.ByProducts[attest.ByproductReturnValue].(float64); ok {
+		code = int(v)
+	}
+	if code != int(res.GetExitCode()) {
+		return Run{}, status.Errorf(codes.FailedPrecondition, "the remote result's exit code %d is not its link's %d", res.GetExitCode(), code)
+	}
+	return Run{Products: products, ExitCode: code, Link: ld}, nil
 }
