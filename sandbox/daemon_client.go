@@ -99,6 +99,7 @@ func (r *daemonRunner) start(ctx context.Context) (*daemonProc, error) {
 		// (its number here could be one the child's descriptors are moved onto).
 		Path:       "/proc/self/fd/" + strconv.Itoa(daemonExeFD),
 		Args:       []string{"kiln-sandboxd"},
+		Env:        append(os.Environ(), daemonEnvMark+"=1"),
 		Stdout:     os.Stderr,
 		Stderr:     os.Stderr,
 		ExtraFiles: []*os.File{daemonConnFD - 3: theirs, daemonLockFD - 3: r.lock, daemonExeFD - 3: r.exe},

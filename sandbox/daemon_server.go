@@ -16,11 +16,10 @@ import (
 	"google.golang.org/grpc/status"
 )
 
-// DaemonMain is the main function of kiln-sandboxd, the sandbox daemon: it serves one
-// Runner to the kiln process that started it, over the socket kiln passed, and
-// returns the exit status once kiln closes the Runner or goes away. Call Init before
-// it. It is for cmd/kiln-sandboxd only: it expects the descriptors kiln passes.
-func DaemonMain() int {
+// daemonMain is the sandbox daemon (Init runs it when kiln started this process as
+// one): it serves one Runner to the kiln process that started it, over the socket
+// kiln passed, and returns the exit status once kiln closes the Runner or goes away.
+func daemonMain() int {
 	// Nothing kiln passed (or leaked to us) may reach the container inits we start.
 	if err := utils.CloseExecFrom(3); err != nil {
 		fmt.Fprintln(os.Stderr, "kiln-sandboxd:", err)
@@ -32,7 +31,7 @@ func DaemonMain() int {
 	f.Close()
 	uc, ok := nc.(*net.UnixConn)
 	if err != nil || !ok {
-		fmt.Fprintln(os.Stderr, "kiln-sandboxd: this is kiln's sandbox daemon; kiln starts it (no socket on descriptor 3)")
+		fmt.Fprintln(os.Stderr, "kiln-sandboxd: no socket from kiln on descriptor 3")
 		return 2
 	}
 	s := &server{c: newConn(uc), runs: map[uint64]context.CancelFunc{}}

@@ -67,10 +67,10 @@ func runTests(m *testing.M) int {
 	return m.Run()
 }
 
-// buildDaemon builds kiln-sandboxd as `make build` does (without stripping) and loads it.
+// buildDaemon builds kiln-sandboxd as `make build` does and loads it.
 func buildDaemon(scratch string) error {
 	env.daemonPath = filepath.Join(scratch, "kiln-sandboxd")
-	cmd := exec.Command("go", "build", "-tags", "seccomp", "-o", env.daemonPath, "github.com/kilnbuild/kiln/cmd/kiln-sandboxd")
+	cmd := exec.Command("go", "build", "-tags", "seccomp", "-ldflags", "-s -w", "-o", env.daemonPath, "github.com/kilnbuild/kiln/cmd/kiln-sandboxd")
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=1")
 	if out, err := cmd.CombinedOutput(); err != nil {
 		return fmt.Errorf("building kiln-sandboxd: %v\n%s", err, out)

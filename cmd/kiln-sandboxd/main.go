@@ -6,13 +6,16 @@
 package main
 
 import (
+	"fmt"
 	"os"
 
 	"github.com/kilnbuild/kiln/sandbox"
 )
 
 func main() {
-	// When re-executed as a container's init, become it (never returns).
+	// When started by kiln, or re-executed as a container's init, become that
+	// (never returns).
 	sandbox.Init()
-	os.Exit(sandbox.DaemonMain())
+	fmt.Fprintln(os.Stderr, "kiln-sandboxd: this is kiln's sandbox daemon; kiln starts it, it is not run by hand")
+	os.Exit(2)
 }
