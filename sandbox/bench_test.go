@@ -22,14 +22,12 @@ import (
 // fork/exec of /bin/true, and reports p50/p95 of each, their ratios, and CPU per run.
 //
 // kiln's sandboxes are created three ways, each cold (prepared on demand) and warm
-// (Prestart: 1):
-//   - sandboxd: through kiln-sandboxd, built as `make build` builds it: what kiln
-//     built by make does;
-//   - kilnexe: through the same protocol, with the whole kiln binary (built without
-//     the daemon) as the daemon, so that it is kiln that libcontainer re-executes as
-//     each container's init: what kiln did before it had a daemon (in-process, kiln
-//     was that init too), plus the daemon protocol;
-//   - inproc: from this test process (the init is then this test binary).
+// (Prestart: 1). sandboxd-*: through kiln-sandboxd, built as `make build` builds it,
+// which is what kiln built by make does. kilnexe-*: through the same protocol with
+// the whole kiln binary (built without the daemon) as the daemon, so that kiln is
+// what libcontainer re-executes as each container's init, as it was before kiln had
+// a daemon (plus the protocol's cost). inproc-*: from this test process, whose
+// binary is then the init.
 //
 //	go test -tags seccomp -run '^$' -bench SandboxOverhead -benchtime 200x ./sandbox/
 func BenchmarkSandboxOverhead(b *testing.B) {

@@ -112,7 +112,7 @@ func (r *daemonRunner) start(ctx context.Context) (*daemonProc, error) {
 	theirs.Close()
 	if err != nil {
 		nc.Close()
-		return nil, status.Errorf(codes.Internal, "sandbox: starting the sandbox daemon: %v", err)
+		return nil, status.Errorf(codes.Internal, "sandbox: starting the sandbox daemon: %v (%s=0 runs sandboxes from this process)", err, daemonEnv)
 	}
 	d := &daemonProc{
 		cmd: cmd, pid: cmd.Process.Pid, c: newConn(nc.(*net.UnixConn)), log: r.log,
@@ -142,7 +142,8 @@ func (r *daemonRunner) start(ctx context.Context) (*daemonProc, error) {
 		}
 	default:
 	}
-	return nil, status.Errorf(codes.Internal, "sandbox: the sandbox daemon exited while starting: %s", status.Convert(d.err).Message())
+	return nil, status.Errorf(codes.Internal, "sandbox: the sandbox daemon exited while starting: %s (%s=0 runs sandboxes from this process)",
+		status.Convert(d.err).Message(), daemonEnv)
 }
 
 // read receives the daemon's frames until it goes away, then reaps it and fails the
@@ -213,19 +214,20 @@ func (d *daemonProc) exited() bool {
 }
 
 // submit registers req and sends it; the returned channel receives its response.
-func (d *daemonProc) submit(req *request, files []*os.File) (chan response, error) {
+// sent says whether the daemon may have received req (false: it certainly did not).
+func (d *daemonProc) submit(req *request, files []*os.File) (_ chan response, sent bool, _ error) {
 	ch := make(chan response, 1)
 	d.mu.Lock()
 	if d.pending == nil {
 		err := d.err
 		d.mu.Unlock()
-		return nil, err
+		return nil, false, err
 	}
 	d.pending[req.ID] = ch
 	d.mu.Unlock()
 	err := d.c.send(req, files...)
 	if err == nil {
-		return ch, nil
+		return ch, true, nil
 	}
 	d.mu.Lock()
 	if d.pending != nil {
@@ -233,11 +235,11 @@ func (d *daemonProc) submit(req *request, files []*os.File) (chan response, erro
 	}
 	d.mu.Unlock()
 	if errors.Is(err, errFrameTooLarge) {
-		return nil, status.Errorf(codes.InvalidArgument, "sandbox: the spec is larger than %d MiB", maxFrame>>20)
+		return nil, false, status.Errorf(codes.InvalidArgument, "sandbox: the spec is larger than %d MiB", maxFrame>>20)
 	}
-	// A frame may have been cut short: the stream is unusable.
+	// A frame may have been cut short (so not received): the stream is unusable.
 	d.kill()
-	return nil, d.err
+	return nil, false, d.err
 }
 
 // daemon returns the running daemon, starting a new one if the last one died.
@@ -267,19 +269,53 @@ func (r *daemonRunner) Run(ctx context.Context, spec Spec) (Result, error) {
 	r.mu.Unlock()
 	defer r.running.Done()
 
-	d, err := r.daemon()
-	if err != nil {
-		return Result{}, err
+	for attempt := 0; ; attempt++ {
+		d, err := r.daemon()
+		if err != nil {
+			return Result{}, err
+		}
+		req := request{Op: opRun, ID: r.seq.Add(1), Spec: spec}
+		if dl, ok := ctx.Deadline(); ok {
+			req.HasDeadline, req.Left = true, time.Until(dl)
+		}
+		req.Canceled = errors.Is(ctx.Err(), context.Canceled)
+		files, copies, err := passOutputs(&req)
+		if err != nil {
+			return Result{}, err
+		}
+		ch, sent, err := d.submit(&req, files)
+		closeFiles(files) // the daemon has its own copies (or none, and the copies end)
+		if err != nil {
+			waitCopies(copies)
+			if !sent && attempt == 0 && d.exited() {
+				continue // it died before this Run reached it: once more, with a new one
+			}
+			return Result{}, err
+		}
+		var resp response
+		for done := ctx.Done(); ; {
+			select {
+			case resp = <-ch:
+			case <-done:
+				done = nil
+				if errors.Is(ctx.Err(), context.Canceled) {
+					// (A deadline needs no message: the daemon's context has the same one.)
+					_ = d.c.send(&request{Op: opCancel, ID: req.ID})
+				}
+				continue
+			}
+			break
+		}
+		return finish(resp, waitCopies(copies))
 	}
-	req := request{Op: opRun, ID: r.seq.Add(1), Spec: spec}
-	if dl, ok := ctx.Deadline(); ok {
-		req.HasDeadline, req.Left = true, time.Until(dl)
-	}
-	req.Canceled = errors.Is(ctx.Err(), context.Canceled)
+}
 
-	// Streams that go to a Writer, not a path: a file is passed as it is; any other
-	// writer gets a pipe whose other end is copied to it here.
-	var files, ours []*os.File
+// passOutputs prepares the streams of req that go to a Writer, not a path, to be
+// passed as descriptors: a file's own (a duplicate), for any other writer a pipe
+// whose other end is copied to it here. It clears the Writers of req.Spec and
+// returns the descriptors to pass (to be closed once sent) and the copies.
+func passOutputs(req *request) ([]*os.File, []*outputCopy, error) {
+	var files []*os.File
 	var copies []*outputCopy
 	for i, o := range []struct {
 		out    *Output
@@ -292,44 +328,50 @@ func (r *daemonRunner) Run(ctx context.Context, spec Spec) (Result, error) {
 		}
 		*o.passed = true
 		if f, ok := w.(*os.File); ok {
-			files = append(files, f)
-			continue
+			if dup := dupFile(f); dup != nil {
+				files = append(files, dup)
+				continue
+			}
+			// Closed, or otherwise unusable: through a pipe, whose copy will see the
+			// write fail, as an in-process run would.
 		}
 		pr, pw, err := os.Pipe()
 		if err != nil {
-			closeFiles(ours)
-			return Result{}, status.Errorf(codes.Internal, "sandbox: output pipe: %v", err)
+			closeFiles(files)
+			waitCopies(copies)
+			return nil, nil, status.Errorf(codes.Internal, "sandbox: output pipe: %v", err)
 		}
-		files, ours = append(files, pw), append(ours, pw)
+		files = append(files, pw)
 		copies = append(copies, startCopy(pr, w, i))
 	}
-	ch, err := d.submit(&req, files)
-	closeFiles(ours) // the daemon has its own copies (or none, and the copies end)
+	return files, copies, nil
+}
+
+// dupFile returns a duplicate of f's descriptor (close-on-exec), nil if f has none.
+// (f.Fd would put f in blocking mode.)
+func dupFile(f *os.File) *os.File {
+	sc, err := f.SyscallConn()
 	if err != nil {
-		waitCopies(copies)
-		return Result{}, err
+		return nil
 	}
-	var resp response
-	for done := ctx.Done(); ; {
-		select {
-		case resp = <-ch:
-		case <-done:
-			done = nil
-			if errors.Is(ctx.Err(), context.Canceled) {
-				// (A deadline needs no message: the daemon's context has the same one.)
-				_ = d.c.send(&request{Op: opCancel, ID: req.ID})
-			}
-			continue
-		}
-		break
+	nfd := -1
+	if err := sc.Control(func(fd uintptr) {
+		nfd, _ = unix.FcntlInt(fd, unix.F_DUPFD_CLOEXEC, 0)
+	}); err != nil || nfd < 0 {
+		return nil
 	}
-	truncated := waitCopies(copies)
+	return os.NewFile(uintptr(nfd), f.Name())
+}
+
+// finish turns a run's response into Run's result; failed says which streams'
+// writers failed (stdout, stderr).
+func finish(resp response, failed [2]bool) (Result, error) {
 	if resp.Code != uint32(codes.OK) {
 		return Result{}, status.Error(codes.Code(resp.Code), resp.Msg)
 	}
 	res := resp.Result
 	for i, o := range []*OutputResult{&res.Stdout, &res.Stderr} {
-		if truncated[i] {
+		if failed[i] {
 			o.Truncated = true // the writer failed: as in-process, the result says so
 		}
 	}

@@ -191,6 +191,16 @@ func TestOutputWriters(t *testing.T) {
 	if err != nil || res.ExitCode != 3 || !res.Stdout.Truncated {
 		t.Errorf("failing writer: %v %+v", err, res)
 	}
+	// So does a closed file.
+	f.Close()
+	res, err = r.Run(context.Background(), sandbox.Spec{
+		RootFS: env.rootfs, Env: []string{"PATH=/bin"},
+		Args:   []string{"/bin/sh", "-c", "echo lost; exit 4"},
+		Stdout: sandbox.Output{Writer: f},
+	})
+	if err != nil || res.ExitCode != 4 || !res.Stdout.Truncated {
+		t.Errorf("closed file: %v %+v", err, res)
+	}
 }
 
 type failingWriter struct{}
