@@ -126,6 +126,7 @@ func (r *daemonRunner) start(ctx context.Context) (*daemonProc, error) {
 	select {
 	case <-d.done:
 	case <-ctx.Done():
+		d.expectExit()
 		d.kill()
 		return nil, status.FromContextError(ctx.Err()).Err()
 	case resp := <-d.ready:
@@ -157,10 +158,15 @@ func (d *daemonProc) read() {
 			break
 		}
 		switch resp.Op {
-		case opReady:
-			d.ready <- resp
-		case opClosed:
-			d.closed <- resp
+		case opReady, opClosed:
+			if resp.Op == opClosed || resp.Code != uint32(codes.OK) {
+				d.expectExit() // it exits after Close, or after a New that failed
+			}
+			if resp.Op == opReady {
+				d.ready <- resp
+			} else {
+				d.closed <- resp
+			}
 		case opLog:
 			args := make([]any, 0, len(resp.Attrs))
 			for _, a := range resp.Attrs {
@@ -196,6 +202,13 @@ func (d *daemonProc) read() {
 		d.log.Warn("sandbox: the sandbox daemon exited unexpectedly; the next Run restarts it", "pid", d.pid, "status", how)
 	}
 	close(d.done)
+}
+
+// expectExit notes that the daemon is to exit: that is no crash to warn about.
+func (d *daemonProc) expectExit() {
+	d.mu.Lock()
+	d.closing = true
+	d.mu.Unlock()
 }
 
 // kill ends the daemon and waits until read has reaped it.
@@ -451,9 +464,7 @@ func (r *daemonRunner) Close() error {
 // close closes the daemon's Runner and waits until it has exited; died says it
 // exited before it could.
 func (d *daemonProc) close() (died bool, err error) {
-	d.mu.Lock()
-	d.closing = true
-	d.mu.Unlock()
+	d.expectExit()
 	if err := d.c.send(&request{Op: opClose}); err != nil {
 		d.kill()
 	}

@@ -5,10 +5,13 @@ import (
 	"context"
 	"errors"
 	"flag"
+	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -64,7 +67,8 @@ func needDaemon(t *testing.T) {
 func TestDaemonCrash(t *testing.T) {
 	needDaemon(t)
 	dir := t.TempDir()
-	r, err := sandbox.New(context.Background(), testConfig(sandbox.Config{StateDir: dir, Prestart: 1}))
+	var logs logRecorder
+	r, err := sandbox.New(context.Background(), testConfig(sandbox.Config{StateDir: dir, Prestart: 1, Logger: slog.New(&logs)}))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -105,6 +109,12 @@ func TestDaemonCrash(t *testing.T) {
 	}
 	if second := sandbox.DaemonPid(r); second == first || second == 0 {
 		t.Fatalf("the daemon was not restarted: pid %d, then %d", first, second)
+	}
+	// kiln warned, and the new daemon's sweep (logged by the daemon, forwarded to the
+	// Runner's logger) removed the dead one's sandbox.
+	if got := logs.messages(); !strings.Contains(got, "WARN sandbox: the sandbox daemon exited unexpectedly") ||
+		!strings.Contains(got, "INFO sandbox: swept leftover container id=k"+strconv.Itoa(first)+"-") {
+		t.Errorf("logs:\n%s", got)
 	}
 	if err := r.Close(); err != nil {
 		t.Fatal(err)
@@ -258,6 +268,33 @@ func TestDaemonAgreesWithInProcess(t *testing.T) {
 		a.res.Stdout.Size != b.res.Stdout.Size || a.res.Stdout.Truncated != b.res.Stdout.Truncated {
 		t.Errorf("results differ: daemon %+v %q, in-process %+v %q", a.res, a.stdout, b.res, b.stdout)
 	}
+}
+
+// logRecorder is a slog.Handler that keeps "LEVEL message key=value..." lines.
+type logRecorder struct {
+	mu    sync.Mutex
+	lines []string
+}
+
+func (l *logRecorder) Enabled(context.Context, slog.Level) bool { return true }
+func (l *logRecorder) WithAttrs([]slog.Attr) slog.Handler       { return l }
+func (l *logRecorder) WithGroup(string) slog.Handler            { return l }
+func (l *logRecorder) Handle(_ context.Context, r slog.Record) error {
+	line := r.Level.String() + " " + r.Message
+	r.Attrs(func(a slog.Attr) bool {
+		line += " " + a.Key + "=" + a.Value.String()
+		return true
+	})
+	l.mu.Lock()
+	l.lines = append(l.lines, line)
+	l.mu.Unlock()
+	return nil
+}
+
+func (l *logRecorder) messages() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return strings.Join(l.lines, "\n")
 }
 
 // waitFile waits until path exists; it fails t after ten seconds.
