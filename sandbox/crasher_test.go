@@ -63,8 +63,9 @@ func cgroupLeftovers(t *testing.T, name string) []string {
 	return found
 }
 
-// waitGone waits until process pid has exited (is gone or a zombie); it fails t if
-// that takes more than ten seconds.
+// waitGone waits until process pid has exited: it is gone, or a zombie whose threads
+// have all exited too (only then are its descriptors, and so its locks, released); it
+// fails t if that takes more than ten seconds.
 func waitGone(t *testing.T, pid int) {
 	t.Helper()
 	for i := 0; i < 1000; i++ {
@@ -73,7 +74,9 @@ func waitGone(t *testing.T, pid int) {
 			return
 		}
 		if s := string(b); strings.HasPrefix(s[strings.LastIndexByte(s, ')'):], ") Z") {
-			return
+			if tasks, err := os.ReadDir("/proc/" + strconv.Itoa(pid) + "/task"); err != nil || len(tasks) <= 1 {
+				return
+			}
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
