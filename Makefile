@@ -3,6 +3,7 @@ GO       ?= go
 TAGS     ?= seccomp
 VERSION  ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 LDFLAGS  := -X main.version=$(VERSION)
+SANDBOXD := sandbox/internal/daemonbin/kiln-sandboxd
 export CGO_ENABLED := 1
 export GONOSUMDB   := github.com/bazelbuild
 export PATH        := $(PATH):/usr/local/go/bin:$(shell $(GO) env GOPATH 2>/dev/null)/bin
@@ -15,9 +16,12 @@ all: build
 setup:
 	@./scripts/setup.sh
 
+# build builds the sandbox daemon first, then kiln with it embedded (tag sandboxd): kiln
+# runs its sandboxes through that small binary (docs/sandbox.md, "The sandbox daemon").
 build:
 	@mkdir -p bin
-	$(GO) build -tags '$(TAGS)' -ldflags '$(LDFLAGS)' -o bin/kiln ./cmd/kiln
+	$(GO) build -tags '$(TAGS)' -ldflags '-s -w' -o $(SANDBOXD) ./cmd/kiln-sandboxd
+	$(GO) build -tags '$(TAGS) sandboxd' -ldflags '$(LDFLAGS)' -o bin/kiln ./cmd/kiln
 
 # test runs every unit, hostile-input and end-to-end test against the real binary.
 # KILN_E2E=require turns a missing prerequisite (root, bazel, ...) into a failure, not a skip.
@@ -41,4 +45,4 @@ lint:
 	staticcheck -tags '$(TAGS)' ./...
 
 clean:
-	rm -rf bin
+	rm -rf bin $(SANDBOXD)

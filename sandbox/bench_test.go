@@ -6,6 +6,8 @@ import (
 	"os/exec"
 	"path/filepath"
 	"sort"
+	"strconv"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -17,11 +19,22 @@ import (
 // sandbox (full isolation: namespaces including net, seccomp, cgroups, read-only
 // overlay root, kiln-init), interleaved in the same run with Debian's bubblewrap
 // (bwrap --unshare-all --ro-bind ROOT / --dev /dev --proc /proc /bin/true) and a bare
-// fork/exec of /bin/true, and reports p50/p95 of each and their ratios.
+// fork/exec of /bin/true, and reports p50/p95 of each, their ratios, and CPU per run.
+//
+// kiln's sandboxes are created three ways, each cold (prepared on demand) and warm
+// (Prestart: 1). sandboxd-*: through kiln-sandboxd, built as `make build` builds it,
+// which is what kiln built by make does. kilnexe-*: through the same protocol with
+// the whole kiln binary (built without the daemon) as the daemon, so that kiln is
+// what libcontainer re-executes as each container's init, as it was before kiln had
+// a daemon (plus the protocol's cost). inproc-*: from this test process, whose
+// binary is then the init.
 //
 //	go test -tags seccomp -run '^$' -bench SandboxOverhead -benchtime 200x ./sandbox/
 func BenchmarkSandboxOverhead(b *testing.B) {
 	need(b)
+	if env.daemon == nil {
+		b.Skip("run in the daemon pass (the default), which has every way")
+	}
 	bwrap, err := exec.LookPath("bwrap")
 	if err != nil {
 		if os.Getenv("KILN_E2E") == "require" {
@@ -29,8 +42,31 @@ func BenchmarkSandboxOverhead(b *testing.B) {
 		}
 		b.Skip("bubblewrap not installed")
 	}
-	cold := newRunner(b)
-	warm := newRunnerWith(b, sandbox.Config{Prestart: 1})
+	kilnExe := filepath.Join(b.TempDir(), "kiln")
+	if out, err := exec.Command("go", "build", "-tags", "seccomp", "-o", kilnExe, "github.com/kilnbuild/kiln/cmd/kiln").CombinedOutput(); err != nil {
+		b.Fatalf("building kiln: %v\n%s", err, out)
+	}
+	kilnBin, err := os.ReadFile(kilnExe)
+	if err != nil {
+		b.Fatal(err)
+	}
+	runner := func(cfg sandbox.Config, daemon []byte) *sandbox.Runner {
+		cfg.StateDir = b.TempDir()
+		r, err := sandbox.New(context.Background(), sandbox.ConfigFor(cfg, daemon))
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.Cleanup(func() { r.Close() })
+		return r
+	}
+	runners := map[string]*sandbox.Runner{
+		"sandboxd-cold": runner(sandbox.Config{}, env.daemon),
+		"sandboxd-warm": runner(sandbox.Config{Prestart: 1}, env.daemon),
+		"kilnexe-cold":  runner(sandbox.Config{}, kilnBin),
+		"kilnexe-warm":  runner(sandbox.Config{Prestart: 1}, kilnBin),
+		"inproc-cold":   runner(sandbox.Config{}, nil),
+		"inproc-warm":   runner(sandbox.Config{Prestart: 1}, nil),
+	}
 	out := b.TempDir()
 	spec := sandbox.Spec{
 		RootFS: env.rootfs,
@@ -50,15 +86,17 @@ func BenchmarkSandboxOverhead(b *testing.B) {
 		}
 	}
 	runs := map[string]func() error{
-		"kiln-cold": kiln(cold),
-		"kiln-warm": kiln(warm),
 		"bwrap": func() error {
 			return exec.Command(bwrap, "--unshare-all", "--ro-bind", env.rootfs, "/", "--dev", "/dev", "--proc", "/proc", "/bin/true").Run()
 		},
 		"bare": func() error { return exec.Command(trueBin).Run() },
 	}
-	order := []string{"kiln-cold", "kiln-warm", "bwrap", "bare"}
-	for _, name := range order { // warm up caches and the Runner's root overlay
+	for name, r := range runners {
+		runs[name] = kiln(r)
+	}
+	kilns := []string{"sandboxd-cold", "sandboxd-warm", "kilnexe-cold", "kilnexe-warm", "inproc-cold", "inproc-warm"}
+	order := append(append([]string(nil), kilns...), "bwrap", "bare")
+	for _, name := range order { // warm up caches and the Runners' root overlays
 		if err := runs[name](); err != nil {
 			b.Fatalf("%s: %v", name, err)
 		}
@@ -84,35 +122,70 @@ func BenchmarkSandboxOverhead(b *testing.B) {
 		b.ReportMetric(pct(times[name], 0.50), name+"-p50-ms")
 		b.ReportMetric(pct(times[name], 0.95), name+"-p95-ms")
 	}
-	for _, k := range []string{"kiln-cold", "kiln-warm"} {
+	for _, k := range kilns {
 		for _, peer := range []string{"bwrap", "bare"} {
 			b.ReportMetric(pct(times[k], 0.50)/pct(times[peer], 0.50), k+"/"+peer+"-p50")
 			b.ReportMetric(pct(times[k], 0.95)/pct(times[peer], 0.95), k+"/"+peer+"-p95")
 		}
 	}
-	// CPU per run (this process and its children, kernel and user), measured
-	// variant by variant so that each one's background work is its own; for
-	// kiln-warm it includes preparing the next sandbox.
-	const cpuRuns = 30
+	// CPU per run (this process and its children, kernel and user, plus the sandbox
+	// daemon and its children for the daemon runs), measured variant by variant so
+	// that each one's background work is its own; for the warm runs it includes
+	// preparing the next sandbox.
+	const cpuRuns = 50
+	cpu := map[string]float64{}
 	for _, name := range order {
-		before := cpuTime()
+		daemonPid := 0
+		if r := runners[name]; r != nil {
+			daemonPid = sandbox.DaemonPid(r)
+		}
+		before := cpuTime(b, daemonPid)
 		for i := 0; i < cpuRuns; i++ {
 			if err := runs[name](); err != nil {
 				b.Fatalf("%s: %v", name, err)
 			}
 		}
-		b.ReportMetric(float64((cpuTime()-before).Microseconds())/1000/cpuRuns, name+"-cpu-ms")
+		cpu[name] = float64((cpuTime(b, daemonPid) - before).Microseconds()) / 1000 / cpuRuns
+		b.ReportMetric(cpu[name], name+"-cpu-ms")
+	}
+	for _, k := range kilns {
+		b.ReportMetric(cpu[k]/cpu["bwrap"], k+"/bwrap-cpu")
+	}
+	for _, w := range []string{"cold", "warm"} {
+		b.ReportMetric(cpu["sandboxd-"+w]/cpu["kilnexe-"+w], "sandboxd/kilnexe-"+w+"-cpu")
+		b.ReportMetric(pct(times["sandboxd-"+w], 0.50)/pct(times["kilnexe-"+w], 0.50), "sandboxd/kilnexe-"+w+"-p50")
 	}
 	b.ReportMetric(0, "ns/op")
 }
 
-// cpuTime is the user+system time of this process and its reaped children.
-func cpuTime() time.Duration {
+// cpuTime is the user+system time of this process and its reaped children, plus
+// that of process daemonPid (if not 0) and its reaped children.
+func cpuTime(b *testing.B, daemonPid int) time.Duration {
 	var self, kids syscall.Rusage
 	syscall.Getrusage(syscall.RUSAGE_SELF, &self)
 	syscall.Getrusage(syscall.RUSAGE_CHILDREN, &kids)
-	return time.Duration(self.Utime.Nano() + self.Stime.Nano() + kids.Utime.Nano() + kids.Stime.Nano())
+	t := time.Duration(self.Utime.Nano() + self.Stime.Nano() + kids.Utime.Nano() + kids.Stime.Nano())
+	if daemonPid != 0 {
+		st, err := os.ReadFile("/proc/" + strconv.Itoa(daemonPid) + "/stat")
+		if err != nil {
+			b.Fatal(err)
+		}
+		s := string(st)
+		// pid (comm) state ppid ... utime(14) stime(15) cutime(16) cstime(17), in clock ticks
+		f := strings.Fields(s[strings.LastIndexByte(s, ')')+2:])
+		for _, i := range []int{14, 15, 16, 17} {
+			ticks, err := strconv.ParseInt(f[i-3], 10, 64)
+			if err != nil {
+				b.Fatal(err)
+			}
+			t += time.Duration(ticks) * time.Second / clockTicks
+		}
+	}
+	return t
 }
+
+// clockTicks is USER_HZ, the unit of /proc/PID/stat times (100 on Linux).
+const clockTicks = 100
 
 // BenchmarkRun is one kiln sandbox run of /bin/true per op (for profiling).
 func BenchmarkRun(b *testing.B) {

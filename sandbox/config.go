@@ -245,7 +245,7 @@ var namespaces = configs.Namespaces{
 }
 
 // containerConfig turns a normalized Spec into a libcontainer configuration.
-func (r *Runner) containerConfig(id, root string, s *Spec) *configs.Config {
+func (r *localRunner) containerConfig(id, root string, s *Spec) *configs.Config {
 	umask := uint32(0o022)
 	mounts := []*configs.Mount{
 		{Source: "proc", Destination: "/proc", Device: "proc", Flags: mntNoSuidDevExec},

@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -15,10 +16,24 @@ import (
 )
 
 // crasher runs in a child test process (KILN_SANDBOX_TEST_CRASHER=state dir): it
-// starts a long sandbox and waits to be killed, leaving everything behind.
+// starts a long sandbox and waits to be killed, leaving everything behind. With
+// KILN_SANDBOX_TEST_DAEMON naming kiln-sandboxd, it runs the sandbox through that
+// daemon and writes the daemon's pid to daemon.pid.
 func crasher(dir string) {
-	r, err := sandbox.New(context.Background(), sandbox.Config{StateDir: filepath.Join(dir, "state")})
+	var exe []byte
+	if p := os.Getenv("KILN_SANDBOX_TEST_DAEMON"); p != "" {
+		var err error
+		if exe, err = os.ReadFile(p); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+	}
+	r, err := sandbox.New(context.Background(), sandbox.ConfigFor(sandbox.Config{StateDir: filepath.Join(dir, "state")}, exe))
 	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "daemon.pid"), []byte(strconv.Itoa(sandbox.DaemonPid(r))), 0o644); err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
@@ -48,6 +63,26 @@ func cgroupLeftovers(t *testing.T, name string) []string {
 	return found
 }
 
+// waitGone waits until process pid has exited: it is gone, or a zombie whose threads
+// have all exited too (only then are its descriptors, and so its locks, released); it
+// fails t if that takes more than ten seconds.
+func waitGone(t *testing.T, pid int) {
+	t.Helper()
+	for i := 0; i < 1000; i++ {
+		b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+		if err != nil {
+			return
+		}
+		if s := string(b); strings.HasPrefix(s[strings.LastIndexByte(s, ')'):], ") Z") {
+			if tasks, err := os.ReadDir("/proc/" + strconv.Itoa(pid) + "/task"); err != nil || len(tasks) <= 1 {
+				return
+			}
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	t.Fatalf("process %d is still alive", pid)
+}
+
 func mountsUnder(t *testing.T, dir string) int {
 	t.Helper()
 	b, err := os.ReadFile("/proc/self/mountinfo")
@@ -70,7 +105,8 @@ func TestSweepAfterCrash(t *testing.T) {
 		t.Fatal(err)
 	}
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
-	cmd.Env = append(os.Environ(), "KILN_SANDBOX_TEST_CRASHER="+dir, "KILN_SANDBOX_TEST_ROOTFS="+env.rootfs)
+	cmd.Env = append(os.Environ(), "KILN_SANDBOX_TEST_CRASHER="+dir, "KILN_SANDBOX_TEST_ROOTFS="+env.rootfs,
+		"KILN_SANDBOX_TEST_DAEMON="+env.daemonPath)
 	cmd.Stderr = os.Stderr
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -89,6 +125,14 @@ func TestSweepAfterCrash(t *testing.T) {
 		t.Fatal(err)
 	}
 	cmd.Wait()
+	// Its sandbox daemon, if it had one, dies with it (parent-death signal).
+	if b, err := os.ReadFile(filepath.Join(dir, "daemon.pid")); err != nil {
+		t.Fatal(err)
+	} else if pid, _ := strconv.Atoi(string(b)); pid != 0 {
+		waitGone(t, pid)
+	} else if env.daemon != nil {
+		t.Fatal("the crasher ran no sandbox daemon")
+	}
 
 	state := filepath.Join(dir, "state")
 	cg := sandbox.CgroupName(state)
@@ -98,7 +142,7 @@ func TestSweepAfterCrash(t *testing.T) {
 			len(ctrs), cgroupLeftovers(t, cg), mountsUnder(t, state))
 	}
 
-	r, err := sandbox.New(context.Background(), sandbox.Config{StateDir: state})
+	r, err := sandbox.New(context.Background(), testConfig(sandbox.Config{StateDir: state}))
 	if err != nil {
 		t.Fatal(err)
 	}

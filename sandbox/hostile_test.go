@@ -438,6 +438,25 @@ func TestHostile(t *testing.T) {
 			}},
 	}
 
+	if d := sandbox.DaemonPid(r); d != 0 {
+		// The sandbox daemon is a host process too, and the closest one: it holds the
+		// sockets and descriptors of every sandbox.
+		dp := strconv.Itoa(d)
+		cases = append(cases,
+			hostile{name: "/proc of the sandbox daemon", args: probe("read", "/proc/"+dp+"/environ"),
+				control: controlIs("ok", "read", "/proc/"+dp+"/environ"), check: wantLine("errno=2")},
+			hostile{name: "the sandbox daemon's executable", args: probe("read", "/proc/"+dp+"/exe"),
+				control: controlIs("ok", "read", "/proc/"+dp+"/exe"), check: wantLine("errno=2")},
+			hostile{name: "signal the sandbox daemon", args: probe("kill", dp, "9"),
+				control: controlIs("ok", "kill", dp, "0"),
+				check: func(t *testing.T, o outcome) {
+					wantLine("errno=3")(t, o)
+					if err := syscall.Kill(d, 0); err != nil {
+						t.Fatalf("the sandbox daemon died: %v", err)
+					}
+				}},
+		)
+	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
 			t.Parallel()

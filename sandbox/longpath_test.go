@@ -39,7 +39,7 @@ func TestLongPaths(t *testing.T) {
 	}); err != nil {
 		t.Fatal(err)
 	}
-	r, err := sandbox.New(context.Background(), sandbox.Config{StateDir: filepath.Join(long, "state")})
+	r, err := sandbox.New(context.Background(), testConfig(sandbox.Config{StateDir: filepath.Join(long, "state")}))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -21,7 +21,16 @@ var env struct {
 	probe   string // the probe on the host, for control runs
 	skip    string // why the sandbox tests cannot run here, if they cannot
 	scratch string
+	// daemon is kiln-sandboxd, built for this run, through which Runners run their
+	// sandboxes, as kiln built by make does; nil in the in-process pass (see
+	// TestInProcess), where they run from the test process, as kiln built without
+	// the daemon does.
+	daemon     []byte
+	daemonPath string
 }
+
+// inProcessEnv marks the child test process of TestInProcess.
+const inProcessEnv = "KILN_SANDBOX_TEST_INPROCESS"
 
 func TestMain(m *testing.M) {
 	sandbox.Init()
@@ -49,7 +58,32 @@ func runTests(m *testing.M) int {
 		fmt.Fprintln(os.Stderr, "sandbox test setup:", err)
 		return 1
 	}
+	if env.skip == "" && os.Getenv(inProcessEnv) == "" {
+		if err := buildDaemon(scratch); err != nil {
+			fmt.Fprintln(os.Stderr, "sandbox test setup:", err)
+			return 1
+		}
+	}
 	return m.Run()
+}
+
+// buildDaemon builds kiln-sandboxd as `make build` does and loads it.
+func buildDaemon(scratch string) error {
+	env.daemonPath = filepath.Join(scratch, "kiln-sandboxd")
+	cmd := exec.Command("go", "build", "-tags", "seccomp", "-ldflags", "-s -w", "-o", env.daemonPath, "github.com/kilnbuild/kiln/cmd/kiln-sandboxd")
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=1")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("building kiln-sandboxd: %v\n%s", err, out)
+	}
+	var err error
+	env.daemon, err = os.ReadFile(env.daemonPath)
+	return err
+}
+
+// testConfig sets cfg to run sandboxes the way this pass of the tests does: through
+// the daemon, or in-process.
+func testConfig(cfg sandbox.Config) sandbox.Config {
+	return sandbox.ConfigFor(cfg, env.daemon)
 }
 
 func setup(scratch string) error {
@@ -105,7 +139,7 @@ func newRunnerWith(t testing.TB, cfg sandbox.Config) *sandbox.Runner {
 	t.Helper()
 	need(t)
 	cfg.StateDir = t.TempDir()
-	r, err := sandbox.New(context.Background(), cfg)
+	r, err := sandbox.New(context.Background(), testConfig(cfg))
 	if err != nil {
 		t.Fatal(err)
 	}

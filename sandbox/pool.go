@@ -119,7 +119,7 @@ func (p *pool) touch(key string) {
 
 // refill prepares sandboxes for key in the background until size are idle or
 // being prepared.
-func (p *pool) refill(r *Runner, s *Spec, key string) {
+func (p *pool) refill(r *localRunner, s *Spec, key string) {
 	if p.size <= 0 {
 		return
 	}
@@ -169,7 +169,7 @@ func (p *pool) isRecent(key string) bool {
 }
 
 // close stops refills, waits for those in flight and destroys the idle sandboxes.
-func (p *pool) close(r *Runner) {
+func (p *pool) close(r *localRunner) {
 	p.mu.Lock()
 	p.closed = true
 	p.mu.Unlock()

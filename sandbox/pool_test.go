@@ -47,7 +47,7 @@ func TestPrestartedSandboxesAreFresh(t *testing.T) {
 func TestCloseDestroysPreparedSandboxes(t *testing.T) {
 	need(t)
 	dir := t.TempDir()
-	r, err := sandbox.New(context.Background(), sandbox.Config{StateDir: dir, Prestart: 3})
+	r, err := sandbox.New(context.Background(), testConfig(sandbox.Config{StateDir: dir, Prestart: 3}))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -73,9 +73,13 @@ func TestCloseDestroysPreparedSandboxes(t *testing.T) {
 }
 
 // preparedInits lists the pids of kiln-init processes (comm "3": exec'd as
-// /proc/self/fd/3) whose parent is this process.
-func preparedInits(t *testing.T) []int {
+// /proc/self/fd/3) whose parent is r's sandbox daemon, or this process.
+func preparedInits(t *testing.T, r *sandbox.Runner) []int {
 	t.Helper()
+	parent := sandbox.DaemonPid(r)
+	if parent == 0 {
+		parent = os.Getpid()
+	}
 	ents, _ := os.ReadDir("/proc")
 	var pids []int
 	for _, e := range ents {
@@ -94,7 +98,7 @@ func preparedInits(t *testing.T) []int {
 			continue
 		}
 		f := strings.Fields(s[i+1:])
-		if len(f) > 1 && f[1] == strconv.Itoa(os.Getpid()) {
+		if len(f) > 1 && f[1] == strconv.Itoa(parent) {
 			pids = append(pids, pid)
 		}
 	}
@@ -108,7 +112,7 @@ func TestDeadPreparedSandboxIsReplaced(t *testing.T) {
 	run(t, r, nil, "/bin/true")
 	var pids []int
 	for i := 0; i < 500 && len(pids) == 0; i++ {
-		pids = preparedInits(t)
+		pids = preparedInits(t, r)
 		time.Sleep(10 * time.Millisecond)
 	}
 	if len(pids) == 0 {

@@ -40,10 +40,17 @@ type Config struct {
 	// takes most of a sandbox's set-up off the command's path. A long-lived engine
 	// should set it near its concurrency; 0 prepares every sandbox on demand.
 	Prestart int
+
+	// daemon, when set, is the sandbox daemon binary to run instead of the one
+	// embedded in this binary (tests build it themselves).
+	daemon []byte
+	// inProcess runs sandboxes from this process even if a daemon is available.
+	inProcess bool
 }
 
-// Runner creates sandboxes. It is safe for concurrent use by many goroutines.
-type Runner struct {
+// localRunner runs sandboxes from this process with libcontainer: the in-process
+// implementation behind Runner, and what the sandbox daemon serves.
+type localRunner struct {
 	log    *slog.Logger
 	dir    string // StateDir, absolute
 	ctrDir string // libcontainer state root
@@ -60,41 +67,28 @@ type Runner struct {
 	closed  bool
 }
 
-// New creates a Runner that keeps its state in cfg.StateDir, after removing what a
-// crashed earlier process left there (containers, cgroups, mounts).
-func New(ctx context.Context, cfg Config) (*Runner, error) {
-	if cfg.StateDir == "" {
-		return nil, status.Error(codes.InvalidArgument, "sandbox: Config.StateDir is required")
-	}
-	if os.Geteuid() != 0 {
-		return nil, status.Error(codes.FailedPrecondition, "sandbox: the Runner must run as root (rootless sandboxes are not supported yet; see docs/sandbox.md)")
-	}
+// newLocal creates a localRunner that keeps its state in dir (absolute), after
+// removing what a crashed earlier process left there (containers, cgroups, mounts).
+// lock is dir's lock file when the caller already holds it (the daemon inherits it
+// from kiln); nil makes newLocal take it.
+func newLocal(ctx context.Context, dir string, cfg Config, lock *os.File) (*localRunner, error) {
 	if !lcseccomp.Enabled {
 		return nil, status.Error(codes.FailedPrecondition, "sandbox: kiln was built without seccomp support (build with CGO_ENABLED=1 -tags seccomp)")
 	}
 	if len(trampoline.Binary) == 0 || !supportedArch {
 		return nil, status.Error(codes.Unimplemented, "sandbox: only linux/amd64 is supported")
 	}
-	dir, err := filepath.Abs(cfg.StateDir)
-	if err != nil {
-		return nil, status.Errorf(codes.InvalidArgument, "sandbox: state dir: %v", err)
-	}
 	log := cfg.Logger
 	if log == nil {
 		log = slog.Default()
 	}
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return nil, status.Errorf(codes.Internal, "sandbox: state dir: %v", err)
+	if lock == nil {
+		var err error
+		if lock, err = lockStateDir(dir); err != nil {
+			return nil, err
+		}
 	}
-	lock, err := os.OpenFile(filepath.Join(dir, "lock"), os.O_RDWR|os.O_CREATE|syscall.O_CLOEXEC, 0o600)
-	if err != nil {
-		return nil, status.Errorf(codes.Internal, "sandbox: state dir lock: %v", err)
-	}
-	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
-		lock.Close()
-		return nil, status.Errorf(codes.FailedPrecondition, "sandbox: state dir %s is in use by another process", dir)
-	}
-	r := &Runner{
+	r := &localRunner{
 		log:    log,
 		dir:    dir,
 		ctrDir: filepath.Join(dir, "containers"),
@@ -113,6 +107,7 @@ func New(ctx context.Context, cfg Config) (*Runner, error) {
 			return nil, status.Errorf(codes.Internal, "sandbox: state dir: %v", err)
 		}
 	}
+	var err error
 	if r.init, err = trampoline.Memfd(); err != nil {
 		lock.Close()
 		return nil, status.Errorf(codes.Internal, "sandbox: kiln-init: %v", err)
@@ -121,9 +116,25 @@ func New(ctx context.Context, cfg Config) (*Runner, error) {
 	return r, nil
 }
 
+// lockStateDir creates dir and takes its lock, which says which process owns it.
+func lockStateDir(dir string) (*os.File, error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, status.Errorf(codes.Internal, "sandbox: state dir: %v", err)
+	}
+	lock, err := os.OpenFile(filepath.Join(dir, "lock"), os.O_RDWR|os.O_CREATE|syscall.O_CLOEXEC, 0o600)
+	if err != nil {
+		return nil, status.Errorf(codes.Internal, "sandbox: state dir lock: %v", err)
+	}
+	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		lock.Close()
+		return nil, status.Errorf(codes.FailedPrecondition, "sandbox: state dir %s is in use by another process", dir)
+	}
+	return lock, nil
+}
+
 // Close waits for running sandboxes, unmounts the root overlays and releases the
 // state directory. Run fails after Close.
-func (r *Runner) Close() error {
+func (r *localRunner) Close() error {
 	r.mu.Lock()
 	if r.closed {
 		r.mu.Unlock()
@@ -151,7 +162,7 @@ func (r *Runner) Close() error {
 // the host cannot give: RESOURCE_EXHAUSTED; set-up failure: INTERNAL; ctx ended
 // before the command finished: CANCELED or DEADLINE_EXCEEDED). A command that fails,
 // crashes, is killed at its timeout or by the OOM killer is a Result, not an error.
-func (r *Runner) Run(ctx context.Context, spec Spec) (Result, error) {
+func (r *localRunner) Run(ctx context.Context, spec Spec) (Result, error) {
 	r.mu.Lock()
 	if r.closed {
 		r.mu.Unlock()
@@ -219,7 +230,7 @@ type sandbox struct {
 // cgroups, root, seccomp and uid are set up, and libcontainer's init has exec'd
 // kiln-init, which waits for its command. The bind mounts and the command come
 // later, in execute.
-func (r *Runner) prepare(s *Spec, key string) (_ *sandbox, retErr error) {
+func (r *localRunner) prepare(s *Spec, key string) (_ *sandbox, retErr error) {
 	root, release, err := r.roots.acquire(s.RootFS, mountPoints(s))
 	if err != nil {
 		return nil, status.Errorf(codes.Internal, "sandbox: root filesystem: %v", err)
@@ -292,7 +303,7 @@ func (sb *sandbox) destroy(log *slog.Logger) {
 }
 
 // execute binds s's mounts into sb, hands kiln-init the command and waits for it.
-func (r *Runner) execute(ctx context.Context, sb *sandbox, s *Spec, cmd []byte, tr *trace) (Result, error) {
+func (r *localRunner) execute(ctx context.Context, sb *sandbox, s *Spec, cmd []byte, tr *trace) (Result, error) {
 	var res Result
 	res.Policy, res.PolicyDigest = policyDocument(s, sb.cfg)
 	stdout, err := newCappedFile(s.Stdout)

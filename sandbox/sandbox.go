@@ -7,7 +7,10 @@
 // of REAPI; it runs a command.
 //
 // The binary that links this package must call Init at the very top of main: the
-// sandbox re-executes the current binary as its container init ("init" argument).
+// sandbox re-executes the current binary as its container init ("init" argument),
+// and the sandbox daemon's binary becomes the daemon there. kiln built by `make build`
+// embeds kiln-sandboxd and creates its sandboxes from that small process, so that the
+// re-executed init is small too (docs/sandbox.md, "The sandbox daemon").
 package sandbox
 
 import (

@@ -275,11 +275,11 @@ func TestConcurrentRuns(t *testing.T) {
 func TestRunnerLifecycle(t *testing.T) {
 	need(t)
 	dir := t.TempDir()
-	r, err := sandbox.New(context.Background(), sandbox.Config{StateDir: dir})
+	r, err := sandbox.New(context.Background(), testConfig(sandbox.Config{StateDir: dir}))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := sandbox.New(context.Background(), sandbox.Config{StateDir: dir}); status.Code(err) != codes.FailedPrecondition {
+	if _, err := sandbox.New(context.Background(), testConfig(sandbox.Config{StateDir: dir})); status.Code(err) != codes.FailedPrecondition {
 		t.Fatalf("second Runner on a locked state dir: %v", err)
 	}
 	if err := r.Close(); err != nil {
@@ -288,7 +288,7 @@ func TestRunnerLifecycle(t *testing.T) {
 	if _, err := r.Run(context.Background(), sandbox.Spec{RootFS: env.rootfs, Args: []string{"/bin/true"}}); status.Code(err) != codes.FailedPrecondition {
 		t.Fatalf("Run after Close: %v", err)
 	}
-	if _, err := sandbox.New(context.Background(), sandbox.Config{}); status.Code(err) != codes.InvalidArgument {
+	if _, err := sandbox.New(context.Background(), testConfig(sandbox.Config{})); status.Code(err) != codes.InvalidArgument {
 		t.Fatalf("New without a state dir: %v", err)
 	}
 }

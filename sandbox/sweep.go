@@ -20,7 +20,7 @@ import (
 // sweep removes what an earlier Runner on the same state directory left behind when
 // its process died: mounts under the directory, containers (their processes and
 // cgroups) and the Runner's cgroup parent with anything under it.
-func (r *Runner) sweep(ctx context.Context) error {
+func (r *localRunner) sweep(ctx context.Context) error {
 	var errs []error
 	// Containers first: libcontainer knows their cgroups from their state files.
 	if ents, err := os.ReadDir(r.ctrDir); err == nil {

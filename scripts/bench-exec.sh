@@ -42,7 +42,19 @@ bz build --nobuild //gen:all >/dev/null 2>&1   # warm the Bazel server and analy
 common=(build --jobs=8 //gen:all)
 bz clean >/dev/null 2>&1; t_local=$(timed bz "${common[@]}" --spawn_strategy=local)
 bz clean >/dev/null 2>&1; t_sandbox=$(timed bz "${common[@]}" --spawn_strategy=linux-sandbox)
-bz clean >/dev/null 2>&1; t_kiln=$(timed bz "${common[@]}" --remote_executor=grpc://127.0.0.1:18811 --remote_default_exec_properties=container-image="$image")
+# kiln_cpu: CPU seconds of kiln serve, its sandbox daemon and everything they reaped
+# (the sandboxes and the actions in them), from /proc (utime stime cutime cstime).
+kiln_cpu() {
+  local p ps=("${pids[0]}") total=0
+  ps+=($(cat /proc/"${pids[0]}"/task/*/children 2>/dev/null))
+  for p in "${ps[@]}"; do
+    total=$(awk -v t="$total" '{ sub(/^.*\) /, ""); print t + $12 + $13 + $14 + $15 }' /proc/"$p"/stat 2>/dev/null || echo "$total")
+  done
+  awk -v t="$total" -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.2f", t / hz }'
+}
+bz clean >/dev/null 2>&1; c0=$(kiln_cpu)
+t_kiln=$(timed bz "${common[@]}" --remote_executor=grpc://127.0.0.1:18811 --remote_default_exec_properties=container-image="$image")
+c_kiln=$(awk -v a="$c0" -v b="$(kiln_cpu)" 'BEGIN { printf "%.2f", b - a }')
 grep -E "INFO: [0-9]+ processes" "$work/last.log" | tail -1
 bz clean >/dev/null 2>&1; t_hit=$(timed bz "${common[@]}" --remote_executor=grpc://127.0.0.1:18811 --remote_default_exec_properties=container-image="$image")
 grep -E "INFO: [0-9]+ processes" "$work/last.log" | tail -1
@@ -50,6 +62,7 @@ grep -E "INFO: [0-9]+ processes" "$work/last.log" | tail -1
 printf '%-34s %8.2f s\n' "bazel local" "$t_local" "bazel linux-sandbox" "$t_sandbox" \
   "kiln remote execution (sandboxed)" "$t_kiln" "kiln all-cache-hit rebuild" "$t_hit"
 awk -v k="$t_kiln" -v l="$t_local" -v s="$t_sandbox" 'BEGIN { printf "ratios: kiln/local %.2f  kiln/linux-sandbox %.2f\n", k / l, k / s }'
+echo "kiln CPU in the clean build (kiln serve + its sandbox daemon + the sandboxes and actions): $c_kiln s"
 echo "kiln per-action time by phase (mean over the clean build):"
 curl -s http://127.0.0.1:18812/metrics | awk '
   /^kiln_execution_phase_seconds_sum/ { match($0, /phase="[a-z_]+"/); p=substr($0, RSTART+7, RLENGTH-8); sum[p]=$2 }

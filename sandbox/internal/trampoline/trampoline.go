@@ -35,12 +35,20 @@ const MaxCommand = 64 << 20
 // Memfd returns a sealed executable memory file holding kiln-init; it cannot be
 // written, grown or shrunk, so one copy serves every sandbox of a process.
 func Memfd() (*os.File, error) {
-	fd, err := unix.MemfdCreate("kiln-init", unix.MFD_CLOEXEC|unix.MFD_ALLOW_SEALING)
+	return SealedExecutable("kiln-init", Binary)
+}
+
+// SealedExecutable returns an executable memory file named name holding b, sealed
+// against writing, growing, shrinking and further seals. runc's libcontainer treats
+// a process whose /proc/self/exe is such a file as already cloned (exeseal.IsCloned)
+// and re-executes it as container init without copying it.
+func SealedExecutable(name string, b []byte) (*os.File, error) {
+	fd, err := unix.MemfdCreate(name, unix.MFD_CLOEXEC|unix.MFD_ALLOW_SEALING)
 	if err != nil {
 		return nil, fmt.Errorf("memfd_create: %w", err)
 	}
-	f := os.NewFile(uintptr(fd), "kiln-init")
-	if _, err := f.Write(Binary); err != nil {
+	f := os.NewFile(uintptr(fd), name)
+	if _, err := f.Write(b); err != nil {
 		f.Close()
 		return nil, err
 	}
@@ -51,7 +59,7 @@ func Memfd() (*os.File, error) {
 	const seals = unix.F_SEAL_SEAL | unix.F_SEAL_SHRINK | unix.F_SEAL_GROW | unix.F_SEAL_WRITE
 	if _, err := unix.FcntlInt(f.Fd(), unix.F_ADD_SEALS, seals); err != nil {
 		f.Close()
-		return nil, fmt.Errorf("seal kiln-init: %w", err)
+		return nil, fmt.Errorf("seal %s: %w", name, err)
 	}
 	return f, nil
 }

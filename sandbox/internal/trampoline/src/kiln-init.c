@@ -18,7 +18,8 @@
  *   command and every process this init reaped (not of the sandbox set-up before).
  *
  * The sandbox may start kiln-init long before it has a command for it: it blocks on
- * fd 4 until the host writes one, so the set-up is off the command's path.
+ * fd 4 until the host writes one, so the set-up is off the command's path. It dies
+ * (SIGKILL, parent-death signal) when the host thread that started it ends.
  */
 typedef unsigned long u64;
 typedef long i64;
@@ -195,6 +196,14 @@ struct ksigaction { u64 handler; u64 flags; u64 restorer; u64 mask; };
 
 void run(void) {
 	sys1(SYS_close, SELF_FD);
+	/*
+	 * Die with the host thread that started the sandbox (kiln's or its sandbox
+	 * daemon's): libcontainer's parent-death signal stays with its first init stage
+	 * (a fork clears it), so without this a sandbox would outlive a crashed host.
+	 * Set before the command is read: a host that died before this point is seen
+	 * as the end of fd 4.
+	 */
+	sys2(SYS_prctl, 1 /* PR_SET_PDEATHSIG */, 9 /* SIGKILL */);
 	u64 len;
 	if (readfull((char *)&len, 8) < 0 || len > (64ul << 20)) fail('p', -22, 125);
 	char *buf = alloc(len + 1);

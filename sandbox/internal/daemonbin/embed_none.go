@@ -1,0 +1,6 @@
+//go:build !sandboxd
+
+package daemonbin
+
+// Binary is empty: this build does not carry the sandbox daemon.
+var Binary []byte
