@@ -1,6 +1,7 @@
 package engine
 
 import (
+	"cloud.google.com/go/longrunning/autogen/longrunningpb"
 	"context"
 	"fmt"
 	"os"
@@ -448,7 +449,7 @@ func TestMergeAndCancel(t *testing.T) {
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		e.sched.mu.Lock()
-		done := e.sched.ops[w.Name()].resp != nil
+		done := e.sched.ops[w.Name()].exec.resp != nil
 		e.sched.mu.Unlock()
 		if done {
 			break
@@ -481,5 +482,100 @@ func TestMergeAndCancel(t *testing.T) {
 	_, err = e.sched.Submit(context.Background(), Request{ActionDigest: e.action(t, &repb.Command{Arguments: []string{"echo", "overflow"}}, root, nil)})
 	if status.Code(err) != codes.ResourceExhausted {
 		t.Fatalf("queue over its bound: %v, want RESOURCE_EXHAUSTED", err)
+	}
+}
+
+// TestCancelOperationMerged: clients merged into one run each get their own
+// operation; one client's CancelOperation ends its own wait only, the run goes on for
+// the others, and it is cancelled when the last one cancels.
+func TestCancelOperationMerged(t *testing.T) {
+	e := newTestEnv(t, 1)
+	e.sb.release = make(chan struct{})
+	e.sb.started = make(chan string, 16)
+	root := e.put(t, &repb.Directory{})
+	d := e.action(t, &repb.Command{Arguments: []string{"block", "write", "o", "x"}, OutputFiles: []string{"o"}}, root, nil)
+	a, err := e.sched.Submit(context.Background(), Request{ActionDigest: d})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	<-e.sb.started
+	b, err := e.sched.Submit(context.Background(), Request{ActionDigest: d})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	if a.Name() == b.Name() {
+		t.Fatalf("merged clients share the operation name %s: one could cancel the other's", a.Name())
+	}
+	// A second watch on b's operation (WaitExecution) follows b's cancellation too.
+	b2, err := e.sched.Wait(b.Name())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b2.Close()
+	srv := &executionServer{s: e.sched}
+	if _, err := srv.CancelOperation(context.Background(), &longrunningpb.CancelOperationRequest{Name: b.Name()}); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	for _, w := range []*Watch{b, b2} {
+		resp, err := w.Response(ctx)
+		if err != nil || codes.Code(resp.GetStatus().GetCode()) != codes.Canceled {
+			t.Fatalf("the cancelled operation answered %v %v, want CANCELLED", resp, err)
+		}
+	}
+	op, err := srv.GetOperation(context.Background(), &longrunningpb.GetOperationRequest{Name: a.Name()})
+	if err != nil || op.GetDone() {
+		t.Fatalf("the other client's operation after one cancel: %v %v, want still running", op, err)
+	}
+	close(e.sb.release)
+	resp, err := a.Response(ctx)
+	if err != nil || resp.GetStatus().GetCode() != 0 || len(resp.GetResult().GetOutputFiles()) != 1 {
+		t.Fatalf("the client that did not cancel got %v %v, want the run's outputs", resp, err)
+	}
+	if n := e.sb.runs.Load(); n != 1 {
+		t.Fatalf("the merged action ran %d times", n)
+	}
+	// Cancelling a finished operation does nothing; an unknown one is NOT_FOUND.
+	if _, err := srv.CancelOperation(context.Background(), &longrunningpb.CancelOperationRequest{Name: a.Name()}); err != nil {
+		t.Fatalf("cancel of a finished operation: %v", err)
+	}
+	if resp, _ := a.Response(ctx); resp.GetStatus().GetCode() != 0 {
+		t.Fatalf("a finished operation changed on cancel: %v", resp)
+	}
+	if _, err := srv.CancelOperation(context.Background(), &longrunningpb.CancelOperationRequest{Name: "operations/nope"}); status.Code(err) != codes.NotFound {
+		t.Fatalf("cancel of an unknown operation: %v, want NOT_FOUND", err)
+	}
+
+	// The last client to cancel cancels the run: the blocked action is killed.
+	e.sb.release = make(chan struct{})
+	defer close(e.sb.release)
+	d2 := e.action(t, &repb.Command{Arguments: []string{"block", "echo", "2"}}, root, nil)
+	c, err := e.sched.Submit(context.Background(), Request{ActionDigest: d2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	<-e.sb.started
+	if _, err := srv.CancelOperation(context.Background(), &longrunningpb.CancelOperationRequest{Name: c.Name()}); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		e.sched.mu.Lock()
+		resp := e.sched.ops[c.Name()].exec.resp
+		e.sched.mu.Unlock()
+		if resp != nil {
+			// The fake's "block" answers its ctx ending with a kill.
+			if codes.Code(resp.GetStatus().GetCode()) != codes.Canceled && resp.GetResult().GetExitCode() != 137 {
+				t.Fatalf("run of a cancelled sole client ended with %v, want it killed or CANCELLED", resp)
+			}
+			break
+		}
+		if ctx.Err() != nil {
+			t.Fatal("the run was not cancelled when its only client cancelled")
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }

@@ -88,7 +88,7 @@ func (e *executionServer) follow(ctx context.Context, w *Watch, stream opSender)
 
 // sendFailed answers with one finished operation carrying err as its status.
 func sendFailed(stream opSender, d cache.Digest, err error) error {
-	op := &operation{name: "operations/failed", action: d}
+	op := &operation{name: "operations/failed", exec: &execution{action: d}}
 	p, perr := op.proto(repb.ExecutionStage_COMPLETED, &repb.ExecuteResponse{Status: statusProto(err)})
 	if perr != nil {
 		return perr
@@ -97,41 +97,22 @@ func sendFailed(stream opSender, d cache.Digest, err error) error {
 }
 
 func (e *executionServer) GetOperation(ctx context.Context, req *longrunningpb.GetOperationRequest) (*longrunningpb.Operation, error) {
-	w, err := e.s.Wait(req.GetName())
-	if err != nil {
-		return nil, err
-	}
-	defer w.detachQuietly()
-	e.s.mu.Lock()
-	stage, resp := w.op.stage, w.op.resp
-	e.s.mu.Unlock()
-	return w.op.proto(stage, resp)
+	return e.s.Get(req.GetName())
 }
 
+// CancelOperation ends the caller's operation; an execution merged with other
+// clients' goes on for them (see Scheduler.Cancel).
 func (e *executionServer) CancelOperation(ctx context.Context, req *longrunningpb.CancelOperationRequest) (*emptypb.Empty, error) {
-	e.s.mu.Lock()
-	op := e.s.ops[req.GetName()]
-	e.s.mu.Unlock()
-	if op == nil {
-		return nil, status.Errorf(codes.NotFound, "operation %q not found", req.GetName())
-	}
-	if op.cancel != nil {
-		op.cancel()
+	if err := e.s.Cancel(req.GetName()); err != nil {
+		return nil, err
 	}
 	return &emptypb.Empty{}, nil
 }
 
 func (e *executionServer) DeleteOperation(ctx context.Context, req *longrunningpb.DeleteOperationRequest) (*emptypb.Empty, error) {
-	e.s.mu.Lock()
-	defer e.s.mu.Unlock()
-	op := e.s.ops[req.GetName()]
-	if op == nil {
-		return nil, status.Errorf(codes.NotFound, "operation %q not found", req.GetName())
+	if err := e.s.Delete(req.GetName()); err != nil {
+		return nil, err
 	}
-	if op.resp == nil {
-		return nil, status.Errorf(codes.FailedPrecondition, "operation %q is still running; cancel it first", req.GetName())
-	}
-	delete(e.s.ops, req.GetName())
 	return &emptypb.Empty{}, nil
 }
 

@@ -38,7 +38,7 @@ type Scheduler struct {
 	slot chan struct{}
 
 	mu       sync.Mutex
-	inflight map[string]*operation // by instance + action digest, cacheable ones only
+	inflight map[string]*execution // by instance + action digest, cacheable ones only
 	ops      map[string]*operation // by name, including finished ones until they expire
 	queued   int
 
@@ -50,17 +50,42 @@ type Scheduler struct {
 	verify  *serverVerify // kiln-verify and --verify-rate (verify_exec.go)
 }
 
-// operation is one execution and the clients waiting for it.
-type operation struct {
-	name    string
+// execution is one run of an action, shared by every operation merged into it.
+type execution struct {
 	key     string
 	action  cache.Digest
 	stage   repb.ExecutionStage_Value
-	waiters int
-	changed chan struct{} // closed and replaced on every stage change
+	waiters int           // watches of operations not cancelled; 0 on an unfinished run cancels it
+	changed chan struct{} // closed and replaced on every change of the execution or its operations
 	resp    *repb.ExecuteResponse
 	cancel  context.CancelFunc
 	doneAt  time.Time
+}
+
+// operation is what one Execute call gets: its own name, so that one client's
+// CancelOperation ends its own wait and never a run other clients share.
+type operation struct {
+	name    string
+	exec    *execution
+	waiters int                   // watches on this operation
+	resp    *repb.ExecuteResponse // set when cancelled: it answers instead of exec's
+	doneAt  time.Time             // when cancelled
+}
+
+// state returns the operation's stage and response (nil while unfinished). Callers hold s.mu.
+func (op *operation) state() (repb.ExecutionStage_Value, *repb.ExecuteResponse) {
+	if op.resp != nil {
+		return repb.ExecutionStage_COMPLETED, op.resp
+	}
+	return op.exec.stage, op.exec.resp
+}
+
+// finishedAt is when the operation ended, zero while it runs. Callers hold s.mu.
+func (op *operation) finishedAt() time.Time {
+	if op.resp != nil {
+		return op.doneAt
+	}
+	return op.exec.doneAt
 }
 
 // NewScheduler returns a scheduler over exec.
@@ -78,7 +103,7 @@ func NewScheduler(exec *Executor, cfg SchedulerConfig) *Scheduler {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
 	s := &Scheduler{exec: exec, cfg: cfg, log: cfg.Logger, slot: make(chan struct{}, cfg.Concurrency),
-		inflight: map[string]*operation{}, ops: map[string]*operation{}}
+		inflight: map[string]*execution{}, ops: map[string]*operation{}}
 	s.mExec = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "kiln_executions_total", Help: "Executions by outcome (cached, ok, failed, error, cancelled)."}, []string{"outcome"})
 	s.mMerged = prometheus.NewCounter(prometheus.CounterOpts{Name: "kiln_executions_merged_total", Help: "Execute calls merged into an identical execution already in flight."})
 	s.mQueue = prometheus.NewGauge(prometheus.GaugeOpts{Name: "kiln_execution_queue_length", Help: "Executions waiting for a slot."})
@@ -98,8 +123,8 @@ type Watch struct {
 	op *operation
 }
 
-// Submit starts (or joins) the execution of req and returns a Watch on it. A cache hit
-// is a finished operation at once.
+// Submit starts (or joins) the execution of req and returns a Watch on a new
+// operation for it. A cache hit is a finished operation at once.
 func (s *Scheduler) Submit(ctx context.Context, req Request) (*Watch, error) {
 	a, err := s.exec.LoadAction(ctx, req.ActionDigest)
 	if err != nil {
@@ -108,9 +133,9 @@ func (s *Scheduler) Submit(ctx context.Context, req Request) (*Watch, error) {
 	if !req.SkipCacheLookup && !req.NoCache {
 		if r, err := s.exec.CachedResult(ctx, req.Instance, req.ActionDigest); err == nil {
 			s.mExec.WithLabelValues("cached").Inc()
-			op := s.newOp(req.ActionDigest, "")
-			s.finish(op, &repb.ExecuteResponse{Result: r, CachedResult: true, Status: statusProto(nil)})
-			return s.attach(op), nil
+			ex := &execution{action: req.ActionDigest, changed: make(chan struct{})}
+			s.finish(ex, &repb.ExecuteResponse{Result: r, CachedResult: true, Status: statusProto(nil)})
+			return s.newOp(ex), nil
 		} else if status.Code(err) != codes.NotFound {
 			return nil, err
 		}
@@ -121,11 +146,10 @@ func (s *Scheduler) Submit(ctx context.Context, req Request) (*Watch, error) {
 	}
 	s.mu.Lock()
 	if key != "" {
-		if op := s.inflight[key]; op != nil {
-			op.waiters++
+		if ex := s.inflight[key]; ex != nil {
 			s.mu.Unlock()
 			s.mMerged.Inc()
-			return &Watch{s: s, op: op}, nil
+			return s.newOp(ex), nil
 		}
 	}
 	if s.queued >= s.cfg.MaxQueue {
@@ -134,53 +158,56 @@ func (s *Scheduler) Submit(ctx context.Context, req Request) (*Watch, error) {
 	}
 	s.queued++
 	s.mQueue.Set(float64(s.queued))
+	opCtx, cancel := context.WithCancel(context.Background())
+	ex := &execution{key: key, action: req.ActionDigest, stage: repb.ExecutionStage_QUEUED,
+		changed: make(chan struct{}), cancel: cancel}
+	if key != "" {
+		s.inflight[key] = ex
+	}
 	s.mu.Unlock()
 
-	op := s.newOp(req.ActionDigest, key)
-	opCtx, cancel := context.WithCancel(context.Background())
-	op.cancel = cancel
-	w := s.attach(op)
+	w := s.newOp(ex)
 	req.Queued = time.Now()
-	go s.run(opCtx, op, req, a)
+	go s.run(opCtx, ex, req, a)
 	return w, nil
 }
 
-func (s *Scheduler) newOp(d cache.Digest, key string) *operation {
+// newOp names a new operation on ex and returns a Watch on it.
+func (s *Scheduler) newOp(ex *execution) *Watch {
 	var b [16]byte
 	rand.Read(b[:])
-	op := &operation{name: "operations/" + hex.EncodeToString(b[:]), key: key, action: d,
-		stage: repb.ExecutionStage_QUEUED, changed: make(chan struct{})}
+	op := &operation{name: "operations/" + hex.EncodeToString(b[:]), exec: ex}
 	s.mu.Lock()
 	s.ops[op.name] = op
-	if key != "" {
-		s.inflight[key] = op
-	}
 	s.mu.Unlock()
-	return op
+	return s.attach(op)
 }
 
 func (s *Scheduler) attach(op *operation) *Watch {
 	s.mu.Lock()
 	op.waiters++
+	if op.resp == nil {
+		op.exec.waiters++
+	}
 	s.mu.Unlock()
 	return &Watch{s: s, op: op}
 }
 
 // run waits for a slot, executes, and publishes the response.
-func (s *Scheduler) run(ctx context.Context, op *operation, req Request, a *Action) {
-	defer op.cancel()
+func (s *Scheduler) run(ctx context.Context, ex *execution, req Request, a *Action) {
+	defer ex.cancel()
 	select {
 	case s.slot <- struct{}{}:
 	case <-ctx.Done():
 		s.dequeue()
 		s.mExec.WithLabelValues("cancelled").Inc()
-		s.finish(op, &repb.ExecuteResponse{Status: statusProto(status.Error(codes.Canceled, "cancelled: no client is waiting"))})
+		s.finish(ex, &repb.ExecuteResponse{Status: statusProto(status.Error(codes.Canceled, "cancelled: no client is waiting"))})
 		return
 	}
 	s.dequeue()
 	s.mRun.Inc()
-	s.setStage(op, repb.ExecutionStage_EXECUTING)
-	ex, err := s.exec.Execute(ctx, s.verify.prepare(req, a), a)
+	s.setStage(ex, repb.ExecutionStage_EXECUTING)
+	res, err := s.exec.Execute(ctx, s.verify.prepare(req, a), a)
 	<-s.slot
 	s.mRun.Dec()
 	resp := &repb.ExecuteResponse{}
@@ -195,21 +222,21 @@ func (s *Scheduler) run(ctx context.Context, op *operation, req Request, a *Acti
 		resp.Status = statusProto(err)
 		s.log.Info("execution failed", "action", req.ActionDigest.String(), "code", status.Code(err).String(), "err", status.Convert(err).Message())
 	default:
-		resp.Result, resp.Status, resp.Message = ex.Result, statusProto(ex.Status), ex.Message
-		if ex.Result.GetExitCode() == 0 && ex.Status == nil {
+		resp.Result, resp.Status, resp.Message = res.Result, statusProto(res.Status), res.Message
+		if res.Result.GetExitCode() == 0 && res.Status == nil {
 			s.mExec.WithLabelValues("ok").Inc()
 		} else {
 			s.mExec.WithLabelValues("failed").Inc()
 		}
-		s.observePhases(ex.Result.GetExecutionMetadata())
-		if ex.Attest > 0 {
-			s.mPhase.WithLabelValues("attest").Observe(ex.Attest.Seconds())
+		s.observePhases(res.Result.GetExecutionMetadata())
+		if res.Attest > 0 {
+			s.mPhase.WithLabelValues("attest").Observe(res.Attest.Seconds())
 		}
-		if md := ex.Result.GetExecutionMetadata(); md.GetWorkerStartTimestamp() != nil && md.GetWorkerCompletedTimestamp() != nil {
+		if md := res.Result.GetExecutionMetadata(); md.GetWorkerStartTimestamp() != nil && md.GetWorkerCompletedTimestamp() != nil {
 			s.mPhase.WithLabelValues("total").Observe(md.GetWorkerCompletedTimestamp().AsTime().Sub(md.GetWorkerStartTimestamp().AsTime()).Seconds())
 		}
 	}
-	s.finish(op, resp)
+	s.finish(ex, resp)
 }
 
 func (s *Scheduler) observePhases(md *repb.ExecutedActionMetadata) {
@@ -233,53 +260,113 @@ func (s *Scheduler) dequeue() {
 	s.mu.Unlock()
 }
 
-func (s *Scheduler) setStage(op *operation, st repb.ExecutionStage_Value) {
+// notify wakes every watch of ex and its operations. Callers hold s.mu.
+func (ex *execution) notify() {
+	close(ex.changed)
+	ex.changed = make(chan struct{})
+}
+
+func (s *Scheduler) setStage(ex *execution, st repb.ExecutionStage_Value) {
 	s.mu.Lock()
-	op.stage = st
-	close(op.changed)
-	op.changed = make(chan struct{})
+	ex.stage = st
+	ex.notify()
 	s.mu.Unlock()
 }
 
-// finish publishes the response and retires the operation from the in-flight set.
-func (s *Scheduler) finish(op *operation, resp *repb.ExecuteResponse) {
+// finish publishes the response and retires the execution from the in-flight set.
+func (s *Scheduler) finish(ex *execution, resp *repb.ExecuteResponse) {
 	now := time.Now()
 	s.mu.Lock()
-	op.resp = resp
-	op.stage = repb.ExecutionStage_COMPLETED
-	op.doneAt = now
-	close(op.changed)
-	op.changed = make(chan struct{})
-	if op.key != "" && s.inflight[op.key] == op {
-		delete(s.inflight, op.key)
+	ex.resp = resp
+	ex.stage = repb.ExecutionStage_COMPLETED
+	ex.doneAt = now
+	ex.notify()
+	if ex.key != "" && s.inflight[ex.key] == ex {
+		delete(s.inflight, ex.key)
 	}
 	// Forget finished operations past their retention.
-	for name, o := range s.ops {
-		if !o.doneAt.IsZero() && now.Sub(o.doneAt) > s.cfg.Retain {
+	for name, op := range s.ops {
+		if t := op.finishedAt(); !t.IsZero() && now.Sub(t) > s.cfg.Retain {
 			delete(s.ops, name)
 		}
 	}
 	s.mu.Unlock()
 }
 
-// Wait re-attaches to an operation by name.
-func (s *Scheduler) Wait(name string) (*Watch, error) {
+// lookup returns the operation called name.
+func (s *Scheduler) lookup(name string) (*operation, error) {
 	s.mu.Lock()
 	op := s.ops[name]
 	s.mu.Unlock()
 	if op == nil {
 		return nil, status.Errorf(codes.NotFound, "operation %q not found (unknown, or finished too long ago)", name)
 	}
+	return op, nil
+}
+
+// Wait re-attaches to an operation by name.
+func (s *Scheduler) Wait(name string) (*Watch, error) {
+	op, err := s.lookup(name)
+	if err != nil {
+		return nil, err
+	}
 	return s.attach(op), nil
+}
+
+// Cancel ends the operation called name for its client: its watches get CANCELLED.
+// The execution behind it goes on while operations merged into it still wait, and is
+// cancelled when none does. Cancelling a finished operation does nothing.
+func (s *Scheduler) Cancel(name string) error {
+	op, err := s.lookup(name)
+	if err != nil {
+		return err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if op.resp != nil || op.exec.resp != nil {
+		return nil
+	}
+	op.resp = &repb.ExecuteResponse{Status: statusProto(status.Error(codes.Canceled, "cancelled by CancelOperation"))}
+	op.doneAt = time.Now()
+	s.release(op.exec, op.waiters)
+	op.exec.notify()
+	return nil
+}
+
+// release drops n watches from ex; the last one to leave an unfinished execution
+// cancels it. Callers hold s.mu.
+func (s *Scheduler) release(ex *execution, n int) {
+	ex.waiters -= n
+	if ex.waiters > 0 || ex.resp != nil || ex.cancel == nil {
+		return
+	}
+	s.log.Info("cancelling execution: every client left", "action", ex.action.String())
+	if ex.key != "" && s.inflight[ex.key] == ex {
+		delete(s.inflight, ex.key) // a new Execute must not join a dying run
+	}
+	ex.cancel()
+}
+
+// Delete forgets a finished operation; a running one must be cancelled first.
+func (s *Scheduler) Delete(name string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	op := s.ops[name]
+	if op == nil {
+		return status.Errorf(codes.NotFound, "operation %q not found", name)
+	}
+	if _, resp := op.state(); resp == nil {
+		return status.Errorf(codes.FailedPrecondition, "operation %q is still running; cancel it first", name)
+	}
+	delete(s.ops, name)
+	return nil
 }
 
 // Next blocks until the operation's state differs from what the caller saw last
 // (stage, done) and returns it as a longrunning Operation; seen is updated.
 func (w *Watch) Next(ctx context.Context, seen *repb.ExecutionStage_Value) (*longrunningpb.Operation, error) {
 	for {
-		w.s.mu.Lock()
-		stage, resp, ch := w.op.stage, w.op.resp, w.op.changed
-		w.s.mu.Unlock()
+		stage, resp, ch := w.state()
 		if stage != *seen {
 			*seen = stage
 			return w.op.proto(stage, resp)
@@ -292,31 +379,40 @@ func (w *Watch) Next(ctx context.Context, seen *repb.ExecutionStage_Value) (*lon
 	}
 }
 
-// Close detaches the client; the last client to leave an unfinished operation cancels it.
+// state returns the operation's stage and response, and a channel closed at its next change.
+func (w *Watch) state() (repb.ExecutionStage_Value, *repb.ExecuteResponse, chan struct{}) {
+	w.s.mu.Lock()
+	defer w.s.mu.Unlock()
+	stage, resp := w.op.state()
+	return stage, resp, w.op.exec.changed
+}
+
+// Get returns the operation called name as it stands, without waiting.
+func (s *Scheduler) Get(name string) (*longrunningpb.Operation, error) {
+	op, err := s.lookup(name)
+	if err != nil {
+		return nil, err
+	}
+	s.mu.Lock()
+	stage, resp := op.state()
+	s.mu.Unlock()
+	return op.proto(stage, resp)
+}
+
+// Close detaches the client; the last client to leave an unfinished execution cancels it.
 func (w *Watch) Close() {
 	w.s.mu.Lock()
 	defer w.s.mu.Unlock()
 	w.op.waiters--
-	if w.op.waiters == 0 && w.op.resp == nil && w.op.cancel != nil {
-		w.s.log.Info("cancelling execution: every client left", "action", w.op.action.String(), "operation", w.op.name)
-		if w.op.key != "" && w.s.inflight[w.op.key] == w.op {
-			delete(w.s.inflight, w.op.key) // a new Execute must not join a dying run
-		}
-		w.op.cancel()
+	if w.op.resp == nil {
+		w.s.release(w.op.exec, 1)
 	}
-}
-
-// detachQuietly drops a watcher that only looked (GetOperation) without cancelling.
-func (w *Watch) detachQuietly() {
-	w.s.mu.Lock()
-	w.op.waiters--
-	w.s.mu.Unlock()
 }
 
 // Name is the operation's name.
 func (w *Watch) Name() string { return w.op.name }
 
-// Response blocks until the execution finishes and returns its response.
+// Response blocks until the operation finishes and returns its response.
 func (w *Watch) Response(ctx context.Context) (*repb.ExecuteResponse, error) {
 	var seen repb.ExecutionStage_Value
 	for {
@@ -325,15 +421,14 @@ func (w *Watch) Response(ctx context.Context) (*repb.ExecuteResponse, error) {
 			return nil, err
 		}
 		if op.GetDone() {
-			w.s.mu.Lock()
-			defer w.s.mu.Unlock()
-			return w.op.resp, nil
+			_, resp, _ := w.state()
+			return resp, nil
 		}
 	}
 }
 
 func (op *operation) proto(stage repb.ExecutionStage_Value, resp *repb.ExecuteResponse) (*longrunningpb.Operation, error) {
-	md, err := anypb.New(&repb.ExecuteOperationMetadata{Stage: stage, ActionDigest: op.action.Proto()})
+	md, err := anypb.New(&repb.ExecuteOperationMetadata{Stage: stage, ActionDigest: op.exec.action.Proto()})
 	if err != nil {
 		return nil, status.Errorf(codes.Internal, "operation metadata: %v", err)
 	}
