@@ -3,9 +3,7 @@ package reapi
 import (
 	"bytes"
 	"context"
-	"encoding/base64"
 	"io"
-	"strconv"
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"github.com/kilnbuild/kiln/cache"
@@ -13,11 +11,7 @@ import (
 	rpcstatus "google.golang.org/genproto/googleapis/rpc/status"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
-	"google.golang.org/protobuf/proto"
 )
-
-// maxTreePage bounds the directories one GetTree response carries.
-const maxTreePage = 1000
 
 // casServer implements ContentAddressableStorage; the chunking methods added in REAPI
 // 2.4 (SplitBlob, SpliceBlob, ...) answer UNIMPLEMENTED, as kiln does not advertise them.
@@ -174,87 +168,4 @@ func (c casServer) BatchReadBlobs(ctx context.Context, req *repb.BatchReadBlobsR
 		resp.Responses[i] = out
 	}
 	return resp, nil
-}
-
-// GetTree streams the Directory messages reachable from root_digest, each distinct
-// directory once, breadth first. The page token is the number of directories already
-// sent; each page recomputes the walk up to its end, which keeps tokens small and
-// the server stateless.
-func (c casServer) GetTree(req *repb.GetTreeRequest, stream repb.ContentAddressableStorage_GetTreeServer) error {
-	ctx := stream.Context()
-	if err := CheckInstance(req.GetInstanceName()); err != nil {
-		return err
-	}
-	if err := checkDigestFunction(req.GetDigestFunction()); err != nil {
-		return err
-	}
-	root, err := cache.FromProto(req.GetRootDigest())
-	if err != nil {
-		return err
-	}
-	skip := 0
-	if tok := req.GetPageToken(); tok != "" {
-		b, err := base64.RawURLEncoding.DecodeString(tok)
-		if err == nil {
-			skip, err = strconv.Atoi(string(b))
-		}
-		if err != nil || skip < 0 {
-			return status.Errorf(codes.InvalidArgument, "bad page token %q", trunc(tok))
-		}
-	}
-	pageSize := int(req.GetPageSize())
-	if pageSize <= 0 || pageSize > maxTreePage {
-		pageSize = maxTreePage
-	}
-	seen := map[cache.Digest]bool{root: true}
-	queue := []cache.Digest{root}
-	var page []*repb.Directory
-	n := 0
-	for len(queue) > 0 && len(page) < pageSize {
-		d := queue[0]
-		queue = queue[1:]
-		dir := &repb.Directory{}
-		if err := cache.ReadProto(ctx, c.s.cas, d, dir, cache.MaxTreeSize); err != nil {
-			if d == root && status.Code(err) == codes.NotFound {
-				return status.Errorf(codes.NotFound, "tree root %s not found", d)
-			}
-			if status.Code(err) == codes.NotFound || status.Code(err) == codes.DataLoss {
-				continue // the spec: return the portion present, omit the rest
-			}
-			return err
-		}
-		for _, sub := range dir.GetDirectories() {
-			sd, err := cache.FromProto(sub.GetDigest())
-			if err != nil {
-				return status.Errorf(codes.InvalidArgument, "directory %s: child %q: %s", d, sub.GetName(), status.Convert(err).Message())
-			}
-			if !seen[sd] {
-				seen[sd] = true
-				queue = append(queue, sd)
-			}
-		}
-		if n >= skip {
-			page = append(page, dir)
-		}
-		n++
-	}
-	next := ""
-	if len(queue) > 0 {
-		next = base64.RawURLEncoding.EncodeToString([]byte(strconv.Itoa(n)))
-	}
-	// Split into messages that fit the gRPC limit.
-	var batch []*repb.Directory
-	size := 0
-	for _, dir := range page {
-		sz := proto.Size(dir)
-		if len(batch) > 0 && size+sz > MaxBatchSize {
-			if err := stream.Send(&repb.GetTreeResponse{Directories: batch}); err != nil {
-				return err
-			}
-			batch, size = nil, 0
-		}
-		batch = append(batch, dir)
-		size += sz
-	}
-	return stream.Send(&repb.GetTreeResponse{Directories: batch, NextPageToken: next})
 }

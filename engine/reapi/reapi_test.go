@@ -10,6 +10,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
@@ -238,39 +239,52 @@ func TestGetTreePaging(t *testing.T) {
 		root.Directories = append(root.Directories, &repb.DirectoryNode{Name: fmt.Sprintf("d%02d", i), Digest: e.putProto(t, sub).Proto()})
 	}
 	rootD := e.putProto(t, root)
-	var all []*repb.Directory
-	token := ""
-	pages := 0
-	for {
+	reads := &countingStore{BlobStore: e.srv.cas}
+	e.srv.cas = reads
+	page := func(token string) (dirs []*repb.Directory, next string) {
 		st, err := e.cas.GetTree(ctx, &repb.GetTreeRequest{RootDigest: rootD.Proto(), PageSize: 10, PageToken: token})
 		if err != nil {
 			t.Fatal(err)
 		}
-		next := ""
 		for {
 			r, err := st.Recv()
 			if err == io.EOF {
-				break
+				return dirs, next
 			}
 			if err != nil {
 				t.Fatal(err)
 			}
-			all = append(all, r.GetDirectories()...)
+			dirs = append(dirs, r.GetDirectories()...)
 			if r.GetNextPageToken() != "" {
 				next = r.GetNextPageToken()
 			}
 		}
-		pages++
+	}
+	var all []*repb.Directory
+	var tokens []string
+	for token := ""; ; {
+		dirs, next := page(token)
+		all = append(all, dirs...)
 		if next == "" {
 			break
 		}
+		tokens = append(tokens, next)
 		token = next
 	}
-	if len(all) != 27 || pages != 3 {
-		t.Fatalf("got %d directories in %d pages, want 27 (root, 25 children, 1 shared leaf) in 3", len(all), pages)
+	if len(all) != 27 || len(tokens) != 2 {
+		t.Fatalf("got %d directories in %d pages, want 27 (root, 25 children, 1 shared leaf) in 3", len(all), len(tokens)+1)
 	}
 	if !proto.Equal(all[0], root) {
 		t.Fatal("first directory is not the root")
+	}
+	// Each page goes on from where the last stopped: every directory is read once.
+	if n := reads.n.Load(); n != 27 {
+		t.Fatalf("paging through 27 directories read %d blobs, want 27", n)
+	}
+	// A token whose walk is gone (asked again, or after a restart) still gives its page.
+	again, next := page(tokens[0])
+	if len(again) != 10 || !proto.Equal(again[0], all[10]) || next == "" {
+		t.Fatalf("second page asked again: %d directories, next %q; want directories 10-19 again", len(again), next)
 	}
 	_, absent := blob(t, 10)
 	st, _ := e.cas.GetTree(ctx, &repb.GetTreeRequest{RootDigest: absent.Proto()})
@@ -654,4 +668,15 @@ func writeFile(t *testing.T, p string, b []byte) {
 	if err := os.WriteFile(p, b, 0o444); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// countingStore counts the blobs read through it.
+type countingStore struct {
+	cache.BlobStore
+	n atomic.Int64
+}
+
+func (c *countingStore) Get(ctx context.Context, d cache.Digest, offset int64) (io.ReadCloser, error) {
+	c.n.Add(1)
+	return c.BlobStore.Get(ctx, d, offset)
 }

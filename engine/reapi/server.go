@@ -44,6 +44,8 @@ type Server struct {
 	opts Options
 	log  *slog.Logger
 	bs   *byteStream
+	// trees keeps GetTree walks between pages.
+	trees treeCursors
 }
 
 // New returns the services over cas and ac. cas should already make the empty blob
