@@ -19,6 +19,7 @@ type GCStats struct {
 	Blobs     int   `json:"blobs"`     // content blobs no image references
 	BlobBytes int64 `json:"blobBytes"` // their size
 	Staging   int   `json:"staging"`   // leftovers of interrupted imports and builds
+	InUse     int   `json:"inUse"`     // roots of removed images kept because a mount still uses them
 }
 
 // staleAge is how old a foreign ingest or torn temp file must be before GC removes it.
@@ -27,7 +28,8 @@ const staleAge = time.Hour
 // GC removes what no image record references: unpacked roots of removed images, their
 // blobs, names and aliases pointing nowhere, and leftovers of interrupted imports,
 // builds and unpacks. It holds the store lock exclusively (waiting for in-flight
-// commits); roots being unpacked right now (image lock held) are left alone.
+// commits); roots being unpacked right now (image lock held), and roots a mount
+// still uses (a sandbox overlay of a running kiln), are left alone.
 func (s *Store) GC(ctx context.Context) (GCStats, error) {
 	ctx = s.withLog(ctx)
 	var st GCStats
@@ -60,6 +62,10 @@ func (s *Store) GC(ctx context.Context) (GCStats, error) {
 	if err != nil {
 		return st, status.Errorf(codes.Internal, "gc: %v", err)
 	}
+	inUse, err := mountedPaths()
+	if err != nil {
+		return st, status.Errorf(codes.Internal, "gc: %v", err)
+	}
 	for _, e := range rents {
 		name := e.Name()
 		hex := strings.TrimPrefix(name, ".tmp-")
@@ -82,6 +88,12 @@ func (s *Store) GC(ctx context.Context) (GCStats, error) {
 			continue // being unpacked right now
 		}
 		if tmp || !live[d] || !s.rootComplete(d) {
+			if !tmp && inUse.uses(filepath.Join(rootsDir, name)) {
+				s.log.Warn("gc: keeping the root of a removed image: a mount still uses it", "digest", d)
+				st.InUse++
+				il.Unlock()
+				continue
+			}
 			if err := removeTree(filepath.Join(rootsDir, name)); err != nil {
 				il.Unlock()
 				return st, status.Errorf(codes.Internal, "gc: remove root %s: %v", name, err)

@@ -3,6 +3,7 @@ package toolchains
 import (
 	"bytes"
 	"context"
+	"golang.org/x/sys/unix"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -446,4 +447,61 @@ func TestRemoveAndGC(t *testing.T) {
 	}
 	// The kept image still exports and unpacks.
 	must(t, s.Export(ctx, keep.Digest.String(), filepath.Join(t.TempDir(), "k")))
+}
+
+// TestGCKeepsMountedRoot: gc does not delete the root of a removed image while an
+// overlay (as a running kiln's sandboxes mount them) still uses it, and deletes it
+// once unmounted.
+func TestGCKeepsMountedRoot(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("mounting an overlay needs root")
+	}
+	ctx := context.Background()
+	s := openStore(t, t.TempDir(), Options{})
+	img := importTest(t, s)
+	root, err := s.RootFS(ctx, img)
+	must(t, err)
+	work := t.TempDir() // a path with a space, which mountinfo escapes
+	skel, target := filepath.Join(work, "sk el"), filepath.Join(work, "mnt")
+	must(t, os.MkdirAll(skel, 0o755))
+	must(t, os.MkdirAll(target, 0o755))
+	opts := "lowerdir+=" + skel + ",lowerdir+=" + root
+	if err := unix.Mount("overlay", target, "overlay", unix.MS_RDONLY, opts); err != nil {
+		// Kernels before 6.8 take the layers as one string.
+		must(t, unix.Mount("overlay", target, "overlay", unix.MS_RDONLY, "lowerdir="+skel+":"+root))
+	}
+	mounted := true
+	defer func() {
+		if mounted {
+			unix.Unmount(target, unix.MNT_DETACH)
+		}
+	}()
+	_, err = s.Remove(ctx, img.Digest.String())
+	must(t, err)
+	st, err := s.GC(ctx)
+	must(t, err)
+	if st.Roots != 0 || st.InUse != 1 {
+		t.Fatalf("gc with the root mounted: %+v, want it kept as in use", st)
+	}
+	if _, err := os.Stat(root); err != nil {
+		t.Fatalf("gc removed a mounted root: %v", err)
+	}
+	must(t, unix.Unmount(target, 0))
+	mounted = false
+	st, err = s.GC(ctx)
+	must(t, err)
+	if st.Roots != 1 || st.InUse != 0 {
+		t.Fatalf("gc after unmount: %+v, want the root removed", st)
+	}
+	if _, err := os.Stat(root); !os.IsNotExist(err) {
+		t.Fatalf("root of a removed, unmounted image still there: %v", err)
+	}
+}
+
+func TestUnescapeMount(t *testing.T) {
+	for in, want := range map[string]string{`/a\040b`: "/a b", `/x\134y`: `/x\y`, `/plain`: "/plain", `/trail\04`: `/trail\04`} {
+		if got := unescapeMount(in); got != want {
+			t.Errorf("unescapeMount(%q) = %q, want %q", in, got, want)
+		}
+	}
 }

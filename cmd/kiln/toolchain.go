@@ -329,6 +329,9 @@ func newToolchainGCCmd() *cobra.Command {
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "removed %d roots, %d blobs (%s), %d staging leftovers\n",
 				st.Roots, st.Blobs, humanSize(st.BlobBytes), st.Staging)
+			if st.InUse > 0 {
+				fmt.Fprintf(cmd.OutOrStdout(), "kept %d roots of removed images that a running kiln still mounts; run gc again once it is done\n", st.InUse)
+			}
 			return nil
 		},
 	}
