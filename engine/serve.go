@@ -20,6 +20,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/reflection"
@@ -45,6 +46,8 @@ type ServerConfig struct {
 	ExecutorKeyFile string
 	// Version is kiln's version, recorded in every link.
 	Version string
+	// TLS, if enabled, makes the gRPC listener TLS (and mTLS with a client CA).
+	TLS TLSFiles
 	// Ready, if set, is called with the bound addresses once the server accepts calls.
 	Ready func(grpcAddr, httpAddr string)
 }
@@ -76,6 +79,17 @@ func Serve(ctx context.Context, cfg ServerConfig) error {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 
+	if err := cfg.TLS.check(); err != nil {
+		return err
+	}
+	var creds grpc.ServerOption
+	if cfg.TLS.Enabled() {
+		tc, err := serverTLS(cfg.TLS, log)
+		if err != nil {
+			return err
+		}
+		creds = grpc.Creds(credentials.NewTLS(tc))
+	}
 	if cfg.AllowClientACWrites && !cfg.Execution.Disabled {
 		// A client that may write results could plant one for any action this server
 		// executes; the two roles do not mix.
@@ -119,9 +133,11 @@ func Serve(ctx context.Context, cfg ServerConfig) error {
 	srv := reapi.New(eng.CAS, ac, ropts)
 	defer srv.Close()
 	obs := reapi.NewObserver(reg, log)
-	g := grpc.NewServer(append(obs.ServerOptions(),
-		grpc.MaxRecvMsgSize(reapi.MaxMessageSize),
-	)...)
+	gopts := append(obs.ServerOptions(), grpc.MaxRecvMsgSize(reapi.MaxMessageSize))
+	if creds != nil {
+		gopts = append(gopts, creds)
+	}
+	g := grpc.NewServer(gopts...)
 	srv.Register(g)
 	if eng.Scheduler != nil {
 		RegisterExecution(g, eng.Scheduler)
@@ -138,6 +154,9 @@ func Serve(ctx context.Context, cfg ServerConfig) error {
 	lis, err := net.Listen("tcp", cfg.Listen)
 	if err != nil {
 		return fmt.Errorf("listen on %s: %w", cfg.Listen, err)
+	}
+	if tcp, ok := lis.Addr().(*net.TCPAddr); ok && !tcp.IP.IsLoopback() && cfg.TLS.ClientCA == "" {
+		log.Warn("listening beyond loopback without client certificates: anyone who reaches the port can use this server (see --tls-client-ca)", "grpc", lis.Addr().String())
 	}
 	var httpSrv *http.Server
 	httpAddr := ""
@@ -167,7 +186,7 @@ func Serve(ctx context.Context, cfg ServerConfig) error {
 	hs.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
 	entries, bytes := eng.Store.Stats()
 	log.Info("kiln serving", "grpc", lis.Addr().String(), "http", httpAddr, "data", string(cfg.Data),
-		"store_entries", entries, "store_bytes", bytes, "max_size", cfg.MaxSize, "client_ac_writes", cfg.AllowClientACWrites,
+		"store_entries", entries, "store_bytes", bytes, "max_size", cfg.MaxSize, "client_ac_writes", cfg.AllowClientACWrites, "tls", cfg.TLS.Enabled(), "client_certificates", cfg.TLS.ClientCA != "",
 		"execution", !cfg.Execution.Disabled)
 	if cfg.Ready != nil {
 		cfg.Ready(lis.Addr().String(), httpAddr)

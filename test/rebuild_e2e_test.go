@@ -15,6 +15,7 @@ import (
 
 	"github.com/bazelbuild/remote-apis-sdks/go/pkg/digest"
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
+	"github.com/kilnbuild/kiln/internal/testpki"
 	"github.com/kilnbuild/kiln/test/harness"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -349,9 +350,10 @@ func atoi(t *testing.T, s string) int64 {
 	return n
 }
 
-// TestRebuildRemote: the actions re-run on another kiln server; its answers count only
-// with a link signed by its key. With the wrong key the rebuild stops without a
-// verdict (and quarantines nothing).
+// TestRebuildRemote: the actions re-run on another kiln server, reached over mutual
+// TLS; its answers count only with a link signed by its key. With the wrong key, or
+// without a client certificate, the rebuild stops without a verdict (and quarantines
+// nothing).
 func TestRebuildRemote(t *testing.T) {
 	c := newChain(t, "tr a-z A-Z < gen.txt > final.txt")
 	remoteData := t.TempDir()
@@ -359,7 +361,11 @@ func TestRebuildRemote(t *testing.T) {
 	if bb != c.bb {
 		t.Fatalf("busybox recipe digests differ: %s %s", bb, c.bb)
 	}
-	srv := harness.StartServer(t, "--data", remoteData)
+	ca := testpki.NewCA(t, "kiln-ca")
+	sCert, sKey := ca.Server(t, "remote-kiln")
+	cCert, cKey := ca.Client(t, "rebuilder")
+	srv := harness.StartServer(t, "--data", remoteData, "--tls-cert", sCert, "--tls-key", sKey, "--tls-client-ca", ca.Cert)
+	mtls := []string{"--remote-ca", ca.Cert, "--remote-client-cert", cCert, "--remote-client-key", cKey}
 	rk := harness.Run(t, "attest", "pubkey", "--data", remoteData, "--all", "--json")
 	remoteKeys := filepath.Join(t.TempDir(), "remote.json")
 	os.WriteFile(remoteKeys, []byte(rk.Stdout), 0o644)
@@ -368,17 +374,22 @@ func TestRebuildRemote(t *testing.T) {
 		t.Fatal(res.Stderr)
 	}
 	vsa := filepath.Join(t.TempDir(), "vsa.json")
-	res := harness.Run(t, "rebuild", prov, "--key", c.keys, "--data", c.data, "--remote", srv.Addr, "--remote-key", remoteKeys, "--out", vsa)
+	res := harness.Run(t, append([]string{"rebuild", prov, "--key", c.keys, "--data", c.data, "--remote", srv.Addr, "--remote-key", remoteKeys, "--out", vsa}, mtls...)...)
 	if res.Code != 0 || !strings.Contains(res.Stderr, "PASSED") {
 		t.Fatalf("remote rebuild: exit %d %s", res.Code, res.Stderr)
 	}
 	if n := srv.Metric(t, "kiln_executions_total", `outcome="ok"`); n != 2 {
 		t.Fatalf("the remote ran %v actions, want 2", n)
 	}
-	res = harness.Run(t, "rebuild", prov, "--key", c.keys, "--data", c.data, "--remote", srv.Addr, "--remote-key", c.keys, "--out", vsa)
+	res = harness.Run(t, append([]string{"rebuild", prov, "--key", c.keys, "--data", c.data, "--remote", srv.Addr, "--remote-key", c.keys, "--out", vsa}, mtls...)...)
 	if res.Code != 1 || !strings.Contains(res.Stderr, "trusted key") {
 		t.Fatalf("remote rebuild with the wrong remote key: exit %d %s", res.Code, res.Stderr)
 	}
+	res = harness.Run(t, "rebuild", prov, "--key", c.keys, "--data", c.data, "--remote", srv.Addr, "--remote-key", remoteKeys, "--out", vsa, "--remote-ca", ca.Cert)
+	if res.Code == 0 || strings.Contains(res.Stderr, "PASSED") {
+		t.Fatalf("remote rebuild without a client certificate: exit %d %s", res.Code, res.Stderr)
+	}
+	t.Logf("without a client certificate: exit %d: %s", res.Code, res.Stderr)
 	if ls := harness.Run(t, "quarantine", "ls", "--data", c.data); strings.TrimSpace(ls.Stdout) != "" {
 		t.Fatalf("an unverifiable remote quarantined the artifact: %s", ls.Stdout)
 	}

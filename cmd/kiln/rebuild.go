@@ -63,10 +63,11 @@ new directory, or a tar file if it ends in .tar. See docs/rebuild.md for the lay
 
 func newRebuildCmd() *cobra.Command {
 	var (
-		data, bundle, remote, instance, logKey, out, remoteCA string
-		keyFiles, remoteKeys                                  []string
-		jsonOut                                               bool
-		wait                                                  time.Duration
+		data, bundle, remote, instance, logKey, out string
+		remoteTLS                                   rebuild.RemoteTLS
+		keyFiles, remoteKeys                        []string
+		jsonOut                                     bool
+		wait                                        time.Duration
 	)
 	c := &cobra.Command{
 		Use:   "rebuild PROVENANCE --key PUB [--bundle BUNDLE | --remote ADDR]",
@@ -126,7 +127,7 @@ nothing quarantined); 2 usage or set-up error.`,
 				if err != nil {
 					return err
 				}
-				r, err := rebuild.DialRemote(ctx, remote, instance, remoteCA, rtrust)
+				r, err := rebuild.DialRemote(ctx, remote, instance, remoteTLS, rtrust)
 				if err != nil {
 					return &exitError{code: 2, msg: statusErr(err).Error()}
 				}
@@ -171,7 +172,9 @@ nothing quarantined); 2 usage or set-up error.`,
 	c.Flags().StringVar(&remote, "remote", "", "re-execute on this kiln server (host:port) instead of locally")
 	c.Flags().StringVar(&instance, "instance", "", "REAPI instance name for --remote")
 	c.Flags().StringArrayVar(&remoteKeys, "remote-key", nil, "public key(s) of the --remote executor: every remote run's result must carry a link signed by one (required with --remote)")
-	c.Flags().StringVar(&remoteCA, "remote-ca", "", "PEM CA certificates: talk TLS to --remote (default: plaintext, for a trusted network)")
+	c.Flags().StringVar(&remoteTLS.CA, "remote-ca", "", "PEM CA certificates: talk TLS to --remote (default: plaintext, for a trusted network)")
+	c.Flags().StringVar(&remoteTLS.Cert, "remote-client-cert", "", "PEM client certificate for --remote when it requires one (kiln serve --tls-client-ca)")
+	c.Flags().StringVar(&remoteTLS.Key, "remote-client-key", "", "PEM private key of --remote-client-cert")
 	c.Flags().StringVar(&out, "out", "", "write the signed verification summary here (default stdout)")
 	c.Flags().BoolVar(&jsonOut, "json", false, "print the per-action result as JSON on stdout (use with --out)")
 	c.Flags().DurationVar(&wait, "wait", 5*time.Second, "how long to wait for freshly signed links to be logged (local data dir)")

@@ -23,13 +23,23 @@ type RemoteExecutor struct {
 	trust keys.Trust
 }
 
+// RemoteTLS names the PEM files for talking to a remote server over TLS: the CAs that
+// sign its certificate, and a client certificate and key when it requires one (mTLS).
+type RemoteTLS struct {
+	CA, Cert, Key string
+}
+
 // DialRemote connects to the kiln server at addr whose executor keys are trust;
-// caFile (PEM) turns on TLS, else the connection is plaintext.
-func DialRemote(ctx context.Context, addr, instance, caFile string, trust keys.Trust) (*RemoteExecutor, error) {
+// plaintext unless t.CA is set.
+func DialRemote(ctx context.Context, addr, instance string, t RemoteTLS, trust keys.Trust) (*RemoteExecutor, error) {
 	if len(trust.Keys) == 0 {
 		return nil, status.Error(codes.InvalidArgument, "a remote rebuild needs the remote executor's public key (--remote-key)")
 	}
-	p := client.DialParams{Service: addr, NoSecurity: caFile == "", TLSCACertFile: caFile, NoAuth: true}
+	if (t.Cert == "") != (t.Key == "") || (t.Cert != "" && t.CA == "") {
+		return nil, status.Error(codes.InvalidArgument, "--remote-client-cert and --remote-client-key go together, and with --remote-ca")
+	}
+	p := client.DialParams{Service: addr, NoSecurity: t.CA == "", TLSCACertFile: t.CA,
+		TLSClientAuthCert: t.Cert, TLSClientAuthKey: t.Key, NoAuth: true}
 	c, err := client.NewClient(ctx, instance, p, client.RetryTransient())
 	if err != nil {
 		return nil, status.Errorf(codes.Unavailable, "connect to %s: %v", addr, err)
