@@ -50,6 +50,7 @@ func (e *executionServer) Execute(req *repb.ExecuteRequest, stream repb.Executio
 		}
 		return err
 	}
+	e.s.log.Info("execute", "action", d.String(), "operation", w.Name(), "client", reapi.Client(ctx))
 	return e.follow(ctx, w, stream)
 }
 

@@ -381,6 +381,9 @@ func TestRebuildRemote(t *testing.T) {
 	if n := srv.Metric(t, "kiln_executions_total", `outcome="ok"`); n != 2 {
 		t.Fatalf("the remote ran %v actions, want 2", n)
 	}
+	if !strings.Contains(srv.Log(), `msg=execute`) || !strings.Contains(srv.Log(), `client="CN=rebuilder at 127.0.0.1:`) {
+		t.Fatalf("the remote's log does not name the client certificate of each Execute:\n%s", srv.Log())
+	}
 	res = harness.Run(t, append([]string{"rebuild", prov, "--key", c.keys, "--data", c.data, "--remote", srv.Addr, "--remote-key", c.keys, "--out", vsa}, mtls...)...)
 	if res.Code != 1 || !strings.Contains(res.Stderr, "trusted key") {
 		t.Fatalf("remote rebuild with the wrong remote key: exit %d %s", res.Code, res.Stderr)

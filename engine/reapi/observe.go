@@ -33,12 +33,12 @@ func NewObserver(reg prometheus.Registerer, log *slog.Logger) *Observer {
 	return o
 }
 
-func (o *Observer) record(method string, start time.Time, err error) {
+func (o *Observer) record(ctx context.Context, method string, start time.Time, err error) {
 	code := status.Code(err)
 	o.requests.WithLabelValues(method, code.String()).Inc()
 	o.latency.WithLabelValues(method).Observe(time.Since(start).Seconds())
 	if err != nil {
-		o.log.Debug("rpc failed", "method", method, "code", code.String(), "err", status.Convert(err).Message())
+		o.log.Debug("rpc failed", "method", method, "code", code.String(), "err", status.Convert(err).Message(), "client", Client(ctx))
 	}
 }
 
@@ -48,13 +48,13 @@ func (o *Observer) ServerOptions() []grpc.ServerOption {
 		grpc.ChainUnaryInterceptor(func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
 			start := time.Now()
 			resp, err := h(ctx, req)
-			o.record(info.FullMethod, start, err)
+			o.record(ctx, info.FullMethod, start, err)
 			return resp, err
 		}),
 		grpc.ChainStreamInterceptor(func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) error {
 			start := time.Now()
 			err := h(srv, ss)
-			o.record(info.FullMethod, start, err)
+			o.record(ss.Context(), info.FullMethod, start, err)
 			return err
 		}),
 	}
