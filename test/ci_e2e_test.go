@@ -29,7 +29,7 @@ func TestCIRebuildExample(t *testing.T) {
 	if !strings.Contains(string(b), "PASSED") {
 		t.Fatalf("no PASSED verdict:\n%s", b)
 	}
-	for _, f := range []string{"hello", "hello.intoto.json", "hello.cdx.json", "hello.bundle.tar", "hello.vsa.json", "builder-keys.json", "verifier-keys.json"} {
+	for _, f := range []string{"hello", "hello.intoto.json", "hello.cdx.json", "hello.bundle.tar.zst", "hello.vsa.json", "builder-keys.json", "verifier-keys.json"} {
 		if _, err := os.Stat(filepath.Join(out, f)); err != nil {
 			t.Errorf("not published: %s", f)
 		}

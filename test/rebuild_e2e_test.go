@@ -2,6 +2,7 @@ package test
 
 import (
 	"archive/tar"
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -114,6 +115,29 @@ func TestRebuildFromBundle(t *testing.T) {
 	if v := harness.Run(t, "attest", "verify-summary", vsa, "--key", c.keys); v.Code != 1 {
 		t.Fatalf("a summary checked against another key passed: %s", v.Stdout)
 	}
+	// The same bundle compressed (.tar.zst): smaller, rebuilds the same; cut short, it
+	// is refused before anything runs.
+	zbundle := filepath.Join(t.TempDir(), "hello.bundle.tar.zst")
+	if res := harness.Run(t, "export", "--data", c.data, "--subject", c.subject, "--out", zbundle); res.Code != 0 {
+		t.Fatalf("export .tar.zst: %s", res.Stderr)
+	}
+	zb, err := os.ReadFile(zbundle)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tb, _ := os.Stat(bundle)
+	if !bytes.HasPrefix(zb, []byte{0x28, 0xb5, 0x2f, 0xfd}) || int64(len(zb)) >= tb.Size()*3/4 {
+		t.Fatalf("compressed bundle: %d bytes (tar %d), zstd magic %v", len(zb), tb.Size(), bytes.HasPrefix(zb, []byte{0x28, 0xb5, 0x2f, 0xfd}))
+	}
+	if res := harness.Run(t, "rebuild", prov, "--bundle", zbundle, "--key", c.keys, "--data", t.TempDir(), "--out", vsa); res.Code != 0 || !strings.Contains(res.Stderr, "PASSED") {
+		t.Fatalf("rebuild from .tar.zst: exit %d\n%s", res.Code, res.Stderr)
+	}
+	cut := filepath.Join(t.TempDir(), "cut.tar.zst")
+	os.WriteFile(cut, zb[:len(zb)/2], 0o644)
+	if res := harness.Run(t, "rebuild", prov, "--bundle", cut, "--key", c.keys, "--data", t.TempDir(), "--out", vsa); res.Code != 2 || strings.Count(strings.TrimSpace(res.Stderr), "\n") != 0 {
+		t.Fatalf("rebuild from a truncated .tar.zst: exit %d, stderr %q; want exit 2 and one line", res.Code, res.Stderr)
+	}
+
 	// A quarantined artifact can still be rebuilt: that is how it is cleared.
 	sum := fileSHA256(t, c.subject)
 	if r := harness.Run(t, "quarantine", "add", "--data", fresh, "sha256:"+sum, "--reason", "suspected"); r.Code != 0 {

@@ -25,7 +25,8 @@ func newExportCmd() *cobra.Command {
 		Long: `Write everything needed to rebuild an artifact elsewhere: its signed provenance,
 the link of every action in its chain, the transparency log those links are in, every
 Action, Command, input Directory and input file, and every toolchain image. BUNDLE is a
-new directory, or a tar file if it ends in .tar. See docs/rebuild.md for the layout.`,
+new directory, or a tar file if it ends in .tar (.tar.zst: compressed with zstd).
+See docs/rebuild.md for the layout.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if subject == "" || out == "" {
@@ -55,7 +56,7 @@ new directory, or a tar file if it ends in .tar. See docs/rebuild.md for the lay
 	}
 	addDataFlag(c, &data)
 	c.Flags().StringVar(&subject, "subject", "", "the artifact: a file, or its sha256 digest")
-	c.Flags().StringVar(&out, "out", "", "the bundle to write: a new directory, or FILE.tar")
+	c.Flags().StringVar(&out, "out", "", "the bundle to write: a new directory, FILE.tar, or FILE.tar.zst (compressed)")
 	c.Flags().DurationVar(&wait, "wait", 5*time.Second, "how long to wait for freshly signed links to be logged")
 	c.Flags().BoolVar(&jsonOut, "json", false, "print JSON")
 	return c
@@ -168,7 +169,7 @@ nothing quarantined); 2 usage or set-up error.`,
 	addDataFlag(c, &data)
 	c.Flags().StringArrayVar(&keyFiles, "key", nil, "trusted executor public key: PEM, or `kiln attest pubkey --all --json` output (repeatable)")
 	c.Flags().StringVar(&logKey, "log-key", "", "the transparency log's verifier key (a note vkey, or a file holding one); default: from a --key JSON export")
-	c.Flags().StringVar(&bundle, "bundle", "", "bundle from kiln export (directory or .tar); default: this data dir")
+	c.Flags().StringVar(&bundle, "bundle", "", "bundle from kiln export (directory, .tar or .tar.zst); default: this data dir")
 	c.Flags().StringVar(&remote, "remote", "", "re-execute on this kiln server (host:port) instead of locally")
 	c.Flags().StringVar(&instance, "instance", "", "REAPI instance name for --remote")
 	c.Flags().StringArrayVar(&remoteKeys, "remote-key", nil, "public key(s) of the --remote executor: every remote run's result must carry a link signed by one (required with --remote)")

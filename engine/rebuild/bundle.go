@@ -19,6 +19,8 @@ package rebuild
 
 import (
 	"archive/tar"
+	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -35,6 +37,7 @@ import (
 	"github.com/kilnbuild/kiln/cache/disk"
 	"github.com/kilnbuild/kiln/engine"
 	"github.com/kilnbuild/kiln/engine/attest"
+	"github.com/klauspost/compress/zstd"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 )
@@ -66,7 +69,8 @@ type ExportResult struct {
 
 // Export writes the bundle of subj (its provenance, links, actions, inputs and
 // toolchains, from eng's data dir) to out: a new directory, or a tar file if out ends
-// in .tar. The chain must verify with the data dir's own keys.
+// in .tar (.tar.zst: compressed with zstd). The chain must verify with the data dir's
+// own keys.
 func Export(ctx context.Context, eng *engine.Engine, subj attest.Subject, out string, wait time.Duration, version string) (*ExportResult, error) {
 	if _, err := os.Stat(out); err == nil {
 		return nil, status.Errorf(codes.AlreadyExists, "%s already exists", out)
@@ -79,7 +83,7 @@ func Export(ctx context.Context, eng *engine.Engine, subj attest.Subject, out st
 		return nil, err
 	}
 	dir := out
-	asTar := strings.HasSuffix(out, ".tar")
+	asTar, compressed := bundleFile(out)
 	if asTar {
 		if dir, err = os.MkdirTemp(filepath.Dir(out), ".kiln-bundle-*"); err != nil {
 			return nil, status.Errorf(codes.Internal, "bundle: %v", err)
@@ -161,7 +165,7 @@ func Export(ctx context.Context, eng *engine.Engine, subj attest.Subject, out st
 		return nil, status.Errorf(codes.Internal, "bundle: %v", err)
 	}
 	if asTar {
-		if err := writeTar(dir, out); err != nil {
+		if err := writeTar(dir, out, compressed); err != nil {
 			return nil, err
 		}
 	}
@@ -225,14 +229,40 @@ func copyTree(src, dst string) error {
 	})
 }
 
-// writeTar writes dir as a tar file at out (sorted, fixed metadata), atomically.
-func writeTar(dir, out string) error {
+// zstdMagic starts every zstd frame.
+var zstdMagic = []byte{0x28, 0xb5, 0x2f, 0xfd}
+
+// bundleFile reports whether out names a bundle file (tar, or zstd-compressed tar)
+// rather than a directory, and whether it is compressed.
+func bundleFile(out string) (file, compressed bool) {
+	switch {
+	case strings.HasSuffix(out, ".tar.zst"):
+		return true, true
+	case strings.HasSuffix(out, ".tar"):
+		return true, false
+	}
+	return false, false
+}
+
+// writeTar writes dir as a tar file at out (sorted, fixed metadata), zstd-compressed
+// if asked, atomically. Files are streamed: a toolchain layer can be hundreds of MB.
+func writeTar(dir, out string, compressed bool) error {
 	tmp := out + ".tmp"
 	f, err := os.Create(tmp)
 	if err != nil {
 		return status.Errorf(codes.Internal, "bundle: %v", err)
 	}
-	tw := tar.NewWriter(f)
+	var w io.Writer = f
+	var zw *zstd.Encoder
+	if compressed {
+		if zw, err = zstd.NewWriter(f); err != nil {
+			f.Close()
+			os.Remove(tmp)
+			return status.Errorf(codes.Internal, "bundle: %v", err)
+		}
+		w = zw
+	}
+	tw := tar.NewWriter(w)
 	var files []string
 	err = filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
 		if err == nil && d.Type().IsRegular() {
@@ -245,17 +275,15 @@ func writeTar(dir, out string) error {
 		if err != nil {
 			break
 		}
-		var b []byte
-		if b, err = os.ReadFile(p); err != nil {
-			break
-		}
-		rel, _ := filepath.Rel(dir, p)
-		if err = tw.WriteHeader(&tar.Header{Name: filepath.ToSlash(rel), Mode: 0o644, Size: int64(len(b)), Typeflag: tar.TypeReg, Format: tar.FormatPAX}); err == nil {
-			_, err = tw.Write(b)
-		}
+		err = tarFile(tw, dir, p)
 	}
 	if err == nil {
 		err = tw.Close()
+	}
+	if zw != nil {
+		if cerr := zw.Close(); err == nil {
+			err = cerr
+		}
 	}
 	if cerr := f.Close(); err == nil {
 		err = cerr
@@ -268,6 +296,25 @@ func writeTar(dir, out string) error {
 		return status.Errorf(codes.Internal, "bundle: %v", err)
 	}
 	return nil
+}
+
+// tarFile appends file p (below dir) to tw with fixed metadata.
+func tarFile(tw *tar.Writer, dir, p string) error {
+	f, err := os.Open(p)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return err
+	}
+	rel, _ := filepath.Rel(dir, p)
+	if err := tw.WriteHeader(&tar.Header{Name: filepath.ToSlash(rel), Mode: 0o644, Size: fi.Size(), Typeflag: tar.TypeReg, Format: tar.FormatPAX}); err != nil {
+		return err
+	}
+	_, err = io.Copy(tw, f)
+	return err
 }
 
 // OpenBundle returns the bundle's directory: path itself, or a temp directory holding
@@ -310,14 +357,25 @@ func checkBundleTree(dir string) error {
 	})
 }
 
-// extractTar unpacks a bundle tar: regular files only, no absolute or climbing names.
+// extractTar unpacks a bundle tar, zstd-compressed or not (told by its first bytes):
+// regular files only, no absolute or climbing names.
 func extractTar(path, dir string) error {
 	f, err := os.Open(path)
 	if err != nil {
 		return status.Errorf(codes.InvalidArgument, "bundle: %v", err)
 	}
 	defer f.Close()
-	tr := tar.NewReader(f)
+	br := bufio.NewReader(f)
+	var r io.Reader = br
+	if head, _ := br.Peek(len(zstdMagic)); bytes.Equal(head, zstdMagic) {
+		zr, err := zstd.NewReader(br)
+		if err != nil {
+			return status.Errorf(codes.InvalidArgument, "bundle %s: %v", path, err)
+		}
+		defer zr.Close()
+		r = zr
+	}
+	tr := tar.NewReader(r)
 	for {
 		h, err := tr.Next()
 		if errors.Is(err, io.EOF) {

@@ -58,13 +58,13 @@ step "provenance, SBOM and rebuild bundle for $(basename "$artifact")"
 "$KILN" attest provenance --data "$builder" --subject "$artifact" --out "$out/hello.intoto.json" --sbom "$out/hello.cdx.json" --wait 30s
 "$KILN" attest pubkey --data "$builder" --all --json > "$out/builder-keys.json"
 "$KILN" attest verify --data "$builder" --subject "$artifact" --key "$out/builder-keys.json" --provenance "$out/hello.intoto.json" --sbom "$out/hello.cdx.json"
-"$KILN" export --data "$builder" --subject "$artifact" --out "$out/hello.bundle.tar"
+"$KILN" export --data "$builder" --subject "$artifact" --out "$out/hello.bundle.tar.zst"
 cp "$artifact" "$out/hello"
 
 # 3. Rebuild on the verifier: nothing shared with the builder but the published files.
 step "rebuild from the bundle on a fresh data dir"
 verifier=$work/verifier
-"$KILN" rebuild "$out/hello.intoto.json" --bundle "$out/hello.bundle.tar" --key "$out/builder-keys.json" \
+"$KILN" rebuild "$out/hello.intoto.json" --bundle "$out/hello.bundle.tar.zst" --key "$out/builder-keys.json" \
   --data "$verifier" --out "$out/hello.vsa.json"
 
 # 4. Publish: the verification summary, checkable with the verifier's public key.
