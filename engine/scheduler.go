@@ -41,6 +41,7 @@ type Scheduler struct {
 	inflight map[string]*execution // by instance + action digest, cacheable ones only
 	ops      map[string]*operation // by name, including finished ones until they expire
 	queued   int
+	pruned   time.Time // last scan for expired operations
 
 	mExec   *prometheus.CounterVec
 	mMerged prometheus.Counter
@@ -147,9 +148,10 @@ func (s *Scheduler) Submit(ctx context.Context, req Request) (*Watch, error) {
 	s.mu.Lock()
 	if key != "" {
 		if ex := s.inflight[key]; ex != nil {
+			w := s.newOpLocked(ex) // under the lock that found ex, so its last client cannot cancel it first
 			s.mu.Unlock()
 			s.mMerged.Inc()
-			return s.newOp(ex), nil
+			return w, nil
 		}
 	}
 	if s.queued >= s.cfg.MaxQueue {
@@ -164,9 +166,9 @@ func (s *Scheduler) Submit(ctx context.Context, req Request) (*Watch, error) {
 	if key != "" {
 		s.inflight[key] = ex
 	}
+	w := s.newOpLocked(ex)
 	s.mu.Unlock()
 
-	w := s.newOp(ex)
 	req.Queued = time.Now()
 	go s.run(opCtx, ex, req, a)
 	return w, nil
@@ -174,22 +176,32 @@ func (s *Scheduler) Submit(ctx context.Context, req Request) (*Watch, error) {
 
 // newOp names a new operation on ex and returns a Watch on it.
 func (s *Scheduler) newOp(ex *execution) *Watch {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.newOpLocked(ex)
+}
+
+// newOpLocked is newOp for callers holding s.mu.
+func (s *Scheduler) newOpLocked(ex *execution) *Watch {
 	var b [16]byte
 	rand.Read(b[:])
 	op := &operation{name: "operations/" + hex.EncodeToString(b[:]), exec: ex}
-	s.mu.Lock()
 	s.ops[op.name] = op
-	s.mu.Unlock()
-	return s.attach(op)
+	return s.attachLocked(op)
 }
 
 func (s *Scheduler) attach(op *operation) *Watch {
 	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.attachLocked(op)
+}
+
+// attachLocked adds a watch on op; callers hold s.mu.
+func (s *Scheduler) attachLocked(op *operation) *Watch {
 	op.waiters++
 	if op.resp == nil {
 		op.exec.waiters++
 	}
-	s.mu.Unlock()
 	return &Watch{s: s, op: op}
 }
 
@@ -284,10 +296,14 @@ func (s *Scheduler) finish(ex *execution, resp *repb.ExecuteResponse) {
 	if ex.key != "" && s.inflight[ex.key] == ex {
 		delete(s.inflight, ex.key)
 	}
-	// Forget finished operations past their retention.
-	for name, op := range s.ops {
-		if t := op.finishedAt(); !t.IsZero() && now.Sub(t) > s.cfg.Retain {
-			delete(s.ops, name)
+	// Forget finished operations past their retention; a scan of every operation, so
+	// not on every finish.
+	if now.Sub(s.pruned) > s.cfg.Retain/10 {
+		s.pruned = now
+		for name, op := range s.ops {
+			if t := op.finishedAt(); !t.IsZero() && now.Sub(t) > s.cfg.Retain {
+				delete(s.ops, name)
+			}
 		}
 	}
 	s.mu.Unlock()
