@@ -579,3 +579,33 @@ func TestCancelOperationMerged(t *testing.T) {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+// TestOperationRetention: a finished operation answers WaitExecution for Retain, then
+// is forgotten (NOT_FOUND).
+func TestOperationRetention(t *testing.T) {
+	e := newTestEnv(t, 1)
+	e.sched = NewScheduler(e.sched.exec, SchedulerConfig{Concurrency: 1, Retain: 200 * time.Millisecond})
+	root := e.put(t, &repb.Directory{})
+	run := func(word string) string {
+		w, err := e.sched.Submit(context.Background(), Request{ActionDigest: e.action(t, &repb.Command{Arguments: []string{"echo", word}}, root, nil)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer w.Close()
+		if _, err := w.Response(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+		return w.Name()
+	}
+	first := run("a")
+	if w, err := e.sched.Wait(first); err != nil {
+		t.Fatalf("finished operation within its retention: %v", err)
+	} else {
+		w.Close()
+	}
+	time.Sleep(300 * time.Millisecond)
+	run("b") // finishing another operation forgets the expired ones
+	if _, err := e.sched.Wait(first); status.Code(err) != codes.NotFound {
+		t.Fatalf("operation past its retention: %v, want NOT_FOUND", err)
+	}
+}
