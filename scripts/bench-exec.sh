@@ -3,13 +3,39 @@
 # archives, genrules) built at --jobs=8 four ways in one run: Bazel local, Bazel
 # linux-sandbox, kiln remote execution (full sandbox), and kiln's all-cache-hit rebuild.
 # Prints wall times, ratios, and kiln's per-action time by phase.
+#
+# BUILDBARN=DIR (optional) also runs the peer in the same run: Buildbarn remote execution
+# from DIR/{bb_storage,bb_scheduler,bb_worker,bb_runner}, straight on the host with no
+# sandbox (bb_storage as CAS/AC on disk and as the Execute frontend, the scheduler, one
+# worker with a native build directory, one bb_runner with as many slots as kiln's
+# --concurrency), and prints its clean-build and all-cache-hit times, the kiln/buildbarn
+# ratios and its per-action time by stage. Buildbarn is not part of kiln; build it
+# outside the repo (Go >= 1.26.6, module proxy only; its *.pb.go files are committed):
+#   git clone https://github.com/buildbarn/bb-storage /tmp/buildbarn/src/bb-storage
+#   git clone https://github.com/buildbarn/bb-remote-execution /tmp/buildbarn/src/bb-remote-execution
+#   export GONOSUMDB=github.com/bazelbuild,github.com/buildbarn GOTOOLCHAIN=local GOFLAGS=-mod=mod
+#   cd /tmp/buildbarn/src/bb-remote-execution   # and make the two edits described below
+#   go build -o /tmp/buildbarn/bin/ ./cmd/bb_scheduler ./cmd/bb_worker ./cmd/bb_runner
+#   cd /tmp/buildbarn/src/bb-storage   # its Bazel build patches genproto's bytestream:
+#   cp -r "$(go list -m -f '{{.Dir}}' google.golang.org/genproto/googleapis/bytestream)" /tmp/buildbarn/bytestream
+#   chmod -R u+w /tmp/buildbarn/bytestream && (cd /tmp/buildbarn/bytestream &&
+#     patch -p0 < /tmp/buildbarn/src/bb-storage/patches/org_golang_google_genproto_googleapis_bytestream/service-registrar.diff)
+#   go mod edit -replace google.golang.org/genproto/googleapis/bytestream=/tmp/buildbarn/bytestream
+#   go build -o /tmp/buildbarn/bin/ ./cmd/bb_storage
+#   BUILDBARN=/tmp/buildbarn/bin scripts/bench-exec.sh
+# Since bb-remote-execution e6ab874 (2026-03) Buildbarn refuses REv2.0, which Debian's
+# Bazel 4.2.3 speaks; two edits let it through: lower the scheduler's DeprecatedApiVersion
+# from 2.2 to 2.0 (pkg/scheduler/in_memory_build_queue.go) and make the worker take
+# Command.output_files + output_directories as output_paths when output_paths is empty
+# (pkg/builder/output_hierarchy.go). The worker's platform is OSFamily=linux, and the
+# Buildbarn build passes --remote_default_exec_properties=OSFamily=linux.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 KILN=${KILN:-$PWD/bin/kiln}
 N=${N:-100}            # cc_library targets (2 actions each) and genrules (1 each)
 # CONC sets kiln serve --concurrency (default 0: the number of CPUs).
 work=$(mktemp -d /tmp/kiln-bench-exec.XXXXXX)
-pids=()
+pids=() bbpids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true;
   (cd "$work/ws" 2>/dev/null && bazel --output_user_root="$work/bz" shutdown >/dev/null 2>&1) || true; rm -rf "$work"; }
 trap cleanup EXIT
@@ -34,7 +60,75 @@ digest=$(toolchains/debian-gcc/build.sh --data "$data" --kiln "$KILN")
 image="docker://kiln/debian-gcc@$digest"
 "$KILN" serve --data "$data" --listen 127.0.0.1:18811 --http-listen 127.0.0.1:18812 --log-level warn --concurrency "${CONC:-0}" &
 pids+=($!)
-for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/18811) 2>/dev/null && break; sleep 0.05; done
+waitport() { for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return; sleep 0.05; done; echo "nothing listens on port $1" >&2; tail -n5 "$work"/bb/*.log 2>/dev/null; exit 1; }
+waitport 18811
+
+if [[ -n ${BUILDBARN:-} ]]; then
+  bb=$work/bb; mkdir -p "$bb/build" "$bb/cache"
+  slots=${CONC:-0}; [[ $slots -gt 0 ]] || slots=$(nproc)
+  bbdisk() {  # a "local" blob access on sparse files in $bb, like bb-deployments' storage.jsonnet
+    printf '{ "local": { "keyLocationMapOnBlockDevice": { "file": { "path": "%s/%s-klm", "sizeBytes": 67108864 } },
+      "keyLocationMapMaximumGetAttempts": 16, "keyLocationMapMaximumPutAttempts": 64,
+      "oldBlocks": 8, "currentBlocks": 24, "newBlocks": %d,
+      "blocksOnBlockDevice": { "source": { "file": { "path": "%s/%s-blocks", "sizeBytes": %d } }, "spareBlocks": 3 } } }' \
+      "$bb" "$1" "$3" "$bb" "$1" "$2"
+  }
+  allow='"authenticationPolicy": { "allow": {} }'
+  diag() { echo '"global": { "diagnosticsHttpServer": { "httpServers": [{ "listenAddresses": ["127.0.0.1:'"$1"'"], '"$allow"' }], "enablePrometheus": true } }'; }
+  cat > "$bb/storage.json" <<EOF
+{ "grpcServers": [{ "listenAddresses": ["127.0.0.1:18821"], $allow }],
+  "schedulers": { "": { "endpoint": { "address": "127.0.0.1:18822" } } },
+  "executeAuthorizer": { "allow": {} },
+  "maximumMessageSizeBytes": 16777216,
+  "contentAddressableStorage": { "backend": $(bbdisk cas 1073741824 3),
+    "getAuthorizer": { "allow": {} }, "putAuthorizer": { "allow": {} }, "findMissingAuthorizer": { "allow": {} } },
+  "actionCache": { "backend": $(bbdisk ac 134217728 1),
+    "getAuthorizer": { "allow": {} }, "putAuthorizer": { "allow": {} } } }
+EOF
+  cat > "$bb/scheduler.json" <<EOF
+{ "clientGrpcServers": [{ "listenAddresses": ["127.0.0.1:18822"], $allow }],
+  "workerGrpcServers": [{ "listenAddresses": ["127.0.0.1:18823"], $allow }],
+  "browserUrl": "http://127.0.0.1:1",
+  "contentAddressableStorage": { "grpc": { "client": { "address": "127.0.0.1:18821" } } },
+  "maximumMessageSizeBytes": 16777216,
+  $(diag 18825),
+  "executeAuthorizer": { "allow": {} }, "modifyDrainsAuthorizer": { "allow": {} },
+  "killOperationsAuthorizer": { "allow": {} }, "synchronizeAuthorizer": { "allow": {} },
+  "actionRouter": { "simple": { "platformKeyExtractor": { "action": {} },
+    "invocationKeyExtractors": [{ "toolInvocationId": {} }],
+    "initialSizeClassAnalyzer": { "defaultExecutionTimeout": "1800s", "maximumExecutionTimeout": "7200s" } } },
+  "platformQueueWithNoWorkersTimeout": "900s" }
+EOF
+  cat > "$bb/worker.json" <<EOF
+{ "blobstore": {
+    "contentAddressableStorage": { "grpc": { "client": { "address": "127.0.0.1:18821" } } },
+    "actionCache": { "grpc": { "client": { "address": "127.0.0.1:18821" } } } },
+  "browserUrl": "http://127.0.0.1:1",
+  "maximumMessageSizeBytes": 16777216,
+  "scheduler": { "address": "127.0.0.1:18823" },
+  $(diag 18824),
+  "buildDirectories": [{
+    "native": { "buildDirectoryPath": "$bb/build", "cacheDirectoryPath": "$bb/cache",
+      "maximumCacheFileCount": 10000, "maximumCacheSizeBytes": 1073741824, "cacheReplacementPolicy": "LEAST_RECENTLY_USED" },
+    "runners": [{ "endpoint": { "address": "unix:$bb/runner.sock" }, "concurrency": $slots,
+      "maximumFilePoolFileCount": 10000, "maximumFilePoolSizeBytes": 1073741824,
+      "platform": { "properties": [{ "name": "OSFamily", "value": "linux" }] },
+      "workerId": { "host": "localhost" } }] }],
+  "filePool": { "blockDevice": { "file": { "path": "$bb/filepool", "sizeBytes": 1073741824 } } },
+  "inputDownloadConcurrency": 10, "outputUploadConcurrency": 11 }
+EOF
+  cat > "$bb/runner.json" <<EOF
+{ "buildDirectoryPath": "$bb/build", "grpcServers": [{ "listenPaths": ["$bb/runner.sock"], $allow }] }
+EOF
+  for c in storage scheduler runner worker; do
+    "$BUILDBARN/bb_$c" "$bb/$c.json" >"$bb/$c.log" 2>&1 &
+    pids+=($!); bbpids+=($!)
+    case $c in storage) waitport 18821;; scheduler) waitport 18822; waitport 18825;; runner) for _ in $(seq 200); do [[ -S $bb/runner.sock ]] && break; sleep 0.05; done;; esac
+  done
+  for _ in $(seq 200); do  # until the worker has registered with the scheduler
+    curl -s http://127.0.0.1:18825/metrics | grep -q '^buildbarn_builder_in_memory_build_queue_workers_created_total.* [1-9]' && break; sleep 0.05
+  done
+fi
 
 bz() { (cd "$ws" && bazel --output_user_root="$work/bz" "$@"); }
 timed() { local s e; s=$(date +%s.%N); "$@" >"$work/last.log" 2>&1 || { tail -20 "$work/last.log"; exit 1; }; e=$(date +%s.%N); awk -v a="$s" -v b="$e" 'BEGIN { printf "%.3f", b - a }'; }
@@ -59,9 +153,30 @@ grep -E "INFO: [0-9]+ processes" "$work/last.log" | tail -1
 bz clean >/dev/null 2>&1; t_hit=$(timed bz "${common[@]}" --remote_executor=grpc://127.0.0.1:18811 --remote_default_exec_properties=container-image="$image")
 grep -E "INFO: [0-9]+ processes" "$work/last.log" | tail -1
 
+if [[ -n ${BUILDBARN:-} ]]; then
+  # bb_cpu: CPU seconds of the Buildbarn processes and the actions bb_runner reaped.
+  bb_cpu() {
+    local p total=0
+    for p in "${bbpids[@]}"; do
+      total=$(awk -v t="$total" '{ sub(/^.*\) /, ""); print t + $12 + $13 + $14 + $15 }' /proc/"$p"/stat 2>/dev/null || echo "$total")
+    done
+    awk -v t="$total" -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.2f", t / hz }'
+  }
+  bbx=(--remote_executor=grpc://127.0.0.1:18821 --remote_default_exec_properties=OSFamily=linux)
+  bz clean >/dev/null 2>&1; c0=$(bb_cpu)
+  t_bb=$(timed bz "${common[@]}" "${bbx[@]}")
+  c_bb=$(awk -v a="$c0" -v b="$(bb_cpu)" 'BEGIN { printf "%.2f", b - a }')
+  grep -E "INFO: [0-9]+ processes" "$work/last.log" | tail -1
+  bz clean >/dev/null 2>&1; t_bbhit=$(timed bz "${common[@]}" "${bbx[@]}")
+  grep -E "INFO: [0-9]+ processes" "$work/last.log" | tail -1
+fi
+
 printf '%-34s %8.2f s\n' "bazel local" "$t_local" "bazel linux-sandbox" "$t_sandbox" \
   "kiln remote execution (sandboxed)" "$t_kiln" "kiln all-cache-hit rebuild" "$t_hit"
+[[ -z ${BUILDBARN:-} ]] || printf '%-34s %8.2f s\n' "buildbarn remote execution (host)" "$t_bb" "buildbarn all-cache-hit rebuild" "$t_bbhit"
 awk -v k="$t_kiln" -v l="$t_local" -v s="$t_sandbox" 'BEGIN { printf "ratios: kiln/local %.2f  kiln/linux-sandbox %.2f\n", k / l, k / s }'
+[[ -z ${BUILDBARN:-} ]] || awk -v k="$t_kiln" -v b="$t_bb" -v kh="$t_hit" -v bh="$t_bbhit" \
+  'BEGIN { printf "ratios: kiln/buildbarn %.2f  kiln/buildbarn all-cache-hit %.2f\n", k / b, kh / bh }'
 echo "kiln CPU in the clean build (kiln serve + its sandbox daemon + the sandboxes and actions): $c_kiln s"
 echo "kiln per-action time by phase (mean over the clean build):"
 curl -s http://127.0.0.1:18812/metrics | awk '
@@ -69,3 +184,17 @@ curl -s http://127.0.0.1:18812/metrics | awk '
   /^kiln_execution_phase_seconds_count/ { match($0, /phase="[a-z_]+"/); p=substr($0, RSTART+7, RLENGTH-8); cnt[p]=$2 }
   END { for (p in sum) if (cnt[p] > 0) printf "  %-14s %7.1f ms  (%d actions)\n", p, 1000*sum[p]/cnt[p], cnt[p]
         if (cnt["attest"] > 0 && sum["total"] > 0) printf "  attestation share of worker time: %.2f%%\n", 100*sum["attest"]/sum["total"] }'
+if [[ -n ${BUILDBARN:-} ]]; then
+  echo "buildbarn CPU in the clean build (bb_storage, bb_scheduler, bb_worker, bb_runner + the actions): $c_bb s"
+  echo "buildbarn per-action time by stage (mean over the clean build; queued from the scheduler):"
+  { curl -s http://127.0.0.1:18825/metrics; curl -s http://127.0.0.1:18824/metrics; } | awk '
+    /^buildbarn_builder_in_memory_build_queue_tasks_queued_duration_seconds_sum/ { sum["queued"] += $NF }
+    /^buildbarn_builder_in_memory_build_queue_tasks_queued_duration_seconds_count/ { cnt["queued"] += $NF }
+    /^buildbarn_builder_build_executor_duration_seconds_(sum|count)/ {
+      match($0, /stage="[A-Za-z]+"/); p = substr($0, RSTART+7, RLENGTH-8)
+      if ($0 ~ /_sum/) sum[p] += $NF; else cnt[p] += $NF }
+    END { n = split("queued FetchingInputs Running UploadingOutputs", order, " ")
+          for (i = 1; i <= n; i++) { p = order[i]; if (cnt[p] > 0) printf "  %-16s %7.1f ms  (%d actions)\n", p, 1000*sum[p]/cnt[p], cnt[p] }
+          if (cnt["FetchingInputs"] > 0 && cnt["UploadingOutputs"] > 0)
+            printf "  worker overhead (input fetch + output upload): %.1f ms per action\n", 1000*(sum["FetchingInputs"]/cnt["FetchingInputs"] + sum["UploadingOutputs"]/cnt["UploadingOutputs"]) }'
+fi
