@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# bench-exec.sh: a Bazel workspace of ~300 small actions (cc_library compiles and
-# archives, genrules) built at --jobs=8 four ways in one run: Bazel local, Bazel
+# bench-exec.sh: a Bazel workspace of 4N small actions (cc_library compiles, archives
+# and shared-library links, genrules) built at --jobs=8 in one run: Bazel local, Bazel
 # linux-sandbox, kiln remote execution (full sandbox), and kiln's all-cache-hit rebuild.
 # Prints wall times, ratios, and kiln's per-action time by phase.
 #
@@ -32,7 +32,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 KILN=${KILN:-$PWD/bin/kiln}
-N=${N:-100}            # cc_library targets (2 actions each) and genrules (1 each)
+N=${N:-100}            # cc_library targets (3 actions each) and genrules (1 each)
 # CONC sets kiln serve --concurrency (default 0: the number of CPUs).
 work=$(mktemp -d /tmp/kiln-bench-exec.XXXXXX)
 pids=() bbpids=()
@@ -40,7 +40,7 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 
   (cd "$work/ws" 2>/dev/null && bazel --output_user_root="$work/bz" shutdown >/dev/null 2>&1) || true; rm -rf "$work"; }
 trap cleanup EXIT
 
-echo "== remote execution: $((3*N)) actions at --jobs=8 =="
+echo "== remote execution: $((4*N)) actions at --jobs=8 =="
 ws=$work/ws
 cp -r examples/bazel-hello "$ws"
 rm -f "$ws"/bazel-*
