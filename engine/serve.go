@@ -48,6 +48,9 @@ type ServerConfig struct {
 	Version string
 	// TLS, if enabled, makes the gRPC listener TLS (and mTLS with a client CA).
 	TLS TLSFiles
+	// AuthzFile, if set, is the authorization policy (AuthzPolicy, JSON): what each
+	// client certificate may do. It needs TLS.ClientCA.
+	AuthzFile string
 	// Ready, if set, is called with the bound addresses once the server accepts calls.
 	Ready func(grpcAddr, httpAddr string)
 }
@@ -81,6 +84,17 @@ func Serve(ctx context.Context, cfg ServerConfig) error {
 
 	if err := cfg.TLS.check(); err != nil {
 		return err
+	}
+	var authz *AuthzPolicy
+	if cfg.AuthzFile != "" {
+		if cfg.TLS.ClientCA == "" {
+			return status.Error(codes.InvalidArgument, "--authz needs --tls-client-ca: the policy names clients by their verified certificates")
+		}
+		p, err := LoadAuthzPolicy(cfg.AuthzFile)
+		if err != nil {
+			return err
+		}
+		authz = p
 	}
 	var creds grpc.ServerOption
 	if cfg.TLS.Enabled() {
@@ -136,6 +150,10 @@ func Serve(ctx context.Context, cfg ServerConfig) error {
 	gopts := append(obs.ServerOptions(), grpc.MaxRecvMsgSize(reapi.MaxMessageSize))
 	if creds != nil {
 		gopts = append(gopts, creds)
+	}
+	if authz != nil {
+		gopts = append(gopts, authz.ServerOptions()...)
+		log.Info("authorization policy", "file", cfg.AuthzFile, "rules", authz.String())
 	}
 	g := grpc.NewServer(gopts...)
 	srv.Register(g)

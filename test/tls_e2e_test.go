@@ -4,6 +4,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -14,8 +15,10 @@ import (
 	"github.com/kilnbuild/kiln/internal/testpki"
 	"github.com/kilnbuild/kiln/test/harness"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/status"
 )
 
 // TestSDKMTLS: the remote-apis-sdks client uses `kiln serve --tls-cert --tls-key
@@ -77,9 +80,10 @@ func TestServeTLSFlags(t *testing.T) {
 		{"--tls-cert", sCert},
 		{"--tls-client-ca", ca.Cert},
 		{"--tls-cert", sCert, "--tls-key", ca.Cert},
+		{"--tls-cert", sCert, "--tls-key", sKey, "--authz", ca.Cert}, // --authz needs client certificates
 	} {
 		res := harness.Run(t, append([]string{"serve", "--data", t.TempDir(), "--listen", "127.0.0.1:0", "--http-listen", ""}, args...)...)
-		if res.Code == 0 || strings.Count(strings.TrimSpace(res.Stderr), "\n") != 0 || !strings.Contains(res.Stderr, "tls") {
+		if res.Code == 0 || strings.Count(strings.TrimSpace(res.Stderr), "\n") != 0 || !strings.Contains(res.Stderr, "tls") && !strings.Contains(res.Stderr, "authz") {
 			t.Errorf("serve %v: exit %d, stderr %q; want one line about TLS and a non-zero exit", args, res.Code, res.Stderr)
 		}
 	}
@@ -101,5 +105,56 @@ func TestServeTLSFlags(t *testing.T) {
 	ctx := harness.Context(t, time.Minute)
 	if r, err := healthpb.NewHealthClient(conn).Check(ctx, &healthpb.HealthCheckRequest{}); err != nil || r.GetStatus() != healthpb.HealthCheckResponse_SERVING {
 		t.Fatalf("health over mTLS: %v %v", r, err)
+	}
+}
+
+// TestAuthzPolicyE2E: with --authz, a developer's certificate may read but not upload or
+// execute, a CI certificate may do all, and a certificate no rule names gets nothing but
+// negotiation, each with PERMISSION_DENIED.
+func TestAuthzPolicyE2E(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	ca := testpki.NewCA(t, "kiln-ca")
+	sCert, sKey := ca.Server(t, "kiln-server")
+	policy := filepath.Join(t.TempDir(), "authz.json")
+	os.WriteFile(policy, []byte(`{"rules": [
+		{"subject": "ci-*", "allow": ["read", "write", "execute"]},
+		{"subject": "dev-*", "allow": ["read"]}]}`), 0o644)
+	srv := harness.StartServer(t, "--no-execution", "--tls-cert", sCert, "--tls-key", sKey, "--tls-client-ca", ca.Cert, "--authz", policy)
+	ctx := harness.Context(t, 2*time.Minute)
+	connect := func(cn string) *client.Client {
+		cert, key := ca.Client(t, cn)
+		c, err := client.NewClient(ctx, "e2e", client.DialParams{Service: srv.Addr, TLSCACertFile: ca.Cert, TLSClientAuthCert: cert, TLSClientAuthKey: key, NoAuth: true})
+		if err != nil {
+			t.Fatalf("%s: connect: %v", cn, err)
+		}
+		t.Cleanup(func() { c.Close() })
+		return c
+	}
+	ci, dev, other := connect("ci-runner"), connect("dev-alice"), connect("mallory")
+	blob := []byte("written by ci")
+	d := digest.NewFromBlob(blob)
+	if _, _, err := ci.UploadIfMissing(ctx, uploadinfo.EntryFromBlob(blob)); err != nil {
+		t.Fatalf("ci upload: %v", err)
+	}
+	if got, _, err := dev.ReadBlob(ctx, d); err != nil || string(got) != string(blob) {
+		t.Fatalf("dev read: %q %v", got, err)
+	}
+	devBlob := []byte("written by dev")
+	if _, _, err := dev.UploadIfMissing(ctx, uploadinfo.EntryFromBlob(devBlob)); status.Code(err) != codes.PermissionDenied || !strings.Contains(err.Error(), "dev-alice") {
+		t.Fatalf("dev upload: %v, want PERMISSION_DENIED naming the client", err)
+	}
+	if _, err := dev.WriteBlob(ctx, devBlob); status.Code(err) != codes.PermissionDenied {
+		t.Fatalf("dev ByteStream write: %v, want PERMISSION_DENIED", err)
+	}
+	if missing, err := ci.MissingBlobs(ctx, []digest.Digest{digest.NewFromBlob(devBlob)}); err != nil || len(missing) != 1 {
+		t.Fatalf("a refused upload left a blob: missing=%v err=%v", missing, err)
+	}
+	if _, _, err := other.ReadBlob(ctx, d); status.Code(err) != codes.PermissionDenied {
+		t.Fatalf("read by a client no rule names: %v, want PERMISSION_DENIED", err)
+	}
+	if _, err := other.GetCapabilities(ctx); err != nil {
+		t.Fatalf("capabilities for a client no rule names: %v (negotiation is open)", err)
 	}
 }
