@@ -20,7 +20,7 @@ const maxTreePage = 1000
 
 const (
 	maxTreeCursors    = 64      // walks kept for their next page
-	maxTreeCursorSeen = 200_000 // a walk that has seen more directories is not kept
+	maxTreeCursorSeen = 500_000 // directories all kept walks may have seen together (~60 MB)
 )
 
 // treeWalk is a breadth-first walk of a tree, stopped after n directories.
@@ -39,6 +39,7 @@ type treeCursors struct {
 	mu    sync.Mutex
 	walks map[string]*treeWalk
 	order []string // ids, oldest first
+	seen  int      // len(w.seen) summed over walks
 }
 
 // take removes and returns the walk id of root stopped at n, if kept.
@@ -49,8 +50,16 @@ func (c *treeCursors) take(id string, root cache.Digest, n int) *treeWalk {
 	if w == nil || w.root != root || w.n != n {
 		return nil
 	}
-	delete(c.walks, id)
+	c.drop(id)
 	return w
+}
+
+// drop forgets walk id; callers hold c.mu.
+func (c *treeCursors) drop(id string) {
+	if w := c.walks[id]; w != nil {
+		c.seen -= len(w.seen)
+		delete(c.walks, id)
+	}
 }
 
 // put keeps w and returns the page token that resumes it.
@@ -58,16 +67,17 @@ func (c *treeCursors) put(w *treeWalk) string {
 	var b [12]byte
 	rand.Read(b[:])
 	id := hex.EncodeToString(b[:])
-	if len(w.seen) <= maxTreeCursorSeen {
+	if len(w.seen) <= maxTreeCursorSeen/4 { // a larger walk is not kept: its next page walks again
 		c.mu.Lock()
 		if c.walks == nil {
 			c.walks = map[string]*treeWalk{}
 		}
-		for len(c.order) > 0 && len(c.walks) >= maxTreeCursors {
-			delete(c.walks, c.order[0])
+		for len(c.order) > 0 && (len(c.walks) >= maxTreeCursors || c.seen+len(w.seen) > maxTreeCursorSeen) {
+			c.drop(c.order[0])
 			c.order = c.order[1:]
 		}
 		c.walks[id] = w
+		c.seen += len(w.seen)
 		c.order = append(c.order, id)
 		if len(c.order) > 4*maxTreeCursors { // drop ids already taken
 			kept := c.order[:0]

@@ -680,3 +680,40 @@ func (c *countingStore) Get(ctx context.Context, d cache.Digest, offset int64) (
 	c.n.Add(1)
 	return c.BlobStore.Get(ctx, d, offset)
 }
+
+// TestTreeCursorsBounded: kept GetTree walks stay within their count and memory
+// budgets, oldest dropped first; a walk too large to keep still gets a working token.
+func TestTreeCursorsBounded(t *testing.T) {
+	var c treeCursors
+	walk := func(n int) *treeWalk {
+		w := &treeWalk{n: 1, seen: make(map[cache.Digest]bool, n)}
+		for i := 0; i < n; i++ {
+			w.seen[cache.DigestOf([]byte(fmt.Sprint(i)))] = true
+		}
+		return w
+	}
+	var ids []string
+	for i := 0; i < 10; i++ {
+		_, id, err := parseTreeToken(c.put(walk(maxTreeCursorSeen / 5)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, id)
+	}
+	if c.seen > maxTreeCursorSeen || len(c.walks) != 5 {
+		t.Fatalf("kept %d walks that saw %d directories; want 5 within %d", len(c.walks), c.seen, maxTreeCursorSeen)
+	}
+	if c.take(ids[0], cache.Digest{}, 1) != nil || c.take(ids[9], cache.Digest{}, 1) == nil {
+		t.Fatal("want the oldest walk dropped and the newest kept")
+	}
+	tok := c.put(walk(maxTreeCursorSeen/4 + 1))
+	if n, _, err := parseTreeToken(tok); err != nil || n != 1 {
+		t.Fatalf("token of a walk too large to keep: %q %d %v", tok, n, err)
+	}
+	for i := 0; i < 3*maxTreeCursors; i++ {
+		c.put(walk(1))
+	}
+	if len(c.walks) > maxTreeCursors {
+		t.Fatalf("kept %d walks, want at most %d", len(c.walks), maxTreeCursors)
+	}
+}
