@@ -56,8 +56,14 @@ type List struct {
 
 	mu      sync.Mutex
 	seenMod time.Time
+	readAt  time.Time       // when set was read
 	set     map[string]bool // hex digests
 }
+
+// racyWindow is how long after a directory change a snapshot of it is not trusted:
+// directory mtimes come from a coarse kernel clock, so another change within the same
+// tick leaves the mtime as it was (git's "racily clean" problem).
+const racyWindow = time.Second
 
 // Open opens (creating) the quarantine list under dataDir.
 func Open(dataDir string) (*List, error) {
@@ -156,8 +162,9 @@ func (l *List) List() ([]Entry, error) {
 // Quarantined reports whether the blob with this hex digest is quarantined.
 func (l *List) Quarantined(hash string) bool { return l.snapshot()[hash] }
 
-// snapshot returns the set of quarantined hex digests, re-reading the directory only
-// when its mtime moved, so a check costs one stat.
+// snapshot returns the set of quarantined hex digests, re-reading the directory when
+// its mtime moved, or when the last read was too close to the last change to be sure
+// it saw every change (racyWindow), so a check mostly costs one stat.
 func (l *List) snapshot() map[string]bool {
 	var st unix.Stat_t
 	mod := time.Time{}
@@ -166,7 +173,8 @@ func (l *List) snapshot() map[string]bool {
 	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	if l.set == nil || !mod.Equal(l.seenMod) {
+	if l.set == nil || !mod.Equal(l.seenMod) || l.readAt.Sub(mod) < racyWindow {
+		readAt := time.Now()
 		set := map[string]bool{}
 		if ents, err := os.ReadDir(l.dir); err == nil {
 			for _, d := range ents {
@@ -175,7 +183,7 @@ func (l *List) snapshot() map[string]bool {
 				}
 			}
 		}
-		l.set, l.seenMod = set, mod
+		l.set, l.seenMod, l.readAt = set, mod, readAt
 	}
 	return l.set
 }

@@ -3,6 +3,8 @@ package quarantine
 import (
 	"bytes"
 	"context"
+	"os"
+	"path/filepath"
 	"testing"
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
@@ -58,5 +60,38 @@ func TestQuarantineHidesResultsAndAudits(t *testing.T) {
 	}
 	if _, err := l.Add("nonsense", "", "x", "test"); status.Code(err) != codes.InvalidArgument {
 		t.Fatalf("bad digest: %v", err)
+	}
+}
+
+// TestQuarantineSameTick: a quarantine added within the same tick of the directory's
+// coarse mtime as the change before it (so the mtime does not move) is still seen.
+func TestQuarantineSameTick(t *testing.T) {
+	dir := t.TempDir()
+	l, err := Open(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	first, second := cache.DigestOf([]byte("one")), cache.DigestOf([]byte("two"))
+	if _, err := l.Add("sha256:"+first.Hash, "a", "first", "test"); err != nil {
+		t.Fatal(err)
+	}
+	if !l.Quarantined(first.Hash) {
+		t.Fatal("first quarantine not seen")
+	}
+	qdir := filepath.Join(dir, "quarantine")
+	fi, err := os.Stat(qdir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	other, _ := Open(dir)
+	if _, err := other.Add("sha256:"+second.Hash, "b", "second", "test"); err != nil {
+		t.Fatal(err)
+	}
+	// The same tick: the directory's mtime is where it was when l last read it.
+	if err := os.Chtimes(qdir, fi.ModTime(), fi.ModTime()); err != nil {
+		t.Fatal(err)
+	}
+	if !l.Quarantined(second.Hash) {
+		t.Fatal("a quarantine added in the same mtime tick as the last read was missed")
 	}
 }
