@@ -62,10 +62,6 @@ func (s *Store) GC(ctx context.Context) (GCStats, error) {
 	if err != nil {
 		return st, status.Errorf(codes.Internal, "gc: %v", err)
 	}
-	inUse, err := mountedPaths()
-	if err != nil {
-		return st, status.Errorf(codes.Internal, "gc: %v", err)
-	}
 	for _, e := range rents {
 		name := e.Name()
 		hex := strings.TrimPrefix(name, ".tmp-")
@@ -88,6 +84,13 @@ func (s *Store) GC(ctx context.Context) (GCStats, error) {
 			continue // being unpacked right now
 		}
 		if tmp || !live[d] || !s.rootComplete(d) {
+			// mountinfo is read right before each removal, to keep the window in which
+			// a sandbox can mount the root unseen as short as possible.
+			inUse, err := mountedPaths()
+			if err != nil {
+				il.Unlock()
+				return st, status.Errorf(codes.Internal, "gc: %v", err)
+			}
 			if !tmp && inUse.uses(filepath.Join(rootsDir, name)) {
 				s.log.Warn("gc: keeping the root of a removed image: a mount still uses it", "digest", d)
 				st.InUse++

@@ -133,6 +133,12 @@ func Open(ctx context.Context, dataDir string, opts Options) (*Store, error) {
 	if err := os.Chmod(filepath.Join(dir, "roots"), 0o700); err != nil {
 		return nil, status.Errorf(codes.Internal, "toolchains: %v", err)
 	}
+	// Roots are named by an absolute path without symlinks: that is how the kernel
+	// shows overlay layers in mountinfo, which gc compares them with.
+	dir, err := canonical(dir)
+	if err != nil {
+		return nil, status.Errorf(codes.Internal, "toolchains: %v", err)
+	}
 	cs, err := local.NewStore(filepath.Join(dir, "content"))
 	if err != nil {
 		return nil, status.Errorf(codes.Internal, "toolchains: open content store: %v", err)
@@ -145,6 +151,15 @@ func Open(ctx context.Context, dataDir string, opts Options) (*Store, error) {
 		lg = slog.Default()
 	}
 	return &Store{dir: dir, content: cs, opts: opts, log: lg, clog: newContainerdLogger(lg)}, nil
+}
+
+// canonical returns dir as an absolute path with every symlink resolved.
+func canonical(dir string) (string, error) {
+	abs, err := filepath.Abs(dir)
+	if err != nil {
+		return "", err
+	}
+	return filepath.EvalSymlinks(abs)
 }
 
 // Dir is the store's directory (DATA/toolchains).

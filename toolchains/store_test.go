@@ -457,18 +457,25 @@ func TestGCKeepsMountedRoot(t *testing.T) {
 		t.Skip("mounting an overlay needs root")
 	}
 	ctx := context.Background()
-	s := openStore(t, t.TempDir(), Options{})
+	// The data dir is reached through a symlink, as under a symlinked /var/lib.
+	link := filepath.Join(t.TempDir(), "data-link")
+	must(t, os.Symlink(t.TempDir(), link))
+	s := openStore(t, link, Options{})
 	img := importTest(t, s)
 	root, err := s.RootFS(ctx, img)
+	must(t, err)
+	// The kernel shows a layer passed by descriptor (the sandbox's way on 6.13+) as its
+	// resolved path; mount it that way.
+	layer, err := filepath.EvalSymlinks(root)
 	must(t, err)
 	work := t.TempDir() // a path with a space, which mountinfo escapes
 	skel, target := filepath.Join(work, "sk el"), filepath.Join(work, "mnt")
 	must(t, os.MkdirAll(skel, 0o755))
 	must(t, os.MkdirAll(target, 0o755))
-	opts := "lowerdir+=" + skel + ",lowerdir+=" + root
+	opts := "lowerdir+=" + skel + ",lowerdir+=" + layer
 	if err := unix.Mount("overlay", target, "overlay", unix.MS_RDONLY, opts); err != nil {
 		// Kernels before 6.8 take the layers as one string.
-		must(t, unix.Mount("overlay", target, "overlay", unix.MS_RDONLY, "lowerdir="+skel+":"+root))
+		must(t, unix.Mount("overlay", target, "overlay", unix.MS_RDONLY, "lowerdir="+skel+":"+layer))
 	}
 	mounted := true
 	defer func() {
