@@ -65,6 +65,7 @@ See docs/rebuild.md for the layout.`,
 func newRebuildCmd() *cobra.Command {
 	var (
 		data, bundle, remote, instance, logKey, out string
+		maxBundleSize                               string
 		remoteTLS                                   rebuild.RemoteTLS
 		keyFiles, remoteKeys                        []string
 		jsonOut                                     bool
@@ -107,6 +108,10 @@ nothing quarantined); 2 usage or set-up error.`,
 				}
 				trust.Log = &keys.LogKey{VKey: s}
 			}
+			maxBundle, err := parseSize(maxBundleSize)
+			if err != nil || maxBundle <= 0 {
+				return &exitError{code: 2, msg: fmt.Sprintf("--max-bundle-size %q: want a size such as 16GiB", maxBundleSize)}
+			}
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
 			eng, err := engine.Open(ctx, engine.Options{Data: engine.DataDir(data), Logger: quietLogger(), Version: version, NoSandbox: remote != ""})
@@ -116,7 +121,7 @@ nothing quarantined); 2 usage or set-up error.`,
 			defer eng.Close()
 			opts := rebuild.Options{Provenance: raw, ProvenanceURI: args[0], Trust: trust, Wait: wait, Version: version, Logger: quietLogger()}
 			if bundle != "" {
-				dir, done, err := rebuild.OpenBundle(bundle)
+				dir, done, err := rebuild.OpenBundle(bundle, maxBundle)
 				if err != nil {
 					return &exitError{code: 2, msg: statusErr(err).Error()}
 				}
@@ -173,6 +178,7 @@ nothing quarantined); 2 usage or set-up error.`,
 	c.Flags().StringVar(&remote, "remote", "", "re-execute on this kiln server (host:port) instead of locally")
 	c.Flags().StringVar(&instance, "instance", "", "REAPI instance name for --remote")
 	c.Flags().StringArrayVar(&remoteKeys, "remote-key", nil, "public key(s) of the --remote executor: every remote run's result must carry a link signed by one (required with --remote)")
+	c.Flags().StringVar(&maxBundleSize, "max-bundle-size", "16GiB", "refuse a bundle file that unpacks to more than this (an unverified bundle could claim any size)")
 	c.Flags().StringVar(&remoteTLS.CA, "remote-ca", "", "PEM CA certificates: talk TLS to --remote (default: plaintext, for a trusted network)")
 	c.Flags().StringVar(&remoteTLS.Cert, "remote-client-cert", "", "PEM client certificate for --remote when it requires one (kiln serve --tls-client-ca)")
 	c.Flags().StringVar(&remoteTLS.Key, "remote-client-key", "", "PEM private key of --remote-client-cert")

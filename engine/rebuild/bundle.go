@@ -317,9 +317,17 @@ func tarFile(tw *tar.Writer, dir, p string) error {
 	return err
 }
 
+// DefaultMaxBundleBytes bounds what a bundle file may unpack to (kiln rebuild
+// --max-bundle-size): a bundle is untrusted until verified, and a small file can claim
+// terabytes (zstd, sparse tar entries).
+const DefaultMaxBundleBytes = 16 << 30
+
+// maxBundleEntries bounds the number of files a bundle file may hold.
+const maxBundleEntries = 1 << 20
+
 // OpenBundle returns the bundle's directory: path itself, or a temp directory holding
-// the tar file's contents (removed by the returned function).
-func OpenBundle(path string) (string, func(), error) {
+// the tar file's contents, at most maxBytes of them (removed by the returned function).
+func OpenBundle(path string, maxBytes int64) (string, func(), error) {
 	info, err := os.Stat(path)
 	if err != nil {
 		return "", nil, status.Errorf(codes.InvalidArgument, "bundle: %v", err)
@@ -335,7 +343,7 @@ func OpenBundle(path string) (string, func(), error) {
 		return "", nil, status.Errorf(codes.Internal, "bundle: %v", err)
 	}
 	done := func() { os.RemoveAll(dir) }
-	if err := extractTar(path, dir); err != nil {
+	if err := extractTar(path, dir, maxBytes); err != nil {
 		done()
 		return "", nil, err
 	}
@@ -358,8 +366,8 @@ func checkBundleTree(dir string) error {
 }
 
 // extractTar unpacks a bundle tar, zstd-compressed or not (told by its first bytes):
-// regular files only, no absolute or climbing names.
-func extractTar(path, dir string) error {
+// regular files only (not sparse), no absolute or climbing names, at most maxBytes.
+func extractTar(path, dir string, maxBytes int64) error {
 	f, err := os.Open(path)
 	if err != nil {
 		return status.Errorf(codes.InvalidArgument, "bundle: %v", err)
@@ -368,7 +376,8 @@ func extractTar(path, dir string) error {
 	br := bufio.NewReader(f)
 	var r io.Reader = br
 	if head, _ := br.Peek(len(zstdMagic)); bytes.Equal(head, zstdMagic) {
-		zr, err := zstd.NewReader(br)
+		// kiln writes 8 MiB windows; a frame claiming more would only cost memory.
+		zr, err := zstd.NewReader(br, zstd.WithDecoderMaxWindow(64<<20), zstd.WithDecoderConcurrency(1))
 		if err != nil {
 			return status.Errorf(codes.InvalidArgument, "bundle %s: %v", path, err)
 		}
@@ -376,7 +385,8 @@ func extractTar(path, dir string) error {
 		r = zr
 	}
 	tr := tar.NewReader(r)
-	for {
+	left := maxBytes
+	for n := 0; ; n++ {
 		h, err := tr.Next()
 		if errors.Is(err, io.EOF) {
 			return nil
@@ -385,9 +395,16 @@ func extractTar(path, dir string) error {
 			return status.Errorf(codes.InvalidArgument, "bundle %s: %v", path, err)
 		}
 		name := filepath.Clean(filepath.FromSlash(h.Name))
-		if h.Typeflag != tar.TypeReg || filepath.IsAbs(name) || name == ".." || strings.HasPrefix(name, ".."+string(filepath.Separator)) {
+		if h.Typeflag != tar.TypeReg || filepath.IsAbs(name) || name == ".." || strings.HasPrefix(name, ".."+string(filepath.Separator)) || sparse(h) {
 			return status.Errorf(codes.InvalidArgument, "bundle %s: refusing entry %q", path, h.Name)
 		}
+		if n >= maxBundleEntries {
+			return status.Errorf(codes.InvalidArgument, "bundle %s: more than %d files", path, maxBundleEntries)
+		}
+		if h.Size > left {
+			return status.Errorf(codes.InvalidArgument, "bundle %s: unpacks to more than %d bytes (at %q; kiln rebuild --max-bundle-size raises the bound)", path, maxBytes, h.Name)
+		}
+		left -= h.Size
 		target := filepath.Join(dir, name)
 		if err := os.MkdirAll(filepath.Dir(target), 0o755); err != nil {
 			return status.Errorf(codes.Internal, "bundle: %v", err)
@@ -396,12 +413,23 @@ func extractTar(path, dir string) error {
 		if err != nil {
 			return status.Errorf(codes.InvalidArgument, "bundle %s: %v", path, err)
 		}
-		_, err = io.Copy(out, tr)
+		_, err = io.CopyN(out, tr, h.Size)
 		out.Close()
 		if err != nil {
 			return status.Errorf(codes.InvalidArgument, "bundle %s: %v", path, err)
 		}
 	}
+}
+
+// sparse reports whether h is a GNU sparse file (archive/tar expands its holes, so its
+// few bytes in the archive can stand for any size).
+func sparse(h *tar.Header) bool {
+	for k := range h.PAXRecords {
+		if strings.HasPrefix(k, "GNU.sparse.") {
+			return true
+		}
+	}
+	return h.Typeflag == tar.TypeGNUSparse
 }
 
 // readManifest reads bundle.json.
