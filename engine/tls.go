@@ -45,6 +45,7 @@ type tlsReloader struct {
 
 	mu      sync.Mutex
 	stamp   [3]fileStamp // of the files current was loaded from
+	failed  [3]fileStamp // of the files that last failed to load: not retried until they change
 	current *tls.Config
 }
 
@@ -105,30 +106,39 @@ func (r *tlsReloader) reload(force bool) error {
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if !force && stamp == r.stamp {
-		return nil
+	if !force && (stamp == r.stamp || stamp == r.failed) {
+		return nil // unchanged, or the same broken files as last time (warned once)
 	}
-	cert, err := tls.LoadX509KeyPair(r.files.Cert, r.files.Key)
+	cfg, err := r.load()
 	if err != nil {
-		return fmt.Errorf("server certificate %s, key %s: %w", r.files.Cert, r.files.Key, err)
-	}
-	leaf := cert.Leaf
-	cfg := &tls.Config{MinVersion: tls.VersionTLS12, NextProtos: []string{"h2"}, Certificates: []tls.Certificate{cert}}
-	if r.files.ClientCA != "" {
-		pem, err := os.ReadFile(r.files.ClientCA)
-		if err != nil {
-			return err
-		}
-		pool := x509.NewCertPool()
-		if !pool.AppendCertsFromPEM(pem) {
-			return fmt.Errorf("client CAs %s: no PEM certificate in it", r.files.ClientCA)
-		}
-		cfg.ClientCAs, cfg.ClientAuth = pool, tls.RequireAndVerifyClientCert
+		r.failed = stamp
+		return err
 	}
 	r.stamp, r.current = stamp, cfg
-	if leaf != nil {
+	if leaf := cfg.Certificates[0].Leaf; leaf != nil {
 		r.log.Info("tls: certificate loaded", "subject", leaf.Subject.String(), "not_after", leaf.NotAfter.UTC(),
 			"client_certificates", r.files.ClientCA != "")
 	}
 	return nil
+}
+
+// load reads the files into a server configuration.
+func (r *tlsReloader) load() (*tls.Config, error) {
+	cert, err := tls.LoadX509KeyPair(r.files.Cert, r.files.Key)
+	if err != nil {
+		return nil, fmt.Errorf("server certificate %s, key %s: %w", r.files.Cert, r.files.Key, err)
+	}
+	cfg := &tls.Config{MinVersion: tls.VersionTLS12, NextProtos: []string{"h2"}, Certificates: []tls.Certificate{cert}}
+	if r.files.ClientCA != "" {
+		pem, err := os.ReadFile(r.files.ClientCA)
+		if err != nil {
+			return nil, err
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("client CAs %s: no PEM certificate in it", r.files.ClientCA)
+		}
+		cfg.ClientCAs, cfg.ClientAuth = pool, tls.RequireAndVerifyClientCert
+	}
+	return cfg, nil
 }

@@ -1,6 +1,7 @@
 package engine
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -8,6 +9,8 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -33,7 +36,8 @@ func TestServerTLS(t *testing.T) {
 	replace(t, sCert, files.Cert)
 	replace(t, sKey, files.Key)
 
-	tc, err := serverTLS(files, slog.New(slog.DiscardHandler))
+	var logs syncBuffer
+	tc, err := serverTLS(files, slog.New(slog.NewTextHandler(&logs, nil)))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -99,9 +103,32 @@ func TestServerTLS(t *testing.T) {
 	if err := os.WriteFile(files.Key, []byte("half written"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if got := served(); got != "server-2" {
-		t.Fatalf("with a broken key file, served %q, want the last good certificate (server-2)", got)
+	for i := 0; i < 3; i++ {
+		if got := served(); got != "server-2" {
+			t.Fatalf("with a broken key file, served %q, want the last good certificate (server-2)", got)
+		}
 	}
+	if n := strings.Count(logs.String(), "keeping the certificates already loaded"); n != 1 {
+		t.Fatalf("a broken rotation warned %d times over 3 handshakes, want once:\n%s", n, logs.String())
+	}
+}
+
+// syncBuffer is a bytes.Buffer safe for the concurrent writes of a logger.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }
 
 // TestTLSFilesCheck: incomplete or unreadable TLS configurations stop the server at

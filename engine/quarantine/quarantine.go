@@ -174,7 +174,7 @@ func (l *List) snapshot() map[string]bool {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.set == nil || !mod.Equal(l.seenMod) || l.readAt.Sub(mod) < racyWindow {
-		readAt := time.Now()
+		readAt := l.now()
 		set := map[string]bool{}
 		if ents, err := os.ReadDir(l.dir); err == nil {
 			for _, d := range ents {
