@@ -443,7 +443,7 @@ func TestMergeAndCancel(t *testing.T) {
 		t.Fatal(err)
 	}
 	<-e.sb.started
-	w2, _ := e.sched.Wait(w.Name())
+	w2, _ := e.sched.Wait(w.Name(), "")
 	w.Close()
 	w2.Close()
 	deadline := time.Now().Add(10 * time.Second)
@@ -509,7 +509,7 @@ func TestCancelOperationMerged(t *testing.T) {
 		t.Fatalf("merged clients share the operation name %s: one could cancel the other's", a.Name())
 	}
 	// A second watch on b's operation (WaitExecution) follows b's cancellation too.
-	b2, err := e.sched.Wait(b.Name())
+	b2, err := e.sched.Wait(b.Name(), "")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -598,14 +598,52 @@ func TestOperationRetention(t *testing.T) {
 		return w.Name()
 	}
 	first := run("a")
-	if w, err := e.sched.Wait(first); err != nil {
+	if w, err := e.sched.Wait(first, ""); err != nil {
 		t.Fatalf("finished operation within its retention: %v", err)
 	} else {
 		w.Close()
 	}
 	time.Sleep(300 * time.Millisecond)
 	run("b") // finishing another operation forgets the expired ones
-	if _, err := e.sched.Wait(first); status.Code(err) != codes.NotFound {
+	if _, err := e.sched.Wait(first, ""); status.Code(err) != codes.NotFound {
 		t.Fatalf("operation past its retention: %v, want NOT_FOUND", err)
 	}
+}
+
+// TestOperationOwner: an operation answers only the client that started it; to
+// another it is NOT_FOUND, as if it did not exist.
+func TestOperationOwner(t *testing.T) {
+	e := newTestEnv(t, 1)
+	e.sb.release = make(chan struct{})
+	root := e.put(t, &repb.Directory{})
+	d := e.action(t, &repb.Command{Arguments: []string{"block", "echo", "owned"}}, root, nil)
+	w, err := e.sched.Submit(context.Background(), Request{ActionDigest: d, Owner: "ci-a"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { // let the run finish before the test's directories go
+		close(e.sb.release)
+		w.Response(context.Background())
+		w.Close()
+	}()
+	if _, err := e.sched.Wait(w.Name(), "ci-b"); status.Code(err) != codes.NotFound {
+		t.Errorf("WaitExecution by another client: %v, want NOT_FOUND", err)
+	}
+	if _, err := e.sched.Get(w.Name(), "ci-b"); status.Code(err) != codes.NotFound {
+		t.Errorf("GetOperation by another client: %v, want NOT_FOUND", err)
+	}
+	if err := e.sched.Cancel(w.Name(), "ci-b"); status.Code(err) != codes.NotFound {
+		t.Errorf("CancelOperation by another client: %v, want NOT_FOUND", err)
+	}
+	if err := e.sched.Delete(w.Name(), "ci-b"); status.Code(err) != codes.NotFound {
+		t.Errorf("DeleteOperation by another client: %v, want NOT_FOUND", err)
+	}
+	if op, err := e.sched.Get(w.Name(), "ci-a"); err != nil || op.GetDone() {
+		t.Fatalf("the owner's GetOperation: %v %v, want it running", op, err)
+	}
+	w2, err := e.sched.Wait(w.Name(), "ci-a")
+	if err != nil {
+		t.Fatalf("the owner's WaitExecution: %v", err)
+	}
+	w2.Close()
 }

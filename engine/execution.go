@@ -41,7 +41,7 @@ func (e *executionServer) Execute(req *repb.ExecuteRequest, stream repb.Executio
 	if err != nil {
 		return err
 	}
-	w, err := e.s.Submit(ctx, Request{Instance: req.GetInstanceName(), ActionDigest: d, SkipCacheLookup: req.GetSkipCacheLookup()})
+	w, err := e.s.Submit(ctx, Request{Instance: req.GetInstanceName(), ActionDigest: d, SkipCacheLookup: req.GetSkipCacheLookup(), Owner: owner(ctx)})
 	if err != nil {
 		if status.Code(err) == codes.FailedPrecondition || status.Code(err) == codes.InvalidArgument {
 			// REAPI: errors about the action itself travel in the ExecuteResponse, so
@@ -55,7 +55,7 @@ func (e *executionServer) Execute(req *repb.ExecuteRequest, stream repb.Executio
 }
 
 func (e *executionServer) WaitExecution(req *repb.WaitExecutionRequest, stream repb.Execution_WaitExecutionServer) error {
-	w, err := e.s.Wait(req.GetName())
+	w, err := e.s.Wait(req.GetName(), owner(stream.Context()))
 	if err != nil {
 		return err
 	}
@@ -98,23 +98,30 @@ func sendFailed(stream opSender, d cache.Digest, err error) error {
 }
 
 func (e *executionServer) GetOperation(ctx context.Context, req *longrunningpb.GetOperationRequest) (*longrunningpb.Operation, error) {
-	return e.s.Get(req.GetName())
+	return e.s.Get(req.GetName(), owner(ctx))
 }
 
 // CancelOperation ends the caller's operation; an execution merged with other
 // clients' goes on for them (see Scheduler.Cancel).
 func (e *executionServer) CancelOperation(ctx context.Context, req *longrunningpb.CancelOperationRequest) (*emptypb.Empty, error) {
-	if err := e.s.Cancel(req.GetName()); err != nil {
+	if err := e.s.Cancel(req.GetName(), owner(ctx)); err != nil {
 		return nil, err
 	}
 	return &emptypb.Empty{}, nil
 }
 
 func (e *executionServer) DeleteOperation(ctx context.Context, req *longrunningpb.DeleteOperationRequest) (*emptypb.Empty, error) {
-	if err := e.s.Delete(req.GetName()); err != nil {
+	if err := e.s.Delete(req.GetName(), owner(ctx)); err != nil {
 		return nil, err
 	}
 	return &emptypb.Empty{}, nil
+}
+
+// owner names the caller for the operations it owns: its verified client
+// certificate's common name, or "" when the server does not require certificates.
+func owner(ctx context.Context) string {
+	cn, _ := clientCN(ctx)
+	return cn
 }
 
 func statusProto(err error) *rpcstatus.Status {

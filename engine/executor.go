@@ -162,6 +162,9 @@ type Request struct {
 	Variation *Variation
 	// Queued is when the request entered the queue, for the result's metadata.
 	Queued time.Time
+	// Owner names the client that asked (its certificate's common name; "" without
+	// client certificates): only it may wait on, cancel or delete the operation.
+	Owner string
 	// Notes are recorded in the action's link (e.g. a determinism check's outcome).
 	Notes []string
 	// CompareOnly marks a run made to compare its products, never to serve them (kiln

@@ -67,6 +67,7 @@ type execution struct {
 // CancelOperation ends its own wait and never a run other clients share.
 type operation struct {
 	name    string
+	owner   string // Request.Owner
 	exec    *execution
 	waiters int                   // watches on this operation
 	resp    *repb.ExecuteResponse // set when cancelled: it answers instead of exec's
@@ -136,7 +137,7 @@ func (s *Scheduler) Submit(ctx context.Context, req Request) (*Watch, error) {
 			s.mExec.WithLabelValues("cached").Inc()
 			ex := &execution{action: req.ActionDigest, changed: make(chan struct{})}
 			s.finish(ex, &repb.ExecuteResponse{Result: r, CachedResult: true, Status: statusProto(nil)})
-			return s.newOp(ex), nil
+			return s.newOp(ex, req.Owner), nil
 		} else if status.Code(err) != codes.NotFound {
 			return nil, err
 		}
@@ -148,7 +149,7 @@ func (s *Scheduler) Submit(ctx context.Context, req Request) (*Watch, error) {
 	s.mu.Lock()
 	if key != "" {
 		if ex := s.inflight[key]; ex != nil {
-			w := s.newOpLocked(ex) // under the lock that found ex, so its last client cannot cancel it first
+			w := s.newOpLocked(ex, req.Owner) // under the lock that found ex, so its last client cannot cancel it first
 			s.mu.Unlock()
 			s.mMerged.Inc()
 			return w, nil
@@ -166,7 +167,7 @@ func (s *Scheduler) Submit(ctx context.Context, req Request) (*Watch, error) {
 	if key != "" {
 		s.inflight[key] = ex
 	}
-	w := s.newOpLocked(ex)
+	w := s.newOpLocked(ex, req.Owner)
 	s.mu.Unlock()
 
 	req.Queued = time.Now()
@@ -174,18 +175,18 @@ func (s *Scheduler) Submit(ctx context.Context, req Request) (*Watch, error) {
 	return w, nil
 }
 
-// newOp names a new operation on ex and returns a Watch on it.
-func (s *Scheduler) newOp(ex *execution) *Watch {
+// newOp names a new operation of owner on ex and returns a Watch on it.
+func (s *Scheduler) newOp(ex *execution, owner string) *Watch {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.newOpLocked(ex)
+	return s.newOpLocked(ex, owner)
 }
 
 // newOpLocked is newOp for callers holding s.mu.
-func (s *Scheduler) newOpLocked(ex *execution) *Watch {
+func (s *Scheduler) newOpLocked(ex *execution, owner string) *Watch {
 	var b [16]byte
 	rand.Read(b[:])
-	op := &operation{name: "operations/" + hex.EncodeToString(b[:]), exec: ex}
+	op := &operation{name: "operations/" + hex.EncodeToString(b[:]), owner: owner, exec: ex}
 	s.ops[op.name] = op
 	return s.attachLocked(op)
 }
@@ -309,31 +310,32 @@ func (s *Scheduler) finish(ex *execution, resp *repb.ExecuteResponse) {
 	s.mu.Unlock()
 }
 
-// lookup returns the operation called name.
-func (s *Scheduler) lookup(name string) (*operation, error) {
+// lookup returns the operation called name, if owner may see it: another client's
+// operation is as unknown as one that never existed.
+func (s *Scheduler) lookup(name, owner string) (*operation, error) {
 	s.mu.Lock()
 	op := s.ops[name]
 	s.mu.Unlock()
-	if op == nil {
+	if op == nil || op.owner != owner {
 		return nil, status.Errorf(codes.NotFound, "operation %q not found (unknown, or finished too long ago)", name)
 	}
 	return op, nil
 }
 
-// Wait re-attaches to an operation by name.
-func (s *Scheduler) Wait(name string) (*Watch, error) {
-	op, err := s.lookup(name)
+// Wait re-attaches owner to its operation called name.
+func (s *Scheduler) Wait(name, owner string) (*Watch, error) {
+	op, err := s.lookup(name, owner)
 	if err != nil {
 		return nil, err
 	}
 	return s.attach(op), nil
 }
 
-// Cancel ends the operation called name for its client: its watches get CANCELLED.
-// The execution behind it goes on while operations merged into it still wait, and is
+// Cancel ends owner's operation called name: its watches get CANCELLED. The
+// execution behind it goes on while operations merged into it still wait, and is
 // cancelled when none does. Cancelling a finished operation does nothing.
-func (s *Scheduler) Cancel(name string) error {
-	op, err := s.lookup(name)
+func (s *Scheduler) Cancel(name, owner string) error {
+	op, err := s.lookup(name, owner)
 	if err != nil {
 		return err
 	}
@@ -363,12 +365,12 @@ func (s *Scheduler) release(ex *execution, n int) {
 	ex.cancel()
 }
 
-// Delete forgets a finished operation; a running one must be cancelled first.
-func (s *Scheduler) Delete(name string) error {
+// Delete forgets owner's finished operation; a running one must be cancelled first.
+func (s *Scheduler) Delete(name, owner string) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	op := s.ops[name]
-	if op == nil {
+	if op == nil || op.owner != owner {
 		return status.Errorf(codes.NotFound, "operation %q not found", name)
 	}
 	if _, resp := op.state(); resp == nil {
@@ -403,9 +405,9 @@ func (w *Watch) state() (repb.ExecutionStage_Value, *repb.ExecuteResponse, chan 
 	return stage, resp, w.op.exec.changed
 }
 
-// Get returns the operation called name as it stands, without waiting.
-func (s *Scheduler) Get(name string) (*longrunningpb.Operation, error) {
-	op, err := s.lookup(name)
+// Get returns owner's operation called name as it stands, without waiting.
+func (s *Scheduler) Get(name, owner string) (*longrunningpb.Operation, error) {
+	op, err := s.lookup(name, owner)
 	if err != nil {
 		return nil, err
 	}
