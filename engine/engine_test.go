@@ -120,7 +120,7 @@ func newTestEnv(t *testing.T, conc int) *testEnv {
 		t.Fatal(err)
 	}
 	return &testEnv{store: store, cas: cas, ac: ac, exec: ex, sb: sb,
-		sched: NewScheduler(ex, SchedulerConfig{Concurrency: conc, MaxQueue: 4})}
+		sched: NewScheduler(ex, SchedulerConfig{Concurrency: conc, MaxQueue: 4, CancelGrace: 50 * time.Millisecond})}
 }
 
 func (e *testEnv) put(t *testing.T, m proto.Message) cache.Digest {
@@ -462,10 +462,11 @@ func TestMergeAndCancel(t *testing.T) {
 
 	// Backpressure: one running, MaxQueue (4) waiting, the next is refused.
 	e.sb.release = make(chan struct{})
-	defer close(e.sb.release)
 	var held []*Watch
-	defer func() {
+	defer func() { // let every run finish before the test's directories go
+		close(e.sb.release)
 		for _, w := range held {
+			w.Response(context.Background())
 			w.Close()
 		}
 	}()
@@ -646,4 +647,35 @@ func TestOperationOwner(t *testing.T) {
 		t.Fatalf("the owner's WaitExecution: %v", err)
 	}
 	w2.Close()
+}
+
+// TestCancelGrace: a client whose stream dropped (its only watch closed) and that comes
+// back with WaitExecution within the grace period finds its execution still running and
+// gets the result; nothing ran twice.
+func TestCancelGrace(t *testing.T) {
+	e := newTestEnv(t, 1)
+	e.sched = NewScheduler(e.sched.exec, SchedulerConfig{Concurrency: 1, CancelGrace: time.Hour})
+	e.sb.release = make(chan struct{})
+	e.sb.started = make(chan string, 4)
+	root := e.put(t, &repb.Directory{})
+	d := e.action(t, &repb.Command{Arguments: []string{"block", "write", "o", "x"}, OutputFiles: []string{"o"}}, root, nil)
+	w, err := e.sched.Submit(context.Background(), Request{ActionDigest: d})
+	if err != nil {
+		t.Fatal(err)
+	}
+	<-e.sb.started
+	w.Close() // the stream dropped
+	back, err := e.sched.Wait(w.Name(), "")
+	if err != nil {
+		t.Fatalf("WaitExecution after the stream dropped: %v", err)
+	}
+	defer back.Close()
+	close(e.sb.release)
+	resp, err := back.Response(context.Background())
+	if err != nil || resp.GetStatus().GetCode() != 0 || len(resp.GetResult().GetOutputFiles()) != 1 {
+		t.Fatalf("the client that came back got %v %v, want the run's result", resp, err)
+	}
+	if n := e.sb.runs.Load(); n != 1 {
+		t.Fatalf("ran %d times", n)
+	}
 }

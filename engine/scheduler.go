@@ -27,6 +27,10 @@ type SchedulerConfig struct {
 	// VerifyRate is the fraction of cacheable actions (sampled by digest) run twice
 	// and compared before their result is cached (kiln serve --verify-rate).
 	VerifyRate float64
+	// CancelGrace is how long an execution whose clients all went away keeps running
+	// for one of them to come back with WaitExecution (a dropped stream); default 30 s.
+	// An execution whose every operation was cancelled stops at once.
+	CancelGrace time.Duration
 }
 
 // Scheduler queues executions, merges identical ones in flight, bounds concurrency and
@@ -56,7 +60,9 @@ type execution struct {
 	key     string
 	action  cache.Digest
 	stage   repb.ExecutionStage_Value
-	waiters int           // watches of operations not cancelled; 0 on an unfinished run cancels it
+	waiters int           // watches of operations not cancelled; 0 for CancelGrace on an unfinished run cancels it
+	live    int           // operations not cancelled; 0 on an unfinished run cancels it at once
+	grace   *time.Timer   // running while waiters == 0 on an unfinished run
 	changed chan struct{} // closed and replaced on every change of the execution or its operations
 	resp    *repb.ExecuteResponse
 	cancel  context.CancelFunc
@@ -100,6 +106,9 @@ func NewScheduler(exec *Executor, cfg SchedulerConfig) *Scheduler {
 	}
 	if cfg.Retain <= 0 {
 		cfg.Retain = 10 * time.Minute
+	}
+	if cfg.CancelGrace <= 0 {
+		cfg.CancelGrace = 30 * time.Second
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
@@ -188,6 +197,7 @@ func (s *Scheduler) newOpLocked(ex *execution, owner string) *Watch {
 	rand.Read(b[:])
 	op := &operation{name: "operations/" + hex.EncodeToString(b[:]), owner: owner, exec: ex}
 	s.ops[op.name] = op
+	ex.live++
 	return s.attachLocked(op)
 }
 
@@ -346,21 +356,45 @@ func (s *Scheduler) Cancel(name, owner string) error {
 	}
 	op.resp = &repb.ExecuteResponse{Status: statusProto(status.Error(codes.Canceled, "cancelled by CancelOperation"))}
 	op.doneAt = time.Now()
+	op.exec.live--
 	s.release(op.exec, op.waiters)
 	op.exec.notify()
 	return nil
 }
 
-// release drops n watches from ex; the last one to leave an unfinished execution
-// cancels it. Callers hold s.mu.
+// release drops n watches from ex. When none is left on an unfinished execution, it is
+// cancelled: at once if every operation on it was cancelled, else after CancelGrace
+// unless a client came back meanwhile. Callers hold s.mu.
 func (s *Scheduler) release(ex *execution, n int) {
 	ex.waiters -= n
 	if ex.waiters > 0 || ex.resp != nil || ex.cancel == nil {
 		return
 	}
-	s.log.Info("cancelling execution: every client left", "action", ex.action.String())
+	if ex.live == 0 {
+		s.stop(ex, "every operation on it was cancelled")
+		return
+	}
+	if ex.grace == nil {
+		ex.grace = time.AfterFunc(s.cfg.CancelGrace, func() {
+			s.mu.Lock()
+			defer s.mu.Unlock()
+			ex.grace = nil
+			if ex.waiters == 0 && ex.resp == nil {
+				s.stop(ex, "every client left and none came back")
+			}
+		})
+	}
+}
+
+// stop cancels ex. Callers hold s.mu.
+func (s *Scheduler) stop(ex *execution, why string) {
+	s.log.Info("cancelling execution: "+why, "action", ex.action.String())
 	if ex.key != "" && s.inflight[ex.key] == ex {
 		delete(s.inflight, ex.key) // a new Execute must not join a dying run
+	}
+	if ex.grace != nil {
+		ex.grace.Stop()
+		ex.grace = nil
 	}
 	ex.cancel()
 }
