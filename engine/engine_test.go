@@ -679,3 +679,17 @@ func TestCancelGrace(t *testing.T) {
 		t.Fatalf("ran %d times", n)
 	}
 }
+
+// TestCachedRetention: operations answered from the action cache are kept a minute,
+// others for Retain.
+func TestCachedRetention(t *testing.T) {
+	s := &Scheduler{cfg: SchedulerConfig{Retain: 10 * time.Minute}}
+	cached := &operation{exec: &execution{resp: &repb.ExecuteResponse{CachedResult: true}}}
+	ran := &operation{exec: &execution{resp: &repb.ExecuteResponse{}}}
+	if got := s.retention(cached); got != cachedRetain {
+		t.Errorf("cached: %v, want %v", got, cachedRetain)
+	}
+	if got := s.retention(ran); got != 10*time.Minute {
+		t.Errorf("executed: %v, want 10m", got)
+	}
+}

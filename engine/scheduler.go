@@ -312,12 +312,24 @@ func (s *Scheduler) finish(ex *execution, resp *repb.ExecuteResponse) {
 	if now.Sub(s.pruned) > s.cfg.Retain/10 {
 		s.pruned = now
 		for name, op := range s.ops {
-			if t := op.finishedAt(); !t.IsZero() && now.Sub(t) > s.cfg.Retain {
+			if t := op.finishedAt(); !t.IsZero() && now.Sub(t) > s.retention(op) {
 				delete(s.ops, name)
 			}
 		}
 	}
 	s.mu.Unlock()
+}
+
+// cachedRetain bounds how long an operation answered from the action cache is kept: a
+// client that lost it may as well Execute again, and a large cached build makes many.
+const cachedRetain = time.Minute
+
+// retention is how long a finished op answers WaitExecution. Callers hold s.mu.
+func (s *Scheduler) retention(op *operation) time.Duration {
+	if _, resp := op.state(); resp.GetCachedResult() && s.cfg.Retain > cachedRetain {
+		return cachedRetain
+	}
+	return s.cfg.Retain
 }
 
 // lookup returns the operation called name, if owner may see it: another client's
