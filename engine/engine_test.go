@@ -397,6 +397,22 @@ func TestFailuresAreNotCached(t *testing.T) {
 		if _, err := e.ac.Get(context.Background(), cache.ActionKey{Action: d}); status.Code(err) != codes.NotFound {
 			t.Fatalf("%s: result was cached", c.name)
 		}
+		// A failed action's client gets a readable account of the sandbox's end.
+		lf := resp.GetServerLogs()["kiln-sandbox"]
+		failed := resp.GetResult().GetExitCode() != 0
+		if failed != (lf != nil) {
+			t.Fatalf("%s: exit %d, server logs %v", c.name, resp.GetResult().GetExitCode(), resp.GetServerLogs())
+		}
+		if lf != nil {
+			ld, _ := cache.FromProto(lf.GetDigest())
+			report, err := cache.ReadAll(context.Background(), e.cas, ld, 0)
+			if err != nil || !lf.GetHumanReadable() || !strings.Contains(string(report), "exit code   "+fmt.Sprint(resp.GetResult().GetExitCode())) {
+				t.Fatalf("%s: report %q %v", c.name, report, err)
+			}
+			if c.name == "timeout" && !strings.Contains(string(report), "timed out") {
+				t.Fatalf("timeout report does not say so: %q", report)
+			}
+		}
 	}
 }
 

@@ -188,6 +188,9 @@ type Execution struct {
 	Job      JobResult
 	// Attest is the time signing and recording the link took on the action's path.
 	Attest time.Duration
+	// ServerLogs, for ExecuteResponse.server_logs: "kiln-sandbox", a human-readable
+	// account of how the sandbox ended, for actions that failed.
+	ServerLogs map[string]*repb.LogFile
 }
 
 // Action is a parsed, validated action.
@@ -455,6 +458,18 @@ func (e *Executor) Execute(ctx context.Context, req Request, a *Action) (*Execut
 			}
 		}
 	}
+	if jr.ExitCode != 0 || jr.TimedOut || jr.OOMKilled || jr.Signal != "" {
+		if len(jr.Policy) > 0 { // the report names it (the attester stores it too)
+			if _, err := cache.PutBytes(ctx, e.cfg.CAS, jr.Policy); err != nil {
+				return nil, err
+			}
+		}
+		d, err := cache.PutBytes(ctx, e.cfg.CAS, sandboxReport(a, tcDigest, jr, e.cfg.WorkerName))
+		if err != nil {
+			return nil, cache.PrefixError(err, "store the sandbox report of %s", a.Digest)
+		}
+		ex.ServerLogs = map[string]*repb.LogFile{"kiln-sandbox": {Digest: d.Proto(), HumanReadable: true}}
+	}
 	cacheable := checked && jr.ExitCode == 0 && !jr.TimedOut && !a.Action.GetDoNotCache() && !req.NoCache
 	if cacheable {
 		if err := e.cfg.AC.Put(ctx, cache.ActionKey{Instance: req.Instance, Action: a.Digest}, res); err != nil {
@@ -462,6 +477,31 @@ func (e *Executor) Execute(ctx context.Context, req Request, a *Action) (*Execut
 		}
 	}
 	return ex, nil
+}
+
+// sandboxReport says, for people, how an action's sandbox ended: what a failed
+// action's client finds in ExecuteResponse.server_logs["kiln-sandbox"].
+func sandboxReport(a *Action, toolchain string, jr JobResult, worker string) []byte {
+	var b strings.Builder
+	fmt.Fprintf(&b, "kiln sandbox report\naction      %s\ntoolchain   %s\nworker      %s\n", a.Digest, toolchain, worker)
+	fmt.Fprintf(&b, "exit code   %d\n", jr.ExitCode)
+	if jr.Signal != "" {
+		fmt.Fprintf(&b, "signal      %s\n", jr.Signal)
+	}
+	if jr.TimedOut {
+		fmt.Fprintf(&b, "timed out   after %v (killed)\n", a.Timeout)
+	}
+	if jr.OOMKilled {
+		b.WriteString("memory      out of memory (killed by the OOM killer at the sandbox's limit)\n")
+	}
+	fmt.Fprintf(&b, "time        wall %v, user %v, system %v\nmax RSS     %d KiB\n", jr.Wall, jr.User, jr.Sys, jr.MaxRSS/1024)
+	if jr.StdoutTruncated || jr.StderrTruncated {
+		fmt.Fprintf(&b, "truncated   stdout %t, stderr %t (at the sandbox's cap)\n", jr.StdoutTruncated, jr.StderrTruncated)
+	}
+	if len(jr.Policy) > 0 {
+		fmt.Fprintf(&b, "policy      %s (namespaces, seccomp profile, limits: blob %s in the CAS)\n", jr.PolicyDigest, cache.DigestOf(jr.Policy))
+	}
+	return []byte(b.String())
 }
 
 // storeLog stores a captured stdout or stderr file.

@@ -245,7 +245,7 @@ func (s *Scheduler) run(ctx context.Context, ex *execution, req Request, a *Acti
 		resp.Status = statusProto(err)
 		s.log.Info("execution failed", "action", req.ActionDigest.String(), "code", status.Code(err).String(), "err", status.Convert(err).Message())
 	default:
-		resp.Result, resp.Status, resp.Message = res.Result, statusProto(res.Status), res.Message
+		resp.Result, resp.Status, resp.Message, resp.ServerLogs = res.Result, statusProto(res.Status), res.Message, res.ServerLogs
 		if res.Result.GetExitCode() == 0 && res.Status == nil {
 			s.mExec.WithLabelValues("ok").Inc()
 		} else {

@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"testing"
@@ -126,9 +127,17 @@ cc_binary(
 	if err == nil || !strings.Contains(out, "Connection refused") || strings.Contains(out, "host secret") {
 		t.Fatalf("network genrule: err=%v, want a failure showing the refused connection\n%s", err, out)
 	}
-	out, err = r.build(t, "//hostile:broken")
+	out, err = r.build(t, "//hostile:broken", "--verbose_failures")
 	if err == nil || !strings.Contains(out, "undefined_symbol_kiln") || !strings.Contains(out, "error:") {
 		t.Fatalf("compile error: err=%v, want the compiler's stderr\n%s", err, out)
+	}
+	// Bazel downloads the failed action's server log (kiln's sandbox report) and says where.
+	m := regexp.MustCompile(`Server logs of failing action:\s+(\S+/kiln-sandbox)`).FindStringSubmatch(out)
+	if m == nil {
+		t.Fatalf("compile error: Bazel shows no kiln-sandbox server log\n%s", out)
+	}
+	if report, err := os.ReadFile(m[1]); err != nil || !strings.Contains(string(report), "exit code   1") || !strings.Contains(string(report), "policy      sha256:") {
+		t.Fatalf("sandbox report from Bazel's download: %v\n%s", err, report)
 	}
 	out, err = r.build(t, "//hostile:sleepy")
 	if err == nil || !strings.Contains(out, "failed due to timeout") {
