@@ -90,14 +90,7 @@ kiln serve on it no longer hands it out) or the provenance did not verify (nothi
 nothing quarantined); 2 usage or set-up error.`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if len(keyFiles) == 0 {
-				return &exitError{code: 2, msg: "--key is required: the public key(s) the provenance and links must be signed with"}
-			}
-			raw, err := os.ReadFile(args[0])
-			if err != nil {
-				return &exitError{code: 2, msg: err.Error()}
-			}
-			trust, err := loadKeys(keyFiles)
+			raw, trust, err := readSigned(args[0], keyFiles, "the public key(s) the provenance and links must be signed with")
 			if err != nil {
 				return err
 			}
@@ -200,14 +193,7 @@ it is about --subject (when given), and exit 0 only if its result is PASSED (1 w
 FAILED or when anything does not verify).`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if len(keyFiles) == 0 {
-				return &exitError{code: 2, msg: "--key is required"}
-			}
-			raw, err := os.ReadFile(args[0])
-			if err != nil {
-				return &exitError{code: 2, msg: err.Error()}
-			}
-			trust, err := loadKeys(keyFiles)
+			raw, trust, err := readSigned(args[0], keyFiles, "the public key(s) the summary must be signed with")
 			if err != nil {
 				return err
 			}
@@ -239,4 +225,21 @@ FAILED or when anything does not verify).`,
 	c.Flags().StringVar(&subject, "subject", "", "the artifact the summary must be about: a file, or its sha256 digest")
 	c.Flags().BoolVar(&jsonOut, "json", false, "print JSON")
 	return c
+}
+
+// readSigned reads a signed document and the keys it must verify with (--key, which
+// keyHelp describes); both failures are usage errors (exit 2).
+func readSigned(path string, keyFiles []string, keyHelp string) ([]byte, keys.Trust, error) {
+	if len(keyFiles) == 0 {
+		return nil, keys.Trust{}, &exitError{code: 2, msg: "--key is required: " + keyHelp}
+	}
+	raw, err := os.ReadFile(path)
+	if err != nil {
+		return nil, keys.Trust{}, &exitError{code: 2, msg: err.Error()}
+	}
+	trust, err := loadKeys(keyFiles)
+	if err != nil {
+		return nil, keys.Trust{}, err
+	}
+	return raw, trust, nil
 }
