@@ -2,6 +2,7 @@ package engine
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -48,6 +49,9 @@ type ServerConfig struct {
 	Version string
 	// TLS, if enabled, makes the gRPC listener TLS (and mTLS with a client CA).
 	TLS TLSFiles
+	// HTTPTLS serves /metrics and /healthz over TLS too, with TLS's certificate (and
+	// client certificates when TLS.ClientCA is set).
+	HTTPTLS bool
 	// AuthzFile, if set, is the authorization policy (AuthzPolicy, JSON): what each
 	// client certificate may do. It needs TLS.ClientCA.
 	AuthzFile string
@@ -96,13 +100,28 @@ func Serve(ctx context.Context, cfg ServerConfig) error {
 		}
 		authz = p
 	}
+	if cfg.HTTPTLS && !cfg.TLS.Enabled() {
+		return status.Error(codes.InvalidArgument, "--http-tls needs --tls-cert and --tls-key")
+	}
 	var creds grpc.ServerOption
+	var httpTLS *tls.Config
 	if cfg.TLS.Enabled() {
 		tc, err := serverTLS(cfg.TLS, log)
 		if err != nil {
 			return err
 		}
 		creds = grpc.Creds(credentials.NewTLS(tc))
+		if cfg.HTTPTLS {
+			httpTLS = &tls.Config{MinVersion: tls.VersionTLS12, GetConfigForClient: func(hello *tls.ClientHelloInfo) (*tls.Config, error) {
+				c, err := tc.GetConfigForClient(hello)
+				if err != nil {
+					return nil, err
+				}
+				c = c.Clone()
+				c.NextProtos = []string{"http/1.1"}
+				return c, nil
+			}}
+		}
 	}
 	if cfg.AllowClientACWrites && !cfg.Execution.Disabled {
 		// A client that may write results could plant one for any action this server
@@ -196,6 +215,9 @@ func Serve(ctx context.Context, cfg ServerConfig) error {
 			fmt.Fprintln(w, "ok")
 		})
 		httpSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+		if httpTLS != nil {
+			hl = tls.NewListener(hl, httpTLS)
+		}
 		go httpSrv.Serve(hl)
 	}
 

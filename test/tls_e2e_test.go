@@ -3,6 +3,9 @@ package test
 import (
 	"crypto/tls"
 	"crypto/x509"
+	"fmt"
+	"io"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -81,6 +84,7 @@ func TestServeTLSFlags(t *testing.T) {
 		{"--tls-client-ca", ca.Cert},
 		{"--tls-cert", sCert, "--tls-key", ca.Cert},
 		{"--tls-cert", sCert, "--tls-key", sKey, "--authz", ca.Cert}, // --authz needs client certificates
+		{"--http-tls"}, // needs --tls-cert
 	} {
 		res := harness.Run(t, append([]string{"serve", "--data", t.TempDir(), "--listen", "127.0.0.1:0", "--http-listen", ""}, args...)...)
 		if res.Code == 0 || strings.Count(strings.TrimSpace(res.Stderr), "\n") != 0 || !strings.Contains(res.Stderr, "tls") && !strings.Contains(res.Stderr, "authz") {
@@ -156,5 +160,46 @@ func TestAuthzPolicyE2E(t *testing.T) {
 	}
 	if _, err := other.GetCapabilities(ctx); err != nil {
 		t.Fatalf("capabilities for a client no rule names: %v (negotiation is open)", err)
+	}
+}
+
+// TestServeHTTPTLS: with --http-tls, /metrics and /healthz answer over TLS to clients
+// holding a certificate of the client CA, and to nobody in plaintext.
+func TestServeHTTPTLS(t *testing.T) {
+	ca := testpki.NewCA(t, "kiln-ca")
+	sCert, sKey := ca.Server(t, "kiln-server")
+	cCert, cKey := ca.Client(t, "prometheus")
+	srv := harness.StartServer(t, "--no-execution", "--tls-cert", sCert, "--tls-key", sKey, "--tls-client-ca", ca.Cert, "--http-tls")
+	roots := x509.NewCertPool()
+	pem, _ := os.ReadFile(ca.Cert)
+	roots.AppendCertsFromPEM(pem)
+	get := func(url string, certs []tls.Certificate) (string, error) {
+		c := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: roots, Certificates: certs}}}
+		resp, err := c.Get(url)
+		if err != nil {
+			return "", err
+		}
+		defer resp.Body.Close()
+		b, err := io.ReadAll(resp.Body)
+		if resp.StatusCode != http.StatusOK {
+			return string(b), fmt.Errorf("status %d", resp.StatusCode)
+		}
+		return string(b), err
+	}
+	kp, err := tls.LoadX509KeyPair(cCert, cKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if body, err := get("https://"+srv.HTTP+"/healthz", []tls.Certificate{kp}); err != nil || strings.TrimSpace(body) != "ok" {
+		t.Fatalf("healthz over mTLS: %q %v", body, err)
+	}
+	if body, err := get("https://"+srv.HTTP+"/metrics", []tls.Certificate{kp}); err != nil || !strings.Contains(body, "kiln_") {
+		t.Fatalf("metrics over mTLS: %v", err)
+	}
+	if _, err := get("https://"+srv.HTTP+"/metrics", nil); err == nil {
+		t.Fatal("metrics served to a client without a certificate")
+	}
+	if _, err := get("http://"+srv.HTTP+"/metrics", nil); err == nil {
+		t.Fatal("metrics served in plaintext")
 	}
 }

@@ -61,6 +61,7 @@ func newServeCmd() *cobra.Command {
 	f.StringVar(&cfg.TLS.Cert, "tls-cert", "", "PEM certificate chain: serve gRPC over TLS (files are re-read when they change)")
 	f.StringVar(&cfg.TLS.Key, "tls-key", "", "PEM private key of --tls-cert")
 	f.StringVar(&cfg.TLS.ClientCA, "tls-client-ca", "", "PEM CA certificates: require clients to present a certificate they signed (mTLS)")
+	f.BoolVar(&cfg.HTTPTLS, "http-tls", false, "serve /metrics and /healthz over TLS too, with --tls-cert (and client certificates with --tls-client-ca)")
 	f.StringVar(&cfg.AuthzFile, "authz", "", "authorization policy (JSON): what each client certificate may do (read, write, execute, fetch); needs --tls-client-ca; see docs/serve.md")
 	f.StringVar(&cfg.ExecutorKeyFile, "key-file", "", "executor signing key (ed25519, PKCS #8 PEM); default: the data dir's own key, created on first start")
 	addDataFlag(cmd, &data)
