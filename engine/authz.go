@@ -1,6 +1,7 @@
 package engine
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -9,10 +10,9 @@ import (
 	"slices"
 	"strings"
 
+	"github.com/kilnbuild/kiln/engine/reapi"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials"
-	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
 )
 
@@ -47,7 +47,7 @@ func LoadAuthzPolicy(file string) (*AuthzPolicy, error) {
 	if err != nil {
 		return nil, status.Errorf(codes.InvalidArgument, "authz policy: %v", err)
 	}
-	dec := json.NewDecoder(strings.NewReader(string(b)))
+	dec := json.NewDecoder(bytes.NewReader(b))
 	dec.DisallowUnknownFields()
 	p := &AuthzPolicy{file: file}
 	if err := dec.Decode(p); err != nil {
@@ -128,15 +128,11 @@ func (p *AuthzPolicy) check(ctx context.Context, method string) error {
 
 // clientCN is the common name of ctx's verified client certificate.
 func clientCN(ctx context.Context) (string, bool) {
-	pr, ok := peer.FromContext(ctx)
+	c, ok := reapi.ClientCert(ctx)
 	if !ok {
 		return "", false
 	}
-	ti, ok := pr.AuthInfo.(credentials.TLSInfo)
-	if !ok || len(ti.State.VerifiedChains) == 0 || len(ti.State.VerifiedChains[0]) == 0 {
-		return "", false
-	}
-	return ti.State.VerifiedChains[0][0].Subject.CommonName, true
+	return c.Subject.CommonName, true
 }
 
 // ServerOptions returns interceptors that enforce the policy on every call.

@@ -83,6 +83,21 @@ func waitGone(t *testing.T, pid int) {
 	t.Fatalf("process %d is still alive", pid)
 }
 
+// requireNothingLeft fails t if a closed Runner's state dir still holds containers,
+// mounts or cgroups.
+func requireNothingLeft(t *testing.T, dir string) {
+	t.Helper()
+	if ents, _ := os.ReadDir(filepath.Join(dir, "containers")); len(ents) != 0 {
+		t.Errorf("containers left: %v", ents)
+	}
+	if n := mountsUnder(t, dir); n != 0 {
+		t.Errorf("%d mounts left", n)
+	}
+	if left := cgroupLeftovers(t, sandbox.CgroupName(dir)); len(left) != 0 {
+		t.Errorf("cgroups left: %v", left)
+	}
+}
+
 func mountsUnder(t *testing.T, dir string) int {
 	t.Helper()
 	b, err := os.ReadFile("/proc/self/mountinfo")

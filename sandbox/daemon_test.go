@@ -119,15 +119,7 @@ func TestDaemonCrash(t *testing.T) {
 	if err := r.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if ents, _ := os.ReadDir(filepath.Join(dir, "containers")); len(ents) != 0 {
-		t.Errorf("containers left: %v", ents)
-	}
-	if n := mountsUnder(t, dir); n != 0 {
-		t.Errorf("%d mounts left", n)
-	}
-	if left := cgroupLeftovers(t, sandbox.CgroupName(dir)); len(left) != 0 {
-		t.Errorf("cgroups left: %v", left)
-	}
+	requireNothingLeft(t, dir)
 }
 
 // TestCloseAfterDaemonCrash: Close of a Runner whose daemon died (and was never
@@ -157,12 +149,7 @@ func TestCloseAfterDaemonCrash(t *testing.T) {
 	if err := r.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if n := mountsUnder(t, dir); n != 0 {
-		t.Errorf("%d mounts left", n)
-	}
-	if left := cgroupLeftovers(t, sandbox.CgroupName(dir)); len(left) != 0 {
-		t.Errorf("cgroups left: %v", left)
-	}
+	requireNothingLeft(t, dir)
 }
 
 // TestOutputWriters: streams given as Writers (a file, any other writer) get the

@@ -57,15 +57,7 @@ func TestCloseDestroysPreparedSandboxes(t *testing.T) {
 	if err := r.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if ents, _ := os.ReadDir(filepath.Join(dir, "containers")); len(ents) != 0 {
-		t.Errorf("containers left: %v", ents)
-	}
-	if n := mountsUnder(t, dir); n != 0 {
-		t.Errorf("%d mounts left", n)
-	}
-	if left := cgroupLeftovers(t, sandbox.CgroupName(dir)); len(left) != 0 {
-		t.Errorf("cgroups left: %v", left)
-	}
+	requireNothingLeft(t, dir)
 	b, _ := os.ReadFile("/proc/self/mountinfo")
 	if strings.Contains(string(b), dir) {
 		t.Errorf("mounts left under %s", dir)
