@@ -758,6 +758,16 @@ func (s *Store) Verify(d cache.Digest) error {
 	return nil
 }
 
+// BlobFile implements cache.LocalFiles: the verified file of blob d (see Verify).
+func (s *Store) BlobFile(_ context.Context, d cache.Digest) (string, error) {
+	if err := s.Verify(d); err != nil {
+		return "", err
+	}
+	return s.casPath(d.Hash), nil
+}
+
+var _ cache.LocalFiles = (*Store)(nil)
+
 // Stats summarises the store for logs and CLI output.
 func (s *Store) Stats() (entries int, bytes int64) {
 	s.mu.Lock()
