@@ -470,7 +470,10 @@ func (e *Executor) Execute(ctx context.Context, req Request, a *Action) (*Execut
 		}
 		ex.ServerLogs = map[string]*repb.LogFile{"kiln-sandbox": {Digest: d.Proto(), HumanReadable: true}}
 	}
-	cacheable := checked && jr.ExitCode == 0 && !jr.TimedOut && !a.Action.GetDoNotCache() && !req.NoCache
+	// A truncated stdout or stderr is not what the action wrote: such a result is
+	// returned, never cached.
+	cacheable := checked && jr.ExitCode == 0 && !jr.TimedOut && !jr.StdoutTruncated && !jr.StderrTruncated &&
+		!a.Action.GetDoNotCache() && !req.NoCache
 	if cacheable {
 		if err := e.cfg.AC.Put(ctx, cache.ActionKey{Instance: req.Instance, Action: a.Digest}, res); err != nil {
 			e.log.Warn("action cache write failed", "action", a.Digest.String(), "err", err)

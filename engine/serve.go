@@ -8,11 +8,14 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"os"
+	"runtime/debug"
 	"time"
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"github.com/kilnbuild/kiln/cache"
 	"github.com/kilnbuild/kiln/engine/asset"
+	"github.com/kilnbuild/kiln/engine/limits"
 	"github.com/kilnbuild/kiln/engine/reapi"
 	"github.com/kilnbuild/kiln/lockfiles"
 	"github.com/kilnbuild/kiln/toolchains"
@@ -57,7 +60,25 @@ type ServerConfig struct {
 	AuthzFile string
 	// Ready, if set, is called with the bound addresses once the server accepts calls.
 	Ready func(grpcAddr, httpAddr string)
+	// Limits bound what clients can make the server hold (docs/serve.md, "Limits").
+	Limits Limits
 }
+
+// Limits bound what clients can make kiln serve hold, in all and per client (clients
+// are told apart by certificate, or else by IP address; reapi.ClientID).
+type Limits struct {
+	// MaxMemory is the memory budget requests are charged to; 0: limits.DefaultMemory.
+	MaxMemory int64
+	// ClientMemory is the most of it one client may hold; 0: a quarter of MaxMemory.
+	ClientMemory int64
+	// ClientUploads and MaxUploads bound ByteStream uploads in progress per client and
+	// in all; 0: reapi.DefaultClientUploads and reapi.DefaultMaxUploads.
+	ClientUploads, MaxUploads int
+}
+
+// maxStreams bounds the concurrent calls of one connection (gRPC's own default is
+// unbounded, and each costs a goroutine and buffers).
+const maxStreams = 1024
 
 // ClientACNamespace is where client-written action results are kept (see
 // cache.WithNamespace).
@@ -149,7 +170,10 @@ func Serve(ctx context.Context, cfg ServerConfig) error {
 		return err
 	}
 	defer eng.Close()
-	ropts := reapi.Options{AllowClientACWrites: cfg.AllowClientACWrites, Logger: log}
+	mem := newBudget(cfg.Limits, log)
+	mem.Register(reg)
+	ropts := reapi.Options{AllowClientACWrites: cfg.AllowClientACWrites, Logger: log, Memory: mem,
+		ClientUploads: cfg.Limits.ClientUploads, MaxUploads: cfg.Limits.MaxUploads}
 	if !cfg.Execution.Disabled {
 		ropts.ExecutionCapabilities = &repb.ExecutionCapabilities{
 			DigestFunction:  repb.DigestFunction_SHA256,
@@ -166,7 +190,7 @@ func Serve(ctx context.Context, cfg ServerConfig) error {
 	srv := reapi.New(eng.CAS, ac, ropts)
 	defer srv.Close()
 	obs := reapi.NewObserver(reg, log)
-	gopts := append(obs.ServerOptions(), grpc.MaxRecvMsgSize(reapi.MaxMessageSize))
+	gopts := append(obs.ServerOptions(), grpc.MaxRecvMsgSize(reapi.MaxMessageSize), grpc.MaxConcurrentStreams(maxStreams))
 	if creds != nil {
 		gopts = append(gopts, creds)
 	}
@@ -227,7 +251,7 @@ func Serve(ctx context.Context, cfg ServerConfig) error {
 	entries, bytes := eng.Store.Stats()
 	log.Info("kiln serving", "grpc", lis.Addr().String(), "http", httpAddr, "data", string(cfg.Data),
 		"store_entries", entries, "store_bytes", bytes, "max_size", cfg.MaxSize, "client_ac_writes", cfg.AllowClientACWrites, "tls", cfg.TLS.Enabled(), "client_certificates", cfg.TLS.ClientCA != "",
-		"execution", !cfg.Execution.Disabled)
+		"execution", !cfg.Execution.Disabled, "max_memory", mem.Total(), "client_memory", mem.PerClient())
 	if cfg.Ready != nil {
 		cfg.Ready(lis.Addr().String(), httpAddr)
 	}
@@ -257,6 +281,28 @@ func Serve(ctx context.Context, cfg ServerConfig) error {
 	}
 	log.Info("stopped")
 	return nil
+}
+
+// newBudget makes the server's memory budget and, unless GOMEMLIMIT is set, tells the
+// Go runtime to collect garbage harder as the heap nears half as much again (what the
+// budget does not count: the store's index, gRPC's connections, garbage not yet
+// collected), so the process stays near its budget.
+func newBudget(l Limits, log *slog.Logger) *limits.Budget {
+	total := l.MaxMemory
+	if total <= 0 {
+		total = limits.DefaultMemory()
+	}
+	client := l.ClientMemory
+	if client <= 0 {
+		client = total / 4
+	}
+	if os.Getenv("GOMEMLIMIT") == "" {
+		debug.SetMemoryLimit(total + total/2)
+	}
+	if client > total {
+		log.Warn("--client-max-memory is more than --max-memory; one client may use the whole budget", "client_memory", client, "max_memory", total)
+	}
+	return limits.NewBudget(total, client)
 }
 
 // pinner returns the lockfile as a toolchain tag pinner, or none.

@@ -16,6 +16,8 @@ func newServeCmd() *cobra.Command {
 		cfg     engine.ServerConfig
 		data    string
 		maxSize string
+		maxMem  string
+		cliMem  string
 		logFlag logFlags
 	)
 	cmd := &cobra.Command{
@@ -28,6 +30,20 @@ func newServeCmd() *cobra.Command {
 				return err
 			}
 			cfg.MaxSize = n
+			for _, m := range []struct {
+				flag, val string
+				dst       *int64
+			}{{"--max-memory", maxMem, &cfg.Limits.MaxMemory}, {"--client-max-memory", cliMem, &cfg.Limits.ClientMemory}} {
+				if m.val == "" {
+					continue
+				}
+				if *m.dst, err = parseSize(m.val); err != nil || *m.dst == 0 {
+					return &exitError{code: 2, msg: fmt.Sprintf("%s %q: want a size like 4GiB", m.flag, m.val)}
+				}
+			}
+			if cfg.Limits.ClientUploads < 0 || cfg.Limits.MaxUploads < 0 {
+				return &exitError{code: 2, msg: "--client-max-uploads and --max-uploads must not be negative"}
+			}
 			if r := cfg.Execution.VerifyRate; r < 0 || r > 1 || r != r {
 				return &exitError{code: 2, msg: fmt.Sprintf("--verify-rate %v: want a fraction from 0 to 1", r)}
 			}
@@ -47,6 +63,10 @@ func newServeCmd() *cobra.Command {
 	f.StringVar(&maxSize, "max-size", "0", "bound on the store's size, e.g. 50GiB (0: unbounded)")
 	f.BoolVar(&cfg.AllowClientACWrites, "allow-client-ac-writes", false, "let clients write the action cache (cache-only deployments; never with remote execution)")
 	f.BoolVar(&cfg.Fsync, "fsync", false, "fsync every blob before it becomes visible (durability across power loss)")
+	f.StringVar(&maxMem, "max-memory", "", "memory budget that uploads, reads and tree walks are charged to, e.g. 4GiB (default: a quarter of the machine's memory)")
+	f.StringVar(&cliMem, "client-max-memory", "", "most of --max-memory one client may hold (default: a quarter of it)")
+	f.IntVar(&cfg.Limits.ClientUploads, "client-max-uploads", 0, "ByteStream uploads in progress per client (default 512)")
+	f.IntVar(&cfg.Limits.MaxUploads, "max-uploads", 0, "ByteStream uploads in progress in all (default 4096)")
 	ex := &cfg.Execution
 	f.BoolVar(&ex.Disabled, "no-execution", false, "serve storage only (no Execution service, no sandbox)")
 	f.StringVar(&ex.DefaultToolchain, "default-toolchain", "", "container-image for actions that name none (a pinned reference)")

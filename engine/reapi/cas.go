@@ -11,6 +11,7 @@ import (
 	rpcstatus "google.golang.org/genproto/googleapis/rpc/status"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 )
 
 // casServer implements ContentAddressableStorage; the chunking methods added in REAPI
@@ -99,6 +100,19 @@ func (c casServer) BatchUpdateBlobs(ctx context.Context, req *repb.BatchUpdateBl
 	if err := checkBatch(ps); err != nil {
 		return nil, err
 	}
+	// The request is held until every blob is stored, and one zstd decoder at a time.
+	cost := int64(proto.Size(req))
+	for _, r := range req.GetRequests() {
+		if r.GetCompressor() == repb.Compressor_ZSTD {
+			cost += zstdDecoderFixed + zstdWindowCost(batchZstdMemory)
+			break
+		}
+	}
+	mem, err := c.s.opts.Memory.Charge(ClientID(ctx), "BatchUpdateBlobs", cost)
+	if err != nil {
+		return nil, err
+	}
+	defer mem.Release()
 	resp := &repb.BatchUpdateBlobsResponse{Responses: make([]*repb.BatchUpdateBlobsResponse_Response, len(req.GetRequests()))}
 	for i, r := range req.GetRequests() {
 		resp.Responses[i] = &repb.BatchUpdateBlobsResponse_Response{Digest: r.GetDigest(), Status: statusProto(c.updateOne(ctx, r))}
@@ -115,7 +129,7 @@ func (c casServer) updateOne(ctx context.Context, r *repb.BatchUpdateBlobsReques
 	switch r.GetCompressor() {
 	case repb.Compressor_IDENTITY:
 	case repb.Compressor_ZSTD:
-		dec, err := zstd.NewReader(body, zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxMemory(uint64(MaxBatchSize)+1<<20))
+		dec, err := zstd.NewReader(body, zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxMemory(batchZstdMemory))
 		if err != nil {
 			return status.Errorf(codes.InvalidArgument, "blob %s: bad zstd data: %v", d, err)
 		}
@@ -126,6 +140,9 @@ func (c casServer) updateOne(ctx context.Context, r *repb.BatchUpdateBlobsReques
 	}
 	return c.s.cas.Put(ctx, d, body)
 }
+
+// batchZstdMemory bounds a batch entry's decompressed size, and so its zstd window.
+const batchZstdMemory = MaxBatchSize + 1<<20
 
 // zstdErrors reports a corrupt compressed stream as INVALID_ARGUMENT (the client's
 // fault), not as an internal error.
@@ -154,6 +171,16 @@ func (c casServer) BatchReadBlobs(ctx context.Context, req *repb.BatchReadBlobsR
 	if err := checkBatch(req.GetDigests()); err != nil {
 		return nil, err
 	}
+	// The blobs are held twice: read, and in the marshalled response.
+	var cost int64
+	for _, p := range req.GetDigests() {
+		cost += 2 * p.GetSizeBytes()
+	}
+	mem, err := c.s.opts.Memory.Charge(ClientID(ctx), "BatchReadBlobs", cost)
+	if err != nil {
+		return nil, err
+	}
+	defer mem.Release()
 	resp := &repb.BatchReadBlobsResponse{Responses: make([]*repb.BatchReadBlobsResponse_Response, len(req.GetDigests()))}
 	for i, p := range req.GetDigests() {
 		out := &repb.BatchReadBlobsResponse_Response{Digest: p, Compressor: repb.Compressor_IDENTITY}

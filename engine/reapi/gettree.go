@@ -128,8 +128,11 @@ func (c casServer) GetTree(req *repb.GetTreeRequest, stream repb.ContentAddressa
 			return err
 		}
 	}
+	if req.GetPageSize() < 0 {
+		return status.Errorf(codes.InvalidArgument, "negative page_size %d", req.GetPageSize())
+	}
 	pageSize := int(req.GetPageSize())
-	if pageSize <= 0 || pageSize > maxTreePage {
+	if pageSize == 0 || pageSize > maxTreePage {
 		pageSize = maxTreePage
 	}
 	w := c.s.trees.take(id, root, skip)

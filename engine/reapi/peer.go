@@ -3,6 +3,7 @@ package reapi
 import (
 	"context"
 	"crypto/x509"
+	"net"
 
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/peer"
@@ -32,4 +33,37 @@ func Client(ctx context.Context) string {
 		return c.Subject.String() + " at " + addr
 	}
 	return addr
+}
+
+type clientIDKey struct{}
+
+// WithClientID names ctx's caller id for per-client limits: an authenticating layer
+// (a token's subject, say) sets it, and it then takes precedence over what ClientID
+// would derive from the connection.
+func WithClientID(ctx context.Context, id string) context.Context {
+	return context.WithValue(ctx, clientIDKey{}, id)
+}
+
+// ClientID names ctx's caller for per-client limits: the identity an authenticating
+// layer set (WithClientID), else "cert:" and the common name of its verified client
+// certificate, else "addr:" and its IP address, so that all connections from one
+// address count as one client.
+func ClientID(ctx context.Context) string {
+	if id, ok := ctx.Value(clientIDKey{}).(string); ok && id != "" {
+		return id
+	}
+	if c, ok := ClientCert(ctx); ok {
+		return "cert:" + c.Subject.CommonName
+	}
+	if p, ok := peer.FromContext(ctx); ok && p.Addr != nil {
+		if a, ok := p.Addr.(*net.TCPAddr); ok {
+			return "addr:" + a.IP.String()
+		}
+		host := p.Addr.String()
+		if h, _, err := net.SplitHostPort(host); err == nil {
+			host = h
+		}
+		return "addr:" + host
+	}
+	return "unknown"
 }

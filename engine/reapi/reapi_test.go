@@ -42,9 +42,24 @@ func newEnv(t *testing.T, opts Options) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cas := cache.WithEmptyBlob(store)
+	return newEnvOn(t, store, cache.WithEmptyBlob(store), opts)
+}
+
+// openBounded opens a primary store in dir bounded to maxSize bytes.
+func openBounded(t *testing.T, dir string, maxSize int64) *disk.Store {
+	t.Helper()
+	store, err := disk.Open(context.Background(), dir, disk.Options{Primary: true, MaxSize: maxSize})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return store
+}
+
+// newEnvOn serves cas (over store) to a client.
+func newEnvOn(t *testing.T, store *disk.Store, cas cache.BlobStore, opts Options) *env {
+	t.Helper()
 	srv := New(cas, cache.WithCompletenessCheck(store.ActionCache(), cas), opts)
-	g := grpc.NewServer(grpc.MaxRecvMsgSize(MaxMessageSize))
+	g := grpc.NewServer(grpc.MaxRecvMsgSize(MaxMessageSize), grpc.ChainUnaryInterceptor(testClientUnary), grpc.ChainStreamInterceptor(testClientStream))
 	srv.Register(g)
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

@@ -9,6 +9,7 @@ import (
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"github.com/kilnbuild/kiln/cache"
+	"github.com/kilnbuild/kiln/engine/limits"
 	"google.golang.org/genproto/googleapis/bytestream"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -35,6 +36,12 @@ type Options struct {
 	Logger *slog.Logger
 	// ExecutionCapabilities, when set, is advertised (the engine sets it).
 	ExecutionCapabilities *repb.ExecutionCapabilities
+	// Memory is the server's memory budget, which uploads, reads and tree walks are
+	// charged to; nil bounds nothing.
+	Memory *limits.Budget
+	// ClientUploads and MaxUploads bound the ByteStream uploads in progress per client
+	// and in all; 0 means DefaultClientUploads and DefaultMaxUploads.
+	ClientUploads, MaxUploads int
 }
 
 // Server implements the REAPI storage services.
@@ -58,7 +65,14 @@ func New(cas cache.BlobStore, ac cache.ActionCache, opts Options) *Server {
 		opts.InlineLimit = 1 << 20
 	}
 	s := &Server{cas: cas, ac: ac, opts: opts, log: opts.Logger}
-	s.bs = newByteStream(cas, opts.Logger)
+	if opts.ClientUploads <= 0 {
+		opts.ClientUploads = DefaultClientUploads
+	}
+	if opts.MaxUploads <= 0 {
+		opts.MaxUploads = DefaultMaxUploads
+	}
+	s.opts = opts
+	s.bs = newByteStream(cas, opts.Logger, opts.Memory, opts.ClientUploads, opts.MaxUploads)
 	return s
 }
 

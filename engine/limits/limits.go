@@ -1,0 +1,365 @@
+// Package limits bounds what the clients of kiln serve can make it hold: a memory
+// budget for the whole server with a share per client, and per-client counts of things
+// in progress (uploads, GetTree walks, queued executions). A request beyond a limit is
+// refused with RESOURCE_EXHAUSTED at once, never queued, so one client at its limit
+// never blocks another; idle state that can be dropped (abandoned uploads) is freed
+// first through a Reclaimer.
+package limits
+
+import (
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+)
+
+// Reclaimer frees idle state that holds memory or slots: client's, or anyone's when
+// client is "". It reports whether it freed anything.
+type Reclaimer func(client string) bool
+
+// Budget is a server-wide memory budget in bytes with a cap per client. Callers charge
+// what they are about to hold (buffers, decompression windows, tree walks) and release
+// it when done; a charge beyond either bound is refused. A nil *Budget allows anything.
+type Budget struct {
+	total, perClient int64
+
+	mu      sync.Mutex
+	used    int64
+	clients map[string]int64
+	reclaim []Reclaimer
+
+	usedGauge prometheus.Gauge
+	refused   *prometheus.CounterVec
+}
+
+// NewBudget returns a budget of total bytes of which one client may hold perClient
+// (0: total).
+func NewBudget(total, perClient int64) *Budget {
+	if perClient <= 0 || perClient > total {
+		perClient = total
+	}
+	return &Budget{total: total, perClient: perClient, clients: map[string]int64{},
+		usedGauge: prometheus.NewGauge(prometheus.GaugeOpts{Name: "kiln_memory_charged_bytes", Help: "Memory charged against --max-memory by requests in progress."}),
+		refused: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "kiln_limit_refusals_total",
+			Help: "Requests refused with RESOURCE_EXHAUSTED by a server limit (memory, client_memory, uploads, client_uploads, ...)."}, []string{"limit"}),
+	}
+}
+
+// Register exports the budget's metrics (and those of slots sharing its refusal counter).
+func (b *Budget) Register(reg prometheus.Registerer) {
+	if b == nil || reg == nil {
+		return
+	}
+	limit := prometheus.NewGauge(prometheus.GaugeOpts{Name: "kiln_memory_budget_bytes", Help: "The server's memory budget (--max-memory)."})
+	limit.Set(float64(b.total))
+	reg.MustRegister(b.usedGauge, b.refused, limit)
+}
+
+// OnShortage adds a reclaimer that a charge which does not fit calls before it gives up.
+func (b *Budget) OnShortage(r Reclaimer) {
+	if b == nil {
+		return
+	}
+	b.mu.Lock()
+	b.reclaim = append(b.reclaim, r)
+	b.mu.Unlock()
+}
+
+// Total is the budget in bytes.
+func (b *Budget) Total() int64 {
+	if b == nil {
+		return 0
+	}
+	return b.total
+}
+
+// PerClient is the most one client may hold.
+func (b *Budget) PerClient() int64 {
+	if b == nil {
+		return 0
+	}
+	return b.perClient
+}
+
+// Used is what is charged now, in all or (client != "") by one client.
+func (b *Budget) Used(client string) int64 {
+	if b == nil {
+		return 0
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if client != "" {
+		return b.clients[client]
+	}
+	return b.used
+}
+
+// Charge is memory held for one purpose; it grows and shrinks with what it holds.
+type Charge struct {
+	b      *Budget
+	client string
+	what   string
+	n      int64
+}
+
+// Charge charges n bytes to client for what (a short description for the error).
+func (b *Budget) Charge(client, what string, n int64) (*Charge, error) {
+	c := &Charge{b: b, client: client, what: what}
+	if err := c.Grow(n); err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
+// Grow adds n bytes to the charge, or refuses them (RESOURCE_EXHAUSTED) and leaves it
+// as it was. Idle state is reclaimed first when the bytes do not fit.
+func (c *Charge) Grow(n int64) error {
+	if c == nil || c.b == nil || n <= 0 {
+		return nil
+	}
+	b := c.b
+	for attempt := 0; ; attempt++ {
+		b.mu.Lock()
+		clientOver := b.clients[c.client]+n > b.perClient
+		over := b.used+n > b.total
+		if !clientOver && !over {
+			b.used += n
+			b.clients[c.client] += n
+			c.n += n
+			b.usedGauge.Set(float64(b.used))
+			b.mu.Unlock()
+			return nil
+		}
+		reclaim := b.reclaim
+		clientUsed, used := b.clients[c.client], b.used
+		b.mu.Unlock()
+		who := c.client
+		if over && !clientOver {
+			who = ""
+		}
+		if attempt < 64 && reclaimAny(reclaim, who) {
+			continue
+		}
+		if clientOver {
+			b.refused.WithLabelValues("client_memory").Inc()
+			return status.Errorf(codes.ResourceExhausted, "%s needs %s, but client %s already holds %s of its %s share of the server's memory (--client-max-memory); retry when its other requests have finished",
+				c.what, Bytes(n), c.client, Bytes(clientUsed), Bytes(b.perClient))
+		}
+		b.refused.WithLabelValues("memory").Inc()
+		return status.Errorf(codes.ResourceExhausted, "%s needs %s, but requests in progress hold %s of the server's %s memory budget (--max-memory); retry later",
+			c.what, Bytes(n), Bytes(used), Bytes(b.total))
+	}
+}
+
+// Shrink gives back n bytes of the charge.
+func (c *Charge) Shrink(n int64) {
+	if c == nil || c.b == nil || n <= 0 {
+		return
+	}
+	b := c.b
+	b.mu.Lock()
+	n = min(n, c.n)
+	c.n -= n
+	b.used -= n
+	if left := b.clients[c.client] - n; left > 0 {
+		b.clients[c.client] = left
+	} else {
+		delete(b.clients, c.client)
+	}
+	b.usedGauge.Set(float64(b.used))
+	b.mu.Unlock()
+}
+
+// Size is what the charge holds now.
+func (c *Charge) Size() int64 {
+	if c == nil || c.b == nil {
+		return 0
+	}
+	c.b.mu.Lock()
+	defer c.b.mu.Unlock()
+	return c.n
+}
+
+// Release gives back the whole charge; it may be called more than once.
+func (c *Charge) Release() {
+	if c == nil || c.b == nil {
+		return
+	}
+	c.b.mu.Lock()
+	n := c.n
+	c.b.mu.Unlock()
+	c.Shrink(n)
+}
+
+func reclaimAny(rs []Reclaimer, client string) bool {
+	for _, r := range rs {
+		if r(client) {
+			return true
+		}
+	}
+	return false
+}
+
+// Slots counts things in progress (uploads, walks, queued executions) per client and
+// in all; Acquire refuses beyond either bound.
+type Slots struct {
+	name             string // for errors and the refusal metric, e.g. "uploads"
+	flag             string // the serve flag that sets perClient
+	perClient, total int
+	refused          *prometheus.CounterVec
+
+	mu      sync.Mutex
+	n       int
+	clients map[string]int
+	reclaim Reclaimer
+}
+
+// NewSlots returns a counter of name allowing perClient per client and total in all
+// (0: no bound); refusals are counted in b's refusal metric, if b is not nil. flag
+// names the setting in refusals.
+func NewSlots(b *Budget, name, flag string, perClient, total int) *Slots {
+	s := &Slots{name: name, flag: flag, perClient: perClient, total: total, clients: map[string]int{}}
+	if b != nil {
+		s.refused = b.refused
+	}
+	return s
+}
+
+// OnShortage sets the reclaimer Acquire calls before it refuses.
+func (s *Slots) OnShortage(r Reclaimer) { s.reclaim = r }
+
+// PerClient is the bound per client (0: none).
+func (s *Slots) PerClient() int { return s.perClient }
+
+// Acquire takes one slot for client; release gives it back (once).
+func (s *Slots) Acquire(client string) (release func(), err error) {
+	for attempt := 0; ; attempt++ {
+		s.mu.Lock()
+		clientOver := s.perClient > 0 && s.clients[client] >= s.perClient
+		over := s.total > 0 && s.n >= s.total
+		if !clientOver && !over {
+			s.n++
+			s.clients[client]++
+			s.mu.Unlock()
+			var once sync.Once
+			return func() { once.Do(func() { s.put(client) }) }, nil
+		}
+		s.mu.Unlock()
+		who := client
+		if over && !clientOver {
+			who = ""
+		}
+		if attempt < 64 && s.reclaim != nil && s.reclaim(who) {
+			continue
+		}
+		if clientOver {
+			s.count("client_" + s.name)
+			return nil, status.Errorf(codes.ResourceExhausted, "client %s already has %d %s in progress, its limit (%s); retry when some have finished", client, s.perClient, s.name, s.flag)
+		}
+		s.count(s.name)
+		return nil, status.Errorf(codes.ResourceExhausted, "the server already has %d %s in progress, its limit; retry later", s.total, s.name)
+	}
+}
+
+// InUse is how many slots client (or, for "", everyone) holds.
+func (s *Slots) InUse(client string) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if client != "" {
+		return s.clients[client]
+	}
+	return s.n
+}
+
+func (s *Slots) put(client string) {
+	s.mu.Lock()
+	s.n--
+	if s.clients[client] <= 1 {
+		delete(s.clients, client)
+	} else {
+		s.clients[client]--
+	}
+	s.mu.Unlock()
+}
+
+func (s *Slots) count(limit string) {
+	if s.refused != nil {
+		s.refused.WithLabelValues(limit).Inc()
+	}
+}
+
+// Bytes formats n for people: 1536 -> "1.5 KiB".
+func Bytes(n int64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	div, exp := int64(unit), 0
+	for m := n / unit; m >= unit && exp < 4; m /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTP"[exp])
+}
+
+// DefaultMemoryShare is the part of the machine's memory (or of the cgroup's limit,
+// if lower) that DefaultMemory gives the server's budget.
+const DefaultMemoryShare = 4
+
+// DefaultMemory is the default memory budget: a quarter of the memory the process
+// may use (physical memory, or the cgroup's memory.max if it is lower), or 1 GiB if
+// neither can be read.
+func DefaultMemory() int64 {
+	total := memTotal()
+	if lim := cgroupLimit(); lim > 0 && (total == 0 || lim < total) {
+		total = lim
+	}
+	if total <= 0 {
+		return 1 << 30
+	}
+	return total / DefaultMemoryShare
+}
+
+// memTotal reads MemTotal from /proc/meminfo.
+func memTotal() int64 {
+	b, err := os.ReadFile("/proc/meminfo")
+	if err != nil {
+		return 0
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(line); len(f) >= 2 && f[0] == "MemTotal:" {
+			kb, err := strconv.ParseInt(f[1], 10, 64)
+			if err == nil {
+				return kb << 10
+			}
+		}
+	}
+	return 0
+}
+
+// cgroupLimit reads the memory.max of the process's cgroup (v2), 0 if unbounded or unknown.
+func cgroupLimit() int64 {
+	b, err := os.ReadFile("/proc/self/cgroup")
+	if err != nil {
+		return 0
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if rest, ok := strings.CutPrefix(line, "0::"); ok {
+			v, err := os.ReadFile("/sys/fs/cgroup" + strings.TrimSpace(rest) + "/memory.max")
+			if err != nil {
+				return 0
+			}
+			n, err := strconv.ParseInt(strings.TrimSpace(string(v)), 10, 64)
+			if err != nil {
+				return 0 // "max"
+			}
+			return n
+		}
+	}
+	return 0
+}

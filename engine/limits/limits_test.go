@@ -1,0 +1,100 @@
+package limits
+
+import (
+	"testing"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+)
+
+// TestBudget: charges beyond a client's share or the total are refused with
+// RESOURCE_EXHAUSTED and leave the accounting as it was; another client still fits;
+// idle state is reclaimed before a refusal; releases give everything back.
+func TestBudget(t *testing.T) {
+	b := NewBudget(100, 60)
+	a1, err := b.Charge("a", "x", 50)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.Charge("a", "x", 20); status.Code(err) != codes.ResourceExhausted {
+		t.Fatalf("over the client's share: %v", err)
+	}
+	c1, err := b.Charge("c", "x", 40)
+	if err != nil {
+		t.Fatalf("another client within the total: %v", err)
+	}
+	if err := c1.Grow(20); status.Code(err) != codes.ResourceExhausted || c1.Size() != 40 {
+		t.Fatalf("over the total: %v, charge now %d", err, c1.Size())
+	}
+	// A reclaimer that frees a's charge lets c grow.
+	calls := 0
+	b.OnShortage(func(client string) bool {
+		calls++
+		if client != "" || a1.Size() == 0 {
+			return false
+		}
+		a1.Release()
+		return true
+	})
+	if err := c1.Grow(20); err != nil || calls == 0 {
+		t.Fatalf("grow after reclaiming: %v (%d reclaims)", err, calls)
+	}
+	if b.Used("") != 60 || b.Used("a") != 0 || b.Used("c") != 60 {
+		t.Fatalf("used %d, a %d, c %d", b.Used(""), b.Used("a"), b.Used("c"))
+	}
+	c1.Shrink(100)
+	c1.Release()
+	a1.Release()
+	if b.Used("") != 0 {
+		t.Fatalf("%d bytes held after every release", b.Used(""))
+	}
+	var nilBudget *Budget
+	if c, err := nilBudget.Charge("a", "x", 1<<62); err != nil || c.Grow(1<<62) != nil {
+		t.Fatal("a nil budget bounds nothing")
+	}
+}
+
+// TestSlots: a client at its limit is refused while another is not; the total bounds
+// everyone; a reclaimer can make room; release is idempotent.
+func TestSlots(t *testing.T) {
+	s := NewSlots(NewBudget(1, 1), "uploads", "--client-max-uploads", 2, 3)
+	r1, _ := s.Acquire("a")
+	r2, _ := s.Acquire("a")
+	if _, err := s.Acquire("a"); status.Code(err) != codes.ResourceExhausted {
+		t.Fatalf("third for a client limited to two: %v", err)
+	}
+	r3, err := s.Acquire("b")
+	if err != nil {
+		t.Fatalf("another client: %v", err)
+	}
+	if _, err := s.Acquire("c"); status.Code(err) != codes.ResourceExhausted {
+		t.Fatalf("over the total: %v", err)
+	}
+	s.OnShortage(func(client string) bool {
+		if client == "" {
+			r1()
+			return true
+		}
+		return false
+	})
+	r4, err := s.Acquire("c")
+	if err != nil {
+		t.Fatalf("after reclaiming: %v", err)
+	}
+	r1()
+	for _, r := range []func(){r2, r3, r4} {
+		r()
+		r()
+	}
+	if s.InUse("") != 0 {
+		t.Fatalf("%d slots in use after every release", s.InUse(""))
+	}
+}
+
+func TestBytes(t *testing.T) {
+	for n, want := range map[int64]string{0: "0 B", 1023: "1023 B", 1536: "1.5 KiB", 64 << 20: "64.0 MiB", 6 << 30: "6.0 GiB"} {
+		if got := Bytes(n); got != want {
+			t.Errorf("Bytes(%d) = %q, want %q", n, got, want)
+		}
+	}
+}
