@@ -68,6 +68,8 @@ func (f *fakeSandbox) Run(ctx context.Context, j Job) (JobResult, error) {
 			}
 		case "timeout":
 			res.TimedOut, res.ExitCode = true, 137
+		case "truncate": // stdout hit the sandbox's cap
+			res.StdoutTruncated = true
 		case "cat": // cat SRC DST: copy an input to an output
 			b, err := os.ReadFile(filepath.Join(cwd, j.Args[i+1]))
 			if err != nil {
@@ -388,6 +390,7 @@ func TestFailuresAreNotCached(t *testing.T) {
 		{"non-zero exit", &repb.Command{Arguments: []string{"exit", "3"}}, nil, codes.OK},
 		{"timeout", &repb.Command{Arguments: []string{"timeout"}}, nil, codes.DeadlineExceeded},
 		{"do_not_cache", &repb.Command{Arguments: []string{"echo"}}, func(a *repb.Action) { a.DoNotCache = true }, codes.OK},
+		{"stdout truncated at the cap", &repb.Command{Arguments: []string{"truncate"}}, nil, codes.OK},
 	} {
 		d := e.action(t, c.cmd, root, c.mod)
 		resp, err := e.run(t, d)

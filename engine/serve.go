@@ -172,7 +172,7 @@ func Serve(ctx context.Context, cfg ServerConfig) error {
 	defer eng.Close()
 	mem := newBudget(cfg.Limits, log)
 	mem.Register(reg)
-	ropts := reapi.Options{AllowClientACWrites: cfg.AllowClientACWrites, Logger: log, Memory: mem,
+	ropts := reapi.Options{AllowClientACWrites: cfg.AllowClientACWrites, Logger: log, Memory: mem, StoreSpace: mem.StoreSpace(cfg.MaxSize),
 		ClientUploads: cfg.Limits.ClientUploads, MaxUploads: cfg.Limits.MaxUploads}
 	if !cfg.Execution.Disabled {
 		ropts.ExecutionCapabilities = &repb.ExecutionCapabilities{

@@ -27,6 +27,7 @@ type Reclaimer func(client string) bool
 // it when done; a charge beyond either bound is refused. A nil *Budget allows anything.
 type Budget struct {
 	total, perClient int64
+	kind             kind
 
 	mu      sync.Mutex
 	used    int64
@@ -37,17 +38,46 @@ type Budget struct {
 	refused   *prometheus.CounterVec
 }
 
-// NewBudget returns a budget of total bytes of which one client may hold perClient
-// (0: total).
+// kind says what a Budget bounds, for its refusals and metrics.
+type kind struct {
+	name             string // refusal metric label: name and "client_"+name
+	of               string // "the server's memory budget"
+	flag, clientFlag string
+}
+
+var (
+	memoryKind = kind{"memory", "the server's memory budget", "--max-memory", "--client-max-memory"}
+	spaceKind  = kind{"store_space", "the store's room for uploads", "--max-size", "half of --max-size"}
+)
+
+// NewBudget returns a memory budget of total bytes of which one client may hold
+// perClient (0: total).
 func NewBudget(total, perClient int64) *Budget {
 	if perClient <= 0 || perClient > total {
 		perClient = total
 	}
-	return &Budget{total: total, perClient: perClient, clients: map[string]int64{},
+	return &Budget{total: total, perClient: perClient, kind: memoryKind, clients: map[string]int64{},
 		usedGauge: prometheus.NewGauge(prometheus.GaugeOpts{Name: "kiln_memory_charged_bytes", Help: "Memory charged against --max-memory by requests in progress."}),
 		refused: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "kiln_limit_refusals_total",
 			Help: "Requests refused with RESOURCE_EXHAUSTED by a server limit (memory, client_memory, uploads, client_uploads, ...)."}, []string{"limit"}),
 	}
+}
+
+// StoreSpace returns a budget for the declared sizes of uploads in progress: a store
+// bounded to total bytes (--max-size) can take uploads that together declare no more
+// than that, and those of one client no more than half of it, so that a client cannot
+// claim the whole store with uploads it never finishes. It counts its refusals in b's
+// metric. With total 0 (an unbounded store) it is nil and bounds nothing.
+func (b *Budget) StoreSpace(total int64) *Budget {
+	if total <= 0 {
+		return nil
+	}
+	s := &Budget{total: total, perClient: total / 2, kind: spaceKind, clients: map[string]int64{},
+		usedGauge: prometheus.NewGauge(prometheus.GaugeOpts{Name: "kiln_store_space_charged_bytes"})}
+	if b != nil {
+		s.refused = b.refused
+	}
+	return s
 }
 
 // Register exports the budget's metrics (and those of slots sharing its refusal counter).
@@ -123,6 +153,11 @@ func (c *Charge) Grow(n int64) error {
 		return nil
 	}
 	b := c.b
+	if n > b.perClient {
+		// Nothing reclaimed could make room: refuse at once.
+		b.count("client_" + b.kind.name)
+		return status.Errorf(codes.ResourceExhausted, "%s needs %s, more than one client may hold (%s: %s)", c.what, Bytes(n), b.kind.clientFlag, Bytes(b.perClient))
+	}
 	for attempt := 0; ; attempt++ {
 		b.mu.Lock()
 		clientOver := b.clients[c.client]+n > b.perClient
@@ -145,14 +180,21 @@ func (c *Charge) Grow(n int64) error {
 		if attempt < 64 && reclaimAny(reclaim, who) {
 			continue
 		}
+		k := b.kind
 		if clientOver {
-			b.refused.WithLabelValues("client_memory").Inc()
-			return status.Errorf(codes.ResourceExhausted, "%s needs %s, but client %s already holds %s of its %s share of the server's memory (--client-max-memory); retry when its other requests have finished",
-				c.what, Bytes(n), c.client, Bytes(clientUsed), Bytes(b.perClient))
+			b.count("client_" + k.name)
+			return status.Errorf(codes.ResourceExhausted, "%s needs %s, but client %s already holds %s of its %s share of %s (%s); retry when its other requests have finished",
+				c.what, Bytes(n), c.client, Bytes(clientUsed), Bytes(b.perClient), k.of, k.clientFlag)
 		}
-		b.refused.WithLabelValues("memory").Inc()
-		return status.Errorf(codes.ResourceExhausted, "%s needs %s, but requests in progress hold %s of the server's %s memory budget (--max-memory); retry later",
-			c.what, Bytes(n), Bytes(used), Bytes(b.total))
+		b.count(k.name)
+		return status.Errorf(codes.ResourceExhausted, "%s needs %s, but requests in progress hold %s of %s of %s (%s); retry later",
+			c.what, Bytes(n), Bytes(used), k.of, Bytes(b.total), k.flag)
+	}
+}
+
+func (b *Budget) count(limit string) {
+	if b.refused != nil {
+		b.refused.WithLabelValues(limit).Inc()
 	}
 }
 

@@ -51,6 +51,9 @@ type byteStream struct {
 	now   func() time.Time
 	mem   *limits.Budget
 	slots *limits.Slots
+	space *limits.Budget // declared sizes of uploads in progress
+	// maxWindow bounds the window of a client's zstd frames (maxZstdWindow).
+	maxWindow int64
 
 	mu      sync.Mutex
 	uploads map[string]*upload // by full resource name
@@ -71,6 +74,7 @@ type upload struct {
 	done       chan struct{} // closed when the Put has returned and everything is released
 	err        error         // the Put's result, valid after done
 	mem        *limits.Charge
+	space      *limits.Charge
 	slot       func()
 	// charging is set while the upload's decoder waits for memory: such an upload is
 	// never reclaimed to make room (two uploads reclaiming each other would deadlock).
@@ -78,7 +82,7 @@ type upload struct {
 }
 
 func newByteStream(cas cache.BlobStore, log *slog.Logger, mem *limits.Budget, clientUploads, maxUploads int) *byteStream {
-	b := &byteStream{cas: cas, log: log, now: time.Now, mem: mem, uploads: map[string]*upload{}, stop: make(chan struct{})}
+	b := &byteStream{cas: cas, log: log, now: time.Now, mem: mem, maxWindow: maxZstdWindow, uploads: map[string]*upload{}, stop: make(chan struct{})}
 	b.slots = limits.NewSlots(mem, "uploads", "--client-max-uploads", clientUploads, maxUploads)
 	b.slots.OnShortage(b.reclaim)
 	mem.OnShortage(b.reclaim)
@@ -417,13 +421,20 @@ func (b *byteStream) begin(client, name string, res resource) (*upload, error) {
 		slot()
 		return nil, err
 	}
+	space, err := b.space.Charge(client, "an upload of blob "+res.digest.String(), res.digest.Size)
+	if err != nil {
+		mem.Release()
+		slot()
+		return nil, err
+	}
 	pr, pw := io.Pipe()
-	u := &upload{name: name, res: res, client: client, pr: pr, pw: pw, done: make(chan struct{}), mem: mem, slot: slot,
+	u := &upload{name: name, res: res, client: client, pr: pr, pw: pw, done: make(chan struct{}), mem: mem, space: space, slot: slot,
 		attached: true, lastActive: b.now()}
 	b.mu.Lock()
 	old := b.uploads[name]
 	if old != nil && old.attached {
 		b.mu.Unlock()
+		space.Release()
 		mem.Release()
 		slot()
 		return nil, status.Errorf(codes.Aborted, "%s is being written by another stream", name)
@@ -445,11 +456,12 @@ func (b *byteStream) start(u *upload) {
 		defer close(u.done)
 		defer u.slot()
 		defer u.mem.Release()
+		defer u.space.Release()
 		var body io.Reader = u.pr
 		var guard *windowGuard
 		if u.res.compressor == "zstd" {
 			var held int64
-			guard = newWindowGuard(u.pr, u.res.digest, maxZstdWindow, func(cost int64) error {
+			guard = newWindowGuard(u.pr, u.res.digest, b.maxWindow, func(cost int64) error {
 				u.charging.Store(true)
 				defer u.charging.Store(false)
 				if err := u.mem.Grow(cost - held); err != nil {
@@ -458,7 +470,7 @@ func (b *byteStream) start(u *upload) {
 				held = cost
 				return nil
 			})
-			dec, err := zstd.NewReader(guard, zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxWindow(maxZstdWindow), zstd.WithDecoderLowmem(true))
+			dec, err := zstd.NewReader(guard, zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxWindow(uint64(b.maxWindow)), zstd.WithDecoderLowmem(true))
 			if err != nil {
 				u.err = status.Errorf(codes.Internal, "zstd: %v", err)
 				u.pr.CloseWithError(u.err)

@@ -39,6 +39,9 @@ type Options struct {
 	// Memory is the server's memory budget, which uploads, reads and tree walks are
 	// charged to; nil bounds nothing.
 	Memory *limits.Budget
+	// StoreSpace bounds the declared sizes of uploads in progress, in all and per
+	// client (limits.Budget.StoreSpace); nil bounds nothing.
+	StoreSpace *limits.Budget
 	// ClientUploads and MaxUploads bound the ByteStream uploads in progress per client
 	// and in all; 0 means DefaultClientUploads and DefaultMaxUploads.
 	ClientUploads, MaxUploads int
@@ -73,6 +76,8 @@ func New(cas cache.BlobStore, ac cache.ActionCache, opts Options) *Server {
 	}
 	s.opts = opts
 	s.bs = newByteStream(cas, opts.Logger, opts.Memory, opts.ClientUploads, opts.MaxUploads)
+	s.bs.space = opts.StoreSpace
+	opts.StoreSpace.OnShortage(s.bs.reclaim)
 	return s
 }
 
