@@ -14,6 +14,7 @@ import (
 	"github.com/kilnbuild/kiln/cache"
 	"github.com/kilnbuild/kiln/cache/disk"
 	"github.com/kilnbuild/kiln/engine/attest"
+	"github.com/kilnbuild/kiln/engine/limits"
 	"github.com/kilnbuild/kiln/engine/quarantine"
 	"github.com/kilnbuild/kiln/sandbox"
 	"github.com/kilnbuild/kiln/toolchains"
@@ -52,6 +53,9 @@ type Options struct {
 	Version string
 	// VerifyRate is the fraction of actions checked for determinism (SchedulerConfig).
 	VerifyRate float64
+	// Memory and ClientQueued bound queued executions (SchedulerConfig).
+	Memory       *limits.Budget
+	ClientQueued int
 }
 
 // Engine is an open data dir with everything needed to execute actions.
@@ -129,7 +133,7 @@ func Open(ctx context.Context, opts Options) (*Engine, error) {
 		return nil, err
 	}
 	e.Scheduler = NewScheduler(e.Executor, SchedulerConfig{Concurrency: conc, MaxQueue: opts.MaxQueue, Logger: log, Registerer: reg,
-		VerifyRate: opts.VerifyRate})
+		VerifyRate: opts.VerifyRate, Memory: opts.Memory, ClientQueued: opts.ClientQueued})
 	ok = true
 	return e, nil
 }

@@ -107,6 +107,12 @@ type testEnv struct {
 
 func newTestEnv(t *testing.T, conc int) *testEnv {
 	t.Helper()
+	return newTestEnvWith(t, conc, nil)
+}
+
+// newTestEnvWith is newTestEnv with the scheduler's configuration changed by mod.
+func newTestEnvWith(t *testing.T, conc int, mod func(*SchedulerConfig)) *testEnv {
+	t.Helper()
 	dir := t.TempDir()
 	store, err := disk.Open(context.Background(), filepath.Join(dir, "store"), disk.Options{})
 	if err != nil {
@@ -121,8 +127,11 @@ func newTestEnv(t *testing.T, conc int) *testEnv {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &testEnv{store: store, cas: cas, ac: ac, exec: ex, sb: sb,
-		sched: NewScheduler(ex, SchedulerConfig{Concurrency: conc, MaxQueue: 4, CancelGrace: 50 * time.Millisecond})}
+	cfg := SchedulerConfig{Concurrency: conc, MaxQueue: 4, CancelGrace: 50 * time.Millisecond}
+	if mod != nil {
+		mod(&cfg)
+	}
+	return &testEnv{store: store, cas: cas, ac: ac, exec: ex, sb: sb, sched: NewScheduler(ex, cfg)}
 }
 
 func (e *testEnv) put(t *testing.T, m proto.Message) cache.Digest {
@@ -256,6 +265,35 @@ func TestOutputsThroughPlantedSymlinks(t *testing.T) {
 
 func mustDigest(p *repb.Digest) cache.Digest { d, _ := cache.FromProto(p); return d }
 
+// TestOutputStatusCodes (issue 19, case 7): outputs of the wrong type, and absolute
+// output symlinks while Capabilities says DISALLOWED, are FAILED_PRECONDITION, as the
+// REAPI spec says; nothing is cached.
+func TestOutputStatusCodes(t *testing.T) {
+	e := newTestEnv(t, 1)
+	root := e.put(t, &repb.Directory{})
+	for _, c := range []struct {
+		name string
+		cmd  *repb.Command
+	}{
+		{"output_files naming a directory", &repb.Command{Arguments: []string{"mkdir", "d"}, OutputFiles: []string{"d"}}},
+		{"output_directories naming a file", &repb.Command{Arguments: []string{"rm", "f", "write", "f", "x"}, OutputDirectories: []string{"f"}}},
+		{"absolute output symlink", &repb.Command{Arguments: []string{"symlink", "/etc/passwd", "l"}, OutputPaths: []string{"l"}}},
+		{"absolute symlink in an output directory", &repb.Command{Arguments: []string{"mkdir", "d", "symlink", "/etc", "d/l"}, OutputDirectories: []string{"d"}}},
+	} {
+		d := e.action(t, c.cmd, root, nil)
+		resp, err := e.run(t, d)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := codes.Code(resp.GetStatus().GetCode()); got != codes.FailedPrecondition {
+			t.Errorf("%s: %v (%s), want FAILED_PRECONDITION", c.name, got, resp.GetStatus().GetMessage())
+		}
+		if _, err := e.ac.Get(context.Background(), cache.ActionKey{Action: d}); status.Code(err) != codes.NotFound {
+			t.Errorf("%s: result was cached", c.name)
+		}
+	}
+}
+
 // TestHostileTrees: malformed input trees are INVALID_ARGUMENT before anything runs.
 func TestHostileTrees(t *testing.T) {
 	e := newTestEnv(t, 1)
@@ -317,10 +355,9 @@ func TestMissingInputs(t *testing.T) {
 	root := e.put(t, &repb.Directory{Files: []*repb.FileNode{{Name: "a", Digest: ghost.Proto()}},
 		Directories: []*repb.DirectoryNode{{Name: "d", Digest: ghostDir.Proto()}}})
 	resp, err := e.run(t, e.action(t, &repb.Command{Arguments: []string{"echo"}}, root, nil))
-	if err != nil {
-		t.Fatal(err)
+	if err == nil { // refused in the response (or, validated before queueing, by Submit)
+		err = status.ErrorProto(resp.GetStatus())
 	}
-	err = status.ErrorProto(resp.GetStatus())
 	if status.Code(err) != codes.FailedPrecondition {
 		t.Fatalf("got %v", err)
 	}

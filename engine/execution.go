@@ -41,7 +41,7 @@ func (e *executionServer) Execute(req *repb.ExecuteRequest, stream repb.Executio
 	if err != nil {
 		return err
 	}
-	w, err := e.s.Submit(ctx, Request{Instance: req.GetInstanceName(), ActionDigest: d, SkipCacheLookup: req.GetSkipCacheLookup(), Owner: owner(ctx)})
+	w, err := e.s.Submit(ctx, Request{Instance: req.GetInstanceName(), ActionDigest: d, SkipCacheLookup: req.GetSkipCacheLookup(), Owner: owner(ctx), Client: reapi.ClientID(ctx)})
 	if err != nil {
 		if status.Code(err) == codes.FailedPrecondition || status.Code(err) == codes.InvalidArgument {
 			// REAPI: errors about the action itself travel in the ExecuteResponse, so

@@ -15,6 +15,7 @@ import (
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"github.com/kilnbuild/kiln/cache"
+	"github.com/kilnbuild/kiln/engine/limits"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
@@ -165,6 +166,9 @@ type Request struct {
 	// Owner names the client that asked (its certificate's common name; "" without
 	// client certificates): only it may wait on, cancel or delete the operation.
 	Owner string
+	// Client names the client for per-client limits (reapi.ClientID); "" for the
+	// engine's own callers, which are not limited.
+	Client string
 	// Notes are recorded in the action's link (e.g. a determinism check's outcome).
 	Notes []string
 	// CompareOnly marks a run made to compare its products, never to serve them (kiln
@@ -201,6 +205,31 @@ type Action struct {
 	CmdDigest cache.Digest
 	Platform  Platform
 	Timeout   time.Duration
+	// inputs is the input tree, read and validated before the action was queued (nil:
+	// Execute reads it), and mem what holding it costs.
+	inputs *inputTree
+	mem    *limits.Charge
+	// unqueue gives back the client's queue slot (once); nil if it holds none.
+	unqueue func()
+}
+
+// started gives back the client's queue slot: the action has left the queue.
+func (a *Action) started() {
+	if a.unqueue != nil {
+		a.unqueue()
+	}
+}
+
+// done gives back everything the action held for its execution.
+func (a *Action) done() {
+	a.started()
+	a.mem.Release()
+}
+
+// fetchInputs reads and validates the action's input tree, charging it to mem.
+func (e *Executor) fetchInputs(ctx context.Context, a *Action, mem *limits.Charge) (*inputTree, error) {
+	root, _ := cache.FromProto(a.Action.GetInputRootDigest()) // validated by LoadAction
+	return fetchTreeCharged(ctx, e.cfg.CAS, root, mem)
 }
 
 // LoadAction reads and validates an action and its command. Absent blobs are
@@ -334,9 +363,11 @@ func (e *Executor) Execute(ctx context.Context, req Request, a *Action) (*Execut
 		return nil, err
 	}
 	inputRoot, _ := cache.FromProto(a.Action.GetInputRootDigest())
-	tree, err := fetchTree(ctx, e.cfg.CAS, inputRoot)
-	if err != nil {
-		return nil, err
+	tree := a.inputs
+	if tree == nil {
+		if tree, err = fetchTree(ctx, e.cfg.CAS, inputRoot); err != nil {
+			return nil, err
+		}
 	}
 	dir, err := e.newRunDir()
 	if err != nil {

@@ -13,6 +13,7 @@ import (
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"github.com/kilnbuild/kiln/cache"
+	"github.com/kilnbuild/kiln/engine/limits"
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -51,45 +52,114 @@ type inputTree struct {
 // are INVALID_ARGUMENT; absent blobs (directories or files) are FAILED_PRECONDITION
 // with a MISSING violation for each, so the client uploads them and retries.
 func fetchTree(ctx context.Context, cas cache.BlobStore, root cache.Digest) (*inputTree, error) {
-	t := &inputTree{}
-	type item struct {
-		path  string
-		d     cache.Digest
-		depth int
-	}
-	cached := map[cache.Digest]*repb.Directory{}
+	return fetchTreeCharged(ctx, cas, root, nil)
+}
+
+// maxTreeBytes bounds the Directory bytes one input tree may consist of, and with
+// maxTreeNodes the work one request can make the server do.
+const maxTreeBytes = 512 << 20
+
+// Memory charged while a tree is read: each distinct Directory treeDirCost times its
+// size (blob and parsed message), each node of the flattened tree treeNodeCost.
+const (
+	treeDirCost  = 3
+	treeNodeCost = 160
+)
+
+// fetchTreeCharged is fetchTree with what it holds charged to mem (nil: to nothing).
+// It reads each distinct Directory once and validates it once, and counts the nodes
+// the tree expands to with each shared subtree counted once (by digest), so a small
+// DAG that claims millions of nodes is refused after reading only its distinct blobs;
+// only a tree within the bounds is then flattened.
+func fetchTreeCharged(ctx context.Context, cas cache.BlobStore, root cache.Digest, mem *limits.Charge) (*inputTree, error) {
+	dirs := map[cache.Digest]*repb.Directory{}
 	var missing []cache.Digest
 	missingSeen := map[cache.Digest]bool{}
-	queue := []item{{"", root, 0}}
-	nodes := 0
+	var order []cache.Digest // distinct Directory blobs read, breadth first
+	var bytes int64
+	queue := []cache.Digest{root}
+	queued := map[cache.Digest]bool{root: true}
 	for len(queue) > 0 {
-		it := queue[0]
+		d := queue[0]
 		queue = queue[1:]
-		dir, ok := cached[it.d]
-		if !ok {
-			dir = &repb.Directory{}
-			err := cache.ReadProto(ctx, cas, it.d, dir, maxDirectorySize)
-			switch {
-			case status.Code(err) == codes.NotFound || status.Code(err) == codes.DataLoss:
-				if !missingSeen[it.d] {
-					missingSeen[it.d] = true
-					missing = append(missing, it.d)
-				}
-				continue
-			case err != nil:
-				return nil, cache.PrefixError(err, "input directory %q (%s)", it.path, it.d)
-			}
-			if err := validateDirectory(dir); err != nil {
-				return nil, cache.PrefixError(err, "input directory %q (%s)", displayPath(it.path), it.d)
-			}
-			cached[it.d] = dir
-			t.dirBlobs = append(t.dirBlobs, it.d)
-		}
-		t.dirs = append(t.dirs, it.path)
-		nodes += 1 + len(dir.GetFiles()) + len(dir.GetSymlinks())
-		if nodes > maxTreeNodes {
+		if len(dirs) >= maxTreeNodes {
 			return nil, status.Errorf(codes.InvalidArgument, "input tree has more than %d nodes", maxTreeNodes)
 		}
+		if bytes += d.Size; bytes > maxTreeBytes {
+			return nil, status.Errorf(codes.InvalidArgument, "input tree's directories take more than %d bytes", maxTreeBytes)
+		}
+		if err := mem.Grow(treeDirCost * d.Size); err != nil {
+			return nil, err
+		}
+		dir := &repb.Directory{}
+		err := cache.ReadProto(ctx, cas, d, dir, maxDirectorySize)
+		switch {
+		case status.Code(err) == codes.NotFound || status.Code(err) == codes.DataLoss:
+			missingSeen[d] = true
+			missing = append(missing, d)
+			continue
+		case err != nil:
+			return nil, cache.PrefixError(err, "input directory %s", d)
+		}
+		if err := validateDirectory(dir); err != nil {
+			return nil, cache.PrefixError(err, "input directory %s", d)
+		}
+		dirs[d] = dir
+		order = append(order, d)
+		for _, sub := range dir.GetDirectories() {
+			sd, _ := cache.FromProto(sub.GetDigest()) // validated above
+			if !queued[sd] {
+				queued[sd] = true
+				queue = append(queue, sd)
+			}
+		}
+	}
+	// Count what the tree expands to, each distinct subtree once.
+	counted := map[cache.Digest]int{}
+	var count func(d cache.Digest, path string, depth int) (int, error)
+	count = func(d cache.Digest, path string, depth int) (int, error) {
+		if n, ok := counted[d]; ok {
+			return n, nil
+		}
+		dir := dirs[d]
+		n := 1 + len(dir.GetFiles()) + len(dir.GetSymlinks()) // a missing directory counts as one
+		for _, sub := range dir.GetDirectories() {
+			p := path + "/" + sub.GetName()
+			if depth+1 > maxTreeDepth {
+				return 0, status.Errorf(codes.InvalidArgument, "input tree deeper than %d levels at %q", maxTreeDepth, p[1:])
+			}
+			sd, _ := cache.FromProto(sub.GetDigest())
+			k, err := count(sd, p, depth+1)
+			if err != nil {
+				return 0, err
+			}
+			if n += k; n > maxTreeNodes {
+				return 0, status.Errorf(codes.InvalidArgument, "input tree has more than %d nodes", maxTreeNodes)
+			}
+		}
+		counted[d] = n
+		return n, nil
+	}
+	nodes, err := count(root, "", 0)
+	if err != nil {
+		return nil, err
+	}
+	if err := mem.Grow(int64(nodes) * treeNodeCost); err != nil {
+		return nil, err
+	}
+	// Flatten: every directory at every path, parents first.
+	t := &inputTree{dirBlobs: order}
+	type item struct {
+		path string
+		d    cache.Digest
+	}
+	for q := []item{{"", root}}; len(q) > 0; q = q[1:] {
+		it := q[0]
+		dir, ok := dirs[it.d]
+		if !ok {
+			continue // missing: reported below
+		}
+		t.dirs = append(t.dirs, it.path)
 		for _, f := range dir.GetFiles() {
 			d, _ := cache.FromProto(f.GetDigest()) // validated above
 			t.files = append(t.files, inputFile{path.Join(it.path, f.GetName()), d, f.GetIsExecutable()})
@@ -98,13 +168,16 @@ func fetchTree(ctx context.Context, cas cache.BlobStore, root cache.Digest) (*in
 			t.symlinks = append(t.symlinks, inputSymlink{path.Join(it.path, s.GetName()), s.GetTarget()})
 		}
 		for _, sub := range dir.GetDirectories() {
-			if it.depth+1 > maxTreeDepth {
-				return nil, status.Errorf(codes.InvalidArgument, "input tree deeper than %d levels at %q", maxTreeDepth, path.Join(it.path, sub.GetName()))
-			}
 			d, _ := cache.FromProto(sub.GetDigest())
-			queue = append(queue, item{path.Join(it.path, sub.GetName()), d, it.depth + 1})
+			q = append(q, item{path.Join(it.path, sub.GetName()), d})
 		}
 	}
+	// The Directory messages are no longer needed: keep only the flattened tree's charge.
+	var read int64
+	for _, d := range order {
+		read += d.Size
+	}
+	mem.Shrink(treeDirCost * read)
 	if err := t.checkSymlinks(); err != nil {
 		return nil, err
 	}

@@ -11,6 +11,7 @@ import (
 	"cloud.google.com/go/longrunning/autogen/longrunningpb"
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"github.com/kilnbuild/kiln/cache"
+	"github.com/kilnbuild/kiln/engine/limits"
 	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -31,7 +32,15 @@ type SchedulerConfig struct {
 	// for one of them to come back with WaitExecution (a dropped stream); default 30 s.
 	// An execution whose every operation was cancelled stops at once.
 	CancelGrace time.Duration
+	// Memory is charged for the input trees of queued executions (nil: not bounded).
+	Memory *limits.Budget
+	// ClientQueued bounds the executions one client (Request.Client) may have waiting
+	// for a slot or being validated; 0 means DefaultClientQueued.
+	ClientQueued int
 }
+
+// DefaultClientQueued is the default per-client bound on queued executions.
+const DefaultClientQueued = 1000
 
 // Scheduler queues executions, merges identical ones in flight, bounds concurrency and
 // cancels executions nobody waits for any more.
@@ -53,6 +62,8 @@ type Scheduler struct {
 	mRun    prometheus.Gauge
 	mPhase  *prometheus.HistogramVec
 	verify  *serverVerify // kiln-verify and --verify-rate (verify_exec.go)
+	// queuedSlots counts each client's executions being validated or waiting for a slot.
+	queuedSlots *limits.Slots
 }
 
 // execution is one run of an action, shared by every operation merged into it.
@@ -113,6 +124,9 @@ func NewScheduler(exec *Executor, cfg SchedulerConfig) *Scheduler {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
+	if cfg.ClientQueued <= 0 {
+		cfg.ClientQueued = DefaultClientQueued
+	}
 	s := &Scheduler{exec: exec, cfg: cfg, log: cfg.Logger, slot: make(chan struct{}, cfg.Concurrency),
 		inflight: map[string]*execution{}, ops: map[string]*operation{}}
 	s.mExec = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "kiln_executions_total", Help: "Executions by outcome (cached, ok, failed, error, cancelled)."}, []string{"outcome"})
@@ -125,6 +139,7 @@ func NewScheduler(exec *Executor, cfg SchedulerConfig) *Scheduler {
 		cfg.Registerer.MustRegister(s.mExec, s.mMerged, s.mQueue, s.mRun, s.mPhase)
 	}
 	s.verify = newServerVerify(exec, cfg)
+	s.queuedSlots = limits.NewSlots(cfg.Memory, "queued_executions", "queued executions", "--client-max-queued", cfg.ClientQueued, 0)
 	return s
 }
 
@@ -155,17 +170,37 @@ func (s *Scheduler) Submit(ctx context.Context, req Request) (*Watch, error) {
 	if !a.Action.GetDoNotCache() && !req.NoCache && req.Variation == nil {
 		key = req.Instance + "\x00" + req.ActionDigest.String()
 	}
+	if w := s.merge(key, req.Owner); w != nil {
+		return w, nil
+	}
+	// A new execution: the client's queue slot, then its input tree read and
+	// validated here, before it waits for an execution slot, so that a tree the
+	// executor would refuse never takes one.
+	if req.Client != "" {
+		if a.unqueue, err = s.queuedSlots.Acquire(req.Client); err != nil {
+			return nil, err
+		}
+	}
+	if a.mem, err = s.cfg.Memory.Charge(req.Client, "the input tree of an execution", 0); err == nil {
+		a.inputs, err = s.exec.fetchInputs(ctx, a, a.mem)
+	}
+	if err != nil {
+		a.done()
+		return nil, err
+	}
 	s.mu.Lock()
 	if key != "" {
-		if ex := s.inflight[key]; ex != nil {
-			w := s.newOpLocked(ex, req.Owner) // under the lock that found ex, so its last client cannot cancel it first
+		if ex := s.inflight[key]; ex != nil { // started meanwhile
+			w := s.newOpLocked(ex, req.Owner)
 			s.mu.Unlock()
 			s.mMerged.Inc()
+			a.done()
 			return w, nil
 		}
 	}
 	if s.queued >= s.cfg.MaxQueue {
 		s.mu.Unlock()
+		a.done()
 		return nil, status.Errorf(codes.ResourceExhausted, "execution queue is full (%d actions waiting); retry later", s.cfg.MaxQueue)
 	}
 	s.queued++
@@ -182,6 +217,21 @@ func (s *Scheduler) Submit(ctx context.Context, req Request) (*Watch, error) {
 	req.Queued = time.Now()
 	go s.run(opCtx, ex, req, a)
 	return w, nil
+}
+
+// merge joins owner to the execution of key in flight, if there is one.
+func (s *Scheduler) merge(key, owner string) *Watch {
+	if key == "" {
+		return nil
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	ex := s.inflight[key]
+	if ex == nil {
+		return nil
+	}
+	s.mMerged.Inc()
+	return s.newOpLocked(ex, owner) // under the lock that found ex, so its last client cannot cancel it first
 }
 
 // newOp names a new operation of owner on ex and returns a Watch on it.
@@ -219,6 +269,7 @@ func (s *Scheduler) attachLocked(op *operation) *Watch {
 // run waits for a slot, executes, and publishes the response.
 func (s *Scheduler) run(ctx context.Context, ex *execution, req Request, a *Action) {
 	defer ex.cancel()
+	defer a.done()
 	select {
 	case s.slot <- struct{}{}:
 	case <-ctx.Done():
@@ -228,6 +279,7 @@ func (s *Scheduler) run(ctx context.Context, ex *execution, req Request, a *Acti
 		return
 	}
 	s.dequeue()
+	a.started()
 	s.mRun.Inc()
 	s.setStage(ex, repb.ExecutionStage_EXECUTING)
 	res, err := s.exec.Execute(ctx, s.verify.prepare(req, a), a)

@@ -74,6 +74,11 @@ type Limits struct {
 	// ClientUploads and MaxUploads bound ByteStream uploads in progress per client and
 	// in all; 0: reapi.DefaultClientUploads and reapi.DefaultMaxUploads.
 	ClientUploads, MaxUploads int
+	// ClientTrees bounds one client's GetTree calls in progress; 0: reapi.DefaultClientTrees.
+	ClientTrees int
+	// ClientQueued bounds one client's executions waiting for a slot (or being
+	// validated); 0: DefaultClientQueued.
+	ClientQueued int
 }
 
 // maxStreams bounds the concurrent calls of one connection (gRPC's own default is
@@ -157,6 +162,8 @@ func Serve(ctx context.Context, cfg ServerConfig) error {
 		}
 		lock = l
 	}
+	mem := newBudget(cfg.Limits, log)
+	mem.Register(reg)
 	eng, err := Open(ctx, Options{
 		Data: cfg.Data, Primary: true, MaxSize: cfg.MaxSize, Fsync: cfg.Fsync, Logger: log, Registerer: reg,
 		DefaultToolchain: cfg.Execution.DefaultToolchain, Concurrency: cfg.Execution.Concurrency,
@@ -164,16 +171,14 @@ func Serve(ctx context.Context, cfg ServerConfig) error {
 		MaxTimeout: cfg.Execution.MaxTimeout, IgnoreUnknownPlatformProperties: cfg.Execution.IgnoreUnknownPlatformProperties,
 		NoSandbox: cfg.Execution.Disabled, Prestart: cfg.Execution.Concurrency,
 		Pinner: pinner(lock), ExecutorKeyFile: cfg.ExecutorKeyFile, Version: cfg.Version,
-		VerifyRate: cfg.Execution.VerifyRate,
+		VerifyRate: cfg.Execution.VerifyRate, Memory: mem, ClientQueued: cfg.Limits.ClientQueued,
 	})
 	if err != nil {
 		return err
 	}
 	defer eng.Close()
-	mem := newBudget(cfg.Limits, log)
-	mem.Register(reg)
 	ropts := reapi.Options{AllowClientACWrites: cfg.AllowClientACWrites, Logger: log, Memory: mem, StoreSpace: mem.StoreSpace(cfg.MaxSize),
-		ClientUploads: cfg.Limits.ClientUploads, MaxUploads: cfg.Limits.MaxUploads}
+		ClientUploads: cfg.Limits.ClientUploads, MaxUploads: cfg.Limits.MaxUploads, ClientTrees: cfg.Limits.ClientTrees}
 	if !cfg.Execution.Disabled {
 		ropts.ExecutionCapabilities = &repb.ExecutionCapabilities{
 			DigestFunction:  repb.DigestFunction_SHA256,

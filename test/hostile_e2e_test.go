@@ -311,3 +311,110 @@ func TestTruncatedStdoutNotCached(t *testing.T) {
 		}
 	}
 }
+
+// TestHostileGetTree (case 2): concurrent GetTree calls on a 700,000-entry directory
+// (55 MB) cannot take the server's memory past its budget (before: N=20 took 6.9 GB),
+// and another client's GetTree is answered meanwhile.
+func TestHostileGetTree(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	const budget = 2 << 30
+	srv := harness.StartServer(t, "--no-execution", "--max-memory", "2GiB")
+	attacker := dialFrom(t, srv.Addr, "127.0.0.2")
+	honest := dialFrom(t, srv.Addr, "127.0.0.1")
+	ctx := harness.Context(t, 10*time.Minute)
+	roots, err := hostile.Upload(ctx, attacker, hostile.BigDirectory(700_000))
+	if err != nil {
+		t.Fatal(err)
+	}
+	small, err := hostile.Upload(ctx, honest, &repb.Directory{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	base := srv.PeakRSS(t)
+	var c hostile.Codes
+	done := make(chan struct{})
+	go func() { defer close(done); hostile.GetTrees(ctx, attacker, roots[0], 40, 20, &c) }()
+	var h hostile.Codes
+	hostile.GetTrees(ctx, honest, small[0], 5, 1, &h)
+	<-done
+	peak := srv.PeakRSS(t)
+	t.Logf("RSS before %d MiB, peak %d MiB; attacker's walks: %v; honest: %v", base>>20, peak>>20, &c, &h)
+	if h.Get(codes.OK) != 5 {
+		t.Fatalf("another client's GetTree during the attack: %v", &h)
+	}
+	if c.Get(codes.OK) == 0 {
+		t.Fatalf("no walk of the big directory was served at all: %v", &c)
+	}
+	if peak > base+budget+512<<20 {
+		t.Fatalf("peak RSS %d MiB: more than the 2 GiB budget over the %d MiB before the walks", peak>>20, base>>20)
+	}
+}
+
+// TestHostileExecute (case 6): 100 Executes of an input root of 21 Directory blobs
+// claiming 2^20 directories are refused before they take an execution slot (before:
+// about 0.6 s of CPU each inside one, and an honest echo waited 34-46 s); an honest
+// action runs meanwhile.
+func TestHostileExecute(t *testing.T) {
+	srv, bb := busyboxServer(t)
+	attacker := dialFrom(t, srv.Addr, "127.0.0.2")
+	ctx := harness.Context(t, 10*time.Minute)
+	var c hostile.Codes
+	done := make(chan error, 1)
+	go func() { done <- hostile.HostileExecutes(ctx, attacker, 100, 100, 20, &c) }()
+	rc := rexecClient(t, srv.Addr)
+	cmd := &command.Command{
+		Args: []string{"/bin/sh", "-c", "echo honest"}, ExecRoot: t.TempDir(), InputSpec: &command.InputSpec{},
+		Platform:    map[string]string{"container-image": "docker://kiln/busybox@" + bb},
+		Identifiers: &command.Identifiers{ToolName: "kiln-e2e"},
+	}
+	oe := outerr.NewRecordingOutErr()
+	res, _ := rc.Run(ctx, cmd, command.DefaultExecutionOptions(), oe)
+	if res.Err != nil || res.ExitCode != 0 || strings.TrimSpace(string(oe.Stdout())) != "honest" {
+		t.Fatalf("honest action during the attack: %+v %q", res, oe.Stdout())
+	}
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("hostile executes: %v", &c)
+	if c.Get(codes.InvalidArgument) != 100 {
+		t.Fatalf("hostile executes: %v, want 100 INVALID_ARGUMENT", &c)
+	}
+	// None of them was ever an execution: each was refused before it was queued.
+	if n := srv.Metric(t, "kiln_executions_total", `outcome="error"`); n != 0 {
+		t.Fatalf("%v hostile executions were queued and failed inside an execution slot", n)
+	}
+}
+
+// TestOutputStatusCodesE2E (case 7): outputs of the wrong type and absolute output
+// symlinks (Capabilities: DISALLOWED) are FAILED_PRECONDITION, as REAPI says.
+func TestOutputStatusCodesE2E(t *testing.T) {
+	srv, _ := busyboxServer(t)
+	conn := dialFrom(t, srv.Addr, "")
+	ctx := harness.Context(t, 5*time.Minute)
+	root, err := hostile.Upload(ctx, conn, &repb.Directory{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		name string
+		cmd  *repb.Command
+	}{
+		{"output_files naming a directory", &repb.Command{Arguments: []string{"/bin/sh", "-c", "mkdir -p d"}, OutputFiles: []string{"d"}}},
+		{"output_directories naming a file", &repb.Command{Arguments: []string{"/bin/sh", "-c", "rmdir f; echo x > f"}, OutputDirectories: []string{"f"}}},
+		{"absolute output symlink", &repb.Command{Arguments: []string{"/bin/sh", "-c", "ln -s /etc/passwd l"}, OutputPaths: []string{"l"}}},
+	} {
+		a, err := hostile.Action(ctx, conn, c.cmd, root[0])
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp, err := hostile.Execute(ctx, conn, a, true)
+		if err != nil {
+			t.Fatalf("%s: %v", c.name, err)
+		}
+		if got := codes.Code(resp.GetStatus().GetCode()); got != codes.FailedPrecondition {
+			t.Errorf("%s: %v (%s), want FAILED_PRECONDITION", c.name, got, resp.GetStatus().GetMessage())
+		}
+	}
+}

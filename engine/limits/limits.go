@@ -250,7 +250,8 @@ func reclaimAny(rs []Reclaimer, client string) bool {
 // Slots counts things in progress (uploads, walks, queued executions) per client and
 // in all; Acquire refuses beyond either bound.
 type Slots struct {
-	name             string // for errors and the refusal metric, e.g. "uploads"
+	label            string // the refusal metric's label, e.g. "uploads" (and "client_uploads")
+	name             string // for errors, e.g. "uploads"
 	flag             string // the serve flag that sets perClient
 	perClient, total int
 	refused          *prometheus.CounterVec
@@ -262,10 +263,10 @@ type Slots struct {
 }
 
 // NewSlots returns a counter of name allowing perClient per client and total in all
-// (0: no bound); refusals are counted in b's refusal metric, if b is not nil. flag
-// names the setting in refusals.
-func NewSlots(b *Budget, name, flag string, perClient, total int) *Slots {
-	s := &Slots{name: name, flag: flag, perClient: perClient, total: total, clients: map[string]int{}}
+// (0: no bound); refusals are counted in b's refusal metric under label, if b is not
+// nil. flag names the setting in refusals.
+func NewSlots(b *Budget, label, name, flag string, perClient, total int) *Slots {
+	s := &Slots{label: label, name: name, flag: flag, perClient: perClient, total: total, clients: map[string]int{}}
 	if b != nil {
 		s.refused = b.refused
 	}
@@ -300,10 +301,10 @@ func (s *Slots) Acquire(client string) (release func(), err error) {
 			continue
 		}
 		if clientOver {
-			s.count("client_" + s.name)
+			s.count("client_" + s.label)
 			return nil, status.Errorf(codes.ResourceExhausted, "client %s already has %d %s in progress, its limit (%s); retry when some have finished", client, s.perClient, s.name, s.flag)
 		}
-		s.count(s.name)
+		s.count(s.label)
 		return nil, status.Errorf(codes.ResourceExhausted, "the server already has %d %s in progress, its limit; retry later", s.total, s.name)
 	}
 }

@@ -57,7 +57,7 @@ func TestBudget(t *testing.T) {
 // TestSlots: a client at its limit is refused while another is not; the total bounds
 // everyone; a reclaimer can make room; release is idempotent.
 func TestSlots(t *testing.T) {
-	s := NewSlots(NewBudget(1, 1), "uploads", "--client-max-uploads", 2, 3)
+	s := NewSlots(NewBudget(1, 1), "uploads", "uploads", "--client-max-uploads", 2, 3)
 	r1, _ := s.Acquire("a")
 	r2, _ := s.Acquire("a")
 	if _, err := s.Acquire("a"); status.Code(err) != codes.ResourceExhausted {

@@ -83,7 +83,7 @@ type upload struct {
 
 func newByteStream(cas cache.BlobStore, log *slog.Logger, mem *limits.Budget, clientUploads, maxUploads int) *byteStream {
 	b := &byteStream{cas: cas, log: log, now: time.Now, mem: mem, maxWindow: maxZstdWindow, uploads: map[string]*upload{}, stop: make(chan struct{})}
-	b.slots = limits.NewSlots(mem, "uploads", "--client-max-uploads", clientUploads, maxUploads)
+	b.slots = limits.NewSlots(mem, "uploads", "uploads", "--client-max-uploads", clientUploads, maxUploads)
 	b.slots.OnShortage(b.reclaim)
 	mem.OnShortage(b.reclaim)
 	go b.expire()

@@ -107,9 +107,22 @@ func parseTreeToken(tok string) (n int, id string, err error) {
 	return n, id, nil
 }
 
+// Memory a GetTree walk is charged for: each directory read costs treeReadCost times
+// its size while it is held (the blob, the parsed message, the marshalled response),
+// and each directory seen treeSeenCost for the rest of the walk.
+const (
+	treeReadCost = 6
+	treeSeenCost = 160
+	// DefaultClientTrees bounds the GetTree calls one client may have in progress.
+	DefaultClientTrees = 8
+)
+
 // GetTree streams the Directory messages reachable from root_digest, each distinct
 // directory once, breadth first. Directories absent from the CAS are left out, as the
 // spec allows. A page token resumes the walk the previous page kept (treeCursors).
+// Each client may have DefaultClientTrees walks in progress, and what a walk holds is
+// charged to the memory budget as it grows: directories go out as soon as a response
+// message is full, not once the whole page is read.
 func (c casServer) GetTree(req *repb.GetTreeRequest, stream repb.ContentAddressableStorage_GetTreeServer) error {
 	ctx := stream.Context()
 	if err := CheckInstance(req.GetInstanceName()); err != nil {
@@ -135,16 +148,43 @@ func (c casServer) GetTree(req *repb.GetTreeRequest, stream repb.ContentAddressa
 	if pageSize == 0 || pageSize > maxTreePage {
 		pageSize = maxTreePage
 	}
+	client := ClientID(ctx)
+	release, err := c.s.treeSlots.Acquire(client)
+	if err != nil {
+		return err
+	}
+	defer release()
+	mem, err := c.s.opts.Memory.Charge(client, "GetTree", treeSeenCost)
+	if err != nil {
+		return err
+	}
+	defer mem.Release()
 	w := c.s.trees.take(id, root, skip)
 	if w == nil { // a first page, or a walk no longer kept: walk from the root
 		w = &treeWalk{root: root, seen: map[cache.Digest]bool{root: true}, queue: []cache.Digest{root}}
 	}
-	var page []*repb.Directory
-	for len(w.queue) > 0 && len(page) < pageSize {
+	if err := mem.Grow(int64(len(w.seen)+len(w.queue)) * treeSeenCost); err != nil {
+		return err
+	}
+	var batch []*repb.Directory
+	size, held, sent := 0, int64(0), 0
+	flush := func(next string) error {
+		err := stream.Send(&repb.GetTreeResponse{Directories: batch, NextPageToken: next})
+		batch, size = nil, 0
+		mem.Shrink(held)
+		held = 0
+		return err
+	}
+	for len(w.queue) > 0 && sent < pageSize {
 		d := w.queue[0]
 		w.queue = w.queue[1:]
+		cost := treeReadCost * min(d.Size, cache.MaxTreeSize)
+		if err := mem.Grow(cost); err != nil {
+			return err
+		}
 		dir := &repb.Directory{}
 		if err := cache.ReadProto(ctx, c.s.cas, d, dir, cache.MaxTreeSize); err != nil {
+			mem.Shrink(cost)
 			if d == root && status.Code(err) == codes.NotFound {
 				return status.Errorf(codes.NotFound, "tree root %s not found", d)
 			}
@@ -153,6 +193,7 @@ func (c casServer) GetTree(req *repb.GetTreeRequest, stream repb.ContentAddressa
 			}
 			return err
 		}
+		added := 0
 		for _, sub := range dir.GetDirectories() {
 			sd, err := cache.FromProto(sub.GetDigest())
 			if err != nil {
@@ -161,10 +202,25 @@ func (c casServer) GetTree(req *repb.GetTreeRequest, stream repb.ContentAddressa
 			if !w.seen[sd] {
 				w.seen[sd] = true
 				w.queue = append(w.queue, sd)
+				added++
 			}
 		}
+		if err := mem.Grow(int64(added) * treeSeenCost); err != nil {
+			return err
+		}
 		if w.n >= skip {
-			page = append(page, dir)
+			sz := proto.Size(dir)
+			if len(batch) > 0 && size+sz > MaxBatchSize {
+				if err := flush(""); err != nil {
+					return err
+				}
+			}
+			batch = append(batch, dir)
+			size += sz
+			held += cost
+			sent++
+		} else {
+			mem.Shrink(cost)
 		}
 		w.n++
 	}
@@ -172,19 +228,5 @@ func (c casServer) GetTree(req *repb.GetTreeRequest, stream repb.ContentAddressa
 	if len(w.queue) > 0 {
 		next = c.s.trees.put(w)
 	}
-	// Split into messages that fit the gRPC limit.
-	var batch []*repb.Directory
-	size := 0
-	for _, dir := range page {
-		sz := proto.Size(dir)
-		if len(batch) > 0 && size+sz > MaxBatchSize {
-			if err := stream.Send(&repb.GetTreeResponse{Directories: batch}); err != nil {
-				return err
-			}
-			batch, size = nil, 0
-		}
-		batch = append(batch, dir)
-		size += sz
-	}
-	return stream.Send(&repb.GetTreeResponse{Directories: batch, NextPageToken: next})
+	return flush(next)
 }

@@ -398,3 +398,102 @@ func (c *chunkReader) Read(p []byte) (int, error) {
 }
 
 var _ = fmt.Sprint
+
+// bigDirectory is a Directory of n FileNodes (about 80 bytes each).
+func bigDirectory(n int) *repb.Directory {
+	dir := &repb.Directory{}
+	for i := 0; i < n; i++ {
+		dir.Files = append(dir.Files, &repb.FileNode{Name: fmt.Sprintf("f%08d", i), Digest: cache.EmptyDigest.Proto()})
+	}
+	return dir
+}
+
+// TestGetTreeBounded (issue 19, case 2): concurrent GetTree calls of one client are
+// bounded in number and in memory (a walk is charged for what it reads and keeps, and
+// refused beyond the client's share); another client's GetTree is served meanwhile,
+// and everything is given back when the calls end.
+func TestGetTreeBounded(t *testing.T) {
+	ctx := context.Background()
+	mem := limits.NewBudget(512<<20, 128<<20)
+	e := newEnv(t, Options{Memory: mem, ClientTrees: 3})
+	big := e.putProto(t, bigDirectory(100_000)) // 8 MB: 46 MiB charged while it is held
+	mid := e.putProto(t, bigDirectory(10_000))
+	small := e.putProto(t, &repb.Directory{Directories: []*repb.DirectoryNode{{Name: "d", Digest: e.putProto(t, &repb.Directory{}).Proto()}}})
+	gate := &gateStore{BlobStore: e.srv.cas, hold: map[cache.Digest]bool{big: true, mid: true}, release: make(chan struct{})}
+	e.srv.cas = gate
+	attacker := as(ctx, "attacker")
+	walk := func(ctx context.Context, root cache.Digest) error {
+		st, err := e.cas.GetTree(ctx, &repb.GetTreeRequest{RootDigest: root.Proto()})
+		for err == nil {
+			_, err = st.Recv()
+		}
+		if err == io.EOF {
+			return nil
+		}
+		return err
+	}
+	results := make(chan error, 3)
+	waitCharged := func(n int64) {
+		t.Helper()
+		for deadline := time.Now().Add(30 * time.Second); mem.Used("attacker") < n; time.Sleep(time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("%d bytes charged, want %d", mem.Used("attacker"), n)
+			}
+		}
+	}
+	for i := 0; i < 2; i++ {
+		go func() { results <- walk(attacker, big) }()
+	}
+	waitCharged(2 * treeReadCost * big.Size)
+	// A third walk of the big root is admitted but does not fit the 128 MiB share.
+	err := walk(attacker, big)
+	want(t, err, codes.ResourceExhausted, "a third 46 MiB walk in a 128 MiB share")
+	if !strings.Contains(status.Convert(err).Message(), "share") {
+		t.Fatalf("refusal does not name the memory share: %v", err)
+	}
+	// A small one fits, and takes the client's third and last slot.
+	go func() { results <- walk(attacker, mid) }()
+	waitCharged(2*treeReadCost*big.Size + treeReadCost*mid.Size)
+	err = walk(attacker, small)
+	want(t, err, codes.ResourceExhausted, "a fourth walk of a client limited to three")
+	if !strings.Contains(status.Convert(err).Message(), "GetTree calls") {
+		t.Fatalf("refusal does not name the limit on walks: %v", err)
+	}
+	// Another client is served meanwhile.
+	if err := walk(as(ctx, "honest"), small); err != nil {
+		t.Fatalf("another client's GetTree during the attack: %v", err)
+	}
+	close(gate.release)
+	for i := 0; i < 3; i++ {
+		if err := <-results; err != nil {
+			t.Fatalf("an admitted walk: %v", err)
+		}
+	}
+	if used, n := mem.Used(""), e.srv.treeSlots.InUse(""); used != 0 || n != 0 {
+		t.Fatalf("after the walks %d bytes and %d walk slots are still held", used, n)
+	}
+}
+
+func refusedBy(errs []error, word string) int {
+	n := 0
+	for _, err := range errs {
+		if strings.Contains(status.Convert(err).Message(), word) {
+			n++
+		}
+	}
+	return n
+}
+
+// gateStore holds reads of some blobs until release is closed (after they were charged).
+type gateStore struct {
+	cache.BlobStore
+	hold    map[cache.Digest]bool
+	release chan struct{}
+}
+
+func (g *gateStore) Get(ctx context.Context, d cache.Digest, off int64) (io.ReadCloser, error) {
+	if g.hold[d] {
+		<-g.release
+	}
+	return g.BlobStore.Get(ctx, d, off)
+}

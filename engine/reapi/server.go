@@ -45,6 +45,9 @@ type Options struct {
 	// ClientUploads and MaxUploads bound the ByteStream uploads in progress per client
 	// and in all; 0 means DefaultClientUploads and DefaultMaxUploads.
 	ClientUploads, MaxUploads int
+	// ClientTrees bounds the GetTree calls one client may have in progress; 0 means
+	// DefaultClientTrees.
+	ClientTrees int
 }
 
 // Server implements the REAPI storage services.
@@ -56,6 +59,8 @@ type Server struct {
 	bs   *byteStream
 	// trees keeps GetTree walks between pages.
 	trees treeCursors
+	// treeSlots bounds the GetTree calls in progress per client.
+	treeSlots *limits.Slots
 }
 
 // New returns the services over cas and ac. cas should already make the empty blob
@@ -74,7 +79,11 @@ func New(cas cache.BlobStore, ac cache.ActionCache, opts Options) *Server {
 	if opts.MaxUploads <= 0 {
 		opts.MaxUploads = DefaultMaxUploads
 	}
+	if opts.ClientTrees <= 0 {
+		opts.ClientTrees = DefaultClientTrees
+	}
 	s.opts = opts
+	s.treeSlots = limits.NewSlots(opts.Memory, "trees", "GetTree calls", "--client-max-trees", opts.ClientTrees, 0)
 	s.bs = newByteStream(cas, opts.Logger, opts.Memory, opts.ClientUploads, opts.MaxUploads)
 	s.bs.space = opts.StoreSpace
 	opts.StoreSpace.OnShortage(s.bs.reclaim)

@@ -9,6 +9,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
+	"io"
 	"net"
 	"strings"
 	"sync"
@@ -20,6 +21,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 )
 
 // Dial connects to addr from the local address from ("" for any): on loopback,
@@ -112,9 +114,16 @@ func write(ctx context.Context, bs bytestream.ByteStreamClient, name string, dat
 	if err != nil {
 		return err
 	}
-	if err := st.Send(&bytestream.WriteRequest{ResourceName: name, Data: data, FinishWrite: end == "finish"}); err != nil {
-		_, err := st.CloseAndRecv()
-		return err
+	for off := 0; off == 0 || off < len(data); off += 1 << 20 {
+		req := &bytestream.WriteRequest{WriteOffset: int64(off), Data: data[off:min(off+1<<20, len(data))]}
+		if off == 0 {
+			req.ResourceName = name
+		}
+		req.FinishWrite = end == "finish" && off+1<<20 >= len(data)
+		if err := st.Send(req); err != nil {
+			_, err := st.CloseAndRecv()
+			return err
+		}
 	}
 	switch end {
 	case "finish", "close":
@@ -210,4 +219,150 @@ func Store(ctx context.Context, conn *grpc.ClientConn, blobs ...[]byte) ([]*repb
 func digestOf(b []byte) *repb.Digest {
 	h := sha256.Sum256(b)
 	return &repb.Digest{Hash: hex.EncodeToString(h[:]), SizeBytes: int64(len(b))}
+}
+
+// Upload stores messages (deterministically marshalled) with BatchUpdateBlobs, in
+// batches under 4 MiB, or with ByteStream when one is larger, and returns their digests.
+func Upload(ctx context.Context, conn *grpc.ClientConn, msgs ...proto.Message) ([]*repb.Digest, error) {
+	var ds []*repb.Digest
+	var batch [][]byte
+	size := 0
+	flush := func() error {
+		if len(batch) == 0 {
+			return nil
+		}
+		_, err := Store(ctx, conn, batch...)
+		batch, size = nil, 0
+		return err
+	}
+	for _, m := range msgs {
+		b, err := proto.MarshalOptions{Deterministic: true}.Marshal(m)
+		if err != nil {
+			return nil, err
+		}
+		ds = append(ds, digestOf(b))
+		if len(b) > 2<<20 {
+			if err := write(ctx, bytestream.NewByteStreamClient(conn), fmt.Sprintf("uploads/%s/blobs/%s/%d", UUID(), ds[len(ds)-1].GetHash(), len(b)), b, "finish"); err != nil {
+				return nil, err
+			}
+			continue
+		}
+		if size+len(b) > 2<<20 {
+			if err := flush(); err != nil {
+				return nil, err
+			}
+		}
+		batch = append(batch, b)
+		size += len(b)
+	}
+	return ds, flush()
+}
+
+// DoublingDAG is issue 19's hostile input root: levels+1 Directory messages, each level
+// two children pointing at the next, claiming 2^levels directories; the root is last.
+func DoublingDAG(levels int) []proto.Message {
+	d := &repb.Directory{}
+	out := []proto.Message{d}
+	for i := 0; i < levels; i++ {
+		b, _ := proto.MarshalOptions{Deterministic: true}.Marshal(d)
+		dg := digestOf(b)
+		d = &repb.Directory{Directories: []*repb.DirectoryNode{{Name: "a", Digest: dg}, {Name: "b", Digest: dg}}}
+		out = append(out, d)
+	}
+	return out
+}
+
+// BigDirectory is a Directory of n FileNodes naming the empty blob (about 80 bytes each).
+func BigDirectory(n int) *repb.Directory {
+	dir := &repb.Directory{}
+	empty := digestOf(nil)
+	for i := 0; i < n; i++ {
+		dir.Files = append(dir.Files, &repb.FileNode{Name: fmt.Sprintf("f%08d", i), Digest: empty})
+	}
+	return dir
+}
+
+// Action stores a Command and an Action running it on the input root and returns the
+// Action's digest.
+func Action(ctx context.Context, conn *grpc.ClientConn, cmd *repb.Command, root *repb.Digest) (*repb.Digest, error) {
+	ds, err := Upload(ctx, conn, cmd)
+	if err != nil {
+		return nil, err
+	}
+	ds, err = Upload(ctx, conn, &repb.Action{CommandDigest: ds[0], InputRootDigest: root})
+	if err != nil {
+		return nil, err
+	}
+	return ds[0], nil
+}
+
+// Execute runs an action and returns its ExecuteResponse.
+func Execute(ctx context.Context, conn *grpc.ClientConn, action *repb.Digest, skipCache bool) (*repb.ExecuteResponse, error) {
+	st, err := repb.NewExecutionClient(conn).Execute(ctx, &repb.ExecuteRequest{ActionDigest: action, SkipCacheLookup: skipCache})
+	if err != nil {
+		return nil, err
+	}
+	for {
+		op, err := st.Recv()
+		if err != nil {
+			return nil, err
+		}
+		if op.GetDone() {
+			resp := &repb.ExecuteResponse{}
+			if err := op.GetResponse().UnmarshalTo(resp); err != nil {
+				return nil, err
+			}
+			return resp, nil
+		}
+	}
+}
+
+// HostileExecutes sends n Executes of distinct actions (args distinguish them) whose
+// input root is a DoublingDAG of levels levels, parallel at a time, and counts the
+// status of each ExecuteResponse (or of the call).
+func HostileExecutes(ctx context.Context, conn *grpc.ClientConn, n, parallel, levels int, c *Codes) error {
+	dag := DoublingDAG(levels)
+	ds, err := Upload(ctx, conn, dag...)
+	if err != nil {
+		return err
+	}
+	root := ds[len(ds)-1]
+	var actions []*repb.Digest
+	for i := 0; i < n; i++ {
+		a, err := Action(ctx, conn, &repb.Command{Arguments: []string{"/bin/true", fmt.Sprint(i), UUID()}}, root)
+		if err != nil {
+			return err
+		}
+		actions = append(actions, a)
+	}
+	var next int
+	var mu sync.Mutex
+	each(ctx, n, parallel, func() {
+		mu.Lock()
+		a := actions[next]
+		next++
+		mu.Unlock()
+		resp, err := Execute(ctx, conn, a, true)
+		if err == nil {
+			err = status.ErrorProto(resp.GetStatus())
+		}
+		c.Add(err)
+	})
+	return nil
+}
+
+// GetTrees walks the tree under root with n GetTree calls of page_size 0, parallel at a
+// time, reading every page.
+func GetTrees(ctx context.Context, conn *grpc.ClientConn, root *repb.Digest, n, parallel int, c *Codes) {
+	cas := repb.NewContentAddressableStorageClient(conn)
+	each(ctx, n, parallel, func() {
+		st, err := cas.GetTree(ctx, &repb.GetTreeRequest{RootDigest: root})
+		for err == nil {
+			_, err = st.Recv()
+		}
+		if err == io.EOF {
+			err = nil
+		}
+		c.Add(err)
+	})
 }

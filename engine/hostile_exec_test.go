@@ -1,0 +1,133 @@
+package engine
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
+	"github.com/kilnbuild/kiln/cache"
+	"github.com/kilnbuild/kiln/engine/limits"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+)
+
+// doublingDAG stores issue 19's hostile input root: levels+1 Directory blobs, each
+// level two children pointing at the next, claiming 2^levels directories.
+func doublingDAG(t *testing.T, e *testEnv, levels int) cache.Digest {
+	t.Helper()
+	d := e.put(t, &repb.Directory{Files: []*repb.FileNode{{Name: "leaf", Digest: cache.EmptyDigest.Proto()}}})
+	for i := 0; i < levels; i++ {
+		d = e.put(t, &repb.Directory{Directories: []*repb.DirectoryNode{{Name: "a", Digest: d.Proto()}, {Name: "b", Digest: d.Proto()}}})
+	}
+	return d
+}
+
+// blocker queues an action that holds the only execution slot until release is closed.
+func blocker(t *testing.T, e *testEnv) (release func()) {
+	t.Helper()
+	e.sb.release = make(chan struct{})
+	e.sb.started = make(chan string, 100)
+	w, err := e.sched.Submit(context.Background(), Request{ActionDigest: e.action(t, &repb.Command{Arguments: []string{"block"}}, e.put(t, &repb.Directory{}), nil)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	<-e.sb.started
+	return func() { close(e.sb.release); w.Response(context.Background()); w.Close() }
+}
+
+// readCounter counts the blobs read through it.
+type readCounter struct {
+	cache.BlobStore
+	n atomic.Int64
+}
+
+func (c *readCounter) Get(ctx context.Context, d cache.Digest, off int64) (io.ReadCloser, error) {
+	c.n.Add(1)
+	return c.BlobStore.Get(ctx, d, off)
+}
+
+// TestHostileTreeNeverTakesASlot (issue 19, case 6): an input tree the executor would
+// refuse (a 21-blob DAG claiming 2^20 directories) is refused when it is submitted,
+// while the only execution slot is busy, after reading each distinct blob once; it
+// never waits for, nor takes, a slot.
+func TestHostileTreeNeverTakesASlot(t *testing.T) {
+	e := newTestEnvWith(t, 1, func(c *SchedulerConfig) { c.MaxQueue = 1000 })
+	root := doublingDAG(t, e, 20)
+	release := blocker(t, e)
+	defer release()
+	reads := &readCounter{BlobStore: e.exec.cfg.CAS}
+	e.exec.cfg.CAS = reads
+	for i := 0; i < 20; i++ {
+		d := e.action(t, &repb.Command{Arguments: []string{"write", "o", fmt.Sprint(i)}}, root, nil)
+		before := reads.n.Load()
+		_, err := e.sched.Submit(context.Background(), Request{ActionDigest: d, Client: "attacker"})
+		if status.Code(err) != codes.InvalidArgument || !strings.Contains(status.Convert(err).Message(), "more than") {
+			t.Fatalf("hostile tree %d, with the only slot busy: %v, want INVALID_ARGUMENT at once", i, err)
+		}
+		if n := reads.n.Load() - before; n > 2+21 {
+			t.Fatalf("validating a 21-blob tree read %d blobs: shared subtrees must be read and counted once", n)
+		}
+	}
+	if n := e.sched.queuedSlots.InUse(""); n != 0 {
+		t.Fatalf("%d queue slots held by refused executions", n)
+	}
+}
+
+// TestClientQueuedLimit (issue 19, case 6): one client may have ClientQueued
+// executions waiting; beyond it RESOURCE_EXHAUSTED, while another client's are queued;
+// and what a queued input tree costs is charged to its client's memory.
+func TestClientQueuedLimit(t *testing.T) {
+	mem := limits.NewBudget(64<<20, 1<<20)
+	e := newTestEnvWith(t, 1, func(c *SchedulerConfig) { c.MaxQueue = 1000; c.ClientQueued = 3; c.Memory = mem })
+	release := blocker(t, e)
+	root := e.put(t, &repb.Directory{Files: []*repb.FileNode{{Name: "f", Digest: cache.EmptyDigest.Proto()}}})
+	submit := func(client string, i int) (*Watch, error) {
+		d := e.action(t, &repb.Command{Arguments: []string{"write", "o", client + fmt.Sprint(i)}}, root, nil)
+		return e.sched.Submit(context.Background(), Request{ActionDigest: d, Client: client})
+	}
+	var ws []*Watch
+	for i := 0; i < 3; i++ {
+		w, err := submit("attacker", i)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ws = append(ws, w)
+	}
+	if mem.Used("attacker") == 0 {
+		t.Fatal("queued input trees are not charged to their client")
+	}
+	if _, err := submit("attacker", 3); status.Code(err) != codes.ResourceExhausted {
+		t.Fatalf("fourth queued execution of a client limited to three: %v", err)
+	}
+	w, err := submit("honest", 0)
+	if err != nil {
+		t.Fatalf("another client while the first is at its limit: %v", err)
+	}
+	ws = append(ws, w)
+	// A tree whose flattened form costs more than the client's 1 MiB share is refused.
+	big := &repb.Directory{}
+	for i := 0; i < 10_000; i++ {
+		big.Files = append(big.Files, &repb.FileNode{Name: fmt.Sprintf("f%05d", i), Digest: cache.EmptyDigest.Proto()})
+	}
+	d := e.action(t, &repb.Command{Arguments: []string{"echo"}}, e.put(t, big), nil)
+	if _, err := e.sched.Submit(context.Background(), Request{ActionDigest: d, Client: "greedy"}); status.Code(err) != codes.ResourceExhausted {
+		t.Fatalf("a tree beyond the client's memory share: %v", err)
+	}
+	release()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	for _, w := range ws {
+		if resp, err := w.Response(ctx); err != nil || resp.GetStatus().GetCode() != 0 {
+			t.Fatalf("queued execution: %v %v", err, resp.GetStatus())
+		}
+		w.Close()
+	}
+	if n, used := e.sched.queuedSlots.InUse(""), mem.Used(""); n != 0 || used != 0 {
+		t.Fatalf("after the executions %d queue slots and %d bytes are still held", n, used)
+	}
+}
