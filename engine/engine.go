@@ -56,6 +56,7 @@ type Options struct {
 	// Memory and ClientQueued bound queued executions (SchedulerConfig).
 	Memory       *limits.Budget
 	ClientQueued int
+	Work         *limits.Work
 }
 
 // Engine is an open data dir with everything needed to execute actions.
@@ -133,7 +134,7 @@ func Open(ctx context.Context, opts Options) (*Engine, error) {
 		return nil, err
 	}
 	e.Scheduler = NewScheduler(e.Executor, SchedulerConfig{Concurrency: conc, MaxQueue: opts.MaxQueue, Logger: log, Registerer: reg,
-		VerifyRate: opts.VerifyRate, Memory: opts.Memory, ClientQueued: opts.ClientQueued})
+		VerifyRate: opts.VerifyRate, Memory: opts.Memory, ClientQueued: opts.ClientQueued, Work: opts.Work})
 	ok = true
 	return e, nil
 }

@@ -37,6 +37,8 @@ type SchedulerConfig struct {
 	// ClientQueued bounds the executions one client (Request.Client) may have waiting
 	// for a slot or being validated; 0 means DefaultClientQueued.
 	ClientQueued int
+	// Work bounds the validation of input trees done for one client at a time.
+	Work *limits.Work
 }
 
 // DefaultClientQueued is the default per-client bound on queued executions.
@@ -182,7 +184,11 @@ func (s *Scheduler) Submit(ctx context.Context, req Request) (*Watch, error) {
 		}
 	}
 	if a.mem, err = s.cfg.Memory.Charge(req.Client, "the input tree of an execution", 0); err == nil {
-		a.inputs, err = s.exec.fetchInputs(ctx, a, a.mem)
+		var release func()
+		if release, err = s.cfg.Work.Acquire(ctx, req.Client); err == nil {
+			a.inputs, err = s.exec.fetchInputs(ctx, a, a.mem)
+			release()
+		}
 	}
 	if err != nil {
 		a.done()

@@ -79,6 +79,9 @@ type Limits struct {
 	// ClientQueued bounds one client's executions waiting for a slot (or being
 	// validated); 0: DefaultClientQueued.
 	ClientQueued int
+	// ClientCPUs bounds the cores one client's uploads, tree walks and tree
+	// validations keep busy at once; 0: half the CPUs (at least one).
+	ClientCPUs int
 }
 
 // maxStreams bounds the concurrent calls of one connection (gRPC's own default is
@@ -164,6 +167,7 @@ func Serve(ctx context.Context, cfg ServerConfig) error {
 	}
 	mem := newBudget(cfg.Limits, log)
 	mem.Register(reg)
+	work := limits.NewWork(cfg.Limits.ClientCPUs)
 	eng, err := Open(ctx, Options{
 		Data: cfg.Data, Primary: true, MaxSize: cfg.MaxSize, Fsync: cfg.Fsync, Logger: log, Registerer: reg,
 		DefaultToolchain: cfg.Execution.DefaultToolchain, Concurrency: cfg.Execution.Concurrency,
@@ -171,14 +175,14 @@ func Serve(ctx context.Context, cfg ServerConfig) error {
 		MaxTimeout: cfg.Execution.MaxTimeout, IgnoreUnknownPlatformProperties: cfg.Execution.IgnoreUnknownPlatformProperties,
 		NoSandbox: cfg.Execution.Disabled, Prestart: cfg.Execution.Concurrency,
 		Pinner: pinner(lock), ExecutorKeyFile: cfg.ExecutorKeyFile, Version: cfg.Version,
-		VerifyRate: cfg.Execution.VerifyRate, Memory: mem, ClientQueued: cfg.Limits.ClientQueued,
+		VerifyRate: cfg.Execution.VerifyRate, Memory: mem, ClientQueued: cfg.Limits.ClientQueued, Work: work,
 	})
 	if err != nil {
 		return err
 	}
 	defer eng.Close()
 	ropts := reapi.Options{AllowClientACWrites: cfg.AllowClientACWrites, Logger: log, Memory: mem, StoreSpace: mem.StoreSpace(cfg.MaxSize),
-		ClientUploads: cfg.Limits.ClientUploads, MaxUploads: cfg.Limits.MaxUploads, ClientTrees: cfg.Limits.ClientTrees}
+		ClientUploads: cfg.Limits.ClientUploads, MaxUploads: cfg.Limits.MaxUploads, ClientTrees: cfg.Limits.ClientTrees, Work: work}
 	if !cfg.Execution.Disabled {
 		ropts.ExecutionCapabilities = &repb.ExecutionCapabilities{
 			DigestFunction:  repb.DigestFunction_SHA256,

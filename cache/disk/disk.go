@@ -11,6 +11,7 @@
 package disk
 
 import (
+	"bytes"
 	"container/list"
 	"context"
 	"crypto/rand"
@@ -593,6 +594,17 @@ func (s *Store) Put(ctx context.Context, d cache.Digest, r io.Reader) error {
 		return err
 	}
 	defer s.unreserve(d.Size)
+	if d.Size <= smallBlob {
+		// Verified before a file is made for it: a client that sends bad or unfinished
+		// small blobs costs no file creation.
+		bp := smallPool.Get().(*[]byte)
+		defer smallPool.Put(bp)
+		buf := bytes.NewBuffer((*bp)[:0])
+		if err := cache.CopyVerified(buf, r, d); err != nil {
+			return err
+		}
+		r = buf
+	}
 	tmp, err := s.createTemp(0o444)
 	if err != nil {
 		return err
@@ -614,6 +626,12 @@ func (s *Store) Put(ctx context.Context, d cache.Digest, r io.Reader) error {
 	}
 	return nil
 }
+
+// smallBlob is the size up to which Put verifies a blob in memory before it creates
+// its temp file.
+const smallBlob = 64 << 10
+
+var smallPool = sync.Pool{New: func() any { b := make([]byte, 0, smallBlob+1); return &b }}
 
 // reserve claims room for a blob of d.Size bytes about to be written, or refuses it
 // (RESOURCE_EXHAUSTED) before a byte is written: a blob larger than the store's bound

@@ -7,8 +7,11 @@
 package limits
 
 import (
+	"context"
 	"fmt"
+	"io"
 	"os"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -405,4 +408,96 @@ func cgroupLimit() int64 {
 		}
 	}
 	return 0
+}
+
+// Work bounds the CPU-heavy work (decompressing, hashing, parsing directories) done
+// for one client at a time: a client's work waits for one of its own tokens, so one
+// client can keep at most perClient cores busy, and the rest serve the others. Unlike
+// Slots it waits rather than refuses: work already admitted is not thrown away.
+type Work struct {
+	perClient int
+	mu        sync.Mutex
+	clients   map[string]*workTokens
+}
+
+type workTokens struct {
+	ch    chan struct{}
+	users int // callers holding or waiting for a token
+}
+
+// NewWork returns a Work with perClient tokens per client (0: half the CPUs, at least one).
+func NewWork(perClient int) *Work {
+	if perClient <= 0 {
+		perClient = max(1, runtime.GOMAXPROCS(0)/2)
+	}
+	return &Work{perClient: perClient, clients: map[string]*workTokens{}}
+}
+
+// Acquire waits for one of client's tokens (or for ctx to end); release gives it
+// back, once. A nil *Work never waits.
+func (w *Work) Acquire(ctx context.Context, client string) (release func(), err error) {
+	if w == nil {
+		return func() {}, nil
+	}
+	w.mu.Lock()
+	t := w.clients[client]
+	if t == nil {
+		t = &workTokens{ch: make(chan struct{}, w.perClient)}
+		w.clients[client] = t
+	}
+	t.users++
+	w.mu.Unlock()
+	select {
+	case t.ch <- struct{}{}:
+	case <-ctx.Done():
+		w.leave(client, t)
+		return nil, status.FromContextError(ctx.Err()).Err()
+	}
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			<-t.ch
+			w.leave(client, t)
+		})
+	}, nil
+}
+
+func (w *Work) leave(client string, t *workTokens) {
+	w.mu.Lock()
+	if t.users--; t.users == 0 {
+		delete(w.clients, client)
+	}
+	w.mu.Unlock()
+}
+
+// WorkReader holds one of client's work tokens while what it returned is processed:
+// it gives the token back while it waits for more input (the network) and takes it
+// again when input arrives, so the work done on a stream's data counts as the client's.
+type WorkReader struct {
+	R       io.Reader
+	W       *Work
+	Client  string
+	Ctx     context.Context
+	release func()
+}
+
+func (r *WorkReader) Read(p []byte) (int, error) {
+	r.Done()
+	n, err := r.R.Read(p)
+	if n > 0 || err == nil {
+		rel, aerr := r.W.Acquire(r.Ctx, r.Client)
+		if aerr != nil {
+			return 0, aerr
+		}
+		r.release = rel
+	}
+	return n, err
+}
+
+// Done gives back the token held, if any.
+func (r *WorkReader) Done() {
+	if r.release != nil {
+		r.release()
+		r.release = nil
+	}
 }

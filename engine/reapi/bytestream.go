@@ -52,6 +52,7 @@ type byteStream struct {
 	mem   *limits.Budget
 	slots *limits.Slots
 	space *limits.Budget // declared sizes of uploads in progress
+	work  *limits.Work   // CPU-heavy work per client
 	// maxWindow bounds the window of a client's zstd frames (maxZstdWindow).
 	maxWindow int64
 
@@ -457,11 +458,14 @@ func (b *byteStream) start(u *upload) {
 		defer u.slot()
 		defer u.mem.Release()
 		defer u.space.Release()
-		var body io.Reader = u.pr
+		// Decompressing, hashing and writing what arrives is the client's work.
+		in := &limits.WorkReader{R: u.pr, W: b.work, Client: u.client, Ctx: context.Background()}
+		defer in.Done()
+		var body io.Reader = in
 		var guard *windowGuard
 		if u.res.compressor == "zstd" {
 			var held int64
-			guard = newWindowGuard(u.pr, u.res.digest, b.maxWindow, func(cost int64) error {
+			guard = newWindowGuard(in, u.res.digest, b.maxWindow, func(cost int64) error {
 				u.charging.Store(true)
 				defer u.charging.Store(false)
 				if err := u.mem.Grow(cost - held); err != nil {

@@ -108,11 +108,17 @@ func (c casServer) BatchUpdateBlobs(ctx context.Context, req *repb.BatchUpdateBl
 			break
 		}
 	}
-	mem, err := c.s.opts.Memory.Charge(ClientID(ctx), "BatchUpdateBlobs", cost)
+	client := ClientID(ctx)
+	mem, err := c.s.opts.Memory.Charge(client, "BatchUpdateBlobs", cost)
 	if err != nil {
 		return nil, err
 	}
 	defer mem.Release()
+	release, err := c.s.opts.Work.Acquire(ctx, client)
+	if err != nil {
+		return nil, err
+	}
+	defer release()
 	resp := &repb.BatchUpdateBlobsResponse{Responses: make([]*repb.BatchUpdateBlobsResponse_Response, len(req.GetRequests()))}
 	for i, r := range req.GetRequests() {
 		resp.Responses[i] = &repb.BatchUpdateBlobsResponse_Response{Digest: r.GetDigest(), Status: statusProto(c.updateOne(ctx, r))}

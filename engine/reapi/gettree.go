@@ -183,7 +183,13 @@ func (c casServer) GetTree(req *repb.GetTreeRequest, stream repb.ContentAddressa
 			return err
 		}
 		dir := &repb.Directory{}
-		if err := cache.ReadProto(ctx, c.s.cas, d, dir, cache.MaxTreeSize); err != nil {
+		done, err := c.s.opts.Work.Acquire(ctx, client)
+		if err != nil {
+			return err
+		}
+		err = cache.ReadProto(ctx, c.s.cas, d, dir, cache.MaxTreeSize)
+		done()
+		if err != nil {
 			mem.Shrink(cost)
 			if d == root && status.Code(err) == codes.NotFound {
 				return status.Errorf(codes.NotFound, "tree root %s not found", d)

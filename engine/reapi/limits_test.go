@@ -397,8 +397,6 @@ func (c *chunkReader) Read(p []byte) (int, error) {
 	return k, nil
 }
 
-var _ = fmt.Sprint
-
 // bigDirectory is a Directory of n FileNodes (about 80 bytes each).
 func bigDirectory(n int) *repb.Directory {
 	dir := &repb.Directory{}
@@ -472,16 +470,6 @@ func TestGetTreeBounded(t *testing.T) {
 	if used, n := mem.Used(""), e.srv.treeSlots.InUse(""); used != 0 || n != 0 {
 		t.Fatalf("after the walks %d bytes and %d walk slots are still held", used, n)
 	}
-}
-
-func refusedBy(errs []error, word string) int {
-	n := 0
-	for _, err := range errs {
-		if strings.Contains(status.Convert(err).Message(), word) {
-			n++
-		}
-	}
-	return n
 }
 
 // gateStore holds reads of some blobs until release is closed (after they were charged).

@@ -28,6 +28,7 @@ import (
 )
 
 type env struct {
+	addr  string
 	cas   repb.ContentAddressableStorageClient
 	ac    repb.ActionCacheClient
 	bs    bytestream.ByteStreamClient
@@ -73,7 +74,8 @@ func newEnvOn(t *testing.T, store *disk.Store, cas cache.BlobStore, opts Options
 	}
 	t.Cleanup(func() { conn.Close(); g.Stop(); srv.Close(); store.Close() })
 	return &env{
-		cas: repb.NewContentAddressableStorageClient(conn), ac: repb.NewActionCacheClient(conn),
+		addr: lis.Addr().String(),
+		cas:  repb.NewContentAddressableStorageClient(conn), ac: repb.NewActionCacheClient(conn),
 		bs: bytestream.NewByteStreamClient(conn), caps: repb.NewCapabilitiesClient(conn),
 		store: store, srv: srv,
 	}

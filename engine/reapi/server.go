@@ -48,6 +48,9 @@ type Options struct {
 	// ClientTrees bounds the GetTree calls one client may have in progress; 0 means
 	// DefaultClientTrees.
 	ClientTrees int
+	// Work bounds the CPU-heavy work done for one client at a time (decompressing and
+	// hashing uploads, parsing directories); nil bounds nothing.
+	Work *limits.Work
 }
 
 // Server implements the REAPI storage services.
@@ -86,6 +89,7 @@ func New(cas cache.BlobStore, ac cache.ActionCache, opts Options) *Server {
 	s.treeSlots = limits.NewSlots(opts.Memory, "trees", "GetTree calls", "--client-max-trees", opts.ClientTrees, 0)
 	s.bs = newByteStream(cas, opts.Logger, opts.Memory, opts.ClientUploads, opts.MaxUploads)
 	s.bs.space = opts.StoreSpace
+	s.bs.work = opts.Work
 	opts.StoreSpace.OnShortage(s.bs.reclaim)
 	return s
 }

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# bench-hostile.sh: an honest Bazel build of examples/bazel-hello through kiln remote
+# execution, alone and with the attacks of issue 19 running against the same server
+# from another client (test/bench/hostile, from 127.0.0.2: 64 MiB-window zstd uploads
+# held, interrupted and abandoned, thousands of unfinished uploads, a 2^62-byte
+# declaration, concurrent GetTree walks of a 700,000-entry directory, Executes of a
+# 21-blob tree claiming 2^20 directories). Prints the build's wall times, the ratio
+# attacked / alone (goal: at most 1.5), the attack's status codes and the server's peak
+# memory. The server runs with its defaults (no limit flags). Builds alone and attacked
+# alternate (PAIRS of each), so that load from elsewhere on the machine hits both alike.
+#
+#   scripts/bench-hostile.sh          # KILN=bin/kiln, JOBS=8, PAIRS=3
+set -euo pipefail
+cd "$(dirname "$0")/.."
+KILN=${KILN:-$PWD/bin/kiln}
+JOBS=${JOBS:-8}
+PAIRS=${PAIRS:-3}      # alone/attacked build pairs; the ratio is of the medians
+work=$(mktemp -d /tmp/kiln-bench-hostile.XXXXXX)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true;
+  (cd "$work/ws" 2>/dev/null && bazel --output_user_root="$work/bz" shutdown >/dev/null 2>&1) || true; rm -rf "$work"; }
+trap cleanup EXIT
+
+go build -o "$work/hostile" ./test/bench/hostile
+ws=$work/ws
+cp -r examples/bazel-hello "$ws"
+rm -f "$ws"/bazel-*
+data=$work/data
+digest=$(toolchains/debian-gcc/build.sh --data "$data" --kiln "$KILN")
+"$KILN" toolchain unpack --data "$data" "$digest" >/dev/null   # unpacked once, outside the timing
+image="docker://kiln/debian-gcc@$digest"
+"$KILN" serve --data "$data" --listen 127.0.0.1:18831 --http-listen 127.0.0.1:18832 --log-level warn 2>"$work/serve.log" &
+spid=$!
+pids+=("$spid")
+for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/18831) 2>/dev/null && break; sleep 0.05; done
+
+bz() { (cd "$ws" && bazel --output_user_root="$work/bz" "$@"); }
+timed() { local s e; s=$(date +%s.%N); "$@" >"$work/last.log" 2>&1 || { tail -20 "$work/last.log"; exit 1; }; e=$(date +%s.%N); awk -v a="$s" -v b="$e" 'BEGIN { printf "%.3f", b - a }'; }
+# Each build is clean and uses its own instance name: every action runs remotely, none
+# is an action-cache hit.
+build() { bz clean >/dev/null 2>&1; timed bz build //... --remote_executor=grpc://127.0.0.1:18831 \
+  --remote_default_exec_properties=container-image="$image" --remote_instance_name="$1" --jobs="$JOBS"; }
+
+cpu() { awk '{ printf "%.2f", ($14 + $15) / 100 }' "/proc/$1/stat"; }   # utime + stime, seconds
+median() { sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+build warmup >/dev/null   # starts Bazel's server and warms the toolchain's pages
+alone=() attacked=() scpu=0 acpu=0
+for i in $(seq "$PAIRS"); do
+  alone+=("$(build "alone$i")")
+  # The attacking client stands for another machine: niced, so that its own CPU
+  # (here, on the server's cores) weighs little; what it makes the server do counts.
+  nice -n 19 "$work/hostile" -addr 127.0.0.1:18831 -from 127.0.0.2 >>"$work/attack.log" 2>&1 &
+  apid=$!
+  pids+=("$apid")
+  sleep 3   # the attack's first round is under way (its big directory is uploaded)
+  c0=$(cpu "$spid")
+  attacked+=("$(build "attacked$i")")
+  c1=$(cpu "$spid")
+  acpu=$(awk -v a="$acpu" -v b="$(cpu "$apid")" 'BEGIN { print a + b }')
+  scpu=$(awk -v a="$scpu" -v b="$c0" -v c="$c1" 'BEGIN { print a + c - b }')
+  kill -INT "$apid"; wait "$apid" || true
+done
+grep -q "processes: .*remote" "$work/last.log" || { echo "the build did not execute remotely" >&2; tail -5 "$work/last.log"; exit 1; }
+peak=$(awk '/VmHWM/ { print int($2/1024) }' "/proc/$spid/status")
+ma=$(printf '%s\n' "${alone[@]}" | median)
+mx=$(printf '%s\n' "${attacked[@]}" | median)
+
+printf '%-34s %s s (median %.2f s)\n' "build alone" "${alone[*]}" "$ma" "build with the attack running" "${attacked[*]}" "$mx"
+awk -v a="$ma" -v x="$mx" 'BEGIN { printf "%-34s %.2fx (goal <= 1.5x)\n", "ratio attacked / alone (medians)", x / a }'
+printf '%-34s %d MiB\n' "server peak RSS" "$peak"
+printf '%-34s %.2f s during the attacked builds (the attacking client: %.2f s)\n' "server CPU" "$scpu" "$acpu"
+echo "the attack, per round of the hostile client (status codes the server answered with):"
+cat "$work/attack.log"
