@@ -1,6 +1,8 @@
 package limits
 
 import (
+	"context"
+	"strings"
 	"testing"
 
 	"google.golang.org/grpc/codes"
@@ -96,5 +98,51 @@ func TestBytes(t *testing.T) {
 		if got := Bytes(n); got != want {
 			t.Errorf("Bytes(%d) = %q, want %q", n, got, want)
 		}
+	}
+}
+
+// TestWork: a client's work waits for one of its own tokens, never for another
+// client's; a cancelled wait gives up; idle clients leave nothing behind.
+func TestWork(t *testing.T) {
+	w := NewWork(1)
+	ctx := context.Background()
+	rel, err := w.Acquire(ctx, "a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	relB, err := w.Acquire(ctx, "b")
+	if err != nil {
+		t.Fatalf("another client waited for a's token: %v", err)
+	}
+	cctx, cancel := context.WithCancel(ctx)
+	cancel()
+	if _, err := w.Acquire(cctx, "a"); status.Code(err) != codes.Canceled {
+		t.Fatalf("second token of a client limited to one, cancelled: %v", err)
+	}
+	got := make(chan struct{})
+	go func() {
+		r, _ := w.Acquire(ctx, "a")
+		r()
+		close(got)
+	}()
+	rel()
+	rel() // once
+	<-got
+	relB()
+	if len(w.clients) != 0 {
+		t.Fatalf("%d idle clients kept", len(w.clients))
+	}
+	// A WorkReader holds the token between reads of its input, not while it waits.
+	r := &WorkReader{R: strings.NewReader("abc"), W: w, Client: "a", Ctx: ctx}
+	buf := make([]byte, 1)
+	r.Read(buf)
+	if _, err := w.Acquire(cctx, "a"); err == nil {
+		t.Fatal("the reader's token was free while its data was processed")
+	}
+	r.Done()
+	if rel, err := w.Acquire(ctx, "a"); err != nil {
+		t.Fatal(err)
+	} else {
+		rel()
 	}
 }
