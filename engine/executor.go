@@ -16,6 +16,7 @@ import (
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"github.com/kilnbuild/kiln/cache"
 	"github.com/kilnbuild/kiln/engine/limits"
+	"github.com/kilnbuild/kiln/engine/reapi"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
@@ -320,24 +321,7 @@ func validateCommand(c *repb.Command) error {
 }
 
 // validRelPath accepts clean relative slash paths that stay inside their root.
-func validRelPath(p string, emptyOK bool) error {
-	switch {
-	case p == "":
-		if emptyOK {
-			return nil
-		}
-		return fmt.Errorf("empty")
-	case strings.HasPrefix(p, "/"):
-		return fmt.Errorf("absolute")
-	case strings.ContainsRune(p, 0):
-		return fmt.Errorf("contains NUL")
-	case path.Clean(p) != p || p == ".":
-		return fmt.Errorf("not a clean relative path")
-	case p == ".." || strings.HasPrefix(p, "../"):
-		return fmt.Errorf("leaves the exec root")
-	}
-	return nil
-}
+func validRelPath(p string, emptyOK bool) error { return reapi.CheckRelPath(p, emptyOK) }
 
 // CachedResult returns the action cache's result for an action, NOT_FOUND if none.
 func (e *Executor) CachedResult(ctx context.Context, instance string, d cache.Digest) (*repb.ActionResult, error) {

@@ -3,14 +3,13 @@ package engine
 import (
 	"context"
 	"fmt"
-	"io"
 	"strings"
-	"sync/atomic"
 	"testing"
 	"time"
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"github.com/kilnbuild/kiln/cache"
+	"github.com/kilnbuild/kiln/cache/cachetest"
 	"github.com/kilnbuild/kiln/engine/limits"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -40,17 +39,6 @@ func blocker(t *testing.T, e *testEnv) (release func()) {
 	return func() { close(e.sb.release); w.Response(context.Background()); w.Close() }
 }
 
-// readCounter counts the blobs read through it.
-type readCounter struct {
-	cache.BlobStore
-	n atomic.Int64
-}
-
-func (c *readCounter) Get(ctx context.Context, d cache.Digest, off int64) (io.ReadCloser, error) {
-	c.n.Add(1)
-	return c.BlobStore.Get(ctx, d, off)
-}
-
 // TestHostileTreeNeverTakesASlot (issue 19, case 6): an input tree the executor would
 // refuse (a 21-blob DAG claiming 2^20 directories) is refused when it is submitted,
 // while the only execution slot is busy, after reading each distinct blob once; it
@@ -60,16 +48,16 @@ func TestHostileTreeNeverTakesASlot(t *testing.T) {
 	root := doublingDAG(t, e, 20)
 	release := blocker(t, e)
 	defer release()
-	reads := &readCounter{BlobStore: e.exec.cfg.CAS}
+	reads := &cachetest.CountingStore{BlobStore: e.exec.cfg.CAS}
 	e.exec.cfg.CAS = reads
 	for i := 0; i < 20; i++ {
 		d := e.action(t, &repb.Command{Arguments: []string{"write", "o", fmt.Sprint(i)}}, root, nil)
-		before := reads.n.Load()
+		before := reads.N.Load()
 		_, err := e.sched.Submit(context.Background(), Request{ActionDigest: d, Client: "attacker"})
 		if status.Code(err) != codes.InvalidArgument || !strings.Contains(status.Convert(err).Message(), "more than") {
 			t.Fatalf("hostile tree %d, with the only slot busy: %v, want INVALID_ARGUMENT at once", i, err)
 		}
-		if n := reads.n.Load() - before; n > 2+21 {
+		if n := reads.N.Load() - before; n > 2+21 {
 			t.Fatalf("validating a 21-blob tree read %d blobs: shared subtrees must be read and counted once", n)
 		}
 	}

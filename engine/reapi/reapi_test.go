@@ -10,7 +10,6 @@ import (
 	"os"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"testing"
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
@@ -256,7 +255,7 @@ func TestGetTreePaging(t *testing.T) {
 		root.Directories = append(root.Directories, &repb.DirectoryNode{Name: fmt.Sprintf("d%02d", i), Digest: e.putProto(t, sub).Proto()})
 	}
 	rootD := e.putProto(t, root)
-	reads := &countingStore{BlobStore: e.srv.cas}
+	reads := &cachetest.CountingStore{BlobStore: e.srv.cas}
 	e.srv.cas = reads
 	page := func(token string) (dirs []*repb.Directory, next string) {
 		st, err := e.cas.GetTree(ctx, &repb.GetTreeRequest{RootDigest: rootD.Proto(), PageSize: 10, PageToken: token})
@@ -295,7 +294,7 @@ func TestGetTreePaging(t *testing.T) {
 		t.Fatal("first directory is not the root")
 	}
 	// Each page goes on from where the last stopped: every directory is read once.
-	if n := reads.n.Load(); n != 27 {
+	if n := reads.N.Load(); n != 27 {
 		t.Fatalf("paging through 27 directories read %d blobs, want 27", n)
 	}
 	// A token whose walk is gone (asked again, or after a restart) still gives its page.
@@ -685,17 +684,6 @@ func writeFile(t *testing.T, p string, b []byte) {
 	if err := os.WriteFile(p, b, 0o444); err != nil {
 		t.Fatal(err)
 	}
-}
-
-// countingStore counts the blobs read through it.
-type countingStore struct {
-	cache.BlobStore
-	n atomic.Int64
-}
-
-func (c *countingStore) Get(ctx context.Context, d cache.Digest, offset int64) (io.ReadCloser, error) {
-	c.n.Add(1)
-	return c.BlobStore.Get(ctx, d, offset)
 }
 
 // TestTreeCursorsBounded: kept GetTree walks stay within their count and memory

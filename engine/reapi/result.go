@@ -2,6 +2,7 @@ package reapi
 
 import (
 	"context"
+	"errors"
 	"path"
 	"strings"
 
@@ -18,7 +19,7 @@ import (
 func checkResultPaths(r *repb.ActionResult) error {
 	seen := map[string]bool{}
 	check := func(kind, p string, emptyOK bool) error {
-		if err := relPath(p, emptyOK); err != nil {
+		if err := CheckRelPath(p, emptyOK); err != nil {
 			return status.Errorf(codes.InvalidArgument, "action result: %s %q: %s", kind, p, err)
 		}
 		if seen[p] {
@@ -106,22 +107,23 @@ func checkTreeNames(dir *repb.Directory) error {
 	return nil
 }
 
-// relPath accepts clean relative slash paths that stay inside their root.
-func relPath(p string, emptyOK bool) error {
+// CheckRelPath accepts clean relative slash paths that stay inside their root (the
+// empty path too, if emptyOK): the paths of a Command's and an ActionResult's outputs.
+func CheckRelPath(p string, emptyOK bool) error {
 	switch {
 	case p == "":
 		if emptyOK {
 			return nil
 		}
-		return status.Error(codes.InvalidArgument, "empty path")
+		return errors.New("empty")
 	case strings.HasPrefix(p, "/"):
-		return status.Error(codes.InvalidArgument, "absolute path")
+		return errors.New("absolute")
 	case strings.ContainsRune(p, 0):
-		return status.Error(codes.InvalidArgument, "contains NUL")
+		return errors.New("contains NUL")
 	case path.Clean(p) != p || p == ".":
-		return status.Error(codes.InvalidArgument, "not a clean relative path")
+		return errors.New("not a clean relative path")
 	case p == ".." || strings.HasPrefix(p, "../"):
-		return status.Error(codes.InvalidArgument, "leaves the working directory")
+		return errors.New("leaves the exec root")
 	}
 	return nil
 }
