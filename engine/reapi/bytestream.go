@@ -80,6 +80,15 @@ type upload struct {
 	// charging is set while the upload's decoder waits for memory: such an upload is
 	// never reclaimed to make room (two uploads reclaiming each other would deadlock).
 	charging atomic.Bool
+	// ctx is the Put's; cancel ends it, also while it waits for the client's work token.
+	ctx    context.Context
+	cancel context.CancelFunc
+}
+
+// stop aborts the upload: its Put ends with err and stores nothing.
+func (u *upload) stop(err error) {
+	u.cancel()
+	u.pw.CloseWithError(err)
 }
 
 func newByteStream(cas cache.BlobStore, log *slog.Logger, mem *limits.Budget, clientUploads, maxUploads int) *byteStream {
@@ -102,7 +111,7 @@ func (b *byteStream) expire() {
 		case <-b.stop:
 			b.mu.Lock()
 			for _, u := range b.uploads {
-				u.pw.CloseWithError(status.Error(codes.Unavailable, "server shutting down"))
+				u.stop(status.Error(codes.Unavailable, "server shutting down"))
 			}
 			b.mu.Unlock()
 			return
@@ -112,7 +121,7 @@ func (b *byteStream) expire() {
 		b.mu.Lock()
 		for name, u := range b.uploads {
 			if !u.attached && u.lastActive.Before(cutoff) {
-				u.pw.CloseWithError(status.Error(codes.Aborted, "upload abandoned"))
+				u.stop(status.Error(codes.Aborted, "upload abandoned"))
 				delete(b.uploads, name)
 			}
 		}
@@ -141,7 +150,7 @@ func (b *byteStream) reclaim(client string) bool {
 		return false
 	}
 	b.log.Debug("dropped an interrupted upload to make room", "resource", victim.name, "client", victim.client)
-	victim.pw.CloseWithError(status.Error(codes.Aborted, "interrupted upload dropped to make room for others"))
+	victim.stop(status.Error(codes.Aborted, "interrupted upload dropped to make room for others"))
 	<-victim.done
 	return true
 }
@@ -429,12 +438,14 @@ func (b *byteStream) begin(client, name string, res resource) (*upload, error) {
 		return nil, err
 	}
 	pr, pw := io.Pipe()
+	ctx, cancel := context.WithCancel(context.Background())
 	u := &upload{name: name, res: res, client: client, pr: pr, pw: pw, done: make(chan struct{}), mem: mem, space: space, slot: slot,
-		attached: true, lastActive: b.now()}
+		attached: true, lastActive: b.now(), ctx: ctx, cancel: cancel}
 	b.mu.Lock()
 	old := b.uploads[name]
 	if old != nil && old.attached {
 		b.mu.Unlock()
+		cancel()
 		space.Release()
 		mem.Release()
 		slot()
@@ -444,7 +455,7 @@ func (b *byteStream) begin(client, name string, res resource) (*upload, error) {
 	b.mu.Unlock()
 	if old != nil {
 		// A restart from zero replaces the interrupted upload.
-		old.pw.CloseWithError(status.Error(codes.Aborted, "upload restarted"))
+		old.stop(status.Error(codes.Aborted, "upload restarted"))
 	}
 	b.start(u)
 	return u, nil
@@ -455,11 +466,12 @@ func (b *byteStream) begin(client, name string, res resource) (*upload, error) {
 func (b *byteStream) start(u *upload) {
 	go func() {
 		defer close(u.done)
+		defer u.cancel()
 		defer u.slot()
 		defer u.mem.Release()
 		defer u.space.Release()
 		// Decompressing, hashing and writing what arrives is the client's work.
-		in := &limits.WorkReader{R: u.pr, W: b.work, Client: u.client, Ctx: context.Background()}
+		in := &limits.WorkReader{R: u.pr, W: b.work, Client: u.client, Ctx: u.ctx}
 		defer in.Done()
 		var body io.Reader = in
 		var guard *windowGuard
@@ -483,8 +495,8 @@ func (b *byteStream) start(u *upload) {
 			defer dec.Close()
 			body = zstdErrors{dec, u.res.digest}
 		}
-		// The Put outlives any one stream; expiry or abort ends it through the pipe.
-		u.err = b.cas.Put(context.Background(), u.res.digest, body)
+		// The Put outlives any one stream; expiry or abort ends it (stop).
+		u.err = b.cas.Put(u.ctx, u.res.digest, body)
 		if u.err != nil && guard != nil && guard.err != nil {
 			u.err = guard.err // the decoder may have wrapped it
 		}
@@ -517,7 +529,7 @@ func (b *byteStream) abort(u *upload, err error) {
 	if err == nil {
 		err = status.Error(codes.Aborted, "upload aborted")
 	}
-	u.pw.CloseWithError(err)
+	u.stop(err)
 	<-u.done
 	b.remove(u)
 }

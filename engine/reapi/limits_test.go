@@ -485,3 +485,43 @@ func (g *gateStore) Get(ctx context.Context, d cache.Digest, off int64) (io.Read
 	}
 	return g.BlobStore.Get(ctx, d, off)
 }
+
+// TestReclaimWhileWaitingForWork: an interrupted upload whose data waits for its
+// client's CPU token (held elsewhere, say by the upload that needs room) is dropped at
+// once when reclaimed, not when the token comes free: no deadlock between the two.
+func TestReclaimWhileWaitingForWork(t *testing.T) {
+	ctx := context.Background()
+	work := limits.NewWork(1)
+	e := newEnv(t, Options{Work: work})
+	release, err := work.Acquire(ctx, "attacker")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer release()
+	name := "uploads/" + uuid() + "/blobs/" + strings.Repeat("ab", 32) + "/1000"
+	cctx, cancel := context.WithCancel(as(ctx, "attacker"))
+	st, _ := e.bs.Write(cctx)
+	st.Send(&bytestream.WriteRequest{ResourceName: name, Data: make([]byte, 100)})
+	// The Put has taken the data (the pipe write returned) and waits for the token.
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(time.Millisecond) {
+		q, err := e.bs.QueryWriteStatus(ctx, &bytestream.QueryWriteStatusRequest{ResourceName: name})
+		if err == nil && q.GetCommittedSize() == 100 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the upload's data was never taken")
+		}
+	}
+	cancel()
+	e.srv.bs.waitDetached(t, name)
+	done := make(chan bool)
+	go func() { done <- e.srv.bs.reclaim("attacker") }()
+	select {
+	case ok := <-done:
+		if !ok {
+			t.Fatal("nothing to reclaim")
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("reclaiming an upload that waits for its client's work token hangs")
+	}
+}
