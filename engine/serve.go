@@ -79,9 +79,9 @@ type Limits struct {
 	// ClientQueued bounds one client's executions waiting for a slot (or being
 	// validated); 0: DefaultClientQueued.
 	ClientQueued int
-	// ClientCPUs bounds the cores one client's uploads, tree walks and tree
-	// validations keep busy at once; 0: half the CPUs (at least one).
-	ClientCPUs int
+	// ClientCPUs bounds the cores one client's decompressing, hashing and tree parsing
+	// may use over time; 0: a quarter of the CPUs (limits.NewWork).
+	ClientCPUs float64
 }
 
 // maxStreams bounds the concurrent calls of one connection (gRPC's own default is

@@ -52,13 +52,15 @@ for i in $(seq "$PAIRS"); do
   nice -n 19 "$work/hostile" -addr 127.0.0.1:18831 -from 127.0.0.2 >>"$work/attack.log" 2>&1 &
   apid=$!
   pids+=("$apid")
-  sleep 3   # the attack's first round is under way (its big directory is uploaded)
+  for _ in $(seq 600); do grep -q "hostile: attacking" "$work/attack.log" && break; sleep 0.1; done
+  sleep 1   # the attack's first round is under way
   c0=$(cpu "$spid")
   attacked+=("$(build "attacked$i")")
   c1=$(cpu "$spid")
   acpu=$(awk -v a="$acpu" -v b="$(cpu "$apid")" 'BEGIN { print a + b }')
   scpu=$(awk -v a="$scpu" -v b="$c0" -v c="$c1" 'BEGIN { print a + c - b }')
   kill -INT "$apid"; wait "$apid" || true
+  sed -i 's/hostile: attacking/hostile: attacked/' "$work/attack.log"
 done
 grep -q "processes: .*remote" "$work/last.log" || { echo "the build did not execute remotely" >&2; tail -5 "$work/last.log"; exit 1; }
 peak=$(awk '/VmHWM/ { print int($2/1024) }' "/proc/$spid/status")

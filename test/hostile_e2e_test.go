@@ -360,9 +360,13 @@ func TestHostileExecute(t *testing.T) {
 	srv, bb := busyboxServer(t)
 	attacker := dialFrom(t, srv.Addr, "127.0.0.2")
 	ctx := harness.Context(t, 10*time.Minute)
+	actions, err := hostile.HostileActions(ctx, attacker, 100, 20)
+	if err != nil {
+		t.Fatal(err)
+	}
 	var c hostile.Codes
-	done := make(chan error, 1)
-	go func() { done <- hostile.HostileExecutes(ctx, attacker, 100, 100, 20, &c) }()
+	done := make(chan struct{})
+	go func() { defer close(done); hostile.ExecuteAll(ctx, attacker, actions, 100, &c) }()
 	rc := rexecClient(t, srv.Addr)
 	cmd := &command.Command{
 		Args: []string{"/bin/sh", "-c", "echo honest"}, ExecRoot: t.TempDir(), InputSpec: &command.InputSpec{},
@@ -374,9 +378,7 @@ func TestHostileExecute(t *testing.T) {
 	if res.Err != nil || res.ExitCode != 0 || strings.TrimSpace(string(oe.Stdout())) != "honest" {
 		t.Fatalf("honest action during the attack: %+v %q", res, oe.Stdout())
 	}
-	if err := <-done; err != nil {
-		t.Fatal(err)
-	}
+	<-done
 	t.Logf("hostile executes: %v", &c)
 	if c.Get(codes.InvalidArgument) != 100 {
 		t.Fatalf("hostile executes: %v, want 100 INVALID_ARGUMENT", &c)

@@ -10,11 +10,13 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"math"
 	"os"
 	"runtime"
 	"strconv"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc/codes"
@@ -411,30 +413,67 @@ func cgroupLimit() int64 {
 }
 
 // Work bounds the CPU-heavy work (decompressing, hashing, parsing directories) done
-// for one client at a time: a client's work waits for one of its own tokens, so one
-// client can keep at most perClient cores busy, and the rest serve the others. Unlike
-// Slots it waits rather than refuses: work already admitted is not thrown away.
+// for one client: a client's work runs on at most a few cores at once, and takes, over
+// time, at most rate cores (core-seconds per second, with a burst of workBurst), so
+// that a client sending work as fast as it can leaves the rest of the machine to the
+// others. A client's work beyond that waits for its own turn, never for another's;
+// unlike Slots it waits rather than refuses: work already admitted is not thrown away.
+// Time is measured as the wall time a token is held.
 type Work struct {
 	perClient int
-	mu        sync.Mutex
-	clients   map[string]*workTokens
+	rate      float64 // cores
+	now       func() time.Time
+	sleep     func(context.Context, time.Duration) error
+
+	mu      sync.Mutex
+	clients map[string]*workTokens
+	leaves  int
 }
+
+// workBurst is how much work a client that was idle may do before its rate applies.
+const workBurst = 2 * time.Second
 
 type workTokens struct {
-	ch    chan struct{}
-	users int // callers holding or waiting for a token
+	ch     chan struct{}
+	users  int           // callers holding or waiting for a token
+	credit time.Duration // work the client may still do now; negative: owed
+	last   time.Time     // when credit was last brought up to date
 }
 
-// NewWork returns a Work with perClient tokens per client (0: half the CPUs, at least one).
-func NewWork(perClient int) *Work {
-	if perClient <= 0 {
-		perClient = max(1, runtime.GOMAXPROCS(0)/2)
+// NewWork returns a Work allowing each client rate cores over time (0: a quarter of
+// the CPUs) and, at once, as many whole cores as that (at least one).
+func NewWork(rate float64) *Work {
+	if rate <= 0 {
+		rate = float64(runtime.NumCPU()) / 4
 	}
-	return &Work{perClient: perClient, clients: map[string]*workTokens{}}
+	return &Work{perClient: max(1, int(math.Ceil(rate))), rate: rate, now: time.Now, sleep: sleep, clients: map[string]*workTokens{}}
 }
 
-// Acquire waits for one of client's tokens (or for ctx to end); release gives it
-// back, once. A nil *Work never waits.
+// sleep waits for d or for ctx to end.
+func sleep(ctx context.Context, d time.Duration) error {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return nil
+	case <-ctx.Done():
+		return status.FromContextError(ctx.Err()).Err()
+	}
+}
+
+// refill brings t's credit up to now. Callers hold w.mu.
+func (w *Work) refill(t *workTokens) {
+	now := w.now()
+	if !t.last.IsZero() {
+		t.credit += time.Duration(float64(now.Sub(t.last)) * w.rate)
+	}
+	t.credit = min(t.credit, workBurst)
+	t.last = now
+}
+
+// Acquire waits for one of client's tokens and for client to be within its rate (or
+// for ctx to end); release gives the token back, once, and counts the time it was held.
+// A nil *Work never waits.
 func (w *Work) Acquire(ctx context.Context, client string) (release func(), err error) {
 	if w == nil {
 		return func() {}, nil
@@ -442,7 +481,7 @@ func (w *Work) Acquire(ctx context.Context, client string) (release func(), err 
 	w.mu.Lock()
 	t := w.clients[client]
 	if t == nil {
-		t = &workTokens{ch: make(chan struct{}, w.perClient)}
+		t = &workTokens{ch: make(chan struct{}, w.perClient), credit: workBurst, last: w.now()}
 		w.clients[client] = t
 	}
 	t.users++
@@ -453,21 +492,52 @@ func (w *Work) Acquire(ctx context.Context, client string) (release func(), err 
 		w.leave(client, t)
 		return nil, status.FromContextError(ctx.Err()).Err()
 	}
+	// Within the rate: wait out what the client owes.
+	for {
+		w.mu.Lock()
+		w.refill(t)
+		owed := -t.credit
+		w.mu.Unlock()
+		if owed <= 0 {
+			break
+		}
+		if err := w.sleep(ctx, time.Duration(float64(owed)/w.rate)); err != nil {
+			<-t.ch
+			w.leave(client, t)
+			return nil, err
+		}
+	}
+	start := w.now()
 	var once sync.Once
 	return func() {
 		once.Do(func() {
+			w.mu.Lock()
+			w.refill(t)
+			t.credit -= w.now().Sub(start)
+			w.mu.Unlock()
 			<-t.ch
 			w.leave(client, t)
 		})
 	}, nil
 }
 
+// leave drops a user of client's tokens; an idle client is forgotten once it owes
+// nothing (forgetting it sooner would cancel its debt).
 func (w *Work) leave(client string, t *workTokens) {
 	w.mu.Lock()
-	if t.users--; t.users == 0 {
+	defer w.mu.Unlock()
+	t.users--
+	w.refill(t)
+	if t.users == 0 && t.credit >= workBurst {
 		delete(w.clients, client)
 	}
-	w.mu.Unlock()
+	if w.leaves++; w.leaves%1024 == 0 {
+		for c, o := range w.clients {
+			if w.refill(o); o.users == 0 && o.credit >= workBurst {
+				delete(w.clients, c)
+			}
+		}
+	}
 }
 
 // WorkReader holds one of client's work tokens while what it returned is processed:

@@ -4,6 +4,7 @@ import (
 	"context"
 	"strings"
 	"testing"
+	"time"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -102,9 +103,14 @@ func TestBytes(t *testing.T) {
 }
 
 // TestWork: a client's work waits for one of its own tokens, never for another
-// client's; a cancelled wait gives up; idle clients leave nothing behind.
+// client's; beyond its rate it waits out what it owes (an idle client does not shed its
+// debt by pausing); a cancelled wait gives up; clients that owe nothing are forgotten.
 func TestWork(t *testing.T) {
 	w := NewWork(1)
+	clock := time.Unix(1000, 0)
+	var slept []time.Duration
+	w.now = func() time.Time { return clock }
+	w.sleep = func(_ context.Context, d time.Duration) error { slept = append(slept, d); clock = clock.Add(d); return nil }
 	ctx := context.Background()
 	rel, err := w.Acquire(ctx, "a")
 	if err != nil {
@@ -119,27 +125,35 @@ func TestWork(t *testing.T) {
 	if _, err := w.Acquire(cctx, "a"); status.Code(err) != codes.Canceled {
 		t.Fatalf("second token of a client limited to one, cancelled: %v", err)
 	}
-	got := make(chan struct{})
-	go func() {
-		r, _ := w.Acquire(ctx, "a")
-		r()
-		close(got)
-	}()
+	clock = clock.Add(3 * time.Second) // a works for 3 s: 1 s more than its burst
 	rel()
 	rel() // once
-	<-got
 	relB()
-	if len(w.clients) != 0 {
-		t.Fatalf("%d idle clients kept", len(w.clients))
+	r, err := w.Acquire(ctx, "a")
+	if err != nil || len(slept) != 1 || slept[0] != time.Second {
+		t.Fatalf("a's next work waited %v (%v), want the 1 s it owes at 1 core", slept, err)
+	}
+	r()
+	if _, err := w.Acquire(ctx, "b"); err != nil || len(slept) != 1 {
+		t.Fatalf("b waited for a's debt: %v %v", slept, err)
+	}
+	clock = clock.Add(time.Minute)
+	w.mu.Lock()
+	w.leaves = 1023
+	w.mu.Unlock()
+	w.leave("x", &workTokens{users: 1})
+	if len(w.clients) != 1 { // b still holds its token
+		t.Fatalf("%d clients kept, want only the one at work", len(w.clients))
 	}
 	// A WorkReader holds the token between reads of its input, not while it waits.
-	r := &WorkReader{R: strings.NewReader("abc"), W: w, Client: "a", Ctx: ctx}
+	w = NewWork(1)
+	r2 := &WorkReader{R: strings.NewReader("abc"), W: w, Client: "a", Ctx: ctx}
 	buf := make([]byte, 1)
-	r.Read(buf)
+	r2.Read(buf)
 	if _, err := w.Acquire(cctx, "a"); err == nil {
 		t.Fatal("the reader's token was free while its data was processed")
 	}
-	r.Done()
+	r2.Done()
 	if rel, err := w.Acquire(ctx, "a"); err != nil {
 		t.Fatal(err)
 	} else {

@@ -317,27 +317,35 @@ func Execute(ctx context.Context, conn *grpc.ClientConn, action *repb.Digest, sk
 	}
 }
 
-// HostileExecutes sends n Executes of distinct actions (args distinguish them) whose
-// input root is a DoublingDAG of levels levels, parallel at a time, and counts the
-// status of each ExecuteResponse (or of the call).
-func HostileExecutes(ctx context.Context, conn *grpc.ClientConn, n, parallel, levels int, c *Codes) error {
-	dag := DoublingDAG(levels)
-	ds, err := Upload(ctx, conn, dag...)
+// HostileActions stores n distinct actions (args distinguish them) whose input root
+// is a DoublingDAG of levels levels.
+func HostileActions(ctx context.Context, conn *grpc.ClientConn, n, levels int) ([]*repb.Digest, error) {
+	ds, err := Upload(ctx, conn, DoublingDAG(levels)...)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	root := ds[len(ds)-1]
-	var actions []*repb.Digest
+	var msgs []proto.Message
 	for i := 0; i < n; i++ {
-		a, err := Action(ctx, conn, &repb.Command{Arguments: []string{"/bin/true", fmt.Sprint(i), UUID()}}, root)
-		if err != nil {
-			return err
-		}
-		actions = append(actions, a)
+		msgs = append(msgs, &repb.Command{Arguments: []string{"/bin/true", fmt.Sprint(i), UUID()}})
 	}
+	cmds, err := Upload(ctx, conn, msgs...)
+	if err != nil {
+		return nil, err
+	}
+	msgs = msgs[:0]
+	for _, c := range cmds {
+		msgs = append(msgs, &repb.Action{CommandDigest: c, InputRootDigest: root})
+	}
+	return Upload(ctx, conn, msgs...)
+}
+
+// ExecuteAll executes actions, parallel at a time, and counts the status of each
+// ExecuteResponse (or of the call).
+func ExecuteAll(ctx context.Context, conn *grpc.ClientConn, actions []*repb.Digest, parallel int, c *Codes) {
 	var next int
 	var mu sync.Mutex
-	each(ctx, n, parallel, func() {
+	each(ctx, len(actions), parallel, func() {
 		mu.Lock()
 		a := actions[next]
 		next++
@@ -348,7 +356,6 @@ func HostileExecutes(ctx context.Context, conn *grpc.ClientConn, n, parallel, le
 		}
 		c.Add(err)
 	})
-	return nil
 }
 
 // GetTrees walks the tree under root with n GetTree calls of page_size 0, parallel at a

@@ -18,6 +18,7 @@ import (
 	"syscall"
 	"time"
 
+	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"github.com/kilnbuild/kiln/test/hostile"
 )
 
@@ -37,6 +38,12 @@ func main() {
 	roots, err := hostile.Upload(ctx, conn, hostile.BigDirectory(700_000))
 	if err != nil {
 		fail(fmt.Errorf("upload the big directory: %w", err))
+	}
+	var actions []*repb.Digest
+	if *execute {
+		if actions, err = hostile.HostileActions(ctx, conn, 100, 20); err != nil {
+			fail(fmt.Errorf("store the hostile actions: %w", err))
+		}
 	}
 	attacks := []string{"bombs held", "bombs interrupted", "bombs unfinished", "1-byte uploads unfinished", "1-byte uploads interrupted", "1-byte uploads held", "2^62 declared", "GetTree 700k entries", "Execute 2^20-node DAG"}
 	counts := map[string]*hostile.Codes{}
@@ -59,11 +66,7 @@ func main() {
 		run(func() { counts["2^62 declared"].Add(hostile.HugeDeclared(ctx, conn, 2048)) })
 		run(func() { hostile.GetTrees(ctx, conn, roots[0], 20, 20, counts["GetTree 700k entries"]) })
 		if *execute {
-			run(func() {
-				if err := hostile.HostileExecutes(ctx, conn, 100, 100, 20, counts["Execute 2^20-node DAG"]); err != nil {
-					counts["Execute 2^20-node DAG"].Add(err)
-				}
-			})
+			run(func() { hostile.ExecuteAll(ctx, conn, actions, 100, counts["Execute 2^20-node DAG"]) })
 		}
 		wg.Wait()
 		release()
