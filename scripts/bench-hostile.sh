@@ -10,6 +10,7 @@
 # alternate (PAIRS of each), so that load from elsewhere on the machine hits both alike.
 #
 #   scripts/bench-hostile.sh          # KILN=bin/kiln, JOBS=8, PAIRS=3
+# SERVE_ARGS adds flags to kiln serve; ATTACK_ARGS to the attacking client (-skip bombs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 KILN=${KILN:-$PWD/bin/kiln}
@@ -29,7 +30,7 @@ data=$work/data
 digest=$(toolchains/debian-gcc/build.sh --data "$data" --kiln "$KILN")
 "$KILN" toolchain unpack --data "$data" "$digest" >/dev/null   # unpacked once, outside the timing
 image="docker://kiln/debian-gcc@$digest"
-"$KILN" serve --data "$data" --listen 127.0.0.1:18831 --http-listen 127.0.0.1:18832 --log-level warn 2>"$work/serve.log" &
+"$KILN" serve --data "$data" --listen 127.0.0.1:18831 --http-listen 127.0.0.1:18832 --log-level warn ${SERVE_ARGS:-} 2>"$work/serve.log" &
 spid=$!
 pids+=("$spid")
 for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/18831) 2>/dev/null && break; sleep 0.05; done
@@ -49,7 +50,7 @@ for i in $(seq "$PAIRS"); do
   alone+=("$(build "alone$i")")
   # The attacking client stands for another machine: niced, so that its own CPU
   # (here, on the server's cores) weighs little; what it makes the server do counts.
-  nice -n 19 "$work/hostile" -addr 127.0.0.1:18831 -from 127.0.0.2 >>"$work/attack.log" 2>&1 &
+  nice -n 19 "$work/hostile" -addr 127.0.0.1:18831 -from 127.0.0.2 ${ATTACK_ARGS:-} >>"$work/attack.log" 2>&1 &
   apid=$!
   pids+=("$apid")
   for _ in $(seq 600); do grep -q "hostile: attacking" "$work/attack.log" && break; sleep 0.1; done

@@ -110,7 +110,11 @@ func TestWork(t *testing.T) {
 	clock := time.Unix(1000, 0)
 	var slept []time.Duration
 	w.now = func() time.Time { return clock }
-	w.sleep = func(_ context.Context, d time.Duration) error { slept = append(slept, d); clock = clock.Add(d); return nil }
+	w.sleep = func(_ context.Context, d time.Duration) error {
+		slept = append(slept, d)
+		clock = clock.Add(d)
+		return nil
+	}
 	ctx := context.Background()
 	rel, err := w.Acquire(ctx, "a")
 	if err != nil {

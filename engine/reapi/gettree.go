@@ -159,6 +159,12 @@ func (c casServer) GetTree(req *repb.GetTreeRequest, stream repb.ContentAddressa
 		return err
 	}
 	defer mem.Release()
+	// Reading, parsing and sending the directories is the client's work, all of it.
+	done, err := c.s.opts.Work.Acquire(ctx, client)
+	if err != nil {
+		return err
+	}
+	defer done()
 	w := c.s.trees.take(id, root, skip)
 	if w == nil { // a first page, or a walk no longer kept: walk from the root
 		w = &treeWalk{root: root, seen: map[cache.Digest]bool{root: true}, queue: []cache.Digest{root}}
@@ -183,13 +189,7 @@ func (c casServer) GetTree(req *repb.GetTreeRequest, stream repb.ContentAddressa
 			return err
 		}
 		dir := &repb.Directory{}
-		done, err := c.s.opts.Work.Acquire(ctx, client)
-		if err != nil {
-			return err
-		}
-		err = cache.ReadProto(ctx, c.s.cas, d, dir, cache.MaxTreeSize)
-		done()
-		if err != nil {
+		if err := cache.ReadProto(ctx, c.s.cas, d, dir, cache.MaxTreeSize); err != nil {
 			mem.Shrink(cost)
 			if d == root && status.Code(err) == codes.NotFound {
 				return status.Errorf(codes.NotFound, "tree root %s not found", d)

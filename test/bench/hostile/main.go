@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -27,6 +28,7 @@ func main() {
 	from := flag.String("from", "127.0.0.2", "local address to connect from")
 	rounds := flag.Int("rounds", 0, "rounds to run (0: until interrupted)")
 	execute := flag.Bool("execute", true, "include the Execute attack (needs a server with execution)")
+	skip := flag.String("skip", "", "attacks to leave out, comma-separated words of their names (e.g. bombs,GetTree)")
 	flag.Parse()
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
@@ -55,18 +57,31 @@ func main() {
 	n := 0
 	for ; ctx.Err() == nil && (*rounds == 0 || n < *rounds); n++ {
 		var wg sync.WaitGroup
-		run := func(f func()) { wg.Add(1); go func() { defer wg.Done(); f() }() }
+		skipped := func(name string) bool {
+			for _, w := range strings.Split(*skip, ",") {
+				if w != "" && strings.Contains(name, w) {
+					return true
+				}
+			}
+			return false
+		}
+		attack := func(name string, f func()) {
+			if !skipped(name) {
+				wg.Add(1)
+				go func() { defer wg.Done(); f() }()
+			}
+		}
 		hctx, release := context.WithTimeout(ctx, 5*time.Second)
-		run(func() { hostile.Bombs(hctx, conn, 16, 16, 512, "hold", counts["bombs held"]) })
-		run(func() { hostile.Bombs(ctx, conn, 24, 4, 512, "cancel", counts["bombs interrupted"]) })
-		run(func() { hostile.Bombs(ctx, conn, 8, 4, 512, "close", counts["bombs unfinished"]) })
-		run(func() { hostile.UnfinishedWrites(ctx, conn, 4096, 64, "close", counts["1-byte uploads unfinished"]) })
-		run(func() { hostile.UnfinishedWrites(ctx, conn, 1024, 64, "cancel", counts["1-byte uploads interrupted"]) })
-		run(func() { hostile.UnfinishedWrites(hctx, conn, 600, 600, "hold", counts["1-byte uploads held"]) })
-		run(func() { counts["2^62 declared"].Add(hostile.HugeDeclared(ctx, conn, 2048)) })
-		run(func() { hostile.GetTrees(ctx, conn, roots[0], 20, 20, counts["GetTree 700k entries"]) })
+		attack("bombs held", func() { hostile.Bombs(hctx, conn, 16, 16, 512, "hold", counts["bombs held"]) })
+		attack("bombs interrupted", func() { hostile.Bombs(ctx, conn, 24, 4, 512, "cancel", counts["bombs interrupted"]) })
+		attack("bombs unfinished", func() { hostile.Bombs(ctx, conn, 8, 4, 512, "close", counts["bombs unfinished"]) })
+		attack("1-byte uploads unfinished", func() { hostile.UnfinishedWrites(ctx, conn, 4096, 64, "close", counts["1-byte uploads unfinished"]) })
+		attack("1-byte uploads interrupted", func() { hostile.UnfinishedWrites(ctx, conn, 1024, 64, "cancel", counts["1-byte uploads interrupted"]) })
+		attack("1-byte uploads held", func() { hostile.UnfinishedWrites(hctx, conn, 600, 600, "hold", counts["1-byte uploads held"]) })
+		attack("2^62 declared", func() { counts["2^62 declared"].Add(hostile.HugeDeclared(ctx, conn, 2048)) })
+		attack("GetTree 700k entries", func() { hostile.GetTrees(ctx, conn, roots[0], 20, 20, counts["GetTree 700k entries"]) })
 		if *execute {
-			run(func() { hostile.ExecuteAll(ctx, conn, actions, 100, counts["Execute 2^20-node DAG"]) })
+			attack("Execute 2^20-node DAG", func() { hostile.ExecuteAll(ctx, conn, actions, 100, counts["Execute 2^20-node DAG"]) })
 		}
 		wg.Wait()
 		release()
