@@ -10,7 +10,9 @@
 # alternate (PAIRS of each), so that load from elsewhere on the machine hits both alike.
 #
 #   scripts/bench-hostile.sh          # KILN=bin/kiln, JOBS=8, PAIRS=3
-# SERVE_ARGS adds flags to kiln serve; ATTACK_ARGS to the attacking client (-skip bombs).
+# SERVE_ARGS adds flags to kiln serve; ATTACK_ARGS to the attacking client (-skip bombs);
+# CONTROL=1 aims the attack at a second server instead: what the machine's contention
+# alone costs the build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 KILN=${KILN:-$PWD/bin/kiln}
@@ -34,6 +36,15 @@ image="docker://kiln/debian-gcc@$digest"
 spid=$!
 pids+=("$spid")
 for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/18831) 2>/dev/null && break; sleep 0.05; done
+target=127.0.0.1:18831
+if [[ -n ${CONTROL:-} ]]; then
+  # Control: the same attack on a second kiln serve of its own, so that it competes with
+  # the build for the machine's CPU and disk only, not for the build's server.
+  "$KILN" serve --data "$work/data2" --listen 127.0.0.1:18833 --http-listen "" --log-level warn 2>/dev/null &
+  pids+=($!)
+  for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/18833) 2>/dev/null && break; sleep 0.05; done
+  target=127.0.0.1:18833
+fi
 
 bz() { (cd "$ws" && bazel --output_user_root="$work/bz" "$@"); }
 timed() { local s e; s=$(date +%s.%N); "$@" >"$work/last.log" 2>&1 || { tail -20 "$work/last.log"; exit 1; }; e=$(date +%s.%N); awk -v a="$s" -v b="$e" 'BEGIN { printf "%.3f", b - a }'; }
@@ -46,11 +57,12 @@ cpu() { awk '{ printf "%.2f", ($14 + $15) / 100 }' "/proc/$1/stat"; }   # utime 
 median() { sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 build warmup >/dev/null   # starts Bazel's server and warms the toolchain's pages
 alone=() attacked=() scpu=0 acpu=0
+: >"$work/attack.log"
 for i in $(seq "$PAIRS"); do
   alone+=("$(build "alone$i")")
   # The attacking client stands for another machine: niced, so that its own CPU
   # (here, on the server's cores) weighs little; what it makes the server do counts.
-  nice -n 19 "$work/hostile" -addr 127.0.0.1:18831 -from 127.0.0.2 ${ATTACK_ARGS:-} >>"$work/attack.log" 2>&1 &
+  nice -n 19 "$work/hostile" -addr "$target" -from 127.0.0.2 ${ATTACK_ARGS:-} >>"$work/attack.log" 2>&1 &
   apid=$!
   pids+=("$apid")
   for _ in $(seq 600); do grep -q "hostile: attacking" "$work/attack.log" && break; sleep 0.1; done

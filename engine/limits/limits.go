@@ -431,7 +431,7 @@ type Work struct {
 }
 
 // workBurst is how much work a client that was idle may do before its rate applies.
-const workBurst = 2 * time.Second
+const workBurst = 500 * time.Millisecond
 
 type workTokens struct {
 	ch     chan struct{}

@@ -129,7 +129,7 @@ func TestWork(t *testing.T) {
 	if _, err := w.Acquire(cctx, "a"); status.Code(err) != codes.Canceled {
 		t.Fatalf("second token of a client limited to one, cancelled: %v", err)
 	}
-	clock = clock.Add(3 * time.Second) // a works for 3 s: 1 s more than its burst
+	clock = clock.Add(workBurst + time.Second) // a works 1 s more than its burst
 	rel()
 	rel() // once
 	relB()
