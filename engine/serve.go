@@ -82,6 +82,9 @@ type Limits struct {
 	// ClientCPUs bounds the cores one client's decompressing, hashing and tree parsing
 	// may use over time; 0: a quarter of the CPUs (limits.NewWork).
 	ClientCPUs float64
+	// ClientCalls bounds the calls one client may start per second; beyond, they wait
+	// their turn. 0: limits.DefaultClientCalls.
+	ClientCalls float64
 }
 
 // maxStreams bounds the concurrent calls of one connection (gRPC's own default is
@@ -200,6 +203,7 @@ func Serve(ctx context.Context, cfg ServerConfig) error {
 	defer srv.Close()
 	obs := reapi.NewObserver(reg, log)
 	gopts := append(obs.ServerOptions(), grpc.MaxRecvMsgSize(reapi.MaxMessageSize), grpc.MaxConcurrentStreams(maxStreams))
+	gopts = append(gopts, reapi.CallLimit(limits.NewCalls(mem, cfg.Limits.ClientCalls))...)
 	if creds != nil {
 		gopts = append(gopts, creds)
 	}

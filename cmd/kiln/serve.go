@@ -41,8 +41,8 @@ func newServeCmd() *cobra.Command {
 					return &exitError{code: 2, msg: fmt.Sprintf("%s %q: want a size like 4GiB", m.flag, m.val)}
 				}
 			}
-			if l := cfg.Limits; l.ClientUploads < 0 || l.MaxUploads < 0 || l.ClientTrees < 0 || l.ClientQueued < 0 || l.ClientCPUs < 0 || l.ClientCPUs != l.ClientCPUs {
-				return &exitError{code: 2, msg: "--client-max-uploads, --max-uploads, --client-max-trees, --client-max-queued and --client-max-cpus must not be negative"}
+			if l := cfg.Limits; l.ClientUploads < 0 || l.MaxUploads < 0 || l.ClientTrees < 0 || l.ClientQueued < 0 || l.ClientCPUs < 0 || l.ClientCPUs != l.ClientCPUs || l.ClientCalls < 0 || l.ClientCalls != l.ClientCalls {
+				return &exitError{code: 2, msg: "--client-max-uploads, --max-uploads, --client-max-trees, --client-max-queued, --client-max-cpus and --client-max-calls must not be negative"}
 			}
 			if r := cfg.Execution.VerifyRate; r < 0 || r > 1 || r != r {
 				return &exitError{code: 2, msg: fmt.Sprintf("--verify-rate %v: want a fraction from 0 to 1", r)}
@@ -69,6 +69,7 @@ func newServeCmd() *cobra.Command {
 	f.IntVar(&cfg.Limits.MaxUploads, "max-uploads", 0, "ByteStream uploads in progress in all (default 4096)")
 	f.IntVar(&cfg.Limits.ClientTrees, "client-max-trees", 0, "GetTree calls in progress per client (default 8)")
 	f.IntVar(&cfg.Limits.ClientQueued, "client-max-queued", 0, "executions per client waiting for a slot (default 1000)")
+	f.Float64Var(&cfg.Limits.ClientCalls, "client-max-calls", 0, "calls one client may start per second; more wait their turn (default 500)")
 	f.Float64Var(&cfg.Limits.ClientCPUs, "client-max-cpus", 0, "cores one client's decompressing, hashing and tree parsing may use over time, e.g. 0.5 (default: a quarter of the CPUs)")
 	ex := &cfg.Execution
 	f.BoolVar(&ex.Disabled, "no-execution", false, "serve storage only (no Execution service, no sandbox)")

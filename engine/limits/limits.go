@@ -571,3 +571,97 @@ func (r *WorkReader) Done() {
 		r.release = nil
 	}
 }
+
+// Calls bounds the rate at which one client may start calls: rate calls per second on
+// average, burst at once. A call beyond that waits for its turn (the client's own
+// calls only), and one that would have more than maxWaiting of the client's calls
+// waiting is refused with RESOURCE_EXHAUSTED: even a refused call costs the server
+// something, so a client cannot make it do unbounded work by sending cheap calls.
+type Calls struct {
+	rate       float64
+	burst      float64
+	maxWaiting int
+	now        func() time.Time
+	sleep      func(context.Context, time.Duration) error
+	refused    *prometheus.CounterVec
+
+	mu      sync.Mutex
+	clients map[string]*callBucket
+	pruned  time.Time
+}
+
+type callBucket struct {
+	tokens  float64 // calls the client may start now; negative: turns already promised
+	last    time.Time
+	waiting int
+}
+
+// DefaultClientCalls is the default rate of calls per client and second.
+const DefaultClientCalls = 500
+
+// NewCalls returns a limit of rate calls per second per client (0: DefaultClientCalls)
+// with a burst of as many, counting refusals in b's metric.
+func NewCalls(b *Budget, rate float64) *Calls {
+	if rate <= 0 {
+		rate = DefaultClientCalls
+	}
+	c := &Calls{rate: rate, burst: max(rate, 1), maxWaiting: 256, now: time.Now, sleep: sleep, clients: map[string]*callBucket{}}
+	if b != nil {
+		c.refused = b.refused
+	}
+	return c
+}
+
+// Wait returns when client may start a call, or refuses it. A nil *Calls never waits.
+func (c *Calls) Wait(ctx context.Context, client string) error {
+	if c == nil {
+		return nil
+	}
+	c.mu.Lock()
+	now := c.now()
+	b := c.clients[client]
+	if b == nil {
+		b = &callBucket{tokens: c.burst, last: now}
+		c.clients[client] = b
+	}
+	b.tokens = min(c.burst, b.tokens+now.Sub(b.last).Seconds()*c.rate)
+	b.last = now
+	if b.tokens >= 1 {
+		b.tokens--
+		c.prune(now)
+		c.mu.Unlock()
+		return nil
+	}
+	if b.waiting >= c.maxWaiting {
+		c.mu.Unlock()
+		if c.refused != nil {
+			c.refused.WithLabelValues("client_calls").Inc()
+		}
+		return status.Errorf(codes.ResourceExhausted, "client %s already has %d calls waiting for their turn (--client-max-calls %g per second); retry later", client, c.maxWaiting, c.rate)
+	}
+	wait := time.Duration((1 - b.tokens) / c.rate * float64(time.Second))
+	b.tokens-- // this call's turn
+	b.waiting++
+	c.mu.Unlock()
+	err := c.sleep(ctx, wait)
+	c.mu.Lock()
+	b.waiting--
+	if err != nil {
+		b.tokens++ // the turn was not used
+	}
+	c.mu.Unlock()
+	return err
+}
+
+// prune forgets, now and then, clients whose bucket is full again. Callers hold c.mu.
+func (c *Calls) prune(now time.Time) {
+	if now.Sub(c.pruned) < time.Minute {
+		return
+	}
+	c.pruned = now
+	for id, b := range c.clients {
+		if b.waiting == 0 && b.tokens+now.Sub(b.last).Seconds()*c.rate >= c.burst {
+			delete(c.clients, id)
+		}
+	}
+}

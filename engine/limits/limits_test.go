@@ -164,3 +164,43 @@ func TestWork(t *testing.T) {
 		rel()
 	}
 }
+
+// TestCalls: calls beyond a client's rate wait their turn, spaced at the rate; another
+// client does not wait; beyond maxWaiting the client's calls are refused; a cancelled
+// wait gives its turn back.
+func TestCalls(t *testing.T) {
+	c := NewCalls(NewBudget(1, 1), 10)
+	clock := time.Unix(1000, 0)
+	var slept []time.Duration
+	c.now = func() time.Time { return clock }
+	c.sleep = func(_ context.Context, d time.Duration) error { slept = append(slept, d); return nil }
+	ctx := context.Background()
+	for i := 0; i < 10; i++ { // the burst
+		if err := c.Wait(ctx, "a"); err != nil || len(slept) != 0 {
+			t.Fatalf("call %d within the burst: %v, waited %v", i, err, slept)
+		}
+	}
+	c.Wait(ctx, "a")
+	c.Wait(ctx, "a")
+	if len(slept) != 2 || slept[0] != 100*time.Millisecond || slept[1] != 200*time.Millisecond {
+		t.Fatalf("calls beyond the burst waited %v, want 100 ms and 200 ms (10 per second)", slept)
+	}
+	if err := c.Wait(ctx, "b"); err != nil || len(slept) != 2 {
+		t.Fatalf("another client waited: %v %v", slept, err)
+	}
+	c.maxWaiting = 0
+	if err := c.Wait(ctx, "a"); status.Code(err) != codes.ResourceExhausted {
+		t.Fatalf("a call with too many waiting: %v", err)
+	}
+	c.maxWaiting = 10
+	c.sleep = func(context.Context, time.Duration) error { return status.Error(codes.Canceled, "gone") }
+	before := c.clients["a"].tokens
+	if err := c.Wait(ctx, "a"); status.Code(err) != codes.Canceled || c.clients["a"].tokens != before {
+		t.Fatalf("cancelled wait: %v, tokens %v -> %v", err, before, c.clients["a"].tokens)
+	}
+	clock = clock.Add(time.Hour)
+	c.Wait(ctx, "b")
+	if len(c.clients) != 1 {
+		t.Fatalf("%d clients kept an hour later, want the one just seen", len(c.clients))
+	}
+}

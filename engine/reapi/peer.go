@@ -4,6 +4,10 @@ import (
 	"context"
 	"crypto/x509"
 	"net"
+	"strings"
+
+	"github.com/kilnbuild/kiln/engine/limits"
+	"google.golang.org/grpc"
 
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/peer"
@@ -66,4 +70,29 @@ func ClientID(ctx context.Context) string {
 		return "addr:" + host
 	}
 	return "unknown"
+}
+
+// CallLimit returns the interceptors that make each call wait for its client's turn
+// under c (limits.Calls), the health service excepted.
+func CallLimit(c *limits.Calls) []grpc.ServerOption {
+	wait := func(ctx context.Context, method string) error {
+		if strings.HasPrefix(method, "/grpc.health.") {
+			return nil
+		}
+		return c.Wait(ctx, ClientID(ctx))
+	}
+	return []grpc.ServerOption{
+		grpc.ChainUnaryInterceptor(func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+			if err := wait(ctx, info.FullMethod); err != nil {
+				return nil, err
+			}
+			return h(ctx, req)
+		}),
+		grpc.ChainStreamInterceptor(func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) error {
+			if err := wait(ss.Context(), info.FullMethod); err != nil {
+				return err
+			}
+			return h(srv, ss)
+		}),
+	}
 }
