@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 )
@@ -418,17 +419,24 @@ func cgroupLimit() int64 {
 // that a client sending work as fast as it can leaves the rest of the machine to the
 // others. A client's work beyond that waits for its own turn, never for another's;
 // unlike Slots it waits rather than refuses: work already admitted is not thrown away.
-// Time is measured as the wall time a token is held.
+// Time is measured as the wall time a token is held. While it holds a token, the work
+// runs on an OS thread of its own at a lower priority (nice WorkNice), so that the
+// kernel gives the machine's CPUs to latency-bound work first: other clients' calls,
+// and the actions running in sandboxes.
 type Work struct {
 	perClient int
 	rate      float64 // cores
 	now       func() time.Time
 	sleep     func(context.Context, time.Duration) error
+	nice      int // the priority work runs at; 0: as the process
 
 	mu      sync.Mutex
 	clients map[string]*workTokens
 	leaves  int
 }
+
+// WorkNice is the nice value CPU-heavy client work runs at.
+const WorkNice = 10
 
 // workBurst is how much work a client that was idle may do before its rate applies.
 const workBurst = 500 * time.Millisecond
@@ -446,7 +454,7 @@ func NewWork(rate float64) *Work {
 	if rate <= 0 {
 		rate = float64(runtime.NumCPU()) / 4
 	}
-	return &Work{perClient: max(1, int(math.Ceil(rate))), rate: rate, now: time.Now, sleep: sleep, clients: map[string]*workTokens{}}
+	return &Work{perClient: max(1, int(math.Ceil(rate))), rate: rate, now: time.Now, sleep: sleep, nice: WorkNice, clients: map[string]*workTokens{}}
 }
 
 // sleep waits for d or for ctx to end.
@@ -508,9 +516,13 @@ func (w *Work) Acquire(ctx context.Context, client string) (release func(), err 
 		}
 	}
 	start := w.now()
+	prev, lowered := w.lower()
 	var once sync.Once
 	return func() {
 		once.Do(func() {
+			if lowered {
+				restore(prev)
+			}
 			w.mu.Lock()
 			w.refill(t)
 			t.credit -= w.now().Sub(start)
@@ -519,6 +531,33 @@ func (w *Work) Acquire(ctx context.Context, client string) (release func(), err 
 			w.leave(client, t)
 		})
 	}, nil
+}
+
+// lower pins the calling goroutine to its OS thread and lowers that thread's priority
+// to nice w.nice (if it is not lower already); it returns the nice value to restore
+// and whether it changed anything.
+func (w *Work) lower() (prev int, lowered bool) {
+	if w.nice <= 0 {
+		return 0, false
+	}
+	runtime.LockOSThread()
+	raw, err := unix.Getpriority(unix.PRIO_PROCESS, 0) // the calling thread; the kernel answers 20 - nice
+	prev = 20 - raw
+	if err != nil || prev >= w.nice || unix.Setpriority(unix.PRIO_PROCESS, 0, w.nice) != nil {
+		runtime.UnlockOSThread()
+		return 0, false
+	}
+	return prev, true
+}
+
+// restore gives the thread lowered by lower its nice value prev back and unpins it.
+// Raising a priority needs CAP_SYS_NICE (kiln serve with execution runs as root);
+// without it the goroutine stays on its lowered thread, which ends with it, rather
+// than handing a lowered thread to other goroutines.
+func restore(prev int) {
+	if unix.Setpriority(unix.PRIO_PROCESS, 0, prev) == nil {
+		runtime.UnlockOSThread()
+	}
 }
 
 // leave drops a user of client's tokens; an idle client is forgotten once it owes

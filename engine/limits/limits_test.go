@@ -2,10 +2,13 @@ package limits
 
 import (
 	"context"
+	"os"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 )
@@ -202,5 +205,32 @@ func TestCalls(t *testing.T) {
 	c.Wait(ctx, "b")
 	if len(c.clients) != 1 {
 		t.Fatalf("%d clients kept an hour later, want the one just seen", len(c.clients))
+	}
+}
+
+// TestWorkRunsNiced: while a token is held, the goroutine runs on a thread at nice
+// WorkNice; after release the thread has its priority back (as root).
+func TestWorkRunsNiced(t *testing.T) {
+	niceOf := func() int {
+		raw, err := unix.Getpriority(unix.PRIO_PROCESS, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return 20 - raw
+	}
+	runtime.LockOSThread() // stay on one thread to compare before and after
+	defer runtime.UnlockOSThread()
+	before := niceOf()
+	w := NewWork(1)
+	release, err := w.Acquire(context.Background(), "a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := niceOf(); got != max(before, WorkNice) {
+		t.Fatalf("nice %d while working, want %d", got, max(before, WorkNice))
+	}
+	release()
+	if os.Geteuid() == 0 && niceOf() != before {
+		t.Fatalf("nice %d after the work, want %d back", niceOf(), before)
 	}
 }
