@@ -420,3 +420,39 @@ func TestOutputStatusCodesE2E(t *testing.T) {
 		}
 	}
 }
+
+// TestHostileCallFlood: a client sending calls faster than --client-max-calls waits its
+// turn, beyond 256 waiting calls is refused, and another client's calls are answered
+// meanwhile.
+func TestHostileCallFlood(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	srv := harness.StartServer(t, "--no-execution", "--client-max-calls", "20")
+	attacker := repb.NewContentAddressableStorageClient(dialFrom(t, srv.Addr, "127.0.0.2"))
+	honest := repb.NewContentAddressableStorageClient(dialFrom(t, srv.Addr, "127.0.0.1"))
+	ctx := harness.Context(t, 5*time.Minute)
+	fctx, stop := context.WithCancel(ctx)
+	var flood hostile.Codes
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		hostile.Each(fctx, 2000, 400, func() {
+			_, err := attacker.FindMissingBlobs(fctx, &repb.FindMissingBlobsRequest{})
+			flood.Add(err)
+		})
+	}()
+	for deadline := time.Now().Add(time.Minute); flood.Get(codes.ResourceExhausted) == 0; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("400 concurrent calls of a client limited to 20 per second: none refused (%v)", &flood)
+		}
+	}
+	for i := 0; i < 20; i++ {
+		if _, err := honest.FindMissingBlobs(ctx, &repb.FindMissingBlobsRequest{}); err != nil {
+			t.Fatalf("another client's call during the flood: %v", err)
+		}
+	}
+	stop()
+	<-done
+	t.Logf("flood: %v", &flood)
+}

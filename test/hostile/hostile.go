@@ -162,13 +162,13 @@ func write(ctx context.Context, bs bytestream.ByteStreamClient, name string, dat
 func Bombs(ctx context.Context, conn *grpc.ClientConn, n, parallel, blocks int, end string, c *Codes) {
 	bs := bytestream.NewByteStreamClient(conn)
 	bomb := WindowBomb(blocks)
-	each(ctx, n, parallel, func() { c.Add(write(ctx, bs, BombUpload(blocks), bomb, end)) })
+	Each(ctx, n, parallel, func() { c.Add(write(ctx, bs, BombUpload(blocks), bomb, end)) })
 }
 
 // UnfinishedWrites makes n one-byte uploads, parallel at a time, each ended as end says.
 func UnfinishedWrites(ctx context.Context, conn *grpc.ClientConn, n, parallel int, end string, c *Codes) {
 	bs := bytestream.NewByteStreamClient(conn)
-	each(ctx, n, parallel, func() {
+	Each(ctx, n, parallel, func() {
 		c.Add(write(ctx, bs, "uploads/"+UUID()+"/blobs/"+junkHash()+"/100", []byte{1}, end))
 	})
 }
@@ -179,8 +179,8 @@ func HugeDeclared(ctx context.Context, conn *grpc.ClientConn, blocks int) error 
 	return write(ctx, bs, fmt.Sprintf("uploads/%s/compressed-blobs/zstd/%s/%d", UUID(), junkHash(), int64(1)<<62), WindowBomb(blocks), "finish")
 }
 
-// each runs f n times, parallel at a time, until ctx ends.
-func each(ctx context.Context, n, parallel int, f func()) {
+// Each runs f n times, parallel at a time, until ctx ends.
+func Each(ctx context.Context, n, parallel int, f func()) {
 	sem := make(chan struct{}, parallel)
 	var wg sync.WaitGroup
 	for i := 0; i < n && ctx.Err() == nil; i++ {
@@ -345,7 +345,7 @@ func HostileActions(ctx context.Context, conn *grpc.ClientConn, n, levels int) (
 func ExecuteAll(ctx context.Context, conn *grpc.ClientConn, actions []*repb.Digest, parallel int, c *Codes) {
 	var next int
 	var mu sync.Mutex
-	each(ctx, len(actions), parallel, func() {
+	Each(ctx, len(actions), parallel, func() {
 		mu.Lock()
 		a := actions[next]
 		next++
@@ -362,7 +362,7 @@ func ExecuteAll(ctx context.Context, conn *grpc.ClientConn, actions []*repb.Dige
 // time, reading every page.
 func GetTrees(ctx context.Context, conn *grpc.ClientConn, root *repb.Digest, n, parallel int, c *Codes) {
 	cas := repb.NewContentAddressableStorageClient(conn)
-	each(ctx, n, parallel, func() {
+	Each(ctx, n, parallel, func() {
 		st, err := cas.GetTree(ctx, &repb.GetTreeRequest{RootDigest: root})
 		for err == nil {
 			_, err = st.Recv()
