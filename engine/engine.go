@@ -14,7 +14,9 @@ import (
 	"github.com/kilnbuild/kiln/cache"
 	"github.com/kilnbuild/kiln/cache/disk"
 	"github.com/kilnbuild/kiln/engine/attest"
+	"github.com/kilnbuild/kiln/engine/executor"
 	"github.com/kilnbuild/kiln/engine/quarantine"
+	"github.com/kilnbuild/kiln/engine/scheduler"
 	"github.com/kilnbuild/kiln/sandbox"
 	"github.com/kilnbuild/kiln/toolchains"
 	"github.com/prometheus/client_golang/prometheus"
@@ -61,8 +63,8 @@ type Engine struct {
 	CAS        cache.BlobStore // the store as clients see it: with the empty blob, metered
 	AC         cache.ActionCache
 	Toolchains *toolchains.Store
-	Executor   *Executor
-	Scheduler  *Scheduler
+	Executor   *executor.Executor
+	Scheduler  *scheduler.Scheduler
 	Metrics    *cache.Metrics
 	Signer     *attest.Signer
 	Quarantine *quarantine.List
@@ -118,9 +120,9 @@ func Open(ctx context.Context, opts Options) (*Engine, error) {
 	if conc <= 0 {
 		conc = runtime.NumCPU()
 	}
-	e.Executor, err = NewExecutor(ExecutorConfig{
-		CAS: e.CAS, AC: e.AC, Sandbox: sandboxRunner{e.runner}, Toolchains: toolchainResolver{e.Toolchains},
-		Attester: linkAttester{s: e.Signer, version: opts.Version}, Quarantined: e.Quarantine.Quarantined,
+	e.Executor, err = executor.NewExecutor(executor.ExecutorConfig{
+		CAS: e.CAS, AC: e.AC, Sandbox: executor.SandboxRunner{R: e.runner}, Toolchains: toolchainResolver{e.Toolchains},
+		Attester: executor.LinkAttester{Signer: e.Signer, Version: opts.Version}, Quarantined: e.Quarantine.Quarantined,
 		WorkDir: filepath.Join(opts.Data.Sandbox(), "exec"), UID: sandbox.DefaultUID, GID: sandbox.DefaultGID,
 		DefaultTimeout: opts.DefaultTimeout, MaxTimeout: opts.MaxTimeout, Logger: log,
 		IgnoreUnknownPlatformProperties: opts.IgnoreUnknownPlatformProperties,
@@ -128,7 +130,7 @@ func Open(ctx context.Context, opts Options) (*Engine, error) {
 	if err != nil {
 		return nil, err
 	}
-	e.Scheduler = NewScheduler(e.Executor, SchedulerConfig{Concurrency: conc, MaxQueue: opts.MaxQueue, Logger: log, Registerer: reg,
+	e.Scheduler = scheduler.NewScheduler(e.Executor, scheduler.SchedulerConfig{Concurrency: conc, MaxQueue: opts.MaxQueue, Logger: log, Registerer: reg,
 		VerifyRate: opts.VerifyRate})
 	ok = true
 	return e, nil

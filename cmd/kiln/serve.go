@@ -8,12 +8,13 @@ import (
 	"time"
 
 	"github.com/kilnbuild/kiln/engine"
+	"github.com/kilnbuild/kiln/engine/server"
 	"github.com/spf13/cobra"
 )
 
 func newServeCmd() *cobra.Command {
 	var (
-		cfg     engine.ServerConfig
+		cfg     server.ServerConfig
 		data    string
 		maxSize string
 		logFlag logFlags
@@ -38,7 +39,7 @@ func newServeCmd() *cobra.Command {
 			}
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
-			return engine.Serve(ctx, cfg)
+			return server.Serve(ctx, cfg)
 		},
 	}
 	f := cmd.Flags()

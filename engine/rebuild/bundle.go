@@ -37,6 +37,7 @@ import (
 	"github.com/kilnbuild/kiln/cache/disk"
 	"github.com/kilnbuild/kiln/engine"
 	"github.com/kilnbuild/kiln/engine/attest"
+	"github.com/kilnbuild/kiln/engine/executor"
 	"github.com/klauspost/compress/zstd"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -200,7 +201,7 @@ func actionBlobs(ctx context.Context, cas cache.BlobStore, ad cache.Digest) ([]c
 	if err != nil {
 		return nil, err
 	}
-	tree, err := engine.TreeBlobs(ctx, cas, root)
+	tree, err := executor.TreeBlobs(ctx, cas, root)
 	if err != nil {
 		return nil, cache.PrefixError(err, "input tree of action %s", ad)
 	}

@@ -18,6 +18,7 @@ import (
 	"github.com/kilnbuild/kiln/engine"
 	"github.com/kilnbuild/kiln/engine/attest"
 	"github.com/kilnbuild/kiln/engine/attest/keys"
+	"github.com/kilnbuild/kiln/engine/executor"
 	"github.com/kilnbuild/kiln/toolchains"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -408,7 +409,7 @@ func (l localExecutor) Execute(ctx context.Context, ad cache.Digest, _ cache.Blo
 	if err != nil {
 		return Run{}, err
 	}
-	ex, err := l.eng.Executor.Execute(ctx, engine.Request{ActionDigest: ad, NoCache: true, SkipCacheLookup: true, CompareOnly: true, Queued: time.Now(),
+	ex, err := l.eng.Executor.Execute(ctx, executor.Request{ActionDigest: ad, NoCache: true, SkipCacheLookup: true, CompareOnly: true, Queued: time.Now(),
 		Notes: []string{"kiln rebuild"}}, a)
 	if err != nil {
 		return Run{}, err
@@ -420,7 +421,7 @@ func (l localExecutor) Execute(ctx context.Context, ad cache.Digest, _ cache.Blo
 }
 
 // Products renders produced files the way links record them: alg:hash by path.
-func Products(fs []engine.ProducedFile) map[string]string {
+func Products(fs []executor.ProducedFile) map[string]string {
 	out := map[string]string{}
 	for _, f := range fs {
 		if f.SymlinkTarget != "" {

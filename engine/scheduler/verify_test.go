@@ -1,4 +1,4 @@
-package engine
+package scheduler
 
 import (
 	"context"
@@ -10,12 +10,12 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"testing"
 	"time"
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"github.com/kilnbuild/kiln/cache"
+	"github.com/kilnbuild/kiln/engine/executor"
 	"github.com/kilnbuild/kiln/sandbox"
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
@@ -30,7 +30,7 @@ type variantSandbox struct {
 	running, most atomic.Int64
 }
 
-func (v *variantSandbox) Run(ctx context.Context, j Job) (JobResult, error) {
+func (v *variantSandbox) Run(ctx context.Context, j executor.Job) (executor.JobResult, error) {
 	n := v.running.Add(1)
 	defer v.running.Add(-1)
 	for m := v.most.Load(); n > m && !v.most.CompareAndSwap(m, n); m = v.most.Load() {
@@ -54,7 +54,7 @@ type noteAttester struct {
 	notes [][]string
 }
 
-func (a *noteAttester) Attest(_ context.Context, rec *Record) error {
+func (a *noteAttester) Attest(_ context.Context, rec *executor.Record) error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	a.notes = append(a.notes, append([]string(nil), rec.Notes...))
@@ -73,7 +73,7 @@ func newVerifyEnv(t *testing.T, conc int, rate float64) *verifyEnv {
 	e := newTestEnv(t, conc)
 	vsb := &variantSandbox{}
 	att := &noteAttester{}
-	ex, err := NewExecutor(ExecutorConfig{CAS: e.exec.cfg.CAS, AC: e.ac, Sandbox: vsb, Toolchains: fakeToolchains{}, Attester: att,
+	ex, err := executor.NewExecutor(executor.ExecutorConfig{CAS: e.exec.CAS(), AC: e.ac, Sandbox: vsb, Toolchains: fakeToolchains{}, Attester: att,
 		WorkDir: filepath.Join(t.TempDir(), "exec"), UID: os.Getuid(), GID: os.Getgid(), MaxTimeout: time.Hour})
 	if err != nil {
 		t.Fatal(err)
@@ -89,7 +89,7 @@ func (e *verifyEnv) verifyAction(t *testing.T, runs int, args ...string) cache.D
 	t.Helper()
 	var props []*repb.Platform_Property
 	if runs > 0 {
-		props = []*repb.Platform_Property{{Name: PropVerify, Value: fmt.Sprint(runs)}}
+		props = []*repb.Platform_Property{{Name: executor.PropVerify, Value: fmt.Sprint(runs)}}
 	}
 	cmd := &repb.Command{Arguments: args, OutputFiles: []string{"out"}}
 	return e.action(t, cmd, e.put(t, &repb.Directory{}), func(a *repb.Action) { a.Platform = &repb.Platform{Properties: props} })
@@ -248,40 +248,6 @@ func TestSampledByDigest(t *testing.T) {
 	if sampled(cache.Digest{Hash: "ffffffffffffffff" + strings.Repeat("0", 48)}, 0.999) ||
 		!sampled(cache.Digest{Hash: strings.Repeat("0", 64)}, 0.001) {
 		t.Fatal("bounds")
-	}
-}
-
-// TestChownExecRoot: a uid variation gets what the default sandbox user owned;
-// root-owned inputs stay root's.
-func TestChownExecRoot(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root to chown")
-	}
-	root := t.TempDir()
-	os.MkdirAll(filepath.Join(root, "out/sub"), 0o755)
-	os.WriteFile(filepath.Join(root, "in.txt"), []byte("x"), 0o444)
-	os.Symlink("in.txt", filepath.Join(root, "link"))
-	for _, p := range []string{"", "out", "out/sub", "link"} {
-		os.Lchown(filepath.Join(root, p), sandbox.DefaultUID, sandbox.DefaultGID)
-	}
-	if err := chownExecRoot(root, 2111, 2234); err != nil {
-		t.Fatal(err)
-	}
-	owner := func(p string) (uint32, uint32) {
-		var st syscall.Stat_t
-		syscall.Lstat(filepath.Join(root, p), &st)
-		return st.Uid, st.Gid
-	}
-	for _, p := range []string{"", "out", "out/sub", "link"} {
-		if u, g := owner(p); u != 2111 || g != 2234 {
-			t.Errorf("%q owned by %d:%d", p, u, g)
-		}
-	}
-	if u, _ := owner("in.txt"); u != 0 {
-		t.Errorf("input handed to uid %d", u)
-	}
-	if err := chownExecRoot(root, 0, 0); err != nil { // the defaults: nothing to do
-		t.Fatal(err)
 	}
 }
 

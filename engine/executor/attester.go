@@ -1,4 +1,4 @@
-package engine
+package executor
 
 import (
 	"context"
@@ -9,20 +9,20 @@ import (
 	"github.com/kilnbuild/kiln/engine/attest"
 )
 
-// linkAttester signs an in-toto link for every execution with package attest and
+// LinkAttester signs an in-toto link for every execution with package attest and
 // references it from the ActionResult, so a cached result keeps its link.
-type linkAttester struct {
-	s       *attest.Signer
-	version string
+type LinkAttester struct {
+	Signer  *attest.Signer
+	Version string // kiln's version, recorded in every link
 }
 
 // Attest implements Attester.
-func (l linkAttester) Attest(ctx context.Context, rec *Record) error {
+func (l LinkAttester) Attest(ctx context.Context, rec *Record) error {
 	r := rec.Result
 	a := attest.Action{
 		ActionDigest: rec.ActionDigest, CommandDigest: rec.CommandDigest, Toolchain: rec.Toolchain,
 		Argv: rec.Argv, ExitCode: int(r.GetExitCode()), PolicyDigest: rec.PolicyDigest,
-		KilnVersion: l.version, Reproducibility: strings.Join(rec.Notes, "; "),
+		KilnVersion: l.Version, Reproducibility: strings.Join(rec.Notes, "; "),
 		Stdout: digestOr(r.GetStdoutDigest()), Stderr: digestOr(r.GetStderrDigest()),
 	}
 	for _, f := range rec.Inputs {
@@ -35,7 +35,7 @@ func (l linkAttester) Attest(ctx context.Context, rec *Record) error {
 		a.Platform = append(a.Platform, attest.Property{Name: p.GetName(), Value: p.GetValue()})
 	}
 	sort.Slice(a.Platform, func(i, j int) bool { return a.Platform[i].Name < a.Platform[j].Name })
-	linked, err := l.s.Link(ctx, a)
+	linked, err := l.Signer.Link(ctx, a)
 	if err != nil {
 		return err
 	}

@@ -1,4 +1,7 @@
-package engine
+// Package scheduler queues executions for one local executor, merges identical ones
+// in flight, bounds concurrency, checks determinism on the server's side and keeps
+// the operations clients follow.
+package scheduler
 
 import (
 	"context"
@@ -11,6 +14,7 @@ import (
 	"cloud.google.com/go/longrunning/autogen/longrunningpb"
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"github.com/kilnbuild/kiln/cache"
+	"github.com/kilnbuild/kiln/engine/executor"
 	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -36,7 +40,7 @@ type SchedulerConfig struct {
 // Scheduler queues executions, merges identical ones in flight, bounds concurrency and
 // cancels executions nobody waits for any more.
 type Scheduler struct {
-	exec *Executor
+	exec *executor.Executor
 	cfg  SchedulerConfig
 	log  *slog.Logger
 	slot chan struct{}
@@ -97,7 +101,7 @@ func (op *operation) finishedAt() time.Time {
 }
 
 // NewScheduler returns a scheduler over exec.
-func NewScheduler(exec *Executor, cfg SchedulerConfig) *Scheduler {
+func NewScheduler(exec *executor.Executor, cfg SchedulerConfig) *Scheduler {
 	if cfg.Concurrency <= 0 {
 		cfg.Concurrency = 1
 	}
@@ -136,7 +140,7 @@ type Watch struct {
 
 // Submit starts (or joins) the execution of req and returns a Watch on a new
 // operation for it. A cache hit is a finished operation at once.
-func (s *Scheduler) Submit(ctx context.Context, req Request) (*Watch, error) {
+func (s *Scheduler) Submit(ctx context.Context, req executor.Request) (*Watch, error) {
 	a, err := s.exec.LoadAction(ctx, req.ActionDigest)
 	if err != nil {
 		return nil, err
@@ -217,7 +221,7 @@ func (s *Scheduler) attachLocked(op *operation) *Watch {
 }
 
 // run waits for a slot, executes, and publishes the response.
-func (s *Scheduler) run(ctx context.Context, ex *execution, req Request, a *Action) {
+func (s *Scheduler) run(ctx context.Context, ex *execution, req executor.Request, a *executor.Action) {
 	defer ex.cancel()
 	select {
 	case s.slot <- struct{}{}:

@@ -1,4 +1,6 @@
-package engine
+// Package server is `kiln serve`: the gRPC and HTTP listeners, TLS, the authorization
+// policy, and the REAPI services over an engine.
+package server
 
 import (
 	"context"
@@ -12,8 +14,10 @@ import (
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"github.com/kilnbuild/kiln/cache"
+	"github.com/kilnbuild/kiln/engine"
 	"github.com/kilnbuild/kiln/engine/asset"
 	"github.com/kilnbuild/kiln/engine/reapi"
+	"github.com/kilnbuild/kiln/engine/scheduler"
 	"github.com/kilnbuild/kiln/lockfiles"
 	"github.com/kilnbuild/kiln/toolchains"
 	"github.com/prometheus/client_golang/prometheus"
@@ -32,7 +36,7 @@ import (
 type ServerConfig struct {
 	Listen              string // gRPC address
 	HTTPListen          string // /metrics and /healthz; empty disables
-	Data                DataDir
+	Data                engine.DataDir
 	MaxSize             int64 // store bound in bytes; 0 = unbounded
 	AllowClientACWrites bool
 	Fsync               bool
@@ -136,7 +140,7 @@ func Serve(ctx context.Context, cfg ServerConfig) error {
 		}
 		lock = l
 	}
-	eng, err := Open(ctx, Options{
+	eng, err := engine.Open(ctx, engine.Options{
 		Data: cfg.Data, Primary: true, MaxSize: cfg.MaxSize, Fsync: cfg.Fsync, Logger: log, Registerer: reg,
 		DefaultToolchain: cfg.Execution.DefaultToolchain, Concurrency: cfg.Execution.Concurrency,
 		MaxQueue: cfg.Execution.MaxQueue, DefaultTimeout: cfg.Execution.DefaultTimeout,
@@ -177,7 +181,7 @@ func Serve(ctx context.Context, cfg ServerConfig) error {
 	g := grpc.NewServer(gopts...)
 	srv.Register(g)
 	if eng.Scheduler != nil {
-		RegisterExecution(g, eng.Scheduler)
+		scheduler.RegisterExecution(g, eng.Scheduler)
 	}
 	assets, err := asset.New(eng.CAS, asset.Config{Lockfile: lock, Allow: cfg.FetchAllow, SizeOf: asset.SizeFromBlobFiles(eng.Store), Logger: log})
 	if err != nil {

@@ -1,4 +1,7 @@
-package engine
+// Package executor runs one action: it loads and validates the Action and Command,
+// materializes the input tree into a fresh exec root, runs the command in a sandbox,
+// collects the outputs into the CAS, signs a link and writes the action cache.
+package executor
 
 import (
 	"context"
@@ -151,6 +154,9 @@ func NewExecutor(cfg ExecutorConfig) (*Executor, error) {
 	}
 	return &Executor{cfg: cfg, log: cfg.Logger}, nil
 }
+
+// CAS is the store the executor reads inputs from and writes outputs to.
+func (e *Executor) CAS() cache.BlobStore { return e.cfg.CAS }
 
 // Request is one action to execute.
 type Request struct {

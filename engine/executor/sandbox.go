@@ -1,18 +1,23 @@
-package engine
+package executor
 
 import (
 	"context"
+	"io/fs"
 	"os"
+	"path/filepath"
+	"syscall"
 
 	"github.com/kilnbuild/kiln/sandbox"
 	"golang.org/x/sys/unix"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 )
 
-// sandboxRunner runs Jobs in package sandbox's containers.
-type sandboxRunner struct{ r *sandbox.Runner }
+// SandboxRunner runs Jobs in package sandbox's containers.
+type SandboxRunner struct{ R *sandbox.Runner }
 
 // Run implements Sandbox.
-func (s sandboxRunner) Run(ctx context.Context, j Job) (JobResult, error) {
+func (s SandboxRunner) Run(ctx context.Context, j Job) (JobResult, error) {
 	spec := sandbox.Spec{
 		RootFS: j.RootFS, ExecRoot: j.ExecRoot, Cwd: j.Cwd, Args: j.Args, Env: j.Env,
 		Stdout: sandbox.Output{Path: j.Stdout}, Stderr: sandbox.Output{Path: j.Stderr},
@@ -28,7 +33,7 @@ func (s sandboxRunner) Run(ctx context.Context, j Job) (JobResult, error) {
 			return JobResult{}, err
 		}
 	}
-	res, err := s.r.Run(ctx, spec)
+	res, err := s.R.Run(ctx, spec)
 	if err != nil {
 		return JobResult{}, err
 	}
@@ -48,4 +53,36 @@ func (s sandboxRunner) Run(ctx context.Context, j Job) (JobResult, error) {
 		jr.Signal = unix.SignalName(unix.Signal(res.Signal))
 	}
 	return jr, nil
+}
+
+// chownExecRoot hands what the executor made for the default sandbox user (the exec
+// root's directories and symlinks) to a variation's uid/gid, so the varied user may
+// write where the default one may. Inputs are root-owned and stay so.
+func chownExecRoot(root string, uid, gid int) error {
+	if uid == 0 {
+		uid = sandbox.DefaultUID
+	}
+	if gid == 0 {
+		gid = sandbox.DefaultGID
+	}
+	if root == "" || (uid == sandbox.DefaultUID && gid == sandbox.DefaultGID) {
+		return nil
+	}
+	err := filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		info, err := d.Info()
+		if err != nil {
+			return err
+		}
+		if st, ok := info.Sys().(*syscall.Stat_t); !ok || int(st.Uid) != sandbox.DefaultUID {
+			return nil
+		}
+		return os.Lchown(p, uid, gid)
+	})
+	if err != nil {
+		return status.Errorf(codes.Internal, "hand the exec root to uid %d: %v", uid, err)
+	}
+	return nil
 }

@@ -1,124 +1,19 @@
-package engine
+package scheduler
 
 import (
 	"context"
 	"encoding/binary"
 	"encoding/hex"
-	"io/fs"
 	"log/slog"
 	"math"
-	"os"
-	"path/filepath"
 	"strings"
-	"syscall"
-	"time"
 
-	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"github.com/kilnbuild/kiln/cache"
+	"github.com/kilnbuild/kiln/engine/executor"
 	"github.com/kilnbuild/kiln/engine/verify"
-	"github.com/kilnbuild/kiln/sandbox"
 	"github.com/prometheus/client_golang/prometheus"
-	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 )
-
-// Determinism checks (package verify) as the executor runs them: kiln verify
-// (Engine.Verify) and, in kiln serve, actions with kiln-verify=N or sampled by
-// --verify-rate (serverVerify, hooked into Scheduler.run).
-
-// Verify checks that action d, whose blobs are in the CAS, is deterministic: it runs
-// it opts.Runs times in fresh sandboxes with variations, without the action cache,
-// and compares every output (kiln verify). opts.Action and opts.Defaults are set here.
-func (e *Engine) Verify(ctx context.Context, d cache.Digest, opts verify.Options) (*verify.Report, error) {
-	a, err := e.Executor.LoadAction(ctx, d)
-	if err != nil {
-		return nil, err
-	}
-	def := verifyOptions(a, opts.Runs, opts.Variations)
-	opts.Action, opts.Defaults = def.Action, def.Defaults
-	if opts.Unavailable == nil {
-		opts.Unavailable = map[string]string{}
-	}
-	for n, why := range def.Unavailable {
-		opts.Unavailable[n] = why
-	}
-	return verify.Verify(ctx, e.CAS, verifyRunner{e.Executor, "", a}, opts, nil)
-}
-
-// verifyOptions are the options every check of a runs with: kiln's fixed sandbox as
-// the baseline, and what cannot vary for this action.
-func verifyOptions(a *Action, runs int, variations []string) verify.Options {
-	o := verify.Options{Action: "sha256:" + a.Digest.String(), Runs: runs, Variations: variations,
-		Defaults: verify.Setting{Hostname: sandbox.DefaultHostname, UID: sandbox.DefaultUID, GID: sandbox.DefaultGID,
-			ExecRootPath: sandbox.DefaultExecRootPath, ASLR: true},
-		Unavailable: map[string]string{}}
-	if len(a.Command.GetEnvironmentVariables()) < 2 {
-		o.Unavailable[verify.EnvOrder] = "the command has fewer than two environment variables"
-	}
-	return o
-}
-
-// verifyRunner runs a loaded action for package verify: each run in a fresh sandbox,
-// neither reading nor writing the action cache.
-type verifyRunner struct {
-	e        *Executor
-	instance string
-	a        *Action
-}
-
-// Run implements verify.Runner.
-func (r verifyRunner) Run(ctx context.Context, s verify.Setting) (*repb.ActionResult, error) {
-	ex, err := r.e.Execute(ctx, Request{Instance: r.instance, ActionDigest: r.a.Digest, NoCache: true,
-		Variation: variationOf(s), Queued: time.Now()}, r.a)
-	if err != nil {
-		return nil, err
-	}
-	if ex.Status != nil { // timed out: no comparable result
-		return nil, ex.Status
-	}
-	return ex.Result, nil
-}
-
-// variationOf maps a verify setting onto the sandbox. It is never nil, so no
-// verification run is attested as a build (Execute links only runs without a
-// Variation); the baseline's values are kiln's defaults, so it runs exactly as a
-// normal execution does.
-func variationOf(s verify.Setting) *Variation {
-	return &Variation{Hostname: s.Hostname, UID: s.UID, GID: s.GID, ExecRootPath: s.ExecRootPath, CPUs: s.CPUs,
-		ASLR: s.ASLR, ReverseEnv: s.ReverseEnv, Name: s.Name}
-}
-
-// chownExecRoot hands what the executor made for the default sandbox user (the exec
-// root's directories and symlinks) to a variation's uid/gid, so the varied user may
-// write where the default one may. Inputs are root-owned and stay so.
-func chownExecRoot(root string, uid, gid int) error {
-	if uid == 0 {
-		uid = sandbox.DefaultUID
-	}
-	if gid == 0 {
-		gid = sandbox.DefaultGID
-	}
-	if root == "" || (uid == sandbox.DefaultUID && gid == sandbox.DefaultGID) {
-		return nil
-	}
-	err := filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
-		if err != nil {
-			return err
-		}
-		info, err := d.Info()
-		if err != nil {
-			return err
-		}
-		if st, ok := info.Sys().(*syscall.Stat_t); !ok || int(st.Uid) != sandbox.DefaultUID {
-			return nil
-		}
-		return os.Lchown(p, uid, gid)
-	})
-	if err != nil {
-		return status.Errorf(codes.Internal, "hand the exec root to uid %d: %v", uid, err)
-	}
-	return nil
-}
 
 // serverVerify is kiln serve's determinism check: an action with kiln-verify=N, or
 // one sampled by --verify-rate (N=2), runs N times before its result is cached.
@@ -132,7 +27,7 @@ func chownExecRoot(root string, uid, gid int) error {
 // counts it. A check that cannot complete (a variation run fails to start or times
 // out) is treated like a nondeterministic one: returned, not cached, said why.
 type serverVerify struct {
-	exec     *Executor
+	exec     *executor.Executor
 	rate     float64
 	log      *slog.Logger
 	mNondet  prometheus.Counter
@@ -141,7 +36,7 @@ type serverVerify struct {
 	clock    verify.Clock // nil: the real one
 }
 
-func newServerVerify(exec *Executor, cfg SchedulerConfig) *serverVerify {
+func newServerVerify(exec *executor.Executor, cfg SchedulerConfig) *serverVerify {
 	v := &serverVerify{exec: exec, rate: cfg.VerifyRate, log: cfg.Logger,
 		mNondet: prometheus.NewCounter(prometheus.CounterOpts{Name: "kiln_nondeterministic_actions_total",
 			Help: "Actions whose determinism check found outputs that differ (their results are not cached)."}),
@@ -162,7 +57,7 @@ func newServerVerify(exec *Executor, cfg SchedulerConfig) *serverVerify {
 // runs is how many times req must run: the kiln-verify property, at least 2 when
 // --verify-rate samples it; 0 or 1 means no check. A client cannot opt out of the
 // operator's sampling with kiln-verify=1.
-func (v *serverVerify) runs(req Request, a *Action) int {
+func (v *serverVerify) runs(req executor.Request, a *executor.Action) int {
 	if req.Variation != nil || req.NoCache || req.Check != nil {
 		return 0
 	}
@@ -174,7 +69,7 @@ func (v *serverVerify) runs(req Request, a *Action) int {
 }
 
 // prepare adds the determinism check to req when the action needs one.
-func (v *serverVerify) prepare(req Request, a *Action) Request {
+func (v *serverVerify) prepare(req executor.Request, a *executor.Action) executor.Request {
 	if v == nil {
 		return req
 	}
@@ -183,21 +78,21 @@ func (v *serverVerify) prepare(req Request, a *Action) Request {
 		return req
 	}
 	instance := req.Instance
-	req.Check = func(ctx context.Context, ex *Execution) ([]string, bool, error) {
+	req.Check = func(ctx context.Context, ex *executor.Execution) ([]string, bool, error) {
 		return v.check(ctx, instance, a, n, ex)
 	}
 	return req
 }
 
 // check compares the execution ex with n-1 more runs.
-func (v *serverVerify) check(ctx context.Context, instance string, a *Action, n int, ex *Execution) ([]string, bool, error) {
+func (v *serverVerify) check(ctx context.Context, instance string, a *executor.Action, n int, ex *executor.Execution) ([]string, bool, error) {
 	if ex.Status != nil || ex.Result.GetExitCode() != 0 {
 		v.mOutcome.WithLabelValues("skipped").Inc()
 		return []string{"kiln-verify: not checked: the action failed"}, true, nil
 	}
-	opts := verifyOptions(a, n, nil)
+	opts := executor.VerifyOptions(a, n, nil)
 	opts.Clock = v.clock
-	rep, err := verify.Verify(ctx, v.exec.cfg.CAS, verifyRunner{v.exec, instance, a}, opts, ex.Result)
+	rep, err := verify.Verify(ctx, v.exec.CAS(), executor.VerifyRunner{Executor: v.exec, Instance: instance, Action: a}, opts, ex.Result)
 	if rep != nil {
 		v.mRuns.Add(float64(len(rep.Runs) - 1))
 	}

@@ -1,7 +1,6 @@
-package engine
+package scheduler
 
 import (
-	"cloud.google.com/go/longrunning/autogen/longrunningpb"
 	"context"
 	"fmt"
 	"os"
@@ -13,9 +12,12 @@ import (
 	"testing"
 	"time"
 
+	"cloud.google.com/go/longrunning/autogen/longrunningpb"
+
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"github.com/kilnbuild/kiln/cache"
 	"github.com/kilnbuild/kiln/cache/disk"
+	"github.com/kilnbuild/kiln/engine/executor"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
@@ -31,13 +33,13 @@ type fakeSandbox struct {
 	started chan string   // if set, receives each run's first argument
 }
 
-func (f *fakeSandbox) Run(ctx context.Context, j Job) (JobResult, error) {
+func (f *fakeSandbox) Run(ctx context.Context, j executor.Job) (executor.JobResult, error) {
 	f.runs.Add(1)
 	if f.started != nil {
 		f.started <- strings.Join(j.Args, " ")
 	}
 	cwd := filepath.Join(j.ExecRoot, j.Cwd)
-	res := JobResult{PolicyDigest: "sha256:fake"}
+	res := executor.JobResult{PolicyDigest: "sha256:fake"}
 	os.WriteFile(j.Stdout, []byte("out:"+strings.Join(j.Args, " ")), 0o644)
 	for i := 0; i < len(j.Args); i++ {
 		switch j.Args[i] {
@@ -94,11 +96,25 @@ func (fakeToolchains) Resolve(_ context.Context, ref string) (string, error) {
 }
 func (fakeToolchains) RootFS(context.Context, string) (string, error) { return "/", nil }
 
+// localStore offers the disk store's hardlink and adopt abilities with the wrapped CAS.
+type localStore struct {
+	cache.BlobStore
+	d *disk.Store
+}
+
+func (l localStore) BlobPath(d cache.Digest) string { return l.d.BlobPath(d) }
+
+func (l localStore) Verify(d cache.Digest) error { return l.d.Verify(d) }
+
+func (l localStore) AdoptFile(ctx context.Context, d cache.Digest, f *os.File) error {
+	return l.d.AdoptFile(ctx, d, f)
+}
+
 type testEnv struct {
 	store *disk.Store
 	cas   cache.BlobStore
 	ac    cache.ActionCache
-	exec  *Executor
+	exec  *executor.Executor
 	sched *Scheduler
 	sb    *fakeSandbox
 }
@@ -114,7 +130,7 @@ func newTestEnv(t *testing.T, conc int) *testEnv {
 	cas := cache.WithEmptyBlob(store)
 	ac := cache.WithCompletenessCheck(store.ActionCache(), cas)
 	sb := &fakeSandbox{}
-	ex, err := NewExecutor(ExecutorConfig{CAS: localStore{cas, store}, AC: ac, Sandbox: sb, Toolchains: fakeToolchains{},
+	ex, err := executor.NewExecutor(executor.ExecutorConfig{CAS: localStore{cas, store}, AC: ac, Sandbox: sb, Toolchains: fakeToolchains{},
 		WorkDir: filepath.Join(dir, "exec"), UID: os.Getuid(), GID: os.Getgid(), MaxTimeout: time.Hour})
 	if err != nil {
 		t.Fatal(err)
@@ -153,7 +169,7 @@ func (e *testEnv) action(t *testing.T, cmd *repb.Command, root cache.Digest, mod
 
 func (e *testEnv) run(t *testing.T, d cache.Digest) (*repb.ExecuteResponse, error) {
 	t.Helper()
-	w, err := e.sched.Submit(context.Background(), Request{ActionDigest: d})
+	w, err := e.sched.Submit(context.Background(), executor.Request{ActionDigest: d})
 	if err != nil {
 		return nil, err
 	}
@@ -266,7 +282,7 @@ func TestHostileTrees(t *testing.T) {
 		level = e.put(t, &repb.Directory{Directories: []*repb.DirectoryNode{{Name: "a", Digest: level.Proto()}, {Name: "b", Digest: level.Proto()}}})
 	}
 	deep := empty
-	for i := 0; i < maxTreeDepth+2; i++ {
+	for i := 0; i < 130; i++ { // over the executor's bound of 128 levels
 		deep = e.put(t, &repb.Directory{Directories: []*repb.DirectoryNode{{Name: "d", Digest: deep.Proto()}}})
 	}
 	cases := []struct {
@@ -326,7 +342,7 @@ func TestMissingInputs(t *testing.T) {
 	if len(missing) != 2 {
 		t.Fatalf("missing %v, want the file and the directory", missing)
 	}
-	_, err = e.sched.Submit(context.Background(), Request{ActionDigest: cache.DigestOf([]byte("no such action"))})
+	_, err = e.sched.Submit(context.Background(), executor.Request{ActionDigest: cache.DigestOf([]byte("no such action"))})
 	if len(cache.MissingFromError(err)) != 1 {
 		t.Fatalf("missing action: %v", err)
 	}
@@ -361,7 +377,7 @@ func TestCommandValidation(t *testing.T) {
 		{"timeout over max", &repb.Command{Arguments: []string{"echo"}}, func(a *repb.Action) { a.Timeout = durationpb.New(2 * time.Hour) }},
 	}
 	for _, c := range cases {
-		_, err := e.sched.Submit(context.Background(), Request{ActionDigest: e.action(t, c.cmd, root, c.mod)})
+		_, err := e.sched.Submit(context.Background(), executor.Request{ActionDigest: e.action(t, c.cmd, root, c.mod)})
 		if status.Code(err) != codes.InvalidArgument {
 			t.Errorf("%s: got %v, want INVALID_ARGUMENT", c.name, err)
 		}
@@ -426,7 +442,7 @@ func TestMergeAndCancel(t *testing.T) {
 	d := e.action(t, &repb.Command{Arguments: []string{"block", "write", "o", "x"}, OutputFiles: []string{"o"}}, root, nil)
 	var ws []*Watch
 	for i := 0; i < 5; i++ {
-		w, err := e.sched.Submit(context.Background(), Request{ActionDigest: d})
+		w, err := e.sched.Submit(context.Background(), executor.Request{ActionDigest: d})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -454,7 +470,7 @@ func TestMergeAndCancel(t *testing.T) {
 	// Cancellation: one client, it leaves, the running action is killed.
 	e.sb.release = make(chan struct{})
 	d2 := e.action(t, &repb.Command{Arguments: []string{"block", "echo", "2"}}, root, nil)
-	w, err := e.sched.Submit(context.Background(), Request{ActionDigest: d2})
+	w, err := e.sched.Submit(context.Background(), executor.Request{ActionDigest: d2})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -487,7 +503,7 @@ func TestMergeAndCancel(t *testing.T) {
 		}
 	}()
 	for i := 0; i < 5; i++ {
-		w, err := e.sched.Submit(context.Background(), Request{ActionDigest: e.action(t, &repb.Command{Arguments: []string{"block", "echo", fmt.Sprint("q", i)}}, root, nil)})
+		w, err := e.sched.Submit(context.Background(), executor.Request{ActionDigest: e.action(t, &repb.Command{Arguments: []string{"block", "echo", fmt.Sprint("q", i)}}, root, nil)})
 		if err != nil {
 			t.Fatalf("submit %d: %v", i, err)
 		}
@@ -496,7 +512,7 @@ func TestMergeAndCancel(t *testing.T) {
 			<-e.sb.started
 		}
 	}
-	_, err = e.sched.Submit(context.Background(), Request{ActionDigest: e.action(t, &repb.Command{Arguments: []string{"echo", "overflow"}}, root, nil)})
+	_, err = e.sched.Submit(context.Background(), executor.Request{ActionDigest: e.action(t, &repb.Command{Arguments: []string{"echo", "overflow"}}, root, nil)})
 	if status.Code(err) != codes.ResourceExhausted {
 		t.Fatalf("queue over its bound: %v, want RESOURCE_EXHAUSTED", err)
 	}
@@ -511,13 +527,13 @@ func TestCancelOperationMerged(t *testing.T) {
 	e.sb.started = make(chan string, 16)
 	root := e.put(t, &repb.Directory{})
 	d := e.action(t, &repb.Command{Arguments: []string{"block", "write", "o", "x"}, OutputFiles: []string{"o"}}, root, nil)
-	a, err := e.sched.Submit(context.Background(), Request{ActionDigest: d})
+	a, err := e.sched.Submit(context.Background(), executor.Request{ActionDigest: d})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer a.Close()
 	<-e.sb.started
-	b, err := e.sched.Submit(context.Background(), Request{ActionDigest: d})
+	b, err := e.sched.Submit(context.Background(), executor.Request{ActionDigest: d})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -570,7 +586,7 @@ func TestCancelOperationMerged(t *testing.T) {
 	e.sb.release = make(chan struct{})
 	defer close(e.sb.release)
 	d2 := e.action(t, &repb.Command{Arguments: []string{"block", "echo", "2"}}, root, nil)
-	c, err := e.sched.Submit(context.Background(), Request{ActionDigest: d2})
+	c, err := e.sched.Submit(context.Background(), executor.Request{ActionDigest: d2})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -604,7 +620,7 @@ func TestOperationRetention(t *testing.T) {
 	e.sched = NewScheduler(e.sched.exec, SchedulerConfig{Concurrency: 1, Retain: 200 * time.Millisecond})
 	root := e.put(t, &repb.Directory{})
 	run := func(word string) string {
-		w, err := e.sched.Submit(context.Background(), Request{ActionDigest: e.action(t, &repb.Command{Arguments: []string{"echo", word}}, root, nil)})
+		w, err := e.sched.Submit(context.Background(), executor.Request{ActionDigest: e.action(t, &repb.Command{Arguments: []string{"echo", word}}, root, nil)})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -634,7 +650,7 @@ func TestOperationOwner(t *testing.T) {
 	e.sb.release = make(chan struct{})
 	root := e.put(t, &repb.Directory{})
 	d := e.action(t, &repb.Command{Arguments: []string{"block", "echo", "owned"}}, root, nil)
-	w, err := e.sched.Submit(context.Background(), Request{ActionDigest: d, Owner: "ci-a"})
+	w, err := e.sched.Submit(context.Background(), executor.Request{ActionDigest: d, Owner: "ci-a"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -675,7 +691,7 @@ func TestCancelGrace(t *testing.T) {
 	e.sb.started = make(chan string, 4)
 	root := e.put(t, &repb.Directory{})
 	d := e.action(t, &repb.Command{Arguments: []string{"block", "write", "o", "x"}, OutputFiles: []string{"o"}}, root, nil)
-	w, err := e.sched.Submit(context.Background(), Request{ActionDigest: d})
+	w, err := e.sched.Submit(context.Background(), executor.Request{ActionDigest: d})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,4 +1,4 @@
-package engine
+package executor
 
 import (
 	"context"
@@ -259,37 +259,4 @@ func WriteOutputs(ctx context.Context, cas cache.BlobStore, r *repb.ActionResult
 		}
 	}
 	return nil
-}
-
-// LocalResult is the outcome of RunLocal.
-type LocalResult struct {
-	ActionDigest cache.Digest
-	Execution    *Execution
-}
-
-// RunLocal builds spec's action and runs it through the same path as the server:
-// action-cache lookup (unless noCache), sandboxed execution, outputs into the CAS,
-// link, action-cache write.
-func (e *Engine) RunLocal(ctx context.Context, spec LocalSpec, noCache bool, v *Variation) (*LocalResult, error) {
-	d, err := BuildAction(ctx, e.CAS, spec)
-	if err != nil {
-		return nil, err
-	}
-	out := &LocalResult{ActionDigest: d}
-	a, err := e.Executor.LoadAction(ctx, d)
-	if err != nil {
-		return nil, err
-	}
-	if !noCache && v == nil {
-		if r, err := e.Executor.CachedResult(ctx, "", d); err == nil {
-			out.Execution = &Execution{Result: r, Cached: true, Action: a.Action, Command: a.Command}
-			return out, nil
-		}
-	}
-	ex, err := e.Executor.Execute(ctx, Request{ActionDigest: d, NoCache: noCache || v != nil, Variation: v, Queued: time.Now()}, a)
-	if err != nil {
-		return nil, err
-	}
-	out.Execution = ex
-	return out, nil
 }

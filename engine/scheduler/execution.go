@@ -1,4 +1,4 @@
-package engine
+package scheduler
 
 import (
 	"context"
@@ -7,6 +7,7 @@ import (
 	"cloud.google.com/go/longrunning/autogen/longrunningpb"
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"github.com/kilnbuild/kiln/cache"
+	"github.com/kilnbuild/kiln/engine/executor"
 	"github.com/kilnbuild/kiln/engine/reapi"
 	rpcstatus "google.golang.org/genproto/googleapis/rpc/status"
 	"google.golang.org/grpc"
@@ -41,7 +42,7 @@ func (e *executionServer) Execute(req *repb.ExecuteRequest, stream repb.Executio
 	if err != nil {
 		return err
 	}
-	w, err := e.s.Submit(ctx, Request{Instance: req.GetInstanceName(), ActionDigest: d, SkipCacheLookup: req.GetSkipCacheLookup(), Owner: owner(ctx)})
+	w, err := e.s.Submit(ctx, executor.Request{Instance: req.GetInstanceName(), ActionDigest: d, SkipCacheLookup: req.GetSkipCacheLookup(), Owner: owner(ctx)})
 	if err != nil {
 		if status.Code(err) == codes.FailedPrecondition || status.Code(err) == codes.InvalidArgument {
 			// REAPI: errors about the action itself travel in the ExecuteResponse, so
@@ -120,8 +121,11 @@ func (e *executionServer) DeleteOperation(ctx context.Context, req *longrunningp
 // owner names the caller for the operations it owns: its verified client
 // certificate's common name, or "" when the server does not require certificates.
 func owner(ctx context.Context) string {
-	cn, _ := clientCN(ctx)
-	return cn
+	c, ok := reapi.ClientCert(ctx)
+	if !ok {
+		return ""
+	}
+	return c.Subject.CommonName
 }
 
 func statusProto(err error) *rpcstatus.Status {
