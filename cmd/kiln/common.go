@@ -13,6 +13,7 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/kilnbuild/kiln/cache"
 	"github.com/spf13/cobra"
 	"google.golang.org/grpc/status"
 )
@@ -83,12 +84,31 @@ func (l *logFlags) logger() (*slog.Logger, error) {
 	return nil, fmt.Errorf("bad --log-format %q: want text or json", l.format)
 }
 
-// statusErr turns a gRPC status error into a plain one-line error for the CLI.
+// statusErr turns a gRPC status error into a plain one-line error for the CLI: its
+// message, and the blobs a MISSING PreconditionFailure names (so whoever reads the
+// line knows what to upload or restore). nil stays nil.
 func statusErr(err error) error {
-	if st, ok := status.FromError(err); ok {
-		return errors.New(st.Message())
+	if err == nil {
+		return nil
 	}
-	return err
+	st, ok := status.FromError(err)
+	if !ok {
+		return err
+	}
+	msg := st.Message()
+	if missing := cache.MissingFromError(err); len(missing) > 0 {
+		const most = 10
+		names := make([]string, 0, most+1)
+		for i, d := range missing {
+			if i == most {
+				names = append(names, fmt.Sprintf("and %d more", len(missing)-most))
+				break
+			}
+			names = append(names, "sha256:"+d.String())
+		}
+		msg += " (missing: " + strings.Join(names, ", ") + ")"
+	}
+	return errors.New(msg)
 }
 
 // quietLogger logs warnings and errors only, for CLI commands.

@@ -40,7 +40,7 @@ func main() {
 		}
 		os.Exit(ee.code)
 	}
-	fmt.Fprintln(os.Stderr, "kiln: "+oneLine(statusMsg(err).Error())) // a gRPC status prints as its message alone
+	fmt.Fprintln(os.Stderr, "kiln: "+oneLine(statusErr(err).Error())) // a gRPC status prints as its message alone
 	os.Exit(2)
 }
 

@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"os"
 	"strconv"
@@ -10,7 +9,6 @@ import (
 	"text/tabwriter"
 
 	"github.com/spf13/cobra"
-	"google.golang.org/grpc/status"
 
 	"github.com/kilnbuild/kiln/toolchains"
 )
@@ -51,18 +49,7 @@ func (f *toolchainFlags) add(cmd *cobra.Command, withJSON bool) {
 func (f *toolchainFlags) open(ctx context.Context) (*toolchains.Store, error) {
 	// Progress logs stay quiet on the command line: stdout carries results, stderr errors.
 	s, err := toolchains.Open(ctx, f.data, toolchains.Options{Logger: quietLogger()})
-	return s, statusMsg(err)
-}
-
-// statusMsg turns a gRPC status error into a plain error carrying only its message.
-func statusMsg(err error) error {
-	if err == nil {
-		return nil
-	}
-	if st, ok := status.FromError(err); ok {
-		return errors.New(st.Message())
-	}
-	return err
+	return s, statusErr(err)
 }
 
 func newToolchainImportCmd() *cobra.Command {
@@ -83,12 +70,12 @@ func newToolchainImportCmd() *cobra.Command {
 			}
 			imgs, err := s.Import(ctx, args[0], toolchains.ImportOptions{Name: name})
 			if err != nil {
-				return statusMsg(err)
+				return statusErr(err)
 			}
 			if unpack {
 				for _, img := range imgs {
 					if _, err := s.RootFS(ctx, img); err != nil {
-						return statusMsg(err)
+						return statusErr(err)
 					}
 				}
 			}
@@ -140,7 +127,7 @@ func newToolchainBuildCmd() *cobra.Command {
 			}
 			img, err := s.Build(ctx, rootfs, toolchains.BuildOptions{Name: name, Epoch: epoch, Architecture: arch})
 			if err != nil {
-				return statusMsg(err)
+				return statusErr(err)
 			}
 			if f.json {
 				return printJSON(cmd.OutOrStdout(), img)
@@ -170,7 +157,7 @@ func newToolchainLsCmd() *cobra.Command {
 			}
 			ents, err := s.List(ctx)
 			if err != nil {
-				return statusMsg(err)
+				return statusErr(err)
 			}
 			if f.json {
 				if ents == nil {
@@ -208,7 +195,7 @@ func newToolchainInspectCmd() *cobra.Command {
 			}
 			e, err := s.Inspect(ctx, args[0])
 			if err != nil {
-				return statusMsg(err)
+				return statusErr(err)
 			}
 			if f.json {
 				return printJSON(cmd.OutOrStdout(), e)
@@ -247,7 +234,7 @@ func newToolchainExportCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			return statusMsg(s.Export(ctx, args[0], args[1]))
+			return statusErr(s.Export(ctx, args[0], args[1]))
 		},
 	}
 	f.add(cmd, false)
@@ -269,7 +256,7 @@ func newToolchainRmCmd() *cobra.Command {
 			for _, ref := range args {
 				img, err := s.Remove(ctx, ref)
 				if err != nil {
-					return statusMsg(err)
+					return statusErr(err)
 				}
 				fmt.Fprintln(cmd.OutOrStdout(), img.Digest)
 			}
@@ -294,11 +281,11 @@ func newToolchainUnpackCmd() *cobra.Command {
 			}
 			img, err := s.Resolve(ctx, args[0])
 			if err != nil {
-				return statusMsg(err)
+				return statusErr(err)
 			}
 			dir, err := s.RootFS(ctx, img)
 			if err != nil {
-				return statusMsg(err)
+				return statusErr(err)
 			}
 			fmt.Fprintln(cmd.OutOrStdout(), dir)
 			return nil
@@ -322,7 +309,7 @@ func newToolchainGCCmd() *cobra.Command {
 			}
 			st, err := s.GC(ctx)
 			if err != nil {
-				return statusMsg(err)
+				return statusErr(err)
 			}
 			if f.json {
 				return printJSON(cmd.OutOrStdout(), st)

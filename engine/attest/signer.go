@@ -18,6 +18,7 @@ import (
 	"github.com/kilnbuild/kiln/cache"
 	"github.com/kilnbuild/kiln/engine/attest/keys"
 	"github.com/kilnbuild/kiln/engine/attest/tlog"
+	"github.com/kilnbuild/kiln/internal/grpcerr"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 )
@@ -343,7 +344,7 @@ func (s *Signer) Link(ctx context.Context, a Action) (Linked, error) {
 		}
 		d := cache.DigestOf(env)
 		if err := s.opts.CAS.Put(ctx, d, bytes.NewReader(env)); err != nil {
-			return status.Errorf(status.Code(err), "store envelope in CAS: %v", status.Convert(err).Message())
+			return grpcerr.Wrap(err, "store envelope in CAS")
 		}
 		out = Linked{Envelope: env, Digest: d, KeyID: k.ID()}
 		if idx, ok := s.store.LogIndex(d); ok && s.store.HasEnvelope(d) {
@@ -360,7 +361,7 @@ func (s *Signer) Link(ctx context.Context, a Action) (Linked, error) {
 		return nil
 	})
 	if err != nil {
-		return Linked{}, status.Errorf(status.Code(err), "attest action %s: %v", a.ActionDigest, status.Convert(err).Message())
+		return Linked{}, grpcerr.Wrap(err, "attest action %s", a.ActionDigest)
 	}
 	if p != nil {
 		if s.opts.SyncLog {

@@ -18,6 +18,7 @@ import (
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"github.com/kilnbuild/kiln/cache"
+	"github.com/kilnbuild/kiln/internal/grpcerr"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
@@ -218,17 +219,17 @@ func (e *Executor) LoadAction(ctx context.Context, d cache.Digest) (*Action, err
 	}
 	cd, err := cache.FromProto(a.Action.GetCommandDigest())
 	if err != nil {
-		return nil, cache.PrefixError(err, "action %s: command_digest", d)
+		return nil, grpcerr.Wrap(err, "action %s: command_digest", d)
 	}
 	if _, err := cache.FromProto(a.Action.GetInputRootDigest()); err != nil {
-		return nil, cache.PrefixError(err, "action %s: input_root_digest", d)
+		return nil, grpcerr.Wrap(err, "action %s: input_root_digest", d)
 	}
 	a.CmdDigest = cd
 	if err := readMessage(ctx, e.cfg.CAS, cd, a.Command, "command"); err != nil {
 		return nil, err
 	}
 	if err := validateCommand(a.Command); err != nil {
-		return nil, cache.PrefixError(err, "action %s: command", d)
+		return nil, grpcerr.Wrap(err, "action %s: command", d)
 	}
 	plat := a.Action.GetPlatform()
 	if plat == nil {
@@ -236,7 +237,7 @@ func (e *Executor) LoadAction(ctx context.Context, d cache.Digest) (*Action, err
 	}
 	a.Platform, err = parsePlatform(plat, e.cfg.IgnoreUnknownPlatformProperties)
 	if err != nil {
-		return nil, cache.PrefixError(err, "action %s", d)
+		return nil, grpcerr.Wrap(err, "action %s", d)
 	}
 	a.Timeout = e.cfg.DefaultTimeout
 	if t := a.Action.GetTimeout(); t != nil {
@@ -261,7 +262,7 @@ func readMessage(ctx context.Context, cas cache.BlobStore, d cache.Digest, m pro
 	case codes.NotFound, codes.DataLoss:
 		return cache.MissingBlobsError(what+" blob is not in the CAS", []cache.Digest{d})
 	}
-	return cache.PrefixError(err, "%s %s", what, d)
+	return grpcerr.Wrap(err, "%s %s", what, d)
 }
 
 // validateCommand checks the parts of a Command kiln relies on.
@@ -452,7 +453,7 @@ func (e *Executor) Execute(ctx context.Context, req Request, a *Action) (*Execut
 		}
 		start := time.Now()
 		if err := e.cfg.Attester.Attest(ctx, rec); err != nil {
-			return nil, cache.PrefixError(err, "attest action %s", a.Digest)
+			return nil, grpcerr.Wrap(err, "attest action %s", a.Digest)
 		}
 		ex.Attest = time.Since(start)
 	}
@@ -472,7 +473,7 @@ func (e *Executor) Execute(ctx context.Context, req Request, a *Action) (*Execut
 		}
 		d, err := cache.PutBytes(ctx, e.cfg.CAS, sandboxReport(a, tcDigest, jr, e.cfg.WorkerName))
 		if err != nil {
-			return nil, cache.PrefixError(err, "store the sandbox report of %s", a.Digest)
+			return nil, grpcerr.Wrap(err, "store the sandbox report of %s", a.Digest)
 		}
 		ex.ServerLogs = map[string]*repb.LogFile{"kiln-sandbox": {Digest: d.Proto(), HumanReadable: true}}
 	}

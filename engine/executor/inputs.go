@@ -13,6 +13,7 @@ import (
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"github.com/kilnbuild/kiln/cache"
+	"github.com/kilnbuild/kiln/internal/grpcerr"
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -77,10 +78,10 @@ func fetchTree(ctx context.Context, cas cache.BlobStore, root cache.Digest) (*in
 				}
 				continue
 			case err != nil:
-				return nil, cache.PrefixError(err, "input directory %q (%s)", it.path, it.d)
+				return nil, grpcerr.Wrap(err, "input directory %q (%s)", it.path, it.d)
 			}
 			if err := validateDirectory(dir); err != nil {
-				return nil, cache.PrefixError(err, "input directory %q (%s)", displayPath(it.path), it.d)
+				return nil, grpcerr.Wrap(err, "input directory %q (%s)", displayPath(it.path), it.d)
 			}
 			cached[it.d] = dir
 			t.dirBlobs = append(t.dirBlobs, it.d)
@@ -180,13 +181,13 @@ func validateDirectory(dir *repb.Directory) error {
 	var fs, ds, ss []string
 	for _, f := range dir.GetFiles() {
 		if _, err := cache.FromProto(f.GetDigest()); err != nil {
-			return cache.PrefixError(err, "file %q", f.GetName())
+			return grpcerr.Wrap(err, "file %q", f.GetName())
 		}
 		fs = append(fs, f.GetName())
 	}
 	for _, d := range dir.GetDirectories() {
 		if _, err := cache.FromProto(d.GetDigest()); err != nil {
-			return cache.PrefixError(err, "directory %q", d.GetName())
+			return grpcerr.Wrap(err, "directory %q", d.GetName())
 		}
 		ds = append(ds, d.GetName())
 	}

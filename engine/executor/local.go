@@ -14,6 +14,7 @@ import (
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"github.com/kilnbuild/kiln/cache"
+	"github.com/kilnbuild/kiln/internal/grpcerr"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/durationpb"
@@ -124,7 +125,7 @@ func UploadDir(ctx context.Context, cas cache.BlobStore, dir string) (cache.Dige
 			}
 		}
 		if err := validateDirectory(out); err != nil {
-			return cache.Digest{}, cache.PrefixError(err, "input dir %s", displayPath(rel))
+			return cache.Digest{}, grpcerr.Wrap(err, "input dir %s", displayPath(rel))
 		}
 		return cache.PutProto(ctx, cas, out)
 	}
@@ -157,7 +158,7 @@ func putFile(ctx context.Context, cas cache.BlobStore, p string) (cache.Digest, 
 		return cache.Digest{}, status.Errorf(codes.Internal, "rewind %s: %v", p, err)
 	}
 	if err := cas.Put(ctx, d, f); err != nil {
-		return cache.Digest{}, cache.PrefixError(err, "store %s (did it change while being read?)", p)
+		return cache.Digest{}, grpcerr.Wrap(err, "store %s (did it change while being read?)", p)
 	}
 	return d, nil
 }

@@ -14,6 +14,7 @@ import (
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"github.com/kilnbuild/kiln/cache"
+	"github.com/kilnbuild/kiln/internal/grpcerr"
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -160,7 +161,7 @@ func (c *collector) collectOne(ctx context.Context, parent *os.File, name, rel s
 		defer f.Close()
 		d, err := c.storeFile(ctx, f)
 		if err != nil {
-			return cache.PrefixError(err, "output %q", rel)
+			return grpcerr.Wrap(err, "output %q", rel)
 		}
 		r.OutputFiles = append(r.OutputFiles, &repb.OutputFile{Path: rel, Digest: d.Proto(), IsExecutable: st.Mode&0o111 != 0})
 		c.produced = append(c.produced, ProducedFile{Path: rel, Digest: d})
@@ -175,7 +176,7 @@ func (c *collector) collectOne(ctx context.Context, parent *os.File, name, rel s
 		defer dir.Close()
 		tree, err := c.tree(ctx, dir, rel)
 		if err != nil {
-			return cache.PrefixError(err, "output directory %q", rel)
+			return grpcerr.Wrap(err, "output directory %q", rel)
 		}
 		td, err := cache.PutProto(ctx, c.cas, tree)
 		if err != nil {
@@ -249,7 +250,7 @@ func (c *collector) tree(ctx context.Context, dir *os.File, rel string) (*repb.T
 				}
 				f.Close()
 				if err != nil {
-					return nil, cache.PrefixError(err, "%q", erel)
+					return nil, grpcerr.Wrap(err, "%q", erel)
 				}
 				out.Files = append(out.Files, &repb.FileNode{Name: e.Name(), Digest: d.Proto(), IsExecutable: info.Mode()&0o111 != 0})
 				c.produced = append(c.produced, ProducedFile{Path: erel, Digest: d})

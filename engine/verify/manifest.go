@@ -10,6 +10,7 @@ import (
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"github.com/kilnbuild/kiln/cache"
+	"github.com/kilnbuild/kiln/internal/grpcerr"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 )
@@ -72,7 +73,7 @@ func ManifestOf(ctx context.Context, cas cache.BlobStore, r *repb.ActionResult) 
 	for _, f := range r.GetOutputFiles() {
 		d, err := cache.FromProto(f.GetDigest())
 		if err != nil {
-			return m, cache.PrefixError(err, "output %s", f.GetPath())
+			return m, grpcerr.Wrap(err, "output %s", f.GetPath())
 		}
 		m.Outputs[f.GetPath()] = FileEntry(KindFile, d, f.GetIsExecutable())
 	}
@@ -103,7 +104,7 @@ func logEntry(kind string, p *repb.Digest) (Entry, error) {
 	}
 	d, err := cache.FromProto(p)
 	if err != nil {
-		return Entry{}, cache.PrefixError(err, "%s digest", kind)
+		return Entry{}, grpcerr.Wrap(err, "%s digest", kind)
 	}
 	return FileEntry(kind, d, false), nil
 }
@@ -112,11 +113,11 @@ func logEntry(kind string, p *repb.Digest) (Entry, error) {
 func addTree(ctx context.Context, cas cache.BlobStore, od *repb.OutputDirectory, out map[string]Entry) error {
 	td, err := cache.FromProto(od.GetTreeDigest())
 	if err != nil {
-		return cache.PrefixError(err, "output directory %s", od.GetPath())
+		return grpcerr.Wrap(err, "output directory %s", od.GetPath())
 	}
 	tree := &repb.Tree{}
 	if err := cache.ReadProto(ctx, cas, td, tree, cache.MaxTreeSize); err != nil {
-		return cache.PrefixError(err, "output directory %s: tree %s", od.GetPath(), td)
+		return grpcerr.Wrap(err, "output directory %s: tree %s", od.GetPath(), td)
 	}
 	children := map[cache.Digest]*repb.Directory{}
 	for _, c := range tree.GetChildren() {
@@ -135,7 +136,7 @@ func addTree(ctx context.Context, cas cache.BlobStore, od *repb.OutputDirectory,
 		for _, f := range dir.GetFiles() {
 			d, err := cache.FromProto(f.GetDigest())
 			if err != nil {
-				return cache.PrefixError(err, "output %s", path.Join(rel, f.GetName()))
+				return grpcerr.Wrap(err, "output %s", path.Join(rel, f.GetName()))
 			}
 			out[path.Join(rel, f.GetName())] = FileEntry(KindFile, d, f.GetIsExecutable())
 		}
@@ -145,7 +146,7 @@ func addTree(ctx context.Context, cas cache.BlobStore, od *repb.OutputDirectory,
 		for _, sd := range dir.GetDirectories() {
 			d, err := cache.FromProto(sd.GetDigest())
 			if err != nil {
-				return cache.PrefixError(err, "output %s", path.Join(rel, sd.GetName()))
+				return grpcerr.Wrap(err, "output %s", path.Join(rel, sd.GetName()))
 			}
 			c, ok := children[d]
 			if !ok {
@@ -257,7 +258,7 @@ func FillOffsets(ctx context.Context, cas cache.BlobStore, diffs []Difference) e
 			continue
 		}
 		if err != nil {
-			return cache.PrefixError(err, "compare %s", d.Output)
+			return grpcerr.Wrap(err, "compare %s", d.Output)
 		}
 		d.FirstDifferentByte = off
 	}

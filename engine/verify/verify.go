@@ -18,6 +18,7 @@ import (
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"github.com/kilnbuild/kiln/cache"
+	"github.com/kilnbuild/kiln/internal/grpcerr"
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -254,7 +255,7 @@ func (v *verifier) run(ctx context.Context, purpose string, s Setting, ref *run)
 	start := v.clock.Now()
 	res, err := v.runner.Run(ctx, s)
 	if err != nil {
-		return nil, cache.PrefixError(err, "verify run %d (%s)", len(v.rep.Runs)+1, s.Name)
+		return nil, grpcerr.Wrap(err, "verify run %d (%s)", len(v.rep.Runs)+1, s.Name)
 	}
 	end := v.clock.Now()
 	return v.add(ctx, purpose, s, res, start, end)
@@ -273,7 +274,7 @@ func (v *verifier) record(ctx context.Context, purpose string, s Setting, res *r
 func (v *verifier) add(ctx context.Context, purpose string, s Setting, res *repb.ActionResult, start, end time.Time) (*run, error) {
 	m, err := ManifestOf(ctx, v.cas, res)
 	if err != nil {
-		return nil, cache.PrefixError(err, "verify run %d (%s)", len(v.rep.Runs)+1, s.Name)
+		return nil, grpcerr.Wrap(err, "verify run %d (%s)", len(v.rep.Runs)+1, s.Name)
 	}
 	if s.Varied == nil {
 		s.Varied = []string{}
