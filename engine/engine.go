@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"os"
 	"path/filepath"
 	"runtime"
 	"strconv"
@@ -13,6 +12,7 @@ import (
 
 	"github.com/kilnbuild/kiln/cache"
 	"github.com/kilnbuild/kiln/cache/disk"
+	"github.com/kilnbuild/kiln/engine/asset"
 	"github.com/kilnbuild/kiln/engine/attest"
 	"github.com/kilnbuild/kiln/engine/executor"
 	"github.com/kilnbuild/kiln/engine/quarantine"
@@ -58,8 +58,14 @@ type Options struct {
 
 // Engine is an open data dir with everything needed to execute actions.
 type Engine struct {
-	Data       DataDir
-	Store      *disk.Store
+	Data  DataDir
+	Store cache.Store // the storage backend: the disk store under Data
+	// Local is Store's files on this machine, which the executor hardlinks inputs from
+	// and adopts outputs into; nil for a store without a local disk tier.
+	Local cache.LocalFiles
+	// SizeOf finds a stored blob's size from its SHA-256 alone, for the Remote Asset
+	// API (checksum qualifiers carry no size); nil when the store cannot tell.
+	SizeOf     func(hash string) (int64, bool)
 	CAS        cache.BlobStore // the store as clients see it: with the empty blob, metered
 	AC         cache.ActionCache
 	Toolchains *toolchains.Store
@@ -89,13 +95,13 @@ func Open(ctx context.Context, opts Options) (*Engine, error) {
 			e.Close()
 		}
 	}()
-	var err error
-	e.Store, err = disk.Open(ctx, opts.Data.Store(), disk.Options{Primary: opts.Primary, MaxSize: opts.MaxSize, Fsync: opts.Fsync, Logger: log, Registerer: reg})
+	ds, err := disk.Open(ctx, opts.Data.Store(), disk.Options{Primary: opts.Primary, MaxSize: opts.MaxSize, Fsync: opts.Fsync, Logger: log, Registerer: reg})
 	if err != nil {
 		return nil, err
 	}
+	e.Store, e.Local, e.SizeOf = ds, ds, asset.SizeFromBlobFiles(ds)
 	e.Metrics = cache.NewMetrics(reg)
-	e.CAS = localStore{e.Metrics.BlobStore("cas", cache.WithEmptyBlob(e.Store)), e.Store}
+	e.CAS = e.Metrics.BlobStore("cas", cache.WithEmptyBlob(e.Store))
 	if e.Quarantine, err = quarantine.Open(string(opts.Data)); err != nil {
 		return nil, err
 	}
@@ -121,7 +127,7 @@ func Open(ctx context.Context, opts Options) (*Engine, error) {
 		conc = runtime.NumCPU()
 	}
 	e.Executor, err = executor.NewExecutor(executor.ExecutorConfig{
-		CAS: e.CAS, AC: e.AC, Sandbox: executor.SandboxRunner{R: e.runner}, Toolchains: toolchainResolver{e.Toolchains},
+		CAS: e.CAS, Local: e.Local, AC: e.AC, Sandbox: executor.SandboxRunner{R: e.runner}, Toolchains: toolchainResolver{e.Toolchains},
 		Attester: executor.LinkAttester{Signer: e.Signer, Version: opts.Version}, Quarantined: e.Quarantine.Quarantined,
 		WorkDir: filepath.Join(opts.Data.Sandbox(), "exec"), UID: sandbox.DefaultUID, GID: sandbox.DefaultGID,
 		DefaultTimeout: opts.DefaultTimeout, MaxTimeout: opts.MaxTimeout, Logger: log,
@@ -168,21 +174,6 @@ func (e *Engine) Close() error {
 		errs = append(errs, e.Store.Close())
 	}
 	return errors.Join(errs...)
-}
-
-// localStore is the metered CAS that still offers the disk store's hardlink and
-// adopt abilities to the executor.
-type localStore struct {
-	cache.BlobStore
-	d *disk.Store
-}
-
-func (l localStore) BlobPath(d cache.Digest) string { return l.d.BlobPath(d) }
-
-func (l localStore) Verify(d cache.Digest) error { return l.d.Verify(d) }
-
-func (l localStore) AdoptFile(ctx context.Context, d cache.Digest, f *os.File) error {
-	return l.d.AdoptFile(ctx, d, f)
 }
 
 // toolchainResolver adapts the toolchain store to the executor.

@@ -19,6 +19,7 @@ import (
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"github.com/kilnbuild/kiln/cache"
 	"github.com/kilnbuild/kiln/internal/grpcerr"
+	rpcstatus "google.golang.org/genproto/googleapis/rpc/status"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
@@ -108,12 +109,15 @@ type Record struct {
 
 // ExecutorConfig configures an Executor.
 type ExecutorConfig struct {
-	CAS        cache.BlobStore
+	CAS cache.BlobStore
+	// Local is the CAS's files on this machine: read-only inputs are hardlinked from it
+	// and outputs adopted into it instead of copied. nil: every byte goes through CAS.
+	Local      cache.LocalFiles
 	AC         cache.ActionCache
 	Sandbox    Sandbox
 	Toolchains Toolchains
 	Attester   Attester // nil: no links
-	// WorkDir holds exec roots; it must be on the CAS's filesystem for hardlinks.
+	// WorkDir holds exec roots; it must be on Local's filesystem for hardlinks.
 	WorkDir string
 	// UID and GID own the exec root's directories: the sandbox user.
 	UID, GID       int
@@ -198,6 +202,16 @@ type Execution struct {
 	// ServerLogs, for ExecuteResponse.server_logs: "kiln-sandbox", a human-readable
 	// account of how the sandbox ended, for actions that failed.
 	ServerLogs map[string]*repb.LogFile
+}
+
+// Response is the ExecuteResponse that reports ex to the client (not CachedResult:
+// an execution ran).
+func (ex *Execution) Response() *repb.ExecuteResponse {
+	st := &rpcstatus.Status{}
+	if ex.Status != nil {
+		st = status.Convert(ex.Status).Proto()
+	}
+	return &repb.ExecuteResponse{Result: ex.Result, Status: st, Message: ex.Message, ServerLogs: ex.ServerLogs}
 }
 
 // Action is a parsed, validated action.
@@ -354,7 +368,7 @@ func (e *Executor) Execute(ctx context.Context, req Request, a *Action) (*Execut
 	if err := os.Mkdir(execRoot, 0o755); err != nil {
 		return nil, status.Errorf(codes.Internal, "create exec root: %v", err)
 	}
-	m := &materializer{cas: e.cfg.CAS, uid: e.cfg.UID, gid: e.cfg.GID}
+	m := &materializer{cas: e.cfg.CAS, local: e.cfg.Local, uid: e.cfg.UID, gid: e.cfg.GID}
 	if err := m.materialize(ctx, execRoot, tree); err != nil {
 		return nil, err
 	}
@@ -383,7 +397,7 @@ func (e *Executor) Execute(ctx context.Context, req Request, a *Action) (*Execut
 	if err != nil {
 		return nil, status.Errorf(codes.Internal, "open exec root: %v", err)
 	}
-	col := &collector{cas: e.cfg.CAS, root: root}
+	col := &collector{cas: e.cfg.CAS, local: e.cfg.Local, root: root}
 	err = col.collect(ctx, a.Command.GetWorkingDirectory(), a.Command, res)
 	root.Close()
 	if err != nil {

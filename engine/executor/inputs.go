@@ -22,7 +22,8 @@ import (
 // Limits on input trees, so a hostile or broken client cannot make the executor expand
 // a small DAG into an unbounded tree or walk forever.
 const (
-	maxTreeDepth     = 128
+	// MaxTreeDepth bounds the nesting of input trees and output directories.
+	MaxTreeDepth     = 128
 	maxTreeNodes     = 1_000_000
 	maxDirectorySize = 16 << 20
 	maxSymlinkHops   = 40
@@ -99,8 +100,8 @@ func fetchTree(ctx context.Context, cas cache.BlobStore, root cache.Digest) (*in
 			t.symlinks = append(t.symlinks, inputSymlink{path.Join(it.path, s.GetName()), s.GetTarget()})
 		}
 		for _, sub := range dir.GetDirectories() {
-			if it.depth+1 > maxTreeDepth {
-				return nil, status.Errorf(codes.InvalidArgument, "input tree deeper than %d levels at %q", maxTreeDepth, path.Join(it.path, sub.GetName()))
+			if it.depth+1 > MaxTreeDepth {
+				return nil, status.Errorf(codes.InvalidArgument, "input tree deeper than %d levels at %q", MaxTreeDepth, path.Join(it.path, sub.GetName()))
 			}
 			d, _ := cache.FromProto(sub.GetDigest())
 			queue = append(queue, item{path.Join(it.path, sub.GetName()), d, it.depth + 1})
@@ -283,20 +284,14 @@ func resolveInTree(links map[string]string, dir, target string, hops int) (strin
 // materializer lays out an input tree in an exec root.
 type materializer struct {
 	cas      cache.BlobStore
-	uid, gid int // owner of directories, so the action can create and remove files
-}
-
-// blobPather is a store whose blobs are files that can be hardlinked; Verify checks a
-// blob's file (once per change) because a hardlink is never read through the store.
-type blobPather interface {
-	BlobPath(d cache.Digest) string
-	Verify(d cache.Digest) error
+	local    cache.LocalFiles // nil: every input is copied from cas
+	uid, gid int              // owner of directories, so the action can create and remove files
 }
 
 // materialize creates the tree under root. Read-only inputs are hardlinked from the
-// CAS when the store is on disk: the files are root-owned and mode 0444, so an action
-// (never root, never their owner) can delete or replace its link but not write the
-// blob. Executable inputs are copied: one inode must not be both 0444 and 0555.
+// store's local files when it has them: the files are root-owned and mode 0444, so an
+// action (never root, never their owner) can delete or replace its link but not write
+// the blob. Executable inputs are copied: one inode must not be both 0444 and 0555.
 func (m *materializer) materialize(ctx context.Context, root string, t *inputTree) error {
 	for _, d := range t.dirs {
 		p := filepath.Join(root, filepath.FromSlash(d))
@@ -309,7 +304,6 @@ func (m *materializer) materialize(ctx context.Context, root string, t *inputTre
 			return status.Errorf(codes.Internal, "chown input dir %q: %v", d, err)
 		}
 	}
-	bp, linkable := m.cas.(blobPather)
 	for _, f := range t.files {
 		if err := ctx.Err(); err != nil {
 			return status.FromContextError(err).Err()
@@ -321,14 +315,16 @@ func (m *materializer) materialize(ctx context.Context, root string, t *inputTre
 			}
 			continue
 		}
-		if linkable && !f.executable {
-			if err := bp.Verify(f.digest); err != nil {
+		if m.local != nil && !f.executable {
+			// BlobFile verifies the file: a hardlink is never read through the store.
+			src, err := m.local.BlobFile(ctx, f.digest)
+			if err != nil {
 				if status.Code(err) == codes.NotFound {
 					return cache.MissingBlobsError("an input blob was missing or damaged", []cache.Digest{f.digest})
 				}
 				return err
 			}
-			err := os.Link(bp.BlobPath(f.digest), dst)
+			err = os.Link(src, dst)
 			if err == nil {
 				continue
 			}

@@ -20,18 +20,13 @@ import (
 	"google.golang.org/grpc/status"
 )
 
-// fileAdopter is a store that can take a quiescent, already-hashed file into the CAS by
-// linking its inode, instead of copying its bytes (package cache/disk).
-type fileAdopter interface {
-	AdoptFile(ctx context.Context, d cache.Digest, f *os.File) error
-}
-
 // collector stores an action's outputs in the CAS. Every path is opened relative to
 // the exec root without following symlinks: the action controlled that tree and could
 // have planted links to host files.
 type collector struct {
-	cas  cache.BlobStore
-	root *os.File // the exec root
+	cas   cache.BlobStore
+	local cache.LocalFiles // nil: outputs are copied into cas
+	root  *os.File         // the exec root
 	// produced lists every output file by path relative to the working directory,
 	// including the files inside output directories, for the action's link.
 	produced []ProducedFile
@@ -44,9 +39,10 @@ type ProducedFile struct {
 	SymlinkTarget string // set for symlinks
 }
 
-// storeFile hashes f and links or copies it into the CAS. The action is dead when
-// outputs are collected, so nothing can change the file between the hash and the
-// store; the stored inode is made root-owned and read-only first.
+// storeFile hashes f and adopts (links) it into the store's local files, or copies it
+// into the CAS. The action is dead when outputs are collected, so nothing can change
+// the file between the hash and the store; an adopted inode is made root-owned and
+// read-only first.
 func (c *collector) storeFile(ctx context.Context, f *os.File) (cache.Digest, error) {
 	d, err := hashReader(f)
 	if err != nil {
@@ -55,10 +51,10 @@ func (c *collector) storeFile(ctx context.Context, f *os.File) (cache.Digest, er
 	if d.IsEmpty() {
 		return d, nil
 	}
-	if ad, ok := c.cas.(fileAdopter); ok {
+	if c.local != nil {
 		if err := f.Chown(0, 0); err == nil {
 			if err := f.Chmod(0o444); err == nil {
-				if err := ad.AdoptFile(ctx, d, f); err == nil {
+				if err := c.local.AdoptFile(ctx, d, f); err == nil {
 					return d, nil
 				}
 			}
@@ -226,8 +222,8 @@ func (c *collector) tree(ctx context.Context, dir *os.File, rel string) (*repb.T
 	seen := map[cache.Digest]bool{}
 	var walk func(dir *os.File, rel string, depth int) (*repb.Directory, error)
 	walk = func(dir *os.File, rel string, depth int) (*repb.Directory, error) {
-		if depth > maxTreeDepth {
-			return nil, status.Errorf(codes.InvalidArgument, "deeper than %d levels", maxTreeDepth)
+		if depth > MaxTreeDepth {
+			return nil, status.Errorf(codes.InvalidArgument, "deeper than %d levels", MaxTreeDepth)
 		}
 		ents, err := dir.ReadDir(-1)
 		if err != nil {

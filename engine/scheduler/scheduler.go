@@ -237,7 +237,7 @@ func (s *Scheduler) run(ctx context.Context, ex *execution, req executor.Request
 	res, err := s.exec.Execute(ctx, s.verify.prepare(req, a), a)
 	<-s.slot
 	s.mRun.Dec()
-	resp := &repb.ExecuteResponse{}
+	var resp *repb.ExecuteResponse
 	switch {
 	case err != nil:
 		if ctx.Err() != nil {
@@ -246,10 +246,10 @@ func (s *Scheduler) run(ctx context.Context, ex *execution, req executor.Request
 		} else {
 			s.mExec.WithLabelValues("error").Inc()
 		}
-		resp.Status = statusProto(err)
+		resp = &repb.ExecuteResponse{Status: statusProto(err)}
 		s.log.Info("execution failed", "action", req.ActionDigest.String(), "code", status.Code(err).String(), "err", status.Convert(err).Message())
 	default:
-		resp.Result, resp.Status, resp.Message, resp.ServerLogs = res.Result, statusProto(res.Status), res.Message, res.ServerLogs
+		resp = res.Response()
 		if res.Result.GetExitCode() == 0 && res.Status == nil {
 			s.mExec.WithLabelValues("ok").Inc()
 		} else {

@@ -5,8 +5,6 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
-	"os"
-	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -16,6 +14,7 @@ import (
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"github.com/kilnbuild/kiln/cache"
 	"github.com/kilnbuild/kiln/engine/executor"
+	"github.com/kilnbuild/kiln/engine/executor/executortest"
 	"github.com/kilnbuild/kiln/sandbox"
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
@@ -26,7 +25,7 @@ import (
 // variantSandbox is the fake sandbox with $HOST in arguments replaced by the run's
 // host name, and a count of how many runs overlap.
 type variantSandbox struct {
-	fakeSandbox
+	executortest.Sandbox
 	running, most atomic.Int64
 }
 
@@ -45,7 +44,7 @@ func (v *variantSandbox) Run(ctx context.Context, j executor.Job) (executor.JobR
 	}
 	j.Args = args
 	time.Sleep(time.Millisecond) // let concurrent runs overlap if the scheduler allowed it
-	return v.fakeSandbox.Run(ctx, j)
+	return v.Sandbox.Run(ctx, j)
 }
 
 // noteAttester records what each execution's link would say.
@@ -70,16 +69,10 @@ type verifyEnv struct {
 
 func newVerifyEnv(t *testing.T, conc int, rate float64) *verifyEnv {
 	t.Helper()
-	e := newTestEnv(t, conc)
 	vsb := &variantSandbox{}
 	att := &noteAttester{}
-	ex, err := executor.NewExecutor(executor.ExecutorConfig{CAS: e.exec.CAS(), AC: e.ac, Sandbox: vsb, Toolchains: fakeToolchains{}, Attester: att,
-		WorkDir: filepath.Join(t.TempDir(), "exec"), UID: os.Getuid(), GID: os.Getgid(), MaxTimeout: time.Hour})
-	if err != nil {
-		t.Fatal(err)
-	}
-	e.exec = ex
-	s := NewScheduler(ex, SchedulerConfig{Concurrency: conc, MaxQueue: 100, VerifyRate: rate, Registerer: prometheus.NewRegistry()})
+	e := &testEnv{Env: executortest.NewEnv(t, func(c *executor.ExecutorConfig) { c.Sandbox, c.Attester = vsb, att })}
+	s := NewScheduler(e.Exec, SchedulerConfig{Concurrency: conc, MaxQueue: 100, VerifyRate: rate, Registerer: prometheus.NewRegistry()})
 	s.verify.clock = &skipClock{}
 	e.sched = s
 	return &verifyEnv{testEnv: e, vsb: vsb, att: att, sched: s}
@@ -92,12 +85,12 @@ func (e *verifyEnv) verifyAction(t *testing.T, runs int, args ...string) cache.D
 		props = []*repb.Platform_Property{{Name: executor.PropVerify, Value: fmt.Sprint(runs)}}
 	}
 	cmd := &repb.Command{Arguments: args, OutputFiles: []string{"out"}}
-	return e.action(t, cmd, e.put(t, &repb.Directory{}), func(a *repb.Action) { a.Platform = &repb.Platform{Properties: props} })
+	return e.Action(t, cmd, e.Put(t, &repb.Directory{}), func(a *repb.Action) { a.Platform = &repb.Platform{Properties: props} })
 }
 
 func (e *verifyEnv) cached(t *testing.T, d cache.Digest) bool {
 	t.Helper()
-	_, err := e.ac.Get(context.Background(), cache.ActionKey{Action: d})
+	_, err := e.AC.Get(context.Background(), cache.ActionKey{Action: d})
 	if err != nil && status.Code(err) != codes.NotFound {
 		t.Fatal(err)
 	}
@@ -111,7 +104,7 @@ func TestServerVerifyDeterministicIsCached(t *testing.T) {
 	if err != nil || resp.GetStatus().GetCode() != 0 || resp.GetResult().GetExitCode() != 0 {
 		t.Fatalf("%v %v", err, resp)
 	}
-	if n := e.vsb.runs.Load(); n != 3 {
+	if n := e.vsb.Runs.Load(); n != 3 {
 		t.Fatalf("%d sandbox runs, want 3", n)
 	}
 	if !e.cached(t, d) || resp.GetMessage() != "" {
@@ -133,7 +126,7 @@ func TestServerVerifyNondeterministicIsNotCached(t *testing.T) {
 	e := newVerifyEnv(t, 1, 0)
 	d := e.verifyAction(t, 2, "write", "out", "built on $HOST")
 	for i := 1; i <= 2; i++ {
-		before := e.vsb.runs.Load()
+		before := e.vsb.Runs.Load()
 		resp, err := e.run(t, d)
 		if err != nil || resp.GetStatus().GetCode() != 0 {
 			t.Fatalf("%v %v", err, resp.GetStatus())
@@ -143,7 +136,7 @@ func TestServerVerifyNondeterministicIsNotCached(t *testing.T) {
 		if len(out) != 1 || resp.GetCachedResult() {
 			t.Fatalf("result %v", resp.GetResult())
 		}
-		b, _ := cache.ReadAll(context.Background(), e.cas, mustDigest(out[0].GetDigest()), 0)
+		b, _ := cache.ReadAll(context.Background(), e.CAS, digestOf(out[0].GetDigest()), 0)
 		if string(b) != "built on kiln" {
 			t.Fatalf("returned output %q, want the baseline's", b)
 		}
@@ -155,8 +148,8 @@ func TestServerVerifyNondeterministicIsNotCached(t *testing.T) {
 			t.Fatal("a nondeterministic result was cached")
 		}
 		// Ran again (not from a cache): baseline, variation, control, narrowing.
-		if e.vsb.runs.Load()-before < 3 {
-			t.Fatalf("execute %d ran %d times", i, e.vsb.runs.Load()-before)
+		if e.vsb.Runs.Load()-before < 3 {
+			t.Fatalf("execute %d ran %d times", i, e.vsb.Runs.Load()-before)
 		}
 		if got := counterValue(e.sched.verify.mNondet); got != float64(i) {
 			t.Fatalf("kiln_nondeterministic_actions_total %v after %d", got, i)
@@ -200,8 +193,8 @@ func TestServerVerifyRateAndFailures(t *testing.T) {
 	if _, err := e.run(t, d); err != nil {
 		t.Fatal(err)
 	}
-	if e.vsb.runs.Load() != 2 || !e.cached(t, d) {
-		t.Fatalf("rate 1: %d runs", e.vsb.runs.Load())
+	if e.vsb.Runs.Load() != 2 || !e.cached(t, d) {
+		t.Fatalf("rate 1: %d runs", e.vsb.Runs.Load())
 	}
 	// kiln-verify=1 does not opt out of the operator's sampling.
 	d = e.verifyAction(t, 1, "write", "out", "$HOST")
@@ -210,10 +203,10 @@ func TestServerVerifyRateAndFailures(t *testing.T) {
 		t.Fatalf("kiln-verify=1 escaped the sampling: %q", resp.GetMessage())
 	}
 	// A failing action is not checked (it is not cached anyway).
-	before := e.vsb.runs.Load()
+	before := e.vsb.Runs.Load()
 	resp, _ = e.run(t, e.verifyAction(t, 3, "write", "out", "$HOST", "exit", "1"))
-	if e.vsb.runs.Load()-before != 1 || resp.GetResult().GetExitCode() != 1 || resp.GetMessage() != "" {
-		t.Fatalf("failing action ran %d times, message %q", e.vsb.runs.Load()-before, resp.GetMessage())
+	if e.vsb.Runs.Load()-before != 1 || resp.GetResult().GetExitCode() != 1 || resp.GetMessage() != "" {
+		t.Fatalf("failing action ran %d times, message %q", e.vsb.Runs.Load()-before, resp.GetMessage())
 	}
 	if got := counterValue(e.sched.verify.mOutcome.WithLabelValues("skipped")); got != 1 {
 		t.Fatalf("skipped %v", got)
@@ -221,8 +214,8 @@ func TestServerVerifyRateAndFailures(t *testing.T) {
 	// Rate 0: an action without the property runs once.
 	e0 := newVerifyEnv(t, 1, 0)
 	e0.run(t, e0.verifyAction(t, 0, "write", "out", "$HOST"))
-	if e0.vsb.runs.Load() != 1 {
-		t.Fatalf("rate 0: %d runs", e0.vsb.runs.Load())
+	if e0.vsb.Runs.Load() != 1 {
+		t.Fatalf("rate 0: %d runs", e0.vsb.Runs.Load())
 	}
 }
 
@@ -278,3 +271,5 @@ func (c *skipClock) Sleep(_ context.Context, d time.Duration) error {
 	c.skip += d
 	return nil
 }
+
+func digestOf(p *repb.Digest) cache.Digest { d, _ := cache.FromProto(p); return d }

@@ -183,7 +183,7 @@ func Serve(ctx context.Context, cfg ServerConfig) error {
 	if eng.Scheduler != nil {
 		scheduler.RegisterExecution(g, eng.Scheduler)
 	}
-	assets, err := asset.New(eng.CAS, asset.Config{Lockfile: lock, Allow: cfg.FetchAllow, SizeOf: asset.SizeFromBlobFiles(eng.Store), Logger: log})
+	assets, err := asset.New(eng.CAS, asset.Config{Lockfile: lock, Allow: cfg.FetchAllow, SizeOf: eng.SizeOf, Logger: log})
 	if err != nil {
 		return err
 	}
@@ -228,9 +228,8 @@ func Serve(ctx context.Context, cfg ServerConfig) error {
 	errc := make(chan error, 1)
 	go func() { errc <- g.Serve(lis) }()
 	hs.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
-	entries, bytes := eng.Store.Stats()
 	log.Info("kiln serving", "grpc", lis.Addr().String(), "http", httpAddr, "data", string(cfg.Data),
-		"store_entries", entries, "store_bytes", bytes, "max_size", cfg.MaxSize, "client_ac_writes", cfg.AllowClientACWrites, "tls", cfg.TLS.Enabled(), "client_certificates", cfg.TLS.ClientCA != "",
+		"store", eng.Store.String(), "max_size", cfg.MaxSize, "client_ac_writes", cfg.AllowClientACWrites, "tls", cfg.TLS.Enabled(), "client_certificates", cfg.TLS.ClientCA != "",
 		"execution", !cfg.Execution.Disabled)
 	if cfg.Ready != nil {
 		cfg.Ready(lis.Addr().String(), httpAddr)
