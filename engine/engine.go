@@ -14,6 +14,7 @@ import (
 	"github.com/kilnbuild/kiln/cache/disk"
 	"github.com/kilnbuild/kiln/engine/asset"
 	"github.com/kilnbuild/kiln/engine/attest"
+	"github.com/kilnbuild/kiln/engine/execution"
 	"github.com/kilnbuild/kiln/engine/executor"
 	"github.com/kilnbuild/kiln/engine/quarantine"
 	"github.com/kilnbuild/kiln/engine/scheduler"
@@ -70,7 +71,7 @@ type Engine struct {
 	AC         cache.ActionCache
 	Toolchains *toolchains.Store
 	Executor   *executor.Executor
-	Scheduler  *scheduler.Scheduler
+	Scheduler  execution.Scheduler // nil without execution
 	Metrics    *cache.Metrics
 	Signer     *attest.Signer
 	Quarantine *quarantine.List

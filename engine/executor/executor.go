@@ -163,19 +163,16 @@ func NewExecutor(cfg ExecutorConfig) (*Executor, error) {
 // CAS is the store the executor reads inputs from and writes outputs to.
 func (e *Executor) CAS() cache.BlobStore { return e.cfg.CAS }
 
-// Request is one action to execute.
+// Request is one execution of an action (the action cache is looked up before, by
+// whoever decides to execute).
 type Request struct {
-	Instance        string
-	ActionDigest    cache.Digest
-	SkipCacheLookup bool
-	// NoCache neither reads nor writes the action cache (verify, rebuild).
+	Instance     string
+	ActionDigest cache.Digest
+	// NoCache keeps the result out of the action cache (verify, rebuild).
 	NoCache   bool
 	Variation *Variation
 	// Queued is when the request entered the queue, for the result's metadata.
 	Queued time.Time
-	// Owner names the client that asked (its certificate's common name; "" without
-	// client certificates): only it may wait on, cancel or delete the operation.
-	Owner string
 	// Notes are recorded in the action's link (e.g. a determinism check's outcome).
 	Notes []string
 	// CompareOnly marks a run made to compare its products, never to serve them (kiln

@@ -410,7 +410,7 @@ func (l localExecutor) Execute(ctx context.Context, ad cache.Digest, _ cache.Blo
 	if err != nil {
 		return Run{}, err
 	}
-	ex, err := l.eng.Executor.Execute(ctx, executor.Request{ActionDigest: ad, NoCache: true, SkipCacheLookup: true, CompareOnly: true, Queued: time.Now(),
+	ex, err := l.eng.Executor.Execute(ctx, executor.Request{ActionDigest: ad, NoCache: true, CompareOnly: true, Queued: time.Now(),
 		Notes: []string{"kiln rebuild"}}, a)
 	if err != nil {
 		return Run{}, err

@@ -14,11 +14,11 @@ import (
 	"cloud.google.com/go/longrunning/autogen/longrunningpb"
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"github.com/kilnbuild/kiln/cache"
+	"github.com/kilnbuild/kiln/engine/execution"
 	"github.com/kilnbuild/kiln/engine/executor"
 	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
-	"google.golang.org/protobuf/types/known/anypb"
 )
 
 // SchedulerConfig bounds the scheduler.
@@ -46,7 +46,7 @@ type Scheduler struct {
 	slot chan struct{}
 
 	mu       sync.Mutex
-	inflight map[string]*execution // by instance + action digest, cacheable ones only
+	inflight map[string]*flight    // by instance + action digest, cacheable ones only
 	ops      map[string]*operation // by name, including finished ones until they expire
 	queued   int
 	pruned   time.Time // last scan for expired operations
@@ -59,8 +59,8 @@ type Scheduler struct {
 	verify  *serverVerify // kiln-verify and --verify-rate (verify_exec.go)
 }
 
-// execution is one run of an action, shared by every operation merged into it.
-type execution struct {
+// flight is one run of an action, shared by every operation merged into it.
+type flight struct {
 	key     string
 	action  cache.Digest
 	stage   repb.ExecutionStage_Value
@@ -77,8 +77,8 @@ type execution struct {
 // CancelOperation ends its own wait and never a run other clients share.
 type operation struct {
 	name    string
-	owner   string // Request.Owner
-	exec    *execution
+	owner   string // execution.Request.Owner
+	exec    *flight
 	waiters int                   // watches on this operation
 	resp    *repb.ExecuteResponse // set when cancelled: it answers instead of exec's
 	doneAt  time.Time             // when cancelled
@@ -118,7 +118,7 @@ func NewScheduler(exec *executor.Executor, cfg SchedulerConfig) *Scheduler {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
 	s := &Scheduler{exec: exec, cfg: cfg, log: cfg.Logger, slot: make(chan struct{}, cfg.Concurrency),
-		inflight: map[string]*execution{}, ops: map[string]*operation{}}
+		inflight: map[string]*flight{}, ops: map[string]*operation{}}
 	s.mExec = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "kiln_executions_total", Help: "Executions by outcome (cached, ok, failed, error, cancelled)."}, []string{"outcome"})
 	s.mMerged = prometheus.NewCounter(prometheus.CounterOpts{Name: "kiln_executions_merged_total", Help: "Execute calls merged into an identical execution already in flight."})
 	s.mQueue = prometheus.NewGauge(prometheus.GaugeOpts{Name: "kiln_execution_queue_length", Help: "Executions waiting for a slot."})
@@ -132,31 +132,31 @@ func NewScheduler(exec *executor.Executor, cfg SchedulerConfig) *Scheduler {
 	return s
 }
 
-// Watch follows one operation for one client.
-type Watch struct {
+// watch follows one operation for one client.
+type watch struct {
 	s  *Scheduler
 	op *operation
 }
 
-// Submit starts (or joins) the execution of req and returns a Watch on a new
-// operation for it. A cache hit is a finished operation at once.
-func (s *Scheduler) Submit(ctx context.Context, req executor.Request) (*Watch, error) {
+// Submit implements execution.Scheduler: it starts (or joins) the execution of req and
+// returns a Watch on a new operation for it. A cache hit is a finished operation at once.
+func (s *Scheduler) Submit(ctx context.Context, req execution.Request) (execution.Watch, error) {
 	a, err := s.exec.LoadAction(ctx, req.ActionDigest)
 	if err != nil {
 		return nil, err
 	}
-	if !req.SkipCacheLookup && !req.NoCache {
+	if !req.SkipCacheLookup {
 		if r, err := s.exec.CachedResult(ctx, req.Instance, req.ActionDigest); err == nil {
 			s.mExec.WithLabelValues("cached").Inc()
-			ex := &execution{action: req.ActionDigest, changed: make(chan struct{})}
-			s.finish(ex, &repb.ExecuteResponse{Result: r, CachedResult: true, Status: statusProto(nil)})
+			ex := &flight{action: req.ActionDigest, changed: make(chan struct{})}
+			s.finish(ex, &repb.ExecuteResponse{Result: r, CachedResult: true, Status: execution.StatusProto(nil)})
 			return s.newOp(ex, req.Owner), nil
 		} else if status.Code(err) != codes.NotFound {
 			return nil, err
 		}
 	}
 	key := ""
-	if !a.Action.GetDoNotCache() && !req.NoCache && req.Variation == nil {
+	if !a.Action.GetDoNotCache() {
 		key = req.Instance + "\x00" + req.ActionDigest.String()
 	}
 	s.mu.Lock()
@@ -175,7 +175,7 @@ func (s *Scheduler) Submit(ctx context.Context, req executor.Request) (*Watch, e
 	s.queued++
 	s.mQueue.Set(float64(s.queued))
 	opCtx, cancel := context.WithCancel(context.Background())
-	ex := &execution{key: key, action: req.ActionDigest, stage: repb.ExecutionStage_QUEUED,
+	ex := &flight{key: key, action: req.ActionDigest, stage: repb.ExecutionStage_QUEUED,
 		changed: make(chan struct{}), cancel: cancel}
 	if key != "" {
 		s.inflight[key] = ex
@@ -183,20 +183,19 @@ func (s *Scheduler) Submit(ctx context.Context, req executor.Request) (*Watch, e
 	w := s.newOpLocked(ex, req.Owner)
 	s.mu.Unlock()
 
-	req.Queued = time.Now()
-	go s.run(opCtx, ex, req, a)
+	go s.run(opCtx, ex, executor.Request{Instance: req.Instance, ActionDigest: req.ActionDigest, Queued: time.Now()}, a)
 	return w, nil
 }
 
 // newOp names a new operation of owner on ex and returns a Watch on it.
-func (s *Scheduler) newOp(ex *execution, owner string) *Watch {
+func (s *Scheduler) newOp(ex *flight, owner string) *watch {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.newOpLocked(ex, owner)
 }
 
 // newOpLocked is newOp for callers holding s.mu.
-func (s *Scheduler) newOpLocked(ex *execution, owner string) *Watch {
+func (s *Scheduler) newOpLocked(ex *flight, owner string) *watch {
 	var b [16]byte
 	rand.Read(b[:])
 	op := &operation{name: "operations/" + hex.EncodeToString(b[:]), owner: owner, exec: ex}
@@ -205,30 +204,30 @@ func (s *Scheduler) newOpLocked(ex *execution, owner string) *Watch {
 	return s.attachLocked(op)
 }
 
-func (s *Scheduler) attach(op *operation) *Watch {
+func (s *Scheduler) attach(op *operation) *watch {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.attachLocked(op)
 }
 
 // attachLocked adds a watch on op; callers hold s.mu.
-func (s *Scheduler) attachLocked(op *operation) *Watch {
+func (s *Scheduler) attachLocked(op *operation) *watch {
 	op.waiters++
 	if op.resp == nil {
 		op.exec.waiters++
 	}
-	return &Watch{s: s, op: op}
+	return &watch{s: s, op: op}
 }
 
 // run waits for a slot, executes, and publishes the response.
-func (s *Scheduler) run(ctx context.Context, ex *execution, req executor.Request, a *executor.Action) {
+func (s *Scheduler) run(ctx context.Context, ex *flight, req executor.Request, a *executor.Action) {
 	defer ex.cancel()
 	select {
 	case s.slot <- struct{}{}:
 	case <-ctx.Done():
 		s.dequeue()
 		s.mExec.WithLabelValues("cancelled").Inc()
-		s.finish(ex, &repb.ExecuteResponse{Status: statusProto(status.Error(codes.Canceled, "cancelled: no client is waiting"))})
+		s.finish(ex, &repb.ExecuteResponse{Status: execution.StatusProto(status.Error(codes.Canceled, "cancelled: no client is waiting"))})
 		return
 	}
 	s.dequeue()
@@ -246,7 +245,7 @@ func (s *Scheduler) run(ctx context.Context, ex *execution, req executor.Request
 		} else {
 			s.mExec.WithLabelValues("error").Inc()
 		}
-		resp = &repb.ExecuteResponse{Status: statusProto(err)}
+		resp = &repb.ExecuteResponse{Status: execution.StatusProto(err)}
 		s.log.Info("execution failed", "action", req.ActionDigest.String(), "code", status.Code(err).String(), "err", status.Convert(err).Message())
 	default:
 		resp = res.Response()
@@ -288,12 +287,12 @@ func (s *Scheduler) dequeue() {
 }
 
 // notify wakes every watch of ex and its operations. Callers hold s.mu.
-func (ex *execution) notify() {
+func (ex *flight) notify() {
 	close(ex.changed)
 	ex.changed = make(chan struct{})
 }
 
-func (s *Scheduler) setStage(ex *execution, st repb.ExecutionStage_Value) {
+func (s *Scheduler) setStage(ex *flight, st repb.ExecutionStage_Value) {
 	s.mu.Lock()
 	ex.stage = st
 	ex.notify()
@@ -301,7 +300,7 @@ func (s *Scheduler) setStage(ex *execution, st repb.ExecutionStage_Value) {
 }
 
 // finish publishes the response and retires the execution from the in-flight set.
-func (s *Scheduler) finish(ex *execution, resp *repb.ExecuteResponse) {
+func (s *Scheduler) finish(ex *flight, resp *repb.ExecuteResponse) {
 	now := time.Now()
 	s.mu.Lock()
 	ex.resp = resp
@@ -348,8 +347,8 @@ func (s *Scheduler) lookup(name, owner string) (*operation, error) {
 	return op, nil
 }
 
-// Wait re-attaches owner to its operation called name.
-func (s *Scheduler) Wait(name, owner string) (*Watch, error) {
+// Wait implements execution.Scheduler: it re-attaches owner to its operation called name.
+func (s *Scheduler) Wait(_ context.Context, name, owner string) (execution.Watch, error) {
 	op, err := s.lookup(name, owner)
 	if err != nil {
 		return nil, err
@@ -360,7 +359,7 @@ func (s *Scheduler) Wait(name, owner string) (*Watch, error) {
 // Cancel ends owner's operation called name: its watches get CANCELLED. The
 // execution behind it goes on while operations merged into it still wait, and is
 // cancelled when none does. Cancelling a finished operation does nothing.
-func (s *Scheduler) Cancel(name, owner string) error {
+func (s *Scheduler) Cancel(_ context.Context, name, owner string) error {
 	op, err := s.lookup(name, owner)
 	if err != nil {
 		return err
@@ -370,7 +369,7 @@ func (s *Scheduler) Cancel(name, owner string) error {
 	if op.resp != nil || op.exec.resp != nil {
 		return nil
 	}
-	op.resp = &repb.ExecuteResponse{Status: statusProto(status.Error(codes.Canceled, "cancelled by CancelOperation"))}
+	op.resp = &repb.ExecuteResponse{Status: execution.StatusProto(status.Error(codes.Canceled, "cancelled by CancelOperation"))}
 	op.doneAt = time.Now()
 	op.exec.live--
 	s.release(op.exec, op.waiters)
@@ -381,7 +380,7 @@ func (s *Scheduler) Cancel(name, owner string) error {
 // release drops n watches from ex. When none is left on an unfinished execution, it is
 // cancelled: at once if every operation on it was cancelled, else after CancelGrace
 // unless a client came back meanwhile. Callers hold s.mu.
-func (s *Scheduler) release(ex *execution, n int) {
+func (s *Scheduler) release(ex *flight, n int) {
 	ex.waiters -= n
 	if ex.waiters > 0 || ex.resp != nil || ex.cancel == nil {
 		return
@@ -403,7 +402,7 @@ func (s *Scheduler) release(ex *execution, n int) {
 }
 
 // stop cancels ex. Callers hold s.mu.
-func (s *Scheduler) stop(ex *execution, why string) {
+func (s *Scheduler) stop(ex *flight, why string) {
 	s.log.Info("cancelling execution: "+why, "action", ex.action.String())
 	if ex.key != "" && s.inflight[ex.key] == ex {
 		delete(s.inflight, ex.key) // a new Execute must not join a dying run
@@ -416,7 +415,7 @@ func (s *Scheduler) stop(ex *execution, why string) {
 }
 
 // Delete forgets owner's finished operation; a running one must be cancelled first.
-func (s *Scheduler) Delete(name, owner string) error {
+func (s *Scheduler) Delete(_ context.Context, name, owner string) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	op := s.ops[name]
@@ -432,12 +431,12 @@ func (s *Scheduler) Delete(name, owner string) error {
 
 // Next blocks until the operation's state differs from what the caller saw last
 // (stage, done) and returns it as a longrunning Operation; seen is updated.
-func (w *Watch) Next(ctx context.Context, seen *repb.ExecutionStage_Value) (*longrunningpb.Operation, error) {
+func (w *watch) Next(ctx context.Context, seen *repb.ExecutionStage_Value) (*longrunningpb.Operation, error) {
 	for {
 		stage, resp, ch := w.state()
 		if stage != *seen {
 			*seen = stage
-			return w.op.proto(stage, resp)
+			return execution.Operation(w.op.name, w.op.exec.action, stage, resp)
 		}
 		select {
 		case <-ch:
@@ -448,7 +447,7 @@ func (w *Watch) Next(ctx context.Context, seen *repb.ExecutionStage_Value) (*lon
 }
 
 // state returns the operation's stage and response, and a channel closed at its next change.
-func (w *Watch) state() (repb.ExecutionStage_Value, *repb.ExecuteResponse, chan struct{}) {
+func (w *watch) state() (repb.ExecutionStage_Value, *repb.ExecuteResponse, chan struct{}) {
 	w.s.mu.Lock()
 	defer w.s.mu.Unlock()
 	stage, resp := w.op.state()
@@ -456,7 +455,7 @@ func (w *Watch) state() (repb.ExecutionStage_Value, *repb.ExecuteResponse, chan 
 }
 
 // Get returns owner's operation called name as it stands, without waiting.
-func (s *Scheduler) Get(name, owner string) (*longrunningpb.Operation, error) {
+func (s *Scheduler) Get(_ context.Context, name, owner string) (*longrunningpb.Operation, error) {
 	op, err := s.lookup(name, owner)
 	if err != nil {
 		return nil, err
@@ -464,11 +463,11 @@ func (s *Scheduler) Get(name, owner string) (*longrunningpb.Operation, error) {
 	s.mu.Lock()
 	stage, resp := op.state()
 	s.mu.Unlock()
-	return op.proto(stage, resp)
+	return execution.Operation(op.name, op.exec.action, stage, resp)
 }
 
 // Close detaches the client; the last client to leave an unfinished execution cancels it.
-func (w *Watch) Close() {
+func (w *watch) Close() {
 	w.s.mu.Lock()
 	defer w.s.mu.Unlock()
 	w.op.waiters--
@@ -478,36 +477,6 @@ func (w *Watch) Close() {
 }
 
 // Name is the operation's name.
-func (w *Watch) Name() string { return w.op.name }
+func (w *watch) Name() string { return w.op.name }
 
-// Response blocks until the operation finishes and returns its response.
-func (w *Watch) Response(ctx context.Context) (*repb.ExecuteResponse, error) {
-	var seen repb.ExecutionStage_Value
-	for {
-		op, err := w.Next(ctx, &seen)
-		if err != nil {
-			return nil, err
-		}
-		if op.GetDone() {
-			_, resp, _ := w.state()
-			return resp, nil
-		}
-	}
-}
-
-func (op *operation) proto(stage repb.ExecutionStage_Value, resp *repb.ExecuteResponse) (*longrunningpb.Operation, error) {
-	md, err := anypb.New(&repb.ExecuteOperationMetadata{Stage: stage, ActionDigest: op.exec.action.Proto()})
-	if err != nil {
-		return nil, status.Errorf(codes.Internal, "operation metadata: %v", err)
-	}
-	out := &longrunningpb.Operation{Name: op.name, Metadata: md}
-	if resp != nil {
-		r, err := anypb.New(resp)
-		if err != nil {
-			return nil, status.Errorf(codes.Internal, "operation response: %v", err)
-		}
-		out.Done = true
-		out.Result = &longrunningpb.Operation_Response{Response: r}
-	}
-	return out, nil
-}
+var _ execution.Scheduler = (*Scheduler)(nil)

@@ -11,7 +11,7 @@ import (
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"github.com/kilnbuild/kiln/cache"
-	"github.com/kilnbuild/kiln/engine/executor"
+	"github.com/kilnbuild/kiln/engine/execution"
 	"github.com/kilnbuild/kiln/engine/executor/executortest"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -31,12 +31,12 @@ func newTestEnv(t *testing.T, conc int) *testEnv {
 
 func (e *testEnv) run(t *testing.T, d cache.Digest) (*repb.ExecuteResponse, error) {
 	t.Helper()
-	w, err := e.sched.Submit(context.Background(), executor.Request{ActionDigest: d})
+	w, err := e.sched.Submit(context.Background(), execution.Request{ActionDigest: d})
 	if err != nil {
 		return nil, err
 	}
 	defer w.Close()
-	return w.Response(context.Background())
+	return execution.Response(context.Background(), w)
 }
 
 // TestCacheHitRunsNothing: an action already in the action cache is answered from it,
@@ -51,12 +51,12 @@ func TestCacheHitRunsNothing(t *testing.T) {
 	if err != nil || !resp.GetCachedResult() || len(resp.GetResult().GetOutputFiles()) != 1 || e.Sandbox.Runs.Load() != 1 {
 		t.Fatalf("second execute: %v %v, %d runs; want the cached result and no run", resp, err, e.Sandbox.Runs.Load())
 	}
-	w, err := e.sched.Submit(context.Background(), executor.Request{ActionDigest: d, SkipCacheLookup: true})
+	w, err := e.sched.Submit(context.Background(), execution.Request{ActionDigest: d, SkipCacheLookup: true})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer w.Close()
-	if resp, err := w.Response(context.Background()); err != nil || resp.GetCachedResult() || e.Sandbox.Runs.Load() != 2 {
+	if resp, err := execution.Response(context.Background(), w); err != nil || resp.GetCachedResult() || e.Sandbox.Runs.Load() != 2 {
 		t.Fatalf("skip_cache_lookup: %v %v, %d runs", resp, err, e.Sandbox.Runs.Load())
 	}
 }
@@ -69,9 +69,9 @@ func TestMergeAndCancel(t *testing.T) {
 	e.Sandbox.Started = make(chan string, 16)
 	root := e.Put(t, &repb.Directory{})
 	d := e.Action(t, &repb.Command{Arguments: []string{"block", "write", "o", "x"}, OutputFiles: []string{"o"}}, root, nil)
-	var ws []*Watch
+	var ws []execution.Watch
 	for i := 0; i < 5; i++ {
-		w, err := e.sched.Submit(context.Background(), executor.Request{ActionDigest: d})
+		w, err := e.sched.Submit(context.Background(), execution.Request{ActionDigest: d})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -82,10 +82,10 @@ func TestMergeAndCancel(t *testing.T) {
 	var wg sync.WaitGroup
 	for _, w := range ws {
 		wg.Add(1)
-		go func(w *Watch) {
+		go func(w execution.Watch) {
 			defer wg.Done()
 			defer w.Close()
-			resp, err := w.Response(context.Background())
+			resp, err := execution.Response(context.Background(), w)
 			if err != nil || len(resp.GetResult().GetOutputFiles()) != 1 {
 				t.Errorf("merged waiter: %v %v", err, resp)
 			}
@@ -99,12 +99,12 @@ func TestMergeAndCancel(t *testing.T) {
 	// Cancellation: one client, it leaves, the running action is killed.
 	e.Sandbox.Release = make(chan struct{})
 	d2 := e.Action(t, &repb.Command{Arguments: []string{"block", "echo", "2"}}, root, nil)
-	w, err := e.sched.Submit(context.Background(), executor.Request{ActionDigest: d2})
+	w, err := e.sched.Submit(context.Background(), execution.Request{ActionDigest: d2})
 	if err != nil {
 		t.Fatal(err)
 	}
 	<-e.Sandbox.Started
-	w2, _ := e.sched.Wait(w.Name(), "")
+	w2, _ := e.sched.Wait(context.Background(), w.Name(), "")
 	w.Close()
 	w2.Close()
 	deadline := time.Now().Add(10 * time.Second)
@@ -123,16 +123,16 @@ func TestMergeAndCancel(t *testing.T) {
 
 	// Backpressure: one running, MaxQueue (4) waiting, the next is refused.
 	e.Sandbox.Release = make(chan struct{})
-	var held []*Watch
+	var held []execution.Watch
 	defer func() { // let every run finish before the test's directories go
 		close(e.Sandbox.Release)
 		for _, w := range held {
-			w.Response(context.Background())
+			execution.Response(context.Background(), w)
 			w.Close()
 		}
 	}()
 	for i := 0; i < 5; i++ {
-		w, err := e.sched.Submit(context.Background(), executor.Request{ActionDigest: e.Action(t, &repb.Command{Arguments: []string{"block", "echo", fmt.Sprint("q", i)}}, root, nil)})
+		w, err := e.sched.Submit(context.Background(), execution.Request{ActionDigest: e.Action(t, &repb.Command{Arguments: []string{"block", "echo", fmt.Sprint("q", i)}}, root, nil)})
 		if err != nil {
 			t.Fatalf("submit %d: %v", i, err)
 		}
@@ -141,7 +141,7 @@ func TestMergeAndCancel(t *testing.T) {
 			<-e.Sandbox.Started
 		}
 	}
-	_, err = e.sched.Submit(context.Background(), executor.Request{ActionDigest: e.Action(t, &repb.Command{Arguments: []string{"echo", "overflow"}}, root, nil)})
+	_, err = e.sched.Submit(context.Background(), execution.Request{ActionDigest: e.Action(t, &repb.Command{Arguments: []string{"echo", "overflow"}}, root, nil)})
 	if status.Code(err) != codes.ResourceExhausted {
 		t.Fatalf("queue over its bound: %v, want RESOURCE_EXHAUSTED", err)
 	}
@@ -156,13 +156,13 @@ func TestCancelOperationMerged(t *testing.T) {
 	e.Sandbox.Started = make(chan string, 16)
 	root := e.Put(t, &repb.Directory{})
 	d := e.Action(t, &repb.Command{Arguments: []string{"block", "write", "o", "x"}, OutputFiles: []string{"o"}}, root, nil)
-	a, err := e.sched.Submit(context.Background(), executor.Request{ActionDigest: d})
+	a, err := e.sched.Submit(context.Background(), execution.Request{ActionDigest: d})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer a.Close()
 	<-e.Sandbox.Started
-	b, err := e.sched.Submit(context.Background(), executor.Request{ActionDigest: d})
+	b, err := e.sched.Submit(context.Background(), execution.Request{ActionDigest: d})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -171,19 +171,19 @@ func TestCancelOperationMerged(t *testing.T) {
 		t.Fatalf("merged clients share the operation name %s: one could cancel the other's", a.Name())
 	}
 	// A second watch on b's operation (WaitExecution) follows b's cancellation too.
-	b2, err := e.sched.Wait(b.Name(), "")
+	b2, err := e.sched.Wait(context.Background(), b.Name(), "")
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer b2.Close()
-	srv := &executionServer{s: e.sched}
+	srv := execution.NewServer(e.sched, nil)
 	if _, err := srv.CancelOperation(context.Background(), &longrunningpb.CancelOperationRequest{Name: b.Name()}); err != nil {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	for _, w := range []*Watch{b, b2} {
-		resp, err := w.Response(ctx)
+	for _, w := range []execution.Watch{b, b2} {
+		resp, err := execution.Response(ctx, w)
 		if err != nil || codes.Code(resp.GetStatus().GetCode()) != codes.Canceled {
 			t.Fatalf("the cancelled operation answered %v %v, want CANCELLED", resp, err)
 		}
@@ -193,7 +193,7 @@ func TestCancelOperationMerged(t *testing.T) {
 		t.Fatalf("the other client's operation after one cancel: %v %v, want still running", op, err)
 	}
 	close(e.Sandbox.Release)
-	resp, err := a.Response(ctx)
+	resp, err := execution.Response(ctx, a)
 	if err != nil || resp.GetStatus().GetCode() != 0 || len(resp.GetResult().GetOutputFiles()) != 1 {
 		t.Fatalf("the client that did not cancel got %v %v, want the run's outputs", resp, err)
 	}
@@ -204,7 +204,7 @@ func TestCancelOperationMerged(t *testing.T) {
 	if _, err := srv.CancelOperation(context.Background(), &longrunningpb.CancelOperationRequest{Name: a.Name()}); err != nil {
 		t.Fatalf("cancel of a finished operation: %v", err)
 	}
-	if resp, _ := a.Response(ctx); resp.GetStatus().GetCode() != 0 {
+	if resp, _ := execution.Response(ctx, a); resp.GetStatus().GetCode() != 0 {
 		t.Fatalf("a finished operation changed on cancel: %v", resp)
 	}
 	if _, err := srv.CancelOperation(context.Background(), &longrunningpb.CancelOperationRequest{Name: "operations/nope"}); status.Code(err) != codes.NotFound {
@@ -215,7 +215,7 @@ func TestCancelOperationMerged(t *testing.T) {
 	e.Sandbox.Release = make(chan struct{})
 	defer close(e.Sandbox.Release)
 	d2 := e.Action(t, &repb.Command{Arguments: []string{"block", "echo", "2"}}, root, nil)
-	c, err := e.sched.Submit(context.Background(), executor.Request{ActionDigest: d2})
+	c, err := e.sched.Submit(context.Background(), execution.Request{ActionDigest: d2})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -249,25 +249,25 @@ func TestOperationRetention(t *testing.T) {
 	e.sched = NewScheduler(e.Exec, SchedulerConfig{Concurrency: 1, Retain: 200 * time.Millisecond})
 	root := e.Put(t, &repb.Directory{})
 	run := func(word string) string {
-		w, err := e.sched.Submit(context.Background(), executor.Request{ActionDigest: e.Action(t, &repb.Command{Arguments: []string{"echo", word}}, root, nil)})
+		w, err := e.sched.Submit(context.Background(), execution.Request{ActionDigest: e.Action(t, &repb.Command{Arguments: []string{"echo", word}}, root, nil)})
 		if err != nil {
 			t.Fatal(err)
 		}
 		defer w.Close()
-		if _, err := w.Response(context.Background()); err != nil {
+		if _, err := execution.Response(context.Background(), w); err != nil {
 			t.Fatal(err)
 		}
 		return w.Name()
 	}
 	first := run("a")
-	if w, err := e.sched.Wait(first, ""); err != nil {
+	if w, err := e.sched.Wait(context.Background(), first, ""); err != nil {
 		t.Fatalf("finished operation within its retention: %v", err)
 	} else {
 		w.Close()
 	}
 	time.Sleep(300 * time.Millisecond)
 	run("b") // finishing another operation forgets the expired ones
-	if _, err := e.sched.Wait(first, ""); status.Code(err) != codes.NotFound {
+	if _, err := e.sched.Wait(context.Background(), first, ""); status.Code(err) != codes.NotFound {
 		t.Fatalf("operation past its retention: %v, want NOT_FOUND", err)
 	}
 }
@@ -279,31 +279,31 @@ func TestOperationOwner(t *testing.T) {
 	e.Sandbox.Release = make(chan struct{})
 	root := e.Put(t, &repb.Directory{})
 	d := e.Action(t, &repb.Command{Arguments: []string{"block", "echo", "owned"}}, root, nil)
-	w, err := e.sched.Submit(context.Background(), executor.Request{ActionDigest: d, Owner: "ci-a"})
+	w, err := e.sched.Submit(context.Background(), execution.Request{ActionDigest: d, Owner: "ci-a"})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer func() { // let the run finish before the test's directories go
 		close(e.Sandbox.Release)
-		w.Response(context.Background())
+		execution.Response(context.Background(), w)
 		w.Close()
 	}()
-	if _, err := e.sched.Wait(w.Name(), "ci-b"); status.Code(err) != codes.NotFound {
+	if _, err := e.sched.Wait(context.Background(), w.Name(), "ci-b"); status.Code(err) != codes.NotFound {
 		t.Errorf("WaitExecution by another client: %v, want NOT_FOUND", err)
 	}
-	if _, err := e.sched.Get(w.Name(), "ci-b"); status.Code(err) != codes.NotFound {
+	if _, err := e.sched.Get(context.Background(), w.Name(), "ci-b"); status.Code(err) != codes.NotFound {
 		t.Errorf("GetOperation by another client: %v, want NOT_FOUND", err)
 	}
-	if err := e.sched.Cancel(w.Name(), "ci-b"); status.Code(err) != codes.NotFound {
+	if err := e.sched.Cancel(context.Background(), w.Name(), "ci-b"); status.Code(err) != codes.NotFound {
 		t.Errorf("CancelOperation by another client: %v, want NOT_FOUND", err)
 	}
-	if err := e.sched.Delete(w.Name(), "ci-b"); status.Code(err) != codes.NotFound {
+	if err := e.sched.Delete(context.Background(), w.Name(), "ci-b"); status.Code(err) != codes.NotFound {
 		t.Errorf("DeleteOperation by another client: %v, want NOT_FOUND", err)
 	}
-	if op, err := e.sched.Get(w.Name(), "ci-a"); err != nil || op.GetDone() {
+	if op, err := e.sched.Get(context.Background(), w.Name(), "ci-a"); err != nil || op.GetDone() {
 		t.Fatalf("the owner's GetOperation: %v %v, want it running", op, err)
 	}
-	w2, err := e.sched.Wait(w.Name(), "ci-a")
+	w2, err := e.sched.Wait(context.Background(), w.Name(), "ci-a")
 	if err != nil {
 		t.Fatalf("the owner's WaitExecution: %v", err)
 	}
@@ -320,19 +320,19 @@ func TestCancelGrace(t *testing.T) {
 	e.Sandbox.Started = make(chan string, 4)
 	root := e.Put(t, &repb.Directory{})
 	d := e.Action(t, &repb.Command{Arguments: []string{"block", "write", "o", "x"}, OutputFiles: []string{"o"}}, root, nil)
-	w, err := e.sched.Submit(context.Background(), executor.Request{ActionDigest: d})
+	w, err := e.sched.Submit(context.Background(), execution.Request{ActionDigest: d})
 	if err != nil {
 		t.Fatal(err)
 	}
 	<-e.Sandbox.Started
 	w.Close() // the stream dropped
-	back, err := e.sched.Wait(w.Name(), "")
+	back, err := e.sched.Wait(context.Background(), w.Name(), "")
 	if err != nil {
 		t.Fatalf("WaitExecution after the stream dropped: %v", err)
 	}
 	defer back.Close()
 	close(e.Sandbox.Release)
-	resp, err := back.Response(context.Background())
+	resp, err := execution.Response(context.Background(), back)
 	if err != nil || resp.GetStatus().GetCode() != 0 || len(resp.GetResult().GetOutputFiles()) != 1 {
 		t.Fatalf("the client that came back got %v %v, want the run's result", resp, err)
 	}
@@ -345,8 +345,8 @@ func TestCancelGrace(t *testing.T) {
 // others for Retain.
 func TestCachedRetention(t *testing.T) {
 	s := &Scheduler{cfg: SchedulerConfig{Retain: 10 * time.Minute}}
-	cached := &operation{exec: &execution{resp: &repb.ExecuteResponse{CachedResult: true}}}
-	ran := &operation{exec: &execution{resp: &repb.ExecuteResponse{}}}
+	cached := &operation{exec: &flight{resp: &repb.ExecuteResponse{CachedResult: true}}}
+	ran := &operation{exec: &flight{resp: &repb.ExecuteResponse{}}}
 	if got := s.retention(cached); got != cachedRetain {
 		t.Errorf("cached: %v, want %v", got, cachedRetain)
 	}

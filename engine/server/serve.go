@@ -16,8 +16,8 @@ import (
 	"github.com/kilnbuild/kiln/cache"
 	"github.com/kilnbuild/kiln/engine"
 	"github.com/kilnbuild/kiln/engine/asset"
+	"github.com/kilnbuild/kiln/engine/execution"
 	"github.com/kilnbuild/kiln/engine/reapi"
-	"github.com/kilnbuild/kiln/engine/scheduler"
 	"github.com/kilnbuild/kiln/lockfiles"
 	"github.com/kilnbuild/kiln/toolchains"
 	"github.com/prometheus/client_golang/prometheus"
@@ -181,7 +181,7 @@ func Serve(ctx context.Context, cfg ServerConfig) error {
 	g := grpc.NewServer(gopts...)
 	srv.Register(g)
 	if eng.Scheduler != nil {
-		scheduler.RegisterExecution(g, eng.Scheduler)
+		execution.NewServer(eng.Scheduler, log).Register(g)
 	}
 	assets, err := asset.New(eng.CAS, asset.Config{Lockfile: lock, Allow: cfg.FetchAllow, SizeOf: eng.SizeOf, Logger: log})
 	if err != nil {

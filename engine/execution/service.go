@@ -1,36 +1,44 @@
-package scheduler
+package execution
 
 import (
 	"context"
 	"errors"
+	"log/slog"
 
 	"cloud.google.com/go/longrunning/autogen/longrunningpb"
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"github.com/kilnbuild/kiln/cache"
-	"github.com/kilnbuild/kiln/engine/executor"
 	"github.com/kilnbuild/kiln/engine/reapi"
-	rpcstatus "google.golang.org/genproto/googleapis/rpc/status"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/emptypb"
 )
 
-// executionServer implements the REAPI Execution service and google.longrunning
-// Operations over a Scheduler.
-type executionServer struct {
+// Server implements the REAPI Execution service and google.longrunning Operations
+// over a Scheduler.
+type Server struct {
 	longrunningpb.UnimplementedOperationsServer
-	s *Scheduler
+	s   Scheduler
+	log *slog.Logger
 }
 
-// RegisterExecution adds the Execution and Operations services to g.
-func RegisterExecution(g *grpc.Server, s *Scheduler) {
-	es := &executionServer{s: s}
-	repb.RegisterExecutionServer(g, es)
-	longrunningpb.RegisterOperationsServer(g, es)
+// NewServer returns the services over s; log may be nil.
+func NewServer(s Scheduler, log *slog.Logger) *Server {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	return &Server{s: s, log: log}
 }
 
-func (e *executionServer) Execute(req *repb.ExecuteRequest, stream repb.Execution_ExecuteServer) error {
+// Register adds the Execution and Operations services to g.
+func (e *Server) Register(g grpc.ServiceRegistrar) {
+	repb.RegisterExecutionServer(g, e)
+	longrunningpb.RegisterOperationsServer(g, e)
+}
+
+// Execute implements repb.ExecutionServer.
+func (e *Server) Execute(req *repb.ExecuteRequest, stream repb.Execution_ExecuteServer) error {
 	ctx := stream.Context()
 	if err := reapi.CheckInstance(req.GetInstanceName()); err != nil {
 		return err
@@ -42,7 +50,7 @@ func (e *executionServer) Execute(req *repb.ExecuteRequest, stream repb.Executio
 	if err != nil {
 		return err
 	}
-	w, err := e.s.Submit(ctx, executor.Request{Instance: req.GetInstanceName(), ActionDigest: d, SkipCacheLookup: req.GetSkipCacheLookup(), Owner: owner(ctx)})
+	w, err := e.s.Submit(ctx, Request{Instance: req.GetInstanceName(), ActionDigest: d, SkipCacheLookup: req.GetSkipCacheLookup(), Owner: owner(ctx)})
 	if err != nil {
 		if status.Code(err) == codes.FailedPrecondition || status.Code(err) == codes.InvalidArgument {
 			// REAPI: errors about the action itself travel in the ExecuteResponse, so
@@ -51,12 +59,13 @@ func (e *executionServer) Execute(req *repb.ExecuteRequest, stream repb.Executio
 		}
 		return err
 	}
-	e.s.log.Info("execute", "action", d.String(), "operation", w.Name(), "client", reapi.Client(ctx))
+	e.log.Info("execute", "action", d.String(), "operation", w.Name(), "client", reapi.Client(ctx))
 	return e.follow(ctx, w, stream)
 }
 
-func (e *executionServer) WaitExecution(req *repb.WaitExecutionRequest, stream repb.Execution_WaitExecutionServer) error {
-	w, err := e.s.Wait(req.GetName(), owner(stream.Context()))
+// WaitExecution implements repb.ExecutionServer.
+func (e *Server) WaitExecution(req *repb.WaitExecutionRequest, stream repb.Execution_WaitExecutionServer) error {
+	w, err := e.s.Wait(stream.Context(), req.GetName(), owner(stream.Context()))
 	if err != nil {
 		return err
 	}
@@ -68,7 +77,7 @@ type opSender interface {
 }
 
 // follow streams the operation's stages until it is done or the client leaves.
-func (e *executionServer) follow(ctx context.Context, w *Watch, stream opSender) error {
+func (e *Server) follow(ctx context.Context, w Watch, stream opSender) error {
 	defer w.Close()
 	var seen repb.ExecutionStage_Value
 	for {
@@ -90,29 +99,30 @@ func (e *executionServer) follow(ctx context.Context, w *Watch, stream opSender)
 
 // sendFailed answers with one finished operation carrying err as its status.
 func sendFailed(stream opSender, d cache.Digest, err error) error {
-	op := &operation{name: "operations/failed", exec: &execution{action: d}}
-	p, perr := op.proto(repb.ExecutionStage_COMPLETED, &repb.ExecuteResponse{Status: statusProto(err)})
+	p, perr := Operation("operations/failed", d, repb.ExecutionStage_COMPLETED, &repb.ExecuteResponse{Status: StatusProto(err)})
 	if perr != nil {
 		return perr
 	}
 	return stream.Send(p)
 }
 
-func (e *executionServer) GetOperation(ctx context.Context, req *longrunningpb.GetOperationRequest) (*longrunningpb.Operation, error) {
-	return e.s.Get(req.GetName(), owner(ctx))
+// GetOperation implements longrunningpb.OperationsServer.
+func (e *Server) GetOperation(ctx context.Context, req *longrunningpb.GetOperationRequest) (*longrunningpb.Operation, error) {
+	return e.s.Get(ctx, req.GetName(), owner(ctx))
 }
 
 // CancelOperation ends the caller's operation; an execution merged with other
 // clients' goes on for them (see Scheduler.Cancel).
-func (e *executionServer) CancelOperation(ctx context.Context, req *longrunningpb.CancelOperationRequest) (*emptypb.Empty, error) {
-	if err := e.s.Cancel(req.GetName(), owner(ctx)); err != nil {
+func (e *Server) CancelOperation(ctx context.Context, req *longrunningpb.CancelOperationRequest) (*emptypb.Empty, error) {
+	if err := e.s.Cancel(ctx, req.GetName(), owner(ctx)); err != nil {
 		return nil, err
 	}
 	return &emptypb.Empty{}, nil
 }
 
-func (e *executionServer) DeleteOperation(ctx context.Context, req *longrunningpb.DeleteOperationRequest) (*emptypb.Empty, error) {
-	if err := e.s.Delete(req.GetName(), owner(ctx)); err != nil {
+// DeleteOperation implements longrunningpb.OperationsServer.
+func (e *Server) DeleteOperation(ctx context.Context, req *longrunningpb.DeleteOperationRequest) (*emptypb.Empty, error) {
+	if err := e.s.Delete(ctx, req.GetName(), owner(ctx)); err != nil {
 		return nil, err
 	}
 	return &emptypb.Empty{}, nil
@@ -126,11 +136,4 @@ func owner(ctx context.Context) string {
 		return ""
 	}
 	return c.Subject.CommonName
-}
-
-func statusProto(err error) *rpcstatus.Status {
-	if err == nil {
-		return &rpcstatus.Status{}
-	}
-	return status.Convert(err).Proto()
 }
