@@ -37,7 +37,7 @@ See docs/rebuild.md for the layout.`,
 				return statusErr(err)
 			}
 			ctx := cmd.Context()
-			eng, err := engine.Open(ctx, engine.Options{Data: engine.DataDir(data), NoSandbox: true, Logger: quietLogger(), Version: version})
+			eng, err := engine.Open(ctx, engine.Options{Data: engine.DataDir(data), Execution: engine.ExecutionConfig{Disabled: true}, Logger: quietLogger(), Version: version})
 			if err != nil {
 				return statusErr(err)
 			}
@@ -107,7 +107,7 @@ nothing quarantined); 2 usage or set-up error.`,
 			}
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
-			eng, err := engine.Open(ctx, engine.Options{Data: engine.DataDir(data), Logger: quietLogger(), Version: version, NoSandbox: remote != ""})
+			eng, err := engine.Open(ctx, engine.Options{Data: engine.DataDir(data), Logger: quietLogger(), Version: version, Execution: engine.ExecutionConfig{Disabled: remote != ""}})
 			if err != nil {
 				return &exitError{code: 2, msg: statusErr(err).Error()}
 			}

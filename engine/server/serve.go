@@ -24,65 +24,25 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/reflection"
-	"google.golang.org/grpc/status"
 )
-
-// ServerConfig configures `kiln serve`.
-type ServerConfig struct {
-	Listen              string // gRPC address
-	HTTPListen          string // /metrics and /healthz; empty disables
-	Data                engine.DataDir
-	MaxSize             int64 // store bound in bytes; 0 = unbounded
-	AllowClientACWrites bool
-	Fsync               bool
-	Logger              *slog.Logger
-	// Execution configures remote execution; with Disabled the server is a cache only.
-	Execution ExecutionConfig
-	// Lockfile and FetchAllow configure the Remote Asset API (package engine/asset):
-	// serve only downloads pinned in the lockfile, from these hosts.
-	Lockfile   string
-	FetchAllow []string
-	// ExecutorKeyFile is the operator's signing key; empty uses the data dir's own.
-	ExecutorKeyFile string
-	// Version is kiln's version, recorded in every link.
-	Version string
-	// TLS, if enabled, makes the gRPC listener TLS (and mTLS with a client CA).
-	TLS TLSFiles
-	// HTTPTLS serves /metrics and /healthz over TLS too, with TLS's certificate (and
-	// client certificates when TLS.ClientCA is set).
-	HTTPTLS bool
-	// AuthzFile, if set, is the authorization policy (AuthzPolicy, JSON): what each
-	// client certificate may do. It needs TLS.ClientCA.
-	AuthzFile string
-	// Ready, if set, is called with the bound addresses once the server accepts calls.
-	Ready func(grpcAddr, httpAddr string)
-}
 
 // ClientACNamespace is where client-written action results are kept (see
 // cache.WithNamespace).
 const ClientACNamespace = "\x00client-written"
 
-// ExecutionConfig configures the Execution service of `kiln serve`.
-type ExecutionConfig struct {
-	Disabled                        bool
-	DefaultToolchain                string
-	Concurrency                     int
-	MaxQueue                        int
-	DefaultTimeout, MaxTimeout      time.Duration
-	IgnoreUnknownPlatformProperties bool
-	VerifyRate                      float64 // fraction of actions checked for determinism
-}
-
 // drainTimeout bounds how long a graceful shutdown waits for calls in flight.
 const drainTimeout = 10 * time.Second
 
 // Serve runs the REAPI server until ctx is cancelled, then drains calls in flight.
-func Serve(ctx context.Context, cfg ServerConfig) error {
+func Serve(ctx context.Context, cfg Config) error {
+	if err := cfg.Check(); err != nil {
+		return err
+	}
+	cfg = cfg.Resolved()
 	log := cfg.Logger
 	if log == nil {
 		log = slog.Default()
@@ -90,22 +50,13 @@ func Serve(ctx context.Context, cfg ServerConfig) error {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 
-	if err := cfg.TLS.check(); err != nil {
-		return err
-	}
 	var authz *AuthzPolicy
 	if cfg.AuthzFile != "" {
-		if cfg.TLS.ClientCA == "" {
-			return status.Error(codes.InvalidArgument, "--authz needs --tls-client-ca: the policy names clients by their verified certificates")
-		}
 		p, err := LoadAuthzPolicy(cfg.AuthzFile)
 		if err != nil {
 			return err
 		}
 		authz = p
-	}
-	if cfg.HTTPTLS && !cfg.TLS.Enabled() {
-		return status.Error(codes.InvalidArgument, "--http-tls needs --tls-cert and --tls-key")
 	}
 	var creds grpc.ServerOption
 	var httpTLS *tls.Config
@@ -127,11 +78,6 @@ func Serve(ctx context.Context, cfg ServerConfig) error {
 			}}
 		}
 	}
-	if cfg.AllowClientACWrites && !cfg.Execution.Disabled {
-		// A client that may write results could plant one for any action this server
-		// executes; the two roles do not mix.
-		return status.Error(codes.InvalidArgument, "--allow-client-ac-writes is for cache-only deployments: add --no-execution (an executor must be the only writer of its action cache)")
-	}
 	var lock *lockfiles.Lockfile
 	if cfg.Lockfile != "" {
 		l, err := lockfiles.Load(cfg.Lockfile)
@@ -140,15 +86,9 @@ func Serve(ctx context.Context, cfg ServerConfig) error {
 		}
 		lock = l
 	}
-	eng, err := engine.Open(ctx, engine.Options{
-		Data: cfg.Data, Primary: true, MaxSize: cfg.MaxSize, Fsync: cfg.Fsync, Logger: log, Registerer: reg,
-		DefaultToolchain: cfg.Execution.DefaultToolchain, Concurrency: cfg.Execution.Concurrency,
-		MaxQueue: cfg.Execution.MaxQueue, DefaultTimeout: cfg.Execution.DefaultTimeout,
-		MaxTimeout: cfg.Execution.MaxTimeout, IgnoreUnknownPlatformProperties: cfg.Execution.IgnoreUnknownPlatformProperties,
-		NoSandbox: cfg.Execution.Disabled, Prestart: cfg.Execution.Concurrency,
-		Pinner: pinner(lock), ExecutorKeyFile: cfg.ExecutorKeyFile, Version: cfg.Version,
-		VerifyRate: cfg.Execution.VerifyRate,
-	})
+	opts := cfg.Options
+	opts.Primary, opts.Logger, opts.Registerer, opts.Pinner = true, log, reg, pinner(lock)
+	eng, err := engine.Open(ctx, opts)
 	if err != nil {
 		return err
 	}

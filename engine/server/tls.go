@@ -17,8 +17,9 @@ import (
 // TLSFiles names the PEM files of the gRPC listener's TLS: the server's certificate
 // chain and key, and optionally the CAs whose client certificates it requires (mTLS).
 type TLSFiles struct {
-	Cert, Key string
-	ClientCA  string
+	Cert     string `yaml:"tls-cert"`
+	Key      string `yaml:"tls-key"`
+	ClientCA string `yaml:"tls-client-ca"`
 }
 
 // Enabled reports whether TLS is configured.
