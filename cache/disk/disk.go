@@ -656,7 +656,7 @@ func (s *Store) stampForeign() {
 	if s.primary != nil {
 		return
 	}
-	now := time.Now()
+	now := time.Now() // not s.now: the stamp is compared across processes, by its change
 	if err := os.Chtimes(s.stampPath(), now, now); err != nil {
 		if f, err := os.OpenFile(s.stampPath(), os.O_CREATE|os.O_WRONLY, 0o644); err == nil {
 			f.Close()

@@ -16,6 +16,7 @@ import (
 	"github.com/kilnbuild/kiln/cache"
 	"github.com/kilnbuild/kiln/engine/execution"
 	"github.com/kilnbuild/kiln/engine/executor"
+	"github.com/kilnbuild/kiln/internal/clock"
 	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -35,6 +36,9 @@ type SchedulerConfig struct {
 	// for one of them to come back with WaitExecution (a dropped stream); default 30 s.
 	// An execution whose every operation was cancelled stops at once.
 	CancelGrace time.Duration
+	// Clock times retention and the cancel grace (and the determinism check's runs);
+	// nil is the system clock.
+	Clock clock.Clock
 }
 
 // Scheduler queues executions, merges identical ones in flight, bounds concurrency and
@@ -66,7 +70,7 @@ type flight struct {
 	stage   repb.ExecutionStage_Value
 	waiters int           // watches of operations not cancelled; 0 for CancelGrace on an unfinished run cancels it
 	live    int           // operations not cancelled; 0 on an unfinished run cancels it at once
-	grace   *time.Timer   // running while waiters == 0 on an unfinished run
+	grace   clock.Timer   // running while waiters == 0 on an unfinished run
 	changed chan struct{} // closed and replaced on every change of the execution or its operations
 	resp    *repb.ExecuteResponse
 	cancel  context.CancelFunc
@@ -116,6 +120,9 @@ func NewScheduler(exec *executor.Executor, cfg SchedulerConfig) *Scheduler {
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Clock == nil {
+		cfg.Clock = clock.System()
 	}
 	s := &Scheduler{exec: exec, cfg: cfg, log: cfg.Logger, slot: make(chan struct{}, cfg.Concurrency),
 		inflight: map[string]*flight{}, ops: map[string]*operation{}}
@@ -183,6 +190,7 @@ func (s *Scheduler) Submit(ctx context.Context, req execution.Request) (executio
 	w := s.newOpLocked(ex, req.Owner)
 	s.mu.Unlock()
 
+	// Queued is wall-clock time, as the executor's own timestamps in the result are.
 	go s.run(opCtx, ex, executor.Request{Instance: req.Instance, ActionDigest: req.ActionDigest, Queued: time.Now()}, a)
 	return w, nil
 }
@@ -301,7 +309,7 @@ func (s *Scheduler) setStage(ex *flight, st repb.ExecutionStage_Value) {
 
 // finish publishes the response and retires the execution from the in-flight set.
 func (s *Scheduler) finish(ex *flight, resp *repb.ExecuteResponse) {
-	now := time.Now()
+	now := s.cfg.Clock.Now()
 	s.mu.Lock()
 	ex.resp = resp
 	ex.stage = repb.ExecutionStage_COMPLETED
@@ -370,7 +378,7 @@ func (s *Scheduler) Cancel(_ context.Context, name, owner string) error {
 		return nil
 	}
 	op.resp = &repb.ExecuteResponse{Status: execution.StatusProto(status.Error(codes.Canceled, "cancelled by CancelOperation"))}
-	op.doneAt = time.Now()
+	op.doneAt = s.cfg.Clock.Now()
 	op.exec.live--
 	s.release(op.exec, op.waiters)
 	op.exec.notify()
@@ -390,7 +398,7 @@ func (s *Scheduler) release(ex *flight, n int) {
 		return
 	}
 	if ex.grace == nil {
-		ex.grace = time.AfterFunc(s.cfg.CancelGrace, func() {
+		ex.grace = s.cfg.Clock.AfterFunc(s.cfg.CancelGrace, func() {
 			s.mu.Lock()
 			defer s.mu.Unlock()
 			ex.grace = nil

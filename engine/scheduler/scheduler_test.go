@@ -13,20 +13,46 @@ import (
 	"github.com/kilnbuild/kiln/cache"
 	"github.com/kilnbuild/kiln/engine/execution"
 	"github.com/kilnbuild/kiln/engine/executor/executortest"
+	"github.com/kilnbuild/kiln/internal/clock"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 )
 
-// testEnv is a scheduler over an executor that runs the fake sandbox.
+// testEnv is a scheduler over an executor that runs the fake sandbox, on a fake clock.
 type testEnv struct {
 	*executortest.Env
 	sched *Scheduler
+	clock *clock.Fake
 }
 
 func newTestEnv(t *testing.T, conc int) *testEnv {
 	t.Helper()
-	e := executortest.NewEnv(t, nil)
-	return &testEnv{Env: e, sched: NewScheduler(e.Exec, SchedulerConfig{Concurrency: conc, MaxQueue: 4, CancelGrace: 50 * time.Millisecond})}
+	e := &testEnv{Env: executortest.NewEnv(t, nil), clock: clock.NewFake(time.Date(2030, 1, 1, 0, 0, 0, 0, time.UTC))}
+	e.sched = NewScheduler(e.Exec, SchedulerConfig{Concurrency: conc, MaxQueue: 4, CancelGrace: time.Minute, Clock: e.clock})
+	return e
+}
+
+// waitDone waits until the operation called name is done (its run ended: the fake
+// sandbox answers cancellation at once) and returns its response.
+func (e *testEnv) waitDone(t *testing.T, name string) *repb.ExecuteResponse {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		op, err := e.sched.Get(context.Background(), name, "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if op.GetDone() {
+			resp := &repb.ExecuteResponse{}
+			if err := op.GetResponse().UnmarshalTo(resp); err != nil {
+				t.Fatal(err)
+			}
+			return resp
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	t.Fatalf("operation %s still running after 10 s", name)
+	return nil
 }
 
 func (e *testEnv) run(t *testing.T, d cache.Digest) (*repb.ExecuteResponse, error) {
@@ -107,18 +133,9 @@ func TestMergeAndCancel(t *testing.T) {
 	w2, _ := e.sched.Wait(context.Background(), w.Name(), "")
 	w.Close()
 	w2.Close()
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		e.sched.mu.Lock()
-		done := e.sched.ops[w.Name()].exec.resp != nil
-		e.sched.mu.Unlock()
-		if done {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("execution not cancelled after every client left")
-		}
-		time.Sleep(10 * time.Millisecond)
+	e.clock.Advance(time.Minute) // the cancel grace
+	if resp := e.waitDone(t, w.Name()); resp.GetResult().GetExitCode() != 137 && codes.Code(resp.GetStatus().GetCode()) != codes.Canceled {
+		t.Fatalf("execution whose clients all left ended with %v, want it killed", resp)
 	}
 
 	// Backpressure: one running, MaxQueue (4) waiting, the next is refused.
@@ -246,7 +263,7 @@ func TestCancelOperationMerged(t *testing.T) {
 // is forgotten (NOT_FOUND).
 func TestOperationRetention(t *testing.T) {
 	e := newTestEnv(t, 1)
-	e.sched = NewScheduler(e.Exec, SchedulerConfig{Concurrency: 1, Retain: 200 * time.Millisecond})
+	e.sched = NewScheduler(e.Exec, SchedulerConfig{Concurrency: 1, Retain: 200 * time.Millisecond, Clock: e.clock})
 	root := e.Put(t, &repb.Directory{})
 	run := func(word string) string {
 		w, err := e.sched.Submit(context.Background(), execution.Request{ActionDigest: e.Action(t, &repb.Command{Arguments: []string{"echo", word}}, root, nil)})
@@ -265,7 +282,7 @@ func TestOperationRetention(t *testing.T) {
 	} else {
 		w.Close()
 	}
-	time.Sleep(300 * time.Millisecond)
+	e.clock.Advance(300 * time.Millisecond)
 	run("b") // finishing another operation forgets the expired ones
 	if _, err := e.sched.Wait(context.Background(), first, ""); status.Code(err) != codes.NotFound {
 		t.Fatalf("operation past its retention: %v, want NOT_FOUND", err)
@@ -312,10 +329,11 @@ func TestOperationOwner(t *testing.T) {
 
 // TestCancelGrace: a client whose stream dropped (its only watch closed) and that comes
 // back with WaitExecution within the grace period finds its execution still running and
-// gets the result; nothing ran twice.
+// gets the result; nothing ran twice. One that does not come back within it has its
+// execution cancelled.
 func TestCancelGrace(t *testing.T) {
 	e := newTestEnv(t, 1)
-	e.sched = NewScheduler(e.Exec, SchedulerConfig{Concurrency: 1, CancelGrace: time.Hour})
+	e.sched = NewScheduler(e.Exec, SchedulerConfig{Concurrency: 1, CancelGrace: time.Hour, Clock: e.clock})
 	e.Sandbox.Release = make(chan struct{})
 	e.Sandbox.Started = make(chan string, 4)
 	root := e.Put(t, &repb.Directory{})
@@ -326,6 +344,7 @@ func TestCancelGrace(t *testing.T) {
 	}
 	<-e.Sandbox.Started
 	w.Close() // the stream dropped
+	e.clock.Advance(59 * time.Minute)
 	back, err := e.sched.Wait(context.Background(), w.Name(), "")
 	if err != nil {
 		t.Fatalf("WaitExecution after the stream dropped: %v", err)
@@ -338,6 +357,24 @@ func TestCancelGrace(t *testing.T) {
 	}
 	if n := e.Sandbox.Runs.Load(); n != 1 {
 		t.Fatalf("ran %d times", n)
+	}
+
+	// Gone for the whole grace: cancelled, and only then.
+	e.Sandbox.Release = make(chan struct{})
+	defer close(e.Sandbox.Release)
+	w, err = e.sched.Submit(context.Background(), execution.Request{ActionDigest: e.Action(t, &repb.Command{Arguments: []string{"block", "echo", "gone"}}, root, nil)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	<-e.Sandbox.Started
+	w.Close()
+	e.clock.Advance(time.Hour - time.Second)
+	if op, err := e.sched.Get(context.Background(), w.Name(), ""); err != nil || op.GetDone() {
+		t.Fatalf("before the grace ran out: %v %v, want it running", op, err)
+	}
+	e.clock.Advance(time.Second)
+	if resp := e.waitDone(t, w.Name()); resp.GetResult().GetExitCode() != 137 && codes.Code(resp.GetStatus().GetCode()) != codes.Canceled {
+		t.Fatalf("after the grace: %v, want it killed", resp)
 	}
 }
 

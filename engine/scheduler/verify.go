@@ -33,11 +33,11 @@ type serverVerify struct {
 	mNondet  prometheus.Counter
 	mOutcome *prometheus.CounterVec
 	mRuns    prometheus.Counter
-	clock    verify.Clock // nil: the real one
+	clock    verify.Clock
 }
 
 func newServerVerify(exec *executor.Executor, cfg SchedulerConfig) *serverVerify {
-	v := &serverVerify{exec: exec, rate: cfg.VerifyRate, log: cfg.Logger,
+	v := &serverVerify{exec: exec, rate: cfg.VerifyRate, log: cfg.Logger, clock: cfg.Clock,
 		mNondet: prometheus.NewCounter(prometheus.CounterOpts{Name: "kiln_nondeterministic_actions_total",
 			Help: "Actions whose determinism check found outputs that differ (their results are not cached)."}),
 		mOutcome: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "kiln_verified_actions_total",

@@ -15,6 +15,7 @@ import (
 	"github.com/kilnbuild/kiln/cache"
 	"github.com/kilnbuild/kiln/engine/executor"
 	"github.com/kilnbuild/kiln/engine/executor/executortest"
+	"github.com/kilnbuild/kiln/internal/clock"
 	"github.com/kilnbuild/kiln/sandbox"
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
@@ -72,8 +73,8 @@ func newVerifyEnv(t *testing.T, conc int, rate float64) *verifyEnv {
 	vsb := &variantSandbox{}
 	att := &noteAttester{}
 	e := &testEnv{Env: executortest.NewEnv(t, func(c *executor.ExecutorConfig) { c.Sandbox, c.Attester = vsb, att })}
-	s := NewScheduler(e.Exec, SchedulerConfig{Concurrency: conc, MaxQueue: 100, VerifyRate: rate, Registerer: prometheus.NewRegistry()})
-	s.verify.clock = &skipClock{}
+	s := NewScheduler(e.Exec, SchedulerConfig{Concurrency: conc, MaxQueue: 100, VerifyRate: rate, Registerer: prometheus.NewRegistry(),
+		Clock: clock.NewFake(time.Date(2030, 1, 1, 0, 0, 0, 0, time.UTC))})
 	e.sched = s
 	return &verifyEnv{testEnv: e, vsb: vsb, att: att, sched: s}
 }
@@ -251,25 +252,6 @@ func counterValue(c prometheus.Counter) float64 {
 		return -1
 	}
 	return m.GetCounter().GetValue()
-}
-
-// skipClock is the real clock, moved forward instead of slept on.
-type skipClock struct {
-	mu   sync.Mutex
-	skip time.Duration
-}
-
-func (c *skipClock) Now() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return time.Now().Add(c.skip)
-}
-
-func (c *skipClock) Sleep(_ context.Context, d time.Duration) error {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.skip += d
-	return nil
 }
 
 func digestOf(p *repb.Digest) cache.Digest { d, _ := cache.FromProto(p); return d }
