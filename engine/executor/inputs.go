@@ -54,57 +54,47 @@ type inputTree struct {
 // with a MISSING violation for each, so the client uploads them and retries.
 func fetchTree(ctx context.Context, cas cache.BlobStore, root cache.Digest) (*inputTree, error) {
 	t := &inputTree{}
-	type item struct {
-		path  string
-		d     cache.Digest
-		depth int
+	read := cache.DirectoriesIn(cas, maxDirectorySize)
+	blobSeen := map[cache.Digest]bool{}
+	get := func(ctx context.Context, d cache.Digest) (*repb.Directory, error) {
+		dir, err := read(ctx, d)
+		if err == nil {
+			err = validateDirectory(dir)
+		}
+		if err == nil && !blobSeen[d] {
+			blobSeen[d] = true
+			t.dirBlobs = append(t.dirBlobs, d)
+		}
+		return dir, err
 	}
-	cached := map[cache.Digest]*repb.Directory{}
 	var missing []cache.Digest
 	missingSeen := map[cache.Digest]bool{}
-	queue := []item{{"", root, 0}}
 	nodes := 0
-	for len(queue) > 0 {
-		it := queue[0]
-		queue = queue[1:]
-		dir, ok := cached[it.d]
-		if !ok {
-			dir = &repb.Directory{}
-			err := cache.ReadProto(ctx, cas, it.d, dir, maxDirectorySize)
-			switch {
-			case status.Code(err) == codes.NotFound || status.Code(err) == codes.DataLoss:
-				if !missingSeen[it.d] {
-					missingSeen[it.d] = true
-					missing = append(missing, it.d)
-				}
-				continue
-			case err != nil:
-				return nil, grpcerr.Wrap(err, "input directory %q (%s)", it.path, it.d)
+	// Every path, not every distinct directory: the exec root holds the tree expanded.
+	w := cache.NewWalk(root, get, cache.WalkOptions{MaxDepth: MaxTreeDepth})
+	for !w.Done() {
+		it, dir, err := w.Next(ctx)
+		switch {
+		case status.Code(err) == codes.NotFound || status.Code(err) == codes.DataLoss:
+			if !missingSeen[it.Digest] {
+				missingSeen[it.Digest] = true
+				missing = append(missing, it.Digest)
 			}
-			if err := validateDirectory(dir); err != nil {
-				return nil, grpcerr.Wrap(err, "input directory %q (%s)", displayPath(it.path), it.d)
-			}
-			cached[it.d] = dir
-			t.dirBlobs = append(t.dirBlobs, it.d)
+			continue
+		case err != nil:
+			return nil, grpcerr.Wrap(err, "input directory %q (%s)", displayPath(it.Path), it.Digest)
 		}
-		t.dirs = append(t.dirs, it.path)
+		t.dirs = append(t.dirs, it.Path)
 		nodes += 1 + len(dir.GetFiles()) + len(dir.GetSymlinks())
 		if nodes > maxTreeNodes {
 			return nil, status.Errorf(codes.InvalidArgument, "input tree has more than %d nodes", maxTreeNodes)
 		}
 		for _, f := range dir.GetFiles() {
 			d, _ := cache.FromProto(f.GetDigest()) // validated above
-			t.files = append(t.files, inputFile{path.Join(it.path, f.GetName()), d, f.GetIsExecutable()})
+			t.files = append(t.files, inputFile{path.Join(it.Path, f.GetName()), d, f.GetIsExecutable()})
 		}
 		for _, s := range dir.GetSymlinks() {
-			t.symlinks = append(t.symlinks, inputSymlink{path.Join(it.path, s.GetName()), s.GetTarget()})
-		}
-		for _, sub := range dir.GetDirectories() {
-			if it.depth+1 > MaxTreeDepth {
-				return nil, status.Errorf(codes.InvalidArgument, "input tree deeper than %d levels at %q", MaxTreeDepth, path.Join(it.path, sub.GetName()))
-			}
-			d, _ := cache.FromProto(sub.GetDigest())
-			queue = append(queue, item{path.Join(it.path, sub.GetName()), d, it.depth + 1})
+			t.symlinks = append(t.symlinks, inputSymlink{path.Join(it.Path, s.GetName()), s.GetTarget()})
 		}
 	}
 	if err := t.checkSymlinks(); err != nil {

@@ -221,13 +221,12 @@ func WriteOutputs(ctx context.Context, cas cache.BlobStore, r *repb.ActionResult
 		if err := cache.ReadProto(ctx, cas, td, tree, cache.MaxTreeSize); err != nil {
 			return err
 		}
-		children := map[cache.Digest]*repb.Directory{}
-		for _, c := range tree.GetChildren() {
-			_, d, _ := cache.DigestOfProto(c)
-			children[d] = c
+		root, dirs, err := cache.TreeDirectories(tree)
+		if err != nil {
+			return err
 		}
-		var write func(dir *repb.Directory, rel string) error
-		write = func(dir *repb.Directory, rel string) error {
+		err = cache.WalkAll(ctx, root, dirs, cache.WalkOptions{MaxDepth: MaxTreeDepth}, func(it cache.WalkItem, dir *repb.Directory) error {
+			rel := path.Join(od.GetPath(), it.Path)
 			if err := os.MkdirAll(filepath.Join(dest, filepath.FromSlash(rel)), 0o755); err != nil {
 				return err
 			}
@@ -243,21 +242,12 @@ func WriteOutputs(ctx context.Context, cas cache.BlobStore, r *repb.ActionResult
 					return err
 				}
 			}
-			for _, sd := range dir.GetDirectories() {
-				d, _ := cache.FromProto(sd.GetDigest())
-				c, ok := children[d]
-				if !ok {
-					return fmt.Errorf("tree %s lacks directory %s", td, d)
-				}
-				if err := write(c, path.Join(rel, sd.GetName())); err != nil {
-					return err
-				}
-			}
 			return nil
-		}
-		if err := write(tree.GetRoot(), od.GetPath()); err != nil {
+		})
+		if err != nil {
 			return fmt.Errorf("write output directory %s: %w", od.GetPath(), err)
 		}
+
 	}
 	return nil
 }

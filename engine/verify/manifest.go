@@ -119,19 +119,12 @@ func addTree(ctx context.Context, cas cache.BlobStore, od *repb.OutputDirectory,
 	if err := cache.ReadProto(ctx, cas, td, tree, cache.MaxTreeSize); err != nil {
 		return grpcerr.Wrap(err, "output directory %s: tree %s", od.GetPath(), td)
 	}
-	children := map[cache.Digest]*repb.Directory{}
-	for _, c := range tree.GetChildren() {
-		_, d, err := cache.DigestOfProto(c)
-		if err != nil {
-			return err
-		}
-		children[d] = c
+	root, dirs, err := cache.TreeDirectories(tree)
+	if err != nil {
+		return err
 	}
-	var walk func(dir *repb.Directory, rel string, depth int) error
-	walk = func(dir *repb.Directory, rel string, depth int) error {
-		if depth > 512 {
-			return status.Errorf(codes.InvalidArgument, "output directory %s: tree nested too deep", od.GetPath())
-		}
+	err = cache.WalkAll(ctx, root, dirs, cache.WalkOptions{MaxDepth: 512}, func(it cache.WalkItem, dir *repb.Directory) error {
+		rel := path.Join(od.GetPath(), it.Path)
 		out[rel] = Entry{Kind: KindDirectory}
 		for _, f := range dir.GetFiles() {
 			d, err := cache.FromProto(f.GetDigest())
@@ -143,22 +136,9 @@ func addTree(ctx context.Context, cas cache.BlobStore, od *repb.OutputDirectory,
 		for _, s := range dir.GetSymlinks() {
 			out[path.Join(rel, s.GetName())] = Entry{Kind: KindSymlink, Target: s.GetTarget()}
 		}
-		for _, sd := range dir.GetDirectories() {
-			d, err := cache.FromProto(sd.GetDigest())
-			if err != nil {
-				return grpcerr.Wrap(err, "output %s", path.Join(rel, sd.GetName()))
-			}
-			c, ok := children[d]
-			if !ok {
-				return status.Errorf(codes.InvalidArgument, "output directory %s: tree %s lacks directory %s", od.GetPath(), td, d)
-			}
-			if err := walk(c, path.Join(rel, sd.GetName()), depth+1); err != nil {
-				return err
-			}
-		}
 		return nil
-	}
-	return walk(tree.GetRoot(), od.GetPath(), 0)
+	})
+	return grpcerr.Wrap(err, "output directory %s: tree %s", od.GetPath(), td)
 }
 
 // Count is the number of outputs (files, symlinks, directories) in m.
