@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"io"
-	"net"
 	"sync"
 	"testing"
 
@@ -12,9 +11,9 @@ import (
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"github.com/kilnbuild/kiln/cache"
 	"github.com/kilnbuild/kiln/engine/execution"
+	"github.com/kilnbuild/kiln/internal/grpctest"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 )
 
@@ -98,20 +97,7 @@ func (f *fakeScheduler) Delete(_ context.Context, name, owner string) error {
 
 func serve(t *testing.T, s execution.Scheduler) *grpc.ClientConn {
 	t.Helper()
-	g := grpc.NewServer()
-	execution.NewServer(s, nil).Register(g)
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	go g.Serve(lis)
-	t.Cleanup(g.Stop)
-	conn, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { conn.Close() })
-	return conn
+	return grpctest.Serve(t, func(g *grpc.Server) { execution.NewServer(s, nil).Register(g) })
 }
 
 func collect(t *testing.T, stream interface {

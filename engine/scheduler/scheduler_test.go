@@ -32,6 +32,26 @@ func newTestEnv(t *testing.T, conc int) *testEnv {
 	return e
 }
 
+// blocked makes the fake sandbox hold every run until Release is closed (reporting
+// each start on Started) and stores an action that writes output o, on an empty root.
+func (e *testEnv) blocked(t *testing.T) (root, action cache.Digest) {
+	t.Helper()
+	e.Sandbox.Release = make(chan struct{})
+	e.Sandbox.Started = make(chan string, 16)
+	root = e.Put(t, &repb.Directory{})
+	return root, e.Action(t, &repb.Command{Arguments: []string{"block", "write", "o", "x"}, OutputFiles: []string{"o"}}, root, nil)
+}
+
+// submit submits action d and fails t if the scheduler refuses it.
+func (e *testEnv) submit(t *testing.T, d cache.Digest) execution.Watch {
+	t.Helper()
+	w, err := e.sched.Submit(context.Background(), execution.Request{ActionDigest: d})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return w
+}
+
 // waitDone waits until the operation called name is done (its run ended: the fake
 // sandbox answers cancellation at once) and returns its response.
 func (e *testEnv) waitDone(t *testing.T, name string) *repb.ExecuteResponse {
@@ -91,10 +111,7 @@ func TestCacheHitRunsNothing(t *testing.T) {
 // client leaves is cancelled; a full queue pushes back.
 func TestMergeAndCancel(t *testing.T) {
 	e := newTestEnv(t, 1)
-	e.Sandbox.Release = make(chan struct{})
-	e.Sandbox.Started = make(chan string, 16)
-	root := e.Put(t, &repb.Directory{})
-	d := e.Action(t, &repb.Command{Arguments: []string{"block", "write", "o", "x"}, OutputFiles: []string{"o"}}, root, nil)
+	root, d := e.blocked(t)
 	var ws []execution.Watch
 	for i := 0; i < 5; i++ {
 		w, err := e.sched.Submit(context.Background(), execution.Request{ActionDigest: d})
@@ -169,20 +186,11 @@ func TestMergeAndCancel(t *testing.T) {
 // the others, and it is cancelled when the last one cancels.
 func TestCancelOperationMerged(t *testing.T) {
 	e := newTestEnv(t, 1)
-	e.Sandbox.Release = make(chan struct{})
-	e.Sandbox.Started = make(chan string, 16)
-	root := e.Put(t, &repb.Directory{})
-	d := e.Action(t, &repb.Command{Arguments: []string{"block", "write", "o", "x"}, OutputFiles: []string{"o"}}, root, nil)
-	a, err := e.sched.Submit(context.Background(), execution.Request{ActionDigest: d})
-	if err != nil {
-		t.Fatal(err)
-	}
+	root, d := e.blocked(t)
+	a := e.submit(t, d)
 	defer a.Close()
 	<-e.Sandbox.Started
-	b, err := e.sched.Submit(context.Background(), execution.Request{ActionDigest: d})
-	if err != nil {
-		t.Fatal(err)
-	}
+	b := e.submit(t, d)
 	defer b.Close()
 	if a.Name() == b.Name() {
 		t.Fatalf("merged clients share the operation name %s: one could cancel the other's", a.Name())
@@ -334,14 +342,8 @@ func TestOperationOwner(t *testing.T) {
 func TestCancelGrace(t *testing.T) {
 	e := newTestEnv(t, 1)
 	e.sched = NewScheduler(e.Exec, SchedulerConfig{Concurrency: 1, CancelGrace: time.Hour, Clock: e.clock})
-	e.Sandbox.Release = make(chan struct{})
-	e.Sandbox.Started = make(chan string, 4)
-	root := e.Put(t, &repb.Directory{})
-	d := e.Action(t, &repb.Command{Arguments: []string{"block", "write", "o", "x"}, OutputFiles: []string{"o"}}, root, nil)
-	w, err := e.sched.Submit(context.Background(), execution.Request{ActionDigest: d})
-	if err != nil {
-		t.Fatal(err)
-	}
+	root, d := e.blocked(t)
+	w := e.submit(t, d)
 	<-e.Sandbox.Started
 	w.Close() // the stream dropped
 	e.clock.Advance(59 * time.Minute)

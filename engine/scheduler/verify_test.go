@@ -115,12 +115,8 @@ func TestServerVerifyDeterministicIsCached(t *testing.T) {
 	if len(e.att.notes) != 1 || len(e.att.notes[0]) != 1 || !strings.HasPrefix(e.att.notes[0][0], "kiln-verify: 3 runs, deterministic") {
 		t.Fatalf("link notes %q", e.att.notes)
 	}
-	if got := counterValue(e.sched.verify.mOutcome.WithLabelValues("deterministic")); got != 1 {
-		t.Fatalf("deterministic outcome counted %v", got)
-	}
-	if got := counterValue(e.sched.verify.mNondet); got != 0 {
-		t.Fatalf("nondeterministic counted %v", got)
-	}
+	wantCount(t, e.sched.verify.mOutcome.WithLabelValues("deterministic"), 1, "deterministic outcome")
+	wantCount(t, e.sched.verify.mNondet, 0, "nondeterministic")
 }
 
 func TestServerVerifyNondeterministicIsNotCached(t *testing.T) {
@@ -152,9 +148,7 @@ func TestServerVerifyNondeterministicIsNotCached(t *testing.T) {
 		if e.vsb.Runs.Load()-before < 3 {
 			t.Fatalf("execute %d ran %d times", i, e.vsb.Runs.Load()-before)
 		}
-		if got := counterValue(e.sched.verify.mNondet); got != float64(i) {
-			t.Fatalf("kiln_nondeterministic_actions_total %v after %d", got, i)
-		}
+		wantCount(t, e.sched.verify.mNondet, float64(i), fmt.Sprintf("kiln_nondeterministic_actions_total after %d", i))
 	}
 	if len(e.att.notes) != 2 || !strings.Contains(e.att.notes[0][0], "NONDETERMINISTIC: out differs under hostname") {
 		t.Fatalf("link notes %q", e.att.notes)
@@ -183,9 +177,7 @@ func TestServerVerifyTakesSlots(t *testing.T) {
 	if m := e.vsb.most.Load(); m > 2 {
 		t.Fatalf("%d sandbox runs at once with concurrency 2", m)
 	}
-	if got := counterValue(e.sched.verify.mNondet); got != 6 {
-		t.Fatalf("nondeterministic %v, want 6", got)
-	}
+	wantCount(t, e.sched.verify.mNondet, 6, "nondeterministic")
 }
 
 func TestServerVerifyRateAndFailures(t *testing.T) {
@@ -209,9 +201,7 @@ func TestServerVerifyRateAndFailures(t *testing.T) {
 	if e.vsb.Runs.Load()-before != 1 || resp.GetResult().GetExitCode() != 1 || resp.GetMessage() != "" {
 		t.Fatalf("failing action ran %d times, message %q", e.vsb.Runs.Load()-before, resp.GetMessage())
 	}
-	if got := counterValue(e.sched.verify.mOutcome.WithLabelValues("skipped")); got != 1 {
-		t.Fatalf("skipped %v", got)
-	}
+	wantCount(t, e.sched.verify.mOutcome.WithLabelValues("skipped"), 1, "skipped")
 	// Rate 0: an action without the property runs once.
 	e0 := newVerifyEnv(t, 1, 0)
 	e0.run(t, e0.verifyAction(t, 0, "write", "out", "$HOST"))
@@ -245,13 +235,13 @@ func TestSampledByDigest(t *testing.T) {
 	}
 }
 
-// counterValue reads a counter's value.
-func counterValue(c prometheus.Counter) float64 {
+// wantCount fails t unless counter c (what it counts) stands at want.
+func wantCount(t *testing.T, c prometheus.Counter, want float64, what string) {
+	t.Helper()
 	var m dto.Metric
-	if err := c.Write(&m); err != nil {
-		return -1
+	if err := c.Write(&m); err != nil || m.GetCounter().GetValue() != want {
+		t.Fatalf("%s: %v (%v), want %v", what, m.GetCounter().GetValue(), err, want)
 	}
-	return m.GetCounter().GetValue()
 }
 
 func digestOf(p *repb.Digest) cache.Digest { d, _ := cache.FromProto(p); return d }

@@ -1,7 +1,6 @@
 package server
 
 import (
-	"bytes"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -10,10 +9,10 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
+	"github.com/kilnbuild/kiln/internal/logtest"
 	"github.com/kilnbuild/kiln/internal/testpki"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -36,7 +35,7 @@ func TestServerTLS(t *testing.T) {
 	replace(t, sCert, files.Cert)
 	replace(t, sKey, files.Key)
 
-	var logs syncBuffer
+	var logs logtest.Buffer
 	tc, err := serverTLS(files, slog.New(slog.NewTextHandler(&logs, nil)))
 	if err != nil {
 		t.Fatal(err)
@@ -111,24 +110,6 @@ func TestServerTLS(t *testing.T) {
 	if n := strings.Count(logs.String(), "keeping the certificates already loaded"); n != 1 {
 		t.Fatalf("a broken rotation warned %d times over 3 handshakes, want once:\n%s", n, logs.String())
 	}
-}
-
-// syncBuffer is a bytes.Buffer safe for the concurrent writes of a logger.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
 
 // TestTLSFilesCheck: incomplete or unreadable TLS configurations stop the server at
