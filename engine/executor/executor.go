@@ -5,14 +5,10 @@ package executor
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"fmt"
 	"log/slog"
 	"os"
 	"path"
-	"path/filepath"
-	"sort"
 	"strings"
 	"time"
 
@@ -23,8 +19,6 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
-	"google.golang.org/protobuf/types/known/durationpb"
-	"google.golang.org/protobuf/types/known/timestamppb"
 )
 
 // Sandbox runs one command in an isolated, ephemeral container; package sandbox
@@ -133,10 +127,12 @@ type ExecutorConfig struct {
 	Quarantined func(hash string) bool
 }
 
-// Executor runs actions: fetch, materialize, sandbox, collect, attest, cache.
+// Executor runs actions: fetch, materialize, sandbox, collect (sandboxRun), then
+// check, attest, quarantine, report and cache (stages.go).
 type Executor struct {
-	cfg ExecutorConfig
-	log *slog.Logger
+	cfg   ExecutorConfig
+	log   *slog.Logger
+	stage stage
 }
 
 // NewExecutor returns an Executor; WorkDir is created if needed.
@@ -157,7 +153,9 @@ func NewExecutor(cfg ExecutorConfig) (*Executor, error) {
 	if err := os.MkdirAll(cfg.WorkDir, 0o711); err != nil {
 		return nil, fmt.Errorf("create work dir: %w", err)
 	}
-	return &Executor{cfg: cfg, log: cfg.Logger}, nil
+	e := &Executor{cfg: cfg, log: cfg.Logger}
+	e.stage = stages(&e.cfg, e.log)
+	return e, nil
 }
 
 // CAS is the store the executor reads inputs from and writes outputs to.
@@ -194,6 +192,15 @@ type Execution struct {
 	Action   *repb.Action
 	Command  *repb.Command
 	Job      JobResult
+	// Toolchain is the manifest digest of the toolchain the action ran on.
+	Toolchain string
+	// Inputs lists every input file and symlink, by path from the input root.
+	Inputs []ProducedFile
+	// Notes are recorded in the action's link (an out-of-memory kill, a determinism
+	// check's outcome).
+	Notes []string
+	// Uncacheable keeps the result out of the action cache (a failed determinism check).
+	Uncacheable bool
 	// Attest is the time signing and recording the link took on the action's path.
 	Attest time.Duration
 	// ServerLogs, for ExecuteResponse.server_logs: "kiln-sandbox", a human-readable
@@ -333,278 +340,7 @@ func (e *Executor) CachedResult(ctx context.Context, instance string, d cache.Di
 	return e.cfg.AC.Get(ctx, cache.ActionKey{Instance: instance, Action: d})
 }
 
-// Execute runs a loaded action in a fresh sandbox and stores its result.
+// Execute runs a loaded action in a fresh sandbox, through every stage.
 func (e *Executor) Execute(ctx context.Context, req Request, a *Action) (*Execution, error) {
-	md := &repb.ExecutedActionMetadata{Worker: e.cfg.WorkerName, WorkerStartTimestamp: timestamppb.Now()}
-	if !req.Queued.IsZero() {
-		md.QueuedTimestamp = timestamppb.New(req.Queued)
-	}
-	ex := &Execution{Action: a.Action, Command: a.Command}
-
-	// Toolchain first: an unpinned image is refused before any input is fetched.
-	tcDigest, err := e.cfg.Toolchains.Resolve(ctx, a.Platform.ContainerImage)
-	if err != nil {
-		return nil, err
-	}
-	md.InputFetchStartTimestamp = timestamppb.Now()
-	rootfs, err := e.cfg.Toolchains.RootFS(ctx, tcDigest)
-	if err != nil {
-		return nil, err
-	}
-	inputRoot, _ := cache.FromProto(a.Action.GetInputRootDigest())
-	tree, err := fetchTree(ctx, e.cfg.CAS, inputRoot)
-	if err != nil {
-		return nil, err
-	}
-	dir, err := e.newRunDir()
-	if err != nil {
-		return nil, err
-	}
-	defer os.RemoveAll(dir)
-	execRoot := filepath.Join(dir, "root")
-	if err := os.Mkdir(execRoot, 0o755); err != nil {
-		return nil, status.Errorf(codes.Internal, "create exec root: %v", err)
-	}
-	m := &materializer{cas: e.cfg.CAS, local: e.cfg.Local, uid: e.cfg.UID, gid: e.cfg.GID}
-	if err := m.materialize(ctx, execRoot, tree); err != nil {
-		return nil, err
-	}
-	if err := e.makeOutputDirs(execRoot, a.Command); err != nil {
-		return nil, err
-	}
-	md.InputFetchCompletedTimestamp = timestamppb.Now()
-
-	job := Job{
-		RootFS: rootfs, ExecRoot: execRoot, Cwd: a.Command.GetWorkingDirectory(),
-		Args: a.Command.GetArguments(), Env: envList(a.Command),
-		Stdout: filepath.Join(dir, "stdout"), Stderr: filepath.Join(dir, "stderr"),
-		Timeout: a.Timeout, Variation: req.Variation,
-	}
-	md.ExecutionStartTimestamp = timestamppb.Now()
-	jr, err := e.cfg.Sandbox.Run(ctx, job)
-	md.ExecutionCompletedTimestamp = timestamppb.Now()
-	if err != nil {
-		return nil, err
-	}
-	ex.Job = jr
-
-	md.OutputUploadStartTimestamp = timestamppb.Now()
-	res := &repb.ActionResult{ExitCode: int32(jr.ExitCode)}
-	root, err := os.Open(execRoot)
-	if err != nil {
-		return nil, status.Errorf(codes.Internal, "open exec root: %v", err)
-	}
-	col := &collector{cas: e.cfg.CAS, local: e.cfg.Local, root: root}
-	err = col.collect(ctx, a.Command.GetWorkingDirectory(), a.Command, res)
-	root.Close()
-	if err != nil {
-		return nil, err
-	}
-	for _, s := range []struct {
-		file string
-		dst  **repb.Digest
-	}{{job.Stdout, &res.StdoutDigest}, {job.Stderr, &res.StderrDigest}} {
-		d, err := storeLog(ctx, col, s.file)
-		if err != nil {
-			return nil, err
-		}
-		*s.dst = d.Proto()
-	}
-	md.OutputUploadCompletedTimestamp = timestamppb.Now()
-	md.VirtualExecutionDuration = durationpb.New(jr.Wall)
-	res.ExecutionMetadata = md
-	ex.Result = res
-	ex.Produced = col.produced
-
-	var notes []string
-	switch {
-	case jr.TimedOut:
-		ex.Status = status.Errorf(codes.DeadlineExceeded, "action timed out after %v and was killed", a.Timeout)
-	case jr.OOMKilled:
-		notes = append(notes, "killed: out of memory")
-		ex.Message = "the action ran out of memory and was killed"
-	case jr.Signal != "":
-		ex.Message = "the action was killed by signal " + jr.Signal
-	}
-	if jr.StdoutTruncated || jr.StderrTruncated {
-		ex.Message = strings.TrimSpace(ex.Message + " (stdout or stderr was truncated at the sandbox's cap)")
-	}
-
-	checked := true
-	if req.Check != nil {
-		more, ok, err := req.Check(ctx, ex)
-		if err != nil {
-			return nil, err
-		}
-		notes, checked = append(notes, more...), ok
-	}
-
-	md.WorkerCompletedTimestamp = timestamppb.Now()
-	if e.cfg.Attester != nil && req.Variation == nil { // a variation run is a check, not a build
-		rec := &Record{
-			Instance: req.Instance, ActionDigest: a.Digest, CommandDigest: a.CmdDigest, InputRoot: inputRoot,
-			Toolchain: tcDigest, Argv: a.Command.GetArguments(), Env: job.Env,
-			Outputs: col.produced, Result: res, Notes: append(notes, req.Notes...),
-		}
-		if len(jr.Policy) > 0 {
-			if rec.PolicyDigest, err = cache.PutBytes(ctx, e.cfg.CAS, jr.Policy); err != nil {
-				return nil, err
-			}
-		}
-		for _, f := range tree.files {
-			rec.Inputs = append(rec.Inputs, ProducedFile{Path: f.path, Digest: f.digest})
-		}
-		for _, l := range tree.symlinks {
-			rec.Inputs = append(rec.Inputs, ProducedFile{Path: l.path, SymlinkTarget: l.target})
-		}
-		if p := a.Action.GetPlatform(); p != nil {
-			rec.Platform = p.GetProperties()
-		} else {
-			rec.Platform = a.Command.GetPlatform().GetProperties()
-		}
-		start := time.Now()
-		if err := e.cfg.Attester.Attest(ctx, rec); err != nil {
-			return nil, grpcerr.Wrap(err, "attest action %s", a.Digest)
-		}
-		ex.Attest = time.Since(start)
-	}
-
-	if q := e.cfg.Quarantined; q != nil && !req.CompareOnly && req.Variation == nil {
-		for _, f := range col.produced {
-			if f.SymlinkTarget == "" && q(f.Digest.Hash) {
-				return nil, status.Errorf(codes.FailedPrecondition, "action %s produced %s (sha256:%s), which is quarantined; see `kiln quarantine ls`", a.Digest, f.Path, f.Digest.Hash)
-			}
-		}
-	}
-	if jr.ExitCode != 0 || jr.TimedOut || jr.OOMKilled || jr.Signal != "" {
-		if len(jr.Policy) > 0 { // the report names it (the attester stores it too)
-			if _, err := cache.PutBytes(ctx, e.cfg.CAS, jr.Policy); err != nil {
-				return nil, err
-			}
-		}
-		d, err := cache.PutBytes(ctx, e.cfg.CAS, sandboxReport(a, tcDigest, jr, e.cfg.WorkerName))
-		if err != nil {
-			return nil, grpcerr.Wrap(err, "store the sandbox report of %s", a.Digest)
-		}
-		ex.ServerLogs = map[string]*repb.LogFile{"kiln-sandbox": {Digest: d.Proto(), HumanReadable: true}}
-	}
-	cacheable := checked && jr.ExitCode == 0 && !jr.TimedOut && !a.Action.GetDoNotCache() && !req.NoCache
-	if cacheable {
-		if err := e.cfg.AC.Put(ctx, cache.ActionKey{Instance: req.Instance, Action: a.Digest}, res); err != nil {
-			e.log.Warn("action cache write failed", "action", a.Digest.String(), "err", err)
-		}
-	}
-	return ex, nil
-}
-
-// sandboxReport says, for people, how an action's sandbox ended: what a failed
-// action's client finds in ExecuteResponse.server_logs["kiln-sandbox"].
-func sandboxReport(a *Action, toolchain string, jr JobResult, worker string) []byte {
-	var b strings.Builder
-	fmt.Fprintf(&b, "kiln sandbox report\naction      %s\ntoolchain   %s\nworker      %s\n", a.Digest, toolchain, worker)
-	fmt.Fprintf(&b, "exit code   %d\n", jr.ExitCode)
-	if jr.Signal != "" {
-		fmt.Fprintf(&b, "signal      %s\n", jr.Signal)
-	}
-	if jr.TimedOut {
-		fmt.Fprintf(&b, "timed out   after %v (killed)\n", a.Timeout)
-	}
-	if jr.OOMKilled {
-		b.WriteString("memory      out of memory (killed by the OOM killer at the sandbox's limit)\n")
-	}
-	fmt.Fprintf(&b, "time        wall %v, user %v, system %v\nmax RSS     %d KiB\n", jr.Wall, jr.User, jr.Sys, jr.MaxRSS/1024)
-	if jr.StdoutTruncated || jr.StderrTruncated {
-		fmt.Fprintf(&b, "truncated   stdout %t, stderr %t (at the sandbox's cap)\n", jr.StdoutTruncated, jr.StderrTruncated)
-	}
-	if len(jr.Policy) > 0 {
-		fmt.Fprintf(&b, "policy      %s (namespaces, seccomp profile, limits: blob %s in the CAS)\n", jr.PolicyDigest, cache.DigestOf(jr.Policy))
-	}
-	return []byte(b.String())
-}
-
-// storeLog stores a captured stdout or stderr file.
-func storeLog(ctx context.Context, col *collector, p string) (cache.Digest, error) {
-	f, err := os.Open(p)
-	if os.IsNotExist(err) {
-		return cache.EmptyDigest, nil
-	}
-	if err != nil {
-		return cache.Digest{}, status.Errorf(codes.Internal, "open %s: %v", p, err)
-	}
-	defer f.Close()
-	return col.storeFile(ctx, f)
-}
-
-// envList renders the Command's environment as NAME=VALUE, in the Command's order.
-func envList(c *repb.Command) []string {
-	env := make([]string, 0, len(c.GetEnvironmentVariables()))
-	for _, v := range c.GetEnvironmentVariables() {
-		env = append(env, v.GetName()+"="+v.GetValue())
-	}
-	return env
-}
-
-// newRunDir makes a fresh private directory for one run.
-func (e *Executor) newRunDir() (string, error) {
-	var b [8]byte
-	rand.Read(b[:])
-	dir := filepath.Join(e.cfg.WorkDir, hex.EncodeToString(b[:]))
-	if err := os.Mkdir(dir, 0o711); err != nil {
-		return "", status.Errorf(codes.Internal, "create run dir: %v", err)
-	}
-	return dir, nil
-}
-
-// makeOutputDirs creates the working directory and the parents of every declared
-// output, owned by the sandbox user, as REAPI asks of servers. Output directories
-// themselves are created too for 2.0 clients (Bazel expects them to exist).
-func (e *Executor) makeOutputDirs(execRoot string, c *repb.Command) error {
-	cwd := c.GetWorkingDirectory()
-	var dirs []string
-	dirs = append(dirs, cwd)
-	for _, p := range append(append([]string{}, c.GetOutputFiles()...), c.GetOutputPaths()...) {
-		dirs = append(dirs, path.Dir(path.Join(cwd, p)))
-	}
-	for _, p := range c.GetOutputDirectories() {
-		dirs = append(dirs, path.Dir(path.Join(cwd, p)))
-	}
-	sort.Strings(dirs)
-	for _, d := range dirs {
-		if err := e.mkdirAllOwned(execRoot, d); err != nil {
-			return err
-		}
-	}
-	// Entries were added: put every directory's mtime back (deepest first).
-	for i := len(dirs) - 1; i >= 0; i-- {
-		for d := dirs[i]; d != "" && d != "."; d = path.Dir(d) {
-			setTimes(filepath.Join(execRoot, filepath.FromSlash(d)), false)
-		}
-	}
-	return setTimes(execRoot, false)
-}
-
-// mkdirAllOwned creates rel under root (no symlinks followed), each new directory
-// owned by the sandbox user.
-func (e *Executor) mkdirAllOwned(root, rel string) error {
-	if rel == "" || rel == "." {
-		return nil
-	}
-	cur := root
-	for _, part := range strings.Split(rel, "/") {
-		cur = filepath.Join(cur, part)
-		info, err := os.Lstat(cur)
-		if err == nil {
-			if !info.IsDir() {
-				return status.Errorf(codes.InvalidArgument, "cannot create output directory %q: an input is in the way", rel)
-			}
-			continue
-		}
-		if err := os.Mkdir(cur, 0o755); err != nil {
-			return status.Errorf(codes.Internal, "create %q: %v", rel, err)
-		}
-		if err := os.Lchown(cur, e.cfg.UID, e.cfg.GID); err != nil {
-			return status.Errorf(codes.Internal, "chown %q: %v", rel, err)
-		}
-	}
-	return nil
+	return e.stage.Execute(ctx, req, a)
 }

@@ -357,3 +357,28 @@ func TestLocalFilesOrCopies(t *testing.T) {
 		}
 	}
 }
+
+// TestQuarantinedProduct: a build that produces a quarantined blob fails and is not
+// cached; a run made only to compare products (kiln rebuild) may reproduce it.
+func TestQuarantinedProduct(t *testing.T) {
+	bad := cache.DigestOf([]byte("tampered"))
+	e := executortest.NewEnv(t, func(c *executor.ExecutorConfig) {
+		c.Quarantined = func(hash string) bool { return hash == bad.Hash }
+	})
+	d := e.Action(t, &repb.Command{Arguments: []string{"write", "out", "tampered"}, OutputFiles: []string{"out"}}, e.Put(t, &repb.Directory{}), nil)
+	resp, err := run(t, e, d)
+	if err != nil || codes.Code(resp.GetStatus().GetCode()) != codes.FailedPrecondition || !strings.Contains(resp.GetStatus().GetMessage(), "quarantined") {
+		t.Fatalf("build of a quarantined product: %v %v", resp.GetStatus(), err)
+	}
+	if _, err := e.AC.Get(context.Background(), cache.ActionKey{Action: d}); status.Code(err) != codes.NotFound {
+		t.Fatalf("a quarantined product was cached: %v", err)
+	}
+	a, err := e.Exec.LoadAction(context.Background(), d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ex, err := e.Exec.Execute(context.Background(), executor.Request{ActionDigest: d, NoCache: true, CompareOnly: true}, a)
+	if err != nil || len(ex.Produced) != 1 || ex.Produced[0].Digest != bad {
+		t.Fatalf("compare-only run: %v %v", ex, err)
+	}
+}
