@@ -47,7 +47,9 @@ func TestImportArrows(t *testing.T) {
 			return under(p, "cache") || under(p, "sandbox") || under(p, "toolchains") || under(p, "lockfiles")
 		}, func(p string) bool { return under(p, "engine") || under(p, "cmd") }, "the lower packages never import the engine"},
 		{func(p string) bool { return under(p, "internal") }, func(p string) bool { return !under(p, "internal") }, "internal/ holds leaves"},
-		{func(p string) bool { return under(p, "engine") && p != "engine/server" && p != "engine/rebuild" && p != "engine" },
+		{func(p string) bool {
+			return under(p, "engine") && p != "engine/server" && p != "engine/rebuild" && p != "engine"
+		},
 			func(p string) bool { return p == "engine" || p == "engine/server" }, "the engine's parts never import the composition root or the server"},
 		{func(p string) bool { return p == "engine/execution" },
 			func(p string) bool { return p == "engine/scheduler" || under(p, "engine/executor") }, "the Execution service knows its scheduler only as an interface"},
