@@ -177,15 +177,30 @@ func (s *Signer) startPending() error {
 	var rnd [8]byte
 	rand.Read(rnd[:])
 	dir := filepath.Join(s.pendingRoot(), hex.EncodeToString(rnd[:]))
-	if err := os.MkdirAll(dir, 0o755); err != nil {
+	if err := os.MkdirAll(s.pendingRoot(), 0o755); err != nil {
 		return status.Errorf(codes.Internal, "attest pending: %v", err)
 	}
-	f, err := os.OpenFile(dir+".lock", os.O_CREATE|os.O_RDWR|syscall.O_CLOEXEC, 0o644)
+	// The lock is taken under a name no other process looks at, then renamed into
+	// place: another process's adoptOrphans must never find <dir>.lock unlocked (it
+	// would take this live instance for a dead one and remove its marker directory).
+	tmp := dir + ".locking"
+	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_EXCL|os.O_RDWR|syscall.O_CLOEXEC, 0o644)
 	if err != nil {
 		return status.Errorf(codes.Internal, "attest pending: %v", err)
 	}
 	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
 		f.Close()
+		os.Remove(tmp)
+		return status.Errorf(codes.Internal, "attest pending: %v", err)
+	}
+	if err := os.Rename(tmp, dir+".lock"); err != nil {
+		f.Close()
+		os.Remove(tmp)
+		return status.Errorf(codes.Internal, "attest pending: %v", err)
+	}
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		f.Close()
+		os.Remove(dir + ".lock")
 		return status.Errorf(codes.Internal, "attest pending: %v", err)
 	}
 	s.pendingDir, s.pendingLk = dir, f
