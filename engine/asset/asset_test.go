@@ -148,7 +148,7 @@ func TestFetchBlobPresentAcrossRestart(t *testing.T) {
 		t.Fatal(err)
 	}
 	// A new server knows no sizes; the disk store tells it by the blob's file.
-	fx := newFixture(t, store, nil, map[string][]byte{"/a.tar.gz": archive})
+	fx := newFixture(t, store, nil, map[string][]byte{"/a.tar.gz": archive}, WithSizeLookup(SizeFromBlobFiles(store)))
 	resp, err := fx.client.FetchBlob(ctx, blobReq([]string{fx.origin.URL + "/a.tar.gz"}, QualifierChecksumSRI, sri256(archive)))
 	if err != nil {
 		t.Fatal(err)
