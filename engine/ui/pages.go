@@ -374,11 +374,18 @@ func (u *UI) treeAt(ctx context.Context, action, root cache.Digest, p string) *t
 	var dir repb.Directory
 	walked := ""
 	t.Parents = append(t.Parents, kv{"(input root)", ""})
-	for _, name := range strings.Split(p, "/") {
+	read := func() bool {
+		dir.Reset()
 		if err := cache.ReadProto(ctx, u.cfg.CAS, d, &dir, 16<<20); err != nil {
 			t.Err = fmt.Sprintf("directory %s: %s", path.Join("/", walked), status.Convert(err).Message())
-			return t
+			return false
 		}
+		return true
+	}
+	if !read() {
+		return t
+	}
+	for _, name := range strings.Split(p, "/") {
 		if name == "" {
 			break
 		}
@@ -395,6 +402,9 @@ func (u *UI) treeAt(ctx context.Context, action, root cache.Digest, p string) *t
 		}
 		walked = path.Join(walked, name)
 		t.Parents = append(t.Parents, kv{name, walked})
+		if !read() {
+			return t
+		}
 	}
 	for _, sd := range dir.GetDirectories() {
 		dd, _ := cache.FromProto(sd.GetDigest())
