@@ -46,6 +46,7 @@ func TestWebUI(t *testing.T) {
 	ran := p["total"] - p["internal"]
 	hostile := runHostileAction(t, r)
 	base := "http://" + r.srv.HTTP
+	var shotNames []string
 	b := harness.Browser(t)
 	ctx, cancel := context.WithTimeout(b, 4*time.Minute)
 	defer cancel()
@@ -57,6 +58,7 @@ func TestWebUI(t *testing.T) {
 		}
 		return s
 	}
+	shots := os.Getenv("KILN_UI_SCREENSHOTS") // a directory: save a picture of each page
 	visit := func(url string) {
 		t.Helper()
 		resp, err := chromedp.Run(ctx, chromedp.NavigateResponse(url))
@@ -65,6 +67,14 @@ func TestWebUI(t *testing.T) {
 		}
 		if resp.Status != 200 {
 			t.Fatalf("%s: HTTP %d", url, resp.Status)
+		}
+		if shots != "" {
+			png, err := chromedp.Run(ctx, chromedp.FullScreenshot(100))
+			if err == nil {
+				name := strings.NewReplacer("/", "_", "?", "_", "&", "_").Replace(strings.TrimPrefix(url, base))
+				os.WriteFile(filepath.Join(shots, fmt.Sprintf("%02d%s.png", len(shotNames), name[:min(len(name), 40)])), png, 0o644)
+				shotNames = append(shotNames, name)
+			}
 		}
 	}
 
@@ -93,9 +103,19 @@ func TestWebUI(t *testing.T) {
 	if err := chromedp.Do(ctx,
 		chromedp.SendKeys(chromedp.CSS(`form.filters input[name="path"]`), "app/hello"),
 		chromedp.Submit(chromedp.CSS(`form.filters input[name="path"]`)),
-		chromedp.WaitVisible(chromedp.CSS(`table.runs`)),
 	); err != nil {
 		t.Fatalf("search: %v", err)
+	}
+	// The form's navigation: wait until the results page has loaded (evaluations fail
+	// while the old page goes away).
+	for start := time.Now(); ; time.Sleep(100 * time.Millisecond) {
+		ok, err := chromedp.Run(ctx, chromedp.Evaluate[bool](`location.search.includes("path=app%2Fhello") && document.readyState === "complete" && document.querySelector("table.runs") !== null`))
+		if err == nil && ok {
+			break
+		}
+		if time.Since(start) > 30*time.Second {
+			t.Fatalf("search results did not load: %v", err)
+		}
 	}
 	rows := eval(`Array.from(document.querySelectorAll("table.runs tr.run")).map(r => r.textContent).join("\n")`)
 	if !strings.Contains(rows, "bazel-out/k8-fastbuild/bin/app/hello") {
@@ -123,7 +143,7 @@ func TestWebUI(t *testing.T) {
 		t.Fatalf("artifact page: %q", v)
 	}
 	nodes := eval(`Array.from(document.querySelectorAll("svg.graph g.node")).map(g => g.dataset.kind + ":" + g.querySelector("title").textContent.split("\n")[0]).join("\n")`)
-	for _, want := range []string{"subject:bazel-out/k8-fastbuild/bin/app/hello", "source:app/main.c", "source:lib/greet.c", "artifact:bazel-out/k8-fastbuild/bin/lib/libgreet.a", "toolchain:toolchain sha256:"} {
+	for _, want := range []string{"subject:bazel-out/k8-fastbuild/bin/app/hello", "source:app/main.c", "source:lib/greet.c", "artifact:bazel-out/k8-fastbuild/bin/lib/_objs/greet/greet.pic.o", "artifact:bazel-out/k8-fastbuild/bin/app/_objs/hello/main.pic.o", "toolchain:toolchain sha256:"} {
 		if !strings.Contains(nodes, want) {
 			t.Errorf("graph lacks node %q; it has:\n%s", want, nodes)
 		}
