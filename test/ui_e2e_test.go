@@ -15,9 +15,9 @@ import (
 	"testing"
 	"time"
 
-	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"github.com/bazelbuild/remote-apis-sdks/go/pkg/digest"
 	"github.com/bazelbuild/remote-apis-sdks/go/pkg/uploadinfo"
+	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"github.com/chromedp/chromedp"
 	"github.com/kilnbuild/kiln/internal/testpki"
 	"github.com/kilnbuild/kiln/test/harness"
@@ -179,12 +179,12 @@ func TestWebUI(t *testing.T) {
 	visit(base + hostile.page)
 	checks := map[string]string{
 		`document.title`: "Action " + hostile.action.Hash[:12] + " · kiln",
-		`String(document.querySelectorAll("script").length)`:                      "0",
-		`String(document.querySelectorAll("#pwned-path, #pwned-stdout").length)`: "0",
-		`String(document.querySelector("#argv").textContent.includes(` + jsString(xssArgv) + `))`:              "true",
-		`String(document.querySelector("#outputs").textContent.includes(` + jsString(xssPath) + `))`:           "true",
-		`String(document.querySelector("pre.output").textContent.includes(` + jsString(xssStdout) + `))`:       "true",
-		`String(document.querySelector("#outcome").textContent)`:                                               "failed",
+		`String(document.querySelectorAll("script").length)`:                                                    "0",
+		`String(document.querySelectorAll("#pwned-path, #pwned-stdout").length)`:                                "0",
+		`String(document.querySelector("#argv").textContent.includes(` + jsString(xssArgv) + `))`:               "true",
+		`String(document.querySelector("#outputs").textContent.includes(` + jsString(xssPath) + `))`:            "true",
+		`String(document.querySelector("pre.output").textContent.includes(` + jsString(xssStdout) + `))`:        "true",
+		`String(document.querySelector("#outcome").textContent)`:                                                "failed",
 		`String(document.querySelector("#link-verdict").textContent.startsWith("Link verified by the server"))`: "true",
 	}
 	for expr, want := range checks {

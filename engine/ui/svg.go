@@ -96,7 +96,7 @@ func lineChart(title string, series []Series, unit string, max float64) template
 		}
 	}
 	// legend
-	lx := x0 + 8
+	lx := x0 + 80
 	for i, s := range series {
 		cls := s.Class
 		if cls == "" {
@@ -321,7 +321,7 @@ func (g *Graph) layout() [][]*Node {
 // SVG draws the graph: boxes in columns by layer, curved edges between them, every
 // box a link to its page.
 func (g *Graph) SVG(title string) template.HTML {
-	const colW, boxW, rowH, boxH, pad = 250, 210, 34, 24, 10
+	const colW, boxW, rowH, boxH, pad = 215, 180, 34, 24, 10
 	layers := g.layout()
 	rows := 1
 	for _, l := range layers {
@@ -348,8 +348,8 @@ func (g *Graph) SVG(title string) template.HTML {
 	for _, n := range g.Nodes {
 		p := pos[n.ID]
 		label := n.Label
-		if r := []rune(label); len(r) > 30 {
-			label = "…" + string(r[len(r)-29:])
+		if r := []rune(label); len(r) > 26 {
+			label = "…" + string(r[len(r)-25:])
 		}
 		tip := n.Title
 		if tip == "" {
