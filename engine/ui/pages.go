@@ -7,9 +7,10 @@ import (
 	"encoding/json"
 	"fmt"
 	"html/template"
+	"maps"
 	"net/http"
 	"path"
-	"sort"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -88,7 +89,7 @@ type actionsData struct {
 func (u *UI) actions(w http.ResponseWriter, r *http.Request) {
 	v := r.URL.Query()
 	q := history.Query{Action: v.Get("action"), Path: v.Get("path"), Client: v.Get("client"), Toolchain: v.Get("toolchain"), Outcome: v.Get("outcome")}
-	if q.Outcome != "" && q.Outcome != history.Failures && !contains(history.Outcomes, q.Outcome) {
+	if q.Outcome != "" && q.Outcome != history.Failures && !slices.Contains(history.Outcomes, q.Outcome) {
 		u.fail(w, r, status.Errorf(codes.InvalidArgument, "unknown outcome %q", q.Outcome))
 		return
 	}
@@ -111,15 +112,6 @@ func (u *UI) actions(w http.ResponseWriter, r *http.Request) {
 		d.Next = v.Encode()
 	}
 	u.render(w, r, "actions", "Actions", d)
-}
-
-func contains(list []string, s string) bool {
-	for _, x := range list {
-		if x == s {
-			return true
-		}
-	}
-	return false
 }
 
 // ---- action page
@@ -326,27 +318,18 @@ func (u *UI) verifyLinks(ctx context.Context, hash string) []linkView {
 			lv.LogSize = v.Checkpoint().Size
 		}
 		lv.Materials = len(lv.Link.Materials)
-		for _, p := range sortedKeys(lv.Link.Products) {
+		for _, p := range slices.Sorted(maps.Keys(lv.Link.Products)) {
 			h := lv.Link.Products[p]
 			pv := productView{Path: p, SHA256: h[attest.AlgSHA256], Symlink: h[attest.AlgSymlink] != ""}
 			pv.Quarantined = pv.SHA256 != "" && u.cfg.Quarantine.Quarantined(pv.SHA256)
 			lv.Products = append(lv.Products, pv)
 		}
-		for _, k := range sortedKeys(lv.Link.ByProducts) {
+		for _, k := range slices.Sorted(maps.Keys(lv.Link.ByProducts)) {
 			lv.Byproduct = append(lv.Byproduct, kv{k, fmt.Sprint(lv.Link.ByProducts[k])})
 		}
 		out = append(out, lv)
 	}
 	return out
-}
-
-func sortedKeys[V any](m map[string]V) []string {
-	ks := make([]string, 0, len(m))
-	for k := range m {
-		ks = append(ks, k)
-	}
-	sort.Strings(ks)
-	return ks
 }
 
 // ---- input tree
@@ -582,7 +565,7 @@ func provenanceGraph(sha, name string, ch *attest.Chain, consumers []*history.Ru
 				n := g.Add(&Node{ID: "a:" + s, Kind: kind, Label: path.Base(p), Title: p + "\nsha256:" + s, Href: ArtifactPath(s)})
 				g.Link(an.ID, n.ID)
 			}
-			for _, p := range sortedKeys(l.Link.Materials) {
+			for _, p := range slices.Sorted(maps.Keys(l.Link.Materials)) {
 				h := l.Link.Materials[p]
 				switch p {
 				case attest.MaterialAction, attest.MaterialCommand:
