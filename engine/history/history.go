@@ -20,6 +20,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/kilnbuild/kiln/cache"
@@ -113,6 +114,7 @@ type Index struct {
 	log *slog.Logger
 
 	in      chan Run
+	closed  atomic.Bool
 	follow  sync.Mutex // one CatchUp at a time
 	stop    chan struct{}
 	wg      sync.WaitGroup
@@ -155,6 +157,7 @@ func Open(path string, log *slog.Logger) (*Index, error) {
 
 // Close writes what is queued and closes the file.
 func (x *Index) Close() error {
+	x.closed.Store(true)
 	close(x.stop)
 	x.wg.Wait()
 	return x.db.Close()
@@ -163,6 +166,9 @@ func (x *Index) Close() error {
 // Record queues r to be added (merged into the run of the same link if there is one).
 // It never blocks the caller: when the queue is full the run is dropped and logged.
 func (x *Index) Record(r Run) {
+	if x.closed.Load() {
+		return // an execution that ended while the server shut down
+	}
 	x.mu.Lock()
 	x.pending++
 	x.mu.Unlock()

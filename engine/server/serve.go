@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"sync/atomic"
 	"time"
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
@@ -101,14 +102,10 @@ func Serve(ctx context.Context, cfg Config) error {
 	}
 	opts := cfg.Options
 	opts.Primary, opts.Logger, opts.Registerer, opts.Pinner = true, log, reg, pinner(lock)
-	var hist *history.Index
+	var hist atomic.Pointer[history.Index] // opened once the engine holds the data dir
 	publicURL := cfg.PublicURL
 	if hl != nil {
-		if hist, err = openHistory(opts.Data, log); err != nil {
-			return err
-		}
-		defer hist.Close()
-		opts.Observe = observer(hist)
+		opts.Observe = observer(&hist)
 		if publicURL == "" {
 			scheme := "http"
 			if httpTLS != nil {
@@ -123,6 +120,16 @@ func Serve(ctx context.Context, cfg Config) error {
 		return err
 	}
 	defer eng.Close()
+	if hl != nil {
+		// After Open took the store's primary lock: a second server on this data dir
+		// is refused there, with its reason, not here after a lock timeout.
+		h, err := openHistory(opts.Data, log)
+		if err != nil {
+			return err
+		}
+		defer h.Close()
+		hist.Store(h)
+	}
 	ropts := reapi.Options{AllowClientACWrites: cfg.AllowClientACWrites, Logger: log}
 	if !cfg.Execution.Disabled {
 		ropts.ExecutionCapabilities = &repb.ExecutionCapabilities{
@@ -173,7 +180,7 @@ func Serve(ctx context.Context, cfg Config) error {
 	webCtx, stopWeb := context.WithCancel(ctx)
 	defer stopWeb()
 	if hl != nil {
-		web, err := startWeb(webCtx, eng, hist, reg, cfg.Version, log)
+		web, err := startWeb(webCtx, eng, hist.Load(), reg, cfg.Version, log)
 		if err != nil {
 			lis.Close()
 			return err

@@ -8,6 +8,7 @@ import (
 	"path"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/kilnbuild/kiln/cache"
@@ -32,9 +33,14 @@ func openHistory(data engine.DataDir, log *slog.Logger) (*history.Index, error) 
 	return history.Open(path.Join(data.History(), "index.db"), log)
 }
 
-// observer records every finished execution and cache hit in the history.
-func observer(h *history.Index) func(scheduler.Finished) {
+// observer records every finished execution and cache hit in the history, once it
+// is open.
+func observer(hp *atomic.Pointer[history.Index]) func(scheduler.Finished) {
 	return func(f scheduler.Finished) {
+		h := hp.Load()
+		if h == nil {
+			return
+		}
 		h.Record(history.RunFromExecution(history.Execution{Instance: f.Instance, Action: f.Action, Clients: f.Owners,
 			Submitted: f.Submitted, Done: f.Done, Outcome: f.Outcome, Response: f.Response, Attest: f.Attest}))
 	}
