@@ -135,12 +135,8 @@ var funcs = template.FuncMap{
 	},
 	"actionURL":   ActionPath,
 	"artifactURL": ArtifactPath,
-	"blobURL": func(d cache.Digest, name string) string {
-		if name == "" {
-			name = d.Hash
-		}
-		return "/blob/" + d.Hash + "/" + strconv.FormatInt(d.Size, 10) + "/" + url.PathEscape(safeName(name))
-	},
+	"blobURL": blobPath,
+	"fileURL": func(hash string, size int64, name string) string { return blobPath(cache.Digest{Hash: hash, Size: size}, name) },
 	"when": func(t time.Time) string {
 		if t.IsZero() {
 			return ""
@@ -154,6 +150,14 @@ var funcs = template.FuncMap{
 	"hasSuffix": func(s, suffix string) bool {
 		return strings.HasSuffix(s, suffix)
 	},
+}
+
+// blobPath is the download path of blob d under the file name name's last element.
+func blobPath(d cache.Digest, name string) string {
+	if name == "" {
+		name = d.Hash
+	}
+	return "/blob/" + d.Hash + "/" + strconv.FormatInt(d.Size, 10) + "/" + url.PathEscape(safeName(name))
 }
 
 func fmtSecs(s float64) string {

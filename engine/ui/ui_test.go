@@ -95,6 +95,15 @@ func TestDownloads(t *testing.T) {
 		res.Header.Get("X-Content-Type-Options") != "nosniff" || res.Header.Get("Content-Disposition") != `attachment; filename="a_b<c>.html"` {
 		t.Fatalf("download: %d %v %q", res.StatusCode, res.Header, body)
 	}
+	// The action page's output links download (the file name is the path's last element).
+	_, page := f.get(t, ActionPath(f.actions[3]))
+	od := cache.Digest{Hash: f.objects[3], Size: int64(len("object 3"))}
+	if link := fmt.Sprintf(`href="/blob/%s/%d/3.o"`, od.Hash, od.Size); !strings.Contains(page, link) {
+		t.Fatalf("action page lacks the download %s", link)
+	}
+	if res, body := f.get(t, fmt.Sprintf("/blob/%s/%d/3.o", od.Hash, od.Size)); res.StatusCode != 200 || body != "object 3" {
+		t.Fatalf("output download: %d %q", res.StatusCode, body)
+	}
 	app := f.apps[9]
 	if _, err := f.q.Add("sha256:"+app, "bin/app9", "test", "ui test"); err != nil {
 		t.Fatal(err)
