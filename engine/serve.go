@@ -86,7 +86,7 @@ func Serve(ctx context.Context, cfg ServerConfig) error {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 
-	if err := cfg.TLS.check(); err != nil {
+	if err := cfg.TLS.Check(); err != nil {
 		return err
 	}
 	var authz *AuthzPolicy
@@ -106,7 +106,7 @@ func Serve(ctx context.Context, cfg ServerConfig) error {
 	var creds grpc.ServerOption
 	var httpTLS *tls.Config
 	if cfg.TLS.Enabled() {
-		tc, err := serverTLS(cfg.TLS, log)
+		tc, err := ServerTLS(cfg.TLS, log)
 		if err != nil {
 			return err
 		}
