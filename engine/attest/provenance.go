@@ -186,6 +186,9 @@ type Provenance struct {
 	// Sources and Toolchains are its resolved dependencies.
 	Sources    []Artifact
 	Toolchains []string
+	// SignedAt is runDetails.metadata.finishedOn: when the provenance was signed (zero
+	// if it does not say).
+	SignedAt time.Time
 }
 
 // ParseProvenance verifies a provenance envelope's signature against trust and decodes
@@ -221,6 +224,12 @@ func ParseProvenance(ctx context.Context, raw []byte, trust keys.Trust) (*Proven
 		return nil, status.Errorf(codes.InvalidArgument, "provenance: build type %q, want %q", bt, BuildType)
 	}
 	p := &Provenance{KeyID: key.KeyID, Statement: st, Predicate: pred}
+	if t := pred.GetRunDetails().GetMetadata().GetFinishedOn(); t != nil {
+		if err := t.CheckValid(); err != nil {
+			return nil, status.Errorf(codes.InvalidArgument, "provenance: runDetails.metadata.finishedOn: %v", err)
+		}
+		p.SignedAt = t.AsTime()
+	}
 	for _, b := range pred.GetRunDetails().GetByproducts() {
 		if b.GetMediaType() != LinkMediaType {
 			continue
@@ -370,6 +379,12 @@ func BuildProvenance(ctx context.Context, store *Store, kr *keys.Keyring, subj S
 	if err != nil {
 		return nil, nil, nil, err
 	}
+	// The one time in the provenance: when it was signed (every link it lists was in
+	// the log by then, so the build finished at or before it). kiln gate bounds the
+	// provenance's age and checks its key's validity with it.
+	st.Predicate.Fields["runDetails"].GetStructValue().Fields["metadata"] = structpb.NewStructValue(&structpb.Struct{Fields: map[string]*structpb.Value{
+		"finishedOn": structpb.NewStringValue(kr.Now().UTC().Truncate(time.Second).Format(time.RFC3339)),
+	}})
 	k, err := kr.Active()
 	if err != nil {
 		return nil, nil, nil, err

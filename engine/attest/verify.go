@@ -104,14 +104,9 @@ type Verifier struct {
 	opts  VerifierOptions
 	cp    *tlog.Checkpoint
 	pv    *tlog.Prover
-	done  map[cache.Digest]linkResult
+	done  map[cache.Digest]LinkCheck
 	// deadline ends all waiting for links still on their way into the log.
 	deadline time.Time
-}
-
-type linkResult struct {
-	l   *VerifiedLink
-	err error
 }
 
 // NewVerifier reads the log's latest checkpoint (and, with a pinned checkpoint, proves
@@ -123,7 +118,7 @@ func NewVerifier(ctx context.Context, store *Store, opts VerifierOptions) (*Veri
 	if opts.LogVerifier == nil {
 		return nil, status.Error(codes.InvalidArgument, "verify: no log key")
 	}
-	v := &Verifier{store: store, log: tlog.NewReader(store.Paths().Log, opts.LogVerifier), opts: opts, done: map[cache.Digest]linkResult{}, deadline: time.Now().Add(opts.WaitCheckpoint)}
+	v := &Verifier{store: store, log: tlog.NewReader(store.Paths().Log, opts.LogVerifier), opts: opts, done: map[cache.Digest]LinkCheck{}, deadline: time.Now().Add(opts.WaitCheckpoint)}
 	v.settle(ctx)
 	if err := v.loadCheckpoint(ctx); err != nil {
 		return nil, err
@@ -180,56 +175,99 @@ func (v *Verifier) loadCheckpoint(ctx context.Context) error {
 // Checkpoint returns the checkpoint the verifier proves inclusion against.
 func (v *Verifier) Checkpoint() *tlog.Checkpoint { return v.cp }
 
+// LinkCheck is what verifying one link established, step by step: which trusted key
+// signed it, whether it is in the log and where, and whether the key was valid at that
+// log index. Callers that report each fact (kiln gate) read the fields; Err is the first
+// failure, nil when Link is set.
+type LinkCheck struct {
+	Envelope cache.Digest
+	// Claims is the action the payload names, read before any check (for messages).
+	Claims string
+	// Key is the trusted key whose signature verified; nil if none did.
+	Key *keys.PublicKey
+	// Logged says the envelope's entry is in the log under the verifier's checkpoint,
+	// at LogIndex (its inclusion proof verified).
+	Logged   bool
+	LogIndex uint64
+	// KeyValid says Key was not retired before LogIndex (checked only when Logged).
+	KeyValid bool
+	// Link is the verified link when every check passed.
+	Link *VerifiedLink
+	Err  error
+}
+
+// Check verifies the link in envelope env like Link, recording each fact it establishes.
+func (v *Verifier) Check(ctx context.Context, env cache.Digest) LinkCheck {
+	if r, ok := v.done[env]; ok {
+		return r
+	}
+	var c LinkCheck
+	raw, err := v.store.Envelope(ctx, env)
+	if err != nil {
+		c = LinkCheck{Envelope: env, Err: err}
+	} else {
+		c = v.CheckBytes(ctx, raw)
+	}
+	v.done[env] = c
+	return c
+}
+
 // Link verifies the link in envelope env: a signature by a trusted key, a well-formed
 // link payload, inclusion in the log, and (for a retired key) a log index before the
 // key's retirement.
 func (v *Verifier) Link(ctx context.Context, env cache.Digest) (*VerifiedLink, error) {
-	if r, ok := v.done[env]; ok {
-		return r.l, r.err
-	}
-	l, err := v.link(ctx, env)
-	v.done[env] = linkResult{l, err}
-	return l, err
-}
-
-func (v *Verifier) link(ctx context.Context, env cache.Digest) (*VerifiedLink, error) {
-	raw, err := v.store.Envelope(ctx, env)
-	if err != nil {
-		return nil, err
-	}
-	return v.LinkBytes(ctx, raw)
+	c := v.Check(ctx, env)
+	return c.Link, c.Err
 }
 
 // LinkBytes verifies a link envelope given as bytes (see Link).
 func (v *Verifier) LinkBytes(ctx context.Context, raw []byte) (*VerifiedLink, error) {
-	d := cache.DigestOf(raw)
+	c := v.CheckBytes(ctx, raw)
+	return c.Link, c.Err
+}
+
+// CheckBytes verifies a link envelope given as bytes (see Check).
+func (v *Verifier) CheckBytes(ctx context.Context, raw []byte) LinkCheck {
+	c := LinkCheck{Envelope: cache.DigestOf(raw)}
+	fail := func(err error) LinkCheck {
+		if c.Claims != "" {
+			err = status.Errorf(status.Code(err), "claims action %s: %s", c.Claims, status.Convert(err).Message())
+		}
+		c.Err = err
+		return c
+	}
 	e, err := ParseEnvelope(raw)
 	if err != nil {
-		return nil, err
+		c.Err = err
+		return c
 	}
 	// Name the action the envelope claims to attest, so failures say which link.
-	claims := ""
 	if p, err := EnvelopePayload(raw); err == nil {
 		if l, err := DecodeLink(p); err == nil {
-			claims = "claims action " + l.Name + ": "
+			c.Claims = l.Name
 		}
 	}
 	key, payload, err := VerifyEnvelope(ctx, e, v.opts.Trust)
 	if err != nil {
-		return nil, status.Errorf(status.Code(err), "%s%s", claims, status.Convert(err).Message())
+		return fail(err)
 	}
+	c.Key = &key
 	l, err := DecodeLink(payload)
 	if err != nil {
-		return nil, err
+		c.Err = err
+		return c
 	}
-	idx, err := v.include(ctx, d)
+	idx, err := v.include(ctx, c.Envelope)
 	if err != nil {
-		return nil, status.Errorf(status.Code(err), "%s%s", claims, status.Convert(err).Message())
+		return fail(err)
 	}
+	c.Logged, c.LogIndex = true, idx
 	if key.NotAfterLogSize != nil && idx >= *key.NotAfterLogSize {
-		return nil, status.Errorf(codes.PermissionDenied, "%ssigned by key %s, retired at log size %d, but logged at index %d", claims, short(key.KeyID), *key.NotAfterLogSize, idx)
+		return fail(status.Errorf(codes.PermissionDenied, "signed by key %s, retired at log size %d, but logged at index %d", short(key.KeyID), *key.NotAfterLogSize, idx))
 	}
-	return &VerifiedLink{Envelope: d, KeyID: key.KeyID, Link: l, LogIndex: idx, Raw: raw}, nil
+	c.KeyValid = true
+	c.Link = &VerifiedLink{Envelope: c.Envelope, KeyID: key.KeyID, Link: l, LogIndex: idx, Raw: raw}
+	return c
 }
 
 // include proves the inclusion of envelope d's log entry. A link that is still
