@@ -67,6 +67,7 @@ func newRootCmd() *cobra.Command {
 		newQuarantineCmd(),
 		newExportCmd(),
 		newRebuildCmd(),
+		newGateCmd(),
 	)
 	return root
 }

@@ -47,6 +47,12 @@ func ParseSubject(arg string) (Subject, error) {
 	if !errors.Is(err, fs.ErrNotExist) {
 		return Subject{}, status.Errorf(codes.InvalidArgument, "subject %s: %v", arg, err)
 	}
+	return ParseDigestSubject(arg)
+}
+
+// ParseDigestSubject reads arg as a digest only ("sha256:<hex>", "<hex>" or
+// "<hex>/<size>"), never as a file: for subjects named by a remote client.
+func ParseDigestSubject(arg string) (Subject, error) {
 	s := strings.TrimPrefix(arg, "sha256:")
 	if i := strings.IndexByte(s, '/'); i >= 0 {
 		s = s[:i]
