@@ -167,6 +167,16 @@ func ParsePolicy(name string, data []byte) (*Policy, error) {
 	seen := map[string]int{}
 	for i := range pf.Rules {
 		n := &pf.Rules[i]
+		if n.Kind != yaml.MappingNode {
+			return nil, &PolicyError{File: name, Line: n.Line, Col: n.Column, Msg: "a rule is a mapping: name, for_each, require, attestation, message"}
+		}
+		for j := 0; j+1 < len(n.Content); j += 2 {
+			switch k := n.Content[j]; k.Value {
+			case "name", "for_each", "require", "attestation", "message":
+			default:
+				return nil, &PolicyError{File: name, Line: k.Line, Col: k.Column, Msg: fmt.Sprintf("unknown rule field %q (want name, for_each, require, attestation, message)", k.Value)}
+			}
+		}
 		var rf ruleFile
 		if err := n.Decode(&rf); err != nil {
 			return nil, yamlError(name, err)
