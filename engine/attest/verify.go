@@ -1,7 +1,9 @@
 package attest
 
 import (
+	"bytes"
 	"context"
+	"encoding/base64"
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
@@ -247,10 +249,13 @@ func (v *Verifier) CheckBytes(ctx context.Context, raw []byte) LinkCheck {
 		c.Err = err
 		return c
 	}
-	// Name the action the envelope claims to attest, so failures say which link.
-	if p, err := EnvelopePayload(raw); err == nil {
-		if l, err := DecodeLink(p); err == nil {
-			c.Claims = l.Name
+	// Name the action the envelope claims to attest, so failures say which link. The
+	// payload is decoded once: what the signature covers is the same bytes.
+	claimed, claimErr := in_toto.Link{}, error(nil)
+	unverified, err := base64.StdEncoding.DecodeString(e.Payload)
+	if err == nil {
+		if claimed, claimErr = DecodeLink(unverified); claimErr == nil {
+			c.Claims = claimed.Name
 		}
 	}
 	key, payload, err := VerifyEnvelope(ctx, e, v.opts.Trust)
@@ -258,10 +263,12 @@ func (v *Verifier) CheckBytes(ctx context.Context, raw []byte) LinkCheck {
 		return fail(err)
 	}
 	c.Key = &key
-	l, err := DecodeLink(payload)
-	if err != nil {
-		c.Err = err
-		return c
+	l := claimed
+	if claimErr != nil || !bytes.Equal(payload, unverified) {
+		if l, err = DecodeLink(payload); err != nil {
+			c.Err = err
+			return c
+		}
 	}
 	idx, err := v.include(ctx, c.Envelope)
 	if err != nil {
