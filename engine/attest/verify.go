@@ -3,8 +3,8 @@ package attest
 import (
 	"bytes"
 	"context"
-	"encoding/base64"
 	"crypto/sha256"
+	"encoding/base64"
 	"encoding/hex"
 	"errors"
 	"fmt"
