@@ -13,6 +13,7 @@ import (
 	"os"
 	"sort"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/in-toto/in-toto-golang/in_toto"
@@ -105,14 +106,17 @@ type VerifierOptions struct {
 	WaitCheckpoint time.Duration
 }
 
-// Verifier checks links against trusted keys and the transparency log.
+// Verifier checks links against trusted keys and the transparency log. It is safe for
+// concurrent use.
 type Verifier struct {
 	store *Store
 	log   *tlog.Reader
 	opts  VerifierOptions
-	cp    *tlog.Checkpoint
-	pv    *tlog.Prover
-	done  map[cache.Digest]LinkCheck
+
+	mu   sync.Mutex // guards cp, pv and done
+	cp   *tlog.Checkpoint
+	pv   *tlog.Prover
+	done map[cache.Digest]LinkCheck
 	// deadline ends all waiting for links still on their way into the log.
 	deadline time.Time
 }
@@ -176,12 +180,18 @@ func (v *Verifier) loadCheckpoint(ctx context.Context) error {
 			return status.Errorf(codes.DataLoss, "log: not consistent with the pinned checkpoint: %v", status.Convert(err).Message())
 		}
 	}
+	v.mu.Lock()
 	v.cp, v.pv = cp, pv
+	v.mu.Unlock()
 	return nil
 }
 
 // Checkpoint returns the checkpoint the verifier proves inclusion against.
-func (v *Verifier) Checkpoint() *tlog.Checkpoint { return v.cp }
+func (v *Verifier) Checkpoint() *tlog.Checkpoint {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return v.cp
+}
 
 // LinkCheck is what verifying one link established, step by step: which trusted key
 // signed it, whether it is in the log and where, and whether the key was valid at that
@@ -206,7 +216,10 @@ type LinkCheck struct {
 
 // Check verifies the link in envelope env like Link, recording each fact it establishes.
 func (v *Verifier) Check(ctx context.Context, env cache.Digest) LinkCheck {
-	if r, ok := v.done[env]; ok {
+	v.mu.Lock()
+	r, ok := v.done[env]
+	v.mu.Unlock()
+	if ok {
 		return r
 	}
 	var c LinkCheck
@@ -216,8 +229,31 @@ func (v *Verifier) Check(ctx context.Context, env cache.Digest) LinkCheck {
 	} else {
 		c = v.CheckBytes(ctx, raw)
 	}
+	v.mu.Lock()
 	v.done[env] = c
+	v.mu.Unlock()
 	return c
+}
+
+// CheckAll verifies the links in envs with up to workers goroutines (signature checks
+// dominate; they parallelize), so that Check and Link answer them from memory after.
+func (v *Verifier) CheckAll(ctx context.Context, envs []cache.Digest, workers int) {
+	next := make(chan cache.Digest)
+	var wg sync.WaitGroup
+	for range max(workers, 1) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for e := range next {
+				v.Check(ctx, e)
+			}
+		}()
+	}
+	for _, e := range envs {
+		next <- e
+	}
+	close(next)
+	wg.Wait()
 }
 
 // Link verifies the link in envelope env: a signature by a trusted key, a well-formed
@@ -291,14 +327,17 @@ func (v *Verifier) include(ctx context.Context, d cache.Digest) (uint64, error) 
 	entry := LinkLogEntry(d)
 	for {
 		hint, hasHint := v.store.LogIndex(d)
-		idx, _, err := v.log.Include(ctx, entry, hint, hasHint, v.cp, v.pv)
+		v.mu.Lock()
+		cp, pv := v.cp, v.pv
+		v.mu.Unlock()
+		idx, _, err := v.log.Include(ctx, entry, hint, hasHint, cp, pv)
 		if err == nil {
 			return idx, nil
 		}
-		inFlight := (hasHint && hint >= v.cp.Size) || (!hasHint && v.store.Pending(d))
+		inFlight := (hasHint && hint >= cp.Size) || (!hasHint && v.store.Pending(d))
 		if !inFlight || time.Now().After(v.deadline) {
 			if status.Code(err) == codes.NotFound {
-				return 0, status.Errorf(codes.NotFound, "not in the transparency log (checkpoint size %d)", v.cp.Size)
+				return 0, status.Errorf(codes.NotFound, "not in the transparency log (checkpoint size %d)", cp.Size)
 			}
 			return 0, status.Errorf(status.Code(err), "transparency log: %v", status.Convert(err).Message())
 		}

@@ -10,6 +10,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
+	"runtime"
 	"sort"
 	"strings"
 	"time"
@@ -242,6 +243,7 @@ func (g *Gate) facts(ctx context.Context, req Request, now time.Time) (*Input, [
 		var envs []cache.Digest
 		if prov != nil {
 			in.Chain.From = "provenance"
+			v.CheckAll(ctx, prov.Links, runtime.GOMAXPROCS(0))
 			ch = v.CheckProvenance(ctx, prov, req.Subject)
 			envs = prov.Links
 		} else {

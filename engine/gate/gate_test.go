@@ -176,7 +176,9 @@ func (f *fixture) gate(t testing.TB, p *Policy, trust keys.Trust, q *quarantine.
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { cas.Close() })
-	g, err := New(Options{Policy: p, Trust: trust, Store: attest.NewStore(attest.PathsFor(f.data), cas), Quarantine: q, Version: "test"})
+	now := time.Now() // one clock reading: equal requests give equal decisions, ages included
+	g, err := New(Options{Policy: p, Trust: trust, Store: attest.NewStore(attest.PathsFor(f.data), cas), Quarantine: q, Version: "test",
+		Now: func() time.Time { return now }})
 	if err != nil {
 		t.Fatal(err)
 	}
