@@ -217,9 +217,6 @@ func TestDecide(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	noSBOM := func(s string) string {
-		return strings.Replace(s, "require: input.sbom.present && input.sbom.matches", "require: 'true'", 1)
-	}
 	cases := []struct {
 		name  string
 		req   Request
