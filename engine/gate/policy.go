@@ -164,6 +164,7 @@ func ParsePolicy(name string, data []byte) (*Policy, error) {
 	if err != nil {
 		return nil, status.Errorf(codes.Internal, "cel: %v", err)
 	}
+	lines := strings.Split(string(data), "\n")
 	seen := map[string]int{}
 	for i := range pf.Rules {
 		n := &pf.Rules[i]
@@ -192,30 +193,30 @@ func ParsePolicy(name string, data []byte) (*Policy, error) {
 			return nil, &PolicyError{File: name, Line: n.Line, Msg: fmt.Sprintf("rule %q has no require expression", rf.Name)}
 		}
 		r := &rule{name: rf.Name, line: n.Line, forEach: !rf.ForEach.IsZero()}
-		if _, err := compile(e, name, &rf.Require, cel.BoolType); err != nil {
+		if _, err := compile(e, name, lines, &rf.Require, cel.BoolType); err != nil {
 			return nil, err
 		}
 		if r.forEach {
-			if _, err := compile(e, name, &rf.ForEach, nil); err != nil {
+			if _, err := compile(e, name, lines, &rf.ForEach, nil); err != nil {
 				return nil, err
 			}
 			// The rule's failing elements, in one program: CEL loops faster than Go
 			// calling a program per element.
 			composed := yaml.Node{Kind: yaml.ScalarNode, Line: rf.Require.Line, Column: rf.Require.Column,
 				Value: "(" + rf.ForEach.Value + ").filter(item, !(" + rf.Require.Value + "))"}
-			if r.fails, err = compile(e, name, &composed, nil); err != nil {
+			if r.fails, err = compile(e, name, lines, &composed, nil); err != nil {
 				return nil, err
 			}
-		} else if r.check, err = compile(e, name, &rf.Require, cel.BoolType); err != nil {
+		} else if r.check, err = compile(e, name, lines, &rf.Require, cel.BoolType); err != nil {
 			return nil, err
 		}
 		if !rf.Attestation.IsZero() {
-			if r.attestation, err = compile(e, name, &rf.Attestation, cel.StringType); err != nil {
+			if r.attestation, err = compile(e, name, lines, &rf.Attestation, cel.StringType); err != nil {
 				return nil, err
 			}
 		}
 		if !rf.Message.IsZero() {
-			if r.message, err = compile(e, name, &rf.Message, cel.StringType); err != nil {
+			if r.message, err = compile(e, name, lines, &rf.Message, cel.StringType); err != nil {
 				return nil, err
 			}
 		}
@@ -229,7 +230,7 @@ func ParsePolicy(name string, data []byte) (*Policy, error) {
 
 // compile compiles the CEL expression in node; a compile error is a PolicyError at
 // the expression's position in the file.
-func compile(e *cel.Env, file string, node *yaml.Node, want *cel.Type) (cel.Program, error) {
+func compile(e *cel.Env, file string, lines []string, node *yaml.Node, want *cel.Type) (cel.Program, error) {
 	if node.Kind != yaml.ScalarNode {
 		return nil, &PolicyError{File: file, Line: node.Line, Col: node.Column, Msg: "want a CEL expression (a string)"}
 	}
@@ -240,7 +241,7 @@ func compile(e *cel.Env, file string, node *yaml.Node, want *cel.Type) (cel.Prog
 		if errs := iss.Errors(); len(errs) > 0 {
 			loc := errs[0].Location
 			msg = errs[0].Message
-			line, col = position(node, loc.Line(), loc.Column())
+			line, col = position(node, lines, loc.Line(), loc.Column())
 		}
 		return nil, &PolicyError{File: file, Line: line, Col: col, Msg: "CEL: " + msg}
 	}
@@ -255,15 +256,31 @@ func compile(e *cel.Env, file string, node *yaml.Node, want *cel.Type) (cel.Prog
 }
 
 // position maps a CEL location (1-based line, 0-based column inside the expression)
-// to the policy file: block scalars (| and >) start on the line after their indicator;
-// quoted scalars one column after the quote.
-func position(node *yaml.Node, line, col int) (int, int) {
+// to the policy file, whose lines are given: block scalars start on the line after
+// their indicator (| keeps lines; > folds them into one, joined by spaces); quoted
+// scalars one column after the quote.
+func position(node *yaml.Node, lines []string, line, col int) (int, int) {
 	if line < 1 {
 		line = 1
 	}
+	indent := func(l int) int {
+		if l < 1 || l > len(lines) {
+			return 0
+		}
+		return len(lines[l-1]) - len(strings.TrimLeft(lines[l-1], " "))
+	}
 	switch {
-	case node.Style&(yaml.LiteralStyle|yaml.FoldedStyle) != 0:
-		return node.Line + line, col + 1
+	case node.Style&yaml.LiteralStyle != 0:
+		return node.Line + line, indent(node.Line+1) + col + 1
+	case node.Style&yaml.FoldedStyle != 0 && line == 1:
+		for l := node.Line + 1; l <= len(lines); l++ {
+			text := strings.TrimSpace(lines[l-1])
+			if col <= len(text) {
+				return l, indent(l) + col + 1
+			}
+			col -= len(text) + 1
+		}
+		return node.Line + 1, 1
 	case line > 1:
 		return node.Line + line - 1, col + 1
 	case node.Style&(yaml.SingleQuotedStyle|yaml.DoubleQuotedStyle) != 0:
