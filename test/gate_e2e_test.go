@@ -3,6 +3,8 @@ package test
 import (
 	"bufio"
 	"bytes"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"fmt"
 	"net/http"
@@ -15,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/kilnbuild/kiln/internal/testpki"
 	"github.com/kilnbuild/kiln/test/harness"
 )
 
@@ -436,4 +439,64 @@ func (s *gateServer) decide(t *testing.T, c gateCase) gateDecision {
 		t.Fatal(err)
 	}
 	return d
+}
+
+// TestGateServeMTLS: kiln gate serve with a client CA answers only clients holding a
+// certificate that CA signed, over TLS; others fail the handshake.
+func TestGateServeMTLS(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	data := t.TempDir()
+	keys := pubkeys(t, data, filepath.Join(t.TempDir(), "keys.json"))
+	ca, other := testpki.NewCA(t, "gate-ca"), testpki.NewCA(t, "other-ca")
+	cert, key := ca.Server(t, "gate")
+	srv := startGateServer(t, "--policy", filepath.Join(harness.RepoRoot(), "examples", "gate", "staging.yaml"), "--keys", keys,
+		"--data", data, "--tls-cert", cert, "--tls-key", key, "--tls-client-ca", ca.Cert)
+	client := func(c *testpki.CA, name string) *http.Client {
+		pool := x509.NewCertPool()
+		pem, _ := os.ReadFile(ca.Cert)
+		pool.AppendCertsFromPEM(pem)
+		cfg := &tls.Config{RootCAs: pool}
+		if c != nil {
+			cc, ck := c.Client(t, name)
+			pair, err := tls.LoadX509KeyPair(cc, ck)
+			if err != nil {
+				t.Fatal(err)
+			}
+			cfg.Certificates = []tls.Certificate{pair}
+		}
+		return &http.Client{Transport: &http.Transport{TLSClientConfig: cfg}, Timeout: 10 * time.Second}
+	}
+	body := `{"subject": "sha256:` + strings.Repeat("a", 64) + `", "stage": "staging"}`
+	for _, c := range []struct {
+		name   string
+		client *http.Client
+		ok     bool
+	}{
+		{"no client certificate", client(nil, ""), false},
+		{"certificate from another CA", client(other, "intruder"), false},
+		{"certificate from the client CA", client(ca, "deployer"), true},
+	} {
+		resp, err := c.client.Post("https://"+srv.addr+"/v1/decide", "application/json", strings.NewReader(body))
+		if !c.ok {
+			if err == nil {
+				resp.Body.Close()
+				t.Errorf("%s: answered %d", c.name, resp.StatusCode)
+			}
+			continue
+		}
+		if err != nil {
+			t.Fatalf("%s: %v", c.name, err)
+		}
+		var d gateDecision
+		json.NewDecoder(resp.Body).Decode(&d)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK || d.Allow || !contains(d.rules(), "provenance-verified") {
+			t.Fatalf("%s: HTTP %d, decision %+v", c.name, resp.StatusCode, d)
+		}
+	}
+	if resp, err := http.Get("http://" + srv.addr + "/healthz"); err == nil && resp.StatusCode == http.StatusOK {
+		t.Fatal("plain HTTP answered on the TLS listener")
+	}
 }
