@@ -23,7 +23,7 @@ const (
 // violation, the log checkpoint links were proved against, and every attestation
 // considered.
 func (d *Decision) Statement(version string) (*intoto.Statement, error) {
-	var vs, atts []any
+	vs, atts := []any{}, []any{}
 	for _, v := range d.Violations {
 		vs = append(vs, map[string]any{"rule": v.Rule, "attestation": v.Attestation, "reason": v.Reason})
 	}
@@ -40,8 +40,8 @@ func (d *Decision) Statement(version string) (*intoto.Statement, error) {
 		"stage":        d.Stage,
 		"decidedAt":    d.DecidedAt,
 		"policy":       map[string]any{"uri": d.Policy.Name, "digest": map[string]any{"sha256": d.Policy.SHA256}},
-		"violations":   orEmpty(vs),
-		"attestations": orEmpty(atts),
+		"violations":   vs,
+		"attestations": atts,
 	}
 	if in := d.Input; in != nil {
 		pred["log"] = map[string]any{"origin": in.Log.Origin, "checkpointSize": float64(in.Log.CheckpointSize), "verified": in.Log.Verified}
@@ -60,13 +60,6 @@ func (d *Decision) Statement(version string) (*intoto.Statement, error) {
 		return nil, status.Errorf(codes.Internal, "decision statement: %v", err)
 	}
 	return st, nil
-}
-
-func orEmpty(v []any) []any {
-	if v == nil {
-		return []any{}
-	}
-	return v
 }
 
 // sign signs d's statement with the gate's key, the way kiln signs provenance and

@@ -10,7 +10,9 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
+	"maps"
 	"runtime"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -303,7 +305,7 @@ func (g *Gate) facts(ctx context.Context, req Request, now time.Time) (*Input, [
 	for _, t := range toolchains {
 		tf := ToolchainFacts{SHA256: t, LockfileNames: []string{}}
 		if lock != nil {
-			for _, name := range sortedKeys(lock.Toolchains) {
+			for _, name := range slices.Sorted(maps.Keys(lock.Toolchains)) {
 				if lock.Toolchains[name].Digest == "sha256:"+t {
 					tf.LockfileNames = append(tf.LockfileNames, name)
 				}
@@ -434,7 +436,7 @@ func inputsOf(links []*attest.VerifiedLink) ([]attest.Artifact, []string) {
 		}
 		return sources[i].Alg+sources[i].Hash < sources[j].Alg+sources[j].Hash
 	})
-	return sources, sortedKeys(tools)
+	return sources, slices.Sorted(maps.Keys(tools))
 }
 
 // dependencies groups sources under external/NAME/ (Bazel's external repositories) by
@@ -452,7 +454,7 @@ func dependencies(sources []attest.Artifact) []DependencyFacts {
 		}
 	}
 	var out []DependencyFacts
-	for _, n := range sortedKeys(files) {
+	for _, n := range slices.Sorted(maps.Keys(files)) {
 		out = append(out, DependencyFacts{Name: n, Files: files[n]})
 	}
 	return out
@@ -493,13 +495,4 @@ func (in *Input) normalize() {
 	if in.SBOM.Errors == nil {
 		in.SBOM.Errors = []string{}
 	}
-}
-
-func sortedKeys[V any](m map[string]V) []string {
-	ks := make([]string, 0, len(m))
-	for k := range m {
-		ks = append(ks, k)
-	}
-	sort.Strings(ks)
-	return ks
 }

@@ -279,7 +279,7 @@ func TestDecide(t *testing.T) {
 				hr.Lockfile = &HTTPDoc{Name: l.Name, Data: l.Data}
 			}
 			for _, v := range tc.req.VSAs {
-				hr.VSAs = append(hr.VSAs, HTTPDoc{Name: v.Name, Data: v.Data})
+				hr.VSAs = append(hr.VSAs, HTTPDoc(v))
 			}
 			body, _ := json.Marshal(hr)
 			resp, err := http.Post(srv.URL+"/v1/decide", "application/json", bytes.NewReader(body))
