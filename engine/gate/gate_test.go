@@ -300,3 +300,34 @@ func TestDecide(t *testing.T) {
 		})
 	}
 }
+
+// TestHTTPRefusals: what the gate cannot decide is 400 with a reason, never a decision.
+func TestHTTPRefusals(t *testing.T) {
+	f := newFixture(t, 1)
+	srv := httptest.NewServer(f.gate(t, policy(t, nil), f.trust, nil).Handler(slogDiscard()))
+	defer srv.Close()
+	sha := "sha256:" + f.subject.SHA256
+	for _, c := range []struct{ name, body, want string }{
+		{"not JSON", `{"subject":`, "request:"},
+		{"unknown field", `{"subject": "` + sha + `", "keys": ["attacker"]}`, `unknown field "keys"`},
+		{"a path, not a digest", `{"subject": "/etc/passwd"}`, "neither a file nor a sha256 digest"},
+		{"another stage", `{"subject": "` + sha + `", "stage": "staging"}`, `is for stage "production", not "staging"`},
+		{"malformed lockfile", `{"subject": "` + sha + `", "lockfile": {"name": "kiln.lock", "data": "e30="}}`, "lockfile:"},
+	} {
+		resp, err := http.Post(srv.URL+"/v1/decide", "application/json", strings.NewReader(c.body))
+		if err != nil {
+			t.Fatal(err)
+		}
+		var e HTTPError
+		json.NewDecoder(resp.Body).Decode(&e)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusBadRequest || !strings.Contains(e.Error, c.want) {
+			t.Errorf("%s: HTTP %d %q; want 400 containing %q", c.name, resp.StatusCode, e.Error, c.want)
+		}
+	}
+	resp, err := http.Get(srv.URL + "/healthz")
+	if err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("healthz: %v", err)
+	}
+	resp.Body.Close()
+}
