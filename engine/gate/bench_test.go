@@ -6,6 +6,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/kilnbuild/kiln/engine/attest"
 )
 
 // noSBOM drops the SBOM rule from the production policy (fixtures carry no SBOM).
@@ -61,4 +63,33 @@ func BenchmarkEvaluate1000Links(b *testing.B) {
 			b.Fatal(vs, err)
 		}
 	}
+}
+
+// BenchmarkVerifyProvenance1000Links is the peer: what `kiln attest verify
+// --provenance` does for the same artifact (the provenance's signature, every link,
+// the chain; one goroutine), without the summaries, the facts and the policy.
+func BenchmarkVerifyProvenance1000Links(b *testing.B) {
+	ctx := context.Background()
+	f := newFixture(b, 1000)
+	g := f.gate(b, policy(b, noSBOM), f.trust, nil)
+	lv, err := f.trust.Log.Verifier()
+	if err != nil {
+		b.Fatal(err)
+	}
+	cpu := cpuTime()
+	b.ResetTimer()
+	for b.Loop() {
+		p, err := attest.ParseProvenance(ctx, f.provenance, f.trust)
+		if err != nil {
+			b.Fatal(err)
+		}
+		v, err := attest.NewVerifier(ctx, g.opts.Store, attest.VerifierOptions{Trust: f.trust, LogVerifier: lv})
+		if err != nil {
+			b.Fatal(err)
+		}
+		if ch := v.CheckProvenance(ctx, p, f.subject); !ch.OK() {
+			b.Fatal(ch.Failures)
+		}
+	}
+	b.ReportMetric(float64((cpuTime()-cpu).Milliseconds())/float64(b.N), "cpu-ms/op")
 }
