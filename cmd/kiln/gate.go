@@ -14,12 +14,12 @@ import (
 	"time"
 
 	"github.com/kilnbuild/kiln/cache/disk"
-	"github.com/kilnbuild/kiln/engine"
 	"github.com/kilnbuild/kiln/engine/attest"
 	"github.com/kilnbuild/kiln/engine/attest/keys"
 	"github.com/kilnbuild/kiln/engine/gate"
 	"github.com/kilnbuild/kiln/engine/quarantine"
 	"github.com/kilnbuild/kiln/engine/rebuild"
+	"github.com/kilnbuild/kiln/engine/server"
 	"github.com/spf13/cobra"
 )
 
@@ -34,7 +34,7 @@ type gateFlags struct {
 func (f *gateFlags) register(c *cobra.Command) {
 	addDataFlag(c, &f.data)
 	c.Flags().StringVar(&f.policy, "policy", "", "the policy (YAML with CEL rules; see docs/gate.md and examples/gate/)")
-	c.Flags().StringArrayVar(&f.keyFiles, "keys", nil, "trusted public keys for provenance, links and summaries: PEM, or `kiln attest pubkey --all --json` output (repeatable)")
+	c.Flags().StringArrayVar(&f.keyFiles, "keys", nil, "trusted public keys for provenance, links and summaries: PEM, or the output of \"kiln attest pubkey --all --json\" (repeatable)")
 	c.Flags().StringVar(&f.logKey, "log-key", "", "the transparency log's verifier key (a note vkey, or a file holding one); default: from a --keys JSON export")
 	c.Flags().StringVar(&f.bundle, "bundle", "", "read links and the log from this bundle (kiln export) instead of the data dir")
 	c.Flags().StringVar(&f.maxBundle, "max-bundle-size", "16GiB", "refuse a bundle file that unpacks to more than this")
@@ -238,10 +238,10 @@ func printDecision(w interface{ Write([]byte) (int, error) }, d *gate.Decision) 
 
 func newGateServeCmd() *cobra.Command {
 	var (
-		f       gateFlags
-		listen  string
-		tlsF    engine.TLSFiles
-		logFlag logFlags
+		f                   gateFlags
+		listen              string
+		tlsF                server.TLSFiles
+		logLevel, logFormat string
 	)
 	c := &cobra.Command{
 		Use:   "serve --listen ADDR --policy POLICY --keys PUB",
@@ -255,7 +255,7 @@ are the server's, never the client's. --tls-cert/--tls-key serve HTTPS;
 --tls-client-ca requires client certificates (mTLS). See docs/gate.md.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			log, err := logFlag.logger()
+			log, err := newLogger(logLevel, logFormat)
 			if err != nil {
 				return &exitError{code: 2, msg: err.Error()}
 			}
@@ -271,7 +271,7 @@ are the server's, never the client's. --tls-cert/--tls-key serve HTTPS;
 			defer done()
 			var tc *tls.Config
 			if tlsF.Enabled() {
-				if tc, err = engine.ServerTLS(tlsF, log); err != nil {
+				if tc, err = server.ServerTLS(tlsF, log); err != nil {
 					return &exitError{code: 2, msg: statusErr(err).Error()}
 				}
 			}
@@ -292,6 +292,7 @@ are the server's, never the client's. --tls-cert/--tls-key serve HTTPS;
 	c.Flags().StringVar(&tlsF.Cert, "tls-cert", "", "PEM certificate chain: serve HTTPS (files are re-read when they change)")
 	c.Flags().StringVar(&tlsF.Key, "tls-key", "", "PEM private key of --tls-cert")
 	c.Flags().StringVar(&tlsF.ClientCA, "tls-client-ca", "", "PEM CA certificates: require clients to present a certificate they signed (mTLS)")
-	logFlag.register(c)
+	c.Flags().StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn, error")
+	c.Flags().StringVar(&logFormat, "log-format", "text", "log format: text or json")
 	return c
 }

@@ -20,6 +20,7 @@ import (
 	"github.com/kilnbuild/kiln/cache"
 	"github.com/kilnbuild/kiln/engine/attest/keys"
 	"github.com/kilnbuild/kiln/engine/attest/tlog"
+	"github.com/kilnbuild/kiln/internal/grpcerr"
 	"golang.org/x/mod/sumdb/note"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -162,7 +163,7 @@ func (v *Verifier) settle(ctx context.Context) {
 func (v *Verifier) loadCheckpoint(ctx context.Context) error {
 	cp, err := v.log.Checkpoint(ctx)
 	if err != nil {
-		return status.Errorf(status.Code(err), "log: %v", status.Convert(err).Message())
+		return grpcerr.Wrap(err, "log")
 	}
 	pv, err := v.log.Prover(ctx, cp.Size)
 	if err != nil {
@@ -275,7 +276,7 @@ func (v *Verifier) CheckBytes(ctx context.Context, raw []byte) LinkCheck {
 	c := LinkCheck{Envelope: cache.DigestOf(raw)}
 	fail := func(err error) LinkCheck {
 		if c.Claims != "" {
-			err = status.Errorf(status.Code(err), "claims action %s: %s", c.Claims, status.Convert(err).Message())
+			err = grpcerr.Wrap(err, "claims action %s", c.Claims)
 		}
 		c.Err = err
 		return c
@@ -339,7 +340,7 @@ func (v *Verifier) include(ctx context.Context, d cache.Digest) (uint64, error) 
 			if status.Code(err) == codes.NotFound {
 				return 0, status.Errorf(codes.NotFound, "not in the transparency log (checkpoint size %d)", cp.Size)
 			}
-			return 0, status.Errorf(status.Code(err), "transparency log: %v", status.Convert(err).Message())
+			return 0, grpcerr.Wrap(err, "transparency log")
 		}
 		select {
 		case <-ctx.Done():
