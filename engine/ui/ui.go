@@ -135,8 +135,10 @@ var funcs = template.FuncMap{
 	},
 	"actionURL":   ActionPath,
 	"artifactURL": ArtifactPath,
-	"blobURL": blobPath,
-	"fileURL": func(hash string, size int64, name string) string { return blobPath(cache.Digest{Hash: hash, Size: size}, name) },
+	"blobURL":     blobPath,
+	"fileURL": func(hash string, size int64, name string) string {
+		return blobPath(cache.Digest{Hash: hash, Size: size}, name)
+	},
 	"when": func(t time.Time) string {
 		if t.IsZero() {
 			return ""
