@@ -448,11 +448,14 @@ type workTokens struct {
 	last   time.Time     // when credit was last brought up to date
 }
 
-// NewWork returns a Work allowing each client rate cores over time (0: a quarter of
-// the CPUs) and, at once, as many whole cores as that (at least one).
+// DefaultClientCPUs is the default rate of Work: a quarter of the CPUs.
+func DefaultClientCPUs() float64 { return float64(runtime.NumCPU()) / 4 }
+
+// NewWork returns a Work allowing each client rate cores over time (0:
+// DefaultClientCPUs) and, at once, as many whole cores as that (at least one).
 func NewWork(rate float64) *Work {
 	if rate <= 0 {
-		rate = float64(runtime.NumCPU()) / 4
+		rate = DefaultClientCPUs()
 	}
 	return &Work{perClient: max(1, int(math.Ceil(rate))), rate: rate, now: time.Now, sleep: sleep, nice: WorkNice, clients: map[string]*workTokens{}}
 }

@@ -1,6 +1,7 @@
 package reapi
 
 import (
+	"context"
 	"crypto/rand"
 	"encoding/base64"
 	"encoding/hex"
@@ -10,6 +11,7 @@ import (
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"github.com/kilnbuild/kiln/cache"
+	"github.com/kilnbuild/kiln/engine/limits"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
@@ -23,12 +25,32 @@ const (
 	maxTreeCursorSeen = 500_000 // directories all kept walks may have seen together (~60 MB)
 )
 
-// treeWalk is a breadth-first walk of a tree, stopped after n directories.
+// treeWalk is a walk of a tree's distinct directories, stopped after n of them.
 type treeWalk struct {
-	root  cache.Digest
-	n     int
-	queue []cache.Digest
-	seen  map[cache.Digest]bool
+	root cache.Digest
+	n    int
+	walk *cache.Walk
+	// mem is the charge of the page being read: each directory the walk reads is
+	// charged to it before it is read.
+	mem *limits.Charge
+}
+
+// newTreeWalk starts a walk of the distinct directories under root in cas.
+func newTreeWalk(cas cache.BlobStore, root cache.Digest) *treeWalk {
+	w := &treeWalk{root: root}
+	w.walk = cache.NewWalk(root, func(ctx context.Context, d cache.Digest) (*repb.Directory, error) {
+		cost := treeReadCost * min(d.Size, cache.MaxTreeSize)
+		if err := w.mem.Grow(cost); err != nil {
+			return nil, err
+		}
+		dir := &repb.Directory{}
+		if err := cache.ReadProto(ctx, cas, d, dir, cache.MaxTreeSize); err != nil {
+			w.mem.Shrink(cost)
+			return nil, err
+		}
+		return dir, nil
+	}, cache.WalkOptions{Distinct: true})
+	return w
 }
 
 // treeCursors keeps the walks behind outstanding page tokens, so that each page
@@ -39,7 +61,7 @@ type treeCursors struct {
 	mu    sync.Mutex
 	walks map[string]*treeWalk
 	order []string // ids, oldest first
-	seen  int      // len(w.seen) summed over walks
+	seen  int      // w.walk.Seen() summed over walks
 }
 
 // take removes and returns the walk id of root stopped at n, if kept.
@@ -57,7 +79,7 @@ func (c *treeCursors) take(id string, root cache.Digest, n int) *treeWalk {
 // drop forgets walk id; callers hold c.mu.
 func (c *treeCursors) drop(id string) {
 	if w := c.walks[id]; w != nil {
-		c.seen -= len(w.seen)
+		c.seen -= w.walk.Seen()
 		delete(c.walks, id)
 	}
 }
@@ -67,17 +89,17 @@ func (c *treeCursors) put(w *treeWalk) string {
 	var b [12]byte
 	rand.Read(b[:])
 	id := hex.EncodeToString(b[:])
-	if len(w.seen) <= maxTreeCursorSeen/4 { // a larger walk is not kept: its next page walks again
+	if w.walk.Seen() <= maxTreeCursorSeen/4 { // a larger walk is not kept: its next page walks again
 		c.mu.Lock()
 		if c.walks == nil {
 			c.walks = map[string]*treeWalk{}
 		}
-		for len(c.order) > 0 && (len(c.walks) >= maxTreeCursors || c.seen+len(w.seen) > maxTreeCursorSeen) {
+		for len(c.order) > 0 && (len(c.walks) >= maxTreeCursors || c.seen+w.walk.Seen() > maxTreeCursorSeen) {
 			c.drop(c.order[0])
 			c.order = c.order[1:]
 		}
 		c.walks[id] = w
-		c.seen += len(w.seen)
+		c.seen += w.walk.Seen()
 		c.order = append(c.order, id)
 		if len(c.order) > 4*maxTreeCursors { // drop ids already taken
 			kept := c.order[:0]
@@ -120,9 +142,9 @@ const (
 // GetTree streams the Directory messages reachable from root_digest, each distinct
 // directory once, breadth first. Directories absent from the CAS are left out, as the
 // spec allows. A page token resumes the walk the previous page kept (treeCursors).
-// Each client may have DefaultClientTrees walks in progress, and what a walk holds is
-// charged to the memory budget as it grows: directories go out as soon as a response
-// message is full, not once the whole page is read.
+// Each client may have DefaultClientTrees walks in progress, what a walk holds is
+// charged to the memory budget as it grows (directories go out as soon as a response
+// message is full, not once the whole page is read), and the walk is the client's work.
 func (c casServer) GetTree(req *repb.GetTreeRequest, stream repb.ContentAddressableStorage_GetTreeServer) error {
 	ctx := stream.Context()
 	if err := CheckInstance(req.GetInstanceName()); err != nil {
@@ -154,7 +176,7 @@ func (c casServer) GetTree(req *repb.GetTreeRequest, stream repb.ContentAddressa
 		return err
 	}
 	defer release()
-	mem, err := c.s.opts.Memory.Charge(client, "GetTree", treeSeenCost)
+	mem, err := c.s.opts.Memory.Charge(client, "GetTree", 0)
 	if err != nil {
 		return err
 	}
@@ -167,9 +189,11 @@ func (c casServer) GetTree(req *repb.GetTreeRequest, stream repb.ContentAddressa
 	defer done()
 	w := c.s.trees.take(id, root, skip)
 	if w == nil { // a first page, or a walk no longer kept: walk from the root
-		w = &treeWalk{root: root, seen: map[cache.Digest]bool{root: true}, queue: []cache.Digest{root}}
+		w = newTreeWalk(c.s.cas, root)
 	}
-	if err := mem.Grow(int64(len(w.seen)+len(w.queue)) * treeSeenCost); err != nil {
+	w.mem = mem
+	seen := w.walk.Seen()
+	if err := mem.Grow(int64(seen) * treeSeenCost); err != nil {
 		return err
 	}
 	var batch []*repb.Directory
@@ -181,39 +205,22 @@ func (c casServer) GetTree(req *repb.GetTreeRequest, stream repb.ContentAddressa
 		held = 0
 		return err
 	}
-	for len(w.queue) > 0 && sent < pageSize {
-		d := w.queue[0]
-		w.queue = w.queue[1:]
-		cost := treeReadCost * min(d.Size, cache.MaxTreeSize)
-		if err := mem.Grow(cost); err != nil {
-			return err
-		}
-		dir := &repb.Directory{}
-		if err := cache.ReadProto(ctx, c.s.cas, d, dir, cache.MaxTreeSize); err != nil {
-			mem.Shrink(cost)
-			if d == root && status.Code(err) == codes.NotFound {
-				return status.Errorf(codes.NotFound, "tree root %s not found", d)
+	for !w.walk.Done() && sent < pageSize {
+		it, dir, err := w.walk.Next(ctx)
+		if err != nil {
+			if it.Digest == root && status.Code(err) == codes.NotFound {
+				return status.Errorf(codes.NotFound, "tree root %s not found", root)
 			}
 			if status.Code(err) == codes.NotFound || status.Code(err) == codes.DataLoss {
 				continue // the spec: return the portion present, omit the rest
 			}
 			return err
 		}
-		added := 0
-		for _, sub := range dir.GetDirectories() {
-			sd, err := cache.FromProto(sub.GetDigest())
-			if err != nil {
-				return status.Errorf(codes.InvalidArgument, "directory %s: child %q: %s", d, sub.GetName(), status.Convert(err).Message())
-			}
-			if !w.seen[sd] {
-				w.seen[sd] = true
-				w.queue = append(w.queue, sd)
-				added++
-			}
-		}
-		if err := mem.Grow(int64(added) * treeSeenCost); err != nil {
+		if err := mem.Grow(int64(w.walk.Seen()-seen) * treeSeenCost); err != nil {
 			return err
 		}
+		seen = w.walk.Seen()
+		cost := treeReadCost * min(it.Digest.Size, cache.MaxTreeSize)
 		if w.n >= skip {
 			sz := proto.Size(dir)
 			if len(batch) > 0 && size+sz > MaxBatchSize {
@@ -231,7 +238,8 @@ func (c casServer) GetTree(req *repb.GetTreeRequest, stream repb.ContentAddressa
 		w.n++
 	}
 	next := ""
-	if len(w.queue) > 0 {
+	if !w.walk.Done() {
+		w.mem = nil // kept between pages: the next page charges its own
 		next = c.s.trees.put(w)
 	}
 	return flush(next)

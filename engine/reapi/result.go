@@ -8,6 +8,7 @@ import (
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"github.com/kilnbuild/kiln/cache"
+	"github.com/kilnbuild/kiln/internal/grpcerr"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 )
@@ -59,7 +60,7 @@ func (s *Server) checkResultTrees(ctx context.Context, r *repb.ActionResult) err
 	for _, od := range r.GetOutputDirectories() {
 		td, err := cache.FromProto(od.GetTreeDigest())
 		if err != nil {
-			return cache.PrefixError(err, "action result: output directory %q: tree_digest", od.GetPath())
+			return grpcerr.Wrap(err, "action result: output directory %q: tree_digest", od.GetPath())
 		}
 		mem, err := s.opts.Memory.Charge(ClientID(ctx), "reading an output directory's Tree", 2*min(td.Size, cache.MaxTreeSize))
 		if err != nil {
