@@ -371,7 +371,7 @@ func DefaultMemory() int64 {
 	if total <= 0 {
 		return 1 << 30
 	}
-	return total / DefaultMemoryShare
+	return total / DefaultMemoryShare &^ (1<<20 - 1) // whole MiB
 }
 
 // memTotal reads MemTotal from /proc/meminfo.

@@ -48,6 +48,9 @@ func (l Limits) Resolved() Limits {
 	}
 	if l.ClientMemory <= 0 {
 		l.ClientMemory = l.MaxMemory / 4
+		if l.ClientMemory >= 1<<20 {
+			l.ClientMemory &^= 1<<20 - 1 // whole MiB
+		}
 	}
 	if l.ClientUploads <= 0 {
 		l.ClientUploads = reapi.DefaultClientUploads
