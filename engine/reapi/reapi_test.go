@@ -27,7 +27,6 @@ import (
 )
 
 type env struct {
-	addr  string
 	cas   repb.ContentAddressableStorageClient
 	ac    repb.ActionCacheClient
 	bs    bytestream.ByteStreamClient
@@ -73,8 +72,7 @@ func newEnvOn(t *testing.T, store *disk.Store, cas cache.BlobStore, opts Options
 	}
 	t.Cleanup(func() { conn.Close(); g.Stop(); srv.Close(); store.Close() })
 	return &env{
-		addr: lis.Addr().String(),
-		cas:  repb.NewContentAddressableStorageClient(conn), ac: repb.NewActionCacheClient(conn),
+		cas: repb.NewContentAddressableStorageClient(conn), ac: repb.NewActionCacheClient(conn),
 		bs: bytestream.NewByteStreamClient(conn), caps: repb.NewCapabilitiesClient(conn),
 		store: store, srv: srv,
 	}
