@@ -13,6 +13,8 @@ import (
 
 	"github.com/kilnbuild/kiln/cache"
 	"github.com/kilnbuild/kiln/cache/disk"
+	"github.com/kilnbuild/kiln/cache/s3"
+	"github.com/kilnbuild/kiln/cache/tiered"
 	"github.com/kilnbuild/kiln/engine/attest"
 	"github.com/kilnbuild/kiln/engine/quarantine"
 	"github.com/kilnbuild/kiln/sandbox"
@@ -29,6 +31,10 @@ type Options struct {
 	Primary bool
 	MaxSize int64 // store bound; 0 = unbounded; needs Primary
 	Fsync   bool
+	// Storage, if set, is shared storage (s3://BUCKET[/PREFIX]?endpoint=...): the CAS and
+	// the action cache live in the bucket, and the data dir's store becomes its local,
+	// verified tier (bounded by MaxSize). See docs/storage.md.
+	Storage string
 	// DefaultToolchain is the container-image used by actions without one.
 	DefaultToolchain string
 	Concurrency      int // actions at once; 0 = number of CPUs
@@ -57,7 +63,8 @@ type Options struct {
 // Engine is an open data dir with everything needed to execute actions.
 type Engine struct {
 	Data       DataDir
-	Store      *disk.Store
+	Store      *disk.Store     // the on-disk store: the whole store, or the local tier of Bucket
+	Bucket     *s3.Bucket      // shared storage, if Options.Storage is set
 	CAS        cache.BlobStore // the store as clients see it: with the empty blob, metered
 	AC         cache.ActionCache
 	Toolchains *toolchains.Store
@@ -93,16 +100,32 @@ func Open(ctx context.Context, opts Options) (*Engine, error) {
 		return nil, err
 	}
 	e.Metrics = cache.NewMetrics(reg)
-	e.CAS = localStore{e.Metrics.BlobStore("cas", cache.WithEmptyBlob(e.Store)), e.Store}
+	var (
+		blobs cache.BlobStore   = e.Store
+		files cache.LocalFiles  = e.Store
+		ac    cache.ActionCache = e.Store.ActionCache()
+	)
+	if opts.Storage != "" {
+		cfg, err := s3.ParseURL(opts.Storage)
+		if err != nil {
+			return nil, err
+		}
+		if e.Bucket, err = s3.Open(ctx, cfg, s3.Options{Logger: log}); err != nil {
+			return nil, err
+		}
+		t := tiered.New(e.Store, e.Bucket.CAS(), tiered.Options{Logger: log})
+		blobs, files, ac = t, t, e.Bucket.ActionCache()
+	}
+	e.CAS = localStore{e.Metrics.BlobStore("cas", cache.WithEmptyBlob(blobs)), files, e.Store}
 	if e.Quarantine, err = quarantine.Open(string(opts.Data)); err != nil {
 		return nil, err
 	}
-	e.AC = e.Metrics.ActionCache(e.Quarantine.WrapActionCache(cache.WithCompletenessCheck(e.Store.ActionCache(), e.CAS), e.CAS))
+	e.AC = e.Metrics.ActionCache(e.Quarantine.WrapActionCache(cache.WithCompletenessCheck(ac, e.CAS), e.CAS))
 	e.Toolchains, err = toolchains.Open(ctx, string(opts.Data), toolchains.Options{Default: opts.DefaultToolchain, Pinner: opts.Pinner, Logger: log})
 	if err != nil {
 		return nil, err
 	}
-	e.Signer, err = attest.Open(ctx, attest.Options{DataDir: string(opts.Data), CAS: e.CAS, ExecutorKeyFile: opts.ExecutorKeyFile, Logger: log})
+	e.Signer, err = attest.Open(ctx, attest.Options{DataDir: string(opts.Data), CAS: e.attestCAS(), ExecutorKeyFile: opts.ExecutorKeyFile, Logger: log})
 	if err != nil {
 		return nil, err
 	}
@@ -132,6 +155,38 @@ func Open(ctx context.Context, opts Options) (*Engine, error) {
 		VerifyRate: opts.VerifyRate})
 	ok = true
 	return e, nil
+}
+
+// attestCAS is where signed envelopes go: the CAS (clients read links from it) and,
+// with shared storage, also the bucket's attestations prefix, which has no lifecycle.
+func (e *Engine) attestCAS() cache.BlobStore {
+	if e.Bucket == nil {
+		return e.CAS
+	}
+	return cache.WithDurableCopy(e.CAS, e.Bucket.Attestations())
+}
+
+// OpenCAS opens the store of a data dir for commands that only read and write blobs:
+// the disk store, or with storage set, the disk store as the local tier of the bucket
+// (plus its attestations prefix, where envelopes are also kept). close releases it.
+func OpenCAS(ctx context.Context, data DataDir, storage string, log *slog.Logger) (cas cache.BlobStore, close func(), err error) {
+	d, err := disk.Open(ctx, data.Store(), disk.Options{Logger: log})
+	if err != nil {
+		return nil, nil, err
+	}
+	if storage == "" {
+		return d, func() { d.Close() }, nil
+	}
+	cfg, err := s3.ParseURL(storage)
+	if err == nil {
+		var b *s3.Bucket
+		if b, err = s3.Open(ctx, cfg, s3.Options{Logger: log}); err == nil {
+			cas = cache.WithDurableCopy(tiered.New(d, b.CAS(), tiered.Options{Logger: log}), b.Attestations())
+			return cache.WithEmptyBlob(cas), func() { d.Close() }, nil
+		}
+	}
+	d.Close()
+	return nil, nil, err
 }
 
 // openRunner opens a sandbox runner in the first free slot under dir. Each process
@@ -168,19 +223,25 @@ func (e *Engine) Close() error {
 	return errors.Join(errs...)
 }
 
-// localStore is the metered CAS that still offers the disk store's hardlink and
+// localStore is the metered CAS that still offers the local disk tier's hardlink and
 // adopt abilities to the executor.
 type localStore struct {
 	cache.BlobStore
-	d *disk.Store
+	files cache.LocalFiles // the disk store, or the tiered store over it
+	d     *disk.Store
 }
 
 func (l localStore) BlobPath(d cache.Digest) string { return l.d.BlobPath(d) }
 
-func (l localStore) Verify(d cache.Digest) error { return l.d.Verify(d) }
+// Verify brings blob d to the local tier, verified (RESOURCE_EXHAUSTED: it is too
+// large for the local tier, so read it through the store).
+func (l localStore) Verify(d cache.Digest) error {
+	_, err := l.files.BlobFile(context.Background(), d)
+	return err
+}
 
 func (l localStore) AdoptFile(ctx context.Context, d cache.Digest, f *os.File) error {
-	return l.d.AdoptFile(ctx, d, f)
+	return l.files.AdoptFile(ctx, d, f)
 }
 
 // toolchainResolver adapts the toolchain store to the executor.

@@ -321,13 +321,21 @@ func (m *materializer) materialize(ctx context.Context, root string, t *inputTre
 			continue
 		}
 		if linkable && !f.executable {
-			if err := bp.Verify(f.digest); err != nil {
-				if status.Code(err) == codes.NotFound {
-					return cache.MissingBlobsError("an input blob was missing or damaged", []cache.Digest{f.digest})
+			err := bp.Verify(f.digest)
+			if status.Code(err) == codes.NotFound {
+				return cache.MissingBlobsError("an input blob was missing or damaged", []cache.Digest{f.digest})
+			}
+			if status.Code(err) == codes.ResourceExhausted {
+				// Too large for the local tier of shared storage: copied through the store.
+				if err := m.copyBlob(ctx, f, dst); err != nil {
+					return err
 				}
+				continue
+			}
+			if err != nil {
 				return err
 			}
-			err := os.Link(bp.BlobPath(f.digest), dst)
+			err = os.Link(bp.BlobPath(f.digest), dst)
 			if err == nil {
 				continue
 			}

@@ -30,10 +30,12 @@ import (
 
 // ServerConfig configures `kiln serve`.
 type ServerConfig struct {
-	Listen              string // gRPC address
-	HTTPListen          string // /metrics and /healthz; empty disables
-	Data                DataDir
-	MaxSize             int64 // store bound in bytes; 0 = unbounded
+	Listen     string // gRPC address
+	HTTPListen string // /metrics and /healthz; empty disables
+	Data       DataDir
+	MaxSize    int64 // store bound in bytes; 0 = unbounded
+	// Storage is shared storage (Options.Storage); empty keeps the store on disk only.
+	Storage             string
 	AllowClientACWrites bool
 	Fsync               bool
 	Logger              *slog.Logger
@@ -137,7 +139,7 @@ func Serve(ctx context.Context, cfg ServerConfig) error {
 		lock = l
 	}
 	eng, err := Open(ctx, Options{
-		Data: cfg.Data, Primary: true, MaxSize: cfg.MaxSize, Fsync: cfg.Fsync, Logger: log, Registerer: reg,
+		Data: cfg.Data, Primary: true, MaxSize: cfg.MaxSize, Fsync: cfg.Fsync, Storage: cfg.Storage, Logger: log, Registerer: reg,
 		DefaultToolchain: cfg.Execution.DefaultToolchain, Concurrency: cfg.Execution.Concurrency,
 		MaxQueue: cfg.Execution.MaxQueue, DefaultTimeout: cfg.Execution.DefaultTimeout,
 		MaxTimeout: cfg.Execution.MaxTimeout, IgnoreUnknownPlatformProperties: cfg.Execution.IgnoreUnknownPlatformProperties,
@@ -227,7 +229,7 @@ func Serve(ctx context.Context, cfg ServerConfig) error {
 	entries, bytes := eng.Store.Stats()
 	log.Info("kiln serving", "grpc", lis.Addr().String(), "http", httpAddr, "data", string(cfg.Data),
 		"store_entries", entries, "store_bytes", bytes, "max_size", cfg.MaxSize, "client_ac_writes", cfg.AllowClientACWrites, "tls", cfg.TLS.Enabled(), "client_certificates", cfg.TLS.ClientCA != "",
-		"execution", !cfg.Execution.Disabled)
+		"execution", !cfg.Execution.Disabled, "storage", storageName(eng))
 	if cfg.Ready != nil {
 		cfg.Ready(lis.Addr().String(), httpAddr)
 	}
@@ -265,4 +267,12 @@ func pinner(l *lockfiles.Lockfile) toolchains.TagPinner {
 		return nil
 	}
 	return l
+}
+
+// storageName names where the store lives, for the start-up log line.
+func storageName(e *Engine) string {
+	if e.Bucket != nil {
+		return e.Bucket.Config().String()
+	}
+	return "disk"
 }

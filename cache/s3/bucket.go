@@ -41,8 +41,9 @@ type Bucket struct {
 	log     *slog.Logger
 	now     func() time.Time
 	where   string // "bucket B at ENDPOINT", for errors
-	exists  *existsCache
-	copyMax int64 // largest object refreshed with one CopyObject (S3: 5 GiB)
+	cas     *CAS   // PREFIX cas/
+	attest  *CAS   // PREFIX attest/
+	copyMax int64  // largest object refreshed with one CopyObject (S3: 5 GiB)
 	// inPlaceStale is set once a copy in place kept an object's old timestamp.
 	inPlaceStale atomic.Bool
 }
@@ -73,7 +74,8 @@ func Open(ctx context.Context, cfg Config, opts Options) (*Bucket, error) {
 		endpoint = "AWS S3"
 	}
 	b.where = fmt.Sprintf("bucket %s at %s", cfg.Bucket, endpoint)
-	b.exists = newExistsCache(opts.MaxExistsEntries)
+	b.cas = newCAS(b, "cas", opts.MaxExistsEntries)
+	b.attest = newCAS(b, "attest", 1<<16)
 
 	httpClient := awshttp.NewBuildableClient().WithTransportOptions(func(t *http.Transport) {
 		// Parallel HEADs and part uploads each want a connection of their own.
@@ -161,7 +163,9 @@ func (b *Bucket) wrap(err error, format string, args ...any) error {
 	switch {
 	case code == "NoSuchBucket":
 		return status.Errorf(codes.FailedPrecondition, "%s: %s: the bucket does not exist", what, b.where)
-	case code == "InvalidAccessKeyId" || code == "SignatureDoesNotMatch" || code == "ExpiredToken" || code == "InvalidToken":
+	case strings.Contains(err.Error(), "get credentials") || strings.Contains(err.Error(), "get identity"):
+		return status.Errorf(codes.FailedPrecondition, "%s: no AWS credentials for %s: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a shared credentials file (AWS_PROFILE) or an instance role", what, b.where)
+	case code == "InvalidAccessKeyId" || code == "SignatureDoesNotMatch" || code == "ExpiredToken" || code == "InvalidToken" || code == "XAdminUserNotFound":
 		return status.Errorf(codes.FailedPrecondition, "%s: %s refused kiln's AWS credentials (%s); check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, the shared credentials file or the instance role", what, b.where, code)
 	case code == "AccessDenied" || httpStatus == http.StatusForbidden:
 		return status.Errorf(codes.FailedPrecondition, "%s: %s denied access (wrong credentials, or they lack permission on the bucket)", what, b.where)
@@ -201,13 +205,16 @@ func isNetwork(err error) bool {
 		errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.EPIPE)
 }
 
+// isNotFound reports a missing key or bucket. A 404 with another error code is not
+// one (versitygw answers an unknown access key with 404 XAdminUserNotFound).
 func isNotFound(err error) bool {
 	var api smithy.APIError
-	if errors.As(err, &api) {
+	if errors.As(err, &api) && api.ErrorCode() != "" {
 		switch api.ErrorCode() {
 		case "NoSuchKey", "NotFound", "NoSuchBucket":
 			return true
 		}
+		return false
 	}
 	var re *awshttp.ResponseError
 	return errors.As(err, &re) && re.HTTPStatusCode() == http.StatusNotFound

@@ -26,26 +26,38 @@ import (
 	"google.golang.org/grpc/status"
 )
 
-// CAS is the bucket's content-addressed store: blob HASH lives at PREFIX cas/HH/HASH.
+// CAS is a content-addressed store in the bucket: blob HASH lives at PREFIX DIR/HH/HASH
+// (DIR is cas for the CAS, attest for attestations).
 type CAS struct {
-	b     *Bucket
-	heads singleflight.Group // one HEAD per digest however many callers ask at once
+	b      *Bucket
+	dir    string
+	exists *existsCache
+	heads  singleflight.Group // one HEAD per digest however many callers ask at once
 	// TempDir holds spooled uploads of Put (the data must be seekable to be signed and
 	// sent in parts); "" means os.TempDir().
 	TempDir string
 }
 
-// CAS returns the bucket's content-addressed store.
-func (b *Bucket) CAS() *CAS { return &CAS{b: b} }
+// CAS returns the bucket's content-addressed store (key prefix cas/: give it an
+// age-based lifecycle rule, see Config.RefreshAfter).
+func (b *Bucket) CAS() *CAS { return b.cas }
+
+// Attestations returns the bucket's store for signed envelopes (key prefix attest/),
+// which must have no lifecycle rule: links are evidence and outlive any cache entry.
+func (b *Bucket) Attestations() *CAS { return b.attest }
+
+func newCAS(b *Bucket, dir string, maxExists int) *CAS {
+	return &CAS{b: b, dir: dir, exists: newExistsCache(maxExists)}
+}
 
 var _ cache.BlobStore = (*CAS)(nil)
 
-func (c *CAS) key(hash string) string { return c.b.cfg.Prefix + "cas/" + hash[:2] + "/" + hash }
+func (c *CAS) key(hash string) string { return c.b.cfg.Prefix + c.dir + "/" + hash[:2] + "/" + hash }
 
 // Fresh reports whether the bucket is known, without asking it, to hold blob d young
 // enough that a lifecycle rule will not delete it soon (see Config.RefreshAfter).
 func (c *CAS) Fresh(d cache.Digest) bool {
-	e, ok := c.b.exists.get(d.Hash)
+	e, ok := c.exists.get(d.Hash)
 	if !ok || e.size != d.Size {
 		return false
 	}
@@ -101,7 +113,7 @@ func (c *CAS) lookup(ctx context.Context, d cache.Digest) (bool, error) {
 		out, err := c.b.client.HeadObject(ctx, &awss3.HeadObjectInput{Bucket: &c.b.cfg.Bucket, Key: &key})
 		if err != nil {
 			if isNotFound(err) && !isNoSuchBucket(err) {
-				c.b.exists.drop(d.Hash)
+				c.exists.drop(d.Hash)
 				return false, nil
 			}
 			return false, c.b.wrap(err, "look up blob %s", d)
@@ -116,7 +128,7 @@ func (c *CAS) lookup(ctx context.Context, d cache.Digest) (bool, error) {
 			}
 			mod = c.b.now()
 		}
-		c.b.exists.put(d.Hash, d.Size, mod, c.b.now())
+		c.exists.put(d.Hash, d.Size, mod, c.b.now())
 		return true, nil
 	})
 	if err != nil {
@@ -162,7 +174,7 @@ func (c *CAS) PutFile(ctx context.Context, d cache.Digest, data io.ReaderAt) err
 		return c.b.wrap(err, "upload blob %s", d)
 	}
 	now := c.b.now()
-	c.b.exists.put(d.Hash, d.Size, now, now)
+	c.exists.put(d.Hash, d.Size, now, now)
 	return nil
 }
 
@@ -339,7 +351,7 @@ func (c *CAS) Get(ctx context.Context, d cache.Digest, offset int64) (io.ReadClo
 	out, err := c.b.client.GetObject(ctx, &awss3.GetObjectInput{Bucket: &c.b.cfg.Bucket, Key: &key})
 	if err != nil {
 		if isNotFound(err) && !isNoSuchBucket(err) {
-			c.b.exists.drop(d.Hash)
+			c.exists.drop(d.Hash)
 			return nil, status.Errorf(codes.NotFound, "blob %s not found in %s", d, c.b.where)
 		}
 		return nil, c.b.wrap(err, "read blob %s", d)
@@ -348,7 +360,7 @@ func (c *CAS) Get(ctx context.Context, d cache.Digest, offset int64) (io.ReadClo
 		out.Body.Close()
 		return nil, status.Errorf(codes.NotFound, "blob %s not found in %s (an object with that hash has size %d)", d, c.b.where, aws.ToInt64(out.ContentLength))
 	}
-	c.b.exists.put(d.Hash, d.Size, aws.ToTime(out.LastModified), c.b.now())
+	c.exists.put(d.Hash, d.Size, aws.ToTime(out.LastModified), c.b.now())
 	body := &statusReader{rc: out.Body, b: c.b, what: "read blob " + d.String()}
 	h := sha256.New()
 	if offset > 0 {
@@ -361,7 +373,7 @@ func (c *CAS) Get(ctx context.Context, d cache.Digest, offset int64) (io.ReadClo
 }
 
 func (c *CAS) removeCorrupt(d cache.Digest) {
-	c.b.exists.drop(d.Hash)
+	c.exists.drop(d.Hash)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	key := c.key(d.Hash)
@@ -374,7 +386,7 @@ func (c *CAS) removeCorrupt(d cache.Digest) {
 
 // Delete removes blob d from the bucket (tests, and repairs).
 func (c *CAS) Delete(ctx context.Context, d cache.Digest) error {
-	c.b.exists.drop(d.Hash)
+	c.exists.drop(d.Hash)
 	key := c.key(d.Hash)
 	_, err := c.b.client.DeleteObject(ctx, &awss3.DeleteObjectInput{Bucket: &c.b.cfg.Bucket, Key: &key})
 	return c.b.wrap(err, "delete blob %s", d)

@@ -31,6 +31,7 @@ func newLogCmd() *cobra.Command {
 
 type tlogFlags struct {
 	dataDir string
+	storage string // only `log prove` reads envelopes from the store
 	logKey  string
 	asJSON  bool
 }
@@ -107,7 +108,7 @@ func newLogProveCmd() *cobra.Command {
 				return err
 			}
 			d, _ := attest.ParseLinkLogEntry(entry)
-			store, done, err := openStore(ctx, f.dataDir)
+			store, done, err := openStore(ctx, f.dataDir, f.storage)
 			if err != nil {
 				return err
 			}
@@ -133,6 +134,7 @@ func newLogProveCmd() *cobra.Command {
 		},
 	}
 	f.add(c)
+	addStorageFlag(c, &f.storage)
 	return c
 }
 

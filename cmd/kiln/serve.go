@@ -44,7 +44,7 @@ func newServeCmd() *cobra.Command {
 	f := cmd.Flags()
 	f.StringVar(&cfg.Listen, "listen", "127.0.0.1:8980", "gRPC listen address")
 	f.StringVar(&cfg.HTTPListen, "http-listen", "127.0.0.1:8981", "HTTP address for /metrics and /healthz (empty: off)")
-	f.StringVar(&maxSize, "max-size", "0", "bound on the store's size, e.g. 50GiB (0: unbounded)")
+	f.StringVar(&maxSize, "max-size", "0", "bound on the store's size (with --storage: on its local tier), e.g. 50GiB (0: unbounded)")
 	f.BoolVar(&cfg.AllowClientACWrites, "allow-client-ac-writes", false, "let clients write the action cache (cache-only deployments; never with remote execution)")
 	f.BoolVar(&cfg.Fsync, "fsync", false, "fsync every blob before it becomes visible (durability across power loss)")
 	ex := &cfg.Execution
@@ -65,6 +65,7 @@ func newServeCmd() *cobra.Command {
 	f.StringVar(&cfg.AuthzFile, "authz", "", "authorization policy (JSON): what each client certificate may do (read, write, execute, fetch); needs --tls-client-ca; see docs/serve.md")
 	f.StringVar(&cfg.ExecutorKeyFile, "key-file", "", "executor signing key (ed25519, PKCS #8 PEM); default: the data dir's own key, created on first start")
 	addDataFlag(cmd, &data)
+	addStorageFlag(cmd, &cfg.Storage)
 	logFlag.register(cmd)
 	return cmd
 }
