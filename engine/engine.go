@@ -95,6 +95,16 @@ func Open(ctx context.Context, opts Options) (*Engine, error) {
 		}
 	}()
 	var err error
+	if opts.Storage != "" {
+		// The bucket first: a misconfiguration is the one line a user sees.
+		cfg, err := s3.ParseURL(opts.Storage)
+		if err != nil {
+			return nil, err
+		}
+		if e.Bucket, err = s3.Open(ctx, cfg, s3.Options{Logger: log}); err != nil {
+			return nil, err
+		}
+	}
 	e.Store, err = disk.Open(ctx, opts.Data.Store(), disk.Options{Primary: opts.Primary, MaxSize: opts.MaxSize, Fsync: opts.Fsync, Logger: log, Registerer: reg})
 	if err != nil {
 		return nil, err
@@ -105,14 +115,7 @@ func Open(ctx context.Context, opts Options) (*Engine, error) {
 		files cache.LocalFiles  = e.Store
 		ac    cache.ActionCache = e.Store.ActionCache()
 	)
-	if opts.Storage != "" {
-		cfg, err := s3.ParseURL(opts.Storage)
-		if err != nil {
-			return nil, err
-		}
-		if e.Bucket, err = s3.Open(ctx, cfg, s3.Options{Logger: log}); err != nil {
-			return nil, err
-		}
+	if e.Bucket != nil {
 		t := tiered.New(e.Store, e.Bucket.CAS(), tiered.Options{Logger: log})
 		blobs, files, ac = t, t, e.Bucket.ActionCache()
 	}
