@@ -66,11 +66,11 @@ See docs/rebuild.md for the layout.`,
 func newRebuildCmd() *cobra.Command {
 	var (
 		data, storage, bundle, remote, instance, logKey, out string
-		maxBundleSize                               string
-		remoteTLS                                   rebuild.RemoteTLS
-		keyFiles, remoteKeys                        []string
-		jsonOut                                     bool
-		wait                                        time.Duration
+		maxBundleSize                                        string
+		remoteTLS                                            rebuild.RemoteTLS
+		keyFiles, remoteKeys                                 []string
+		jsonOut                                              bool
+		wait                                                 time.Duration
 	)
 	c := &cobra.Command{
 		Use:   "rebuild PROVENANCE --key PUB [--bundle BUNDLE | --remote ADDR]",
