@@ -171,25 +171,28 @@ func (e *Engine) attestCAS() cache.BlobStore {
 
 // OpenCAS opens the store of a data dir for commands that only read and write blobs:
 // the disk store, or with storage set, the disk store as the local tier of the bucket
-// (plus its attestations prefix, where envelopes are also kept). close releases it.
-func OpenCAS(ctx context.Context, data DataDir, storage string, log *slog.Logger) (cas cache.BlobStore, close func(), err error) {
-	d, err := disk.Open(ctx, data.Store(), disk.Options{Logger: log})
-	if err != nil {
-		return nil, nil, err
-	}
-	if storage == "" {
-		return d, func() { d.Close() }, nil
-	}
-	cfg, err := s3.ParseURL(storage)
-	if err == nil {
-		var b *s3.Bucket
-		if b, err = s3.Open(ctx, cfg, s3.Options{Logger: log}); err == nil {
-			cas = cache.WithDurableCopy(tiered.New(d, b.CAS(), tiered.Options{Logger: log}), b.Attestations())
-			return cache.WithEmptyBlob(cas), func() { d.Close() }, nil
+// (plus its attestations prefix, where envelopes are also kept). local is the disk
+// store either way; close releases both.
+func OpenCAS(ctx context.Context, data DataDir, storage string, log *slog.Logger) (cas cache.BlobStore, local *disk.Store, close func(), err error) {
+	var b *s3.Bucket
+	if storage != "" {
+		cfg, err := s3.ParseURL(storage)
+		if err != nil {
+			return nil, nil, nil, err
+		}
+		if b, err = s3.Open(ctx, cfg, s3.Options{Logger: log}); err != nil {
+			return nil, nil, nil, err
 		}
 	}
-	d.Close()
-	return nil, nil, err
+	d, err := disk.Open(ctx, data.Store(), disk.Options{Logger: log})
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	if b == nil {
+		return d, d, func() { d.Close() }, nil
+	}
+	cas = cache.WithDurableCopy(tiered.New(d, b.CAS(), tiered.Options{Logger: log}), b.Attestations())
+	return cache.WithEmptyBlob(cas), d, func() { d.Close() }, nil
 }
 
 // openRunner opens a sandbox runner in the first free slot under dir. Each process

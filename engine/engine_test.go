@@ -114,7 +114,7 @@ func newTestEnv(t *testing.T, conc int) *testEnv {
 	cas := cache.WithEmptyBlob(store)
 	ac := cache.WithCompletenessCheck(store.ActionCache(), cas)
 	sb := &fakeSandbox{}
-	ex, err := NewExecutor(ExecutorConfig{CAS: localStore{cas, store}, AC: ac, Sandbox: sb, Toolchains: fakeToolchains{},
+	ex, err := NewExecutor(ExecutorConfig{CAS: localStore{cas, store, store}, AC: ac, Sandbox: sb, Toolchains: fakeToolchains{},
 		WorkDir: filepath.Join(dir, "exec"), UID: os.Getuid(), GID: os.Getgid(), MaxTimeout: time.Hour})
 	if err != nil {
 		t.Fatal(err)

@@ -3,7 +3,7 @@
 # Peers that are not installed are skipped with a note (bazel-remote is not packaged
 # in Debian: build it from source yourself and point BAZEL_REMOTE at the binary).
 #
-#   scripts/bench.sh [cas|sandbox|exec]...   (default: all)
+#   scripts/bench.sh [cas|s3|sandbox|exec]...   (default: all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 KILN=${KILN:-$PWD/bin/kiln}
@@ -15,7 +15,7 @@ trap cleanup EXIT
 # wait_port waits until something listens on 127.0.0.1:$1.
 wait_port() { for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "bench: nothing listening on $1" >&2; return 1; }
 
-parts=${*:-cas sandbox exec}
+parts=${*:-cas s3 sandbox exec}
 want() { [[ " $parts " == *" $1 "* ]]; }
 
 if want cas; then
@@ -39,6 +39,49 @@ else
   echo "bazel-remote: skipped (set BAZEL_REMOTE=/path/to/bazel-remote for a side-by-side run)"
 fi
 
+fi
+
+if want s3; then
+echo
+echo "== Shared storage (S3): kiln with its local tier vs bazel-remote's S3 proxy, one versitygw =="
+# FindMissing sends fewer digests than in the disk rows: half of them are absent, and
+# each absent digest costs both servers a HEAD to the bucket.
+find=${S3_FIND:-200000}
+vgw=$(command -v versitygw || echo "$(go env GOPATH)/bin/versitygw")
+if [ ! -x "$vgw" ]; then
+  echo "versitygw: not installed (make setup installs it); S3 rows skipped"
+else
+  [ -x "$work/casbench" ] || go build -o "$work/casbench" ./test/bench/casbench
+  mkdir -p "$work/s3/kiln-bench" "$work/s3/br-bench"
+  export AWS_ACCESS_KEY_ID=benchkey AWS_SECRET_ACCESS_KEY=benchsecret AWS_EC2_METADATA_DISABLED=true
+  "$vgw" --access "$AWS_ACCESS_KEY_ID" --secret "$AWS_SECRET_ACCESS_KEY" --port 127.0.0.1:18810 --keep-alive --quiet posix "$work/s3" >/dev/null 2>&1 &
+  pids+=($!)
+  wait_port 18810
+  # The disk-only store, same flags: the reference for downloads of locally held blobs.
+  "$KILN" serve --data "$work/kiln-disk" --listen 127.0.0.1:18811 --http-listen "" --log-level warn --no-execution --allow-client-ac-writes &
+  pids+=($!)
+  wait_port 18811
+  "$work/casbench" --addr 127.0.0.1:18811 --name kiln-disk --find "$find" --save "$work/kiln-disk.json"
+  kill "${pids[-1]}"
+  "$KILN" serve --data "$work/kiln-s3" --listen 127.0.0.1:18812 --http-listen "" --log-level warn --no-execution --allow-client-ac-writes \
+    --max-size 20GiB --storage "s3://kiln-bench/?endpoint=http://127.0.0.1:18810&region=us-east-1&path-style=true" &
+  pids+=($!)
+  wait_port 18812
+  "$work/casbench" --addr 127.0.0.1:18812 --name kiln-s3 --find "$find" --save "$work/kiln-s3.json" --vs "$work/kiln-disk.json"
+  kill "${pids[-1]}"
+  if [ -n "${BAZEL_REMOTE:-}" ] && [ -x "$BAZEL_REMOTE" ]; then
+    "$BAZEL_REMOTE" --dir "$work/br-s3" --max_size 20 --storage_mode uncompressed --grpc_address 127.0.0.1:18813 --http_address 127.0.0.1:18814 \
+      --s3.endpoint 127.0.0.1:18810 --s3.bucket br-bench --s3.region us-east-1 --s3.disable_ssl --s3.bucket_lookup_type path \
+      --s3.auth_method access_key --s3.access_key_id "$AWS_ACCESS_KEY_ID" --s3.secret_access_key "$AWS_SECRET_ACCESS_KEY" >"$work/br-s3.log" 2>&1 &
+    pids+=($!)
+    wait_port 18813
+    "$work/casbench" --addr 127.0.0.1:18813 --name bazel-remote-s3 --find "$find" --save "$work/br-s3.json"
+    "$work/casbench" --compare "$work/kiln-s3.json" "$work/br-s3.json"
+    kill "${pids[-1]}"
+  else
+    echo "bazel-remote: skipped (set BAZEL_REMOTE=/path/to/bazel-remote for the side-by-side S3 row)"
+  fi
+fi
 fi
 
 for part in sandbox exec; do

@@ -37,7 +37,7 @@ func openKeyring(ctx context.Context, dataDir string) (*keys.Keyring, error) {
 // openStore opens the attestation store of a data dir with its CAS (in shared storage
 // if storage is set).
 func openStore(ctx context.Context, dataDir, storage string) (*attest.Store, func(), error) {
-	cas, done, err := engine.OpenCAS(ctx, engine.DataDir(dataDir), storage, quietLogger())
+	cas, _, done, err := engine.OpenCAS(ctx, engine.DataDir(dataDir), storage, quietLogger())
 	if err != nil {
 		return nil, nil, err
 	}

@@ -40,7 +40,17 @@ func main() {
 	smallCount := flag.Int("small", 64000, "number of 4 KiB blobs for BatchUpdateBlobs")
 	fmDigests := flag.Int("find", 2_000_000, "digests to send to FindMissingBlobs")
 	asJSON := flag.Bool("json", false, "print JSON")
+	save := flag.String("save", "", "also write the result as JSON to this file")
+	vs := flag.String("vs", "", "print this run's ratios to the result saved in this file (by --save)")
+	compare := flag.Bool("compare", false, "measure nothing: print the ratios of saved result A to saved result B (args: A.json B.json)")
 	flag.Parse()
+	if *compare {
+		if flag.NArg() != 2 {
+			fail(fmt.Errorf("--compare wants two saved results"))
+		}
+		printRatios(load(flag.Arg(0)), flag.Arg(1))
+		return
+	}
 
 	conn, err := grpc.NewClient(*addr, grpc.WithTransportCredentials(insecure.NewCredentials()),
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(64<<20), grpc.MaxCallSendMsgSize(64<<20)))
@@ -177,6 +187,15 @@ func main() {
 	}
 	r.SHA256MBps = mbps(int64(len(big))<<20, time.Since(start))
 
+	if *save != "" {
+		b, _ := json.Marshal(r)
+		if err := os.WriteFile(*save, b, 0o644); err != nil {
+			fail(err)
+		}
+	}
+	if *vs != "" {
+		defer printRatios(r, *vs)
+	}
 	if *asJSON {
 		json.NewEncoder(os.Stdout).Encode(r)
 		return
@@ -219,4 +238,30 @@ func mbps(bytes int64, d time.Duration) float64 { return float64(bytes) / 1e6 / 
 func fail(err error) {
 	fmt.Fprintln(os.Stderr, "casbench:", err)
 	os.Exit(1)
+}
+
+// load reads a result saved with --save.
+func load(file string) result {
+	b, err := os.ReadFile(file)
+	if err != nil {
+		fail(err)
+	}
+	var r result
+	if err := json.Unmarshal(b, &r); err != nil {
+		fail(err)
+	}
+	return r
+}
+
+// printRatios prints r's rates divided by those of the result saved in file.
+func printRatios(r result, file string) {
+	o := load(file)
+	ratio := func(a, b float64) float64 {
+		if b == 0 {
+			return 0
+		}
+		return a / b
+	}
+	fmt.Printf("%-14s vs %-14s upload %.2fx  download %.2fx  batch-4KiB %.2fx  find-missing %.2fx\n", r.Server, o.Server,
+		ratio(r.UploadMBps, o.UploadMBps), ratio(r.DownloadMBps, o.DownloadMBps), ratio(r.BatchBlobsPerS, o.BatchBlobsPerS), ratio(r.FindMissingPerS, o.FindMissingPerS))
 }
