@@ -52,30 +52,33 @@ if [ ! -x "$vgw" ]; then
   echo "versitygw: not installed (make setup installs it); S3 rows skipped"
 else
   [ -x "$work/casbench" ] || go build -o "$work/casbench" ./test/bench/casbench
+  # Free ports, so this part runs beside other benchmarks on a shared machine.
+  free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+  p_s3=$(free_port) p_disk=$(free_port) p_kiln=$(free_port) p_br=$(free_port) p_brh=$(free_port)
   mkdir -p "$work/s3/kiln-bench" "$work/s3/br-bench"
   export AWS_ACCESS_KEY_ID=benchkey AWS_SECRET_ACCESS_KEY=benchsecret AWS_EC2_METADATA_DISABLED=true
-  "$vgw" --access "$AWS_ACCESS_KEY_ID" --secret "$AWS_SECRET_ACCESS_KEY" --port 127.0.0.1:18810 --keep-alive --quiet posix "$work/s3" >/dev/null 2>&1 &
+  "$vgw" --access "$AWS_ACCESS_KEY_ID" --secret "$AWS_SECRET_ACCESS_KEY" --port 127.0.0.1:$p_s3 --keep-alive --quiet posix "$work/s3" >/dev/null 2>&1 &
   pids+=($!)
-  wait_port 18810
+  wait_port $p_s3; kill -0 "${pids[-1]}" || { echo "bench: the server for port $p_s3 died" >&2; exit 1; }
   # The disk-only store, same flags: the reference for downloads of locally held blobs.
-  "$KILN" serve --data "$work/kiln-disk" --listen 127.0.0.1:18811 --http-listen "" --log-level warn --no-execution --allow-client-ac-writes &
+  "$KILN" serve --data "$work/kiln-disk" --listen 127.0.0.1:$p_disk --http-listen "" --log-level warn --no-execution --allow-client-ac-writes &
   pids+=($!)
-  wait_port 18811
-  "$work/casbench" --addr 127.0.0.1:18811 --name kiln-disk --find "$find" --save "$work/kiln-disk.json"
+  wait_port $p_disk; kill -0 "${pids[-1]}" || { echo "bench: the server for port $p_disk died" >&2; exit 1; }
+  "$work/casbench" --addr 127.0.0.1:$p_disk --name kiln-disk --find "$find" --save "$work/kiln-disk.json"
   kill "${pids[-1]}"
-  "$KILN" serve --data "$work/kiln-s3" --listen 127.0.0.1:18812 --http-listen "" --log-level warn --no-execution --allow-client-ac-writes \
-    --max-size 20GiB --storage "s3://kiln-bench/?endpoint=http://127.0.0.1:18810&region=us-east-1&path-style=true" &
+  "$KILN" serve --data "$work/kiln-s3" --listen 127.0.0.1:$p_kiln --http-listen "" --log-level warn --no-execution --allow-client-ac-writes \
+    --max-size 20GiB --storage "s3://kiln-bench/?endpoint=http://127.0.0.1:$p_s3&region=us-east-1&path-style=true" &
   pids+=($!)
-  wait_port 18812
-  "$work/casbench" --addr 127.0.0.1:18812 --name kiln-s3 --find "$find" --save "$work/kiln-s3.json" --vs "$work/kiln-disk.json"
+  wait_port $p_kiln; kill -0 "${pids[-1]}" || { echo "bench: the server for port $p_kiln died" >&2; exit 1; }
+  "$work/casbench" --addr 127.0.0.1:$p_kiln --name kiln-s3 --find "$find" --save "$work/kiln-s3.json" --vs "$work/kiln-disk.json"
   kill "${pids[-1]}"
   if [ -n "${BAZEL_REMOTE:-}" ] && [ -x "$BAZEL_REMOTE" ]; then
-    "$BAZEL_REMOTE" --dir "$work/br-s3" --max_size 20 --storage_mode uncompressed --grpc_address 127.0.0.1:18813 --http_address 127.0.0.1:18814 \
-      --s3.endpoint 127.0.0.1:18810 --s3.bucket br-bench --s3.region us-east-1 --s3.disable_ssl --s3.bucket_lookup_type path \
+    "$BAZEL_REMOTE" --dir "$work/br-s3" --max_size 20 --storage_mode uncompressed --grpc_address 127.0.0.1:$p_br --http_address 127.0.0.1:$p_brh \
+      --s3.endpoint 127.0.0.1:$p_s3 --s3.bucket br-bench --s3.region us-east-1 --s3.disable_ssl --s3.bucket_lookup_type path \
       --s3.auth_method access_key --s3.access_key_id "$AWS_ACCESS_KEY_ID" --s3.secret_access_key "$AWS_SECRET_ACCESS_KEY" >"$work/br-s3.log" 2>&1 &
     pids+=($!)
-    wait_port 18813
-    "$work/casbench" --addr 127.0.0.1:18813 --name bazel-remote-s3 --find "$find" --save "$work/br-s3.json"
+    wait_port $p_br; kill -0 "${pids[-1]}" || { echo "bench: the server for port $p_br died" >&2; exit 1; }
+    "$work/casbench" --addr 127.0.0.1:$p_br --name bazel-remote-s3 --find "$find" --save "$work/br-s3.json"
     "$work/casbench" --compare "$work/kiln-s3.json" "$work/br-s3.json"
     kill "${pids[-1]}"
   else
