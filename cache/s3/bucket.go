@@ -74,8 +74,8 @@ func Open(ctx context.Context, cfg Config, opts Options) (*Bucket, error) {
 		endpoint = "AWS S3"
 	}
 	b.where = fmt.Sprintf("bucket %s at %s", cfg.Bucket, endpoint)
-	b.cas = newCAS(b, "cas", opts.MaxExistsEntries)
-	b.attest = newCAS(b, "attest", 1<<16)
+	b.cas = newCAS(b, "cas", true, opts.MaxExistsEntries)
+	b.attest = newCAS(b, "attest", false, 1<<16)
 
 	httpClient := awshttp.NewBuildableClient().WithTransportOptions(func(t *http.Transport) {
 		// Parallel HEADs and part uploads each want a connection of their own.

@@ -31,6 +31,7 @@ import (
 type CAS struct {
 	b      *Bucket
 	dir    string
+	expire bool // its prefix has an age-based lifecycle rule: keep used objects young
 	exists *existsCache
 	heads  singleflight.Group // one HEAD per digest however many callers ask at once
 	// TempDir holds spooled uploads of Put (the data must be seekable to be signed and
@@ -46,8 +47,8 @@ func (b *Bucket) CAS() *CAS { return b.cas }
 // which must have no lifecycle rule: links are evidence and outlive any cache entry.
 func (b *Bucket) Attestations() *CAS { return b.attest }
 
-func newCAS(b *Bucket, dir string, maxExists int) *CAS {
-	return &CAS{b: b, dir: dir, exists: newExistsCache(maxExists)}
+func newCAS(b *Bucket, dir string, expire bool, maxExists int) *CAS {
+	return &CAS{b: b, dir: dir, expire: expire, exists: newExistsCache(maxExists)}
 }
 
 var _ cache.BlobStore = (*CAS)(nil)
@@ -62,7 +63,7 @@ func (c *CAS) Fresh(d cache.Digest) bool {
 		return false
 	}
 	now := c.b.now().UnixNano()
-	return now-e.checked < int64(c.b.cfg.ExistsTTL) && now-e.modified < int64(c.b.cfg.RefreshAfter)
+	return now-e.checked < int64(c.b.cfg.ExistsTTL) && (!c.expire || now-e.modified < int64(c.b.cfg.RefreshAfter))
 }
 
 // FindMissing implements cache.BlobStore: digests known fresh are present without a
@@ -105,6 +106,15 @@ func (c *CAS) FindMissing(ctx context.Context, ds []cache.Digest) ([]cache.Diges
 // lookup HEADs blob d (sharing the request with concurrent callers) and refreshes it
 // if it is old.
 func (c *CAS) lookup(ctx context.Context, d cache.Digest) (bool, error) {
+	ok, err := c.lookupShared(ctx, d)
+	if status.Code(err) == codes.Canceled && ctx.Err() == nil {
+		// The caller whose request we shared went away; ask again for ourselves.
+		ok, err = c.lookupShared(ctx, d)
+	}
+	return ok, err
+}
+
+func (c *CAS) lookupShared(ctx context.Context, d cache.Digest) (bool, error) {
 	v, err, _ := c.heads.Do(d.String(), func() (any, error) {
 		if c.Fresh(d) {
 			return true, nil
@@ -122,7 +132,7 @@ func (c *CAS) lookup(ctx context.Context, d cache.Digest) (bool, error) {
 			return false, nil
 		}
 		mod := aws.ToTime(out.LastModified)
-		if c.b.now().Sub(mod) >= c.b.cfg.RefreshAfter {
+		if c.expire && c.b.now().Sub(mod) >= c.b.cfg.RefreshAfter {
 			if err := c.b.refresh(ctx, key, d.Size, mod); err != nil {
 				return false, c.b.wrap(err, "refresh blob %s", d)
 			}
