@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
+	"encoding/json"
 	"encoding/hex"
 	"fmt"
 	"io/fs"
@@ -348,5 +349,59 @@ func TestSharedStorageConcurrentClients(t *testing.T) {
 				t.Fatalf("read back: %v", err)
 			}
 		}
+	}
+}
+
+// TestSharedStorageExec: `kiln exec --storage` on one data dir runs an action (its
+// input materialized from the tiered store) and stores result, outputs and signed link
+// in the bucket; the same action on another data dir is then a cache hit with the
+// same output, and the link envelope is kept under the bucket's attest/ prefix.
+func TestSharedStorageExec(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	harness.RequireRoot(t)
+	s3 := harness.StartS3(t, "kiln-cache")
+	s3.Setenv(t)
+	url := s3.URL("kiln-cache", "x")
+	in := filepath.Join(t.TempDir(), "in")
+	os.MkdirAll(in, 0o755)
+	os.WriteFile(filepath.Join(in, "words"), []byte("pear\napple\nfig\n"), 0o644)
+	run := func(data string) (execJSON, []byte) {
+		t.Helper()
+		bb := harness.RecipeToolchain(t, data, "busybox")
+		out := t.TempDir()
+		res := harness.Run(t, "exec", "--data", data, "--storage", url, "--toolchain", "docker://kiln/busybox@"+bb,
+			"--input", in, "--output", "sorted", "--out", out, "--json", "--", "/bin/sh", "-c", "sort words > sorted")
+		if res.Code != 0 {
+			t.Fatalf("kiln exec --storage: exit %d: %s", res.Code, res.Stderr)
+		}
+		var j execJSON
+		if err := json.Unmarshal([]byte(res.Stdout), &j); err != nil {
+			t.Fatalf("%v\n%s", err, res.Stdout)
+		}
+		b, err := os.ReadFile(filepath.Join(out, "sorted"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return j, b
+	}
+	first, out1 := run(t.TempDir())
+	if first.Cached || string(out1) != "apple\nfig\npear\n" {
+		t.Fatalf("first run: cached=%v output %q", first.Cached, out1)
+	}
+	second, out2 := run(t.TempDir())
+	if !second.Cached || second.Action != first.Action || string(out2) != string(out1) {
+		t.Fatalf("second data dir: cached=%v action %s (first %s), output %q", second.Cached, second.Action, first.Action, out2)
+	}
+	n := 0
+	filepath.WalkDir(filepath.Join(s3.Dir, "kiln-cache", "x", "attest"), func(_ string, e fs.DirEntry, err error) error {
+		if err == nil && !e.IsDir() {
+			n++
+		}
+		return nil
+	})
+	if n == 0 {
+		t.Fatal("no signed link under the bucket's attest/ prefix")
 	}
 }
