@@ -38,7 +38,7 @@ func TestConformance(t *testing.T) {
 }
 
 // TestServerChecksPayload: a PUT whose bytes are not the digest's is refused by the
-// server itself (kiln signs the digest as payload hash and x-amz-checksum-sha256), and
+// server itself (kiln signs the digest as the SigV4 payload hash), and
 // nothing appears in the bucket.
 func TestServerChecksPayload(t *testing.T) {
 	srv := harness.StartS3(t, "kiln")
