@@ -98,6 +98,9 @@ func Open(ctx context.Context, cfg Config, opts Options) (*Bucket, error) {
 			o.BaseEndpoint = aws.String(cfg.Endpoint)
 		}
 		o.UsePathStyle = cfg.PathStyle
+		// No "Expect: 100-continue" on large bodies: a server that does not answer it
+		// would stall every part for a second, and kiln's bodies are verified already.
+		o.ContinueHeaderThresholdBytes = -1
 		// kiln verifies every blob by its SHA-256 itself; the SDK's extra CRCs would
 		// only read each body once more.
 		o.RequestChecksumCalculation = aws.RequestChecksumCalculationWhenRequired

@@ -13,6 +13,8 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"os"
+	"sort"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -42,13 +44,14 @@ func main() {
 	asJSON := flag.Bool("json", false, "print JSON")
 	save := flag.String("save", "", "also write the result as JSON to this file")
 	vs := flag.String("vs", "", "print this run's ratios to the result saved in this file (by --save)")
-	compare := flag.Bool("compare", false, "measure nothing: print the ratios of saved result A to saved result B (args: A.json B.json)")
+	compare := flag.Bool("compare", false, "measure nothing: print the ratios of saved results A to saved results B (args: A1.json[,A2.json...] B1.json[,B2.json...]; several rounds are reduced to their medians)")
 	flag.Parse()
 	if *compare {
 		if flag.NArg() != 2 {
-			fail(fmt.Errorf("--compare wants two saved results"))
+			fail(fmt.Errorf("--compare wants two lists of saved results"))
 		}
-		printRatios(load(flag.Arg(0)), flag.Arg(1))
+		a, b := median(strings.Split(flag.Arg(0), ",")), median(strings.Split(flag.Arg(1), ","))
+		printRatios(a, b)
 		return
 	}
 
@@ -194,7 +197,7 @@ func main() {
 		}
 	}
 	if *vs != "" {
-		defer printRatios(r, *vs)
+		defer printRatios(r, load(*vs))
 	}
 	if *asJSON {
 		json.NewEncoder(os.Stdout).Encode(r)
@@ -253,9 +256,38 @@ func load(file string) result {
 	return r
 }
 
-// printRatios prints r's rates divided by those of the result saved in file.
-func printRatios(r result, file string) {
-	o := load(file)
+// median reduces saved results to the median of each rate.
+func median(files []string) result {
+	var rs []result
+	for _, f := range files {
+		rs = append(rs, load(f))
+	}
+	med := func(get func(result) float64) float64 {
+		v := make([]float64, len(rs))
+		for i, r := range rs {
+			v[i] = get(r)
+		}
+		sort.Float64s(v)
+		if len(v)%2 == 1 {
+			return v[len(v)/2]
+		}
+		return (v[len(v)/2-1] + v[len(v)/2]) / 2
+	}
+	m := result{
+		Server:          fmt.Sprintf("%s (median of %d)", rs[0].Server, len(rs)),
+		UploadMBps:      med(func(r result) float64 { return r.UploadMBps }),
+		DownloadMBps:    med(func(r result) float64 { return r.DownloadMBps }),
+		BatchBlobsPerS:  med(func(r result) float64 { return r.BatchBlobsPerS }),
+		FindMissingPerS: med(func(r result) float64 { return r.FindMissingPerS }),
+		SHA256MBps:      med(func(r result) float64 { return r.SHA256MBps }),
+	}
+	fmt.Printf("%-28s upload %7.0f MB/s  download %7.0f MB/s  batch-4KiB %8.0f blobs/s  find-missing %9.0f digests/s\n",
+		m.Server, m.UploadMBps, m.DownloadMBps, m.BatchBlobsPerS, m.FindMissingPerS)
+	return m
+}
+
+// printRatios prints r's rates divided by o's.
+func printRatios(r, o result) {
 	ratio := func(a, b float64) float64 {
 		if b == 0 {
 			return 0
