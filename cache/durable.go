@@ -4,6 +4,8 @@ import (
 	"context"
 	"io"
 
+	"github.com/kilnbuild/kiln/internal/grpcerr"
+
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 )
@@ -30,7 +32,7 @@ func (c durableCopy) Put(ctx context.Context, d Digest, r io.Reader) error {
 	// Copied from what s verified and holds, so r is read once.
 	rc, err := c.BlobStore.Get(ctx, d, 0)
 	if err != nil {
-		return PrefixError(err, "durable copy of %s", d)
+		return grpcerr.Wrap(err, "durable copy of %s", d)
 	}
 	defer rc.Close()
 	return c.durable.Put(ctx, d, rc)

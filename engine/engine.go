@@ -5,18 +5,19 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"os"
 	"path/filepath"
-	"runtime"
 	"strconv"
-	"time"
 
 	"github.com/kilnbuild/kiln/cache"
 	"github.com/kilnbuild/kiln/cache/disk"
 	"github.com/kilnbuild/kiln/cache/s3"
 	"github.com/kilnbuild/kiln/cache/tiered"
+	"github.com/kilnbuild/kiln/engine/asset"
 	"github.com/kilnbuild/kiln/engine/attest"
+	"github.com/kilnbuild/kiln/engine/execution"
+	"github.com/kilnbuild/kiln/engine/executor"
 	"github.com/kilnbuild/kiln/engine/quarantine"
+	"github.com/kilnbuild/kiln/engine/scheduler"
 	"github.com/kilnbuild/kiln/sandbox"
 	"github.com/kilnbuild/kiln/toolchains"
 	"github.com/prometheus/client_golang/prometheus"
@@ -24,52 +25,24 @@ import (
 	"google.golang.org/grpc/status"
 )
 
-// Options configures an Engine: what `kiln serve` and the CLI commands share.
-type Options struct {
-	Data DataDir
-	// Primary makes this process the store's indexer (kiln serve; one per data dir).
-	Primary bool
-	MaxSize int64 // store bound; 0 = unbounded; needs Primary
-	Fsync   bool
-	// Storage, if set, is shared storage (s3://BUCKET[/PREFIX]?endpoint=...): the CAS and
-	// the action cache live in the bucket, and the data dir's store becomes its local,
-	// verified tier (bounded by MaxSize). See docs/storage.md.
-	Storage string
-	// DefaultToolchain is the container-image used by actions without one.
-	DefaultToolchain string
-	Concurrency      int // actions at once; 0 = number of CPUs
-	MaxQueue         int
-	DefaultTimeout   time.Duration
-	MaxTimeout       time.Duration
-	// IgnoreUnknownPlatformProperties accepts properties kiln does not understand.
-	IgnoreUnknownPlatformProperties bool
-	// Prestart keeps this many sandboxes prepared ahead of actions.
-	Prestart   int
-	Logger     *slog.Logger
-	Registerer prometheus.Registerer // nil: metrics are not exported
-	// Pinner pins toolchain tags (the lockfile); nil pins none.
-	Pinner toolchains.TagPinner
-	// NoSandbox opens the store and toolchains only (commands that run nothing).
-	NoSandbox bool
-	// ExecutorKeyFile is the operator's ed25519 signing key (PKCS #8 PEM); empty uses
-	// (or creates) the data dir's own key.
-	ExecutorKeyFile string
-	// Version is kiln's version, recorded in every link.
-	Version string
-	// VerifyRate is the fraction of actions checked for determinism (SchedulerConfig).
-	VerifyRate float64
-}
-
 // Engine is an open data dir with everything needed to execute actions.
 type Engine struct {
-	Data       DataDir
-	Store      *disk.Store     // the on-disk store: the whole store, or the local tier of Bucket
-	Bucket     *s3.Bucket      // shared storage, if Options.Storage is set
+	Data    DataDir
+	Options Options     // what Open ran with, resolved
+	Store   cache.Store // the storage backend: the disk store under Data, or a tiered store of Bucket and it
+	// Bucket is the shared storage, if Options.Storage names one.
+	Bucket *s3.Bucket
+	// Local is Store's files on this machine, which the executor hardlinks inputs from
+	// and adopts outputs into; nil for a store without a local disk tier.
+	Local cache.LocalFiles
+	// SizeOf finds a stored blob's size from its SHA-256 alone, for the Remote Asset
+	// API (checksum qualifiers carry no size); nil when the store cannot tell.
+	SizeOf     func(hash string) (int64, bool)
 	CAS        cache.BlobStore // the store as clients see it: with the empty blob, metered
 	AC         cache.ActionCache
 	Toolchains *toolchains.Store
-	Executor   *Executor
-	Scheduler  *Scheduler
+	Executor   *executor.Executor
+	Scheduler  execution.Scheduler // nil without execution
 	Metrics    *cache.Metrics
 	Signer     *attest.Signer
 	Quarantine *quarantine.List
@@ -79,6 +52,8 @@ type Engine struct {
 
 // Open opens the data dir: store, toolchains, sandbox runner, executor and scheduler.
 func Open(ctx context.Context, opts Options) (*Engine, error) {
+	opts = opts.Resolved()
+	ex := opts.Execution
 	log := opts.Logger
 	if log == nil {
 		log = slog.Default()
@@ -87,44 +62,37 @@ func Open(ctx context.Context, opts Options) (*Engine, error) {
 	if reg == nil {
 		reg = prometheus.NewRegistry()
 	}
-	e := &Engine{Data: opts.Data, log: log}
+	e := &Engine{Data: opts.Data, Options: opts, log: log}
 	ok := false
 	defer func() {
 		if !ok {
 			e.Close()
 		}
 	}()
-	var err error
-	if opts.Storage != "" {
-		// The bucket first: a misconfiguration is the one line a user sees.
-		cfg, err := s3.ParseURL(opts.Storage)
-		if err != nil {
-			return nil, err
-		}
-		if e.Bucket, err = s3.Open(ctx, cfg, s3.Options{Logger: log}); err != nil {
+	if opts.Storage.S3 != nil {
+		// The bucket first: a misconfiguration is then the one line a user sees.
+		var err error
+		if e.Bucket, err = s3.Open(ctx, *opts.Storage.S3, s3.Options{Logger: log}); err != nil {
 			return nil, err
 		}
 	}
-	e.Store, err = disk.Open(ctx, opts.Data.Store(), disk.Options{Primary: opts.Primary, MaxSize: opts.MaxSize, Fsync: opts.Fsync, Logger: log, Registerer: reg})
+	ds, err := disk.Open(ctx, opts.Data.Store(), disk.Options{Primary: opts.Primary, MaxSize: int64(opts.MaxSize), Fsync: opts.Fsync, Logger: log, Registerer: reg})
 	if err != nil {
 		return nil, err
 	}
-	e.Metrics = cache.NewMetrics(reg)
-	var (
-		blobs cache.BlobStore   = e.Store
-		files cache.LocalFiles  = e.Store
-		ac    cache.ActionCache = e.Store.ActionCache()
-	)
+	// SizeOf reads local files: a hint for the Remote Asset API, verified on read.
+	e.Store, e.Local, e.SizeOf = ds, ds, asset.SizeFromBlobFiles(ds)
 	if e.Bucket != nil {
-		t := tiered.New(e.Store, e.Bucket.CAS(), tiered.Options{Logger: log})
-		blobs, files, ac = t, t, e.Bucket.ActionCache()
+		t := tiered.New(ds, e.Bucket.CAS(), tiered.Options{ActionCache: e.Bucket.ActionCache(), Logger: log})
+		e.Store, e.Local = t, t
 	}
-	e.CAS = localStore{e.Metrics.BlobStore("cas", cache.WithEmptyBlob(blobs)), files, e.Store}
+	e.Metrics = cache.NewMetrics(reg)
+	e.CAS = e.Metrics.BlobStore("cas", cache.WithEmptyBlob(e.Store))
 	if e.Quarantine, err = quarantine.Open(string(opts.Data)); err != nil {
 		return nil, err
 	}
-	e.AC = e.Metrics.ActionCache(e.Quarantine.WrapActionCache(cache.WithCompletenessCheck(ac, e.CAS), e.CAS))
-	e.Toolchains, err = toolchains.Open(ctx, string(opts.Data), toolchains.Options{Default: opts.DefaultToolchain, Pinner: opts.Pinner, Logger: log})
+	e.AC = e.Metrics.ActionCache(e.Quarantine.WrapActionCache(cache.WithCompletenessCheck(e.Store.ActionCache(), e.CAS), e.CAS))
+	e.Toolchains, err = toolchains.Open(ctx, string(opts.Data), toolchains.Options{Default: ex.DefaultToolchain, Pinner: opts.Pinner, Logger: log})
 	if err != nil {
 		return nil, err
 	}
@@ -132,30 +100,26 @@ func Open(ctx context.Context, opts Options) (*Engine, error) {
 	if err != nil {
 		return nil, err
 	}
-	if opts.NoSandbox {
+	if ex.Disabled {
 		ok = true
 		return e, nil
 	}
-	e.runner, err = openRunner(ctx, opts.Data.Sandbox(), opts.Prestart, log)
+	e.runner, err = openRunner(ctx, opts.Data.Sandbox(), ex.Prestart, log)
 	if err != nil {
 		return nil, err
 	}
-	conc := opts.Concurrency
-	if conc <= 0 {
-		conc = runtime.NumCPU()
-	}
-	e.Executor, err = NewExecutor(ExecutorConfig{
-		CAS: e.CAS, AC: e.AC, Sandbox: sandboxRunner{e.runner}, Toolchains: toolchainResolver{e.Toolchains},
-		Attester: linkAttester{s: e.Signer, version: opts.Version}, Quarantined: e.Quarantine.Quarantined,
+	e.Executor, err = executor.NewExecutor(executor.ExecutorConfig{
+		CAS: e.CAS, Local: e.Local, AC: e.AC, Sandbox: executor.SandboxRunner{R: e.runner}, Toolchains: toolchainResolver{e.Toolchains},
+		Attester: executor.LinkAttester{Signer: e.Signer, Version: opts.Version}, Quarantined: e.Quarantine.Quarantined,
 		WorkDir: filepath.Join(opts.Data.Sandbox(), "exec"), UID: sandbox.DefaultUID, GID: sandbox.DefaultGID,
-		DefaultTimeout: opts.DefaultTimeout, MaxTimeout: opts.MaxTimeout, Logger: log,
-		IgnoreUnknownPlatformProperties: opts.IgnoreUnknownPlatformProperties,
+		DefaultTimeout: ex.DefaultTimeout, MaxTimeout: ex.MaxTimeout, Logger: log,
+		IgnoreUnknownPlatformProperties: ex.IgnoreUnknownPlatformProperties,
 	})
 	if err != nil {
 		return nil, err
 	}
-	e.Scheduler = NewScheduler(e.Executor, SchedulerConfig{Concurrency: conc, MaxQueue: opts.MaxQueue, Logger: log, Registerer: reg,
-		VerifyRate: opts.VerifyRate})
+	e.Scheduler = scheduler.NewScheduler(e.Executor, scheduler.SchedulerConfig{Concurrency: ex.Concurrency, MaxQueue: ex.MaxQueue, Logger: log, Registerer: reg,
+		VerifyRate: ex.VerifyRate})
 	ok = true
 	return e, nil
 }
@@ -173,14 +137,10 @@ func (e *Engine) attestCAS() cache.BlobStore {
 // the disk store, or with storage set, the disk store as the local tier of the bucket
 // (plus its attestations prefix, where envelopes are also kept). local is the disk
 // store either way; close releases both.
-func OpenCAS(ctx context.Context, data DataDir, storage string, log *slog.Logger) (cas cache.BlobStore, local *disk.Store, close func(), err error) {
+func OpenCAS(ctx context.Context, data DataDir, storage StorageConfig, log *slog.Logger) (cas cache.BlobStore, local *disk.Store, close func(), err error) {
 	var b *s3.Bucket
-	if storage != "" {
-		cfg, err := s3.ParseURL(storage)
-		if err != nil {
-			return nil, nil, nil, err
-		}
-		if b, err = s3.Open(ctx, cfg, s3.Options{Logger: log}); err != nil {
+	if storage.S3 != nil {
+		if b, err = s3.Open(ctx, *storage.S3, s3.Options{Logger: log}); err != nil {
 			return nil, nil, nil, err
 		}
 	}
@@ -191,7 +151,7 @@ func OpenCAS(ctx context.Context, data DataDir, storage string, log *slog.Logger
 	if b == nil {
 		return d, d, func() { d.Close() }, nil
 	}
-	cas = cache.WithDurableCopy(tiered.New(d, b.CAS(), tiered.Options{Logger: log}), b.Attestations())
+	cas = cache.WithDurableCopy(tiered.New(d, b.CAS(), tiered.Options{ActionCache: b.ActionCache(), Logger: log}), b.Attestations())
 	return cache.WithEmptyBlob(cas), d, func() { d.Close() }, nil
 }
 
@@ -227,27 +187,6 @@ func (e *Engine) Close() error {
 		errs = append(errs, e.Store.Close())
 	}
 	return errors.Join(errs...)
-}
-
-// localStore is the metered CAS that still offers the local disk tier's hardlink and
-// adopt abilities to the executor.
-type localStore struct {
-	cache.BlobStore
-	files cache.LocalFiles // the disk store, or the tiered store over it
-	d     *disk.Store
-}
-
-func (l localStore) BlobPath(d cache.Digest) string { return l.d.BlobPath(d) }
-
-// Verify brings blob d to the local tier, verified (RESOURCE_EXHAUSTED: it is too
-// large for the local tier, so read it through the store).
-func (l localStore) Verify(d cache.Digest) error {
-	_, err := l.files.BlobFile(context.Background(), d)
-	return err
-}
-
-func (l localStore) AdoptFile(ctx context.Context, d cache.Digest, f *os.File) error {
-	return l.files.AdoptFile(ctx, d, f)
 }
 
 // toolchainResolver adapts the toolchain store to the executor.

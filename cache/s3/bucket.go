@@ -30,6 +30,7 @@ import (
 	"github.com/aws/aws-sdk-go-v2/config"
 	awss3 "github.com/aws/aws-sdk-go-v2/service/s3"
 	"github.com/aws/smithy-go"
+	"github.com/kilnbuild/kiln/internal/grpcerr"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 )
@@ -61,7 +62,10 @@ type Options struct {
 // standard chain and checks at once that the bucket exists and the credentials are
 // accepted, so a misconfiguration is one clear error at start, not a failure later.
 func Open(ctx context.Context, cfg Config, opts Options) (*Bucket, error) {
-	cfg = cfg.withDefaults()
+	if err := cfg.Check(); err != nil {
+		return nil, err
+	}
+	cfg = cfg.Resolved()
 	b := &Bucket{cfg: cfg, log: opts.Logger, now: opts.Now, copyMax: 5 << 30}
 	if b.log == nil {
 		b.log = slog.New(slog.DiscardHandler)
@@ -146,7 +150,7 @@ func (b *Bucket) wrap(err error, format string, args ...any) error {
 		return nil
 	}
 	if s, ok := status.FromError(err); ok && s.Code() != codes.Unknown {
-		return status.Errorf(s.Code(), "%s: %s", what, s.Message())
+		return grpcerr.Wrap(err, "%s", what)
 	}
 	switch {
 	case errors.Is(err, context.Canceled):

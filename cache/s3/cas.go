@@ -422,3 +422,6 @@ func (s *statusReader) Close() error {
 	s.once.Do(func() { err = s.rc.Close() })
 	return err
 }
+
+// String describes the store for logs.
+func (c *CAS) String() string { return c.b.String() + " (" + c.dir + "/)" }

@@ -15,27 +15,27 @@ import (
 // deliberately absent: they come from the AWS SDK's standard chain (environment,
 // shared config files, instance or container roles), never from flags or URLs.
 type Config struct {
-	Bucket    string
-	Prefix    string // key prefix, "" or ending in "/"
-	Endpoint  string // e.g. https://s3.eu-west-1.amazonaws.com or http://127.0.0.1:7070; "" = AWS
-	Region    string // "" = the SDK's (AWS_REGION, shared config), else us-east-1
-	PathStyle bool   // bucket in the path, not the host name (most S3-compatible servers)
+	Bucket    string `yaml:"bucket"`
+	Prefix    string `yaml:"prefix,omitempty"`     // key prefix, "" or ending in "/"
+	Endpoint  string `yaml:"endpoint,omitempty"`   // e.g. https://s3.eu-west-1.amazonaws.com or http://127.0.0.1:7070; "" = AWS
+	Region    string `yaml:"region,omitempty"`     // "" = the SDK's (AWS_REGION, shared config), else us-east-1
+	PathStyle bool   `yaml:"path-style,omitempty"` // bucket in the path, not the host name (most S3-compatible servers)
 
 	// ExistsTTL is how long a bucket lookup (a write, a read or a HEAD) answers
 	// FindMissing without asking the bucket again; it bounds how late kiln notices a
 	// blob deleted behind its back. 0 means DefaultExistsTTL.
-	ExistsTTL time.Duration
+	ExistsTTL time.Duration `yaml:"exists-ttl,omitempty"`
 	// RefreshAfter is the object age after which a use (FindMissing, an action-cache
 	// hit) rewrites the object's timestamp, so a lifecycle rule that expires objects
 	// older than RefreshAfter plus the longest build never deletes a blob in use. 0
 	// means DefaultRefreshAfter.
-	RefreshAfter time.Duration
+	RefreshAfter time.Duration `yaml:"refresh-after,omitempty"`
 	// PartSize is the multipart part size; blobs larger than it are uploaded in parts.
 	// 0 means DefaultPartSize; S3 needs at least 5 MiB.
-	PartSize int64
+	PartSize int64 `yaml:"-"`
 	// Concurrency bounds parallel requests of one call (HEADs of a FindMissing, parts
 	// of an upload). 0 means DefaultConcurrency.
-	Concurrency int
+	Concurrency int `yaml:"-"`
 }
 
 // Defaults for Config's zero values.
@@ -102,6 +102,24 @@ func ParseURL(s string) (Config, error) {
 	return c, nil
 }
 
+// Check refuses a configuration that cannot name a bucket (INVALID_ARGUMENT), for
+// one written in a configuration file rather than parsed from a URL.
+func (c Config) Check() error {
+	if c.Bucket == "" {
+		return status.Error(codes.InvalidArgument, "storage: no bucket")
+	}
+	if c.Endpoint != "" {
+		e, err := url.Parse(c.Endpoint)
+		if err != nil || (e.Scheme != "http" && e.Scheme != "https") || e.Host == "" || e.User != nil {
+			return status.Errorf(codes.InvalidArgument, "storage endpoint %q: want http(s)://HOST[:PORT]", c.Endpoint)
+		}
+	}
+	if c.ExistsTTL < 0 || c.RefreshAfter < 0 {
+		return status.Error(codes.InvalidArgument, "storage: exists-ttl and refresh-after must be positive")
+	}
+	return nil
+}
+
 // String is the storage URL (it never holds a secret).
 func (c Config) String() string {
 	q := url.Values{}
@@ -114,6 +132,12 @@ func (c Config) String() string {
 	if c.PathStyle {
 		q.Set("path-style", "true")
 	}
+	if c.ExistsTTL > 0 {
+		q.Set("exists-ttl", c.ExistsTTL.String())
+	}
+	if c.RefreshAfter > 0 {
+		q.Set("refresh-after", c.RefreshAfter.String())
+	}
 	s := "s3://" + c.Bucket + "/" + c.Prefix
 	if len(q) > 0 {
 		s += "?" + q.Encode()
@@ -121,7 +145,11 @@ func (c Config) String() string {
 	return s
 }
 
-func (c Config) withDefaults() Config {
+// Resolved returns c with every default made explicit (and the prefix ending in "/").
+func (c Config) Resolved() Config {
+	if c.Prefix = strings.Trim(c.Prefix, "/"); c.Prefix != "" {
+		c.Prefix += "/"
+	}
 	if c.ExistsTTL <= 0 {
 		c.ExistsTTL = DefaultExistsTTL
 	}

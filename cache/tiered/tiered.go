@@ -7,6 +7,7 @@ package tiered
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"log/slog"
 	"os"
@@ -36,7 +37,10 @@ type Options struct {
 	// the remote and are streamed from it (verified). 0 means half the local tier's
 	// bound, or no limit if it has none.
 	MaxLocalBlob int64
-	Logger       *slog.Logger
+	// ActionCache is the action cache kept with the remote blobs (the bucket's); nil
+	// means the local tier's.
+	ActionCache cache.ActionCache
+	Logger      *slog.Logger
 }
 
 // Store is a local disk tier in front of a remote. It implements cache.BlobStore and
@@ -44,19 +48,23 @@ type Options struct {
 type Store struct {
 	local    *disk.Store
 	remote   Remote
+	ac       cache.ActionCache
 	maxLocal int64
 	fetches  singleflight.Group
 	log      *slog.Logger
 }
 
 var (
-	_ cache.BlobStore  = (*Store)(nil)
+	_ cache.Store      = (*Store)(nil)
 	_ cache.LocalFiles = (*Store)(nil)
 )
 
 // New returns local in front of remote.
 func New(local *disk.Store, remote Remote, opts Options) *Store {
-	s := &Store{local: local, remote: remote, maxLocal: opts.MaxLocalBlob, log: opts.Logger}
+	s := &Store{local: local, remote: remote, ac: opts.ActionCache, maxLocal: opts.MaxLocalBlob, log: opts.Logger}
+	if s.ac == nil {
+		s.ac = local.ActionCache()
+	}
 	if s.maxLocal <= 0 {
 		s.maxLocal = local.MaxSize() / 2
 	}
@@ -184,5 +192,15 @@ func (s *Store) AdoptFile(ctx context.Context, d cache.Digest, f *os.File) error
 	return s.local.AdoptFile(ctx, d, f)
 }
 
+// ActionCache implements cache.Store: the remote's (Options.ActionCache). Wrap it in
+// cache.WithCompletenessCheck over this store: its FindMissing asks the remote, so a
+// hit needs every blob in the shared tier (and keeps old ones alive, see cache/s3).
+func (s *Store) ActionCache() cache.ActionCache { return s.ac }
+
+// Close implements cache.Store: it closes the local tier.
+func (s *Store) Close() error { return s.local.Close() }
+
 // String describes the store.
-func (s *Store) String() string { return s.local.String() + " in front of a shared remote" }
+func (s *Store) String() string {
+	return fmt.Sprintf("%s as the local tier of %s", s.local, s.remote)
+}

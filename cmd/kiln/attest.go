@@ -36,7 +36,7 @@ func openKeyring(ctx context.Context, dataDir string) (*keys.Keyring, error) {
 
 // openStore opens the attestation store of a data dir with its CAS (in shared storage
 // if storage is set).
-func openStore(ctx context.Context, dataDir, storage string) (*attest.Store, func(), error) {
+func openStore(ctx context.Context, dataDir string, storage engine.StorageConfig) (*attest.Store, func(), error) {
 	cas, _, done, err := engine.OpenCAS(ctx, engine.DataDir(dataDir), storage, quietLogger())
 	if err != nil {
 		return nil, nil, err
@@ -116,7 +116,7 @@ func newAttestPubkeyCmd() *cobra.Command {
 	}
 	addDataFlag(c, &dataDir)
 	c.Flags().BoolVar(&all, "all", false, "also print retired keys (with validity) and the log's checkpoint key")
-	c.Flags().BoolVar(&asJSON, "json", false, "print JSON (the form `kiln attest verify --key` reads)")
+	c.Flags().BoolVar(&asJSON, "json", false, "print JSON (the form \"kiln attest verify --key\" reads)")
 	return c
 }
 
@@ -170,7 +170,8 @@ func deref(p *uint64) uint64 {
 }
 
 func newAttestProvenanceCmd() *cobra.Command {
-	var dataDir, storage, subject, out, sbom string
+	var dataDir, subject, out, sbom string
+	var storage engine.StorageConfig
 	var wait time.Duration
 	c := &cobra.Command{
 		Use:   "provenance --subject FILE|DIGEST",
@@ -233,7 +234,8 @@ func newAttestProvenanceCmd() *cobra.Command {
 }
 
 func newAttestVerifyCmd() *cobra.Command {
-	var dataDir, storage, subject, logKey, pinned, layout, provenance, sbom string
+	var dataDir, subject, logKey, pinned, layout, provenance, sbom string
+	var storage engine.StorageConfig
 	var keyFiles, layoutKeys []string
 	var asJSON bool
 	var wait time.Duration
@@ -325,7 +327,7 @@ func newAttestVerifyCmd() *cobra.Command {
 	addDataFlag(c, &dataDir)
 	addStorageFlag(c, &storage)
 	c.Flags().StringVar(&subject, "subject", "", "the artifact: a file, or its sha256 digest")
-	c.Flags().StringArrayVar(&keyFiles, "key", nil, "trusted executor keys: a PEM public key file, or `kiln attest pubkey --all --json` output (repeatable)")
+	c.Flags().StringArrayVar(&keyFiles, "key", nil, "trusted executor keys: a PEM public key file, or \"kiln attest pubkey --all --json\" output (repeatable)")
 	c.Flags().StringVar(&logKey, "log-key", "", "the log's checkpoint verifier key (a note vkey, or a file holding one); default: from a --key JSON export, else the data dir's keyring")
 	c.Flags().StringVar(&pinned, "checkpoint", "", "a checkpoint trusted earlier; the log must be consistent with it")
 	c.Flags().StringVar(&layout, "layout", "", "also run in-toto's InTotoVerify with this layout (steps named by action digest hash)")

@@ -26,7 +26,7 @@ import (
 // lockFlags are the flags every `kiln lock` subcommand shares.
 type lockFlags struct {
 	data     string
-	storage  string
+	storage  engine.StorageConfig
 	lockfile string
 	json     bool
 }

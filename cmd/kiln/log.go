@@ -9,6 +9,7 @@ import (
 	"strings"
 
 	"github.com/kilnbuild/kiln/cache"
+	"github.com/kilnbuild/kiln/engine"
 	"github.com/kilnbuild/kiln/engine/attest"
 	"github.com/kilnbuild/kiln/engine/attest/keys"
 	"github.com/kilnbuild/kiln/engine/attest/tlog"
@@ -31,7 +32,7 @@ func newLogCmd() *cobra.Command {
 
 type tlogFlags struct {
 	dataDir string
-	storage string // only `log prove` reads envelopes from the store
+	storage engine.StorageConfig // only `log prove` reads envelopes from the store
 	logKey  string
 	asJSON  bool
 }
@@ -250,7 +251,7 @@ func newLogConsistencyCmd() *cobra.Command {
 	}
 	f.add(c)
 	c.Flags().Uint64Var(&from, "from", 0, "older tree size (its root is computed from the log's tiles)")
-	c.Flags().StringVar(&old, "old", "", "older signed checkpoint file (saved from `kiln log checkpoint`)")
+	c.Flags().StringVar(&old, "old", "", "older signed checkpoint file (saved from \"kiln log checkpoint\")")
 	c.Flags().Uint64Var(&to, "to", 0, "newer tree size (default: the latest checkpoint)")
 	return c
 }
