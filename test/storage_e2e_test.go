@@ -25,6 +25,19 @@ import (
 	"google.golang.org/grpc/status"
 )
 
+// sharedBucket starts a real S3 server with one bucket, gives this test process (and so
+// the kiln processes it starts) its credentials, and returns the --storage URL of
+// prefix in the bucket. End-to-end tests only: skipped with -short.
+func sharedBucket(t *testing.T, prefix string) (*harness.S3, string) {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	s3 := harness.StartS3(t, "kiln-cache")
+	s3.Setenv(t)
+	return s3, s3.URL("kiln-cache", prefix)
+}
+
 // storageServer starts `kiln serve` as a cache-only server on shared storage.
 func storageServer(t *testing.T, url string, extra ...string) *harness.Server {
 	t.Helper()
@@ -36,12 +49,7 @@ func storageServer(t *testing.T, url string, extra ...string) *harness.Server {
 // from the bucket behind kiln's back then makes its action a miss on a third server:
 // Bazel runs that action again and the build still succeeds.
 func TestSharedStorageBazel(t *testing.T) {
-	if testing.Short() {
-		t.Skip("e2e")
-	}
-	s3 := harness.StartS3(t, "kiln-cache")
-	s3.Setenv(t)
-	url := s3.URL("kiln-cache", "team")
+	s3, url := sharedBucket(t, "team")
 	a, b := storageServer(t, url), storageServer(t, url)
 	bz := harness.NewBazel(t, "examples/bazel-hello")
 	build := func(srv *harness.Server) map[string]int {
@@ -164,12 +172,7 @@ func findMissing(ctx context.Context, conn *grpc.ClientConn, ds ...*repb.Digest)
 // (multipart), then served verified through the writer and through another server,
 // and the local tier stays within its bound.
 func TestSharedStorageSmallLocalTier(t *testing.T) {
-	if testing.Short() {
-		t.Skip("e2e")
-	}
-	s3 := harness.StartS3(t, "kiln-cache")
-	s3.Setenv(t)
-	url := s3.URL("kiln-cache", "")
+	_, url := sharedBucket(t, "")
 	a := storageServer(t, url, "--max-size", "1MiB")
 	b := storageServer(t, url, "--max-size", "1MiB")
 	ctx := harness.Context(t, 5*time.Minute)
@@ -203,12 +206,8 @@ func TestSharedStorageSmallLocalTier(t *testing.T) {
 // 64 MiB blob to it in parts. The client gets UNAVAILABLE naming the endpoint; no
 // object, partial or whole, is visible; after a restart the same upload succeeds.
 func TestSharedStorageServerKilled(t *testing.T) {
-	if testing.Short() {
-		t.Skip("e2e")
-	}
-	s3 := harness.StartS3(t, "kiln-cache")
-	s3.Setenv(t)
-	srv := storageServer(t, s3.URL("kiln-cache", "k"))
+	s3, url := sharedBucket(t, "k")
+	srv := storageServer(t, url)
 	ctx := harness.Context(t, 5*time.Minute)
 	conn := dial(t, srv.Addr)
 	data, d := randomBytes(t, 64<<20)
@@ -306,12 +305,7 @@ func TestSharedStorageStartErrors(t *testing.T) {
 // 8 MiB blob and blobs of their own at the same time; every blob is then served,
 // verified, by both servers.
 func TestSharedStorageConcurrentClients(t *testing.T) {
-	if testing.Short() {
-		t.Skip("e2e")
-	}
-	s3 := harness.StartS3(t, "kiln-cache")
-	s3.Setenv(t)
-	url := s3.URL("kiln-cache", "c")
+	_, url := sharedBucket(t, "c")
 	srvs := []*harness.Server{storageServer(t, url), storageServer(t, url)}
 	ctx := harness.Context(t, 5*time.Minute)
 	shared, sd := randomBytes(t, 8<<20)
@@ -357,13 +351,8 @@ func TestSharedStorageConcurrentClients(t *testing.T) {
 // in the bucket; the same action on another data dir is then a cache hit with the
 // same output, and the link envelope is kept under the bucket's attest/ prefix.
 func TestSharedStorageExec(t *testing.T) {
-	if testing.Short() {
-		t.Skip("e2e")
-	}
+	s3, url := sharedBucket(t, "x")
 	harness.RequireRoot(t)
-	s3 := harness.StartS3(t, "kiln-cache")
-	s3.Setenv(t)
-	url := s3.URL("kiln-cache", "x")
 	in := filepath.Join(t.TempDir(), "in")
 	os.MkdirAll(in, 0o755)
 	os.WriteFile(filepath.Join(in, "words"), []byte("pear\napple\nfig\n"), 0o644)

@@ -13,11 +13,7 @@ import (
 	"github.com/kilnbuild/kiln/cache"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
-	"google.golang.org/protobuf/proto"
 )
-
-// maxActionResult bounds an action-cache entry, as the disk store does.
-const maxActionResult = 16 << 20
 
 // ActionCache is the bucket's action cache: the entry for (instance, action) lives at
 // PREFIX ac/HH/SHA256(instance NUL action), as the SHA-256 of the serialized
@@ -32,11 +28,7 @@ func (b *Bucket) ActionCache() *ActionCache { return &ActionCache{b: b} }
 var _ cache.ActionCache = (*ActionCache)(nil)
 
 func (a *ActionCache) key(k cache.ActionKey) string {
-	h := sha256.New()
-	h.Write([]byte(k.Instance))
-	h.Write([]byte{0})
-	h.Write([]byte(k.Action.String()))
-	kh := hex.EncodeToString(h.Sum(nil))
+	kh := cache.ActionKeyHash(k)
 	return a.b.cfg.Prefix + "ac/" + kh[:2] + "/" + kh
 }
 
@@ -52,19 +44,15 @@ func (a *ActionCache) Get(ctx context.Context, k cache.ActionKey) (*repb.ActionR
 		return nil, a.b.wrap(err, "read action cache entry for %s", k.Action)
 	}
 	defer out.Body.Close()
-	if n := aws.ToInt64(out.ContentLength); n > maxActionResult+sha256.Size {
+	if n := aws.ToInt64(out.ContentLength); n > cache.MaxActionResult+sha256.Size {
 		return nil, status.Errorf(codes.NotFound, "no cached result for action %s (the entry is %d bytes, over the limit)", k.Action, n)
 	}
-	b, err := io.ReadAll(io.LimitReader(out.Body, maxActionResult+sha256.Size+1))
+	b, err := io.ReadAll(io.LimitReader(out.Body, cache.MaxActionResult+sha256.Size+1))
 	if err != nil {
 		return nil, a.b.wrap(err, "read action cache entry for %s", k.Action)
 	}
-	r := &repb.ActionResult{}
-	if len(b) < sha256.Size {
-		return nil, a.drop(ctx, key, k)
-	}
-	sum := sha256.Sum256(b[sha256.Size:])
-	if !bytes.Equal(sum[:], b[:sha256.Size]) || proto.Unmarshal(b[sha256.Size:], r) != nil {
+	r, ok := cache.DecodeActionResult(b)
+	if !ok {
 		return nil, a.drop(ctx, key, k)
 	}
 	if mod := aws.ToTime(out.LastModified); a.b.now().Sub(mod) >= a.b.cfg.RefreshAfter {
@@ -85,15 +73,10 @@ func (a *ActionCache) drop(ctx context.Context, key string, k cache.ActionKey) e
 // Put implements cache.ActionCache: one PUT, signed with the entry's SHA-256, so the
 // entry is replaced whole or not at all.
 func (a *ActionCache) Put(ctx context.Context, k cache.ActionKey, r *repb.ActionResult) error {
-	b, err := proto.MarshalOptions{Deterministic: true}.Marshal(r)
+	body, err := cache.EncodeActionResult(k, r)
 	if err != nil {
-		return status.Errorf(codes.InvalidArgument, "action result: %v", err)
+		return err
 	}
-	if len(b) > maxActionResult {
-		return status.Errorf(codes.InvalidArgument, "action result for %s is %d bytes, over the %d-byte limit", k.Action, len(b), maxActionResult)
-	}
-	sum := sha256.Sum256(b)
-	body := append(sum[:], b...)
 	payload := sha256.Sum256(body)
 	key := a.key(k)
 	_, err = a.b.client.PutObject(ctx, &awss3.PutObjectInput{
