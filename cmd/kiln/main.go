@@ -68,6 +68,7 @@ func newRootCmd() *cobra.Command {
 		newQuarantineCmd(),
 		newExportCmd(),
 		newRebuildCmd(),
+		newGateCmd(),
 	)
 	return root
 }
