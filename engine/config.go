@@ -5,7 +5,9 @@ import (
 	"runtime"
 	"time"
 
+	"github.com/kilnbuild/kiln/cache"
 	"github.com/kilnbuild/kiln/cache/s3"
+	"github.com/kilnbuild/kiln/engine/scheduler"
 	"github.com/kilnbuild/kiln/internal/bytesize"
 	"github.com/kilnbuild/kiln/toolchains"
 	"github.com/prometheus/client_golang/prometheus"
@@ -36,6 +38,12 @@ type Options struct {
 	Pinner toolchains.TagPinner `yaml:"-"`
 	// Version is kiln's version, recorded in every link.
 	Version string `yaml:"-"`
+	// Observe, if set, is told of every finished execution and action-cache hit
+	// (kiln serve's history, for the web UI); it must not block.
+	Observe func(scheduler.Finished) `yaml:"-"`
+	// ActionURL, if set, is the web page of an action: failed actions' reports and
+	// errors name it, so a client can follow it.
+	ActionURL func(cache.Digest) string `yaml:"-"`
 }
 
 // StorageConfig is shared storage (docs/storage.md): the --storage flag, a URL, or the
