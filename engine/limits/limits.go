@@ -18,6 +18,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/kilnbuild/kiln/internal/clock"
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
@@ -426,8 +427,7 @@ func cgroupLimit() int64 {
 type Work struct {
 	perClient int
 	rate      float64 // cores
-	now       func() time.Time
-	sleep     func(context.Context, time.Duration) error
+	clock     clock.Clock
 	nice      int // the priority work runs at; 0: as the process
 
 	mu      sync.Mutex
@@ -457,24 +457,20 @@ func NewWork(rate float64) *Work {
 	if rate <= 0 {
 		rate = DefaultClientCPUs()
 	}
-	return &Work{perClient: max(1, int(math.Ceil(rate))), rate: rate, now: time.Now, sleep: sleep, nice: WorkNice, clients: map[string]*workTokens{}}
+	return &Work{perClient: max(1, int(math.Ceil(rate))), rate: rate, clock: clock.System(), nice: WorkNice, clients: map[string]*workTokens{}}
 }
 
-// sleep waits for d or for ctx to end.
-func sleep(ctx context.Context, d time.Duration) error {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return nil
-	case <-ctx.Done():
-		return status.FromContextError(ctx.Err()).Err()
+// sleep waits on c for d, or until ctx ends (a gRPC status then).
+func sleep(ctx context.Context, c clock.Clock, d time.Duration) error {
+	if err := c.Sleep(ctx, d); err != nil {
+		return status.FromContextError(err).Err()
 	}
+	return nil
 }
 
 // refill brings t's credit up to now. Callers hold w.mu.
 func (w *Work) refill(t *workTokens) {
-	now := w.now()
+	now := w.clock.Now()
 	if !t.last.IsZero() {
 		t.credit += time.Duration(float64(now.Sub(t.last)) * w.rate)
 	}
@@ -492,7 +488,7 @@ func (w *Work) Acquire(ctx context.Context, client string) (release func(), err 
 	w.mu.Lock()
 	t := w.clients[client]
 	if t == nil {
-		t = &workTokens{ch: make(chan struct{}, w.perClient), credit: workBurst, last: w.now()}
+		t = &workTokens{ch: make(chan struct{}, w.perClient), credit: workBurst, last: w.clock.Now()}
 		w.clients[client] = t
 	}
 	t.users++
@@ -512,13 +508,13 @@ func (w *Work) Acquire(ctx context.Context, client string) (release func(), err 
 		if owed <= 0 {
 			break
 		}
-		if err := w.sleep(ctx, time.Duration(float64(owed)/w.rate)); err != nil {
+		if err := sleep(ctx, w.clock, time.Duration(float64(owed)/w.rate)); err != nil {
 			<-t.ch
 			w.leave(client, t)
 			return nil, err
 		}
 	}
-	start := w.now()
+	start := w.clock.Now()
 	prev, lowered := w.lower()
 	var once sync.Once
 	return func() {
@@ -528,7 +524,7 @@ func (w *Work) Acquire(ctx context.Context, client string) (release func(), err 
 			}
 			w.mu.Lock()
 			w.refill(t)
-			t.credit -= w.now().Sub(start)
+			t.credit -= w.clock.Now().Sub(start)
 			w.mu.Unlock()
 			<-t.ch
 			w.leave(client, t)
@@ -623,8 +619,7 @@ type Calls struct {
 	rate       float64
 	burst      float64
 	maxWaiting int
-	now        func() time.Time
-	sleep      func(context.Context, time.Duration) error
+	clock      clock.Clock
 	refused    *prometheus.CounterVec
 
 	mu      sync.Mutex
@@ -647,7 +642,7 @@ func NewCalls(b *Budget, rate float64) *Calls {
 	if rate <= 0 {
 		rate = DefaultClientCalls
 	}
-	c := &Calls{rate: rate, burst: max(rate, 1), maxWaiting: 256, now: time.Now, sleep: sleep, clients: map[string]*callBucket{}}
+	c := &Calls{rate: rate, burst: max(rate, 1), maxWaiting: 256, clock: clock.System(), clients: map[string]*callBucket{}}
 	if b != nil {
 		c.refused = b.refused
 	}
@@ -660,7 +655,7 @@ func (c *Calls) Wait(ctx context.Context, client string) error {
 		return nil
 	}
 	c.mu.Lock()
-	now := c.now()
+	now := c.clock.Now()
 	b := c.clients[client]
 	if b == nil {
 		b = &callBucket{tokens: c.burst, last: now}
@@ -685,7 +680,7 @@ func (c *Calls) Wait(ctx context.Context, client string) error {
 	b.tokens-- // this call's turn
 	b.waiting++
 	c.mu.Unlock()
-	err := c.sleep(ctx, wait)
+	err := sleep(ctx, c.clock, wait)
 	c.mu.Lock()
 	b.waiting--
 	if err != nil {

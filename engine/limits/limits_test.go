@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/kilnbuild/kiln/internal/clock"
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -110,14 +111,8 @@ func TestBytes(t *testing.T) {
 // debt by pausing); a cancelled wait gives up; clients that owe nothing are forgotten.
 func TestWork(t *testing.T) {
 	w := NewWork(1)
-	clock := time.Unix(1000, 0)
-	var slept []time.Duration
-	w.now = func() time.Time { return clock }
-	w.sleep = func(_ context.Context, d time.Duration) error {
-		slept = append(slept, d)
-		clock = clock.Add(d)
-		return nil
-	}
+	clk := &testClock{now: time.Unix(1000, 0), advance: true}
+	w.clock = clk
 	ctx := context.Background()
 	rel, err := w.Acquire(ctx, "a")
 	if err != nil {
@@ -132,19 +127,19 @@ func TestWork(t *testing.T) {
 	if _, err := w.Acquire(cctx, "a"); status.Code(err) != codes.Canceled {
 		t.Fatalf("second token of a client limited to one, cancelled: %v", err)
 	}
-	clock = clock.Add(workBurst + time.Second) // a works 1 s more than its burst
+	clk.now = clk.now.Add(workBurst + time.Second) // a works 1 s more than its burst
 	rel()
 	rel() // once
 	relB()
 	r, err := w.Acquire(ctx, "a")
-	if err != nil || len(slept) != 1 || slept[0] != time.Second {
-		t.Fatalf("a's next work waited %v (%v), want the 1 s it owes at 1 core", slept, err)
+	if err != nil || len(clk.slept) != 1 || clk.slept[0] != time.Second {
+		t.Fatalf("a's next work waited %v (%v), want the 1 s it owes at 1 core", clk.slept, err)
 	}
 	r()
-	if _, err := w.Acquire(ctx, "b"); err != nil || len(slept) != 1 {
-		t.Fatalf("b waited for a's debt: %v %v", slept, err)
+	if _, err := w.Acquire(ctx, "b"); err != nil || len(clk.slept) != 1 {
+		t.Fatalf("b waited for a's debt: %v %v", clk.slept, err)
 	}
-	clock = clock.Add(time.Minute)
+	clk.now = clk.now.Add(time.Minute)
 	w.mu.Lock()
 	w.leaves = 1023
 	w.mu.Unlock()
@@ -173,35 +168,34 @@ func TestWork(t *testing.T) {
 // wait gives its turn back.
 func TestCalls(t *testing.T) {
 	c := NewCalls(NewBudget(1, 1), 10)
-	clock := time.Unix(1000, 0)
-	var slept []time.Duration
-	c.now = func() time.Time { return clock }
-	c.sleep = func(_ context.Context, d time.Duration) error { slept = append(slept, d); return nil }
+	clk := &testClock{now: time.Unix(1000, 0)}
+	c.clock = clk
 	ctx := context.Background()
 	for i := 0; i < 10; i++ { // the burst
-		if err := c.Wait(ctx, "a"); err != nil || len(slept) != 0 {
-			t.Fatalf("call %d within the burst: %v, waited %v", i, err, slept)
+		if err := c.Wait(ctx, "a"); err != nil || len(clk.slept) != 0 {
+			t.Fatalf("call %d within the burst: %v, waited %v", i, err, clk.slept)
 		}
 	}
 	c.Wait(ctx, "a")
 	c.Wait(ctx, "a")
-	if len(slept) != 2 || slept[0] != 100*time.Millisecond || slept[1] != 200*time.Millisecond {
-		t.Fatalf("calls beyond the burst waited %v, want 100 ms and 200 ms (10 per second)", slept)
+	if len(clk.slept) != 2 || clk.slept[0] != 100*time.Millisecond || clk.slept[1] != 200*time.Millisecond {
+		t.Fatalf("calls beyond the burst waited %v, want 100 ms and 200 ms (10 per second)", clk.slept)
 	}
-	if err := c.Wait(ctx, "b"); err != nil || len(slept) != 2 {
-		t.Fatalf("another client waited: %v %v", slept, err)
+	if err := c.Wait(ctx, "b"); err != nil || len(clk.slept) != 2 {
+		t.Fatalf("another client waited: %v %v", clk.slept, err)
 	}
 	c.maxWaiting = 0
 	if err := c.Wait(ctx, "a"); status.Code(err) != codes.ResourceExhausted {
 		t.Fatalf("a call with too many waiting: %v", err)
 	}
 	c.maxWaiting = 10
-	c.sleep = func(context.Context, time.Duration) error { return status.Error(codes.Canceled, "gone") }
+	cancelled, cancel := context.WithCancel(ctx)
+	cancel()
 	before := c.clients["a"].tokens
-	if err := c.Wait(ctx, "a"); status.Code(err) != codes.Canceled || c.clients["a"].tokens != before {
+	if err := c.Wait(cancelled, "a"); status.Code(err) != codes.Canceled || c.clients["a"].tokens != before {
 		t.Fatalf("cancelled wait: %v, tokens %v -> %v", err, before, c.clients["a"].tokens)
 	}
-	clock = clock.Add(time.Hour)
+	clk.now = clk.now.Add(time.Hour)
 	c.Wait(ctx, "b")
 	if len(c.clients) != 1 {
 		t.Fatalf("%d clients kept an hour later, want the one just seen", len(c.clients))
@@ -234,3 +228,26 @@ func TestWorkRunsNiced(t *testing.T) {
 		t.Fatalf("nice %d after the work, want %d back", niceOf(), before)
 	}
 }
+
+// testClock records how long it was asked to sleep, and moves only when told (or, with
+// advance, by each sleep).
+type testClock struct {
+	now     time.Time
+	slept   []time.Duration
+	advance bool
+}
+
+func (c *testClock) Now() time.Time { return c.now }
+
+func (c *testClock) Sleep(ctx context.Context, d time.Duration) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	c.slept = append(c.slept, d)
+	if c.advance {
+		c.now = c.now.Add(d)
+	}
+	return nil
+}
+
+func (c *testClock) AfterFunc(time.Duration, func()) clock.Timer { panic("not used") }
