@@ -1,163 +1,72 @@
 package engine
 
 import (
-	"bytes"
 	"context"
-	"encoding/json"
-	"fmt"
-	"os"
-	"path"
-	"slices"
-	"strings"
+	"log/slog"
+	"time"
 
-	"github.com/kilnbuild/kiln/engine/reapi"
-	"google.golang.org/grpc"
+	"github.com/kilnbuild/kiln/engine/auth"
+	"github.com/kilnbuild/kiln/engine/revoke"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 )
 
-// Permissions a policy grants, each a group of gRPC methods (see methodPermission).
-const (
-	PermRead    = "read"    // CAS reads, ByteStream.Read, GetActionResult, GetTree
-	PermWrite   = "write"   // CAS uploads, ByteStream.Write, UpdateActionResult (still under --allow-client-ac-writes)
-	PermExecute = "execute" // Execute, WaitExecution, Operations
-	PermFetch   = "fetch"   // Remote Asset API (downloads into the CAS)
-)
-
-var allPerms = []string{PermRead, PermWrite, PermExecute, PermFetch}
-
-// AuthzPolicy says what each client, named by its verified certificate, may do: the
-// first rule whose pattern matches the certificate's common name applies; a client no
-// rule matches may do nothing but negotiate (Capabilities, health).
-type AuthzPolicy struct {
-	Rules []AuthzRule `json:"rules"`
-	file  string
+// OIDCConfig configures bearer tokens on `kiln serve` (package engine/auth).
+type OIDCConfig struct {
+	// Issuers are the trusted issuers, each with the one audience its tokens must name.
+	Issuers []auth.Issuer
+	// MaxTTL refuses tokens that live longer; 0 accepts any lifetime.
+	MaxTTL time.Duration
+	// AllowPlaintext accepts bearer tokens over plaintext gRPC beyond loopback, where
+	// anyone on the path can read and replay them.
+	AllowPlaintext bool
 }
 
-// AuthzRule grants Allow to the clients whose certificate common name matches
-// Subject (a path.Match pattern: "ci-*", "*").
-type AuthzRule struct {
-	Subject string   `json:"subject"`
-	Allow   []string `json:"allow"`
-}
-
-// LoadAuthzPolicy reads and checks a policy file (JSON).
-func LoadAuthzPolicy(file string) (*AuthzPolicy, error) {
-	b, err := os.ReadFile(file)
+// authConfig checks the server's authentication and authorization settings and loads
+// them: the OIDC verifier (its issuers' keys fetched once, a failure only warned
+// about) and the policy.
+func authConfig(ctx context.Context, cfg ServerConfig, log *slog.Logger) (*auth.Verifier, *auth.Policy, error) {
+	o := cfg.OIDC
+	var v *auth.Verifier
+	if len(o.Issuers) > 0 {
+		var err error
+		if v, err = auth.NewVerifier(auth.VerifierConfig{Issuers: o.Issuers, MaxTTL: o.MaxTTL, Logger: log}); err != nil {
+			return nil, nil, err
+		}
+		if err := v.Warm(ctx); err != nil {
+			log.Warn("oidc: an issuer's keys could not be fetched; its tokens are refused until they can be", "err", err)
+		}
+	} else if o.MaxTTL != 0 || o.AllowPlaintext {
+		return nil, nil, status.Error(codes.InvalidArgument, "--oidc-max-ttl and --oidc-allow-plaintext need --oidc-issuer")
+	}
+	if cfg.AuthzFile == "" {
+		return v, nil, nil
+	}
+	if cfg.TLS.ClientCA == "" && v == nil {
+		return nil, nil, status.Error(codes.InvalidArgument, "--authz needs --tls-client-ca or --oidc-issuer: the policy names clients by their verified certificates or tokens")
+	}
+	p, err := auth.LoadPolicy(cfg.AuthzFile)
 	if err != nil {
-		return nil, status.Errorf(codes.InvalidArgument, "authz policy: %v", err)
+		return nil, nil, err
 	}
-	dec := json.NewDecoder(bytes.NewReader(b))
-	dec.DisallowUnknownFields()
-	p := &AuthzPolicy{file: file}
-	if err := dec.Decode(p); err != nil {
-		return nil, status.Errorf(codes.InvalidArgument, "authz policy %s: %v", file, err)
+	if p.UsesCertificates() && cfg.TLS.ClientCA == "" {
+		return nil, nil, status.Errorf(codes.InvalidArgument, "--authz %s has rules on client certificates (subject, spiffe) but there is no --tls-client-ca", cfg.AuthzFile)
 	}
-	if len(p.Rules) == 0 {
-		return nil, status.Errorf(codes.InvalidArgument, "authz policy %s: no rules (every client would be refused)", file)
+	var trusted func(string) bool
+	if v != nil {
+		trusted = v.Trusts
 	}
-	for i, r := range p.Rules {
-		if _, err := path.Match(r.Subject, ""); err != nil || r.Subject == "" {
-			return nil, status.Errorf(codes.InvalidArgument, "authz policy %s: rule %d: bad subject pattern %q", file, i+1, r.Subject)
-		}
-		for _, a := range r.Allow {
-			if !slices.Contains(allPerms, a) {
-				return nil, status.Errorf(codes.InvalidArgument, "authz policy %s: rule %d: unknown permission %q (known: %s)", file, i+1, a, strings.Join(allPerms, ", "))
-			}
-		}
+	if err := p.CheckIssuers(trusted); err != nil {
+		return nil, nil, err
 	}
-	return p, nil
+	return v, p, nil
 }
 
-// methodPermission maps a full gRPC method name to the permission it needs; "" is
-// allowed to every connected client; an unknown method needs a permission no rule
-// grants, so it is refused.
-func methodPermission(method string) string {
-	svc, _, _ := strings.Cut(strings.TrimPrefix(method, "/"), "/")
-	switch method {
-	case "/build.bazel.remote.execution.v2.ContentAddressableStorage/FindMissingBlobs",
-		"/build.bazel.remote.execution.v2.ContentAddressableStorage/BatchReadBlobs",
-		"/build.bazel.remote.execution.v2.ContentAddressableStorage/GetTree",
-		"/google.bytestream.ByteStream/Read",
-		"/build.bazel.remote.execution.v2.ActionCache/GetActionResult":
-		return PermRead
-	case "/build.bazel.remote.execution.v2.ContentAddressableStorage/BatchUpdateBlobs",
-		"/google.bytestream.ByteStream/Write",
-		"/google.bytestream.ByteStream/QueryWriteStatus",
-		"/build.bazel.remote.execution.v2.ActionCache/UpdateActionResult":
-		return PermWrite
-	}
-	switch svc {
-	case "build.bazel.remote.execution.v2.Capabilities", "grpc.health.v1.Health":
-		return ""
-	case "build.bazel.remote.execution.v2.Execution", "google.longrunning.Operations":
-		return PermExecute
-	case "build.bazel.remote.asset.v1.Fetch":
-		return PermFetch
-	case "build.bazel.remote.asset.v1.Push":
-		return PermWrite
-	}
-	return "unknown method"
-}
-
-// allowed reports whether a client with certificate common name cn may call method.
-func (p *AuthzPolicy) allowed(cn, method string) (bool, string) {
-	need := methodPermission(method)
-	if need == "" {
-		return true, need
-	}
-	for _, r := range p.Rules {
-		if ok, _ := path.Match(r.Subject, cn); ok {
-			return slices.Contains(r.Allow, need), need
-		}
-	}
-	return false, need
-}
-
-// check refuses ctx's call to method unless the policy allows it.
-func (p *AuthzPolicy) check(ctx context.Context, method string) error {
-	cn, ok := clientCN(ctx)
-	if !ok {
-		return status.Errorf(codes.Unauthenticated, "%s: no verified client certificate (the server's authorization policy needs one)", method)
-	}
-	if ok, need := p.allowed(cn, method); !ok {
-		return status.Errorf(codes.PermissionDenied, "client %q may not %s (%s; policy %s)", cn, need, method, p.file)
-	}
-	return nil
-}
-
-// clientCN is the common name of ctx's verified client certificate.
-func clientCN(ctx context.Context) (string, bool) {
-	c, ok := reapi.ClientCert(ctx)
-	if !ok {
-		return "", false
-	}
-	return c.Subject.CommonName, true
-}
-
-// ServerOptions returns interceptors that enforce the policy on every call.
-func (p *AuthzPolicy) ServerOptions() []grpc.ServerOption {
-	return []grpc.ServerOption{
-		grpc.ChainUnaryInterceptor(func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
-			if err := p.check(ctx, info.FullMethod); err != nil {
-				return nil, err
-			}
-			return h(ctx, req)
-		}),
-		grpc.ChainStreamInterceptor(func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) error {
-			if err := p.check(ss.Context(), info.FullMethod); err != nil {
-				return err
-			}
-			return h(srv, ss)
-		}),
-	}
-}
-
-// String summarises the policy for the start-up log.
-func (p *AuthzPolicy) String() string {
-	var parts []string
-	for _, r := range p.Rules {
-		parts = append(parts, fmt.Sprintf("%s:%s", r.Subject, strings.Join(r.Allow, "+")))
-	}
-	return strings.Join(parts, " ")
+// newAuthenticator enforces v and p and refuses the identities revoked in rl on every
+// call. With an issuer configured, calls that need a permission need an identity.
+func newAuthenticator(v *auth.Verifier, p *auth.Policy, o OIDCConfig, rl *revoke.List, log *slog.Logger) *auth.Authenticator {
+	return auth.New(auth.Config{
+		Verifier: v, Policy: p, RequireIdentity: v != nil, PlaintextTokens: o.AllowPlaintext, Logger: log,
+		Revoked: func(id auth.Identity) error { return rl.CheckIdentity(id.String()) },
+	})
 }

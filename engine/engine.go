@@ -15,6 +15,7 @@ import (
 	"github.com/kilnbuild/kiln/cache/disk"
 	"github.com/kilnbuild/kiln/engine/attest"
 	"github.com/kilnbuild/kiln/engine/quarantine"
+	"github.com/kilnbuild/kiln/engine/revoke"
 	"github.com/kilnbuild/kiln/sandbox"
 	"github.com/kilnbuild/kiln/toolchains"
 	"github.com/prometheus/client_golang/prometheus"
@@ -66,8 +67,10 @@ type Engine struct {
 	Metrics    *cache.Metrics
 	Signer     *attest.Signer
 	Quarantine *quarantine.List
-	runner     *sandbox.Runner
-	log        *slog.Logger
+	// Revocations are the revoked identities and executor keys (package engine/revoke).
+	Revocations *revoke.List
+	runner      *sandbox.Runner
+	log         *slog.Logger
 }
 
 // Open opens the data dir: store, toolchains, sandbox runner, executor and scheduler.
@@ -97,6 +100,7 @@ func Open(ctx context.Context, opts Options) (*Engine, error) {
 	if e.Quarantine, err = quarantine.Open(string(opts.Data)); err != nil {
 		return nil, err
 	}
+	e.Revocations = revoke.Open(string(opts.Data))
 	e.AC = e.Metrics.ActionCache(e.Quarantine.WrapActionCache(cache.WithCompletenessCheck(e.Store.ActionCache(), e.CAS), e.CAS))
 	e.Toolchains, err = toolchains.Open(ctx, string(opts.Data), toolchains.Options{Default: opts.DefaultToolchain, Pinner: opts.Pinner, Logger: log})
 	if err != nil {
@@ -120,8 +124,9 @@ func Open(ctx context.Context, opts Options) (*Engine, error) {
 	}
 	e.Executor, err = NewExecutor(ExecutorConfig{
 		CAS: e.CAS, AC: e.AC, Sandbox: sandboxRunner{e.runner}, Toolchains: toolchainResolver{e.Toolchains},
-		Attester: linkAttester{s: e.Signer, version: opts.Version}, Quarantined: e.Quarantine.Quarantined,
-		WorkDir: filepath.Join(opts.Data.Sandbox(), "exec"), UID: sandbox.DefaultUID, GID: sandbox.DefaultGID,
+		Attester:    linkAttester{s: e.Signer, version: opts.Version, checkKey: e.Revocations.CheckKey},
+		Quarantined: e.Quarantine.Quarantined,
+		WorkDir:     filepath.Join(opts.Data.Sandbox(), "exec"), UID: sandbox.DefaultUID, GID: sandbox.DefaultGID,
 		DefaultTimeout: opts.DefaultTimeout, MaxTimeout: opts.MaxTimeout, Logger: log,
 		IgnoreUnknownPlatformProperties: opts.IgnoreUnknownPlatformProperties,
 	})

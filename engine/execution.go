@@ -7,6 +7,8 @@ import (
 	"cloud.google.com/go/longrunning/autogen/longrunningpb"
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"github.com/kilnbuild/kiln/cache"
+	"github.com/kilnbuild/kiln/engine/audit"
+	"github.com/kilnbuild/kiln/engine/auth"
 	"github.com/kilnbuild/kiln/engine/reapi"
 	rpcstatus "google.golang.org/genproto/googleapis/rpc/status"
 	"google.golang.org/grpc"
@@ -19,12 +21,14 @@ import (
 // Operations over a Scheduler.
 type executionServer struct {
 	longrunningpb.UnimplementedOperationsServer
-	s *Scheduler
+	s     *Scheduler
+	audit *audit.Log
 }
 
-// RegisterExecution adds the Execution and Operations services to g.
-func RegisterExecution(g *grpc.Server, s *Scheduler) {
-	es := &executionServer{s: s}
+// RegisterExecution adds the Execution and Operations services to g; every Execute
+// call is recorded in the audit log al (nil: not recorded).
+func RegisterExecution(g *grpc.Server, s *Scheduler, al *audit.Log) {
+	es := &executionServer{s: s, audit: al}
 	repb.RegisterExecutionServer(g, es)
 	longrunningpb.RegisterOperationsServer(g, es)
 }
@@ -42,6 +46,7 @@ func (e *executionServer) Execute(req *repb.ExecuteRequest, stream repb.Executio
 		return err
 	}
 	w, err := e.s.Submit(ctx, Request{Instance: req.GetInstanceName(), ActionDigest: d, SkipCacheLookup: req.GetSkipCacheLookup(), Owner: owner(ctx)})
+	e.record(ctx, d, w, err)
 	if err != nil {
 		if status.Code(err) == codes.FailedPrecondition || status.Code(err) == codes.InvalidArgument {
 			// REAPI: errors about the action itself travel in the ExecuteResponse, so
@@ -50,8 +55,26 @@ func (e *executionServer) Execute(req *repb.ExecuteRequest, stream repb.Executio
 		}
 		return err
 	}
-	e.s.log.Info("execute", "action", d.String(), "operation", w.Name(), "client", reapi.Client(ctx))
+	e.s.log.Info("execute", "action", d.String(), "operation", w.Name(), "client", reapi.Client(ctx), "identity", callerOf(ctx).String())
 	return e.follow(ctx, w, stream)
+}
+
+// record appends the audit line of one Execute call: who, from where, which action,
+// which operation (or why none). A failing audit log is logged, not fatal to the call.
+func (e *executionServer) record(ctx context.Context, d cache.Digest, w *Watch, err error) {
+	if e.audit == nil {
+		return
+	}
+	c := callerOf(ctx)
+	r := audit.Record{Event: audit.EventExecute, Identity: c.String(), Peer: c.Peer, Action: d.String(), By: "kiln serve"}
+	if err != nil {
+		r.Reason = status.Convert(err).Message()
+	} else {
+		r.Operation = w.Name()
+	}
+	if aerr := e.audit.Append(r); aerr != nil {
+		e.s.log.Error("audit log", "err", aerr, "action", d.String())
+	}
 }
 
 func (e *executionServer) WaitExecution(req *repb.WaitExecutionRequest, stream repb.Execution_WaitExecutionServer) error {
@@ -117,11 +140,20 @@ func (e *executionServer) DeleteOperation(ctx context.Context, req *longrunningp
 	return &emptypb.Empty{}, nil
 }
 
-// owner names the caller for the operations it owns: its verified client
-// certificate's common name, or "" when the server does not require certificates.
+// owner names the caller for the operations it owns: its identity (package
+// engine/auth), or "" for an anonymous caller.
 func owner(ctx context.Context) string {
-	cn, _ := clientCN(ctx)
-	return cn
+	c := callerOf(ctx)
+	if c.Primary().IsAnonymous() {
+		return ""
+	}
+	return c.String()
+}
+
+// callerOf is the caller the server's Authenticator established.
+func callerOf(ctx context.Context) auth.Caller {
+	c, _ := auth.CallerFrom(ctx)
+	return c
 }
 
 func statusProto(err error) *rpcstatus.Status {

@@ -15,6 +15,7 @@ import (
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"github.com/kilnbuild/kiln/cache"
+	"github.com/kilnbuild/kiln/engine/auth"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
@@ -100,6 +101,7 @@ type Record struct {
 	Result        *repb.ActionResult
 	PolicyDigest  cache.Digest // the sandbox policy document, stored in the CAS
 	Notes         []string     // e.g. the outcome of a determinism check
+	RequestedBy   string       // the identity that asked for the run (Request.Owner)
 }
 
 // ExecutorConfig configures an Executor.
@@ -162,8 +164,9 @@ type Request struct {
 	Variation *Variation
 	// Queued is when the request entered the queue, for the result's metadata.
 	Queued time.Time
-	// Owner names the client that asked (its certificate's common name; "" without
-	// client certificates): only it may wait on, cancel or delete the operation.
+	// Owner is the identity of the client that asked (package engine/auth's string
+	// form; "" for an anonymous caller): only it may wait on, cancel or delete the
+	// operation, and the action-cache entry and the link record it.
 	Owner string
 	// Notes are recorded in the action's link (e.g. a determinism check's outcome).
 	Notes []string
@@ -394,6 +397,9 @@ func (e *Executor) Execute(ctx context.Context, req Request, a *Action) (*Execut
 	}
 	md.OutputUploadCompletedTimestamp = timestamppb.Now()
 	md.VirtualExecutionDuration = durationpb.New(jr.Wall)
+	if req.Owner != "" {
+		auth.RecordRequester(md, req.Owner)
+	}
 	res.ExecutionMetadata = md
 	ex.Result = res
 	ex.Produced = col.produced
@@ -426,7 +432,7 @@ func (e *Executor) Execute(ctx context.Context, req Request, a *Action) (*Execut
 		rec := &Record{
 			Instance: req.Instance, ActionDigest: a.Digest, CommandDigest: a.CmdDigest, InputRoot: inputRoot,
 			Toolchain: tcDigest, Argv: a.Command.GetArguments(), Env: job.Env,
-			Outputs: col.produced, Result: res, Notes: append(notes, req.Notes...),
+			Outputs: col.produced, Result: res, Notes: append(notes, req.Notes...), RequestedBy: req.Owner,
 		}
 		if len(jr.Policy) > 0 {
 			if rec.PolicyDigest, err = cache.PutBytes(ctx, e.cfg.CAS, jr.Policy); err != nil {

@@ -13,6 +13,7 @@ import (
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"github.com/kilnbuild/kiln/cache"
 	"github.com/kilnbuild/kiln/engine/asset"
+	"github.com/kilnbuild/kiln/engine/audit"
 	"github.com/kilnbuild/kiln/engine/reapi"
 	"github.com/kilnbuild/kiln/lockfiles"
 	"github.com/kilnbuild/kiln/toolchains"
@@ -52,9 +53,12 @@ type ServerConfig struct {
 	// HTTPTLS serves /metrics and /healthz over TLS too, with TLS's certificate (and
 	// client certificates when TLS.ClientCA is set).
 	HTTPTLS bool
-	// AuthzFile, if set, is the authorization policy (AuthzPolicy, JSON): what each
-	// client certificate may do. It needs TLS.ClientCA.
+	// AuthzFile, if set, is the authorization policy (package engine/auth, JSON): what
+	// each client certificate, SPIFFE ID or token may do. Rules on certificates need
+	// TLS.ClientCA, rules on tokens an OIDC issuer.
 	AuthzFile string
+	// OIDC configures bearer tokens.
+	OIDC OIDCConfig
 	// Ready, if set, is called with the bound addresses once the server accepts calls.
 	Ready func(grpcAddr, httpAddr string)
 }
@@ -89,16 +93,9 @@ func Serve(ctx context.Context, cfg ServerConfig) error {
 	if err := cfg.TLS.check(); err != nil {
 		return err
 	}
-	var authz *AuthzPolicy
-	if cfg.AuthzFile != "" {
-		if cfg.TLS.ClientCA == "" {
-			return status.Error(codes.InvalidArgument, "--authz needs --tls-client-ca: the policy names clients by their verified certificates")
-		}
-		p, err := LoadAuthzPolicy(cfg.AuthzFile)
-		if err != nil {
-			return err
-		}
-		authz = p
+	verifier, policy, err := authConfig(ctx, cfg, log)
+	if err != nil {
+		return err
 	}
 	if cfg.HTTPTLS && !cfg.TLS.Enabled() {
 		return status.Error(codes.InvalidArgument, "--http-tls needs --tls-cert and --tls-key")
@@ -170,14 +167,19 @@ func Serve(ctx context.Context, cfg ServerConfig) error {
 	if creds != nil {
 		gopts = append(gopts, creds)
 	}
-	if authz != nil {
-		gopts = append(gopts, authz.ServerOptions()...)
-		log.Info("authorization policy", "file", cfg.AuthzFile, "rules", authz.String())
+	// After the observer (refused calls are counted), before everything else (which
+	// then sees the caller: auth.CallerFrom).
+	gopts = append(gopts, newAuthenticator(verifier, policy, cfg.OIDC, eng.Revocations, log).ServerOptions()...)
+	if policy != nil {
+		log.Info("authorization policy", "file", cfg.AuthzFile, "rules", policy.String())
+	}
+	for _, is := range cfg.OIDC.Issuers {
+		log.Info("oidc issuer trusted", "issuer", is.URL, "audience", is.Audience, "max_ttl", cfg.OIDC.MaxTTL)
 	}
 	g := grpc.NewServer(gopts...)
 	srv.Register(g)
 	if eng.Scheduler != nil {
-		RegisterExecution(g, eng.Scheduler)
+		RegisterExecution(g, eng.Scheduler, audit.Open(string(cfg.Data)))
 	}
 	assets, err := asset.New(eng.CAS, asset.Config{Lockfile: lock, Allow: cfg.FetchAllow, SizeOf: asset.SizeFromBlobFiles(eng.Store), Logger: log})
 	if err != nil {
@@ -192,7 +194,11 @@ func Serve(ctx context.Context, cfg ServerConfig) error {
 	if err != nil {
 		return fmt.Errorf("listen on %s: %w", cfg.Listen, err)
 	}
-	if tcp, ok := lis.Addr().(*net.TCPAddr); ok && !tcp.IP.IsLoopback() && cfg.TLS.ClientCA == "" {
+	if tcp, ok := lis.Addr().(*net.TCPAddr); ok && !tcp.IP.IsLoopback() && verifier != nil && !cfg.TLS.Enabled() && !cfg.OIDC.AllowPlaintext {
+		lis.Close()
+		return status.Errorf(codes.InvalidArgument, "bearer tokens over plaintext gRPC on %s (beyond loopback) could be read and replayed on the way: add --tls-cert/--tls-key, or accept the risk with --oidc-allow-plaintext", lis.Addr())
+	}
+	if tcp, ok := lis.Addr().(*net.TCPAddr); ok && !tcp.IP.IsLoopback() && cfg.TLS.ClientCA == "" && verifier == nil {
 		log.Warn("listening beyond loopback without client certificates: anyone who reaches the port can use this server (see --tls-client-ca)", "grpc", lis.Addr().String())
 	}
 	var httpSrv *http.Server

@@ -65,6 +65,8 @@ func newRootCmd() *cobra.Command {
 		newAttestCmd(),
 		newLogCmd(),
 		newQuarantineCmd(),
+		newRevokeCmd(),
+		newAuditCmd(),
 		newExportCmd(),
 		newRebuildCmd(),
 	)

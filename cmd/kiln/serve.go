@@ -8,15 +8,17 @@ import (
 	"time"
 
 	"github.com/kilnbuild/kiln/engine"
+	"github.com/kilnbuild/kiln/engine/auth"
 	"github.com/spf13/cobra"
 )
 
 func newServeCmd() *cobra.Command {
 	var (
-		cfg     engine.ServerConfig
-		data    string
-		maxSize string
-		logFlag logFlags
+		cfg                  engine.ServerConfig
+		data                 string
+		maxSize              string
+		logFlag              logFlags
+		oidcIssuers, oidcAud []string
 	)
 	cmd := &cobra.Command{
 		Use:   "serve",
@@ -30,6 +32,12 @@ func newServeCmd() *cobra.Command {
 			cfg.MaxSize = n
 			if r := cfg.Execution.VerifyRate; r < 0 || r > 1 || r != r {
 				return &exitError{code: 2, msg: fmt.Sprintf("--verify-rate %v: want a fraction from 0 to 1", r)}
+			}
+			if len(oidcIssuers) != len(oidcAud) {
+				return &exitError{code: 2, msg: fmt.Sprintf("%d --oidc-issuer but %d --oidc-audience: give them in pairs, one audience per issuer", len(oidcIssuers), len(oidcAud))}
+			}
+			for i := range oidcIssuers {
+				cfg.OIDC.Issuers = append(cfg.OIDC.Issuers, auth.Issuer{URL: oidcIssuers[i], Audience: oidcAud[i]})
 			}
 			cfg.Data = engine.DataDir(data)
 			cfg.Version = version
@@ -62,7 +70,11 @@ func newServeCmd() *cobra.Command {
 	f.StringVar(&cfg.TLS.Key, "tls-key", "", "PEM private key of --tls-cert")
 	f.StringVar(&cfg.TLS.ClientCA, "tls-client-ca", "", "PEM CA certificates: require clients to present a certificate they signed (mTLS)")
 	f.BoolVar(&cfg.HTTPTLS, "http-tls", false, "serve /metrics and /healthz over TLS too, with --tls-cert (and client certificates with --tls-client-ca)")
-	f.StringVar(&cfg.AuthzFile, "authz", "", "authorization policy (JSON): what each client certificate may do (read, write, execute, fetch); needs --tls-client-ca; see docs/serve.md")
+	f.StringVar(&cfg.AuthzFile, "authz", "", "authorization policy (JSON): what each client certificate, SPIFFE ID or token may do (read, write, execute, fetch); see docs/serve.md")
+	f.StringArrayVar(&oidcIssuers, "oidc-issuer", nil, "trust bearer tokens of this OIDC issuer (https URL; repeatable, each with an --oidc-audience); calls then need a token or a client certificate")
+	f.StringArrayVar(&oidcAud, "oidc-audience", nil, "the audience tokens of the matching --oidc-issuer must name (this deployment's name)")
+	f.DurationVar(&cfg.OIDC.MaxTTL, "oidc-max-ttl", 0, "refuse tokens that live longer than this (e.g. 1h; 0: any)")
+	f.BoolVar(&cfg.OIDC.AllowPlaintext, "oidc-allow-plaintext", false, "accept bearer tokens over plaintext gRPC beyond loopback (they can be read and replayed on the way)")
 	f.StringVar(&cfg.ExecutorKeyFile, "key-file", "", "executor signing key (ed25519, PKCS #8 PEM); default: the data dir's own key, created on first start")
 	addDataFlag(cmd, &data)
 	logFlag.register(cmd)

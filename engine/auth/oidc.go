@@ -167,6 +167,14 @@ func checkFetchURL(raw string) error {
 	return errors.New("not https (plain http is accepted only on a loopback host)")
 }
 
+// IsLoopback reports whether host (or host:port) names a loopback address.
+func IsLoopback(host string) bool {
+	if h, _, err := net.SplitHostPort(host); err == nil {
+		host = h
+	}
+	return isLoopbackHost(host)
+}
+
 func isLoopbackHost(h string) bool {
 	if h == "localhost" {
 		return true
