@@ -14,6 +14,7 @@ import (
 	"github.com/kilnbuild/kiln/cache"
 	"github.com/kilnbuild/kiln/engine/asset"
 	"github.com/kilnbuild/kiln/engine/audit"
+	"github.com/kilnbuild/kiln/engine/auth"
 	"github.com/kilnbuild/kiln/engine/reapi"
 	"github.com/kilnbuild/kiln/lockfiles"
 	"github.com/kilnbuild/kiln/toolchains"
@@ -92,6 +93,9 @@ func Serve(ctx context.Context, cfg ServerConfig) error {
 
 	if err := cfg.TLS.check(); err != nil {
 		return err
+	}
+	if len(cfg.OIDC.Issuers) > 0 && !cfg.TLS.Enabled() && !cfg.OIDC.AllowPlaintext && !auth.IsLoopback(cfg.Listen) {
+		return status.Errorf(codes.InvalidArgument, "bearer tokens over plaintext gRPC on %s (beyond loopback) could be read and replayed on the way: add --tls-cert/--tls-key, or accept the risk with --oidc-allow-plaintext", cfg.Listen)
 	}
 	verifier, policy, err := authConfig(ctx, cfg, log)
 	if err != nil {
@@ -193,10 +197,6 @@ func Serve(ctx context.Context, cfg ServerConfig) error {
 	lis, err := net.Listen("tcp", cfg.Listen)
 	if err != nil {
 		return fmt.Errorf("listen on %s: %w", cfg.Listen, err)
-	}
-	if tcp, ok := lis.Addr().(*net.TCPAddr); ok && !tcp.IP.IsLoopback() && verifier != nil && !cfg.TLS.Enabled() && !cfg.OIDC.AllowPlaintext {
-		lis.Close()
-		return status.Errorf(codes.InvalidArgument, "bearer tokens over plaintext gRPC on %s (beyond loopback) could be read and replayed on the way: add --tls-cert/--tls-key, or accept the risk with --oidc-allow-plaintext", lis.Addr())
 	}
 	if tcp, ok := lis.Addr().(*net.TCPAddr); ok && !tcp.IP.IsLoopback() && cfg.TLS.ClientCA == "" && verifier == nil {
 		log.Warn("listening beyond loopback without client certificates: anyone who reaches the port can use this server (see --tls-client-ca)", "grpc", lis.Addr().String())

@@ -146,6 +146,17 @@ type client struct {
 	token string
 }
 
+// dialCreds connects in plaintext with per-call credentials.
+func dialCreds(t *testing.T, addr string, pc credentials.PerRPCCredentials) *client {
+	t.Helper()
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()), grpc.WithPerRPCCredentials(pc))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	return &client{conn: conn}
+}
+
 func dial(t *testing.T, addr string, creds credentials.TransportCredentials, token string) *client {
 	t.Helper()
 	if creds == nil {
