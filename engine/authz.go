@@ -33,33 +33,45 @@ func authConfig(ctx context.Context, cfg ServerConfig, log *slog.Logger) (*auth.
 		if v, err = auth.NewVerifier(auth.VerifierConfig{Issuers: o.Issuers, MaxTTL: o.MaxTTL, Logger: log}); err != nil {
 			return nil, nil, err
 		}
-		if err := v.Warm(ctx); err != nil {
-			log.Warn("oidc: an issuer's keys could not be fetched; its tokens are refused until they can be", "err", err)
-		}
 	} else if o.MaxTTL != 0 || o.AllowPlaintext {
 		return nil, nil, status.Error(codes.InvalidArgument, "--oidc-max-ttl and --oidc-allow-plaintext need --oidc-issuer")
 	}
-	if cfg.AuthzFile == "" {
-		return v, nil, nil
-	}
-	if cfg.TLS.ClientCA == "" && v == nil {
-		return nil, nil, status.Error(codes.InvalidArgument, "--authz needs --tls-client-ca or --oidc-issuer: the policy names clients by their verified certificates or tokens")
-	}
-	p, err := auth.LoadPolicy(cfg.AuthzFile)
+	p, err := loadPolicy(cfg, v)
 	if err != nil {
 		return nil, nil, err
 	}
+	if v != nil {
+		if err := v.Warm(ctx); err != nil {
+			log.Warn("oidc: an issuer's keys could not be fetched; its tokens are refused until they can be", "err", err)
+		}
+	}
+	return v, p, nil
+}
+
+// loadPolicy loads --authz, if given, and checks it against the identities the server
+// can verify.
+func loadPolicy(cfg ServerConfig, v *auth.Verifier) (*auth.Policy, error) {
+	if cfg.AuthzFile == "" {
+		return nil, nil
+	}
+	if cfg.TLS.ClientCA == "" && v == nil {
+		return nil, status.Error(codes.InvalidArgument, "--authz needs --tls-client-ca or --oidc-issuer: the policy names clients by their verified certificates or tokens")
+	}
+	p, err := auth.LoadPolicy(cfg.AuthzFile)
+	if err != nil {
+		return nil, err
+	}
 	if p.UsesCertificates() && cfg.TLS.ClientCA == "" {
-		return nil, nil, status.Errorf(codes.InvalidArgument, "--authz %s has rules on client certificates (subject, spiffe) but there is no --tls-client-ca", cfg.AuthzFile)
+		return nil, status.Errorf(codes.InvalidArgument, "--authz %s has rules on client certificates (subject, spiffe) but there is no --tls-client-ca", cfg.AuthzFile)
 	}
 	var trusted func(string) bool
 	if v != nil {
 		trusted = v.Trusts
 	}
 	if err := p.CheckIssuers(trusted); err != nil {
-		return nil, nil, err
+		return nil, err
 	}
-	return v, p, nil
+	return p, nil
 }
 
 // newAuthenticator enforces v and p and refuses the identities revoked in rl on every

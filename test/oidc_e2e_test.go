@@ -6,17 +6,22 @@ import (
 	"encoding/json"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/bazelbuild/remote-apis-sdks/go/pkg/client"
+	"github.com/bazelbuild/remote-apis-sdks/go/pkg/uploadinfo"
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"github.com/kilnbuild/kiln/engine/attest"
 	"github.com/kilnbuild/kiln/engine/attest/keys"
 	"github.com/kilnbuild/kiln/engine/audit"
+	"github.com/kilnbuild/kiln/engine/auth"
 	"github.com/kilnbuild/kiln/engine/quarantine"
 	"github.com/kilnbuild/kiln/engine/revoke"
 	"github.com/kilnbuild/kiln/internal/testoidc"
+	"github.com/kilnbuild/kiln/internal/testpki"
 	"github.com/kilnbuild/kiln/test/harness"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -223,4 +228,110 @@ func sha256File(t *testing.T, p string) string {
 	}
 	s := sha256.Sum256(b)
 	return "sha256:" + hex.EncodeToString(s[:])
+}
+
+// TestSVIDAndTokenOverTLS: kiln serve with mTLS and an OIDC issuer: an X.509-SVID is
+// matched by its SPIFFE ID; over TLS a token (sent from a file, as a worker or `kiln
+// rebuild --remote-token-file` does) decides for a certificate no rule names; `kiln
+// revoke` shuts an SVID out at its next call.
+func TestSVIDAndTokenOverTLS(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	is := testoidc.New(t)
+	ca := testpki.NewCA(t, "kiln-ca")
+	sCert, sKey := ca.Server(t, "kiln-server")
+	policy := filepath.Join(t.TempDir(), "authz.json")
+	os.WriteFile(policy, []byte(`{"rules": [
+		{"spiffe": "spiffe://example.org/ci/*", "allow": ["read", "write"]},
+		{"issuer": "`+is.URL+`", "claims": {"repository": "acme/release"}, "allow": ["read", "write"]},
+		{"issuer": "`+is.URL+`", "allow": ["read"]}]}`), 0o644)
+	srv := harness.StartServer(t, "--no-execution", "--tls-cert", sCert, "--tls-key", sKey, "--tls-client-ca", ca.Cert,
+		"--oidc-issuer", is.URL, "--oidc-audience", "kiln-e2e", "--authz", policy)
+	ctx := harness.Context(t, 2*time.Minute)
+	connect := func(file, cn string, tokenFile string, uris ...string) *client.Client {
+		cert, key := ca.SVID(t, file, cn, uris...)
+		p := client.DialParams{Service: srv.Addr, TLSCACertFile: ca.Cert, TLSClientAuthCert: cert, TLSClientAuthKey: key, NoAuth: true}
+		if tokenFile != "" {
+			tf, err := auth.NewTokenFile(tokenFile, false)
+			if err != nil {
+				t.Fatal(err)
+			}
+			p.DialOpts = append(p.DialOpts, grpc.WithPerRPCCredentials(tf))
+		}
+		c, err := client.NewClient(ctx, "e2e", p)
+		if err != nil {
+			t.Fatalf("%s: connect: %v", file, err)
+		}
+		t.Cleanup(func() { c.Close() })
+		return c
+	}
+	tokenFile := func(repo string) string {
+		c := is.Claims("repo:"+repo+":ref:refs/heads/main", "kiln-e2e", 10*time.Minute)
+		c["repository"] = repo
+		f := filepath.Join(t.TempDir(), "token")
+		os.WriteFile(f, []byte(is.Token(t, c)), 0o600)
+		return f
+	}
+	runner := connect("runner", "", "", "spiffe://example.org/ci/runner")
+	dev := connect("dev", "", "", "spiffe://example.org/dev/alice")
+	release := connect("release", "build-box", tokenFile("acme/release"))
+	app := connect("app", "build-box", tokenFile("acme/app"))
+	upload := func(c *client.Client, s string) error {
+		_, _, err := c.UploadIfMissing(ctx, uploadinfo.EntryFromBlob([]byte(s)))
+		return err
+	}
+	if err := upload(runner, "from the ci SVID"); err != nil {
+		t.Fatalf("ci SVID uploads: %v", err)
+	}
+	if err := upload(dev, "from the dev SVID"); status.Code(err) != codes.PermissionDenied || !strings.Contains(err.Error(), "spiffe://example.org/dev/alice") {
+		t.Fatalf("dev SVID uploads: %v, want PERMISSION_DENIED naming its SPIFFE ID", err)
+	}
+	if err := upload(release, "from the release job"); err != nil {
+		t.Fatalf("release token over TLS uploads: %v", err)
+	}
+	if err := upload(app, "from the app job"); status.Code(err) != codes.PermissionDenied || !strings.Contains(err.Error(), "repo:acme/app") {
+		t.Fatalf("app token over TLS uploads: %v, want PERMISSION_DENIED naming the token's identity", err)
+	}
+	if res := harness.Run(t, "revoke", "--data", srv.Data, "--identity", "spiffe://example.org/ci/*", "--reason", "e2e: node drained"); res.Code != 0 {
+		t.Fatalf("kiln revoke: %s", res.Stderr)
+	}
+	if _, err := runner.GetCapabilities(ctx); status.Code(err) != codes.Unauthenticated || !strings.Contains(err.Error(), "node drained") {
+		t.Fatalf("revoked SVID: %v, want UNAUTHENTICATED with the reason", err)
+	}
+}
+
+// TestServeOIDCFlags: inconsistent OIDC flags stop kiln serve at once with one line,
+// before it listens: unpaired issuers and audiences, OIDC options without an issuer, an
+// http issuer beyond loopback, tokens on a plaintext listener beyond loopback, a policy
+// naming an issuer the server does not trust or certificates without a client CA.
+func TestServeOIDCFlags(t *testing.T) {
+	const is = "http://127.0.0.1:1" // nothing listens there: the server must stop before fetching
+	policy := func(body string) string {
+		p := filepath.Join(t.TempDir(), "authz.json")
+		os.WriteFile(p, []byte(body), 0o644)
+		return p
+	}
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--oidc-issuer", is}, "pairs"},
+		{[]string{"--oidc-issuer", is, "--oidc-audience", "a", "--oidc-audience", "b"}, "pairs"},
+		{[]string{"--oidc-max-ttl", "1h"}, "need --oidc-issuer"},
+		{[]string{"--oidc-issuer", "http://issuer.example", "--oidc-audience", "a"}, "not https"}, // refused before any lookup
+		{[]string{"--oidc-issuer", is, "--oidc-audience", "a", "--listen", "0.0.0.0:0"}, "--oidc-allow-plaintext"},
+		{[]string{"--oidc-issuer", is, "--oidc-audience", "a", "--authz", policy(`{"rules": [{"issuer": "http://127.0.0.2:1", "allow": ["read"]}]}`)}, "not an --oidc-issuer"},
+		{[]string{"--oidc-issuer", is, "--oidc-audience", "a", "--authz", policy(`{"rules": [{"subject": "ci-*", "allow": ["read"]}]}`)}, "--tls-client-ca"},
+		{[]string{"--authz", policy(`{"rules": [{"issuer": "` + is + `", "allow": ["read"]}]}`)}, "--authz needs"},
+	} {
+		args := append([]string{"serve", "--data", t.TempDir(), "--http-listen", ""}, c.args...)
+		if !slices.Contains(c.args, "--listen") {
+			args = append(args, "--listen", "127.0.0.1:0")
+		}
+		res := harness.Run(t, args...)
+		if res.Code == 0 || strings.Count(strings.TrimSpace(res.Stderr), "\n") != 0 || !strings.Contains(res.Stderr, c.want) {
+			t.Errorf("serve %v: exit %d, stderr %q; want one line mentioning %q", c.args, res.Code, res.Stderr, c.want)
+		}
+	}
 }
