@@ -335,3 +335,53 @@ func TestServeOIDCFlags(t *testing.T) {
 		}
 	}
 }
+
+// TestRevokeCLI: kiln revoke's usage errors are one line and exit 2; a revocation is
+// listed, and undo lifts it; a key that the data dir does not know is NOT_FOUND.
+func TestRevokeCLI(t *testing.T) {
+	data := t.TempDir()
+	for _, args := range [][]string{
+		{"revoke", "--reason", "x"},
+		{"revoke", "--identity", "cert:a", "--key", "abcdef0123", "--reason", "x"},
+		{"revoke", "--identity", "cert:a", "--since", "1h", "--reason", "x"},
+		{"revoke", "--key", "abcdef0123", "--since", "yesterday", "--reason", "x"},
+	} {
+		res := harness.Run(t, append(args, "--data", data)...)
+		if res.Code != 2 || strings.Count(strings.TrimSpace(res.Stderr), "\n") != 0 {
+			t.Errorf("kiln %v: exit %d, stderr %q; want exit 2 and one line", args, res.Code, res.Stderr)
+		}
+	}
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"revoke", "--identity", "ci-runner", "--reason", "x"}, "cert:CN"},
+		{[]string{"revoke", "--identity", "cert:a"}, "reason"},
+		{[]string{"revoke", "--key", "abcdef0123", "--reason", "x"}, "no executor keyring"},
+		{[]string{"revoke", "undo", "rv-00000000", "--reason", "x"}, "no revocation"},
+	} {
+		res := harness.Run(t, append(c.args, "--data", data)...)
+		if res.Code == 0 || !strings.Contains(res.Stderr, c.want) {
+			t.Errorf("kiln %v: exit %d, stderr %q; want an error mentioning %q", c.args, res.Code, res.Stderr, c.want)
+		}
+	}
+	if res := harness.Run(t, "revoke", "--data", data, "--identity", "cert:ci-*", "--reason", "lost laptop"); res.Code != 0 || !strings.Contains(res.Stdout, "revoked cert:ci-*") {
+		t.Fatalf("revoke: %d %s %s", res.Code, res.Stdout, res.Stderr)
+	}
+	var ls []revoke.Entry
+	res := harness.Run(t, "revoke", "ls", "--data", data, "--json")
+	if err := json.Unmarshal([]byte(res.Stdout), &ls); err != nil || len(ls) != 1 || ls[0].Identity != "cert:ci-*" || ls[0].Reason != "lost laptop" {
+		t.Fatalf("revoke ls: %v %s", err, res.Stdout)
+	}
+	if res := harness.Run(t, "revoke", "undo", ls[0].ID, "--data", data, "--reason", "found it"); res.Code != 0 {
+		t.Fatalf("undo: %s", res.Stderr)
+	}
+	if res := harness.Run(t, "revoke", "ls", "--data", data, "--json"); strings.TrimSpace(res.Stdout) != "[]" {
+		t.Fatalf("revoke ls after undo: %s", res.Stdout)
+	}
+	var rs []audit.Record
+	json.Unmarshal([]byte(harness.Run(t, "audit", "--data", data, "--json").Stdout), &rs)
+	if len(rs) != 2 || rs[0].Event != audit.EventRevoke || rs[1].Event != audit.EventUnrevoke || rs[1].Reason != "found it" {
+		t.Fatalf("audit: %+v", rs)
+	}
+}
