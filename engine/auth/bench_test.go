@@ -2,6 +2,12 @@ package auth
 
 import (
 	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/sha256"
 	"net"
 	"os"
 	"path/filepath"
@@ -18,7 +24,9 @@ import (
 // an anonymous caller on a server without authentication (the baseline every call
 // pays), and for a token caller (policy on a claim, revocation check by a stat of a
 // real list file), with the token already verified once (what a client that sends one
-// token on every call sees), and with its signature verified on every call.
+// token on every call sees), and with its signature verified on every call; beside
+// them, as peers on the same machine, one bare signature check of each algorithm
+// (timings on a shared machine are only comparable within one run).
 //
 //	go test ./engine/auth -run '^$' -bench Authenticate -count 10
 func BenchmarkAuthenticate(b *testing.B) {
@@ -62,6 +70,26 @@ func BenchmarkAuthenticate(b *testing.B) {
 			}
 		}
 	}
+	b.Run("peer-RS256-signature", func(b *testing.B) {
+		k, _ := rsa.GenerateKey(rand.Reader, 2048)
+		h := sha256.Sum256([]byte("signed"))
+		sig, _ := rsa.SignPKCS1v15(rand.Reader, k, crypto.SHA256, h[:])
+		for b.Loop() {
+			if rsa.VerifyPKCS1v15(&k.PublicKey, crypto.SHA256, h[:], sig) != nil {
+				b.Fatal("bad signature")
+			}
+		}
+	})
+	b.Run("peer-ES256-signature", func(b *testing.B) {
+		k, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		h := sha256.Sum256([]byte("signed"))
+		sig, _ := ecdsa.SignASN1(rand.Reader, k, h[:])
+		for b.Loop() {
+			if !ecdsa.VerifyASN1(&k.PublicKey, h[:], sig) {
+				b.Fatal("bad signature")
+			}
+		}
+	})
 	b.Run("anonymous", func(b *testing.B) {
 		run(b, New(Config{Revoked: revoked}), ctxFor(""), nil)
 	})
