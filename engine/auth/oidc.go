@@ -120,7 +120,12 @@ func NewVerifier(cfg VerifierConfig) (*Verifier, error) {
 		cfg.KeysMaxAge = DefaultKeysMaxAge
 	}
 	if cfg.HTTPClient == nil {
-		cfg.HTTPClient = &http.Client{Timeout: fetchTimeout}
+		cfg.HTTPClient = &http.Client{Timeout: fetchTimeout, CheckRedirect: func(req *http.Request, via []*http.Request) error {
+			if len(via) >= 5 {
+				return errors.New("too many redirects")
+			}
+			return checkFetchURL(req.URL.String()) // no redirect down to plain http
+		}}
 	}
 	if cfg.Now == nil {
 		cfg.Now = time.Now
@@ -375,7 +380,9 @@ func (v *Verifier) fetch(ctx context.Context, ik *issuerKeys) error {
 
 // fetchKeys reads the discovery document and the key set. Caller holds ik.mu.
 func (v *Verifier) fetchKeys(ctx context.Context, ik *issuerKeys) error {
-	ctx, cancel := context.WithTimeout(ctx, fetchTimeout)
+	// Not the caller's cancellation: the fetch serves every caller, and one that
+	// hangs up must not leave the issuer without keys until the next allowed fetch.
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), fetchTimeout)
 	defer cancel()
 	var disc struct {
 		Issuer  string `json:"issuer"`
