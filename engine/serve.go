@@ -164,7 +164,8 @@ func Serve(ctx context.Context, cfg ServerConfig) error {
 		// cache-only today and with execution tomorrow never executes from them.
 		ac = cache.WithNamespace(ac, ClientACNamespace)
 	}
-	srv := reapi.New(eng.CAS, ac, ropts)
+	// Results clients write record who wrote them (the executor's, who asked: Request.Owner).
+	srv := reapi.New(eng.CAS, auth.RecordWrites(ac), ropts)
 	defer srv.Close()
 	obs := reapi.NewObserver(reg, log)
 	gopts := append(obs.ServerOptions(), grpc.MaxRecvMsgSize(reapi.MaxMessageSize))

@@ -246,7 +246,7 @@ func TestSVIDAndTokenOverTLS(t *testing.T) {
 		{"spiffe": "spiffe://example.org/ci/*", "allow": ["read", "write"]},
 		{"issuer": "`+is.URL+`", "claims": {"repository": "acme/release"}, "allow": ["read", "write"]},
 		{"issuer": "`+is.URL+`", "allow": ["read"]}]}`), 0o644)
-	srv := harness.StartServer(t, "--no-execution", "--tls-cert", sCert, "--tls-key", sKey, "--tls-client-ca", ca.Cert,
+	srv := harness.StartServer(t, "--no-execution", "--allow-client-ac-writes", "--tls-cert", sCert, "--tls-key", sKey, "--tls-client-ca", ca.Cert,
 		"--oidc-issuer", is.URL, "--oidc-audience", "kiln-e2e", "--authz", policy)
 	ctx := harness.Context(t, 2*time.Minute)
 	connect := func(file, cn string, tokenFile string, uris ...string) *client.Client {
@@ -292,6 +292,27 @@ func TestSVIDAndTokenOverTLS(t *testing.T) {
 	}
 	if err := upload(app, "from the app job"); status.Code(err) != codes.PermissionDenied || !strings.Contains(err.Error(), "repo:acme/app") {
 		t.Fatalf("app token over TLS uploads: %v, want PERMISSION_DENIED naming the token's identity", err)
+	}
+	// A result the release job writes records its identity, whatever it claims.
+	out := []byte("built by the release job")
+	if _, _, err := release.UploadIfMissing(ctx, uploadinfo.EntryFromBlob(out)); err != nil {
+		t.Fatal(err)
+	}
+	sum := sha256.Sum256(out)
+	ad := sha256.Sum256([]byte("an action of the release job"))
+	actionDigest := &repb.Digest{Hash: hex.EncodeToString(ad[:]), SizeBytes: 28}
+	claimed := &repb.ActionResult{OutputFiles: []*repb.OutputFile{{Path: "out", Digest: &repb.Digest{Hash: hex.EncodeToString(sum[:]), SizeBytes: int64(len(out))}}},
+		ExecutionMetadata: &repb.ExecutedActionMetadata{}}
+	auth.RecordRequester(claimed.ExecutionMetadata, "spiffe://example.org/ci/someone-else")
+	if _, err := release.UpdateActionResult(ctx, &repb.UpdateActionResultRequest{ActionDigest: actionDigest, ActionResult: claimed}); err != nil {
+		t.Fatalf("release job writes a result: %v", err)
+	}
+	got, err := runner.GetActionResult(ctx, &repb.GetActionResultRequest{ActionDigest: actionDigest})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if who, _ := auth.Requester(got); who != "oidc:"+is.URL+"#repo:acme/release:ref:refs/heads/main" {
+		t.Fatalf("client-written result records %q, want the release job's identity", who)
 	}
 	if res := harness.Run(t, "revoke", "--data", srv.Data, "--identity", "spiffe://example.org/ci/*", "--reason", "e2e: node drained"); res.Code != 0 {
 		t.Fatalf("kiln revoke: %s", res.Stderr)

@@ -394,3 +394,41 @@ func TestParseSPIFFEID(t *testing.T) {
 		}
 	}
 }
+
+// TestRecordWrites: a result a client writes records the caller's identity, replacing
+// a record the client forged; an anonymous client's forged record is removed.
+func TestRecordWrites(t *testing.T) {
+	ctx := context.Background()
+	mem := cache.NewMemoryStore()
+	ac := RecordWrites(mem.ActionCache())
+	key := func(s string) cache.ActionKey { return cache.ActionKey{Action: cache.DigestOf([]byte(s))} }
+	forged := &repb.ActionResult{ExitCode: 0, ExecutionMetadata: &repb.ExecutedActionMetadata{Worker: "w"}}
+	RecordRequester(forged.ExecutionMetadata, "oidc:https://i#someone-else")
+	ci := WithCaller(ctx, Caller{Token: Identity{Kind: OIDC, Issuer: "https://i", Name: "ci"}})
+	for _, c := range []struct {
+		name string
+		ctx  context.Context
+		res  *repb.ActionResult
+		want string // "" for no record
+	}{
+		{"identified writer", ci, &repb.ActionResult{}, "oidc:https://i#ci"},
+		{"identified writer, forged record", ci, forged, "oidc:https://i#ci"},
+		{"anonymous writer, forged record", ctx, forged, ""},
+		{"anonymous writer", ctx, &repb.ActionResult{ExitCode: 3}, ""},
+	} {
+		if err := ac.Put(c.ctx, key(c.name), c.res); err != nil {
+			t.Fatal(err)
+		}
+		got, err := mem.ActionCache().Get(ctx, key(c.name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		who, ok := Requester(got)
+		if who != c.want || ok != (c.want != "") {
+			t.Errorf("%s: stored requester %q (%v), want %q", c.name, who, ok, c.want)
+		}
+	}
+	if who, _ := Requester(forged); who != "oidc:https://i#someone-else" {
+		t.Error("the caller's result was modified in place")
+	}
+}

@@ -1,7 +1,10 @@
 package auth
 
 import (
+	"context"
+
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
+	"github.com/kilnbuild/kiln/cache"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
@@ -15,17 +18,48 @@ const RequesterTypeURL = "kiln.build/auth/requested-by/google.protobuf.StringVal
 
 // RecordRequester records identity (a string form) in md, replacing an earlier record.
 func RecordRequester(md *repb.ExecutedActionMetadata, identity string) {
+	dropRequester(md)
+	b, err := proto.MarshalOptions{Deterministic: true}.Marshal(wrapperspb.String(identity))
+	if err != nil {
+		panic(err) // a StringValue always marshals
+	}
+	md.AuxiliaryMetadata = append(md.AuxiliaryMetadata, &anypb.Any{TypeUrl: RequesterTypeURL, Value: b})
+}
+
+// dropRequester removes any requester record from md.
+func dropRequester(md *repb.ExecutedActionMetadata) {
 	kept := md.AuxiliaryMetadata[:0]
 	for _, a := range md.AuxiliaryMetadata {
 		if a.GetTypeUrl() != RequesterTypeURL {
 			kept = append(kept, a)
 		}
 	}
-	b, err := proto.MarshalOptions{Deterministic: true}.Marshal(wrapperspb.String(identity))
-	if err != nil {
-		panic(err) // a StringValue always marshals
+	md.AuxiliaryMetadata = kept
+}
+
+// RecordWrites returns ac such that every result a client writes (UpdateActionResult)
+// records the caller of ctx as its requester, replacing whatever record the client
+// put there itself (an anonymous caller's is removed): a client cannot name another.
+func RecordWrites(ac cache.ActionCache) cache.ActionCache { return recordingAC{ac} }
+
+type recordingAC struct{ cache.ActionCache }
+
+func (r recordingAC) Put(ctx context.Context, key cache.ActionKey, res *repb.ActionResult) error {
+	c, _ := CallerFrom(ctx)
+	_, claimed := Requester(res)
+	if c.Primary().IsAnonymous() && !claimed {
+		return r.ActionCache.Put(ctx, key, res)
 	}
-	md.AuxiliaryMetadata = append(kept, &anypb.Any{TypeUrl: RequesterTypeURL, Value: b})
+	res = proto.Clone(res).(*repb.ActionResult)
+	if res.ExecutionMetadata == nil {
+		res.ExecutionMetadata = &repb.ExecutedActionMetadata{}
+	}
+	if c.Primary().IsAnonymous() {
+		dropRequester(res.ExecutionMetadata)
+	} else {
+		RecordRequester(res.ExecutionMetadata, c.String())
+	}
+	return r.ActionCache.Put(ctx, key, res)
 }
 
 // Requester returns the identity recorded in r, if any.
