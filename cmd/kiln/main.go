@@ -15,6 +15,7 @@ import (
 	// constructor must be linked in for that (sandbox imports it too).
 	_ "github.com/opencontainers/runc/libcontainer/nsenter"
 
+	"github.com/kilnbuild/kiln/engine/server"
 	"github.com/kilnbuild/kiln/sandbox"
 )
 
@@ -40,7 +41,7 @@ func main() {
 		}
 		os.Exit(ee.code)
 	}
-	fmt.Fprintln(os.Stderr, "kiln: "+oneLine(statusMsg(err).Error())) // a gRPC status prints as its message alone
+	fmt.Fprintln(os.Stderr, "kiln: "+oneLine(statusErr(err).Error())) // a gRPC status prints as its message alone
 	os.Exit(2)
 }
 
@@ -56,7 +57,7 @@ func newRootCmd() *cobra.Command {
 		return &exitError{code: 2, msg: err.Error()}
 	})
 	root.AddCommand(
-		newServeCmd(),
+		newServeCmd(server.Serve),
 		newToolchainCmd(),
 		newSandboxCmd(),
 		newExecCmd(),

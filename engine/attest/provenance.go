@@ -12,6 +12,7 @@ import (
 	"github.com/in-toto/in-toto-golang/in_toto"
 	"github.com/kilnbuild/kiln/cache"
 	"github.com/kilnbuild/kiln/engine/attest/keys"
+	"github.com/kilnbuild/kiln/internal/grpcerr"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protojson"
@@ -197,7 +198,7 @@ func ParseProvenance(ctx context.Context, raw []byte, trust keys.Trust) (*Proven
 	}
 	key, payload, err := VerifyEnvelope(ctx, e, trust)
 	if err != nil {
-		return nil, status.Errorf(status.Code(err), "provenance: %v", status.Convert(err).Message())
+		return nil, grpcerr.Wrap(err, "provenance")
 	}
 	st := &intoto.Statement{}
 	if err := protojson.Unmarshal(payload, st); err != nil {

@@ -17,6 +17,7 @@ import (
 	"github.com/kilnbuild/kiln/cache"
 	"github.com/kilnbuild/kiln/engine/attest/keys"
 	"github.com/kilnbuild/kiln/engine/attest/tlog"
+	"github.com/kilnbuild/kiln/internal/grpcerr"
 	"golang.org/x/mod/sumdb/note"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -155,7 +156,7 @@ func (v *Verifier) settle(ctx context.Context) {
 func (v *Verifier) loadCheckpoint(ctx context.Context) error {
 	cp, err := v.log.Checkpoint(ctx)
 	if err != nil {
-		return status.Errorf(status.Code(err), "log: %v", status.Convert(err).Message())
+		return grpcerr.Wrap(err, "log")
 	}
 	pv, err := v.log.Prover(ctx, cp.Size)
 	if err != nil {
@@ -208,15 +209,16 @@ func (v *Verifier) LinkBytes(ctx context.Context, raw []byte) (*VerifiedLink, er
 		return nil, err
 	}
 	// Name the action the envelope claims to attest, so failures say which link.
-	claims := ""
+	claims, wrap := "", func(err error) error { return err }
 	if p, err := EnvelopePayload(raw); err == nil {
 		if l, err := DecodeLink(p); err == nil {
 			claims = "claims action " + l.Name + ": "
+			wrap = func(err error) error { return grpcerr.Wrap(err, "claims action %s", l.Name) }
 		}
 	}
 	key, payload, err := VerifyEnvelope(ctx, e, v.opts.Trust)
 	if err != nil {
-		return nil, status.Errorf(status.Code(err), "%s%s", claims, status.Convert(err).Message())
+		return nil, wrap(err)
 	}
 	l, err := DecodeLink(payload)
 	if err != nil {
@@ -224,7 +226,7 @@ func (v *Verifier) LinkBytes(ctx context.Context, raw []byte) (*VerifiedLink, er
 	}
 	idx, err := v.include(ctx, d)
 	if err != nil {
-		return nil, status.Errorf(status.Code(err), "%s%s", claims, status.Convert(err).Message())
+		return nil, wrap(err)
 	}
 	if key.NotAfterLogSize != nil && idx >= *key.NotAfterLogSize {
 		return nil, status.Errorf(codes.PermissionDenied, "%ssigned by key %s, retired at log size %d, but logged at index %d", claims, short(key.KeyID), *key.NotAfterLogSize, idx)
@@ -249,7 +251,7 @@ func (v *Verifier) include(ctx context.Context, d cache.Digest) (uint64, error) 
 			if status.Code(err) == codes.NotFound {
 				return 0, status.Errorf(codes.NotFound, "not in the transparency log (checkpoint size %d)", v.cp.Size)
 			}
-			return 0, status.Errorf(status.Code(err), "transparency log: %v", status.Convert(err).Message())
+			return 0, grpcerr.Wrap(err, "transparency log")
 		}
 		select {
 		case <-ctx.Done():

@@ -27,6 +27,7 @@ import (
 	"time"
 
 	"github.com/in-toto/in-toto-golang/in_toto"
+	"github.com/kilnbuild/kiln/internal/grpcerr"
 	"golang.org/x/mod/sumdb/note"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -418,7 +419,7 @@ func (k *Keyring) retireActive(ctx context.Context, now time.Time) error {
 		if k.opts.LogSize != nil {
 			n, err := k.opts.LogSize(ctx)
 			if err != nil {
-				return status.Errorf(status.Code(err), "retire key %s: read log size: %v", k.ring.Keys[i].KeyID, err)
+				return grpcerr.Wrap(err, "retire key %s: read log size", k.ring.Keys[i].KeyID)
 			}
 			k.ring.Keys[i].NotAfterLogSize = &n
 		}

@@ -55,9 +55,6 @@ func NewReader(dir string, v note.Verifier) *Reader {
 
 func fileFetcher(dir string) client.FileFetcher { return client.FileFetcher{Root: dir} }
 
-// Origin returns the log's origin (the verifier key's name).
-func (r *Reader) Origin() string { return r.v.Name() }
-
 // Checkpoint reads and verifies the latest published checkpoint.
 func (r *Reader) Checkpoint(ctx context.Context) (*Checkpoint, error) {
 	raw, err := r.f.ReadCheckpoint(ctx)
