@@ -20,6 +20,7 @@ import (
 
 	jose "github.com/go-jose/go-jose/v4"
 	"github.com/go-jose/go-jose/v4/jwt"
+	"github.com/kilnbuild/kiln/internal/clock"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 )
@@ -47,7 +48,7 @@ type VerifierConfig struct {
 	KeysMaxAge time.Duration
 	// HTTPClient fetches discovery documents and key sets; default one with a timeout.
 	HTTPClient *http.Client
-	Now        func() time.Time
+	Clock      clock.Clock // default: the system clock
 	Logger     *slog.Logger
 }
 
@@ -127,8 +128,8 @@ func NewVerifier(cfg VerifierConfig) (*Verifier, error) {
 			return checkFetchURL(req.URL.String()) // no redirect down to plain http
 		}}
 	}
-	if cfg.Now == nil {
-		cfg.Now = time.Now
+	if cfg.Clock == nil {
+		cfg.Clock = clock.System()
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
@@ -220,7 +221,7 @@ func (v *Verifier) Verify(ctx context.Context, raw string) (Identity, error) {
 	if len(raw) > maxTokenSize {
 		return Identity{}, unauthenticated("%d bytes, over the %d-byte limit", len(raw), maxTokenSize)
 	}
-	now := v.cfg.Now()
+	now := v.cfg.Clock.Now()
 	sum := sha256.Sum256([]byte(raw))
 	if id, ok := v.cached(sum, now); ok {
 		return id, nil
@@ -373,7 +374,7 @@ func keyFits(key any, alg jose.SignatureAlgorithm) bool {
 
 // fetch fetches the issuer's keys and records the attempt. Caller holds ik.mu.
 func (v *Verifier) fetch(ctx context.Context, ik *issuerKeys) error {
-	ik.tried = v.cfg.Now()
+	ik.tried = v.cfg.Clock.Now()
 	ik.lastErr = v.fetchKeys(ctx, ik)
 	return ik.lastErr
 }
@@ -414,7 +415,7 @@ func (v *Verifier) fetchKeys(ctx context.Context, ik *issuerKeys) error {
 	if len(keys) == 0 {
 		return fmt.Errorf("jwks %s holds no usable public signing key", disc.JWKSURI)
 	}
-	ik.keys, ik.fetched = keys, v.cfg.Now()
+	ik.keys, ik.fetched = keys, v.cfg.Clock.Now()
 	v.cfg.Logger.Info("oidc: issuer keys fetched", "issuer", ik.URL, "keys", len(keys))
 	v.forget(ik.URL)
 	return nil

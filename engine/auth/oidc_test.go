@@ -4,11 +4,11 @@ import (
 	"context"
 	"net/http/httptest"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	jose "github.com/go-jose/go-jose/v4"
+	"github.com/kilnbuild/kiln/internal/clock"
 	"github.com/kilnbuild/kiln/internal/testoidc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -16,21 +16,9 @@ import (
 
 const aud = "kiln.example"
 
-// clock is a settable clock for the verifier.
-type clock struct {
-	mu sync.Mutex
-	t  time.Time
-}
-
-func newClock() *clock { return &clock{t: time.Now()} }
-
-func (c *clock) Now() time.Time { c.mu.Lock(); defer c.mu.Unlock(); return c.t }
-
-func (c *clock) Advance(d time.Duration) { c.mu.Lock(); c.t = c.t.Add(d); c.mu.Unlock() }
-
-func newVerifier(t *testing.T, is *testoidc.Issuer, clk *clock, mod func(*VerifierConfig)) *Verifier {
+func newVerifier(t *testing.T, is *testoidc.Issuer, clk *clock.Fake, mod func(*VerifierConfig)) *Verifier {
 	t.Helper()
-	cfg := VerifierConfig{Issuers: []Issuer{{URL: is.URL, Audience: aud}}, Now: clk.Now}
+	cfg := VerifierConfig{Issuers: []Issuer{{URL: is.URL, Audience: aud}}, Clock: clk}
 	if mod != nil {
 		mod(&cfg)
 	}
@@ -55,7 +43,7 @@ func refused(t *testing.T, what string, err error, want string) {
 func TestVerifyTokens(t *testing.T) {
 	ctx := context.Background()
 	is, other := testoidc.New(t), testoidc.New(t)
-	clk := newClock()
+	clk := clock.NewFake(time.Now())
 	v := newVerifier(t, is, clk, func(c *VerifierConfig) { c.MaxTTL = time.Hour })
 
 	claims := is.Claims("repo:acme/app:ref:refs/heads/main", aud, 10*time.Minute)
@@ -128,7 +116,7 @@ func flip(b byte) string {
 func TestVerifyKeyRotation(t *testing.T) {
 	ctx := context.Background()
 	is := testoidc.New(t)
-	clk := newClock()
+	clk := clock.NewFake(time.Now())
 	v := newVerifier(t, is, clk, func(c *VerifierConfig) { c.RefreshInterval = 30 * time.Second; c.KeysMaxAge = 10 * time.Minute })
 	old := is.Token(t, is.Claims("worker-1", aud, 30*time.Minute))
 	if _, err := v.Verify(ctx, old); err != nil {
@@ -178,7 +166,7 @@ func TestVerifyKeyRotation(t *testing.T) {
 func TestVerifyCache(t *testing.T) {
 	ctx := context.Background()
 	is := testoidc.New(t)
-	clk := newClock()
+	clk := clock.NewFake(time.Now())
 	v := newVerifier(t, is, clk, nil)
 	tok := is.Token(t, is.Claims("ci", aud, 5*time.Minute))
 	for i := 0; i < 3; i++ {
@@ -199,8 +187,8 @@ func TestVerifyIssuerDown(t *testing.T) {
 	dead := httptest.NewServer(nil)
 	url := dead.URL
 	dead.Close()
-	clk := newClock()
-	v, err := NewVerifier(VerifierConfig{Issuers: []Issuer{{URL: url, Audience: aud}}, Now: clk.Now})
+	clk := clock.NewFake(time.Now())
+	v, err := NewVerifier(VerifierConfig{Issuers: []Issuer{{URL: url, Audience: aud}}, Clock: clk})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -18,6 +18,7 @@ import (
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"github.com/kilnbuild/kiln/cache"
 	"github.com/kilnbuild/kiln/engine/reapi"
+	"github.com/kilnbuild/kiln/internal/grpctest"
 	"github.com/kilnbuild/kiln/internal/testoidc"
 	"github.com/kilnbuild/kiln/internal/testpki"
 	"google.golang.org/grpc"
@@ -115,8 +116,8 @@ func TestPolicyCertificateRules(t *testing.T) {
 	}
 }
 
-// testServer is a gRPC server with the REAPI storage services over memory, behind an
-// Authenticator, on loopback.
+// testServer is the REAPI storage services over memory, behind an Authenticator, on
+// loopback (internal/grpctest).
 type testServer struct {
 	addr  string
 	store *cache.MemoryStore
@@ -124,20 +125,13 @@ type testServer struct {
 
 func startServer(t *testing.T, a *Authenticator, tc *tls.Config) *testServer {
 	t.Helper()
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
 	opts := a.ServerOptions()
 	if tc != nil {
 		opts = append(opts, grpc.Creds(credentials.NewTLS(tc)))
 	}
-	g := grpc.NewServer(opts...)
 	mem := cache.NewMemoryStore()
-	reapi.New(mem, mem.ActionCache(), reapi.Options{}).Register(g)
-	go g.Serve(lis)
-	t.Cleanup(g.Stop)
-	return &testServer{addr: lis.Addr().String(), store: mem}
+	conn := grpctest.Serve(t, func(g *grpc.Server) { reapi.New(mem, mem.ActionCache(), reapi.Options{}).Register(g) }, opts...)
+	return &testServer{addr: conn.Target(), store: mem} // clients dial with their own credentials
 }
 
 // client makes calls with an optional bearer token.
