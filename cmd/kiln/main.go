@@ -70,6 +70,7 @@ func newRootCmd() *cobra.Command {
 		newAuditCmd(),
 		newExportCmd(),
 		newRebuildCmd(),
+		newGateCmd(),
 	)
 	return root
 }

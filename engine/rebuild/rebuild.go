@@ -441,6 +441,11 @@ type Summary struct {
 	Subject attest.Subject
 	Result  string
 	Policy  string
+	// Verifier is verifier.id; TimeVerified is timeVerified (zero if absent).
+	Verifier     string
+	TimeVerified time.Time
+	// Inputs are the SHA-256s (hex) of the input attestations (the provenance rebuilt).
+	Inputs []string
 }
 
 // CheckSummary verifies a DSSE-signed verification summary against trust and decodes
@@ -467,6 +472,19 @@ func CheckSummary(ctx context.Context, raw []byte, trust keys.Trust) (*Summary, 
 		Subject: attest.Subject{Name: st.GetSubject()[0].GetName(), SHA256: st.GetSubject()[0].GetDigest()["sha256"]}}
 	if s.Result != Passed && s.Result != Failed {
 		return nil, status.Errorf(codes.InvalidArgument, "summary: verification result %q", s.Result)
+	}
+	s.Verifier = f["verifier"].GetStructValue().GetFields()["id"].GetStringValue()
+	if tv := f["timeVerified"].GetStringValue(); tv != "" {
+		t, err := time.Parse(time.RFC3339Nano, tv)
+		if err != nil {
+			return nil, status.Errorf(codes.InvalidArgument, "summary: timeVerified %q: %v", tv, err)
+		}
+		s.TimeVerified = t
+	}
+	for _, in := range f["inputAttestations"].GetListValue().GetValues() {
+		if h := in.GetStructValue().GetFields()["digest"].GetStructValue().GetFields()["sha256"].GetStringValue(); h != "" {
+			s.Inputs = append(s.Inputs, h)
+		}
 	}
 	return s, nil
 }

@@ -63,7 +63,7 @@ func (c Config) Check() error {
 	if r := c.Execution.VerifyRate; r < 0 || r > 1 || r != r {
 		return status.Errorf(codes.InvalidArgument, "--verify-rate %v: want a fraction from 0 to 1", r)
 	}
-	if err := c.TLS.check(); err != nil {
+	if err := c.TLS.Check(); err != nil {
 		return err
 	}
 	if err := c.OIDC.check(c); err != nil {

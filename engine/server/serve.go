@@ -59,7 +59,7 @@ func Serve(ctx context.Context, cfg Config) error {
 	var creds grpc.ServerOption
 	var httpTLS *tls.Config
 	if cfg.TLS.Enabled() {
-		tc, err := serverTLS(cfg.TLS, log)
+		tc, err := ServerTLS(cfg.TLS, log)
 		if err != nil {
 			return err
 		}

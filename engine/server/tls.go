@@ -25,8 +25,8 @@ type TLSFiles struct {
 // Enabled reports whether TLS is configured.
 func (f TLSFiles) Enabled() bool { return f.Cert != "" || f.Key != "" || f.ClientCA != "" }
 
-// check refuses incomplete configurations.
-func (f TLSFiles) check() error {
+// Check refuses incomplete configurations.
+func (f TLSFiles) Check() error {
 	switch {
 	case (f.Cert == "") != (f.Key == ""):
 		return status.Error(codes.InvalidArgument, "--tls-cert and --tls-key go together")
@@ -68,9 +68,9 @@ func stampOf(path string) (fileStamp, error) {
 	return st, nil
 }
 
-// serverTLS returns the listener's TLS configuration, after loading every file once
+// ServerTLS returns a listener's TLS configuration (reloading rotated files), after loading every file once
 // (so that a bad file stops the server at start, with the reason).
-func serverTLS(f TLSFiles, log *slog.Logger) (*tls.Config, error) {
+func ServerTLS(f TLSFiles, log *slog.Logger) (*tls.Config, error) {
 	r := &tlsReloader{files: f, log: log}
 	if err := r.reload(true); err != nil {
 		return nil, status.Errorf(codes.InvalidArgument, "tls: %v", err)

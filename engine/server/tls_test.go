@@ -36,7 +36,7 @@ func TestServerTLS(t *testing.T) {
 	replace(t, sKey, files.Key)
 
 	var logs logtest.Buffer
-	tc, err := serverTLS(files, slog.New(slog.NewTextHandler(&logs, nil)))
+	tc, err := ServerTLS(files, slog.New(slog.NewTextHandler(&logs, nil)))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -118,12 +118,12 @@ func TestTLSFilesCheck(t *testing.T) {
 	ca := testpki.NewCA(t, "kiln-ca")
 	cert, key := ca.Server(t, "server")
 	for _, f := range []TLSFiles{{Cert: cert}, {Key: key}, {ClientCA: ca.Cert}} {
-		if err := f.check(); status.Code(err) != codes.InvalidArgument {
+		if err := f.Check(); status.Code(err) != codes.InvalidArgument {
 			t.Errorf("%+v: %v, want INVALID_ARGUMENT", f, err)
 		}
 	}
 	for _, f := range []TLSFiles{{Cert: cert, Key: ca.Cert}, {Cert: cert, Key: key, ClientCA: key}, {Cert: cert, Key: key + ".missing"}} {
-		if _, err := serverTLS(f, slog.New(slog.DiscardHandler)); status.Code(err) != codes.InvalidArgument {
+		if _, err := ServerTLS(f, slog.New(slog.DiscardHandler)); status.Code(err) != codes.InvalidArgument {
 			t.Errorf("%+v: %v, want INVALID_ARGUMENT", f, err)
 		}
 	}

@@ -193,6 +193,10 @@ func Open(ctx context.Context, dir string, opts Options) (*Keyring, error) {
 // Dir returns the keyring directory.
 func (k *Keyring) Dir() string { return k.dir }
 
+// Now reads the keyring's clock (Options.Now), which dates key validity and what the
+// keys sign.
+func (k *Keyring) Now() time.Time { return k.now() }
+
 // checkPrivate refuses path unless it belongs to this user and others cannot read it.
 func checkPrivate(path string, isDir bool) error {
 	fi, err := os.Lstat(path)
