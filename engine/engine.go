@@ -101,14 +101,14 @@ func Open(ctx context.Context, opts Options) (*Engine, error) {
 		Attester:    executor.LinkAttester{Signer: e.Signer, Version: opts.Version, CheckKey: e.Revocations.CheckKey},
 		Quarantined: e.Quarantine.Quarantined,
 		WorkDir:     filepath.Join(opts.Data.Sandbox(), "exec"), UID: sandbox.DefaultUID, GID: sandbox.DefaultGID,
-		DefaultTimeout: ex.DefaultTimeout, MaxTimeout: ex.MaxTimeout, Logger: log,
+		DefaultTimeout: ex.DefaultTimeout, MaxTimeout: ex.MaxTimeout, Logger: log, ActionURL: opts.ActionURL,
 		IgnoreUnknownPlatformProperties: ex.IgnoreUnknownPlatformProperties,
 	})
 	if err != nil {
 		return nil, err
 	}
 	e.Scheduler = scheduler.NewScheduler(e.Executor, scheduler.SchedulerConfig{Concurrency: ex.Concurrency, MaxQueue: ex.MaxQueue, Logger: log, Registerer: reg,
-		VerifyRate: ex.VerifyRate})
+		VerifyRate: ex.VerifyRate, Observe: opts.Observe, ActionURL: opts.ActionURL})
 	ok = true
 	return e, nil
 }

@@ -2,8 +2,11 @@ package auth
 
 import (
 	"context"
+	"crypto/x509"
 	"log/slog"
 	"net"
+	"net/http"
+	"net/netip"
 	"strconv"
 	"strings"
 
@@ -66,28 +69,68 @@ func WithCaller(ctx context.Context, c Caller) context.Context {
 // credential, PERMISSION_DENIED for a valid identity the policy does not allow. The
 // returned context carries the Caller.
 func (a *Authenticator) Authenticate(ctx context.Context, method string) (context.Context, Caller, error) {
-	c, err := a.identify(ctx)
+	p, _ := peer.FromContext(ctx)
+	pr := presented{secure: secureTransport(p)}
+	if p != nil && p.Addr != nil {
+		pr.peer = p.Addr.String()
+	}
+	pr.cert, _ = reapi.ClientCert(ctx)
+	md, _ := metadata.FromIncomingContext(ctx)
+	pr.authorization = md.Get("authorization")
+	c, err := a.check(ctx, pr, MethodPermission(method), method)
 	if err != nil {
 		return ctx, c, err
+	}
+	return WithCaller(ctx, c), c, nil
+}
+
+// AuthenticateHTTP is Authenticate for an HTTP request that needs permission perm
+// (the web UI: read): the verified client certificate of its TLS connection and its
+// Authorization header are the credentials.
+func (a *Authenticator) AuthenticateHTTP(r *http.Request, perm string) (Caller, error) {
+	pr := presented{peer: r.RemoteAddr, authorization: r.Header.Values("Authorization"), secure: r.TLS != nil}
+	if r.TLS != nil && len(r.TLS.VerifiedChains) > 0 && len(r.TLS.VerifiedChains[0]) > 0 {
+		pr.cert = r.TLS.VerifiedChains[0][0]
+	}
+	if !pr.secure {
+		if ap, err := netip.ParseAddrPort(r.RemoteAddr); err == nil {
+			pr.secure = ap.Addr().IsLoopback()
+		}
+	}
+	return a.check(r.Context(), pr, perm, r.Method+" "+r.URL.Path)
+}
+
+// presented are the credentials of one call or request.
+type presented struct {
+	peer          string
+	cert          *x509.Certificate // the verified client certificate, if any
+	authorization []string          // the authorization header's values
+	secure        bool              // over TLS, or from loopback
+}
+
+// check establishes the caller from pr and checks that it may use permission need ("":
+// negotiation) for what (a method, a request).
+func (a *Authenticator) check(ctx context.Context, pr presented, need, what string) (Caller, error) {
+	c, err := a.identify(ctx, pr)
+	if err != nil {
+		return c, err
 	}
 	if a.cfg.Revoked != nil {
 		for _, id := range c.Identities() {
 			if err := a.cfg.Revoked(id); err != nil {
-				return ctx, c, status.Errorf(codes.Unauthenticated, "%s: %v", id, status.Convert(err).Message())
+				return c, status.Errorf(codes.Unauthenticated, "%s: %v", id, status.Convert(err).Message())
 			}
 		}
 	}
-	ctx = WithCaller(ctx, c)
-	need := MethodPermission(method)
 	if need == "" {
-		return ctx, c, nil
+		return c, nil
 	}
 	anonymous := c.Primary().IsAnonymous()
 	if anonymous && (a.cfg.RequireIdentity || a.cfg.Policy != nil) {
-		return ctx, c, status.Errorf(codes.Unauthenticated, "%s: no credentials: this server needs %s", method, a.wanted())
+		return c, status.Errorf(codes.Unauthenticated, "%s: no credentials: this server needs %s", what, a.wanted())
 	}
 	if a.cfg.Policy == nil {
-		return ctx, c, nil
+		return c, nil
 	}
 	ok, rule := a.cfg.Policy.Decide(c, need)
 	if !ok {
@@ -95,31 +138,27 @@ func (a *Authenticator) Authenticate(ctx context.Context, method string) (contex
 		if rule > 0 {
 			why = "rule " + strconv.Itoa(rule) + " does not allow it"
 		}
-		return ctx, c, status.Errorf(codes.PermissionDenied, "client %q may not %s (%s; policy %s: %s)", c.String(), need, method, a.cfg.Policy.File(), why)
+		return c, status.Errorf(codes.PermissionDenied, "client %q may not %s (%s; policy %s: %s)", c.String(), need, what, a.cfg.Policy.File(), why)
 	}
-	return ctx, c, nil
+	return c, nil
 }
 
 // wanted says which credentials the server accepts, for the UNAUTHENTICATED message.
 func (a *Authenticator) wanted() string {
 	switch {
 	case a.cfg.Verifier != nil && a.cfg.Policy != nil && a.cfg.Policy.UsesCertificates():
-		return "a bearer token (metadata \"authorization: Bearer TOKEN\") or a verified client certificate"
+		return "a bearer token (\"authorization: Bearer TOKEN\") or a verified client certificate"
 	case a.cfg.Verifier != nil:
-		return "a bearer token (metadata \"authorization: Bearer TOKEN\", e.g. Bazel's --remote_header=Authorization=\"Bearer $TOKEN\")"
+		return "a bearer token (\"authorization: Bearer TOKEN\", e.g. Bazel's --remote_header=Authorization=\"Bearer $TOKEN\")"
 	}
 	return "a verified client certificate"
 }
 
-// identify verifies the caller's certificate and token.
-func (a *Authenticator) identify(ctx context.Context) (Caller, error) {
-	var c Caller
-	p, _ := peer.FromContext(ctx)
-	if p != nil && p.Addr != nil {
-		c.Peer = p.Addr.String()
-	}
-	if cert, ok := reapi.ClientCert(ctx); ok {
-		id, err := FromCertificate(cert)
+// identify verifies the presented certificate and token.
+func (a *Authenticator) identify(ctx context.Context, pr presented) (Caller, error) {
+	c := Caller{Peer: pr.peer}
+	if pr.cert != nil {
+		id, err := FromCertificate(pr.cert)
 		if err != nil {
 			return c, err
 		}
@@ -128,11 +167,11 @@ func (a *Authenticator) identify(ctx context.Context) (Caller, error) {
 	if a.cfg.Verifier == nil {
 		return c, nil
 	}
-	raw, ok, err := bearerToken(ctx)
+	raw, ok, err := bearerToken(pr.authorization)
 	if err != nil || !ok {
 		return c, err
 	}
-	if !a.cfg.PlaintextTokens && !secureTransport(p) {
+	if !a.cfg.PlaintextTokens && !pr.secure {
 		return c, status.Errorf(codes.Unauthenticated, "a bearer token over plaintext from %s is refused: anyone on the way can read and replay it (use TLS, or loopback, or start the server with --oidc-allow-plaintext)", c.Peer)
 	}
 	id, err := a.cfg.Verifier.Verify(ctx, raw)
@@ -143,10 +182,8 @@ func (a *Authenticator) identify(ctx context.Context) (Caller, error) {
 	return c, nil
 }
 
-// bearerToken returns the token of the call's "authorization: Bearer" metadata.
-func bearerToken(ctx context.Context) (string, bool, error) {
-	md, _ := metadata.FromIncomingContext(ctx)
-	vals := md.Get("authorization")
+// bearerToken returns the token of an "authorization: Bearer TOKEN" header.
+func bearerToken(vals []string) (string, bool, error) {
 	switch len(vals) {
 	case 0:
 		return "", false, nil

@@ -8,6 +8,8 @@ import (
 	"encoding/hex"
 	"errors"
 	"net"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
@@ -425,4 +427,45 @@ func TestRecordWrites(t *testing.T) {
 	if who, _ := Requester(forged); who != "oidc:https://i#someone-else" {
 		t.Error("the caller's result was modified in place")
 	}
+}
+
+// TestAuthenticateHTTP: an HTTP request (the web UI) is decided as a gRPC call is: a
+// bearer token in its Authorization header from loopback, none (refused where an
+// identity is needed), one over plaintext from beyond loopback (refused), one of a
+// revoked identity (refused), one the policy does not let read (refused).
+func TestAuthenticateHTTP(t *testing.T) {
+	is := testoidc.New(t)
+	v, err := NewVerifier(VerifierConfig{Issuers: []Issuer{{URL: is.URL, Audience: aud}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := loadPolicy(t, `{"rules": [{"issuer": "`+is.URL+`", "claims": {"sub": "viewer-*"}, "allow": ["read"]}]}`)
+	revoked := ""
+	a := New(Config{Verifier: v, Policy: p, RequireIdentity: true, Revoked: func(id Identity) error {
+		if id.String() == revoked {
+			return errors.New("revoked for the test")
+		}
+		return nil
+	}})
+	req := func(from, tok string) *http.Request {
+		r := httptest.NewRequest(http.MethodGet, "/actions", nil)
+		r.RemoteAddr = from + ":40000"
+		if tok != "" {
+			r.Header.Set("Authorization", "Bearer "+tok)
+		}
+		return r
+	}
+	viewer := is.Token(t, is.Claims("viewer-ann", aud, 10*time.Minute))
+	if c, err := a.AuthenticateHTTP(req("127.0.0.1", viewer), PermRead); err != nil || c.Token.Name != "viewer-ann" {
+		t.Fatalf("viewer's token from loopback: %+v %v", c, err)
+	}
+	_, err = a.AuthenticateHTTP(req("127.0.0.1", ""), PermRead)
+	wantCode(t, "no token", err, codes.Unauthenticated, "no credentials")
+	_, err = a.AuthenticateHTTP(req("192.0.2.1", viewer), PermRead)
+	wantCode(t, "token over plaintext from beyond loopback", err, codes.Unauthenticated, "plaintext")
+	_, err = a.AuthenticateHTTP(req("127.0.0.1", is.Token(t, is.Claims("builder-bob", aud, 10*time.Minute))), PermRead)
+	wantCode(t, "token the policy does not let read", err, codes.PermissionDenied, "builder-bob")
+	revoked = "oidc:" + is.URL + "#viewer-ann"
+	_, err = a.AuthenticateHTTP(req("127.0.0.1", viewer), PermRead)
+	wantCode(t, "revoked identity", err, codes.Unauthenticated, "revoked for the test")
 }
