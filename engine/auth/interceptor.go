@@ -97,7 +97,8 @@ func (a *Authenticator) AuthenticateHTTP(r *http.Request, perm string) (Caller, 
 			pr.secure = ap.Addr().IsLoopback()
 		}
 	}
-	return a.check(r.Context(), pr, perm, r.Method+" "+r.URL.Path)
+	// Not the request's path in what refusals say: it may name what the caller may not see.
+	return a.check(r.Context(), pr, perm, "the web UI")
 }
 
 // presented are the credentials of one call or request.
