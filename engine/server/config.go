@@ -71,6 +71,11 @@ func (c Config) Check() error {
 	if err := c.TLS.Check(); err != nil {
 		return err
 	}
+	if s := c.Storage.S3; s != nil {
+		if err := s.Check(); err != nil {
+			return err
+		}
+	}
 	if err := c.OIDC.check(c); err != nil {
 		return err
 	}
