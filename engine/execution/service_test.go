@@ -97,7 +97,7 @@ func (f *fakeScheduler) Delete(_ context.Context, name, owner string) error {
 
 func serve(t *testing.T, s execution.Scheduler) *grpc.ClientConn {
 	t.Helper()
-	return grpctest.Serve(t, func(g *grpc.Server) { execution.NewServer(s, nil).Register(g) })
+	return grpctest.Serve(t, func(g *grpc.Server) { execution.NewServer(s, nil, nil).Register(g) })
 }
 
 func collect(t *testing.T, stream interface {
@@ -138,7 +138,7 @@ func TestServiceOverAnyScheduler(t *testing.T) {
 	if err := ops[2].GetResponse().UnmarshalTo(resp); err != nil || resp.GetResult().GetExitCode() != 7 {
 		t.Fatalf("response %v %v", resp, err)
 	}
-	if len(f.submitted) != 1 || f.submitted[0] != (execution.Request{Instance: "ci", ActionDigest: d, SkipCacheLookup: true, Client: "addr:127.0.0.1"}) {
+	if len(f.submitted) != 1 || f.submitted[0] != (execution.Request{Instance: "ci", ActionDigest: d, SkipCacheLookup: true, Client: "peer:127.0.0.1"}) {
 		t.Fatalf("submitted %+v", f.submitted)
 	}
 	wait, err := ex.WaitExecution(ctx, &repb.WaitExecutionRequest{Name: "operations/fake-1"})

@@ -49,9 +49,10 @@ func WithClientID(ctx context.Context, id string) context.Context {
 }
 
 // ClientID names ctx's caller for per-client limits: the identity an authenticating
-// layer set (WithClientID), else "cert:" and the common name of its verified client
-// certificate, else "addr:" and its IP address, so that all connections from one
-// address count as one client.
+// layer set (WithClientID; kiln serve's engine/auth: a token's issuer and subject, a
+// SPIFFE ID, a certificate's common name, or the peer's address), else "cert:" and
+// the common name of its verified client certificate, else "peer:" and its IP
+// address, so that all connections from one address count as one client.
 func ClientID(ctx context.Context) string {
 	if id, ok := ctx.Value(clientIDKey{}).(string); ok && id != "" {
 		return id
@@ -61,13 +62,13 @@ func ClientID(ctx context.Context) string {
 	}
 	if p, ok := peer.FromContext(ctx); ok && p.Addr != nil {
 		if a, ok := p.Addr.(*net.TCPAddr); ok {
-			return "addr:" + a.IP.String()
+			return "peer:" + a.IP.String()
 		}
 		host := p.Addr.String()
 		if h, _, err := net.SplitHostPort(host); err == nil {
 			host = h
 		}
-		return "addr:" + host
+		return "peer:" + host
 	}
 	return "unknown"
 }
