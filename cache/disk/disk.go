@@ -78,6 +78,7 @@ type Store struct {
 	lru      *list.List        // front: most recently used
 	total    int64
 	reserved int64        // declared sizes of the blobs being written (Put)
+	staging  int64        // declared sizes of the blobs being staged (Stage): free disk only
 	temp     atomic.Int64 // bytes in the temp files of the blobs being written
 	primary  *os.File     // flock on primary.lock, held by the indexing process
 	// freeSpace reports the bytes still free on the store's filesystem.
@@ -617,10 +618,10 @@ func (s *Store) Put(ctx context.Context, d cache.Digest, r io.Reader) error {
 	if s.Has(d) && s.Verify(d) == nil {
 		return cache.CopyVerified(io.Discard, r, d)
 	}
-	if err := s.reserve(d); err != nil {
+	if err := s.reserve(d, true); err != nil {
 		return err
 	}
-	defer s.unreserve(d.Size)
+	defer s.unreserve(d.Size, true)
 	if d.Size <= smallBlob {
 		// Verified before a file is made for it: a client that sends bad or unfinished
 		// small blobs costs no file creation.
@@ -663,12 +664,14 @@ var smallPool = sync.Pool{New: func() any { b := make([]byte, 0, smallBlob+1); r
 // reserve claims room for a blob of d.Size bytes about to be written, or refuses it
 // (RESOURCE_EXHAUSTED) before a byte is written: a blob larger than the store's bound
 // would be evicted as soon as it was stored, and the blobs being written at once
-// cannot together claim more than the bound, nor more than the free disk space.
-func (s *Store) reserve(d cache.Digest) error {
+// cannot together claim more than the bound, nor more than the free disk space. A
+// blob staged for a tier above (bounded false) claims free disk space only: the bound
+// is the local tier's, which keeps it only if it fits.
+func (s *Store) reserve(d cache.Digest, bounded bool) error {
 	free, ferr := s.freeSpace()
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if max := s.opts.MaxSize; max > 0 && s.primary != nil {
+	if max := s.opts.MaxSize; bounded && max > 0 && s.primary != nil {
 		if d.Size > max {
 			return status.Errorf(codes.ResourceExhausted, "blob %s is larger than the store's bound of %d bytes (--max-size): it could not be kept", d, max)
 		}
@@ -676,16 +679,24 @@ func (s *Store) reserve(d cache.Digest) error {
 			return status.Errorf(codes.ResourceExhausted, "blob %s: blobs being written already claim %d of the store's %d bytes (--max-size); retry later", d, s.reserved, max)
 		}
 	}
-	if ferr == nil && s.reserved-s.temp.Load()+d.Size > free {
-		return status.Errorf(codes.ResourceExhausted, "blob %s: not enough free disk space for the store (%d bytes free, %d more claimed by blobs being written)", d, free, max(s.reserved-s.temp.Load(), 0))
+	if claimed := max(s.reserved+s.staging-s.temp.Load(), 0); ferr == nil && claimed+d.Size > free {
+		return status.Errorf(codes.ResourceExhausted, "blob %s: not enough free disk space for the store (%d bytes free, %d more claimed by blobs being written)", d, free, claimed)
 	}
-	s.reserved += d.Size
+	if bounded {
+		s.reserved += d.Size
+	} else {
+		s.staging += d.Size
+	}
 	return nil
 }
 
-func (s *Store) unreserve(n int64) {
+func (s *Store) unreserve(n int64, bounded bool) {
 	s.mu.Lock()
-	s.reserved -= n
+	if bounded {
+		s.reserved -= n
+	} else {
+		s.staging -= n
+	}
 	s.mu.Unlock()
 }
 

@@ -132,8 +132,13 @@ func Serve(ctx context.Context, cfg Config) error {
 		defer h.Close()
 		hist.Store(h)
 	}
-	ropts := reapi.Options{AllowClientACWrites: cfg.AllowClientACWrites, Logger: log, Memory: mem, StoreSpace: mem.StoreSpace(int64(cfg.MaxSize)),
+	ropts := reapi.Options{AllowClientACWrites: cfg.AllowClientACWrites, Logger: log, Memory: mem,
 		ClientUploads: cfg.Limits.ClientUploads, MaxUploads: cfg.Limits.MaxUploads, ClientTrees: cfg.Limits.ClientTrees, Work: work}
+	if cfg.Storage.S3 == nil {
+		// With shared storage --max-size bounds the local tier only: uploads go to the
+		// bucket, and a blob larger than the tier is not kept in it.
+		ropts.StoreSpace = mem.StoreSpace(int64(cfg.MaxSize))
+	}
 	if !cfg.Execution.Disabled {
 		ropts.ExecutionCapabilities = &repb.ExecutionCapabilities{
 			DigestFunction:  repb.DigestFunction_SHA256,
