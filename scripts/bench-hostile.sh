@@ -7,10 +7,11 @@
 # 21-blob tree claiming 2^20 directories). Prints the build's wall times, the ratio
 # attacked / alone (goal: at most 1.5), the attack's status codes and the server's peak
 # memory. The server runs with its defaults (no limit flags). Builds alone, attacked
-# and with the same attack aimed at a second server (the control) alternate, PAIRS of
-# each, so that load from elsewhere on the machine hits all alike. On a small machine
-# the attacking client and the work it makes a server do compete with the build for CPU
-# and disk: the control's ratio is what that alone costs, whichever server is attacked.
+# and with the same attack aimed at a second kiln server on the machine (the control)
+# alternate, PAIRS of each, so that load from elsewhere on the machine hits all alike.
+# On a small machine the attacking client and the work it makes a server do compete
+# with the build for CPU and disk whichever server is attacked: the control's ratio is
+# what sharing the machine costs, the attacked ratio what sharing the server costs too.
 #
 #   scripts/bench-hostile.sh          # KILN=bin/kiln, JOBS=8, PAIRS=7
 # SERVE_ARGS adds flags to both servers; ATTACK_ARGS to the attacking client (-skip bombs).
@@ -91,7 +92,7 @@ mc=$(printf '%s\n' "${control[@]}" | median)
 
 printf '%-34s %s s (median %.2f s)\n' "build alone" "${alone[*]}" "$ma" "build with the attack running" "${attacked[*]}" "$mx" \
   "build, attack on another server" "${control[*]}" "$mc"
-awk -v a="$ma" -v x="$mx" -v c="$mc" 'BEGIN { printf "%-34s %.2fx (goal <= 1.5x)\n%-34s %.2fx (what the machine'"'"'s contention alone costs)\n", "ratio attacked / alone (medians)", x / a, "ratio control / alone (medians)", c / a }'
+awk -v a="$ma" -v x="$mx" -v c="$mc" 'BEGIN { printf "%-34s %.2fx (goal <= 1.5x)\n%-34s %.2fx (the attack on a second kiln server: sharing the machine, not the server)\n", "ratio attacked / alone (medians)", x / a, "ratio control / alone (medians)", c / a }'
 printf '%-34s %d MiB\n' "server peak RSS" "$peak"
 printf '%-34s %.2f s during the attacked builds (the attacking client: %.2f s)\n' "server CPU" "$scpu" "$acpu"
 echo "the attack, per round of the hostile client (status codes the server answered with):"

@@ -448,8 +448,9 @@ type workTokens struct {
 	last   time.Time     // when credit was last brought up to date
 }
 
-// DefaultClientCPUs is the default rate of Work: a quarter of the CPUs.
-func DefaultClientCPUs() float64 { return float64(runtime.NumCPU()) / 4 }
+// DefaultClientCPUs is the default rate of Work: an eighth of the CPUs, at least a
+// quarter of one (hashing at that rate still takes a few hundred MB/s).
+func DefaultClientCPUs() float64 { return max(0.25, float64(runtime.NumCPU())/8) }
 
 // NewWork returns a Work allowing each client rate cores over time (0:
 // DefaultClientCPUs) and, at once, as many whole cores as that (at least one).
@@ -634,15 +635,15 @@ type callBucket struct {
 }
 
 // DefaultClientCalls is the default rate of calls per client and second.
-const DefaultClientCalls = 500
+const DefaultClientCalls = 200
 
 // NewCalls returns a limit of rate calls per second per client (0: DefaultClientCalls)
-// with a burst of as many, counting refusals in b's metric.
+// with a burst of twice as many, counting refusals in b's metric.
 func NewCalls(b *Budget, rate float64) *Calls {
 	if rate <= 0 {
 		rate = DefaultClientCalls
 	}
-	c := &Calls{rate: rate, burst: max(rate, 1), maxWaiting: 256, clock: clock.System(), clients: map[string]*callBucket{}}
+	c := &Calls{rate: rate, burst: max(2*rate, 1), maxWaiting: 256, clock: clock.System(), clients: map[string]*callBucket{}}
 	if b != nil {
 		c.refused = b.refused
 	}

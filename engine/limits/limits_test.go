@@ -171,7 +171,7 @@ func TestCalls(t *testing.T) {
 	clk := &testClock{now: time.Unix(1000, 0)}
 	c.clock = clk
 	ctx := context.Background()
-	for i := 0; i < 10; i++ { // the burst
+	for i := 0; i < 20; i++ { // the burst: twice the rate
 		if err := c.Wait(ctx, "a"); err != nil || len(clk.slept) != 0 {
 			t.Fatalf("call %d within the burst: %v, waited %v", i, err, clk.slept)
 		}

@@ -33,7 +33,7 @@ type Limits struct {
 	// their turn. 0: limits.DefaultClientCalls.
 	ClientCalls float64 `yaml:"client-max-calls"`
 	// ClientCPUs bounds the cores one client's decompressing, hashing and tree parsing
-	// may use over time; 0: a quarter of the CPUs (limits.NewWork).
+	// may use over time; 0: limits.DefaultClientCPUs.
 	ClientCPUs float64 `yaml:"client-max-cpus"`
 }
 
