@@ -71,7 +71,7 @@ the flag's name as its key; flags given on the command line override the file.
 	f.BoolVar(&printConfig, "print-config", false, "print the configuration as kiln serve would run it (defaults resolved), in a form --config reads, and exit")
 	f.StringVar(&cfg.Listen, "listen", "127.0.0.1:8980", "gRPC listen address")
 	f.StringVar(&cfg.HTTPListen, "http-listen", "127.0.0.1:8981", "HTTP address for /metrics and /healthz (empty: off)")
-	f.Var(&cfg.MaxSize, "max-size", "bound on the store's size, e.g. 50GiB (0: unbounded)")
+	f.Var(&cfg.MaxSize, "max-size", "bound on the store's size (with --storage: on its local tier), e.g. 50GiB (0: unbounded)")
 	f.BoolVar(&cfg.AllowClientACWrites, "allow-client-ac-writes", false, "let clients write the action cache (cache-only deployments; never with remote execution)")
 	f.BoolVar(&cfg.Fsync, "fsync", false, "fsync every blob before it becomes visible (durability across power loss)")
 	ex := &cfg.Execution
@@ -93,6 +93,7 @@ the flag's name as its key; flags given on the command line override the file.
 	f.StringVar(&cfg.AuthzFile, "authz", "", "authorization policy (JSON): what each client certificate may do (read, write, execute, fetch); needs --tls-client-ca; see docs/serve.md")
 	f.StringVar(&cfg.ExecutorKeyFile, "key-file", "", "executor signing key (ed25519, PKCS #8 PEM); default: the data dir's own key, created on first start")
 	addDataFlag(cmd, (*string)(&cfg.Data))
+	addStorageFlag(cmd, &cfg.Storage)
 	f.StringVar(&cfg.LogLevel, "log-level", "info", "log level: debug, info, warn, error")
 	f.StringVar(&cfg.LogFormat, "log-format", "text", "log format: text or json")
 	return cmd

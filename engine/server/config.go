@@ -63,6 +63,11 @@ func (c Config) Check() error {
 	if err := c.TLS.Check(); err != nil {
 		return err
 	}
+	if s := c.Storage.S3; s != nil {
+		if err := s.Check(); err != nil {
+			return err
+		}
+	}
 	if c.AuthzFile != "" && c.TLS.ClientCA == "" {
 		return status.Error(codes.InvalidArgument, "--authz needs --tls-client-ca: the policy names clients by their verified certificates")
 	}
