@@ -69,6 +69,9 @@ func newRootCmd() *cobra.Command {
 		newExportCmd(),
 		newRebuildCmd(),
 		newGateCmd(),
+		newWorkerCmd(),
+		newSequencerCmd(),
+		newClusterCmd(),
 	)
 	return root
 }

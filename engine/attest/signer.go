@@ -174,9 +174,46 @@ func (s *Signer) start(ctx context.Context) error {
 		return err
 	}
 	s.log = l
+	if err := s.reconcile(ctx); err != nil {
+		return err
+	}
 	s.writer.Add(1)
 	go s.writeLoop()
 	return s.adoptOrphans()
+}
+
+// reconcile records the log index of every entry appended since the last start whose
+// index is not recorded (its process died between the append and recording it), so
+// that the link is never appended again when its pending file is adopted.
+func (s *Signer) reconcile(ctx context.Context) error {
+	size, err := s.log.Size(ctx)
+	if err != nil {
+		return err
+	}
+	mark := filepath.Join(s.store.p.Attest, "logidx", "reconciled")
+	var from uint64
+	if b, err := os.ReadFile(mark); err == nil {
+		from, _ = strconv.ParseUint(strings.TrimSpace(string(b)), 10, 64)
+	}
+	if from >= size {
+		return nil
+	}
+	var ierr error
+	err = tlog.NewReader(s.store.p.Log, nil).ScanFrom(ctx, from, size, func(i uint64, e []byte) bool {
+		d, ok := ParseLinkLogEntry(e)
+		if !ok {
+			return true
+		}
+		if _, ok := s.store.LogIndex(d); !ok {
+			s.lg.Info("recording the log index of a link a process appended before it died", "envelope", d.String(), "index", i)
+			ierr = s.store.SetLogIndex(d, i)
+		}
+		return ierr == nil
+	})
+	if err = errors.Join(err, ierr); err != nil {
+		return grpcerr.Wrap(err, "reconcile the log index")
+	}
+	return writeAtomic(mark, []byte(strconv.FormatUint(size, 10)+"\n"))
 }
 
 func (s *Signer) pendingRoot() string { return filepath.Join(s.store.p.Attest, "pending") }

@@ -11,6 +11,7 @@ import (
 	"strings"
 
 	"github.com/kilnbuild/kiln/engine"
+	"github.com/kilnbuild/kiln/engine/cluster"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"gopkg.in/yaml.v3"
@@ -41,6 +42,9 @@ type Config struct {
 	// AuthzFile, if set, is the authorization policy (AuthzPolicy, JSON): what each
 	// client certificate may do. It needs TLS.ClientCA.
 	AuthzFile string `yaml:"authz"`
+	// Cluster makes this server a stateless frontend of a cluster (docs/cluster.md):
+	// actions run on the cluster's workers; the cluster: section of the file.
+	Cluster cluster.Config `yaml:"cluster,omitempty"`
 	// LogLevel and LogFormat are how kiln serve builds Options.Logger.
 	LogLevel  string `yaml:"log-level"`
 	LogFormat string `yaml:"log-format"`
@@ -51,6 +55,7 @@ type Config struct {
 // Resolved returns c with every default made explicit, as Serve runs it.
 func (c Config) Resolved() Config {
 	c.Options = c.Options.Resolved()
+	c.Cluster = c.Cluster.Resolved()
 	return c
 }
 
@@ -67,6 +72,9 @@ func (c Config) Check() error {
 		if err := s.Check(); err != nil {
 			return err
 		}
+	}
+	if err := c.checkCluster(); err != nil {
+		return err
 	}
 	if c.AuthzFile != "" && c.TLS.ClientCA == "" {
 		return status.Error(codes.InvalidArgument, "--authz needs --tls-client-ca: the policy names clients by their verified certificates")

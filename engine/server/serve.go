@@ -88,11 +88,23 @@ func Serve(ctx context.Context, cfg Config) error {
 	}
 	opts := cfg.Options
 	opts.Primary, opts.Logger, opts.Registerer, opts.Pinner = true, log, reg, pinner(lock)
+	cl, err := joinCluster(ctx, cfg, log)
+	if err != nil {
+		return err
+	}
+	defer cl.close()
+	if cl != nil {
+		opts.Scheduler = cl
+	}
 	eng, err := engine.Open(ctx, opts)
 	if err != nil {
 		return err
 	}
 	defer eng.Close()
+	if err := cl.startSequencer(ctx, eng, reg); err != nil {
+		return err
+	}
+	defer cl.stopSequencer()
 	ropts := reapi.Options{AllowClientACWrites: cfg.AllowClientACWrites, Logger: log}
 	if !cfg.Execution.Disabled {
 		ropts.ExecutionCapabilities = &repb.ExecutionCapabilities{
@@ -170,7 +182,7 @@ func Serve(ctx context.Context, cfg Config) error {
 	hs.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
 	log.Info("kiln serving", "grpc", lis.Addr().String(), "http", httpAddr, "data", string(cfg.Data),
 		"store", eng.Store.String(), "max_size", cfg.MaxSize, "client_ac_writes", cfg.AllowClientACWrites, "tls", cfg.TLS.Enabled(), "client_certificates", cfg.TLS.ClientCA != "",
-		"execution", !cfg.Execution.Disabled)
+		"execution", !cfg.Execution.Disabled, "cluster", cfg.Cluster.String())
 	if cfg.Ready != nil {
 		cfg.Ready(lis.Addr().String(), httpAddr)
 	}
