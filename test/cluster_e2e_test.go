@@ -1,0 +1,412 @@
+package test
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"cloud.google.com/go/longrunning/autogen/longrunningpb"
+	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
+	"github.com/kilnbuild/kiln/cache"
+	"github.com/kilnbuild/kiln/engine/attest"
+	"github.com/kilnbuild/kiln/engine/attest/tlog"
+	"github.com/kilnbuild/kiln/test/harness"
+	"golang.org/x/mod/sumdb/note"
+	"google.golang.org/grpc"
+	"google.golang.org/protobuf/proto"
+)
+
+// The cluster's failure tests: real nats-server, real versitygw, real kiln frontends,
+// workers and sequencer, killed for real. After each, every Execute got exactly one
+// COMPLETED answer, its action-cache entry and outputs exist, kiln attest verify passes
+// on its outputs, and the log holds each distinct link exactly once (checkAll).
+
+var (
+	busyboxOnce           sync.Once
+	busyboxTar, busyboxBB string
+)
+
+// sharedBusybox builds the busybox toolchain once per test process and exports it as
+// an OCI archive, which each cluster imports into its bucket with --storage.
+func sharedBusybox(t *testing.T) (string, string) {
+	t.Helper()
+	busyboxOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "kiln-cluster-bb-")
+		if err != nil {
+			t.Fatal(err)
+		}
+		busyboxBB = harness.RecipeToolchain(t, filepath.Join(dir, "data"), "busybox")
+		busyboxTar = filepath.Join(dir, "busybox.tar")
+		if r := harness.Run(t, "toolchain", "export", "--data", filepath.Join(dir, "data"), busyboxBB, busyboxTar); r.Code != 0 {
+			t.Fatalf("toolchain export: %s", r.Stderr)
+		}
+	})
+	if busyboxTar == "" {
+		t.Fatal("the busybox toolchain could not be built")
+	}
+	return busyboxTar, busyboxBB
+}
+
+type clusterOpts struct {
+	frontends, workers int
+	ackWait            string // worker --ack-wait
+	maxDeliver         int
+	noSequencer        bool
+}
+
+// clusterEnv is one cluster: a bucket, nats-server, frontends, workers, a sequencer.
+type clusterEnv struct {
+	s3        *harness.S3
+	storage   string
+	nats      *harness.NATS
+	bb        string
+	frontends []*harness.Server
+	workers   []*harness.Proc
+	seq       *harness.Proc
+	seqData   string
+	opts      clusterOpts
+}
+
+var (
+	workerReady = regexp.MustCompile(`msg="kiln worker taking work"`)
+	seqReady    = regexp.MustCompile(`msg="kiln sequencer appending`)
+)
+
+func newCluster(t *testing.T, opts clusterOpts) *clusterEnv {
+	t.Helper()
+	harness.RequireRoot(t)
+	s3, url := sharedBucket(t, "c")
+	tar, bb := sharedBusybox(t)
+	if opts.ackWait == "" {
+		opts.ackWait = "3s"
+	}
+	if opts.maxDeliver == 0 {
+		opts.maxDeliver = 3
+	}
+	e := &clusterEnv{s3: s3, storage: url, nats: harness.StartNATS(t), bb: bb, opts: opts}
+	// The toolchain reaches every worker through shared storage only.
+	if r := harness.Run(t, "toolchain", "import", "--data", t.TempDir(), "--storage", url, tar); r.Code != 0 {
+		t.Fatalf("toolchain import --storage: %s", r.Stderr)
+	}
+	if !opts.noSequencer {
+		e.seqData = t.TempDir()
+		e.seq = harness.StartKiln(t, "sequencer", seqReady, "sequencer", "--cluster", e.nats.URL, "--storage", url, "--data", e.seqData, "--poll", "200ms", "--log-level", "debug")
+	}
+	for range opts.frontends {
+		e.addFrontend(t)
+	}
+	for i := range opts.workers {
+		e.addWorker(t, fmt.Sprintf("w%d", i+1))
+	}
+	return e
+}
+
+func (e *clusterEnv) addFrontend(t *testing.T) *harness.Server {
+	t.Helper()
+	s := harness.StartServer(t, "--cluster", e.nats.URL, "--storage", e.storage)
+	e.frontends = append(e.frontends, s)
+	return s
+}
+
+// admit admits the executor key of data dir to the cluster.
+func (e *clusterEnv) admit(t *testing.T, data string) {
+	t.Helper()
+	r := harness.Run(t, "attest", "pubkey", "--data", data, "--json")
+	if r.Code != 0 {
+		t.Fatalf("attest pubkey: %s", r.Stderr)
+	}
+	pem := filepath.Join(t.TempDir(), "key.json")
+	os.WriteFile(pem, []byte(r.Stdout), 0o644)
+	if r := harness.Run(t, "cluster", "admit-key", "--cluster", e.nats.URL, pem); r.Code != 0 {
+		t.Fatalf("cluster admit-key: %s", r.Stderr)
+	}
+}
+
+func (e *clusterEnv) workerArgs(name, data string, extra ...string) []string {
+	return append([]string{"worker", "--cluster", e.nats.URL, "--storage", e.storage, "--data", data, "--name", name,
+		"--concurrency", "1", "--prestart", "0", "--ack-wait", e.opts.ackWait, "--max-deliver", fmt.Sprint(e.opts.maxDeliver), "--grace", "10s"}, extra...)
+}
+
+func (e *clusterEnv) addWorker(t *testing.T, name string, extra ...string) *harness.Proc {
+	t.Helper()
+	data := t.TempDir()
+	e.admit(t, data)
+	w := harness.StartKiln(t, name, workerReady, e.workerArgs(name, data, extra...)...)
+	e.workers = append(e.workers, w)
+	return w
+}
+
+// clusterAction is an action uploaded to the cluster.
+type clusterAction struct {
+	digest *repb.Digest
+	output string
+}
+
+// upload stores an action running script in busybox, declaring one output file.
+func (e *clusterEnv) upload(t *testing.T, conn *grpc.ClientConn, script, output string) clusterAction {
+	t.Helper()
+	cmd := &repb.Command{Arguments: []string{"/bin/sh", "-c", script}, OutputFiles: []string{output},
+		Platform: &repb.Platform{Properties: []*repb.Platform_Property{{Name: "container-image", Value: "docker://kiln/busybox@" + e.bb}}}}
+	cb, cd := protoBlob(t, cmd)
+	rb, rd := protoBlob(t, &repb.Directory{})
+	ab, ad := protoBlob(t, &repb.Action{CommandDigest: cd, InputRootDigest: rd})
+	req := &repb.BatchUpdateBlobsRequest{}
+	for _, b := range []struct {
+		d    *repb.Digest
+		data []byte
+	}{{cd, cb}, {rd, rb}, {ad, ab}} {
+		req.Requests = append(req.Requests, &repb.BatchUpdateBlobsRequest_Request{Digest: b.d, Data: b.data})
+	}
+	ctx := harness.Context(t, time.Minute)
+	resp, err := repb.NewContentAddressableStorageClient(conn).BatchUpdateBlobs(ctx, req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range resp.GetResponses() {
+		if r.GetStatus().GetCode() != 0 {
+			t.Fatalf("upload %s: %v", r.GetDigest().GetHash(), r.GetStatus())
+		}
+	}
+	return clusterAction{digest: ad, output: output}
+}
+
+func protoBlob(t *testing.T, m proto.Message) ([]byte, *repb.Digest) {
+	t.Helper()
+	b, err := proto.MarshalOptions{Deterministic: true}.Marshal(m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b, digestOf(b)
+}
+
+// execution is one Execute call followed to its end.
+type execution struct {
+	name  string
+	done  []*longrunningpb.Operation // every done operation received (exactly one expected)
+	resp  *repb.ExecuteResponse
+	err   error
+	first chan struct{} // closed at the first operation (the name is known)
+	wait  chan struct{} // closed when the stream ended
+}
+
+// execute calls Execute and follows the stream in the background.
+func execute(ctx context.Context, conn *grpc.ClientConn, a clusterAction) *execution {
+	x := &execution{first: make(chan struct{}), wait: make(chan struct{})}
+	stream, err := repb.NewExecutionClient(conn).Execute(ctx, &repb.ExecuteRequest{ActionDigest: a.digest})
+	if err != nil {
+		x.err = err
+		close(x.first)
+		close(x.wait)
+		return x
+	}
+	x.follow(stream)
+	return x
+}
+
+// follow reads a stream of operations until it ends.
+func (x *execution) follow(stream interface {
+	Recv() (*longrunningpb.Operation, error)
+}) {
+	go func() {
+		defer close(x.wait)
+		once := sync.Once{}
+		defer once.Do(func() { close(x.first) })
+		for {
+			op, err := stream.Recv()
+			if err != nil {
+				if x.resp == nil {
+					x.err = err
+				}
+				return
+			}
+			x.name = op.GetName()
+			once.Do(func() { close(x.first) })
+			if op.GetDone() {
+				x.done = append(x.done, op)
+				r := &repb.ExecuteResponse{}
+				if err := op.GetResponse().UnmarshalTo(r); err != nil {
+					x.err = err
+				}
+				x.resp = r
+			}
+		}
+	}()
+}
+
+// check fails unless the execution got exactly one COMPLETED answer with exit 0.
+func (x *execution) check(t *testing.T, what string) {
+	t.Helper()
+	select {
+	case <-x.wait:
+	case <-time.After(3 * time.Minute):
+		t.Fatalf("%s: no answer within 3 minutes", what)
+	}
+	if x.err != nil || len(x.done) != 1 {
+		t.Fatalf("%s: %d done answers, err %v", what, len(x.done), x.err)
+	}
+	if x.resp.GetStatus().GetCode() != 0 || x.resp.GetResult().GetExitCode() != 0 {
+		t.Fatalf("%s: status %v, exit %d, message %q", what, x.resp.GetStatus(), x.resp.GetResult().GetExitCode(), x.resp.GetMessage())
+	}
+}
+
+// checkAll checks the guarantees for every finished action: its action-cache entry and
+// outputs exist (read through conn), kiln attest verify passes on each output, and the
+// sequencer's log holds each distinct link exactly once.
+func (e *clusterEnv) checkAll(t *testing.T, conn *grpc.ClientConn, actions []clusterAction) {
+	t.Helper()
+	ctx := harness.Context(t, 2*time.Minute)
+	ac := repb.NewActionCacheClient(conn)
+	links := map[string]bool{}
+	var outputs []*repb.Digest
+	for _, a := range actions {
+		r, err := ac.GetActionResult(ctx, &repb.GetActionResultRequest{ActionDigest: a.digest})
+		if err != nil {
+			t.Fatalf("action %s: no action-cache entry: %v", a.digest.GetHash(), err)
+		}
+		if len(r.GetOutputFiles()) != 1 {
+			t.Fatalf("action %s: outputs %v", a.digest.GetHash(), r.GetOutputFiles())
+		}
+		outputs = append(outputs, r.GetOutputFiles()[0].GetDigest())
+	}
+	if missing, err := findMissing(ctx, conn, outputs...); err != nil || len(missing) > 0 {
+		t.Fatalf("outputs missing from the CAS: %v %v", missing, err)
+	}
+	e.waitLinksLogged(t)
+	for _, d := range outputs {
+		r := harness.Run(t, "attest", "verify", "--cluster", e.nats.URL, "--data", e.seqData, "--storage", e.storage, "--subject", "sha256:"+d.GetHash(), "--json")
+		if r.Code != 0 {
+			t.Fatalf("kiln attest verify of output %s: exit %d\n%s%s", d.GetHash(), r.Code, r.Stdout, r.Stderr)
+		}
+		var v struct {
+			Links []struct{ Envelope string } `json:"links"`
+		}
+		json.Unmarshal([]byte(r.Stdout), &v)
+		for _, l := range v.Links {
+			links[l.Envelope] = true
+		}
+	}
+	e.checkLogUnique(t, links)
+}
+
+// waitLinksLogged waits until the bucket's pending/ prefix is empty (the sequencer has
+// logged every link the workers left).
+func (e *clusterEnv) waitLinksLogged(t *testing.T) {
+	t.Helper()
+	dir := filepath.Join(e.s3.Dir, "kiln-cache", "c", "pending")
+	deadline := time.Now().Add(time.Minute)
+	for {
+		ents, _ := os.ReadDir(dir)
+		if len(ents) == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d links still pending after a minute:\n%s", len(ents), e.seq.Log())
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// checkLogUnique reads the sequencer's whole log: no link appears twice, and every
+// link in want is there.
+func (e *clusterEnv) checkLogUnique(t *testing.T, want map[string]bool) {
+	t.Helper()
+	r := harness.Run(t, "attest", "pubkey", "--all", "--json", "--data", e.seqData)
+	var exp struct {
+		Log struct{ VKey string } `json:"log"`
+	}
+	if err := json.Unmarshal([]byte(r.Stdout), &exp); err != nil {
+		t.Fatalf("sequencer log key: %v %s", err, r.Stderr)
+	}
+	v, err := note.NewVerifier(exp.Log.VKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := harness.Context(t, time.Minute)
+	rd := tlog.NewReader(filepath.Join(e.seqData, "log"), v)
+	var cp *tlog.Checkpoint
+	deadline := time.Now().Add(30 * time.Second)
+	seen := map[string]int{}
+	for {
+		if cp, err = rd.Checkpoint(ctx); err != nil {
+			t.Fatal(err)
+		}
+		clear(seen)
+		if err := rd.Scan(ctx, cp.Size, func(_ uint64, e []byte) bool {
+			if d, ok := attest.ParseLinkLogEntry(e); ok {
+				seen[d.String()]++
+			}
+			return true
+		}); err != nil {
+			t.Fatal(err)
+		}
+		all := true
+		for l := range want {
+			if seen[l] == 0 {
+				all = false
+			}
+		}
+		if all || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	for l := range want {
+		if seen[l] == 0 {
+			t.Errorf("link %s is not in the log (checkpoint size %d)", l, cp.Size)
+		}
+	}
+	for l, n := range seen {
+		if n != 1 {
+			t.Errorf("link %s is in the log %d times", l, n)
+		}
+	}
+}
+
+// runningOn waits until one of the workers logs that it executes the action and
+// returns that worker.
+func (e *clusterEnv) runningOn(t *testing.T, a clusterAction, within time.Duration) *harness.Proc {
+	t.Helper()
+	re := regexp.MustCompile(`msg=executing .*action=` + a.digest.GetHash())
+	deadline := time.Now().Add(within)
+	for time.Now().Before(deadline) {
+		for _, w := range e.workers {
+			if re.MatchString(w.Log()) {
+				return w
+			}
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	var logs strings.Builder
+	for _, w := range e.workers {
+		logs.WriteString(w.Name + ":\n" + w.Log())
+	}
+	t.Fatalf("no worker ran action %s within %v:\n%s", a.digest.GetHash(), within, logs.String())
+	return nil
+}
+
+// TestClusterWorkerKilled: kill -9 the worker running an action; the other worker
+// completes it, and the client's one Execute gets one answer.
+func TestClusterWorkerKilled(t *testing.T) {
+	e := newCluster(t, clusterOpts{frontends: 1, workers: 2})
+	conn := dial(t, e.frontends[0].Addr)
+	a := e.upload(t, conn, "sleep 3; echo survived > out.txt", "out.txt")
+	ctx := harness.Context(t, 3*time.Minute)
+	x := execute(ctx, conn, a)
+	w := e.runningOn(t, a, time.Minute)
+	w.Kill()
+	x.check(t, "the action whose worker was killed")
+	e.checkAll(t, conn, []clusterAction{a})
+	dumpCluster(t, e)
+}
+
+func digestOf(b []byte) *repb.Digest {
+	d := cache.DigestOf(b)
+	return d.Proto()
+}
