@@ -9,6 +9,7 @@ import (
 	"regexp"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -403,10 +404,239 @@ func TestClusterWorkerKilled(t *testing.T) {
 	w.Kill()
 	x.check(t, "the action whose worker was killed")
 	e.checkAll(t, conn, []clusterAction{a})
-	dumpCluster(t, e)
 }
 
 func digestOf(b []byte) *repb.Digest {
 	d := cache.DigestOf(b)
 	return d.Proto()
+}
+
+// executeAll uploads n actions made by script(i) and executes them all at once.
+func (e *clusterEnv) executeAll(t *testing.T, ctx context.Context, conn *grpc.ClientConn, n int, script func(i int) string) ([]clusterAction, []*execution) {
+	t.Helper()
+	var as []clusterAction
+	var xs []*execution
+	for i := range n {
+		a := e.upload(t, conn, script(i), "out.txt")
+		as = append(as, a)
+		xs = append(xs, execute(ctx, conn, a))
+	}
+	return as, xs
+}
+
+// clusterStatus runs kiln cluster status --json.
+func (e *clusterEnv) clusterStatus(t *testing.T) (st struct {
+	Workers   []struct{ Name string }
+	Platforms []struct {
+		Platform         string
+		Pending, Running int
+	}
+	InFlight int `json:"in_flight"`
+}) {
+	t.Helper()
+	r := harness.Run(t, "cluster", "status", "--cluster", e.nats.URL, "--json")
+	if r.Code != 0 {
+		t.Fatalf("cluster status: %s", r.Stderr)
+	}
+	if err := json.Unmarshal([]byte(r.Stdout), &st); err != nil {
+		t.Fatalf("cluster status: %v\n%s", err, r.Stdout)
+	}
+	return st
+}
+
+// TestClusterNATSKilled: kill -9 nats-server with 10 actions queued or running and
+// start it again on the same store: all 10 complete, each Execute with one answer.
+func TestClusterNATSKilled(t *testing.T) {
+	e := newCluster(t, clusterOpts{frontends: 1, workers: 2})
+	conn := dial(t, e.frontends[0].Addr)
+	ctx := harness.Context(t, 4*time.Minute)
+	as, xs := e.executeAll(t, ctx, conn, 10, func(i int) string { return fmt.Sprintf("sleep 1; echo %d > out.txt", i) })
+	e.runningOn(t, as[0], time.Minute)
+	if st := e.clusterStatus(t); st.InFlight < 2 {
+		t.Fatalf("before the kill: %+v, want the 10 actions queued or running", st)
+	}
+	e.nats.Kill()
+	time.Sleep(2 * time.Second) // workers finish their actions and find nobody to report to
+	e.nats.Start(t)
+	for i, x := range xs {
+		x.check(t, fmt.Sprintf("action %d", i))
+	}
+	e.checkAll(t, conn, as)
+}
+
+// TestClusterLeaseLost: SIGSTOP the worker running a nondeterministic action past
+// AckWait: another worker runs it and its result is the one answer; after SIGCONT the
+// first run completes too, is compared with the first completion, and the difference is
+// reported in the log, a metric and the operation's result; the action cache keeps the
+// first completion.
+func TestClusterLeaseLost(t *testing.T) {
+	e := newCluster(t, clusterOpts{frontends: 1, workers: 1})
+	conn := dial(t, e.frontends[0].Addr)
+	a := e.upload(t, conn, "sleep 1; head -c 16 /dev/urandom | od -An -tx1 > out.txt", "out.txt")
+	ctx := harness.Context(t, 3*time.Minute)
+	x := execute(ctx, conn, a)
+	w1 := e.runningOn(t, a, time.Minute)
+	w1.Signal(syscall.SIGSTOP)
+	e.addWorker(t, "w2", "--http-listen", "127.0.0.1:0")
+	x.check(t, "the action whose worker stopped")
+	w1.Signal(syscall.SIGCONT)
+	w1.WaitLog(t, regexp.MustCompile(`msg="a second run of the execution produced different outputs`), time.Minute)
+	// The operation's result says so.
+	ops := longrunningpb.NewOperationsClient(conn)
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		op, err := ops.GetOperation(ctx, &longrunningpb.GetOperationRequest{Name: x.name})
+		if err != nil {
+			t.Fatal(err)
+		}
+		r := &repb.ExecuteResponse{}
+		op.GetResponse().UnmarshalTo(r)
+		if strings.Contains(r.GetMessage(), "ran twice") && strings.Contains(r.GetMessage(), "differ") {
+			if r.GetResult().GetOutputFiles()[0].GetDigest().GetHash() != x.resp.GetResult().GetOutputFiles()[0].GetDigest().GetHash() {
+				t.Fatalf("the recorded result changed: %v, answered %v", r.GetResult(), x.resp.GetResult())
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the operation's result has no note of the difference: %q", r.GetMessage())
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	// The first completion stays in the action cache.
+	r, err := repb.NewActionCacheClient(conn).GetActionResult(ctx, &repb.GetActionResultRequest{ActionDigest: a.digest})
+	if err != nil || r.GetOutputFiles()[0].GetDigest().GetHash() != x.resp.GetResult().GetOutputFiles()[0].GetDigest().GetHash() {
+		t.Fatalf("action cache holds %v (%v), the answer was %v", r.GetOutputFiles(), err, x.resp.GetResult().GetOutputFiles())
+	}
+	e.checkAll(t, conn, []clusterAction{a})
+}
+
+// TestClusterFrontendKilled: kill -9 the frontend a client waits on; WaitExecution on
+// another frontend returns the result.
+func TestClusterFrontendKilled(t *testing.T) {
+	e := newCluster(t, clusterOpts{frontends: 2, workers: 1})
+	c1, c2 := dial(t, e.frontends[0].Addr), dial(t, e.frontends[1].Addr)
+	a := e.upload(t, c1, "sleep 3; echo waited > out.txt", "out.txt")
+	ctx := harness.Context(t, 3*time.Minute)
+	x := execute(ctx, c1, a)
+	<-x.first
+	if x.name == "" {
+		t.Fatalf("no operation: %v", x.err)
+	}
+	e.frontends[0].Kill()
+	<-x.wait
+	if len(x.done) != 0 {
+		t.Fatal("the killed frontend answered")
+	}
+	stream, err := repb.NewExecutionClient(c2).WaitExecution(ctx, &repb.WaitExecutionRequest{Name: x.name})
+	if err != nil {
+		t.Fatal(err)
+	}
+	y := &execution{first: make(chan struct{}), wait: make(chan struct{})}
+	y.follow(stream)
+	y.check(t, "WaitExecution on the other frontend")
+	e.checkAll(t, c2, []clusterAction{a})
+}
+
+// TestClusterStorageKilled: kill the S3 server while the action runs, so its outputs
+// meet a dead bucket: the worker retries, holding the action, and acknowledges only
+// after the bucket is back and everything is stored.
+func TestClusterStorageKilled(t *testing.T) {
+	e := newCluster(t, clusterOpts{frontends: 1, workers: 1})
+	conn := dial(t, e.frontends[0].Addr)
+	a := e.upload(t, conn, "sleep 2; head -c 20000000 /dev/zero | tr '\\0' k > out.txt", "out.txt")
+	ctx := harness.Context(t, 3*time.Minute)
+	x := execute(ctx, conn, a)
+	w := e.runningOn(t, a, time.Minute)
+	e.s3.Kill()
+	w.WaitLog(t, regexp.MustCompile(`shared storage or the cluster is unavailable; running the action again`), time.Minute)
+	time.Sleep(2 * e.ackWait()) // well past the lease: it is held, not lost
+	select {
+	case <-x.wait:
+		t.Fatalf("answered while the bucket was down: %v %v", x.resp, x.err)
+	default:
+	}
+	if st := e.clusterStatus(t); len(st.Platforms) != 1 || st.Platforms[0].Running != 1 {
+		t.Fatalf("while the bucket is down: %+v, want the action held by its worker, unacknowledged", st)
+	}
+	e.s3.Start(t)
+	x.check(t, "the action whose outputs met a dead bucket")
+	e.checkAll(t, conn, []clusterAction{a})
+	if strings.Count(w.Log(), "msg=executing") != 1 {
+		t.Fatalf("the action was handed out more than once:\n%s", w.Log())
+	}
+}
+
+func (e *clusterEnv) ackWait() time.Duration {
+	d, _ := time.ParseDuration(e.opts.ackWait)
+	return d
+}
+
+// TestClusterSequencerKilled: kill -9 the sequencer; actions complete and their links
+// wait in shared storage; started again, it logs every one of them, once.
+func TestClusterSequencerKilled(t *testing.T) {
+	e := newCluster(t, clusterOpts{frontends: 1, workers: 2})
+	conn := dial(t, e.frontends[0].Addr)
+	e.seq.Kill()
+	ctx := harness.Context(t, 3*time.Minute)
+	as, xs := e.executeAll(t, ctx, conn, 4, func(i int) string { return fmt.Sprintf("echo link-%d > out.txt", i) })
+	for i, x := range xs {
+		x.check(t, fmt.Sprintf("action %d", i))
+	}
+	pending, _ := os.ReadDir(filepath.Join(e.s3.Dir, "kiln-cache", "c", "pending"))
+	if len(pending) != 4 {
+		t.Fatalf("%d links pending in the bucket, want 4", len(pending))
+	}
+	e.seq.Restart(t, seqReady)
+	e.checkAll(t, conn, as)
+}
+
+// TestClusterPoisonAction: an action whose worker dies every time it runs it fails
+// after max-deliver deliveries with a message that says so; the other actions complete.
+func TestClusterPoisonAction(t *testing.T) {
+	e := newCluster(t, clusterOpts{frontends: 1, workers: 2, maxDeliver: 2})
+	conn := dial(t, e.frontends[0].Addr)
+	ctx := harness.Context(t, 4*time.Minute)
+	poison := e.upload(t, conn, "sleep 60; echo never > out.txt", "out.txt")
+	px := execute(ctx, conn, poison)
+	// Kill whichever worker runs the poison action, and start it again.
+	stop := make(chan struct{})
+	killed := make(chan int, 1)
+	go func() {
+		n := 0
+		defer func() { killed <- n }()
+		re := regexp.MustCompile(`msg=executing .*action=` + poison.digest.GetHash())
+		seen := map[*harness.Proc]int{}
+		for {
+			select {
+			case <-stop:
+				return
+			case <-time.After(20 * time.Millisecond):
+			}
+			for _, w := range e.workers {
+				if c := len(re.FindAllString(w.Log(), -1)); c > seen[w] {
+					seen[w] = c
+					w.Kill()
+					n++
+					w.Restart(t, workerReady)
+				}
+			}
+		}
+	}()
+	as, xs := e.executeAll(t, ctx, conn, 3, func(i int) string { return fmt.Sprintf("echo fine-%d > out.txt", i) })
+	select {
+	case <-px.wait:
+	case <-time.After(3 * time.Minute):
+		t.Fatal("the poison action never failed")
+	}
+	close(stop)
+	if n := <-killed; n != 2 {
+		t.Errorf("workers killed by the poison action: %d, want 2 (max-deliver)", n)
+	}
+	if len(px.done) != 1 || px.resp.GetStatus().GetCode() == 0 || !strings.Contains(px.resp.GetStatus().GetMessage(), "handed to a worker 2 times") {
+		t.Fatalf("poison action: %d answers, status %v", len(px.done), px.resp.GetStatus())
+	}
+	for i, x := range xs {
+		x.check(t, fmt.Sprintf("action %d", i))
+	}
+	e.checkAll(t, conn, as)
 }
