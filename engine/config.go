@@ -8,6 +8,8 @@ import (
 	"github.com/kilnbuild/kiln/cache/s3"
 	"github.com/kilnbuild/kiln/engine/attest"
 	"github.com/kilnbuild/kiln/engine/execution"
+	"github.com/kilnbuild/kiln/cache"
+	"github.com/kilnbuild/kiln/engine/scheduler"
 	"github.com/kilnbuild/kiln/internal/bytesize"
 	"github.com/kilnbuild/kiln/toolchains"
 	"github.com/prometheus/client_golang/prometheus"
@@ -46,6 +48,12 @@ type Options struct {
 	// failed action-cache write fails the execution instead of being logged, so that a
 	// worker never reports done what it has not stored.
 	LinkSink attest.LinkSink `yaml:"-"`
+	// Observe, if set, is told of every finished execution and action-cache hit
+	// (kiln serve's history, for the web UI); it must not block.
+	Observe func(scheduler.Finished) `yaml:"-"`
+	// ActionURL, if set, is the web page of an action: failed actions' reports and
+	// errors name it, so a client can follow it.
+	ActionURL func(cache.Digest) string `yaml:"-"`
 }
 
 // SchedulerFactory makes an engine's scheduler (see Options.Scheduler).

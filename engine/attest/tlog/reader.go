@@ -94,16 +94,16 @@ func (r *Reader) Scan(ctx context.Context, treeSize uint64, fn func(index uint64
 	return r.ScanFrom(ctx, 0, treeSize, fn)
 }
 
-// ScanFrom is Scan from entry from on.
-func (r *Reader) ScanFrom(ctx context.Context, from, treeSize uint64, fn func(index uint64, data []byte) bool) error {
-	for bi := from / layout.EntryBundleWidth; bi*layout.EntryBundleWidth < treeSize; bi++ {
+// ScanFrom is Scan from entry start on (a follower reading only what is new).
+func (r *Reader) ScanFrom(ctx context.Context, start, treeSize uint64, fn func(index uint64, data []byte) bool) error {
+	for bi := start / layout.EntryBundleWidth; bi*layout.EntryBundleWidth < treeSize; bi++ {
 		b, err := client.GetEntryBundle(ctx, r.f.ReadEntryBundle, bi, treeSize)
 		if err != nil {
 			return errf(codes.DataLoss, "entry bundle %d: %v", bi, err)
 		}
 		for i, e := range b.Entries {
 			idx := bi*layout.EntryBundleWidth + uint64(i)
-			if idx < from {
+			if idx < start {
 				continue
 			}
 			if idx >= treeSize {
