@@ -4,6 +4,9 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
+	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -308,7 +311,11 @@ func (e *clusterEnv) waitLinksLogged(t *testing.T) {
 			return
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("%d links still pending after a minute:\n%s", len(ents), e.seq.Log())
+			log := "(sequencer in kiln serve)"
+			if e.seq != nil {
+				log = e.seq.Log()
+			}
+			t.Fatalf("%d links still pending after a minute:\n%s", len(ents), log)
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
@@ -639,4 +646,139 @@ func TestClusterPoisonAction(t *testing.T) {
 		x.check(t, fmt.Sprintf("action %d", i))
 	}
 	e.checkAll(t, conn, as)
+}
+
+// TestClusterBazel: Debian's Bazel 4.2.3 builds examples/bazel-hello through one
+// frontend with every action run remotely on two workers; after `bazel clean`, through
+// the other frontend, every action is a remote cache hit.
+func TestClusterBazel(t *testing.T) {
+	e := newCluster(t, clusterOpts{frontends: 2, workers: 2})
+	data := t.TempDir()
+	digest := harness.RecipeToolchain(t, data, "debian-gcc")
+	tar := filepath.Join(t.TempDir(), "gcc.tar")
+	if r := harness.Run(t, "toolchain", "export", "--data", data, digest, tar); r.Code != 0 {
+		t.Fatalf("toolchain export: %s", r.Stderr)
+	}
+	if r := harness.Run(t, "toolchain", "import", "--data", t.TempDir(), "--storage", e.storage, tar); r.Code != 0 {
+		t.Fatalf("toolchain import --storage: %s", r.Stderr)
+	}
+	bz := harness.NewBazel(t, "examples/bazel-hello")
+	build := func(f *harness.Server) map[string]int {
+		t.Helper()
+		out, err := bz.Run(t, "build", "--remote_executor=grpc://"+f.Addr, "--remote_default_exec_properties=container-image=docker://kiln/debian-gcc@"+digest, "--jobs=8", "//...")
+		if err != nil {
+			t.Fatalf("build through %s: %v\n%s", f.Addr, err, out)
+		}
+		return harness.Processes(out)
+	}
+	first := build(e.frontends[0])
+	ran := first["total"] - first["internal"]
+	if ran < 5 || first["remote"] != ran {
+		t.Fatalf("first build: %v, want every non-internal action remote", first)
+	}
+	ranOn := 0
+	for _, w := range e.workers {
+		if strings.Contains(w.Log(), "msg=executing") {
+			ranOn++
+		}
+	}
+	if ranOn != 2 {
+		t.Errorf("actions ran on %d of the 2 workers", ranOn)
+	}
+	if _, err := bz.Run(t, "clean"); err != nil {
+		t.Fatal(err)
+	}
+	if second := build(e.frontends[1]); second["remote cache hit"] != ran {
+		t.Fatalf("after clean, through the other frontend: %v, want all %d remote cache hits", second, ran)
+	}
+	hello, err := os.ReadFile(filepath.Join(bz.Workspace, "bazel-bin/app/hello"))
+	if err != nil || len(hello) == 0 {
+		t.Fatalf("built binary: %v", err)
+	}
+	e.waitLinksLogged(t)
+	if r := harness.Run(t, "attest", "verify", "--cluster", e.nats.URL, "--data", e.seqData, "--storage", e.storage,
+		"--subject", filepath.Join(bz.Workspace, "bazel-bin/app/hello")); r.Code != 0 {
+		t.Fatalf("kiln attest verify of the binary: %s%s", r.Stdout, r.Stderr)
+	}
+}
+
+// TestClusterEmbedded: kiln serve --cluster embedded runs JetStream and the sequencer
+// itself; a worker connects to --cluster-listen; kiln cluster status and the queue
+// metric see it.
+func TestClusterEmbedded(t *testing.T) {
+	harness.RequireRoot(t)
+	s3, url := sharedBucket(t, "c")
+	tar, bb := sharedBusybox(t)
+	if r := harness.Run(t, "toolchain", "import", "--data", t.TempDir(), "--storage", url, tar); r.Code != 0 {
+		t.Fatalf("toolchain import --storage: %s", r.Stderr)
+	}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	listen := l.Addr().String()
+	l.Close()
+	srv := harness.StartServer(t, "--cluster", "embedded", "--cluster-listen", listen, "--storage", url)
+	e := &clusterEnv{s3: s3, storage: url, nats: &harness.NATS{URL: "nats://" + listen}, bb: bb, seqData: srv.Data, opts: clusterOpts{ackWait: "3s", maxDeliver: 3}}
+	e.frontends = []*harness.Server{srv}
+	e.addWorker(t, "w1")
+	conn := dial(t, srv.Addr)
+	ctx := harness.Context(t, 2*time.Minute)
+	as, xs := e.executeAll(t, ctx, conn, 3, func(i int) string { return fmt.Sprintf("echo embedded-%d > out.txt", i) })
+	for i, x := range xs {
+		x.check(t, fmt.Sprintf("action %d", i))
+	}
+	e.checkAll(t, conn, as)
+	st := e.clusterStatus(t)
+	if len(st.Workers) != 1 || st.Workers[0].Name != "w1" || len(st.Platforms) != 1 || st.InFlight != 0 {
+		t.Fatalf("cluster status: %+v", st)
+	}
+	if r := harness.Run(t, "cluster", "status", "--cluster", e.nats.URL); r.Code != 0 || !strings.Contains(r.Stdout, "linux-amd64") || !strings.Contains(r.Stdout, "w1") {
+		t.Fatalf("cluster status: %s%s", r.Stdout, r.Stderr)
+	}
+	if !strings.Contains(metricsText(t, srv), `kiln_cluster_queue_pending{platform="linux-amd64"} 0`) {
+		t.Fatalf("no queue metric:\n%s", metricsText(t, srv))
+	}
+}
+
+func metricsText(t *testing.T, s *harness.Server) string {
+	t.Helper()
+	resp, err := http.Get("http://" + s.HTTP + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return string(b)
+}
+
+// TestClusterStartErrors: what cannot work is one line on stderr and a non-zero exit.
+func TestClusterStartErrors(t *testing.T) {
+	harness.RequireRoot(t)
+	_, url := sharedBucket(t, "c")
+	nats := harness.StartNATS(t)
+	for _, c := range []struct {
+		args []string
+		code int
+		want string
+	}{
+		{[]string{"worker", "--cluster", nats.URL, "--storage", url, "--data", t.TempDir(), "--prestart", "0"}, 2, "is not admitted to the cluster"},
+		{[]string{"worker", "--cluster", nats.URL, "--data", t.TempDir()}, 2, "--storage is required"},
+		{[]string{"serve", "--cluster", nats.URL, "--data", t.TempDir()}, 2, "--cluster needs --storage"},
+		{[]string{"serve", "--cluster", "embedded", "--storage", url, "--data", t.TempDir()}, 2, "needs --cluster-listen"},
+		{[]string{"cluster", "status", "--cluster", "nats://kiln:secret@127.0.0.1:4222"}, 2, "no credentials in the URL"},
+		{[]string{"cluster", "status", "--cluster", "nats://127.0.0.1:1"}, 2, "connect to the cluster at nats://127.0.0.1:1"},
+		{[]string{"cluster", "retire-key", "--cluster", nats.URL, "0123"}, 2, "is not in the cluster's trust set"},
+	} {
+		r := harness.Run(t, c.args...)
+		var errs []string // the error line (logs before it say what started)
+		for _, l := range strings.Split(r.Stderr, "\n") {
+			if strings.HasPrefix(l, "kiln: ") {
+				errs = append(errs, l)
+			}
+		}
+		if r.Code != c.code || len(errs) != 1 || !strings.Contains(errs[0], c.want) {
+			t.Errorf("kiln %s: exit %d, stderr %q; want exit %d and one line with %q", strings.Join(c.args, " "), r.Code, r.Stderr, c.code, c.want)
+		}
+	}
 }
