@@ -23,6 +23,11 @@
 #   go mod edit -replace google.golang.org/genproto/googleapis/bytestream=/tmp/buildbarn/bytestream
 #   go build -o /tmp/buildbarn/bin/ ./cmd/bb_storage
 #   BUILDBARN=/tmp/buildbarn/bin scripts/bench-exec.sh
+# CLUSTER=1 also runs, in the same run, a kiln cluster (docs/cluster.md: nats-server, one
+# frontend, two workers each with --concurrency half the CPUs, the sequencer) beside a
+# single-process `kiln serve --storage` on the same versitygw (so both pay the bucket),
+# both clean: the same build at --jobs=8, and N genrules one at a time (--jobs=1), whose
+# time difference divided by N is what the cluster path adds per action.
 # Since bb-remote-execution e6ab874 (2026-03) Buildbarn refuses REv2.0, which Debian's
 # Bazel 4.2.3 speaks; two edits let it through: lower the scheduler's DeprecatedApiVersion
 # from 2.2 to 2.0 (pkg/scheduler/in_memory_build_queue.go) and make the worker take
@@ -184,6 +189,58 @@ curl -s http://127.0.0.1:18812/metrics | awk '
   /^kiln_execution_phase_seconds_count/ { match($0, /phase="[a-z_]+"/); p=substr($0, RSTART+7, RLENGTH-8); cnt[p]=$2 }
   END { for (p in sum) if (cnt[p] > 0) printf "  %-14s %7.1f ms  (%d actions)\n", p, 1000*sum[p]/cnt[p], cnt[p]
         if (cnt["attest"] > 0 && sum["total"] > 0) printf "  attestation share of worker time: %.2f%%\n", 100*sum["attest"]/sum["total"] }'
+if [[ -n ${CLUSTER:-} ]]; then
+  gobin=$(go env GOPATH)/bin
+  cl=$work/cluster; mkdir -p "$cl/s3/bench" "$cl/js"
+  export AWS_ACCESS_KEY_ID=kilnbench AWS_SECRET_ACCESS_KEY=kilnbenchsecret AWS_CONFIG_FILE=/dev/null AWS_SHARED_CREDENTIALS_FILE=/dev/null AWS_EC2_METADATA_DISABLED=true
+  "$gobin/versitygw" --access "$AWS_ACCESS_KEY_ID" --secret "$AWS_SECRET_ACCESS_KEY" --port 127.0.0.1:18850 --quiet posix "$cl/s3" >"$cl/vgw.log" 2>&1 &
+  pids+=($!)
+  "$gobin/nats-server" -js -sd "$cl/js" -a 127.0.0.1 -p 18851 >"$cl/nats.log" 2>&1 &
+  pids+=($!)
+  waitport 18850; waitport 18851
+  st() { echo "s3://bench/$1?endpoint=http://127.0.0.1:18850&region=us-east-1&path-style=true"; }
+  "$KILN" toolchain export --data "$data" "$digest" "$cl/gcc.tar" >/dev/null
+  half=$(( $(nproc) / 2 )); [[ $half -gt 0 ]] || half=1
+  # single process, shared storage
+  "$KILN" toolchain import --data "$cl/single" --storage "$(st single)" --unpack "$cl/gcc.tar" >/dev/null
+  "$KILN" serve --data "$cl/single" --storage "$(st single)" --listen 127.0.0.1:18852 --http-listen 127.0.0.1:18853 --log-level warn --concurrency "$(nproc)" &
+  pids+=($!)
+  # cluster: the toolchain reaches the workers through the bucket (unpacked before the timing)
+  C=nats://127.0.0.1:18851
+  "$KILN" toolchain import --data "$cl/fe" --storage "$(st cluster)" "$cl/gcc.tar" >/dev/null
+  "$KILN" sequencer --cluster $C --storage "$(st cluster)" --data "$cl/seq" --log-level warn &
+  pids+=($!)
+  for w in w1 w2; do
+    "$KILN" toolchain import --data "$cl/$w" --unpack "$cl/gcc.tar" >/dev/null
+    "$KILN" attest pubkey --data "$cl/$w" --json > "$cl/$w.key"
+    "$KILN" cluster admit-key --cluster $C "$cl/$w.key" >/dev/null
+    "$KILN" worker --cluster $C --storage "$(st cluster)" --data "$cl/$w" --name "$w" --concurrency "$half" --log-level warn --http-listen 127.0.0.1:$((18860 + ${w#w})) &
+    pids+=($!)
+  done
+  "$KILN" serve --cluster $C --storage "$(st cluster)" --data "$cl/fe" --listen 127.0.0.1:18854 --http-listen 127.0.0.1:18855 --log-level warn &
+  pids+=($!)
+  waitport 18852; waitport 18854
+  sleep 2   # the workers join the queue
+  gens=(); for i in $(seq "$N"); do gens+=("//gen:g$i"); done
+  rx() { echo --remote_executor=grpc://127.0.0.1:$1 --remote_default_exec_properties=container-image="$image"; }
+  # genrules one at a time: each pays the whole path once; then the full build at --jobs=8
+  bz clean >/dev/null 2>&1; t_sseq=$(timed bz build --jobs=1 $(rx 18852) "${gens[@]}")
+  bz clean >/dev/null 2>&1; t_cseq=$(timed bz build --jobs=1 $(rx 18854) "${gens[@]}")
+  grep -E "INFO: [0-9]+ processes" "$work/last.log" | tail -1
+  bz clean >/dev/null 2>&1; t_sfull=$(timed bz "${common[@]}" $(rx 18852))
+  bz clean >/dev/null 2>&1; t_cfull=$(timed bz "${common[@]}" $(rx 18854))
+  grep -E "INFO: [0-9]+ processes" "$work/last.log" | tail -1
+  echo "== kiln cluster (1 frontend, 2 workers x --concurrency $half, nats-server, sequencer) vs one kiln serve, both on versitygw =="
+  printf '%-44s %8.2f s\n' "serve --storage: $N genrules at --jobs=1" "$t_sseq" "cluster: $N genrules at --jobs=1" "$t_cseq" \
+    "serve --storage: $((4*N)) actions at --jobs=8" "$t_sfull" "cluster: $((4*N)) actions at --jobs=8" "$t_cfull"
+  awk -v s="$t_sseq" -v c="$t_cseq" -v n="$N" -v sf="$t_sfull" -v cf="$t_cfull" 'BEGIN {
+    printf "cluster path adds %.1f ms per action (one at a time); ratios cluster/serve: %.2f (--jobs=1), %.2f (--jobs=8)\n", 1000*(c-s)/n, c/s, cf/sf }'
+  echo "cluster worker per-action time by phase (both workers, --jobs=8 build and the genrules):"
+  { curl -s http://127.0.0.1:18861/metrics; curl -s http://127.0.0.1:18862/metrics; } | awk '
+    /^kiln_execution_phase_seconds_sum/ { match($0, /phase="[a-z_]+"/); p=substr($0, RSTART+7, RLENGTH-8); sum[p]+=$2 }
+    /^kiln_execution_phase_seconds_count/ { match($0, /phase="[a-z_]+"/); p=substr($0, RSTART+7, RLENGTH-8); cnt[p]+=$2 }
+    END { for (p in sum) if (cnt[p] > 0) printf "  %-14s %7.1f ms  (%d actions)\n", p, 1000*sum[p]/cnt[p], cnt[p] }'
+fi
 if [[ -n ${BUILDBARN:-} ]]; then
   echo "buildbarn CPU in the clean build (bb_storage, bb_scheduler, bb_worker, bb_runner + the actions): $c_bb s"
   echo "buildbarn per-action time by stage (mean over the clean build; queued from the scheduler):"

@@ -39,6 +39,9 @@ type execRecord struct {
 	Queued    time.Time                 `json:"queued"`
 	Worker    string                    `json:"worker,omitempty"`
 	Attempt   int                       `json:"attempt,omitempty"` // deliveries to workers so far
+	// Returned counts deliveries a worker handed back on purpose (it was stopping):
+	// they do not count against max-deliver, which counts workers lost.
+	Returned int `json:"returned,omitempty"`
 	Live      int                       `json:"live"`              // operations not cancelled
 	Cancel    bool                      `json:"cancel,omitempty"`  // every operation was cancelled: stop it
 	SkipCache bool                      `json:"skip_cache,omitempty"`

@@ -256,20 +256,11 @@ func (w *Worker) handle(soft, hard context.Context, m jetstream.Msg) {
 		return
 	}
 	if soft.Err() != nil { // fetched as the worker began to stop
-		m.Nak()
-		w.mActions.WithLabelValues("handed_back").Inc()
+		w.handBack(m, job)
 		return
 	}
 	log := w.log.With("exec", job.Exec, "action", job.Action, "delivery", meta.NumDelivered)
 	attempt := int(meta.NumDelivered)
-	if max := w.c.cfg.MaxDeliver; attempt > max {
-		msg := fmt.Sprintf("kiln cluster: action %s was handed to a worker %d times and no worker completed it (each died or lost its lease while running it): not retried again (max-deliver %d)", job.Action, max, max)
-		log.Error("action failed after max-deliver", "max_deliver", max)
-		w.complete(hard, log, job, &repb.ExecuteResponse{Status: execution.StatusProto(status.Error(codes.Aborted, msg)), Message: msg}, true)
-		m.Term()
-		w.mActions.WithLabelValues("max_deliver").Inc()
-		return
-	}
 	var rec execRecord
 	_, err = w.c.getRecord(hard, execKey(job.Exec), &rec)
 	switch {
@@ -290,6 +281,14 @@ func (w *Worker) handle(soft, hard context.Context, m jetstream.Msg) {
 		w.complete(hard, log, job, cancelled(), true)
 		m.Term()
 		w.mActions.WithLabelValues("cancelled").Inc()
+		return
+	case attempt-rec.Returned > w.c.cfg.MaxDeliver:
+		max := w.c.cfg.MaxDeliver
+		msg := fmt.Sprintf("kiln cluster: action %s was handed to a worker %d times and no worker completed it (each died or lost its lease while running it): not retried again (max-deliver %d)", job.Action, max, max)
+		log.Error("action failed after max-deliver", "max_deliver", max)
+		w.complete(hard, log, job, &repb.ExecuteResponse{Status: execution.StatusProto(status.Error(codes.Aborted, msg)), Message: msg}, true)
+		m.Term()
+		w.mActions.WithLabelValues("max_deliver").Inc()
 		return
 	}
 	if _, err := updateRecord(hard, w.c, execKey(job.Exec), func(x *execRecord) error {
@@ -318,13 +317,11 @@ func (w *Worker) handle(soft, hard context.Context, m jetstream.Msg) {
 		return
 	case hard.Err() != nil:
 		log.Warn("handing the action back to the queue")
-		m.Nak()
-		w.mActions.WithLabelValues("handed_back").Inc()
+		w.handBack(m, job)
 		return
 	}
 	if !w.complete(hard, log, job, resp, false) {
-		m.Nak() // the cluster's state was unreachable until the end: let another report it
-		w.mActions.WithLabelValues("handed_back").Inc()
+		w.handBack(m, job) // the cluster's state was unreachable until the end: let another report it
 		return
 	}
 	// The result is stored and reported: now the queue may forget the action. An ack
@@ -340,6 +337,25 @@ func (w *Worker) handle(soft, hard context.Context, m jetstream.Msg) {
 		log.Warn("acknowledgement not confirmed", "err", err)
 	}
 	w.mActions.WithLabelValues("completed").Inc()
+}
+
+// handBack returns the action to the queue for another worker, recording that this
+// delivery was returned on purpose (it does not count against max-deliver).
+func (w *Worker) handBack(m jetstream.Msg, job work) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	updateRecord(ctx, w.c, execKey(job.Exec), func(x *execRecord) error {
+		if x.done() {
+			return errUnchanged
+		}
+		x.Returned++
+		if x.Stage == repb.ExecutionStage_EXECUTING {
+			x.Stage, x.Worker = repb.ExecutionStage_QUEUED, ""
+		}
+		return nil
+	})
+	m.Nak()
+	w.mActions.WithLabelValues("handed_back").Inc()
 }
 
 func cancelled() *repb.ExecuteResponse {
