@@ -139,6 +139,7 @@ bz() { (cd "$ws" && bazel --output_user_root="$work/bz" "$@"); }
 timed() { local s e; s=$(date +%s.%N); "$@" >"$work/last.log" 2>&1 || { tail -20 "$work/last.log"; exit 1; }; e=$(date +%s.%N); awk -v a="$s" -v b="$e" 'BEGIN { printf "%.3f", b - a }'; }
 bz build --nobuild //gen:all >/dev/null 2>&1   # warm the Bazel server and analysis
 common=(build --jobs=8 //gen:all)
+if [[ -z ${CLUSTER_ONLY:-} ]]; then  # CLUSTER_ONLY=1: only the cluster comparison below
 bz clean >/dev/null 2>&1; t_local=$(timed bz "${common[@]}" --spawn_strategy=local)
 bz clean >/dev/null 2>&1; t_sandbox=$(timed bz "${common[@]}" --spawn_strategy=linux-sandbox)
 # kiln_cpu: CPU seconds of kiln serve, its sandbox daemon and everything they reaped
@@ -157,6 +158,7 @@ c_kiln=$(awk -v a="$c0" -v b="$(kiln_cpu)" 'BEGIN { printf "%.2f", b - a }')
 grep -E "INFO: [0-9]+ processes" "$work/last.log" | tail -1
 bz clean >/dev/null 2>&1; t_hit=$(timed bz "${common[@]}" --remote_executor=grpc://127.0.0.1:18811 --remote_default_exec_properties=container-image="$image")
 grep -E "INFO: [0-9]+ processes" "$work/last.log" | tail -1
+fi
 
 if [[ -n ${BUILDBARN:-} ]]; then
   # bb_cpu: CPU seconds of the Buildbarn processes and the actions bb_runner reaped.
@@ -176,13 +178,13 @@ if [[ -n ${BUILDBARN:-} ]]; then
   grep -E "INFO: [0-9]+ processes" "$work/last.log" | tail -1
 fi
 
-printf '%-34s %8.2f s\n' "bazel local" "$t_local" "bazel linux-sandbox" "$t_sandbox" \
+[[ -n ${CLUSTER_ONLY:-} ]] || printf '%-34s %8.2f s\n' "bazel local" "$t_local" "bazel linux-sandbox" "$t_sandbox" \
   "kiln remote execution (sandboxed)" "$t_kiln" "kiln all-cache-hit rebuild" "$t_hit"
 [[ -z ${BUILDBARN:-} ]] || printf '%-34s %8.2f s\n' "buildbarn remote execution (host)" "$t_bb" "buildbarn all-cache-hit rebuild" "$t_bbhit"
-awk -v k="$t_kiln" -v l="$t_local" -v s="$t_sandbox" 'BEGIN { printf "ratios: kiln/local %.2f  kiln/linux-sandbox %.2f\n", k / l, k / s }'
+[[ -n ${CLUSTER_ONLY:-} ]] || awk -v k="$t_kiln" -v l="$t_local" -v s="$t_sandbox" 'BEGIN { printf "ratios: kiln/local %.2f  kiln/linux-sandbox %.2f\n", k / l, k / s }'
 [[ -z ${BUILDBARN:-} ]] || awk -v k="$t_kiln" -v b="$t_bb" -v kh="$t_hit" -v bh="$t_bbhit" \
   'BEGIN { printf "ratios: kiln/buildbarn %.2f  kiln/buildbarn all-cache-hit %.2f\n", k / b, kh / bh }'
-echo "kiln CPU in the clean build (kiln serve + its sandbox daemon + the sandboxes and actions): $c_kiln s"
+[[ -n ${CLUSTER_ONLY:-} ]] || echo "kiln CPU in the clean build (kiln serve + its sandbox daemon + the sandboxes and actions): $c_kiln s"
 echo "kiln per-action time by phase (mean over the clean build):"
 curl -s http://127.0.0.1:18812/metrics | awk '
   /^kiln_execution_phase_seconds_sum/ { match($0, /phase="[a-z_]+"/); p=substr($0, RSTART+7, RLENGTH-8); sum[p]=$2 }

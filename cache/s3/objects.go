@@ -5,6 +5,7 @@ import (
 	"context"
 	"io"
 	"strings"
+	"time"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
 	awss3 "github.com/aws/aws-sdk-go-v2/service/s3"
@@ -58,22 +59,28 @@ func (b *Bucket) DeleteObject(ctx context.Context, key string) error {
 	return b.wrap(err, "delete %s", key)
 }
 
-// ListObjects returns up to max keys under prefix (keys as PutObject takes them), in
-// the bucket's order (lexical), starting after the key after ("" for the first).
-func (b *Bucket) ListObjects(ctx context.Context, prefix, after string, max int) ([]string, error) {
+// Object is a listed object: its key as PutObject takes it, and when it was written.
+type Object struct {
+	Key      string
+	Modified time.Time
+}
+
+// ListObjects returns up to max objects under prefix, in the bucket's order (lexical by
+// key), starting after the key after ("" for the first).
+func (b *Bucket) ListObjects(ctx context.Context, prefix, after string, max int) ([]Object, error) {
 	p := b.cfg.Prefix + prefix
 	in := &awss3.ListObjectsV2Input{Bucket: &b.cfg.Bucket, Prefix: &p, MaxKeys: aws.Int32(int32(min(max, 1000)))}
 	if after != "" {
 		in.StartAfter = aws.String(b.cfg.Prefix + after)
 	}
-	var keys []string
+	var keys []Object
 	for len(keys) < max {
 		out, err := b.client.ListObjectsV2(ctx, in)
 		if err != nil {
 			return nil, b.wrap(err, "list %s", prefix)
 		}
 		for _, o := range out.Contents {
-			keys = append(keys, strings.TrimPrefix(aws.ToString(o.Key), b.cfg.Prefix))
+			keys = append(keys, Object{Key: strings.TrimPrefix(aws.ToString(o.Key), b.cfg.Prefix), Modified: aws.ToTime(o.LastModified)})
 		}
 		if !aws.ToBool(out.IsTruncated) || out.NextContinuationToken == nil {
 			break

@@ -10,6 +10,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/kilnbuild/kiln/cache/tiered"
 	"github.com/kilnbuild/kiln/engine"
 	"github.com/kilnbuild/kiln/engine/cluster"
 	"github.com/kilnbuild/kiln/internal/bytesize"
@@ -132,8 +133,11 @@ finish, then are handed back to the queue.`,
 			if err != nil {
 				return err
 			}
-			w := cluster.NewWorker(r.conn, eng.Scheduler, eng.CAS, eng.AC, cluster.WorkerConfig{Name: name, Concurrency: ex.Concurrency,
-				Grace: grace, KeyID: k.ID(), Version: version, Logger: r.log, Registerer: r.reg})
+			wc := cluster.WorkerConfig{Name: name, Concurrency: ex.Concurrency, Grace: grace, KeyID: k.ID(), Version: version, Logger: r.log, Registerer: r.reg}
+			if t, ok := eng.Store.(*tiered.Store); ok {
+				wc.LocalTier = t.Local()
+			}
+			w := cluster.NewWorker(r.conn, eng.Scheduler, eng.CAS, eng.AC, wc)
 			return w.Run(r.ctx)
 		},
 	}

@@ -48,7 +48,9 @@ type Options struct {
 }
 
 // LinkSink receives signed links for a log kept elsewhere. Submit returns once the
-// link is durably queued there: an envelope Link returned is never lost.
+// link is durably queued there: an envelope Link returned is never lost. It runs while
+// the envelope is being stored in the CAS, so its reader must wait for an envelope it
+// cannot read yet (Link fails if either fails).
 type LinkSink interface {
 	Submit(ctx context.Context, env cache.Digest, envelope []byte) error
 }
@@ -411,12 +413,19 @@ func (s *Signer) Link(ctx context.Context, a Action) (Linked, error) {
 			return err
 		}
 		d := cache.DigestOf(env)
-		if err := s.opts.CAS.Put(ctx, d, bytes.NewReader(env)); err != nil {
-			return grpcerr.Wrap(err, "store envelope in CAS")
-		}
 		out = Linked{Envelope: env, Digest: d, KeyID: k.ID()}
 		if s.opts.Sink != nil {
-			return s.opts.Sink.Submit(ctx, d, env)
+			// At once: the sink's reader waits for an envelope it cannot read yet.
+			sunk := make(chan error, 1)
+			go func() { sunk <- s.opts.Sink.Submit(ctx, d, env) }()
+			err := s.opts.CAS.Put(ctx, d, bytes.NewReader(env))
+			if serr := <-sunk; err == nil {
+				err = serr
+			}
+			return grpcerr.Wrap(err, "store and queue the envelope")
+		}
+		if err := s.opts.CAS.Put(ctx, d, bytes.NewReader(env)); err != nil {
+			return grpcerr.Wrap(err, "store envelope in CAS")
 		}
 		if idx, ok := s.store.LogIndex(d); ok && s.store.HasEnvelope(d) {
 			out.LogIndex, out.Logged = idx, true

@@ -133,7 +133,7 @@ func (f *Frontend) Submit(ctx context.Context, req execution.Request) (execution
 	}
 	g, gctx := errgroup.WithContext(ctx)
 	if queue != nil {
-		g.Go(func() error { return f.publish(gctx, queue) })
+		g.Go(func() error { return f.publish(gctx, queue, f.seeds(gctx, a)) })
 	}
 	g.Go(func() error {
 		_, err := f.c.createRecord(gctx, opKey(opID), &op)
@@ -148,8 +148,8 @@ func (f *Frontend) Submit(ctx context.Context, req execution.Request) (execution
 
 // publish queues rec for a worker; its id is the message id, so publishing it again
 // within the stream's duplicate window queues nothing more.
-func (f *Frontend) publish(ctx context.Context, rec *execRecord) error {
-	b, err := json.Marshal(work{Exec: rec.ID, Instance: rec.Instance, Action: rec.Action, Queued: rec.Queued, SkipCache: rec.SkipCache})
+func (f *Frontend) publish(ctx context.Context, rec *execRecord, seeds map[string][]byte) error {
+	b, err := json.Marshal(work{Exec: rec.ID, Instance: rec.Instance, Action: rec.Action, Queued: rec.Queued, SkipCache: rec.SkipCache, Blobs: seeds})
 	if err != nil {
 		return status.Errorf(codes.Internal, "work: %v", err)
 	}
@@ -157,6 +157,51 @@ func (f *Frontend) publish(ctx context.Context, rec *execRecord) error {
 		return f.c.wrap(err, "queue action %s", rec.Action)
 	}
 	return nil
+}
+
+// seeds collects the blobs a worker reads first and one after another: the Action,
+// the Command and the input tree's Directory messages, breadth first, up to seedBytes.
+// They come from this frontend's local tier, where the client's upload left them; what
+// cannot be read here is left to the worker.
+func (f *Frontend) seeds(ctx context.Context, a *executor.Action) map[string][]byte {
+	out := map[string][]byte{}
+	total := 0
+	add := func(d cache.Digest) []byte {
+		if d.Size == 0 || total+int(d.Size) > seedBytes || out[d.String()] != nil {
+			return nil
+		}
+		b, err := cache.ReadAll(ctx, f.cas, d, d.Size)
+		if err != nil {
+			return nil
+		}
+		out[d.String()], total = b, total+len(b)
+		return b
+	}
+	add(a.Digest)
+	add(a.CmdDigest)
+	root, err := cache.FromProto(a.Action.GetInputRootDigest())
+	if err != nil {
+		return out
+	}
+	queue := []cache.Digest{root}
+	for len(queue) > 0 && total < seedBytes {
+		d := queue[0]
+		queue = queue[1:]
+		b := add(d)
+		if b == nil {
+			continue
+		}
+		var dir repb.Directory
+		if proto.Unmarshal(b, &dir) != nil {
+			continue
+		}
+		for _, sub := range dir.GetDirectories() {
+			if sd, err := cache.FromProto(sub.GetDigest()); err == nil {
+				queue = append(queue, sd)
+			}
+		}
+	}
+	return out
 }
 
 var errStale = errors.New("stale")

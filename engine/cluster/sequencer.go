@@ -34,6 +34,11 @@ import (
 
 const pendingPrefix = "pending/"
 
+// envelopeWait is how long a pending marker may name an envelope that is not in the
+// bucket (still being uploaded, or its worker died mid-upload: the retry writes both
+// again) before the sequencer gives up on it.
+const envelopeWait = 10 * time.Minute
+
 // BucketSink is a worker's attest.LinkSink: a pending marker in the bucket.
 type BucketSink struct {
 	Bucket *s3.Bucket
@@ -171,7 +176,7 @@ func (s *Sequencer) drain(ctx context.Context) error {
 		if len(keys) == 0 {
 			break
 		}
-		after = keys[len(keys)-1]
+		after = keys[len(keys)-1].Key
 		total += len(keys)
 		s.mPending.Set(float64(total))
 		g, gctx := errgroup.WithContext(ctx)
@@ -193,7 +198,8 @@ func (s *Sequencer) drain(ctx context.Context) error {
 // append logs the link a pending marker names, then deletes the marker. A link not
 // signed by a key the cluster trusts (unknown, or retired and sealed) is moved to
 // rejected/ instead, with the reason.
-func (s *Sequencer) append(ctx context.Context, key string, trust keys.Trust) error {
+func (s *Sequencer) append(ctx context.Context, obj s3.Object, trust keys.Trust) error {
+	key := obj.Key
 	d, err := cache.ParseDigest(strings.Replace(strings.TrimPrefix(key, pendingPrefix), "_", "/", 1))
 	if err != nil {
 		s.log.Warn("ignoring a malformed pending marker", "key", key)
@@ -205,6 +211,10 @@ func (s *Sequencer) append(ctx context.Context, key string, trust keys.Trust) er
 	}
 	if err != nil {
 		if status.Code(err) == codes.NotFound || status.Code(err) == codes.DataLoss {
+			// A worker writes the marker and the envelope at once: wait for it a while.
+			if time.Since(obj.Modified) < envelopeWait {
+				return nil
+			}
 			return s.reject(ctx, key, d, "its envelope is not in the bucket")
 		}
 		return err

@@ -70,7 +70,15 @@ type work struct {
 	Action    string    `json:"action"`
 	Queued    time.Time `json:"queued"`
 	SkipCache bool      `json:"skip_cache,omitempty"`
+	// Blobs are the Action, the Command and the input tree's Directory messages (as
+	// many as fit in seedBytes), by digest: the worker checks each against its digest
+	// and puts it in its local tier, saving a serial bucket read for each. They are in
+	// the bucket too: a worker that gets fewer reads the rest from there.
+	Blobs map[string][]byte `json:"blobs,omitempty"`
 }
+
+// seedBytes bounds the blobs a work message carries.
+const seedBytes = 128 << 10
 
 // inlineResponse bounds a response kept in the execution record itself (NATS messages
 // default to at most 1 MiB); a larger one goes to the CAS.
@@ -136,6 +144,23 @@ func (c *Conn) createRecord(ctx context.Context, key string, v any) (uint64, err
 		return 0, c.wrap(err, "create %s", key)
 	}
 	return rev, nil
+}
+
+// putRecord writes v at key if its revision is still rev and returns the new one
+// (ABORTED if the key was written meanwhile).
+func (c *Conn) putRecord(ctx context.Context, key string, v any, rev uint64) (uint64, error) {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return 0, status.Errorf(codes.Internal, "%s: %v", key, err)
+	}
+	n, err := c.State.Update(ctx, key, b, rev)
+	if errors.Is(err, jetstream.ErrKeyRevisionMismatch) || errors.Is(err, jetstream.ErrKeyExists) {
+		return 0, status.Errorf(codes.Aborted, "%s changed", key)
+	}
+	if err != nil {
+		return 0, c.wrap(err, "update %s", key)
+	}
+	return n, nil
 }
 
 // errUnchanged makes updateRecord stop without writing.

@@ -1,6 +1,7 @@
 package cluster
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -35,7 +36,10 @@ type WorkerConfig struct {
 	// handed back to the queue (0: 30 s).
 	Grace   time.Duration
 	KeyID   string // the executor key its links are signed with: must be admitted
-	Version string
+	// LocalTier, if set, is the local disk tier of the worker's store: blobs a work
+	// message carries are put there (verified), not read from the bucket.
+	LocalTier cache.BlobStore
+	Version   string
 	Logger  *slog.Logger
 	// Registerer gets the worker's metrics; nil: none.
 	Registerer prometheus.Registerer
@@ -262,7 +266,7 @@ func (w *Worker) handle(soft, hard context.Context, m jetstream.Msg) {
 	log := w.log.With("exec", job.Exec, "action", job.Action, "delivery", meta.NumDelivered)
 	attempt := int(meta.NumDelivered)
 	var rec execRecord
-	_, err = w.c.getRecord(hard, execKey(job.Exec), &rec)
+	rev, err := w.c.getRecord(hard, execKey(job.Exec), &rec)
 	switch {
 	case status.Code(err) == codes.NotFound:
 		log.Warn("execution is gone from the cluster's state (retained no longer); dropping it")
@@ -291,15 +295,20 @@ func (w *Worker) handle(soft, hard context.Context, m jetstream.Msg) {
 		w.mActions.WithLabelValues("max_deliver").Inc()
 		return
 	}
-	if _, err := updateRecord(hard, w.c, execKey(job.Exec), func(x *execRecord) error {
-		if x.done() {
-			return errUnchanged
+	rec.Stage, rec.Worker, rec.Attempt = repb.ExecutionStage_EXECUTING, w.cfg.Name, attempt
+	if rev, err = w.c.putRecord(hard, execKey(job.Exec), &rec, rev); err != nil {
+		rev = 0
+		if _, err := updateRecord(hard, w.c, execKey(job.Exec), func(x *execRecord) error {
+			if x.done() {
+				return errUnchanged
+			}
+			x.Stage, x.Worker, x.Attempt = repb.ExecutionStage_EXECUTING, w.cfg.Name, attempt
+			return nil
+		}); err != nil {
+			log.Warn("cannot record that the action runs", "err", err)
 		}
-		x.Stage, x.Worker, x.Attempt = repb.ExecutionStage_EXECUTING, w.cfg.Name, attempt
-		return nil
-	}); err != nil {
-		log.Warn("cannot record that the action runs", "err", err)
 	}
+	w.seed(hard, log, job)
 
 	run, stop := context.WithCancel(hard)
 	defer stop()
@@ -320,23 +329,52 @@ func (w *Worker) handle(soft, hard context.Context, m jetstream.Msg) {
 		w.handBack(m, job)
 		return
 	}
-	if !w.complete(hard, log, job, resp, false) {
-		w.handBack(m, job) // the cluster's state was unreachable until the end: let another report it
-		return
+	// Fast path: nobody wrote the record since this worker marked it EXECUTING.
+	if rev == 0 || !w.completeAt(hard, job, &rec, rev, resp) {
+		if !w.complete(hard, log, job, resp, false) {
+			w.handBack(m, job) // the cluster's state was unreachable until the end: let another report it
+			return
+		}
 	}
 	// The result is stored and reported: now the queue may forget the action. An ack
 	// that does not reach the server only costs a redelivery that finds it done.
-	if err := retry(hard, log, "acknowledge", func() error {
-		actx, cancel := context.WithTimeout(hard, 5*time.Second)
-		defer cancel()
-		if err := m.DoubleAck(actx); err != nil {
-			return w.c.wrap(err, "acknowledge")
-		}
-		return nil
-	}); err != nil {
-		log.Warn("acknowledgement not confirmed", "err", err)
-	}
+	m.Ack()
 	w.mActions.WithLabelValues("completed").Inc()
+}
+
+// completeAt records resp as the result of rec, last written at revision rev by this
+// worker; false if the record changed since (complete then starts over from a read).
+func (w *Worker) completeAt(ctx context.Context, job work, rec *execRecord, rev uint64, resp *repb.ExecuteResponse) bool {
+	x := *rec
+	x.Stage = repb.ExecutionStage_COMPLETED
+	if x.setResponse(ctx, w.cas, resp) != nil {
+		return false
+	}
+	if _, err := w.c.putRecord(ctx, execKey(job.Exec), &x, rev); err != nil {
+		return false
+	}
+	if x.InFlight != "" {
+		go w.release(context.WithoutCancel(ctx), &x) // off the path: a stale in-flight key is replaced by the next Execute anyway
+	}
+	return true
+}
+
+// seed puts the blobs the work message carries into the local tier, each checked
+// against its digest (a wrong one is dropped: the bucket's copy will be read).
+func (w *Worker) seed(ctx context.Context, log *slog.Logger, job work) {
+	if w.cfg.LocalTier == nil {
+		return
+	}
+	for k, b := range job.Blobs {
+		d, err := cache.ParseDigest(k)
+		if err != nil || cache.DigestOf(b) != d {
+			log.Warn("a work message carries a blob that does not match its digest; ignored", "blob", k)
+			continue
+		}
+		if err := w.cfg.LocalTier.Put(ctx, d, bytes.NewReader(b)); err != nil {
+			log.Debug("could not seed a blob into the local tier", "blob", k, "err", err)
+		}
+	}
 }
 
 // handBack returns the action to the queue for another worker, recording that this
