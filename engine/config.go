@@ -5,10 +5,10 @@ import (
 	"runtime"
 	"time"
 
+	"github.com/kilnbuild/kiln/cache"
 	"github.com/kilnbuild/kiln/cache/s3"
 	"github.com/kilnbuild/kiln/engine/attest"
 	"github.com/kilnbuild/kiln/engine/execution"
-	"github.com/kilnbuild/kiln/cache"
 	"github.com/kilnbuild/kiln/engine/scheduler"
 	"github.com/kilnbuild/kiln/internal/bytesize"
 	"github.com/kilnbuild/kiln/toolchains"

@@ -17,6 +17,7 @@ import (
 	"github.com/kilnbuild/kiln/engine/execution"
 	"github.com/kilnbuild/kiln/engine/executor"
 	"github.com/kilnbuild/kiln/engine/quarantine"
+	"github.com/kilnbuild/kiln/engine/revoke"
 	"github.com/kilnbuild/kiln/engine/scheduler"
 	"github.com/kilnbuild/kiln/sandbox"
 	"github.com/kilnbuild/kiln/toolchains"
@@ -46,8 +47,10 @@ type Engine struct {
 	Metrics    *cache.Metrics
 	Signer     *attest.Signer
 	Quarantine *quarantine.List
-	runner     *sandbox.Runner
-	log        *slog.Logger
+	// Revocations are the revoked identities and executor keys (package engine/revoke).
+	Revocations *revoke.List
+	runner      *sandbox.Runner
+	log         *slog.Logger
 }
 
 // Open opens the data dir: store, toolchains, sandbox runner, executor and scheduler.
@@ -91,6 +94,7 @@ func Open(ctx context.Context, opts Options) (*Engine, error) {
 	if e.Quarantine, err = quarantine.Open(string(opts.Data)); err != nil {
 		return nil, err
 	}
+	e.Revocations = revoke.Open(string(opts.Data))
 	e.AC = e.Metrics.ActionCache(e.Quarantine.WrapActionCache(cache.WithCompletenessCheck(e.Store.ActionCache(), e.CAS), e.CAS))
 	e.Toolchains, err = toolchains.Open(ctx, string(opts.Data), toolchains.Options{Default: ex.DefaultToolchain, Pinner: opts.Pinner, Logger: log})
 	if err != nil {
@@ -114,8 +118,9 @@ func Open(ctx context.Context, opts Options) (*Engine, error) {
 	e.Executor, err = executor.NewExecutor(executor.ExecutorConfig{
 		CAS: e.CAS, Local: e.Local, AC: e.AC, Sandbox: sb, Toolchains: e.toolchainResolver(),
 		RequireCacheWrite: opts.LinkSink != nil,
-		Attester: executor.LinkAttester{Signer: e.Signer, Version: opts.Version}, Quarantined: e.Quarantine.Quarantined,
-		WorkDir: filepath.Join(opts.Data.Sandbox(), "exec"), UID: sandbox.DefaultUID, GID: sandbox.DefaultGID,
+		Attester:          executor.LinkAttester{Signer: e.Signer, Version: opts.Version, CheckKey: e.Revocations.CheckKey},
+		Quarantined:       e.Quarantine.Quarantined,
+		WorkDir:           filepath.Join(opts.Data.Sandbox(), "exec"), UID: sandbox.DefaultUID, GID: sandbox.DefaultGID,
 		DefaultTimeout: ex.DefaultTimeout, MaxTimeout: ex.MaxTimeout, Logger: log, ActionURL: opts.ActionURL,
 		IgnoreUnknownPlatformProperties: ex.IgnoreUnknownPlatformProperties,
 	})

@@ -66,6 +66,8 @@ func newRootCmd() *cobra.Command {
 		newAttestCmd(),
 		newLogCmd(),
 		newQuarantineCmd(),
+		newRevokeCmd(),
+		newAuditCmd(),
 		newExportCmd(),
 		newRebuildCmd(),
 		newGateCmd(),

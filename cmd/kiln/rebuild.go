@@ -188,6 +188,7 @@ nothing quarantined); 2 usage or set-up error.`,
 	c.Flags().StringVar(&remoteTLS.CA, "remote-ca", "", "PEM CA certificates: talk TLS to --remote (default: plaintext, for a trusted network)")
 	c.Flags().StringVar(&remoteTLS.Cert, "remote-client-cert", "", "PEM client certificate for --remote when it requires one (kiln serve --tls-client-ca)")
 	c.Flags().StringVar(&remoteTLS.Key, "remote-client-key", "", "PEM private key of --remote-client-cert")
+	c.Flags().StringVar(&remoteTLS.TokenFile, "remote-token-file", "", "file holding a bearer token for --remote when it requires one (kiln serve --oidc-issuer); re-read when it changes")
 	c.Flags().StringVar(&out, "out", "", "write the signed verification summary here (default stdout)")
 	c.Flags().BoolVar(&jsonOut, "json", false, "print the per-action result as JSON on stdout (use with --out)")
 	c.Flags().DurationVar(&wait, "wait", 5*time.Second, "how long to wait for freshly signed links to be logged (local data dir)")

@@ -147,7 +147,8 @@ func TestServeConfigErrors(t *testing.T) {
 // same configuration, in YAML, or in JSON for a JSON file.
 func TestPrintConfigRoundTrip(t *testing.T) {
 	args := []string{"--concurrency", "5", "--max-size", "3GiB", "--fetch-allow", "x.example,y.example",
-		"--no-execution", "--allow-client-ac-writes", "--verify-rate", "0.25", "--default-toolchain", "docker://kiln/busybox@sha256:" + strings.Repeat("a", 64)}
+		"--no-execution", "--allow-client-ac-writes", "--verify-rate", "0.25", "--default-toolchain", "docker://kiln/busybox@sha256:" + strings.Repeat("a", 64),
+		"--oidc-issuer", "https://a.example", "--oidc-audience", "kiln-a", "--oidc-issuer", "https://b.example", "--oidc-audience", "kiln-b", "--oidc-max-ttl", "90m"}
 	want, _, err := runServe(t, args...)
 	if err != nil {
 		t.Fatal(err)
@@ -158,6 +159,9 @@ func TestPrintConfigRoundTrip(t *testing.T) {
 	}
 	if want.Execution.Prestart != 5 {
 		t.Fatalf("prestart %d, want 5", want.Execution.Prestart)
+	}
+	if o := want.OIDC; len(o.Issuers) != 2 || o.Audiences[1] != "kiln-b" || o.MaxTTL != 90*time.Minute {
+		t.Fatalf("oidc settings %+v", o)
 	}
 	file := writeFile(t, "printed.yaml", out)
 	_, again, err := runServe(t, "--config", file, "--print-config")

@@ -107,7 +107,9 @@ type sched struct {
 	started   chan cache.Digest
 }
 
-func newSched() *sched { return &sched{release: make(chan struct{}), started: make(chan cache.Digest, 16)} }
+func newSched() *sched {
+	return &sched{release: make(chan struct{}), started: make(chan cache.Digest, 16)}
+}
 
 func (s *sched) Submit(ctx context.Context, req execution.Request) (execution.Watch, error) {
 	s.runs.Add(1)
@@ -304,4 +306,3 @@ func TestNotAdmitted(t *testing.T) {
 		t.Fatalf("unadmitted worker: %v", err)
 	}
 }
-

@@ -8,7 +8,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-		"syscall"
+	"syscall"
 	"time"
 
 	"github.com/kilnbuild/kiln/cache"

@@ -30,21 +30,21 @@ import (
 
 // execRecord is one execution of an action.
 type execRecord struct {
-	ID        string                    `json:"id"`
-	Instance  string                    `json:"instance"`
-	Action    string                    `json:"action"` // HASH/SIZE
-	Platform  string                    `json:"platform"`
-	InFlight  string                    `json:"inflight,omitempty"` // its f. key, for cacheable actions
-	Stage     repb.ExecutionStage_Value `json:"stage"`
-	Queued    time.Time                 `json:"queued"`
-	Worker    string                    `json:"worker,omitempty"`
-	Attempt   int                       `json:"attempt,omitempty"` // deliveries to workers so far
+	ID       string                    `json:"id"`
+	Instance string                    `json:"instance"`
+	Action   string                    `json:"action"` // HASH/SIZE
+	Platform string                    `json:"platform"`
+	InFlight string                    `json:"inflight,omitempty"` // its f. key, for cacheable actions
+	Stage    repb.ExecutionStage_Value `json:"stage"`
+	Queued   time.Time                 `json:"queued"`
+	Worker   string                    `json:"worker,omitempty"`
+	Attempt  int                       `json:"attempt,omitempty"` // deliveries to workers so far
 	// Returned counts deliveries a worker handed back on purpose (it was stopping):
 	// they do not count against max-deliver, which counts workers lost.
-	Returned int `json:"returned,omitempty"`
-	Live      int                       `json:"live"`              // operations not cancelled
-	Cancel    bool                      `json:"cancel,omitempty"`  // every operation was cancelled: stop it
-	SkipCache bool                      `json:"skip_cache,omitempty"`
+	Returned  int  `json:"returned,omitempty"`
+	Live      int  `json:"live"`             // operations not cancelled
+	Cancel    bool `json:"cancel,omitempty"` // every operation was cancelled: stop it
+	SkipCache bool `json:"skip_cache,omitempty"`
 	// Response is the ExecuteResponse (protobuf) once COMPLETED; a large one is kept in
 	// the CAS and named by ResponseBlob instead.
 	Response     []byte `json:"response,omitempty"`

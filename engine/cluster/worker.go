@@ -34,13 +34,13 @@ type WorkerConfig struct {
 	Concurrency int    // actions at once
 	// Grace is how long, after SIGTERM, running actions may finish before they are
 	// handed back to the queue (0: 30 s).
-	Grace   time.Duration
-	KeyID   string // the executor key its links are signed with: must be admitted
+	Grace time.Duration
+	KeyID string // the executor key its links are signed with: must be admitted
 	// LocalTier, if set, is the local disk tier of the worker's store: blobs a work
 	// message carries are put there (verified), not read from the bucket.
 	LocalTier cache.BlobStore
 	Version   string
-	Logger  *slog.Logger
+	Logger    *slog.Logger
 	// Registerer gets the worker's metrics; nil: none.
 	Registerer prometheus.Registerer
 }
