@@ -74,33 +74,7 @@ func (n *NATS) Start(t testing.TB) {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	host, port, _ := net.SplitHostPort(n.addr)
-	logf, err := os.OpenFile(n.log, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cmd := exec.Command(n.bin, "-js", "-sd", n.Store, "-a", host, "-p", port)
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	cmd.Stdout, cmd.Stderr = logf, logf
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan struct{})
-	go func() { cmd.Wait(); logf.Close(); close(done) }()
-	n.cmd, n.done = cmd, done
-	deadline := time.Now().Add(30 * time.Second)
-	for time.Now().Before(deadline) {
-		if c, err := net.DialTimeout("tcp", n.addr, time.Second); err == nil {
-			c.Close()
-			return
-		}
-		select {
-		case <-done:
-			b, _ := os.ReadFile(n.log)
-			t.Fatalf("nats-server exited at start:\n%s", b)
-		case <-time.After(50 * time.Millisecond):
-		}
-	}
-	t.Fatalf("nats-server did not listen on %s within 30s", n.addr)
+	n.cmd, n.done = startListening(t, "nats-server", exec.Command(n.bin, "-js", "-sd", n.Store, "-a", host, "-p", port), n.log, n.addr)
 }
 
 // Kill ends the server with SIGKILL, as a crash would.
