@@ -21,6 +21,7 @@ import (
 	"github.com/kilnbuild/kiln/cache"
 	"github.com/kilnbuild/kiln/engine/attest"
 	"github.com/kilnbuild/kiln/engine/attest/tlog"
+	"github.com/kilnbuild/kiln/internal/testpki"
 	"github.com/kilnbuild/kiln/test/harness"
 	"golang.org/x/mod/sumdb/note"
 	"google.golang.org/grpc"
@@ -780,5 +781,56 @@ func TestClusterStartErrors(t *testing.T) {
 		if r.Code != c.code || len(errs) != 1 || !strings.Contains(errs[0], c.want) {
 			t.Errorf("kiln %s: exit %d, stderr %q; want exit %d and one line with %q", strings.Join(c.args, " "), r.Code, r.Stderr, c.code, c.want)
 		}
+	}
+}
+
+// TestClusterTLS: kiln talks to a nats-server that requires TLS client certificates,
+// with --cluster-tls-ca/-cert/-key; the files are read again at every reconnection: a
+// frontend whose certificate is replaced by one the server refuses cannot reconnect
+// after the server restarts, and reconnects once a good one is back in place.
+func TestClusterTLS(t *testing.T) {
+	_, url := sharedBucket(t, "c")
+	ca, other := testpki.NewCA(t, "nats-ca"), testpki.NewCA(t, "other-ca")
+	scert, skey := ca.Server(t, "nats")
+	n := harness.StartNATS(t, "--tlsverify", "--tlscert", scert, "--tlskey", skey, "--tlscacert", ca.Cert)
+	tlsURL := strings.Replace(n.URL, "nats://", "tls://", 1)
+	ccert, ckey := ca.Client(t, "kiln")
+	dir := t.TempDir()
+	cert, key := filepath.Join(dir, "client.pem"), filepath.Join(dir, "client.key")
+	install := func(c, k string) {
+		for _, f := range [][2]string{{c, cert}, {k, key}} {
+			b, err := os.ReadFile(f[0])
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := os.WriteFile(f[1], b, 0o600); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	install(ccert, ckey)
+	tlsArgs := []string{"--cluster", tlsURL, "--cluster-tls-ca", ca.Cert, "--cluster-tls-cert", cert, "--cluster-tls-key", key}
+	if r := harness.Run(t, append([]string{"cluster", "status"}, tlsArgs...)...); r.Code != 0 {
+		t.Fatalf("cluster status over TLS: %s", r.Stderr)
+	}
+	if r := harness.Run(t, "cluster", "status", "--cluster", tlsURL, "--cluster-tls-ca", ca.Cert); r.Code == 0 {
+		t.Fatal("a client without a certificate was let in")
+	}
+	srv := harness.StartServer(t, append([]string{"--storage", url}, tlsArgs...)...)
+	badCert, badKey := other.Client(t, "intruder")
+	install(badCert, badKey)
+	n.Kill()
+	n.Start(t)
+	time.Sleep(3 * time.Second) // reconnection attempts with the refused certificate
+	if strings.Contains(srv.Log(), "cluster connection back") {
+		t.Fatalf("reconnected with a certificate the server refuses:\n%s", srv.Log())
+	}
+	install(ccert, ckey)
+	deadline := time.Now().Add(30 * time.Second)
+	for !strings.Contains(srv.Log(), "cluster connection back") {
+		if time.Now().After(deadline) {
+			t.Fatalf("no reconnection with the good certificate back in place:\n%s", srv.Log())
+		}
+		time.Sleep(100 * time.Millisecond)
 	}
 }

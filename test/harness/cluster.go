@@ -20,6 +20,7 @@ import (
 type NATS struct {
 	URL   string // nats://127.0.0.1:PORT
 	Store string
+	Args  []string // extra server flags (TLS)
 	addr  string
 	bin   string
 	mu    sync.Mutex
@@ -47,10 +48,11 @@ func NATSServer(t testing.TB) string {
 	return p
 }
 
-// StartNATS starts nats-server -js on a free loopback port; it is killed when t ends.
-func StartNATS(t testing.TB) *NATS {
+// StartNATS starts nats-server -js (and args) on a free loopback port; it is killed
+// when t ends.
+func StartNATS(t testing.TB, args ...string) *NATS {
 	t.Helper()
-	n := &NATS{Store: t.TempDir(), bin: NATSServer(t), addr: freePort(t), log: filepath.Join(t.TempDir(), "nats.log")}
+	n := &NATS{Store: t.TempDir(), Args: args, bin: NATSServer(t), addr: freePort(t), log: filepath.Join(t.TempDir(), "nats.log")}
 	n.URL = "nats://" + n.addr
 	n.Start(t)
 	t.Cleanup(n.Kill)
@@ -74,7 +76,7 @@ func (n *NATS) Start(t testing.TB) {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	host, port, _ := net.SplitHostPort(n.addr)
-	n.cmd, n.done = startListening(t, "nats-server", exec.Command(n.bin, "-js", "-sd", n.Store, "-a", host, "-p", port), n.log, n.addr)
+	n.cmd, n.done = startListening(t, "nats-server", exec.Command(n.bin, append([]string{"-js", "-sd", n.Store, "-a", host, "-p", port}, n.Args...)...), n.log, n.addr)
 }
 
 // Kill ends the server with SIGKILL, as a crash would.
