@@ -271,7 +271,28 @@ func (r *localRunner) prepare(s *Spec, key string) (_ *sandbox, retErr error) {
 		return nil, startError(err)
 	}
 	sb.p.closeChildEnds()
+	if err := r.resetPids(sb); err != nil {
+		return nil, status.Errorf(codes.Internal, "sandbox: %v", err)
+	}
 	return sb, nil
+}
+
+// resetPids waits until kiln-init runs in sb, alone in its pid namespace (libcontainer's
+// Go init and its threads, which used a varying number of pids, are gone), then sets the
+// namespace's last pid to 1: the command kiln-init forks is PID 2 in every sandbox.
+func (r *localRunner) resetPids(sb *sandbox) error {
+	var ready [trampoline.ReadyLen]byte
+	if _, err := io.ReadFull(sb.p.statusR, ready[:]); err != nil {
+		return fmt.Errorf("kiln-init did not start: %v", err)
+	}
+	if rep, err := trampoline.ParseReport(ready[:]); err != nil || !rep.Ready {
+		return fmt.Errorf("kiln-init did not start: first report %q", ready[:])
+	}
+	st, err := sb.ctr.State()
+	if err != nil {
+		return fmt.Errorf("container state: %v", err)
+	}
+	return setLastPid(st.InitProcessPid, r.init)
 }
 
 // destroy kills whatever still runs in the sandbox and removes the container, its

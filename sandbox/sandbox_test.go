@@ -292,3 +292,32 @@ func TestRunnerLifecycle(t *testing.T) {
 		t.Fatalf("New without a state dir: %v", err)
 	}
 }
+
+// TestFirstPIDIsFixed: the command is PID 2 of its pid namespace (kiln-init is 1) in
+// every run, whether its sandbox was prepared ahead or on demand, under every
+// variation: an output that records a PID must not differ for a reason of kiln's.
+func TestFirstPIDIsFixed(t *testing.T) {
+	const script = "echo $$; sh -c 'echo $$'; true"
+	for _, prestart := range []int{0, 2} {
+		r := newRunnerWith(t, sandbox.Config{Prestart: prestart})
+		for _, v := range []struct {
+			name  string
+			tweak func(*sandbox.Spec)
+		}{
+			{"defaults", nil},
+			{"cpuset 0", func(s *sandbox.Spec) { s.CPUs = "0" }},
+			{"one-off", func(s *sandbox.Spec) { s.OneOff = true }},
+			{"variations", func(s *sandbox.Spec) {
+				s.Hostname, s.UID, s.GID, s.DisableASLR, s.ReverseEnv = "other", 2345, 3456, true, true
+			}},
+			{"cpu quota", func(s *sandbox.Spec) { s.Limits.CPUs = 0.5 }},
+		} {
+			for i := 0; i < 3; i++ {
+				o := run(t, r, v.tweak, "/bin/sh", "-c", script)
+				if o.stdout != "2\n3\n" {
+					t.Fatalf("prestart %d, %s, run %d: pids %q, want 2 and 3 (stderr %q)", prestart, v.name, i, o.stdout, o.stderr)
+				}
+			}
+		}
+	}
+}

@@ -29,6 +29,14 @@ const (
 	StatusFD = 5 // reports, read by the host
 )
 
+// ReadyLen is the length of kiln-init's first report, 'r' (it runs), which the host
+// reads before it hands kiln-init the command.
+const ReadyLen = 5
+
+// LastPidArg is the argument that makes kiln-init set the last pid of the pid
+// namespace it runs in to 1 and exit (see src/kiln-init.c).
+const LastPidArg = "last-pid"
+
 // MaxCommand bounds the encoded command (argv + environment).
 const MaxCommand = 64 << 20
 
@@ -111,6 +119,8 @@ type Report struct {
 	User, System time.Duration
 	MaxRSSKiB    int64
 	HasUsage     bool
+	// Ready: kiln-init said it runs (it does so first, before it reads the command).
+	Ready bool
 	// Stage names a failure before the command ran: "chdir", "exec" or "setup".
 	Stage string
 	Errno syscall.Errno
@@ -133,6 +143,8 @@ func ParseReport(b []byte) (Report, error) {
 		}
 		v := binary.LittleEndian.Uint32(b[1:5])
 		switch b[0] {
+		case 'r':
+			r.Ready = true
 		case 's':
 			r.Status, r.Exited = syscall.WaitStatus(v), true
 		case 'c':
