@@ -21,13 +21,10 @@ import (
 // (bwrap --unshare-all --ro-bind ROOT / --dev /dev --proc /proc /bin/true) and a bare
 // fork/exec of /bin/true, and reports p50/p95 of each, their ratios, and CPU per run.
 //
-// kiln's sandboxes are created three ways, each cold (prepared on demand) and warm
+// kiln's sandboxes are created two ways, each cold (prepared on demand) and warm
 // (Prestart: 1). sandboxd-*: through kiln-sandboxd, built as `make build` builds it,
-// which is what kiln built by make does. kilnexe-*: through the same protocol with
-// the whole kiln binary (built without the daemon) as the daemon, so that kiln is
-// what libcontainer re-executes as each container's init, as it was before kiln had
-// a daemon (plus the protocol's cost). inproc-*: from this test process, whose
-// binary is then the init.
+// which is what kiln built by make does. inproc-*: from this test process, as kiln
+// built without the daemon (or with KILN_SANDBOX_DAEMON=0) does.
 //
 //	go test -tags seccomp -run '^$' -bench SandboxOverhead -benchtime 200x ./sandbox/
 func BenchmarkSandboxOverhead(b *testing.B) {
@@ -42,14 +39,6 @@ func BenchmarkSandboxOverhead(b *testing.B) {
 		}
 		b.Skip("bubblewrap not installed")
 	}
-	kilnExe := filepath.Join(b.TempDir(), "kiln")
-	if out, err := exec.Command("go", "build", "-tags", "seccomp", "-o", kilnExe, "github.com/kilnbuild/kiln/cmd/kiln").CombinedOutput(); err != nil {
-		b.Fatalf("building kiln: %v\n%s", err, out)
-	}
-	kilnBin, err := os.ReadFile(kilnExe)
-	if err != nil {
-		b.Fatal(err)
-	}
 	runner := func(cfg sandbox.Config, daemon []byte) *sandbox.Runner {
 		cfg.StateDir = b.TempDir()
 		r, err := sandbox.New(context.Background(), sandbox.ConfigFor(cfg, daemon))
@@ -62,8 +51,6 @@ func BenchmarkSandboxOverhead(b *testing.B) {
 	runners := map[string]*sandbox.Runner{
 		"sandboxd-cold": runner(sandbox.Config{}, env.daemon),
 		"sandboxd-warm": runner(sandbox.Config{Prestart: 1}, env.daemon),
-		"kilnexe-cold":  runner(sandbox.Config{}, kilnBin),
-		"kilnexe-warm":  runner(sandbox.Config{Prestart: 1}, kilnBin),
 		"inproc-cold":   runner(sandbox.Config{}, nil),
 		"inproc-warm":   runner(sandbox.Config{Prestart: 1}, nil),
 	}
@@ -94,7 +81,7 @@ func BenchmarkSandboxOverhead(b *testing.B) {
 	for name, r := range runners {
 		runs[name] = kiln(r)
 	}
-	kilns := []string{"sandboxd-cold", "sandboxd-warm", "kilnexe-cold", "kilnexe-warm", "inproc-cold", "inproc-warm"}
+	kilns := []string{"sandboxd-cold", "sandboxd-warm", "inproc-cold", "inproc-warm"}
 	order := append(append([]string(nil), kilns...), "bwrap", "bare")
 	for _, name := range order { // warm up caches and the Runners' root overlays
 		if err := runs[name](); err != nil {
@@ -152,8 +139,8 @@ func BenchmarkSandboxOverhead(b *testing.B) {
 		b.ReportMetric(cpu[k]/cpu["bwrap"], k+"/bwrap-cpu")
 	}
 	for _, w := range []string{"cold", "warm"} {
-		b.ReportMetric(cpu["sandboxd-"+w]/cpu["kilnexe-"+w], "sandboxd/kilnexe-"+w+"-cpu")
-		b.ReportMetric(pct(times["sandboxd-"+w], 0.50)/pct(times["kilnexe-"+w], 0.50), "sandboxd/kilnexe-"+w+"-p50")
+		b.ReportMetric(cpu["sandboxd-"+w]/cpu["inproc-"+w], "sandboxd/inproc-"+w+"-cpu")
+		b.ReportMetric(pct(times["sandboxd-"+w], 0.50)/pct(times["inproc-"+w], 0.50), "sandboxd/inproc-"+w+"-p50")
 	}
 	b.ReportMetric(0, "ns/op")
 }

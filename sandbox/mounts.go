@@ -5,11 +5,8 @@ import (
 	"os"
 	"runtime"
 	"strconv"
-	"syscall"
 
 	"golang.org/x/sys/unix"
-
-	"github.com/kilnbuild/kiln/sandbox/internal/trampoline"
 )
 
 // attachMounts bind-mounts each mount's host source onto its target inside the
@@ -70,57 +67,6 @@ func attachMounts(pid int, mounts []Mount) error {
 			}
 		}
 		errc <- nil
-	}()
-	return <-errc
-}
-
-// setLastPid sets the last allocated pid of the pid namespace of process pid to 1, so
-// that the next process created there is PID 2. /proc/sys/kernel/ns_last_pid acts on
-// the pid namespace of whoever writes it, so kiln-init (the memfd init) is run in
-// "last-pid" mode from a thread that has joined that namespace for its children; the
-// thread then returns to its own namespace.
-func setLastPid(pid int, init *os.File) error {
-	ns, err := os.Open("/proc/" + strconv.Itoa(pid) + "/ns/pid")
-	if err != nil {
-		return fmt.Errorf("sandbox pid namespace: %w", err)
-	}
-	defer ns.Close()
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		own, err := os.Open("/proc/thread-self/ns/pid")
-		if err != nil {
-			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("own pid namespace: %w", err)
-			return
-		}
-		defer own.Close()
-		if err := unix.Setns(int(ns.Fd()), unix.CLONE_NEWPID); err != nil {
-			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("setns into the sandbox's pid namespace: %w", err)
-			return
-		}
-		var ws syscall.WaitStatus
-		child, err := syscall.ForkExec("/proc/self/fd/"+strconv.Itoa(int(init.Fd())),
-			[]string{"kiln-init", trampoline.LastPidArg}, &syscall.ProcAttr{Env: []string{}})
-		if err == nil {
-			for {
-				_, err = syscall.Wait4(child, &ws, 0, nil)
-				if err != syscall.EINTR {
-					break
-				}
-			}
-			if err == nil && (!ws.Exited() || ws.ExitStatus() != 0) {
-				err = fmt.Errorf("exit status %v", ws)
-			}
-		}
-		if e := unix.Setns(int(own.Fd()), unix.CLONE_NEWPID); e == nil {
-			runtime.UnlockOSThread()
-		} // else the thread ends with this goroutine, still locked
-		if err != nil {
-			err = fmt.Errorf("setting the sandbox's last pid: %w", err)
-		}
-		errc <- err
 	}()
 	return <-errc
 }

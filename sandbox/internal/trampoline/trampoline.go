@@ -22,20 +22,12 @@ import (
 //go:embed kiln-init.amd64
 var Binary []byte
 
-// File descriptors kiln-init expects (libcontainer passes ExtraFiles from fd 3).
+// File descriptors kiln-init expects (package spawn sets them up).
 const (
 	SelfFD   = 3 // kiln-init's own executable; closed at once
 	CtrlFD   = 4 // the command, written by the host
 	StatusFD = 5 // reports, read by the host
 )
-
-// ReadyLen is the length of kiln-init's first report, 'r' (it runs), which the host
-// reads before it hands kiln-init the command.
-const ReadyLen = 5
-
-// LastPidArg is the argument that makes kiln-init set the last pid of the pid
-// namespace it runs in to 1 and exit (see src/kiln-init.c).
-const LastPidArg = "last-pid"
 
 // MaxCommand bounds the encoded command (argv + environment).
 const MaxCommand = 64 << 20
@@ -47,9 +39,8 @@ func Memfd() (*os.File, error) {
 }
 
 // SealedExecutable returns an executable memory file named name holding b, sealed
-// against writing, growing, shrinking and further seals. runc's libcontainer treats
-// a process whose /proc/self/exe is such a file as already cloned (exeseal.IsCloned)
-// and re-executes it as container init without copying it.
+// against writing, growing, shrinking and further seals: nothing can write through
+// it, so one copy serves every process that executes it.
 func SealedExecutable(name string, b []byte) (*os.File, error) {
 	fd, err := unix.MemfdCreate(name, unix.MFD_CLOEXEC|unix.MFD_ALLOW_SEALING)
 	if err != nil {
@@ -119,8 +110,6 @@ type Report struct {
 	User, System time.Duration
 	MaxRSSKiB    int64
 	HasUsage     bool
-	// Ready: kiln-init said it runs (it does so first, before it reads the command).
-	Ready bool
 	// Stage names a failure before the command ran: "chdir", "exec" or "setup".
 	Stage string
 	Errno syscall.Errno
@@ -143,8 +132,6 @@ func ParseReport(b []byte) (Report, error) {
 		}
 		v := binary.LittleEndian.Uint32(b[1:5])
 		switch b[0] {
-		case 'r':
-			r.Ready = true
 		case 's':
 			r.Status, r.Exited = syscall.WaitStatus(v), true
 		case 'c':

@@ -80,7 +80,7 @@ func run(t *testing.T, c Command) (Report, *os.ProcessState, string) {
 func TestRunsCommandWithExactEnv(t *testing.T) {
 	env := []string{"B=2", "A=1", "B=3", "PATH=/usr/bin:/bin"}
 	r, ps, out := run(t, Command{Cwd: "/", Args: []string{"env"}, Env: env})
-	if !r.Ready || !r.Exited || r.Status.ExitStatus() != 0 || ps.ExitCode() != 0 {
+	if !r.Exited || r.Status.ExitStatus() != 0 || ps.ExitCode() != 0 {
 		t.Fatalf("report %+v, exit %d, out %q", r, ps.ExitCode(), out)
 	}
 	if got := strings.Split(strings.TrimSpace(out), "\n"); strings.Join(got, ",") != strings.Join(env, ",") {

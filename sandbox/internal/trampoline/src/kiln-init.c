@@ -1,7 +1,7 @@
 /*
  * kiln-init: the first process of every kiln sandbox (PID 1 of its pid namespace).
  *
- * libcontainer execs it as the container process. It reads the real command from
+ * The sandbox's set-up (package spawn) execs it last. It reads the real command from
  * fd 4 (so nothing is added to or reordered in its environment, and the command can
  * be bound late), optionally turns address space randomisation off, forks, execs the
  * command in the child, reaps every orphan like an init, and reports the command's
@@ -12,9 +12,7 @@
  * microseconds. Build: see gen.sh. Protocol (fd 4, little endian):
  *   u64 length, then length bytes: "kiln-init/1\0" flags\0 cwd\0 argc\0 argv...\0
  *   envc\0 env...\0 (numbers in decimal; flags bit 0 = ADDR_NO_RANDOMIZE)
- * Reports (fd 5): 'r' 0(u32) first, once it runs (the container's set-up process and its
- *   threads are gone: only this process is left in the pid namespace),
- *   'c' errno(u32) chdir failed, 'x' errno(u32) execve failed,
+ * Reports (fd 5): 'c' errno(u32) chdir failed, 'x' errno(u32) execve failed,
  *   'p' errno(u32) protocol/set-up failure, 's' status(u32) the command's wait status,
  *   then 'u' user_us(u64) sys_us(u64) maxrss_kib(u64): the resource use of the
  *   command and every process this init reaped (not of the sandbox set-up before).
@@ -22,11 +20,6 @@
  * The sandbox may start kiln-init long before it has a command for it: it blocks on
  * fd 4 until the host writes one, so the set-up is off the command's path. It dies
  * (SIGKILL, parent-death signal) when the host thread that started it ends.
- *
- * Run as "kiln-init last-pid" by the host, from inside the sandbox's pid namespace, it
- * only sets that namespace's last allocated pid to 1 (/proc/sys/kernel/ns_last_pid of
- * the host's /proc, which acts on the writer's pid namespace): the command kiln-init
- * forks is then PID 2 in every sandbox, whatever pids the set-up used before.
  */
 typedef unsigned long u64;
 typedef long i64;
@@ -47,7 +40,6 @@ typedef unsigned int u32;
 #define SYS_personality 135
 #define SYS_prctl 157
 #define SYS_getrusage 98
-#define SYS_open 2
 
 #define ENOENT 2
 #define EINTR 4
@@ -202,34 +194,15 @@ static i64 execpath(char **argv, char **envp) {
 
 struct ksigaction { u64 handler; u64 flags; u64 restorer; u64 mask; };
 
-/* set_last_pid is the "last-pid" mode (see the top). */
-static __attribute__((noreturn)) void set_last_pid(void) {
-	i64 fd = sys3(SYS_open, (i64)"/proc/sys/kernel/ns_last_pid", 01 /* O_WRONLY */ | 02000000 /* O_CLOEXEC */, 0);
-	if (fd < 0) die(1);
-	if (sys3(SYS_write, fd, (i64)"1", 1) != 1) die(2);
-	die(0);
-}
-
-void run(u64 *sp) {
-	u64 nargs = sp[0];
-	char **av = (char **)(sp + 1);
-	if (nargs == 2) {
-		const char *want = "last-pid";
-		for (u64 i = 0;; i++) {
-			if (av[1][i] != want[i]) break;
-			if (!want[i]) set_last_pid();
-		}
-	}
+void run(void) {
 	sys1(SYS_close, SELF_FD);
 	/*
 	 * Die with the host thread that started the sandbox (kiln's or its sandbox
-	 * daemon's): libcontainer's parent-death signal stays with its first init stage
-	 * (a fork clears it), so without this a sandbox would outlive a crashed host.
-	 * Set before the command is read: a host that died before this point is seen
-	 * as the end of fd 4.
+	 * daemon's). The set-up sets this signal too; setting it again here keeps it
+	 * whatever that set-up did. Set before the command is read: a host that died
+	 * before this point is seen as the end of fd 4.
 	 */
 	sys2(SYS_prctl, 1 /* PR_SET_PDEATHSIG */, 9 /* SIGKILL */);
-	report('r', 0);
 	u64 len;
 	if (readfull((char *)&len, 8) < 0 || len > (64ul << 20)) fail('p', -22, 125);
 	char *buf = alloc(len + 1);
@@ -311,7 +284,6 @@ __asm__(
 	".global _start\n"
 	"_start:\n"
 	"	xor %rbp, %rbp\n"
-	"	mov %rsp, %rdi\n"
 	"	and $-16, %rsp\n"
 	"	call run\n"
 	"	hlt\n");
