@@ -10,6 +10,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"sync"
 
 	devices "github.com/opencontainers/cgroups/devices/config"
 	"golang.org/x/sys/unix"
@@ -360,7 +361,7 @@ func policyDocument(s *Spec) ([]byte, string) {
 		Version:       policyVersion,
 		Setup:         setupDigest,
 		Seccomp:       seccomp.Version,
-		SeccompDigest: seccomp.Digest(),
+		SeccompDigest: seccompDigest(),
 		Init:          initDigest,
 		Capabilities:  []string{},
 		NoNewPrivs:    true,
@@ -429,6 +430,9 @@ var initDigest = func() string {
 	h := sha256.Sum256(trampoline.Binary)
 	return "sha256:" + hex.EncodeToString(h[:])
 }()
+
+// seccompDigest is seccomp.Digest, computed once: the profile is constant.
+var seccompDigest = sync.OnceValue(seccomp.Digest)
 
 var setupDigest = func() string {
 	h := sha256.Sum256(spawn.Source)

@@ -24,21 +24,22 @@ go build -o "$work/casbench" ./test/bench/casbench
 "$KILN" serve --data "$work/kiln" --listen 127.0.0.1:18801 --http-listen "" --log-level warn &
 pids+=($!)
 wait_port 18801
-"$work/casbench" --addr 127.0.0.1:18801 --name kiln | tee "$work/kiln.txt"
-# The other physical limit of a disk store: how fast this filesystem takes writes.
-dd if=/dev/zero of="$work/dd.out" bs=1M count=512 conv=fsync 2>&1 | awk '/copied/ { print "filesystem write ceiling (dd 512 MiB, fsync): " $(NF-1) " " $NF }'
-rm -f "$work/dd.out"
-kill "${pids[-1]}"
+servers=(--server kiln=127.0.0.1:18801)
 if [ -n "${BAZEL_REMOTE:-}" ] && [ -x "$BAZEL_REMOTE" ]; then
   "$BAZEL_REMOTE" --dir "$work/br" --max_size 20 --storage_mode uncompressed --grpc_address 127.0.0.1:18802 --http_address 127.0.0.1:18803 >/dev/null 2>&1 &
   pids+=($!)
   wait_port 18802
-  "$work/casbench" --addr 127.0.0.1:18802 --name bazel-remote | tee "$work/br.txt"
-  kill "${pids[-1]}"
+  servers+=(--server bazel-remote=127.0.0.1:18802)
 else
   echo "bazel-remote: skipped (set BAZEL_REMOTE=/path/to/bazel-remote for a side-by-side run)"
 fi
-
+# Both servers are measured in the same run, row by row, over CAS_ROUNDS rounds (default
+# 3): on a shared machine the load changes between rows, and only interleaved
+# measurements compare.
+"$work/casbench" "${servers[@]}" --rounds "${CAS_ROUNDS:-3}" | tee "$work/cas.txt"
+# The other physical limit of a disk store: how fast this filesystem takes writes.
+dd if=/dev/zero of="$work/dd.out" bs=1M count=512 conv=fsync 2>&1 | awk '/copied/ { print "filesystem write ceiling (dd 512 MiB, fsync): " $(NF-1) " " $NF }'
+rm -f "$work/dd.out"
 fi
 
 for part in sandbox exec; do

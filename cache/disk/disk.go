@@ -1,6 +1,7 @@
 // Package disk is kiln's embedded on-disk store: CAS blobs and action-cache entries as
-// content-addressed files, written atomically, verified on read, evicted least recently
-// used first when the store grows past its bound.
+// content-addressed files, written atomically, verified on read (unless hashed
+// recently and unchanged since), evicted least recently used first when the store grows
+// past its bound.
 //
 // Several processes may use one directory at once (a long-running `kiln serve` and CLI
 // commands): the files are the truth and every write is a rename, so no lock is needed
@@ -77,7 +78,7 @@ type Store struct {
 	total   int64
 	primary *os.File // flock on primary.lock, held by the indexing process
 
-	verified sync.Map // hash -> fileID: blobs hashed since they last changed
+	verified *memo // blobs hashed recently, as long as their files did not change
 
 	stampMu   sync.Mutex
 	stampSeen time.Time // foreign.stamp's mtime when the primary last synced with it
@@ -108,7 +109,7 @@ const ownerSuffix = ".owner"
 // directory to rebuild the LRU index, least recently used (atime) first, and evicts at
 // once if needed.
 func Open(ctx context.Context, dir string, opts Options) (*Store, error) {
-	s := &Store{dir: dir, opts: opts, log: opts.Logger, now: opts.Now, index: map[string]*entry{}, lru: list.New()}
+	s := &Store{dir: dir, opts: opts, log: opts.Logger, now: opts.Now, index: map[string]*entry{}, lru: list.New(), verified: newMemo()}
 	if s.log == nil {
 		s.log = slog.New(slog.DiscardHandler)
 	}
@@ -451,7 +452,19 @@ func (s *Store) commit(tmp *os.File, key, final string, size int64) error {
 	}
 	s.touch(key, final, size)
 	s.stampForeign()
+	if key[0] == 'c' {
+		s.remember(key[1:], final)
+	}
 	return nil
+}
+
+// remember records that the file at path, just written from bytes that matched blob
+// hash, is verified.
+func (s *Store) remember(hash, path string) {
+	var st unix.Stat_t
+	if unix.Stat(path, &st) == nil {
+		s.verified.add(hash, fileIDOf(&st), s.now())
+	}
 }
 
 func syncDir(dir string) {
@@ -482,7 +495,9 @@ func discard(f *os.File) {
 }
 
 // Get implements cache.BlobStore; the whole blob is verified against its digest as it
-// is read, and a blob that fails is removed.
+// is read, and a blob that fails is removed. A blob whose file was hashed within
+// verifyTTL (written, adopted, verified or read whole by this Store) and has not changed
+// since is read without hashing it again.
 func (s *Store) Get(ctx context.Context, d cache.Digest, offset int64) (io.ReadCloser, error) {
 	if offset < 0 || offset > d.Size {
 		return nil, status.Errorf(codes.OutOfRange, "read offset %d outside blob %s", offset, d)
@@ -512,6 +527,16 @@ func (s *Store) Get(ctx context.Context, d cache.Digest, offset int64) (io.ReadC
 		return nil, status.Errorf(codes.NotFound, "blob %s not found", d)
 	}
 	s.touch(key, path, d.Size)
+	if st, ok := info.Sys().(*syscall.Stat_t); ok && s.verified.ok(d.Hash, fileID{st.Ino, st.Ctim.Nano(), st.Size}, s.now()) {
+		// Hashed recently, unchanged since: read it as it is.
+		if offset > 0 {
+			if _, err := f.Seek(offset, io.SeekStart); err != nil {
+				f.Close()
+				return nil, status.Errorf(codes.Internal, "read blob %s: %v", d, err)
+			}
+		}
+		return f, nil
+	}
 	h := sha256.New()
 	if offset > 0 {
 		if _, err := io.CopyN(h, f, offset); err != nil {
@@ -519,7 +544,28 @@ func (s *Store) Get(ctx context.Context, d cache.Digest, offset int64) (io.ReadC
 			return nil, status.Errorf(codes.Internal, "read blob %s: %v", d, err)
 		}
 	}
-	return cache.NewVerifyingReader(f, d, h, offset, func() { s.removeCorrupt(path, key, info) }), nil
+	vr := cache.NewVerifyingReader(f, d, h, offset, func() { s.removeCorrupt(path, key, info) })
+	var id fileID
+	if st, ok := info.Sys().(*syscall.Stat_t); ok {
+		id = fileID{st.Ino, st.Ctim.Nano(), st.Size}
+	}
+	return &memoizingReader{VerifyingReader: vr, done: func() { s.verified.add(d.Hash, id, s.now()) }}, nil
+}
+
+// memoizingReader records in the memo that the blob it reads matched its digest, once
+// the verifying reader under it has reached the end without an error.
+type memoizingReader struct {
+	*cache.VerifyingReader
+	done func()
+}
+
+func (m *memoizingReader) Read(p []byte) (int, error) {
+	n, err := m.VerifyingReader.Read(p)
+	if err == io.EOF && m.done != nil {
+		m.done()
+		m.done = nil
+	}
+	return n, err
 }
 
 // verifyFile hashes the file at path and removes it if it does not match hash; it
@@ -549,6 +595,7 @@ func (s *Store) removeCorrupt(path, key string, read fs.FileInfo) {
 	lk := s.stripe(key)
 	lk.Lock()
 	defer lk.Unlock()
+	s.verified.drop(key[1:])
 	if cur, err := os.Stat(path); err == nil && os.SameFile(cur, read) {
 		os.Remove(path)
 		s.forget(key)
@@ -723,18 +770,12 @@ func (s *Store) AdoptFile(_ context.Context, d cache.Digest, f *os.File) error {
 	}
 	s.touch(key, final, d.Size)
 	s.stampForeign()
+	s.remember(d.Hash, final)
 	return nil
 }
 
-// fileID names one version of a file: a rewrite, rename or chmod changes it.
-type fileID struct {
-	ino   uint64
-	ctime int64
-	size  int64
-}
-
-// Verify hashes blob d's file unless it was verified since it last changed, and
-// removes it if it does not match (NOT_FOUND then). Callers that use the file without
+// Verify hashes blob d's file unless it was verified recently and has not changed
+// since (see verifyTTL), and removes it if it does not match (NOT_FOUND then). Callers that use the file without
 // reading it through Get (hardlinked inputs) call it first, so a damaged blob never
 // reaches an action.
 func (s *Store) Verify(d cache.Digest) error {
@@ -746,15 +787,15 @@ func (s *Store) Verify(d cache.Digest) error {
 		}
 		return status.Errorf(codes.NotFound, "blob %s not found", d)
 	}
-	id := fileID{st.Ino, st.Ctim.Nano(), st.Size}
-	if v, ok := s.verified.Load(d.Hash); ok && v.(fileID) == id {
+	id := fileIDOf(&st)
+	if s.verified.ok(d.Hash, id, s.now()) {
 		return nil
 	}
 	info, err := os.Stat(path)
 	if err != nil || !s.verifyFile(path, d.Hash, info) {
 		return status.Errorf(codes.NotFound, "blob %s not found (the stored copy was damaged and has been removed)", d)
 	}
-	s.verified.Store(d.Hash, id)
+	s.verified.add(d.Hash, id, s.now())
 	return nil
 }
 
