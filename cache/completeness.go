@@ -73,12 +73,20 @@ func ReferencedDigests(ctx context.Context, cas BlobStore, r *repb.ActionResult)
 		if err := ReadProto(ctx, cas, td, tree, MaxTreeSize); err != nil {
 			return nil, err
 		}
-		for _, d := range append([]*repb.Directory{tree.GetRoot()}, tree.GetChildren()...) {
+		root, dirs, err := TreeDirectories(tree)
+		if err != nil {
+			return nil, err
+		}
+		err = WalkAll(ctx, root, dirs, WalkOptions{Distinct: true}, func(_ WalkItem, d *repb.Directory) error {
 			for _, f := range d.GetFiles() {
 				if err := add(f.GetDigest()); err != nil {
-					return nil, err
+					return err
 				}
 			}
+			return nil
+		})
+		if err != nil {
+			return nil, err
 		}
 	}
 	if err := add(r.GetStdoutDigest()); err != nil {

@@ -1,7 +1,6 @@
 package cache
 
 import (
-	"fmt"
 	"strings"
 
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
@@ -44,10 +43,4 @@ func MissingFromError(err error) []Digest {
 		}
 	}
 	return out
-}
-
-// PrefixError adds context to err's message and keeps its code and details' meaning.
-func PrefixError(err error, format string, args ...any) error {
-	st := status.Convert(err)
-	return status.Errorf(st.Code(), "%s: %s", fmt.Sprintf(format, args...), st.Message())
 }

@@ -1,5 +1,5 @@
-// Package engine is kiln's executor and server: it turns actions into sandboxed runs,
-// outputs, action results and signed links, and serves them over the Remote Execution API.
+// Package engine opens a data dir and composes kiln from its parts: the store, the
+// toolchains, the signer, the executor and the scheduler (packages below engine/).
 package engine
 
 import "path/filepath"

@@ -5,16 +5,17 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"os"
 	"path/filepath"
-	"runtime"
 	"strconv"
-	"time"
 
 	"github.com/kilnbuild/kiln/cache"
 	"github.com/kilnbuild/kiln/cache/disk"
+	"github.com/kilnbuild/kiln/engine/asset"
 	"github.com/kilnbuild/kiln/engine/attest"
+	"github.com/kilnbuild/kiln/engine/execution"
+	"github.com/kilnbuild/kiln/engine/executor"
 	"github.com/kilnbuild/kiln/engine/quarantine"
+	"github.com/kilnbuild/kiln/engine/scheduler"
 	"github.com/kilnbuild/kiln/sandbox"
 	"github.com/kilnbuild/kiln/toolchains"
 	"github.com/prometheus/client_golang/prometheus"
@@ -22,47 +23,22 @@ import (
 	"google.golang.org/grpc/status"
 )
 
-// Options configures an Engine: what `kiln serve` and the CLI commands share.
-type Options struct {
-	Data DataDir
-	// Primary makes this process the store's indexer (kiln serve; one per data dir).
-	Primary bool
-	MaxSize int64 // store bound; 0 = unbounded; needs Primary
-	Fsync   bool
-	// DefaultToolchain is the container-image used by actions without one.
-	DefaultToolchain string
-	Concurrency      int // actions at once; 0 = number of CPUs
-	MaxQueue         int
-	DefaultTimeout   time.Duration
-	MaxTimeout       time.Duration
-	// IgnoreUnknownPlatformProperties accepts properties kiln does not understand.
-	IgnoreUnknownPlatformProperties bool
-	// Prestart keeps this many sandboxes prepared ahead of actions.
-	Prestart   int
-	Logger     *slog.Logger
-	Registerer prometheus.Registerer // nil: metrics are not exported
-	// Pinner pins toolchain tags (the lockfile); nil pins none.
-	Pinner toolchains.TagPinner
-	// NoSandbox opens the store and toolchains only (commands that run nothing).
-	NoSandbox bool
-	// ExecutorKeyFile is the operator's ed25519 signing key (PKCS #8 PEM); empty uses
-	// (or creates) the data dir's own key.
-	ExecutorKeyFile string
-	// Version is kiln's version, recorded in every link.
-	Version string
-	// VerifyRate is the fraction of actions checked for determinism (SchedulerConfig).
-	VerifyRate float64
-}
-
 // Engine is an open data dir with everything needed to execute actions.
 type Engine struct {
-	Data       DataDir
-	Store      *disk.Store
+	Data    DataDir
+	Options Options     // what Open ran with, resolved
+	Store   cache.Store // the storage backend: the disk store under Data
+	// Local is Store's files on this machine, which the executor hardlinks inputs from
+	// and adopts outputs into; nil for a store without a local disk tier.
+	Local cache.LocalFiles
+	// SizeOf finds a stored blob's size from its SHA-256 alone, for the Remote Asset
+	// API (checksum qualifiers carry no size); nil when the store cannot tell.
+	SizeOf     func(hash string) (int64, bool)
 	CAS        cache.BlobStore // the store as clients see it: with the empty blob, metered
 	AC         cache.ActionCache
 	Toolchains *toolchains.Store
-	Executor   *Executor
-	Scheduler  *Scheduler
+	Executor   *executor.Executor
+	Scheduler  execution.Scheduler // nil without execution
 	Metrics    *cache.Metrics
 	Signer     *attest.Signer
 	Quarantine *quarantine.List
@@ -72,6 +48,8 @@ type Engine struct {
 
 // Open opens the data dir: store, toolchains, sandbox runner, executor and scheduler.
 func Open(ctx context.Context, opts Options) (*Engine, error) {
+	opts = opts.Resolved()
+	ex := opts.Execution
 	log := opts.Logger
 	if log == nil {
 		log = slog.Default()
@@ -80,25 +58,25 @@ func Open(ctx context.Context, opts Options) (*Engine, error) {
 	if reg == nil {
 		reg = prometheus.NewRegistry()
 	}
-	e := &Engine{Data: opts.Data, log: log}
+	e := &Engine{Data: opts.Data, Options: opts, log: log}
 	ok := false
 	defer func() {
 		if !ok {
 			e.Close()
 		}
 	}()
-	var err error
-	e.Store, err = disk.Open(ctx, opts.Data.Store(), disk.Options{Primary: opts.Primary, MaxSize: opts.MaxSize, Fsync: opts.Fsync, Logger: log, Registerer: reg})
+	ds, err := disk.Open(ctx, opts.Data.Store(), disk.Options{Primary: opts.Primary, MaxSize: int64(opts.MaxSize), Fsync: opts.Fsync, Logger: log, Registerer: reg})
 	if err != nil {
 		return nil, err
 	}
+	e.Store, e.Local, e.SizeOf = ds, ds, asset.SizeFromBlobFiles(ds)
 	e.Metrics = cache.NewMetrics(reg)
-	e.CAS = localStore{e.Metrics.BlobStore("cas", cache.WithEmptyBlob(e.Store)), e.Store}
+	e.CAS = e.Metrics.BlobStore("cas", cache.WithEmptyBlob(e.Store))
 	if e.Quarantine, err = quarantine.Open(string(opts.Data)); err != nil {
 		return nil, err
 	}
 	e.AC = e.Metrics.ActionCache(e.Quarantine.WrapActionCache(cache.WithCompletenessCheck(e.Store.ActionCache(), e.CAS), e.CAS))
-	e.Toolchains, err = toolchains.Open(ctx, string(opts.Data), toolchains.Options{Default: opts.DefaultToolchain, Pinner: opts.Pinner, Logger: log})
+	e.Toolchains, err = toolchains.Open(ctx, string(opts.Data), toolchains.Options{Default: ex.DefaultToolchain, Pinner: opts.Pinner, Logger: log})
 	if err != nil {
 		return nil, err
 	}
@@ -106,30 +84,26 @@ func Open(ctx context.Context, opts Options) (*Engine, error) {
 	if err != nil {
 		return nil, err
 	}
-	if opts.NoSandbox {
+	if ex.Disabled {
 		ok = true
 		return e, nil
 	}
-	e.runner, err = openRunner(ctx, opts.Data.Sandbox(), opts.Prestart, log)
+	e.runner, err = openRunner(ctx, opts.Data.Sandbox(), ex.Prestart, log)
 	if err != nil {
 		return nil, err
 	}
-	conc := opts.Concurrency
-	if conc <= 0 {
-		conc = runtime.NumCPU()
-	}
-	e.Executor, err = NewExecutor(ExecutorConfig{
-		CAS: e.CAS, AC: e.AC, Sandbox: sandboxRunner{e.runner}, Toolchains: toolchainResolver{e.Toolchains},
-		Attester: linkAttester{s: e.Signer, version: opts.Version}, Quarantined: e.Quarantine.Quarantined,
+	e.Executor, err = executor.NewExecutor(executor.ExecutorConfig{
+		CAS: e.CAS, Local: e.Local, AC: e.AC, Sandbox: executor.SandboxRunner{R: e.runner}, Toolchains: toolchainResolver{e.Toolchains},
+		Attester: executor.LinkAttester{Signer: e.Signer, Version: opts.Version}, Quarantined: e.Quarantine.Quarantined,
 		WorkDir: filepath.Join(opts.Data.Sandbox(), "exec"), UID: sandbox.DefaultUID, GID: sandbox.DefaultGID,
-		DefaultTimeout: opts.DefaultTimeout, MaxTimeout: opts.MaxTimeout, Logger: log,
-		IgnoreUnknownPlatformProperties: opts.IgnoreUnknownPlatformProperties,
+		DefaultTimeout: ex.DefaultTimeout, MaxTimeout: ex.MaxTimeout, Logger: log,
+		IgnoreUnknownPlatformProperties: ex.IgnoreUnknownPlatformProperties,
 	})
 	if err != nil {
 		return nil, err
 	}
-	e.Scheduler = NewScheduler(e.Executor, SchedulerConfig{Concurrency: conc, MaxQueue: opts.MaxQueue, Logger: log, Registerer: reg,
-		VerifyRate: opts.VerifyRate})
+	e.Scheduler = scheduler.NewScheduler(e.Executor, scheduler.SchedulerConfig{Concurrency: ex.Concurrency, MaxQueue: ex.MaxQueue, Logger: log, Registerer: reg,
+		VerifyRate: ex.VerifyRate})
 	ok = true
 	return e, nil
 }
@@ -166,21 +140,6 @@ func (e *Engine) Close() error {
 		errs = append(errs, e.Store.Close())
 	}
 	return errors.Join(errs...)
-}
-
-// localStore is the metered CAS that still offers the disk store's hardlink and
-// adopt abilities to the executor.
-type localStore struct {
-	cache.BlobStore
-	d *disk.Store
-}
-
-func (l localStore) BlobPath(d cache.Digest) string { return l.d.BlobPath(d) }
-
-func (l localStore) Verify(d cache.Digest) error { return l.d.Verify(d) }
-
-func (l localStore) AdoptFile(ctx context.Context, d cache.Digest, f *os.File) error {
-	return l.d.AdoptFile(ctx, d, f)
 }
 
 // toolchainResolver adapts the toolchain store to the executor.

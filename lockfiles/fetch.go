@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/kilnbuild/kiln/cache"
+	"github.com/kilnbuild/kiln/internal/clock"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 )
@@ -163,7 +164,7 @@ func NewFetcher(opts FetcherOptions) (*Fetcher, error) {
 		opts.Now = time.Now
 	}
 	if opts.Sleep == nil {
-		opts.Sleep = sleepCtx
+		opts.Sleep = clock.System().Sleep
 	}
 	if opts.UserAgent == "" {
 		opts.UserAgent = "kiln"
@@ -197,17 +198,6 @@ func NewFetcher(opts FetcherOptions) (*Fetcher, error) {
 	c.CheckRedirect = f.checkRedirect
 	f.client = &c
 	return f, nil
-}
-
-func sleepCtx(ctx context.Context, d time.Duration) error {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
-	}
 }
 
 // parseAllow reads one allowlist entry: "host", "host:port", "[v6]" or "[v6]:port".

@@ -33,6 +33,7 @@ import (
 	"github.com/containerd/containerd/v2/core/content"
 	"github.com/containerd/containerd/v2/plugins/content/local"
 	"github.com/containerd/log"
+	"github.com/kilnbuild/kiln/internal/grpcerr"
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"google.golang.org/grpc/codes"
@@ -199,7 +200,7 @@ func (s *Store) Resolve(ctx context.Context, ref string) (Image, error) {
 		tagRef := strings.TrimPrefix(ref, dockerScheme)
 		d, ok, err := s.opts.Pinner.PinTag(ctx, tagRef)
 		if err != nil {
-			return Image{}, withCode(err, codes.FailedPrecondition, "pin toolchain tag %q", tagRef)
+			return Image{}, grpcerr.WrapCode(err, codes.FailedPrecondition, "pin toolchain tag %q", tagRef)
 		}
 		if !ok {
 			return Image{}, status.Errorf(codes.FailedPrecondition,
@@ -422,16 +423,4 @@ func (s *Store) dropDangling() error {
 		}
 	}
 	return nil
-}
-
-// withCode wraps err with context, keeping its gRPC code if it has one, else using code.
-func withCode(err error, code codes.Code, format string, args ...any) error {
-	msg := fmt.Sprintf(format, args...)
-	if st, ok := status.FromError(err); ok && st.Code() != codes.Unknown {
-		return status.Errorf(st.Code(), "%s: %s", msg, st.Message())
-	}
-	if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
-		return status.Errorf(status.FromContextError(err).Code(), "%s: %v", msg, err)
-	}
-	return status.Errorf(code, "%s: %v", msg, err)
 }

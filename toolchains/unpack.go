@@ -13,6 +13,7 @@ import (
 	"github.com/containerd/containerd/v2/pkg/archive"
 	"github.com/containerd/containerd/v2/pkg/archive/compression"
 	"github.com/containerd/errdefs"
+	"github.com/kilnbuild/kiln/internal/grpcerr"
 	"github.com/opencontainers/go-digest"
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
@@ -46,7 +47,7 @@ func (s *Store) RootFS(ctx context.Context, img Image) (string, error) {
 	}
 	l, err := lockFile(ctx, s.imageLock(img.Digest), false)
 	if err != nil {
-		return "", withCode(err, codes.Internal, "rootfs %s", img.Digest)
+		return "", grpcerr.WrapCode(err, codes.Internal, "rootfs %s", img.Digest)
 	}
 	defer l.Unlock()
 	if s.rootComplete(img.Digest) {

@@ -703,7 +703,7 @@ func (s *Store) stampForeign() {
 	if s.primary != nil {
 		return
 	}
-	now := time.Now()
+	now := time.Now() // not s.now: the stamp is compared across processes, by its change
 	if err := os.Chtimes(s.stampPath(), now, now); err != nil {
 		if f, err := os.OpenFile(s.stampPath(), os.O_CREATE|os.O_WRONLY, 0o644); err == nil {
 			f.Close()
@@ -807,7 +807,10 @@ func (s *Store) BlobFile(_ context.Context, d cache.Digest) (string, error) {
 	return s.casPath(d.Hash), nil
 }
 
-var _ cache.LocalFiles = (*Store)(nil)
+var (
+	_ cache.LocalFiles = (*Store)(nil)
+	_ cache.Store      = (*Store)(nil)
+)
 
 // Stats summarises the store for logs and CLI output.
 func (s *Store) Stats() (entries int, bytes int64) {
@@ -816,7 +819,8 @@ func (s *Store) Stats() (entries int, bytes int64) {
 	return len(s.index), s.total
 }
 
-// String describes the store.
+// String describes the store and what it holds.
 func (s *Store) String() string {
-	return "disk store " + strings.TrimSuffix(s.dir, "/")
+	entries, bytes := s.Stats()
+	return fmt.Sprintf("disk store %s (%d entries, %d bytes)", strings.TrimSuffix(s.dir, "/"), entries, bytes)
 }

@@ -115,7 +115,7 @@ func newAttestPubkeyCmd() *cobra.Command {
 	}
 	addDataFlag(c, &dataDir)
 	c.Flags().BoolVar(&all, "all", false, "also print retired keys (with validity) and the log's checkpoint key")
-	c.Flags().BoolVar(&asJSON, "json", false, "print JSON (the form `kiln attest verify --key` reads)")
+	c.Flags().BoolVar(&asJSON, "json", false, "print JSON (the form \"kiln attest verify --key\" reads)")
 	return c
 }
 
@@ -322,7 +322,7 @@ func newAttestVerifyCmd() *cobra.Command {
 	}
 	addDataFlag(c, &dataDir)
 	c.Flags().StringVar(&subject, "subject", "", "the artifact: a file, or its sha256 digest")
-	c.Flags().StringArrayVar(&keyFiles, "key", nil, "trusted executor keys: a PEM public key file, or `kiln attest pubkey --all --json` output (repeatable)")
+	c.Flags().StringArrayVar(&keyFiles, "key", nil, "trusted executor keys: a PEM public key file, or \"kiln attest pubkey --all --json\" output (repeatable)")
 	c.Flags().StringVar(&logKey, "log-key", "", "the log's checkpoint verifier key (a note vkey, or a file holding one); default: from a --key JSON export, else the data dir's keyring")
 	c.Flags().StringVar(&pinned, "checkpoint", "", "a checkpoint trusted earlier; the log must be consistent with it")
 	c.Flags().StringVar(&layout, "layout", "", "also run in-toto's InTotoVerify with this layout (steps named by action digest hash)")

@@ -6,13 +6,13 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"math"
 	"os"
 	"path/filepath"
 	"sort"
-	"strconv"
 	"strings"
 
+	"github.com/kilnbuild/kiln/cache"
+	"github.com/kilnbuild/kiln/internal/bytesize"
 	"github.com/spf13/cobra"
 	"google.golang.org/grpc/status"
 )
@@ -36,59 +36,51 @@ func addDataFlag(cmd *cobra.Command, p *string) {
 
 // parseSize reads a byte count such as 1048576, 512MiB, 50G or 2TB (powers of 1024).
 func parseSize(s string) (int64, error) {
-	t := strings.TrimSpace(strings.ToUpper(s))
-	mult := int64(1)
-	for _, u := range []struct {
-		suffix string
-		m      int64
-	}{{"TIB", 1 << 40}, {"GIB", 1 << 30}, {"MIB", 1 << 20}, {"KIB", 1 << 10},
-		{"TB", 1 << 40}, {"GB", 1 << 30}, {"MB", 1 << 20}, {"KB", 1 << 10},
-		{"T", 1 << 40}, {"G", 1 << 30}, {"M", 1 << 20}, {"K", 1 << 10}, {"B", 1}} {
-		if strings.HasSuffix(t, u.suffix) {
-			t, mult = strings.TrimSpace(strings.TrimSuffix(t, u.suffix)), u.m
-			break
-		}
-	}
-	n, err := strconv.ParseInt(t, 10, 64)
-	if err != nil || n < 0 || n > math.MaxInt64/mult {
-		return 0, fmt.Errorf("bad size %q: want a byte count like 1048576, 512MiB or 50GiB", s)
-	}
-	return n * mult, nil
+	n, err := bytesize.Parse(s)
+	return int64(n), err
 }
 
-// logFlags are the logging flags of long-running commands.
-type logFlags struct {
-	level  string
-	format string
-}
-
-func (l *logFlags) register(cmd *cobra.Command) {
-	cmd.Flags().StringVar(&l.level, "log-level", "info", "log level: debug, info, warn, error")
-	cmd.Flags().StringVar(&l.format, "log-format", "text", "log format: text or json")
-}
-
-// logger returns a slog.Logger writing to stderr.
-func (l *logFlags) logger() (*slog.Logger, error) {
+// newLogger returns a slog.Logger writing to stderr at level, in format text or json.
+func newLogger(level, format string) (*slog.Logger, error) {
 	var lv slog.Level
-	if err := lv.UnmarshalText([]byte(l.level)); err != nil {
-		return nil, fmt.Errorf("bad --log-level %q: want debug, info, warn or error", l.level)
+	if err := lv.UnmarshalText([]byte(level)); err != nil {
+		return nil, fmt.Errorf("bad --log-level %q: want debug, info, warn or error", level)
 	}
 	opts := &slog.HandlerOptions{Level: lv}
-	switch l.format {
+	switch format {
 	case "json":
 		return slog.New(slog.NewJSONHandler(os.Stderr, opts)), nil
 	case "text":
 		return slog.New(slog.NewTextHandler(os.Stderr, opts)), nil
 	}
-	return nil, fmt.Errorf("bad --log-format %q: want text or json", l.format)
+	return nil, fmt.Errorf("bad --log-format %q: want text or json", format)
 }
 
-// statusErr turns a gRPC status error into a plain one-line error for the CLI.
+// statusErr turns a gRPC status error into a plain one-line error for the CLI: its
+// message, and the blobs a MISSING PreconditionFailure names (so whoever reads the
+// line knows what to upload or restore). nil stays nil.
 func statusErr(err error) error {
-	if st, ok := status.FromError(err); ok {
-		return errors.New(st.Message())
+	if err == nil {
+		return nil
 	}
-	return err
+	st, ok := status.FromError(err)
+	if !ok {
+		return err
+	}
+	msg := st.Message()
+	if missing := cache.MissingFromError(err); len(missing) > 0 {
+		const most = 10
+		names := make([]string, 0, most+1)
+		for i, d := range missing {
+			if i == most {
+				names = append(names, fmt.Sprintf("and %d more", len(missing)-most))
+				break
+			}
+			names = append(names, "sha256:"+d.String())
+		}
+		msg += " (missing: " + strings.Join(names, ", ") + ")"
+	}
+	return errors.New(msg)
 }
 
 // quietLogger logs warnings and errors only, for CLI commands.

@@ -12,6 +12,7 @@ import (
 
 	"github.com/kilnbuild/kiln/cache"
 	"github.com/kilnbuild/kiln/engine"
+	"github.com/kilnbuild/kiln/engine/executor"
 	"github.com/spf13/cobra"
 	"google.golang.org/grpc/status"
 )
@@ -38,8 +39,8 @@ func (f *actionFlags) register(cmd *cobra.Command) {
 	addDataFlag(cmd, &f.data)
 }
 
-func (f *actionFlags) spec(args []string) engine.LocalSpec {
-	return engine.LocalSpec{Toolchain: f.toolchain, InputDir: f.input, Cwd: f.cwd, Outputs: f.outputs,
+func (f *actionFlags) spec(args []string) executor.LocalSpec {
+	return executor.LocalSpec{Toolchain: f.toolchain, InputDir: f.input, Cwd: f.cwd, Outputs: f.outputs,
 		Env: f.env, Timeout: f.timeout, Args: args}
 }
 
@@ -90,7 +91,7 @@ Exit status: the action's own; 124 when it timed out; 2 for a usage or set-up er
 			ex := res.Execution
 			r := ex.Result
 			if out != "" {
-				if err := engine.WriteOutputs(ctx, eng.CAS, r, out); err != nil {
+				if err := executor.WriteOutputs(ctx, eng.CAS, r, out); err != nil {
 					return fmt.Errorf("write outputs to %s: %w", out, err)
 				}
 			}

@@ -248,7 +248,7 @@ func newLogConsistencyCmd() *cobra.Command {
 	}
 	f.add(c)
 	c.Flags().Uint64Var(&from, "from", 0, "older tree size (its root is computed from the log's tiles)")
-	c.Flags().StringVar(&old, "old", "", "older signed checkpoint file (saved from `kiln log checkpoint`)")
+	c.Flags().StringVar(&old, "old", "", "older signed checkpoint file (saved from \"kiln log checkpoint\")")
 	c.Flags().Uint64Var(&to, "to", 0, "newer tree size (default: the latest checkpoint)")
 	return c
 }

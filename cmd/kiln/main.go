@@ -11,6 +11,7 @@ import (
 	clog "github.com/containerd/log"
 	"github.com/spf13/cobra"
 
+	"github.com/kilnbuild/kiln/engine/server"
 	"github.com/kilnbuild/kiln/sandbox"
 )
 
@@ -36,7 +37,7 @@ func main() {
 		}
 		os.Exit(ee.code)
 	}
-	fmt.Fprintln(os.Stderr, "kiln: "+oneLine(statusMsg(err).Error())) // a gRPC status prints as its message alone
+	fmt.Fprintln(os.Stderr, "kiln: "+oneLine(statusErr(err).Error())) // a gRPC status prints as its message alone
 	os.Exit(2)
 }
 
@@ -52,7 +53,7 @@ func newRootCmd() *cobra.Command {
 		return &exitError{code: 2, msg: err.Error()}
 	})
 	root.AddCommand(
-		newServeCmd(),
+		newServeCmd(server.Serve),
 		newToolchainCmd(),
 		newSandboxCmd(),
 		newExecCmd(),
@@ -63,6 +64,7 @@ func newRootCmd() *cobra.Command {
 		newQuarantineCmd(),
 		newExportCmd(),
 		newRebuildCmd(),
+		newGateCmd(),
 	)
 	return root
 }

@@ -37,7 +37,7 @@ See docs/rebuild.md for the layout.`,
 				return statusErr(err)
 			}
 			ctx := cmd.Context()
-			eng, err := engine.Open(ctx, engine.Options{Data: engine.DataDir(data), NoSandbox: true, Logger: quietLogger(), Version: version})
+			eng, err := engine.Open(ctx, engine.Options{Data: engine.DataDir(data), Execution: engine.ExecutionConfig{Disabled: true}, Logger: quietLogger(), Version: version})
 			if err != nil {
 				return statusErr(err)
 			}
@@ -107,7 +107,7 @@ nothing quarantined); 2 usage or set-up error.`,
 			}
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
-			eng, err := engine.Open(ctx, engine.Options{Data: engine.DataDir(data), Logger: quietLogger(), Version: version, NoSandbox: remote != ""})
+			eng, err := engine.Open(ctx, engine.Options{Data: engine.DataDir(data), Logger: quietLogger(), Version: version, Execution: engine.ExecutionConfig{Disabled: remote != ""}})
 			if err != nil {
 				return &exitError{code: 2, msg: statusErr(err).Error()}
 			}
@@ -165,7 +165,7 @@ nothing quarantined); 2 usage or set-up error.`,
 		},
 	}
 	addDataFlag(c, &data)
-	c.Flags().StringArrayVar(&keyFiles, "key", nil, "trusted executor public key: PEM, or `kiln attest pubkey --all --json` output (repeatable)")
+	c.Flags().StringArrayVar(&keyFiles, "key", nil, "trusted executor public key: PEM, or \"kiln attest pubkey --all --json\" output (repeatable)")
 	c.Flags().StringVar(&logKey, "log-key", "", "the transparency log's verifier key (a note vkey, or a file holding one); default: from a --key JSON export")
 	c.Flags().StringVar(&bundle, "bundle", "", "bundle from kiln export (directory, .tar or .tar.zst); default: this data dir")
 	c.Flags().StringVar(&remote, "remote", "", "re-execute on this kiln server (host:port) instead of locally")
@@ -221,7 +221,7 @@ FAILED or when anything does not verify).`,
 			return nil
 		},
 	}
-	c.Flags().StringArrayVar(&keyFiles, "key", nil, "trusted public key: PEM, or `kiln attest pubkey --all --json` output (repeatable)")
+	c.Flags().StringArrayVar(&keyFiles, "key", nil, "trusted public key: PEM, or \"kiln attest pubkey --all --json\" output (repeatable)")
 	c.Flags().StringVar(&subject, "subject", "", "the artifact the summary must be about: a file, or its sha256 digest")
 	c.Flags().BoolVar(&jsonOut, "json", false, "print JSON")
 	return c

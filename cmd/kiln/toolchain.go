@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"os"
 	"strconv"
@@ -10,7 +9,6 @@ import (
 	"text/tabwriter"
 
 	"github.com/spf13/cobra"
-	"google.golang.org/grpc/status"
 
 	"github.com/kilnbuild/kiln/toolchains"
 )
@@ -51,18 +49,21 @@ func (f *toolchainFlags) add(cmd *cobra.Command, withJSON bool) {
 func (f *toolchainFlags) open(ctx context.Context) (*toolchains.Store, error) {
 	// Progress logs stay quiet on the command line: stdout carries results, stderr errors.
 	s, err := toolchains.Open(ctx, f.data, toolchains.Options{Logger: quietLogger()})
-	return s, statusMsg(err)
+	return s, statusErr(err)
 }
 
-// statusMsg turns a gRPC status error into a plain error carrying only its message.
-func statusMsg(err error) error {
-	if err == nil {
-		return nil
+// withStore makes c a subcommand with f's flags that runs run on the opened toolchain
+// store; run's gRPC errors become plain one-line errors.
+func (f *toolchainFlags) withStore(c *cobra.Command, withJSON bool, run func(ctx context.Context, c *cobra.Command, s *toolchains.Store, args []string) error) *cobra.Command {
+	c.RunE = func(c *cobra.Command, args []string) error {
+		s, err := f.open(c.Context())
+		if err != nil {
+			return err
+		}
+		return statusErr(run(c.Context(), c, s, args))
 	}
-	if st, ok := status.FromError(err); ok {
-		return errors.New(st.Message())
-	}
-	return err
+	f.add(c, withJSON)
+	return c
 }
 
 func newToolchainImportCmd() *cobra.Command {
@@ -71,37 +72,30 @@ func newToolchainImportCmd() *cobra.Command {
 		name   string
 		unpack bool
 	)
-	cmd := &cobra.Command{
+	cmd := f.withStore(&cobra.Command{
 		Use:   "import PATH",
 		Short: "Verify and store an OCI image layout, OCI archive or docker-save tar; print its manifest digest",
 		Args:  cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			ctx := cmd.Context()
-			s, err := f.open(ctx)
-			if err != nil {
-				return err
-			}
-			imgs, err := s.Import(ctx, args[0], toolchains.ImportOptions{Name: name})
-			if err != nil {
-				return statusMsg(err)
-			}
-			if unpack {
-				for _, img := range imgs {
-					if _, err := s.RootFS(ctx, img); err != nil {
-						return statusMsg(err)
-					}
+	}, true, func(ctx context.Context, cmd *cobra.Command, s *toolchains.Store, args []string) error {
+		imgs, err := s.Import(ctx, args[0], toolchains.ImportOptions{Name: name})
+		if err != nil {
+			return err
+		}
+		if unpack {
+			for _, img := range imgs {
+				if _, err := s.RootFS(ctx, img); err != nil {
+					return err
 				}
 			}
-			if f.json {
-				return printJSON(cmd.OutOrStdout(), imgs)
-			}
-			for _, img := range imgs {
-				fmt.Fprintln(cmd.OutOrStdout(), img.Digest)
-			}
-			return nil
-		},
-	}
-	f.add(cmd, true)
+		}
+		if f.json {
+			return printJSON(cmd.OutOrStdout(), imgs)
+		}
+		for _, img := range imgs {
+			fmt.Fprintln(cmd.OutOrStdout(), img.Digest)
+		}
+		return nil
+	})
 	cmd.Flags().StringVar(&name, "name", "", "informational NAME[:TAG] to record for the image")
 	cmd.Flags().BoolVar(&unpack, "unpack", false, "also unpack the root filesystem now (instead of on first use)")
 	return cmd
@@ -140,7 +134,7 @@ func newToolchainBuildCmd() *cobra.Command {
 			}
 			img, err := s.Build(ctx, rootfs, toolchains.BuildOptions{Name: name, Epoch: epoch, Architecture: arch})
 			if err != nil {
-				return statusMsg(err)
+				return statusErr(err)
 			}
 			if f.json {
 				return printJSON(cmd.OutOrStdout(), img)
@@ -158,185 +152,137 @@ func newToolchainBuildCmd() *cobra.Command {
 
 func newToolchainLsCmd() *cobra.Command {
 	var f toolchainFlags
-	cmd := &cobra.Command{
+	return f.withStore(&cobra.Command{
 		Use:   "ls",
 		Short: "List stored toolchain images",
 		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, args []string) error {
-			ctx := cmd.Context()
-			s, err := f.open(ctx)
-			if err != nil {
-				return err
+	}, true, func(ctx context.Context, cmd *cobra.Command, s *toolchains.Store, _ []string) error {
+		ents, err := s.List(ctx)
+		if err != nil {
+			return err
+		}
+		if f.json {
+			if ents == nil {
+				ents = []toolchains.Entry{}
 			}
-			ents, err := s.List(ctx)
-			if err != nil {
-				return statusMsg(err)
+			return printJSON(cmd.OutOrStdout(), ents)
+		}
+		tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
+		fmt.Fprintln(tw, "DIGEST\tSIZE\tPLATFORM\tUNPACKED\tNAMES")
+		for _, e := range ents {
+			unpacked := "no"
+			if e.RootFS != "" {
+				unpacked = "yes"
 			}
-			if f.json {
-				if ents == nil {
-					ents = []toolchains.Entry{}
-				}
-				return printJSON(cmd.OutOrStdout(), ents)
-			}
-			tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "DIGEST\tSIZE\tPLATFORM\tUNPACKED\tNAMES")
-			for _, e := range ents {
-				unpacked := "no"
-				if e.RootFS != "" {
-					unpacked = "yes"
-				}
-				fmt.Fprintf(tw, "%s\t%s\t%s/%s\t%s\t%s\n", e.Digest, humanSize(e.Size), e.Platform.OS, e.Platform.Architecture, unpacked, strings.Join(e.Names, ","))
-			}
-			return tw.Flush()
-		},
-	}
-	f.add(cmd, true)
-	return cmd
+			fmt.Fprintf(tw, "%s\t%s\t%s/%s\t%s\t%s\n", e.Digest, humanSize(e.Size), e.Platform.OS, e.Platform.Architecture, unpacked, strings.Join(e.Names, ","))
+		}
+		return tw.Flush()
+	})
 }
 
 func newToolchainInspectCmd() *cobra.Command {
 	var f toolchainFlags
-	cmd := &cobra.Command{
+	return f.withStore(&cobra.Command{
 		Use:   "inspect REF",
 		Short: "Show a stored toolchain image (REF: [docker://]NAME@sha256:HEX or sha256:HEX)",
 		Args:  cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			ctx := cmd.Context()
-			s, err := f.open(ctx)
-			if err != nil {
-				return err
-			}
-			e, err := s.Inspect(ctx, args[0])
-			if err != nil {
-				return statusMsg(err)
-			}
-			if f.json {
-				return printJSON(cmd.OutOrStdout(), e)
-			}
-			w := cmd.OutOrStdout()
-			fmt.Fprintf(w, "digest:    %s\n", e.Digest)
-			fmt.Fprintf(w, "mediaType: %s\n", e.MediaType)
-			fmt.Fprintf(w, "platform:  %s/%s\n", e.Platform.OS, e.Platform.Architecture)
-			fmt.Fprintf(w, "size:      %s (%d bytes)\n", humanSize(e.Size), e.Size)
-			fmt.Fprintf(w, "names:     %s\n", strings.Join(e.Names, ", "))
-			fmt.Fprintf(w, "config:    %s\n", e.Config.Digest)
-			for i, l := range e.Layers {
-				fmt.Fprintf(w, "layer %d:   %s %s (%s)\n", i+1, l.Digest, humanSize(l.Size), l.MediaType)
-			}
-			rootfs := e.RootFS
-			if rootfs == "" {
-				rootfs = "(not unpacked)"
-			}
-			fmt.Fprintf(w, "rootfs:    %s\n", rootfs)
-			return nil
-		},
-	}
-	f.add(cmd, true)
-	return cmd
+	}, true, func(ctx context.Context, cmd *cobra.Command, s *toolchains.Store, args []string) error {
+		e, err := s.Inspect(ctx, args[0])
+		if err != nil {
+			return err
+		}
+		if f.json {
+			return printJSON(cmd.OutOrStdout(), e)
+		}
+		w := cmd.OutOrStdout()
+		fmt.Fprintf(w, "digest:    %s\n", e.Digest)
+		fmt.Fprintf(w, "mediaType: %s\n", e.MediaType)
+		fmt.Fprintf(w, "platform:  %s/%s\n", e.Platform.OS, e.Platform.Architecture)
+		fmt.Fprintf(w, "size:      %s (%d bytes)\n", humanSize(e.Size), e.Size)
+		fmt.Fprintf(w, "names:     %s\n", strings.Join(e.Names, ", "))
+		fmt.Fprintf(w, "config:    %s\n", e.Config.Digest)
+		for i, l := range e.Layers {
+			fmt.Fprintf(w, "layer %d:   %s %s (%s)\n", i+1, l.Digest, humanSize(l.Size), l.MediaType)
+		}
+		rootfs := e.RootFS
+		if rootfs == "" {
+			rootfs = "(not unpacked)"
+		}
+		fmt.Fprintf(w, "rootfs:    %s\n", rootfs)
+		return nil
+	})
 }
 
 func newToolchainExportCmd() *cobra.Command {
 	var f toolchainFlags
-	cmd := &cobra.Command{
+	return f.withStore(&cobra.Command{
 		Use:   "export REF DEST",
 		Short: "Write an image as an OCI layout directory (or an OCI archive if DEST ends in .tar)",
 		Args:  cobra.ExactArgs(2),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			ctx := cmd.Context()
-			s, err := f.open(ctx)
-			if err != nil {
-				return err
-			}
-			return statusMsg(s.Export(ctx, args[0], args[1]))
-		},
-	}
-	f.add(cmd, false)
-	return cmd
+	}, false, func(ctx context.Context, _ *cobra.Command, s *toolchains.Store, args []string) error {
+		return s.Export(ctx, args[0], args[1])
+	})
 }
 
 func newToolchainRmCmd() *cobra.Command {
 	var f toolchainFlags
-	cmd := &cobra.Command{
+	return f.withStore(&cobra.Command{
 		Use:   "rm REF...",
 		Short: "Forget toolchain images (their disk space is freed by `kiln toolchain gc`)",
 		Args:  cobra.MinimumNArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			ctx := cmd.Context()
-			s, err := f.open(ctx)
+	}, false, func(ctx context.Context, cmd *cobra.Command, s *toolchains.Store, args []string) error {
+		for _, ref := range args {
+			img, err := s.Remove(ctx, ref)
 			if err != nil {
 				return err
 			}
-			for _, ref := range args {
-				img, err := s.Remove(ctx, ref)
-				if err != nil {
-					return statusMsg(err)
-				}
-				fmt.Fprintln(cmd.OutOrStdout(), img.Digest)
-			}
-			return nil
-		},
-	}
-	f.add(cmd, false)
-	return cmd
+			fmt.Fprintln(cmd.OutOrStdout(), img.Digest)
+		}
+		return nil
+	})
 }
 
 func newToolchainUnpackCmd() *cobra.Command {
 	var f toolchainFlags
-	cmd := &cobra.Command{
+	return f.withStore(&cobra.Command{
 		Use:   "unpack REF",
 		Short: "Unpack an image's read-only root filesystem (if not yet) and print its directory",
 		Args:  cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			ctx := cmd.Context()
-			s, err := f.open(ctx)
-			if err != nil {
-				return err
-			}
-			img, err := s.Resolve(ctx, args[0])
-			if err != nil {
-				return statusMsg(err)
-			}
-			dir, err := s.RootFS(ctx, img)
-			if err != nil {
-				return statusMsg(err)
-			}
-			fmt.Fprintln(cmd.OutOrStdout(), dir)
-			return nil
-		},
-	}
-	f.add(cmd, false)
-	return cmd
+	}, false, func(ctx context.Context, cmd *cobra.Command, s *toolchains.Store, args []string) error {
+		img, err := s.Resolve(ctx, args[0])
+		if err != nil {
+			return err
+		}
+		dir, err := s.RootFS(ctx, img)
+		if err != nil {
+			return err
+		}
+		fmt.Fprintln(cmd.OutOrStdout(), dir)
+		return nil
+	})
 }
 
 func newToolchainGCCmd() *cobra.Command {
 	var f toolchainFlags
-	cmd := &cobra.Command{
+	return f.withStore(&cobra.Command{
 		Use:   "gc",
 		Short: "Remove unpacked roots, blobs and leftovers no stored image references",
 		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, args []string) error {
-			ctx := cmd.Context()
-			s, err := f.open(ctx)
-			if err != nil {
-				return err
-			}
-			st, err := s.GC(ctx)
-			if err != nil {
-				return statusMsg(err)
-			}
-			if f.json {
-				return printJSON(cmd.OutOrStdout(), st)
-			}
-			fmt.Fprintf(cmd.OutOrStdout(), "removed %d roots, %d blobs (%s), %d staging leftovers\n",
-				st.Roots, st.Blobs, humanSize(st.BlobBytes), st.Staging)
-			if st.InUse > 0 {
-				fmt.Fprintf(cmd.OutOrStdout(), "kept %d roots of removed images that a running kiln still mounts; run gc again once it is done\n", st.InUse)
-			}
-			return nil
-		},
-	}
-	f.add(cmd, true)
-	return cmd
+	}, true, func(ctx context.Context, cmd *cobra.Command, s *toolchains.Store, _ []string) error {
+		st, err := s.GC(ctx)
+		if err != nil {
+			return err
+		}
+		if f.json {
+			return printJSON(cmd.OutOrStdout(), st)
+		}
+		fmt.Fprintf(cmd.OutOrStdout(), "removed %d roots, %d blobs (%s), %d staging leftovers\n",
+			st.Roots, st.Blobs, humanSize(st.BlobBytes), st.Staging)
+		if st.InUse > 0 {
+			fmt.Fprintf(cmd.OutOrStdout(), "kept %d roots of removed images that a running kiln still mounts; run gc again once it is done\n", st.InUse)
+		}
+		return nil
+	})
 }
 
 // humanSize formats a byte count with a binary unit.

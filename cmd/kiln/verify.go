@@ -11,6 +11,7 @@ import (
 
 	"github.com/kilnbuild/kiln/cache"
 	"github.com/kilnbuild/kiln/engine"
+	"github.com/kilnbuild/kiln/engine/executor"
 	"github.com/kilnbuild/kiln/engine/verify"
 	"github.com/spf13/cobra"
 )
@@ -93,7 +94,7 @@ an action that fails in its first run). See docs/verify.md.`,
 				if d, err = cache.ParseDigest(strings.TrimPrefix(action, "sha256:")); err != nil {
 					return usage("--action: %v", statusErr(err))
 				}
-			} else if d, err = engine.BuildAction(ctx, eng.CAS, af.spec(args)); err != nil {
+			} else if d, err = executor.BuildAction(ctx, eng.CAS, af.spec(args)); err != nil {
 				return statusErr(err)
 			}
 			rep, err := eng.Verify(ctx, d, verify.Options{Runs: runs, Variations: vars})

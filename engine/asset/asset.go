@@ -77,8 +77,8 @@ func WithLogger(l *slog.Logger) Option { return func(s *Server) { s.log = l } }
 
 // WithSizeLookup tells the server how to find the size of a stored blob from its
 // SHA-256 alone (a checksum.sri qualifier carries no size), so a blob stored before
-// this server started is served without a download. By default a store that is a
-// BlobFiles (the on-disk store, unwrapped) is asked via SizeFromBlobFiles.
+// this server started is served without a download (SizeFromBlobFiles asks the disk
+// store). Without one, only sizes this server saw or a lockfile pins are known.
 func WithSizeLookup(fn func(hash string) (int64, bool)) Option {
 	return func(s *Server) { s.sizeOf = fn }
 }
@@ -113,11 +113,6 @@ func NewServer(cas cache.BlobStore, f *lockfiles.Fetcher, opts ...Option) *Serve
 	}
 	if s.f == nil {
 		s.f, _ = lockfiles.NewFetcher(lockfiles.FetcherOptions{Logger: s.log}) // empty allowlist: denies all
-	}
-	if s.sizeOf == nil {
-		if bf, ok := cas.(BlobFiles); ok {
-			s.sizeOf = SizeFromBlobFiles(bf)
-		}
 	}
 	return s
 }

@@ -18,6 +18,8 @@ import (
 	remoteasset "github.com/bazelbuild/remote-apis/build/bazel/remote/asset/v1"
 	"github.com/kilnbuild/kiln/cache"
 	"github.com/kilnbuild/kiln/cache/disk"
+	"github.com/kilnbuild/kiln/internal/grpctest"
+	"github.com/kilnbuild/kiln/internal/logtest"
 	"github.com/kilnbuild/kiln/lockfiles"
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
@@ -59,53 +61,22 @@ func (o *origin) set(path string, b []byte) {
 
 func (o *origin) host() string { return strings.TrimPrefix(o.URL, "http://") }
 
-// logBuffer is a goroutine-safe buffer for slog output.
-type logBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (l *logBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.buf.Write(p)
-}
-
-func (l *logBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.buf.String()
-}
-
 // serve starts srv on a loopback listener and returns a real gRPC client for it.
 func serve(t *testing.T, srv *Server) remoteasset.FetchClient {
 	t.Helper()
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	g := grpc.NewServer()
-	srv.Register(g)
-	go g.Serve(lis)
-	t.Cleanup(g.Stop)
-	conn, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { conn.Close() })
-	return remoteasset.NewFetchClient(conn)
+	return remoteasset.NewFetchClient(grpctest.Serve(t, func(g *grpc.Server) { srv.Register(g) }))
 }
 
 type fixture struct {
 	origin *origin
 	cas    cache.BlobStore
-	logs   *logBuffer
+	logs   *logtest.Buffer
 	client remoteasset.FetchClient
 }
 
 func newFixture(t *testing.T, cas cache.BlobStore, allow []string, files map[string][]byte, opts ...Option) *fixture {
 	t.Helper()
-	fx := &fixture{origin: newOrigin(t, files), cas: cas, logs: &logBuffer{}}
+	fx := &fixture{origin: newOrigin(t, files), cas: cas, logs: &logtest.Buffer{}}
 	if allow == nil {
 		allow = []string{fx.origin.host()}
 	}
@@ -177,7 +148,7 @@ func TestFetchBlobPresentAcrossRestart(t *testing.T) {
 		t.Fatal(err)
 	}
 	// A new server knows no sizes; the disk store tells it by the blob's file.
-	fx := newFixture(t, store, nil, map[string][]byte{"/a.tar.gz": archive})
+	fx := newFixture(t, store, nil, map[string][]byte{"/a.tar.gz": archive}, WithSizeLookup(SizeFromBlobFiles(store)))
 	resp, err := fx.client.FetchBlob(ctx, blobReq([]string{fx.origin.URL + "/a.tar.gz"}, QualifierChecksumSRI, sri256(archive)))
 	if err != nil {
 		t.Fatal(err)

@@ -1,10 +1,12 @@
 package attest
 
 import (
+	"bytes"
 	"context"
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
+	"io"
 	"time"
 
 	slsa "github.com/in-toto/attestation/go/predicates/provenance/v1"
@@ -12,6 +14,7 @@ import (
 	"github.com/in-toto/in-toto-golang/in_toto"
 	"github.com/kilnbuild/kiln/cache"
 	"github.com/kilnbuild/kiln/engine/attest/keys"
+	"github.com/kilnbuild/kiln/internal/grpcerr"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protojson"
@@ -178,7 +181,9 @@ func SignStatement(ctx context.Context, k *keys.Signer, st *intoto.Statement) ([
 
 // Provenance is a verified provenance statement: what it claims, decoded.
 type Provenance struct {
-	KeyID     string
+	KeyID string
+	// Statement holds the subjects and types; the predicate is decoded into Predicate
+	// only (Statement.Predicate is an empty Struct).
 	Statement *intoto.Statement
 	Predicate *slsa.Provenance
 	// Links are the link envelopes it lists as byproducts.
@@ -186,6 +191,9 @@ type Provenance struct {
 	// Sources and Toolchains are its resolved dependencies.
 	Sources    []Artifact
 	Toolchains []string
+	// SignedAt is runDetails.metadata.finishedOn: when the provenance was signed (zero
+	// if it does not say).
+	SignedAt time.Time
 }
 
 // ParseProvenance verifies a provenance envelope's signature against trust and decodes
@@ -197,30 +205,29 @@ func ParseProvenance(ctx context.Context, raw []byte, trust keys.Trust) (*Proven
 	}
 	key, payload, err := VerifyEnvelope(ctx, e, trust)
 	if err != nil {
-		return nil, status.Errorf(status.Code(err), "provenance: %v", status.Convert(err).Message())
+		return nil, grpcerr.Wrap(err, "provenance")
 	}
-	st := &intoto.Statement{}
-	if err := protojson.Unmarshal(payload, st); err != nil {
-		return nil, status.Errorf(codes.InvalidArgument, "provenance: not an in-toto statement: %v", err)
-	}
-	if err := st.Validate(); err != nil {
+	st, predicate, err := decodeStatement(payload)
+	if err != nil {
 		return nil, status.Errorf(codes.InvalidArgument, "provenance: %v", err)
 	}
 	if st.PredicateType != SLSAProvenanceType {
 		return nil, status.Errorf(codes.InvalidArgument, "provenance: predicate type %q, want %q", st.PredicateType, SLSAProvenanceType)
 	}
-	pb, err := protojson.Marshal(st.Predicate)
-	if err != nil {
-		return nil, status.Errorf(codes.InvalidArgument, "provenance: %v", err)
-	}
 	pred := &slsa.Provenance{}
-	if err := protojson.Unmarshal(pb, pred); err != nil {
+	if err := protojson.Unmarshal(predicate, pred); err != nil {
 		return nil, status.Errorf(codes.InvalidArgument, "provenance: not SLSA provenance v1: %v", err)
 	}
 	if bt := pred.GetBuildDefinition().GetBuildType(); bt != BuildType {
 		return nil, status.Errorf(codes.InvalidArgument, "provenance: build type %q, want %q", bt, BuildType)
 	}
 	p := &Provenance{KeyID: key.KeyID, Statement: st, Predicate: pred}
+	if t := pred.GetRunDetails().GetMetadata().GetFinishedOn(); t != nil {
+		if err := t.CheckValid(); err != nil {
+			return nil, status.Errorf(codes.InvalidArgument, "provenance: runDetails.metadata.finishedOn: %v", err)
+		}
+		p.SignedAt = t.AsTime()
+	}
 	for _, b := range pred.GetRunDetails().GetByproducts() {
 		if b.GetMediaType() != LinkMediaType {
 			continue
@@ -246,6 +253,43 @@ func ParseProvenance(ctx context.Context, raw []byte, trust keys.Trust) (*Proven
 		}
 	}
 	return p, nil
+}
+
+// decodeStatement decodes an in-toto Statement v1 whose predicate the caller decodes
+// into its own type: the statement's fields are checked as Statement.Validate does, and
+// its predicate is returned as JSON, not decoded into a generic Struct (for a provenance
+// of 1,000 links, that and converting it back cost more than everything else the gate
+// does with it). The returned statement's Predicate is an empty Struct.
+func decodeStatement(payload []byte) (*intoto.Statement, json.RawMessage, error) {
+	var parts struct {
+		Type          string            `json:"_type"`
+		Subject       []json.RawMessage `json:"subject"`
+		PredicateType string            `json:"predicateType"`
+		Predicate     json.RawMessage   `json:"predicate"`
+	}
+	dec := json.NewDecoder(bytes.NewReader(payload))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&parts); err != nil {
+		return nil, nil, fmt.Errorf("not an in-toto statement: %v", err)
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		return nil, nil, fmt.Errorf("not an in-toto statement: data after the statement")
+	}
+	if p := bytes.TrimSpace(parts.Predicate); len(p) == 0 || p[0] != '{' {
+		return nil, nil, fmt.Errorf("not an in-toto statement: no predicate object")
+	}
+	st := &intoto.Statement{Type: parts.Type, PredicateType: parts.PredicateType, Predicate: &structpb.Struct{}}
+	for _, raw := range parts.Subject {
+		rd := &intoto.ResourceDescriptor{}
+		if err := protojson.Unmarshal(raw, rd); err != nil {
+			return nil, nil, fmt.Errorf("not an in-toto statement: subject: %v", err)
+		}
+		st.Subject = append(st.Subject, rd)
+	}
+	if err := st.Validate(); err != nil {
+		return nil, nil, err
+	}
+	return st, parts.Predicate, nil
 }
 
 // CheckProvenance verifies a chain exactly as a provenance states it: every link it
@@ -370,6 +414,12 @@ func BuildProvenance(ctx context.Context, store *Store, kr *keys.Keyring, subj S
 	if err != nil {
 		return nil, nil, nil, err
 	}
+	// The one time in the provenance: when it was signed (every link it lists was in
+	// the log by then, so the build finished at or before it). kiln gate bounds the
+	// provenance's age and checks its key's validity with it.
+	st.Predicate.Fields["runDetails"].GetStructValue().Fields["metadata"] = structpb.NewStructValue(&structpb.Struct{Fields: map[string]*structpb.Value{
+		"finishedOn": structpb.NewStringValue(kr.Now().UTC().Truncate(time.Second).Format(time.RFC3339)),
+	}})
 	k, err := kr.Active()
 	if err != nil {
 		return nil, nil, nil, err

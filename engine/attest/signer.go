@@ -18,6 +18,7 @@ import (
 	"github.com/kilnbuild/kiln/cache"
 	"github.com/kilnbuild/kiln/engine/attest/keys"
 	"github.com/kilnbuild/kiln/engine/attest/tlog"
+	"github.com/kilnbuild/kiln/internal/grpcerr"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 )
@@ -176,15 +177,30 @@ func (s *Signer) startPending() error {
 	var rnd [8]byte
 	rand.Read(rnd[:])
 	dir := filepath.Join(s.pendingRoot(), hex.EncodeToString(rnd[:]))
-	if err := os.MkdirAll(dir, 0o755); err != nil {
+	if err := os.MkdirAll(s.pendingRoot(), 0o755); err != nil {
 		return status.Errorf(codes.Internal, "attest pending: %v", err)
 	}
-	f, err := os.OpenFile(dir+".lock", os.O_CREATE|os.O_RDWR|syscall.O_CLOEXEC, 0o644)
+	// The lock is taken under a name no other process looks at, then renamed into
+	// place: another process's adoptOrphans must never find <dir>.lock unlocked (it
+	// would take this live instance for a dead one and remove its marker directory).
+	tmp := dir + ".locking"
+	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_EXCL|os.O_RDWR|syscall.O_CLOEXEC, 0o644)
 	if err != nil {
 		return status.Errorf(codes.Internal, "attest pending: %v", err)
 	}
 	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
 		f.Close()
+		os.Remove(tmp)
+		return status.Errorf(codes.Internal, "attest pending: %v", err)
+	}
+	if err := os.Rename(tmp, dir+".lock"); err != nil {
+		f.Close()
+		os.Remove(tmp)
+		return status.Errorf(codes.Internal, "attest pending: %v", err)
+	}
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		f.Close()
+		os.Remove(dir + ".lock")
 		return status.Errorf(codes.Internal, "attest pending: %v", err)
 	}
 	s.pendingDir, s.pendingLk = dir, f
@@ -343,7 +359,7 @@ func (s *Signer) Link(ctx context.Context, a Action) (Linked, error) {
 		}
 		d := cache.DigestOf(env)
 		if err := s.opts.CAS.Put(ctx, d, bytes.NewReader(env)); err != nil {
-			return status.Errorf(status.Code(err), "store envelope in CAS: %v", status.Convert(err).Message())
+			return grpcerr.Wrap(err, "store envelope in CAS")
 		}
 		out = Linked{Envelope: env, Digest: d, KeyID: k.ID()}
 		if idx, ok := s.store.LogIndex(d); ok && s.store.HasEnvelope(d) {
@@ -360,7 +376,7 @@ func (s *Signer) Link(ctx context.Context, a Action) (Linked, error) {
 		return nil
 	})
 	if err != nil {
-		return Linked{}, status.Errorf(status.Code(err), "attest action %s: %v", a.ActionDigest, status.Convert(err).Message())
+		return Linked{}, grpcerr.Wrap(err, "attest action %s", a.ActionDigest)
 	}
 	if p != nil {
 		if s.opts.SyncLog {

@@ -13,6 +13,7 @@ import (
 	"strings"
 
 	"github.com/kilnbuild/kiln/cache"
+	"github.com/kilnbuild/kiln/internal/grpcerr"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 )
@@ -53,7 +54,7 @@ func (s *Store) PutEnvelope(ctx context.Context, env []byte) (cache.Digest, erro
 	d := cache.DigestOf(env)
 	if s.cas != nil {
 		if err := s.cas.Put(ctx, d, bytes.NewReader(env)); err != nil {
-			return cache.Digest{}, status.Errorf(status.Code(err), "store envelope in CAS: %v", status.Convert(err).Message())
+			return cache.Digest{}, grpcerr.Wrap(err, "store envelope in CAS")
 		}
 	}
 	p := s.envelopePath(d.Hash)

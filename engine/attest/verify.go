@@ -1,8 +1,10 @@
 package attest
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
+	"encoding/base64"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -11,12 +13,14 @@ import (
 	"os"
 	"sort"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/in-toto/in-toto-golang/in_toto"
 	"github.com/kilnbuild/kiln/cache"
 	"github.com/kilnbuild/kiln/engine/attest/keys"
 	"github.com/kilnbuild/kiln/engine/attest/tlog"
+	"github.com/kilnbuild/kiln/internal/grpcerr"
 	"golang.org/x/mod/sumdb/note"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -47,6 +51,12 @@ func ParseSubject(arg string) (Subject, error) {
 	if !errors.Is(err, fs.ErrNotExist) {
 		return Subject{}, status.Errorf(codes.InvalidArgument, "subject %s: %v", arg, err)
 	}
+	return ParseDigestSubject(arg)
+}
+
+// ParseDigestSubject reads arg as a digest only ("sha256:<hex>", "<hex>" or
+// "<hex>/<size>"), never as a file: for subjects named by a remote client.
+func ParseDigestSubject(arg string) (Subject, error) {
 	s := strings.TrimPrefix(arg, "sha256:")
 	if i := strings.IndexByte(s, '/'); i >= 0 {
 		s = s[:i]
@@ -97,21 +107,19 @@ type VerifierOptions struct {
 	WaitCheckpoint time.Duration
 }
 
-// Verifier checks links against trusted keys and the transparency log.
+// Verifier checks links against trusted keys and the transparency log. It is safe for
+// concurrent use.
 type Verifier struct {
 	store *Store
 	log   *tlog.Reader
 	opts  VerifierOptions
-	cp    *tlog.Checkpoint
-	pv    *tlog.Prover
-	done  map[cache.Digest]linkResult
+
+	mu   sync.Mutex // guards cp, pv and done
+	cp   *tlog.Checkpoint
+	pv   *tlog.Prover
+	done map[cache.Digest]LinkCheck
 	// deadline ends all waiting for links still on their way into the log.
 	deadline time.Time
-}
-
-type linkResult struct {
-	l   *VerifiedLink
-	err error
 }
 
 // NewVerifier reads the log's latest checkpoint (and, with a pinned checkpoint, proves
@@ -123,7 +131,7 @@ func NewVerifier(ctx context.Context, store *Store, opts VerifierOptions) (*Veri
 	if opts.LogVerifier == nil {
 		return nil, status.Error(codes.InvalidArgument, "verify: no log key")
 	}
-	v := &Verifier{store: store, log: tlog.NewReader(store.Paths().Log, opts.LogVerifier), opts: opts, done: map[cache.Digest]linkResult{}, deadline: time.Now().Add(opts.WaitCheckpoint)}
+	v := &Verifier{store: store, log: tlog.NewReader(store.Paths().Log, opts.LogVerifier), opts: opts, done: map[cache.Digest]LinkCheck{}, deadline: time.Now().Add(opts.WaitCheckpoint)}
 	v.settle(ctx)
 	if err := v.loadCheckpoint(ctx); err != nil {
 		return nil, err
@@ -155,7 +163,7 @@ func (v *Verifier) settle(ctx context.Context) {
 func (v *Verifier) loadCheckpoint(ctx context.Context) error {
 	cp, err := v.log.Checkpoint(ctx)
 	if err != nil {
-		return status.Errorf(status.Code(err), "log: %v", status.Convert(err).Message())
+		return grpcerr.Wrap(err, "log")
 	}
 	pv, err := v.log.Prover(ctx, cp.Size)
 	if err != nil {
@@ -173,63 +181,143 @@ func (v *Verifier) loadCheckpoint(ctx context.Context) error {
 			return status.Errorf(codes.DataLoss, "log: not consistent with the pinned checkpoint: %v", status.Convert(err).Message())
 		}
 	}
+	v.mu.Lock()
 	v.cp, v.pv = cp, pv
+	v.mu.Unlock()
 	return nil
 }
 
 // Checkpoint returns the checkpoint the verifier proves inclusion against.
-func (v *Verifier) Checkpoint() *tlog.Checkpoint { return v.cp }
+func (v *Verifier) Checkpoint() *tlog.Checkpoint {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return v.cp
+}
+
+// LinkCheck is what verifying one link established, step by step: which trusted key
+// signed it, whether it is in the log and where, and whether the key was valid at that
+// log index. Callers that report each fact (kiln gate) read the fields; Err is the first
+// failure, nil when Link is set.
+type LinkCheck struct {
+	Envelope cache.Digest
+	// Claims is the action the payload names, read before any check (for messages).
+	Claims string
+	// Key is the trusted key whose signature verified; nil if none did.
+	Key *keys.PublicKey
+	// Logged says the envelope's entry is in the log under the verifier's checkpoint,
+	// at LogIndex (its inclusion proof verified).
+	Logged   bool
+	LogIndex uint64
+	// KeyValid says Key was not retired before LogIndex (checked only when Logged).
+	KeyValid bool
+	// Link is the verified link when every check passed.
+	Link *VerifiedLink
+	Err  error
+}
+
+// Check verifies the link in envelope env like Link, recording each fact it establishes.
+func (v *Verifier) Check(ctx context.Context, env cache.Digest) LinkCheck {
+	v.mu.Lock()
+	r, ok := v.done[env]
+	v.mu.Unlock()
+	if ok {
+		return r
+	}
+	var c LinkCheck
+	raw, err := v.store.Envelope(ctx, env)
+	if err != nil {
+		c = LinkCheck{Envelope: env, Err: err}
+	} else {
+		c = v.CheckBytes(ctx, raw)
+	}
+	v.mu.Lock()
+	v.done[env] = c
+	v.mu.Unlock()
+	return c
+}
+
+// CheckAll verifies the links in envs with up to workers goroutines (signature checks
+// dominate; they parallelize), so that Check and Link answer them from memory after.
+func (v *Verifier) CheckAll(ctx context.Context, envs []cache.Digest, workers int) {
+	next := make(chan cache.Digest)
+	var wg sync.WaitGroup
+	for range max(workers, 1) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for e := range next {
+				v.Check(ctx, e)
+			}
+		}()
+	}
+	for _, e := range envs {
+		next <- e
+	}
+	close(next)
+	wg.Wait()
+}
 
 // Link verifies the link in envelope env: a signature by a trusted key, a well-formed
 // link payload, inclusion in the log, and (for a retired key) a log index before the
 // key's retirement.
 func (v *Verifier) Link(ctx context.Context, env cache.Digest) (*VerifiedLink, error) {
-	if r, ok := v.done[env]; ok {
-		return r.l, r.err
-	}
-	l, err := v.link(ctx, env)
-	v.done[env] = linkResult{l, err}
-	return l, err
-}
-
-func (v *Verifier) link(ctx context.Context, env cache.Digest) (*VerifiedLink, error) {
-	raw, err := v.store.Envelope(ctx, env)
-	if err != nil {
-		return nil, err
-	}
-	return v.LinkBytes(ctx, raw)
+	c := v.Check(ctx, env)
+	return c.Link, c.Err
 }
 
 // LinkBytes verifies a link envelope given as bytes (see Link).
 func (v *Verifier) LinkBytes(ctx context.Context, raw []byte) (*VerifiedLink, error) {
-	d := cache.DigestOf(raw)
+	c := v.CheckBytes(ctx, raw)
+	return c.Link, c.Err
+}
+
+// CheckBytes verifies a link envelope given as bytes (see Check).
+func (v *Verifier) CheckBytes(ctx context.Context, raw []byte) LinkCheck {
+	c := LinkCheck{Envelope: cache.DigestOf(raw)}
+	fail := func(err error) LinkCheck {
+		if c.Claims != "" {
+			err = grpcerr.Wrap(err, "claims action %s", c.Claims)
+		}
+		c.Err = err
+		return c
+	}
 	e, err := ParseEnvelope(raw)
 	if err != nil {
-		return nil, err
+		c.Err = err
+		return c
 	}
-	// Name the action the envelope claims to attest, so failures say which link.
-	claims := ""
-	if p, err := EnvelopePayload(raw); err == nil {
-		if l, err := DecodeLink(p); err == nil {
-			claims = "claims action " + l.Name + ": "
+	// Name the action the envelope claims to attest, so failures say which link. The
+	// payload is decoded once: what the signature covers is the same bytes.
+	claimed, claimErr := in_toto.Link{}, error(nil)
+	unverified, err := base64.StdEncoding.DecodeString(e.Payload)
+	if err == nil {
+		if claimed, claimErr = DecodeLink(unverified); claimErr == nil {
+			c.Claims = claimed.Name
 		}
 	}
 	key, payload, err := VerifyEnvelope(ctx, e, v.opts.Trust)
 	if err != nil {
-		return nil, status.Errorf(status.Code(err), "%s%s", claims, status.Convert(err).Message())
+		return fail(err)
 	}
-	l, err := DecodeLink(payload)
+	c.Key = &key
+	l := claimed
+	if claimErr != nil || !bytes.Equal(payload, unverified) {
+		if l, err = DecodeLink(payload); err != nil {
+			c.Err = err
+			return c
+		}
+	}
+	idx, err := v.include(ctx, c.Envelope)
 	if err != nil {
-		return nil, err
+		return fail(err)
 	}
-	idx, err := v.include(ctx, d)
-	if err != nil {
-		return nil, status.Errorf(status.Code(err), "%s%s", claims, status.Convert(err).Message())
-	}
+	c.Logged, c.LogIndex = true, idx
 	if key.NotAfterLogSize != nil && idx >= *key.NotAfterLogSize {
-		return nil, status.Errorf(codes.PermissionDenied, "%ssigned by key %s, retired at log size %d, but logged at index %d", claims, short(key.KeyID), *key.NotAfterLogSize, idx)
+		return fail(status.Errorf(codes.PermissionDenied, "signed by key %s, retired at log size %d, but logged at index %d", short(key.KeyID), *key.NotAfterLogSize, idx))
 	}
-	return &VerifiedLink{Envelope: d, KeyID: key.KeyID, Link: l, LogIndex: idx, Raw: raw}, nil
+	c.KeyValid = true
+	c.Link = &VerifiedLink{Envelope: c.Envelope, KeyID: key.KeyID, Link: l, LogIndex: idx, Raw: raw}
+	return c
 }
 
 // include proves the inclusion of envelope d's log entry. A link that is still
@@ -240,16 +328,19 @@ func (v *Verifier) include(ctx context.Context, d cache.Digest) (uint64, error) 
 	entry := LinkLogEntry(d)
 	for {
 		hint, hasHint := v.store.LogIndex(d)
-		idx, _, err := v.log.Include(ctx, entry, hint, hasHint, v.cp, v.pv)
+		v.mu.Lock()
+		cp, pv := v.cp, v.pv
+		v.mu.Unlock()
+		idx, _, err := v.log.Include(ctx, entry, hint, hasHint, cp, pv)
 		if err == nil {
 			return idx, nil
 		}
-		inFlight := (hasHint && hint >= v.cp.Size) || (!hasHint && v.store.Pending(d))
+		inFlight := (hasHint && hint >= cp.Size) || (!hasHint && v.store.Pending(d))
 		if !inFlight || time.Now().After(v.deadline) {
 			if status.Code(err) == codes.NotFound {
-				return 0, status.Errorf(codes.NotFound, "not in the transparency log (checkpoint size %d)", v.cp.Size)
+				return 0, status.Errorf(codes.NotFound, "not in the transparency log (checkpoint size %d)", cp.Size)
 			}
-			return 0, status.Errorf(status.Code(err), "transparency log: %v", status.Convert(err).Message())
+			return 0, grpcerr.Wrap(err, "transparency log")
 		}
 		select {
 		case <-ctx.Done():

@@ -9,6 +9,7 @@ import (
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"github.com/kilnbuild/kiln/cache"
+	"github.com/kilnbuild/kiln/cache/cachetest"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 )
@@ -94,4 +95,17 @@ func TestQuarantineSameTick(t *testing.T) {
 	if !l.Quarantined(second.Hash) {
 		t.Fatal("a quarantine added in the same mtime tick as the last read was missed")
 	}
+}
+
+// TestWrapActionCacheConforms: with nothing quarantined, the wrapped action cache keeps
+// the ActionCache contract.
+func TestWrapActionCacheConforms(t *testing.T) {
+	cachetest.ActionCache(t, func(t *testing.T) cache.ActionCache {
+		l, err := Open(t.TempDir())
+		if err != nil {
+			t.Fatal(err)
+		}
+		m := cache.NewMemoryStore()
+		return l.WrapActionCache(m.ActionCache(), m)
+	})
 }

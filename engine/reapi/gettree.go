@@ -23,12 +23,11 @@ const (
 	maxTreeCursorSeen = 500_000 // directories all kept walks may have seen together (~60 MB)
 )
 
-// treeWalk is a breadth-first walk of a tree, stopped after n directories.
+// treeWalk is a walk of a tree's distinct directories, stopped after n of them.
 type treeWalk struct {
-	root  cache.Digest
-	n     int
-	queue []cache.Digest
-	seen  map[cache.Digest]bool
+	root cache.Digest
+	n    int
+	walk *cache.Walk
 }
 
 // treeCursors keeps the walks behind outstanding page tokens, so that each page
@@ -39,7 +38,7 @@ type treeCursors struct {
 	mu    sync.Mutex
 	walks map[string]*treeWalk
 	order []string // ids, oldest first
-	seen  int      // len(w.seen) summed over walks
+	seen  int      // w.walk.Seen() summed over walks
 }
 
 // take removes and returns the walk id of root stopped at n, if kept.
@@ -57,7 +56,7 @@ func (c *treeCursors) take(id string, root cache.Digest, n int) *treeWalk {
 // drop forgets walk id; callers hold c.mu.
 func (c *treeCursors) drop(id string) {
 	if w := c.walks[id]; w != nil {
-		c.seen -= len(w.seen)
+		c.seen -= w.walk.Seen()
 		delete(c.walks, id)
 	}
 }
@@ -67,17 +66,17 @@ func (c *treeCursors) put(w *treeWalk) string {
 	var b [12]byte
 	rand.Read(b[:])
 	id := hex.EncodeToString(b[:])
-	if len(w.seen) <= maxTreeCursorSeen/4 { // a larger walk is not kept: its next page walks again
+	if w.walk.Seen() <= maxTreeCursorSeen/4 { // a larger walk is not kept: its next page walks again
 		c.mu.Lock()
 		if c.walks == nil {
 			c.walks = map[string]*treeWalk{}
 		}
-		for len(c.order) > 0 && (len(c.walks) >= maxTreeCursors || c.seen+len(w.seen) > maxTreeCursorSeen) {
+		for len(c.order) > 0 && (len(c.walks) >= maxTreeCursors || c.seen+w.walk.Seen() > maxTreeCursorSeen) {
 			c.drop(c.order[0])
 			c.order = c.order[1:]
 		}
 		c.walks[id] = w
-		c.seen += len(w.seen)
+		c.seen += w.walk.Seen()
 		c.order = append(c.order, id)
 		if len(c.order) > 4*maxTreeCursors { // drop ids already taken
 			kept := c.order[:0]
@@ -134,31 +133,19 @@ func (c casServer) GetTree(req *repb.GetTreeRequest, stream repb.ContentAddressa
 	}
 	w := c.s.trees.take(id, root, skip)
 	if w == nil { // a first page, or a walk no longer kept: walk from the root
-		w = &treeWalk{root: root, seen: map[cache.Digest]bool{root: true}, queue: []cache.Digest{root}}
+		w = &treeWalk{root: root, walk: cache.NewWalk(root, cache.DirectoriesIn(c.s.cas, cache.MaxTreeSize), cache.WalkOptions{Distinct: true})}
 	}
 	var page []*repb.Directory
-	for len(w.queue) > 0 && len(page) < pageSize {
-		d := w.queue[0]
-		w.queue = w.queue[1:]
-		dir := &repb.Directory{}
-		if err := cache.ReadProto(ctx, c.s.cas, d, dir, cache.MaxTreeSize); err != nil {
-			if d == root && status.Code(err) == codes.NotFound {
-				return status.Errorf(codes.NotFound, "tree root %s not found", d)
+	for !w.walk.Done() && len(page) < pageSize {
+		it, dir, err := w.walk.Next(ctx)
+		if err != nil {
+			if it.Digest == root && status.Code(err) == codes.NotFound {
+				return status.Errorf(codes.NotFound, "tree root %s not found", root)
 			}
 			if status.Code(err) == codes.NotFound || status.Code(err) == codes.DataLoss {
 				continue // the spec: return the portion present, omit the rest
 			}
 			return err
-		}
-		for _, sub := range dir.GetDirectories() {
-			sd, err := cache.FromProto(sub.GetDigest())
-			if err != nil {
-				return status.Errorf(codes.InvalidArgument, "directory %s: child %q: %s", d, sub.GetName(), status.Convert(err).Message())
-			}
-			if !w.seen[sd] {
-				w.seen[sd] = true
-				w.queue = append(w.queue, sd)
-			}
 		}
 		if w.n >= skip {
 			page = append(page, dir)
@@ -166,7 +153,7 @@ func (c casServer) GetTree(req *repb.GetTreeRequest, stream repb.ContentAddressa
 		w.n++
 	}
 	next := ""
-	if len(w.queue) > 0 {
+	if !w.walk.Done() {
 		next = c.s.trees.put(w)
 	}
 	// Split into messages that fit the gRPC limit.

@@ -685,10 +685,15 @@ func (c *countingStore) Get(ctx context.Context, d cache.Digest, offset int64) (
 // budgets, oldest dropped first; a walk too large to keep still gets a working token.
 func TestTreeCursorsBounded(t *testing.T) {
 	var c treeCursors
-	walk := func(n int) *treeWalk {
-		w := &treeWalk{n: 1, seen: make(map[cache.Digest]bool, n)}
-		for i := 0; i < n; i++ {
-			w.seen[cache.DigestOf([]byte(fmt.Sprint(i)))] = true
+	walk := func(n int) *treeWalk { // a walk that visited a root with n-1 subdirectories
+		root := &repb.Directory{}
+		for i := 1; i < n; i++ {
+			root.Directories = append(root.Directories, &repb.DirectoryNode{Name: fmt.Sprint(i), Digest: cache.DigestOf([]byte(fmt.Sprint(i))).Proto()})
+		}
+		get := func(context.Context, cache.Digest) (*repb.Directory, error) { return root, nil }
+		w := &treeWalk{n: 1, walk: cache.NewWalk(cache.Digest{}, get, cache.WalkOptions{Distinct: true})}
+		if _, _, err := w.walk.Next(context.Background()); err != nil || w.walk.Seen() != n {
+			t.Fatalf("walk saw %d, want %d (%v)", w.walk.Seen(), n, err)
 		}
 		return w
 	}

@@ -37,6 +37,8 @@ import (
 	"github.com/kilnbuild/kiln/cache/disk"
 	"github.com/kilnbuild/kiln/engine"
 	"github.com/kilnbuild/kiln/engine/attest"
+	"github.com/kilnbuild/kiln/engine/executor"
+	"github.com/kilnbuild/kiln/internal/grpcerr"
 	"github.com/klauspost/compress/zstd"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -108,7 +110,7 @@ func Export(ctx context.Context, eng *engine.Engine, subj attest.Subject, out st
 		copied[d] = true
 		r, err := eng.CAS.Get(ctx, d, 0)
 		if err != nil {
-			return cache.PrefixError(err, "blob %s", d)
+			return grpcerr.Wrap(err, "blob %s", d)
 		}
 		defer r.Close()
 		if err := bcas.Put(ctx, d, r); err != nil {
@@ -147,7 +149,7 @@ func Export(ctx context.Context, eng *engine.Engine, subj attest.Subject, out st
 	for _, t := range ch.Toolchains {
 		ref := "sha256:" + t
 		if err := eng.Toolchains.Export(ctx, ref, filepath.Join(dir, "toolchains", t)); err != nil {
-			return nil, cache.PrefixError(err, "export toolchain %s", ref)
+			return nil, grpcerr.Wrap(err, "export toolchain %s", ref)
 		}
 		res.Manifest.Toolchains = append(res.Manifest.Toolchains, ref)
 	}
@@ -190,7 +192,7 @@ func ActionDigestOf(l *attest.VerifiedLink) (cache.Digest, error) {
 func actionBlobs(ctx context.Context, cas cache.BlobStore, ad cache.Digest) ([]cache.Digest, error) {
 	a := &repb.Action{}
 	if err := cache.ReadProto(ctx, cas, ad, a, 16<<20); err != nil {
-		return nil, cache.PrefixError(err, "action %s", ad)
+		return nil, grpcerr.Wrap(err, "action %s", ad)
 	}
 	cd, err := cache.FromProto(a.GetCommandDigest())
 	if err != nil {
@@ -200,9 +202,9 @@ func actionBlobs(ctx context.Context, cas cache.BlobStore, ad cache.Digest) ([]c
 	if err != nil {
 		return nil, err
 	}
-	tree, err := engine.TreeBlobs(ctx, cas, root)
+	tree, err := executor.TreeBlobs(ctx, cas, root)
 	if err != nil {
-		return nil, cache.PrefixError(err, "input tree of action %s", ad)
+		return nil, grpcerr.Wrap(err, "input tree of action %s", ad)
 	}
 	return append([]cache.Digest{ad, cd}, tree...), nil
 }

@@ -3,11 +3,14 @@ package rebuild
 import (
 	"archive/tar"
 	"bytes"
+	"context"
 	"fmt"
 	"os"
 	"path/filepath"
 	"testing"
 
+	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
+	"github.com/kilnbuild/kiln/cache"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 )
@@ -109,5 +112,20 @@ func TestExtractBoundsAndZstd(t *testing.T) {
 		if err := extractTar(out, t.TempDir(), 10_000); status.Code(err) != codes.InvalidArgument {
 			t.Fatalf("compressed=%v: 20 KB bundle under a 10 KB bound: %v, want INVALID_ARGUMENT", compressed, err)
 		}
+	}
+}
+
+// TestExportNamesMissingBlobs: exporting an action whose input blob is gone fails
+// naming that blob (the wrap that adds "input tree of action" keeps the violations).
+func TestExportNamesMissingBlobs(t *testing.T) {
+	ctx := context.Background()
+	cas := cache.NewMemoryStore()
+	gone := cache.DigestOf([]byte("evicted input"))
+	root, _ := cache.PutProto(ctx, cas, &repb.Directory{Files: []*repb.FileNode{{Name: "in", Digest: gone.Proto()}}})
+	cmd, _ := cache.PutProto(ctx, cas, &repb.Command{Arguments: []string{"true"}})
+	ad, _ := cache.PutProto(ctx, cas, &repb.Action{CommandDigest: cmd.Proto(), InputRootDigest: root.Proto()})
+	_, err := actionBlobs(ctx, cas, ad)
+	if got := cache.MissingFromError(err); status.Code(err) != codes.FailedPrecondition || len(got) != 1 || got[0] != gone {
+		t.Fatalf("err %v, missing %v; want FAILED_PRECONDITION naming %s", err, got, gone)
 	}
 }

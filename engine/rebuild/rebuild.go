@@ -18,6 +18,8 @@ import (
 	"github.com/kilnbuild/kiln/engine"
 	"github.com/kilnbuild/kiln/engine/attest"
 	"github.com/kilnbuild/kiln/engine/attest/keys"
+	"github.com/kilnbuild/kiln/engine/executor"
+	"github.com/kilnbuild/kiln/internal/grpcerr"
 	"github.com/kilnbuild/kiln/toolchains"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -188,7 +190,7 @@ func Rebuild(ctx context.Context, eng *engine.Engine, opts Options) (*Result, er
 		if err != nil {
 			// The rebuild could not run (a missing toolchain, an unreachable or
 			// unverifiable executor): that is no verdict on the artifact.
-			return nil, cache.PrefixError(err, "re-executing action %s", ad)
+			return nil, grpcerr.Wrap(err, "re-executing action %s", ad)
 		}
 		if recorded[run.Link] {
 			return nil, status.Errorf(codes.FailedPrecondition, "re-executing action %s: the executor answered with the recorded link %s instead of running it again", ad, run.Link)
@@ -318,7 +320,7 @@ func importBundle(ctx context.Context, eng *engine.Engine, dir string, links []*
 	for _, t := range m.Toolchains {
 		imgs, err := eng.Toolchains.Import(ctx, filepath.Join(dir, "toolchains", strings.TrimPrefix(t, "sha256:")), toolchains.ImportOptions{})
 		if err != nil {
-			return cache.PrefixError(err, "bundle toolchain %s", t)
+			return grpcerr.Wrap(err, "bundle toolchain %s", t)
 		}
 		found := false
 		for _, img := range imgs {
@@ -341,7 +343,7 @@ func importBundle(ctx context.Context, eng *engine.Engine, dir string, links []*
 		}
 		ds, err := actionBlobs(ctx, src, ad)
 		if err != nil {
-			return cache.PrefixError(err, "bundle")
+			return grpcerr.Wrap(err, "bundle")
 		}
 		missing, err := eng.CAS.FindMissing(ctx, ds)
 		if err != nil {
@@ -350,12 +352,12 @@ func importBundle(ctx context.Context, eng *engine.Engine, dir string, links []*
 		for _, d := range missing {
 			r, err := src.Get(ctx, d, 0)
 			if err != nil {
-				return cache.PrefixError(err, "bundle blob %s", d)
+				return grpcerr.Wrap(err, "bundle blob %s", d)
 			}
 			err = eng.CAS.Put(ctx, d, r)
 			r.Close()
 			if err != nil {
-				return cache.PrefixError(err, "bundle blob %s", d)
+				return grpcerr.Wrap(err, "bundle blob %s", d)
 			}
 		}
 	}
@@ -408,7 +410,7 @@ func (l localExecutor) Execute(ctx context.Context, ad cache.Digest, _ cache.Blo
 	if err != nil {
 		return Run{}, err
 	}
-	ex, err := l.eng.Executor.Execute(ctx, engine.Request{ActionDigest: ad, NoCache: true, SkipCacheLookup: true, CompareOnly: true, Queued: time.Now(),
+	ex, err := l.eng.Executor.Execute(ctx, executor.Request{ActionDigest: ad, NoCache: true, CompareOnly: true, Queued: time.Now(),
 		Notes: []string{"kiln rebuild"}}, a)
 	if err != nil {
 		return Run{}, err
@@ -420,7 +422,7 @@ func (l localExecutor) Execute(ctx context.Context, ad cache.Digest, _ cache.Blo
 }
 
 // Products renders produced files the way links record them: alg:hash by path.
-func Products(fs []engine.ProducedFile) map[string]string {
+func Products(fs []executor.ProducedFile) map[string]string {
 	out := map[string]string{}
 	for _, f := range fs {
 		if f.SymlinkTarget != "" {
@@ -439,6 +441,11 @@ type Summary struct {
 	Subject attest.Subject
 	Result  string
 	Policy  string
+	// Verifier is verifier.id; TimeVerified is timeVerified (zero if absent).
+	Verifier     string
+	TimeVerified time.Time
+	// Inputs are the SHA-256s (hex) of the input attestations (the provenance rebuilt).
+	Inputs []string
 }
 
 // CheckSummary verifies a DSSE-signed verification summary against trust and decodes
@@ -465,6 +472,19 @@ func CheckSummary(ctx context.Context, raw []byte, trust keys.Trust) (*Summary, 
 		Subject: attest.Subject{Name: st.GetSubject()[0].GetName(), SHA256: st.GetSubject()[0].GetDigest()["sha256"]}}
 	if s.Result != Passed && s.Result != Failed {
 		return nil, status.Errorf(codes.InvalidArgument, "summary: verification result %q", s.Result)
+	}
+	s.Verifier = f["verifier"].GetStructValue().GetFields()["id"].GetStringValue()
+	if tv := f["timeVerified"].GetStringValue(); tv != "" {
+		t, err := time.Parse(time.RFC3339Nano, tv)
+		if err != nil {
+			return nil, status.Errorf(codes.InvalidArgument, "summary: timeVerified %q: %v", tv, err)
+		}
+		s.TimeVerified = t
+	}
+	for _, in := range f["inputAttestations"].GetListValue().GetValues() {
+		if h := in.GetStructValue().GetFields()["digest"].GetStructValue().GetFields()["sha256"].GetStringValue(); h != "" {
+			s.Inputs = append(s.Inputs, h)
+		}
 	}
 	return s, nil
 }

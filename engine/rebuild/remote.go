@@ -10,6 +10,7 @@ import (
 	"github.com/kilnbuild/kiln/cache"
 	"github.com/kilnbuild/kiln/engine/attest"
 	"github.com/kilnbuild/kiln/engine/attest/keys"
+	"github.com/kilnbuild/kiln/internal/grpcerr"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 )
@@ -68,7 +69,7 @@ func (r *RemoteExecutor) Execute(ctx context.Context, ad cache.Digest, src cache
 	for _, d := range missing {
 		b, err := cache.ReadAll(ctx, src, cache.Digest{Hash: d.Hash, Size: d.Size}, 0)
 		if err != nil {
-			return Run{}, cache.PrefixError(err, "blob %s", d)
+			return Run{}, grpcerr.Wrap(err, "blob %s", d)
 		}
 		entries = append(entries, uploadinfo.EntryFromBlob(b))
 	}
@@ -100,7 +101,7 @@ func (r *RemoteExecutor) verifiedRun(ctx context.Context, ad cache.Digest, res *
 	}
 	raw, _, err := r.c.ReadBlob(ctx, digest.Digest{Hash: ld.Hash, Size: ld.Size})
 	if err != nil {
-		return Run{}, cache.PrefixError(err, "link %s", ld)
+		return Run{}, grpcerr.Wrap(err, "link %s", ld)
 	}
 	if cache.DigestOf(raw) != ld {
 		return Run{}, status.Errorf(codes.DataLoss, "link %s: the remote sent other bytes", ld)
@@ -111,7 +112,7 @@ func (r *RemoteExecutor) verifiedRun(ctx context.Context, ad cache.Digest, res *
 	}
 	_, payload, err := attest.VerifyEnvelope(ctx, env, r.trust)
 	if err != nil {
-		return Run{}, cache.PrefixError(err, "link of the remote run of %s", ad)
+		return Run{}, grpcerr.Wrap(err, "link of the remote run of %s", ad)
 	}
 	link, err := attest.DecodeLink(payload)
 	if err != nil {

@@ -10,6 +10,7 @@ import (
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"github.com/kilnbuild/kiln/cache"
+	"github.com/kilnbuild/kiln/internal/grpcerr"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 )
@@ -72,7 +73,7 @@ func ManifestOf(ctx context.Context, cas cache.BlobStore, r *repb.ActionResult) 
 	for _, f := range r.GetOutputFiles() {
 		d, err := cache.FromProto(f.GetDigest())
 		if err != nil {
-			return m, cache.PrefixError(err, "output %s", f.GetPath())
+			return m, grpcerr.Wrap(err, "output %s", f.GetPath())
 		}
 		m.Outputs[f.GetPath()] = FileEntry(KindFile, d, f.GetIsExecutable())
 	}
@@ -103,7 +104,7 @@ func logEntry(kind string, p *repb.Digest) (Entry, error) {
 	}
 	d, err := cache.FromProto(p)
 	if err != nil {
-		return Entry{}, cache.PrefixError(err, "%s digest", kind)
+		return Entry{}, grpcerr.Wrap(err, "%s digest", kind)
 	}
 	return FileEntry(kind, d, false), nil
 }
@@ -112,52 +113,32 @@ func logEntry(kind string, p *repb.Digest) (Entry, error) {
 func addTree(ctx context.Context, cas cache.BlobStore, od *repb.OutputDirectory, out map[string]Entry) error {
 	td, err := cache.FromProto(od.GetTreeDigest())
 	if err != nil {
-		return cache.PrefixError(err, "output directory %s", od.GetPath())
+		return grpcerr.Wrap(err, "output directory %s", od.GetPath())
 	}
 	tree := &repb.Tree{}
 	if err := cache.ReadProto(ctx, cas, td, tree, cache.MaxTreeSize); err != nil {
-		return cache.PrefixError(err, "output directory %s: tree %s", od.GetPath(), td)
+		return grpcerr.Wrap(err, "output directory %s: tree %s", od.GetPath(), td)
 	}
-	children := map[cache.Digest]*repb.Directory{}
-	for _, c := range tree.GetChildren() {
-		_, d, err := cache.DigestOfProto(c)
-		if err != nil {
-			return err
-		}
-		children[d] = c
+	root, dirs, err := cache.TreeDirectories(tree)
+	if err != nil {
+		return err
 	}
-	var walk func(dir *repb.Directory, rel string, depth int) error
-	walk = func(dir *repb.Directory, rel string, depth int) error {
-		if depth > 512 {
-			return status.Errorf(codes.InvalidArgument, "output directory %s: tree nested too deep", od.GetPath())
-		}
+	err = cache.WalkAll(ctx, root, dirs, cache.WalkOptions{MaxDepth: 512}, func(it cache.WalkItem, dir *repb.Directory) error {
+		rel := path.Join(od.GetPath(), it.Path)
 		out[rel] = Entry{Kind: KindDirectory}
 		for _, f := range dir.GetFiles() {
 			d, err := cache.FromProto(f.GetDigest())
 			if err != nil {
-				return cache.PrefixError(err, "output %s", path.Join(rel, f.GetName()))
+				return grpcerr.Wrap(err, "output %s", path.Join(rel, f.GetName()))
 			}
 			out[path.Join(rel, f.GetName())] = FileEntry(KindFile, d, f.GetIsExecutable())
 		}
 		for _, s := range dir.GetSymlinks() {
 			out[path.Join(rel, s.GetName())] = Entry{Kind: KindSymlink, Target: s.GetTarget()}
 		}
-		for _, sd := range dir.GetDirectories() {
-			d, err := cache.FromProto(sd.GetDigest())
-			if err != nil {
-				return cache.PrefixError(err, "output %s", path.Join(rel, sd.GetName()))
-			}
-			c, ok := children[d]
-			if !ok {
-				return status.Errorf(codes.InvalidArgument, "output directory %s: tree %s lacks directory %s", od.GetPath(), td, d)
-			}
-			if err := walk(c, path.Join(rel, sd.GetName()), depth+1); err != nil {
-				return err
-			}
-		}
 		return nil
-	}
-	return walk(tree.GetRoot(), od.GetPath(), 0)
+	})
+	return grpcerr.Wrap(err, "output directory %s: tree %s", od.GetPath(), td)
 }
 
 // Count is the number of outputs (files, symlinks, directories) in m.
@@ -257,7 +238,7 @@ func FillOffsets(ctx context.Context, cas cache.BlobStore, diffs []Difference) e
 			continue
 		}
 		if err != nil {
-			return cache.PrefixError(err, "compare %s", d.Output)
+			return grpcerr.Wrap(err, "compare %s", d.Output)
 		}
 		d.FirstDifferentByte = off
 	}

@@ -86,15 +86,6 @@ func WriteText(w io.Writer, r *Report) error {
 	return err
 }
 
-// WriteDifference writes one difference as WriteText does (for other reports, such
-// as a rebuild's).
-func WriteDifference(w io.Writer, d Difference) error {
-	var b strings.Builder
-	writeDifference(&b, &Report{}, d)
-	_, err := io.WriteString(w, b.String())
-	return err
-}
-
 func writeDifference(b *strings.Builder, r *Report, d Difference) {
 	fmt.Fprintf(b, "\n%s (%s)\n", d.Output, kindText(d))
 	fmt.Fprintf(b, "  run 1:  %s\n", describeEntry(d.Baseline))

@@ -18,6 +18,8 @@ import (
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"github.com/kilnbuild/kiln/cache"
+	"github.com/kilnbuild/kiln/internal/clock"
+	"github.com/kilnbuild/kiln/internal/grpcerr"
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -39,20 +41,6 @@ func (f RunnerFunc) Run(ctx context.Context, s Setting) (*repb.ActionResult, err
 type Clock interface {
 	Now() time.Time
 	Sleep(ctx context.Context, d time.Duration) error
-}
-
-type realClock struct{}
-
-func (realClock) Now() time.Time { return time.Now() }
-func (realClock) Sleep(ctx context.Context, d time.Duration) error {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return nil
-	case <-ctx.Done():
-		return status.FromContextError(ctx.Err()).Err()
-	}
 }
 
 // MaxRuns bounds Options.Runs (as the kiln-verify platform property does).
@@ -157,7 +145,7 @@ func Verify(ctx context.Context, cas cache.BlobStore, r Runner, opts Options, ba
 	}
 	v := &verifier{cas: cas, runner: r, clock: opts.Clock, cpus: opts.CPUs}
 	if v.clock == nil {
-		v.clock = realClock{}
+		v.clock = clock.System()
 	}
 	if v.cpus == nil {
 		v.cpus = allowedCPUs()
@@ -247,14 +235,14 @@ func (v *verifier) run(ctx context.Context, purpose string, s Setting, ref *run)
 		next := ref.end.Truncate(time.Second).Add(time.Second)
 		if d := next.Sub(v.clock.Now()); d > 0 {
 			if err := v.clock.Sleep(ctx, d); err != nil {
-				return nil, err
+				return nil, status.FromContextError(err).Err()
 			}
 		}
 	}
 	start := v.clock.Now()
 	res, err := v.runner.Run(ctx, s)
 	if err != nil {
-		return nil, cache.PrefixError(err, "verify run %d (%s)", len(v.rep.Runs)+1, s.Name)
+		return nil, grpcerr.Wrap(err, "verify run %d (%s)", len(v.rep.Runs)+1, s.Name)
 	}
 	end := v.clock.Now()
 	return v.add(ctx, purpose, s, res, start, end)
@@ -273,7 +261,7 @@ func (v *verifier) record(ctx context.Context, purpose string, s Setting, res *r
 func (v *verifier) add(ctx context.Context, purpose string, s Setting, res *repb.ActionResult, start, end time.Time) (*run, error) {
 	m, err := ManifestOf(ctx, v.cas, res)
 	if err != nil {
-		return nil, cache.PrefixError(err, "verify run %d (%s)", len(v.rep.Runs)+1, s.Name)
+		return nil, grpcerr.Wrap(err, "verify run %d (%s)", len(v.rep.Runs)+1, s.Name)
 	}
 	if s.Varied == nil {
 		s.Varied = []string{}

@@ -14,6 +14,8 @@ import (
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"github.com/kilnbuild/kiln/cache"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 )
 
 // fakeClock is a wall clock that moves only when told: each run takes 300 ms.
@@ -312,6 +314,25 @@ func TestRunErrorNamesTheRun(t *testing.T) {
 	}), Options{Runs: 2, Defaults: defaults, Clock: &fakeClock{}}, nil)
 	if err == nil || !strings.Contains(err.Error(), "run 2 (variant-1)") || !strings.Contains(err.Error(), "sandbox exploded") {
 		t.Fatalf("err %v", err)
+	}
+}
+
+// TestRunErrorKeepsMissingBlobs: a run that fails for want of blobs (an input evicted
+// between runs) reaches kiln verify's caller as FAILED_PRECONDITION naming each of them.
+func TestRunErrorKeepsMissingBlobs(t *testing.T) {
+	gone := []cache.Digest{cache.DigestOf([]byte("input a")), cache.DigestOf([]byte("input b"))}
+	n := 0
+	_, err := Verify(context.Background(), cache.NewMemoryStore(), RunnerFunc(func(context.Context, Setting) (*repb.ActionResult, error) {
+		if n++; n == 2 {
+			return nil, cache.MissingBlobsError("the input tree references blobs that are not in the CAS", gone)
+		}
+		return &repb.ActionResult{}, nil
+	}), Options{Runs: 2, Defaults: defaults, Clock: &fakeClock{}}, nil)
+	if status.Code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), "run 2") {
+		t.Fatalf("err %v", err)
+	}
+	if got := cache.MissingFromError(err); !reflect.DeepEqual(got, gone) {
+		t.Fatalf("missing %v, want %v", got, gone)
 	}
 }
 

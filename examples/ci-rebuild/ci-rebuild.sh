@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # ci-rebuild.sh: a CI job that builds examples/bazel-hello through kiln, exports the
-# binary's provenance and a rebuild bundle, rebuilds it on a fresh data dir (in real
-# life: a second machine that trusts only the builder's public keys), and publishes the
-# signed verification summary. Exits non-zero if anything does not verify or the
-# rebuild is not bit-for-bit identical (the binary is then quarantined on the verifier).
+# binary's provenance and a rebuild bundle, rebuilds it on two fresh data dirs (in real
+# life: two machines that trust only the builder's public keys), publishes the signed
+# verification summaries, and asks the promotion gate whether the binary may go to
+# production. Exits non-zero if anything does not verify, a rebuild is not bit-for-bit
+# identical (the binary is then quarantined on the verifier) or the gate denies.
 #
 #   ci-rebuild.sh [--kiln BIN] [--out DIR]
 #   ci-rebuild.sh --builder-data DIR --workspace DIR [--out DIR]   # reuse a build
@@ -71,5 +72,26 @@ verifier=$work/verifier
 step "publish the verification summary"
 "$KILN" attest pubkey --data "$verifier" --all --json > "$out/verifier-keys.json"
 "$KILN" attest verify-summary "$out/hello.vsa.json" --key "$out/verifier-keys.json" --subject "$out/hello"
+
+# 5. A second, independent verifier: production wants two rebuilds by distinct keys.
+step "rebuild again on a second verifier"
+verifier2=$work/verifier-2
+"$KILN" rebuild "$out/hello.intoto.json" --bundle "$out/hello.bundle.tar.zst" --key "$out/builder-keys.json" \
+  --data "$verifier2" --out "$out/hello.vsa-2.json"
+"$KILN" attest pubkey --data "$verifier2" --all --json > "$out/verifier-2-keys.json"
+
+# 6. The promotion gate (on the deployer: nothing but the published files). The
+# production policy allows only reviewed toolchains; this job lists the one it built.
+step "promotion gate: may the binary go to production?"
+digest=${digest:-$("$KILN" toolchain ls --data "$builder" | awk '/kiln\/debian-gcc/ {print $1; exit}')}
+sed "s/^  toolchains: \[\]\$/  toolchains: [\"${digest#sha256:}\"]/" "$repo/examples/gate/production.yaml" > "$out/production-policy.yaml"
+grep -q "${digest#sha256:}" "$out/production-policy.yaml" || { echo "ci-rebuild: no toolchain digest for the policy" >&2; exit 2; }
+gate=$work/gate
+"$KILN" gate --policy "$out/production-policy.yaml" --stage production --subject "$out/hello" \
+  --provenance "$out/hello.intoto.json" --sbom "$out/hello.cdx.json" \
+  --vsa "$out/hello.vsa.json" --vsa "$out/hello.vsa-2.json" \
+  --keys "$out/builder-keys.json" --keys "$out/verifier-keys.json" --keys "$out/verifier-2-keys.json" \
+  --bundle "$out/hello.bundle.tar.zst" --data "$gate" --out "$out/hello.decision.json"
+"$KILN" attest pubkey --data "$gate" --all --json > "$out/gate-keys.json"
 echo "published in $out:"
 ls -l "$out"

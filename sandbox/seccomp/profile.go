@@ -160,13 +160,6 @@ func allowIf(name string, args ...*configs.Arg) *configs.Syscall {
 	return &configs.Syscall{Name: name, Action: configs.Allow, Args: args}
 }
 
-// Allowed returns the system calls allowed without argument checks (a copy).
-func Allowed() []string { return append([]string(nil), allowed...) }
-
-// Denied returns the system calls the profile refuses by name (a copy); they fail
-// with EPERM like every other call it does not allow.
-func Denied() []string { return append([]string(nil), denied...) }
-
 // Config returns the profile as a seccomp configuration (runc's configuration types,
 // a fresh copy).
 func Config() *configs.Seccomp {

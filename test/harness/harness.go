@@ -217,9 +217,6 @@ func (s *Server) Kill() {
 	<-s.exited
 }
 
-// ExitCode is the server's exit code after it stopped.
-func (s *Server) ExitCode() int { <-s.exited; return s.cmd.ProcessState.ExitCode() }
-
 // Restart starts a new server on the same data dir (and new ports).
 func (s *Server) Restart(t testing.TB, args ...string) {
 	t.Helper()

@@ -27,6 +27,7 @@ import (
 	"time"
 
 	"github.com/in-toto/in-toto-golang/in_toto"
+	"github.com/kilnbuild/kiln/internal/grpcerr"
 	"golang.org/x/mod/sumdb/note"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -191,6 +192,10 @@ func Open(ctx context.Context, dir string, opts Options) (*Keyring, error) {
 
 // Dir returns the keyring directory.
 func (k *Keyring) Dir() string { return k.dir }
+
+// Now reads the keyring's clock (Options.Now), which dates key validity and what the
+// keys sign.
+func (k *Keyring) Now() time.Time { return k.now() }
 
 // checkPrivate refuses path unless it belongs to this user and others cannot read it.
 func checkPrivate(path string, isDir bool) error {
@@ -418,7 +423,7 @@ func (k *Keyring) retireActive(ctx context.Context, now time.Time) error {
 		if k.opts.LogSize != nil {
 			n, err := k.opts.LogSize(ctx)
 			if err != nil {
-				return status.Errorf(status.Code(err), "retire key %s: read log size: %v", k.ring.Keys[i].KeyID, err)
+				return grpcerr.Wrap(err, "retire key %s: read log size", k.ring.Keys[i].KeyID)
 			}
 			k.ring.Keys[i].NotAfterLogSize = &n
 		}

@@ -10,11 +10,13 @@ import (
 	"path/filepath"
 	"sort"
 	"strconv"
+	"sync"
 
 	"github.com/transparency-dev/formats/log"
 	"github.com/transparency-dev/merkle/compact"
 	"github.com/transparency-dev/merkle/proof"
 	"github.com/transparency-dev/merkle/rfc6962"
+	"github.com/transparency-dev/tessera/api"
 	"github.com/transparency-dev/tessera/api/layout"
 	"github.com/transparency-dev/tessera/client"
 	"golang.org/x/mod/sumdb/note"
@@ -54,9 +56,6 @@ func NewReader(dir string, v note.Verifier) *Reader {
 }
 
 func fileFetcher(dir string) client.FileFetcher { return client.FileFetcher{Root: dir} }
-
-// Origin returns the log's origin (the verifier key's name).
-func (r *Reader) Origin() string { return r.v.Name() }
 
 // Checkpoint reads and verifies the latest published checkpoint.
 func (r *Reader) Checkpoint(ctx context.Context) (*Checkpoint, error) {
@@ -124,11 +123,17 @@ func (r *Reader) Find(ctx context.Context, data []byte, treeSize uint64) (uint64
 	return found, ok, err
 }
 
-// Prover builds proofs against one tree size, caching the tiles it reads.
+// Prover builds proofs against one tree size, caching what it reads: entry bundles,
+// and every node of each tile it fetched (hashed once), so proving many entries of one
+// tree costs little more than reading its tiles once.
 type Prover struct {
 	r    *Reader
 	size uint64
 	pb   *client.ProofBuilder
+
+	mu      sync.Mutex
+	tiles   map[[2]uint64][][][]byte // (level, index) -> nodes by level inside the tile
+	bundles map[uint64]api.EntryBundle
 }
 
 // Prover returns a proof builder for a tree of the given size.
@@ -137,7 +142,7 @@ func (r *Reader) Prover(ctx context.Context, size uint64) (*Prover, error) {
 	if err != nil {
 		return nil, errf(codes.Internal, "proof builder: %v", err)
 	}
-	return &Prover{r: r, size: size, pb: pb}, nil
+	return &Prover{r: r, size: size, pb: pb, tiles: map[[2]uint64][][][]byte{}, bundles: map[uint64]api.EntryBundle{}}, nil
 }
 
 // Inclusion returns the inclusion proof of entry index in the prover's tree.
@@ -145,11 +150,78 @@ func (p *Prover) Inclusion(ctx context.Context, index uint64) ([][]byte, error) 
 	if index >= p.size {
 		return nil, errf(codes.OutOfRange, "entry %d is not covered by a tree of size %d", index, p.size)
 	}
-	h, err := p.pb.InclusionProof(ctx, index)
+	nodes, err := proof.Inclusion(index, p.size)
 	if err != nil {
+		return nil, errf(codes.Internal, "inclusion proof for entry %d: %v", index, err)
+	}
+	hashes := make([][]byte, len(nodes.IDs))
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for i, id := range nodes.IDs {
+		if hashes[i], err = p.node(ctx, id); err != nil {
+			return nil, errf(codes.DataLoss, "inclusion proof for entry %d: %v", index, err)
+		}
+	}
+	if hashes, err = nodes.Rehash(hashes, rfc6962.DefaultHasher.HashChildren); err != nil {
 		return nil, errf(codes.DataLoss, "inclusion proof for entry %d: %v", index, err)
 	}
-	return h, nil
+	return hashes, nil
+}
+
+// node returns the hash of a perfect subtree from the tile holding it; every node of a
+// tile is hashed when the tile is first read. Caller holds p.mu.
+func (p *Prover) node(ctx context.Context, id compact.NodeID) ([]byte, error) {
+	tl, ti, nl, ni := layout.NodeCoordsToTileAddress(uint64(id.Level), id.Index)
+	key := [2]uint64{tl, ti}
+	levels, ok := p.tiles[key]
+	if !ok {
+		raw, err := p.r.prefixTile(ctx, tl, ti, layout.PartialTileSize(tl, ti, p.size))
+		if err != nil {
+			return nil, fmt.Errorf("tile %d/%d: %v", tl, ti, err)
+		}
+		var t api.HashTile
+		if err := t.UnmarshalText(raw); err != nil {
+			return nil, fmt.Errorf("tile %d/%d: %v", tl, ti, err)
+		}
+		levels = [][][]byte{t.Nodes}
+		for prev := t.Nodes; len(prev) >= 2; prev = levels[len(levels)-1] {
+			next := make([][]byte, len(prev)/2)
+			for i := range next {
+				next[i] = rfc6962.DefaultHasher.HashChildren(prev[2*i], prev[2*i+1])
+			}
+			levels = append(levels, next)
+		}
+		p.tiles[key] = levels
+	}
+	if int(nl) >= len(levels) || ni >= uint64(len(levels[nl])) {
+		return nil, fmt.Errorf("node %d/%d is not in tile %d/%d", id.Level, id.Index, tl, ti)
+	}
+	return levels[nl][ni], nil
+}
+
+// Entry returns entry index of the prover's tree, reading each entry bundle once.
+func (p *Prover) Entry(ctx context.Context, index uint64) ([]byte, error) {
+	if index >= p.size {
+		return nil, errf(codes.OutOfRange, "entry %d is beyond tree size %d", index, p.size)
+	}
+	bi := index / layout.EntryBundleWidth
+	p.mu.Lock()
+	b, ok := p.bundles[bi]
+	p.mu.Unlock()
+	if !ok {
+		var err error
+		if b, err = client.GetEntryBundle(ctx, p.r.f.ReadEntryBundle, bi, p.size); err != nil {
+			return nil, errf(codes.DataLoss, "entry %d: %v", index, err)
+		}
+		p.mu.Lock()
+		p.bundles[bi] = b
+		p.mu.Unlock()
+	}
+	i := index % layout.EntryBundleWidth
+	if i >= uint64(len(b.Entries)) {
+		return nil, errf(codes.DataLoss, "entry %d: its bundle holds only %d entries", index, len(b.Entries))
+	}
+	return b.Entries[i], nil
 }
 
 // Consistency returns the proof that the tree of size from is a prefix of the prover's
@@ -239,11 +311,17 @@ func VerifyConsistency(size1 uint64, root1 []byte, size2 uint64, root2 []byte, p
 // expects it (from a local hint), or, if hint is false, the log is scanned for it. The
 // returned proof is already verified.
 func (r *Reader) Include(ctx context.Context, data []byte, index uint64, hint bool, cp *Checkpoint, pv *Prover) (uint64, [][]byte, error) {
+	if pv == nil || pv.size != cp.Size {
+		var err error
+		if pv, err = r.Prover(ctx, cp.Size); err != nil {
+			return 0, nil, err
+		}
+	}
 	if hint {
 		if index >= cp.Size {
 			return 0, nil, errf(codes.Unavailable, "entry %d is not yet covered by the latest checkpoint (size %d)", index, cp.Size)
 		}
-		e, err := r.Entry(ctx, index, cp.Size)
+		e, err := pv.Entry(ctx, index)
 		if err != nil {
 			return 0, nil, err
 		}
@@ -260,12 +338,6 @@ func (r *Reader) Include(ctx context.Context, data []byte, index uint64, hint bo
 			return 0, nil, errf(codes.NotFound, "not in the log (checkpoint size %d)", cp.Size)
 		}
 		index = i
-	}
-	if pv == nil || pv.size != cp.Size {
-		var err error
-		if pv, err = r.Prover(ctx, cp.Size); err != nil {
-			return 0, nil, err
-		}
 	}
 	p, err := pv.Inclusion(ctx, index)
 	if err != nil {

@@ -1,0 +1,211 @@
+// Package server is `kiln serve`: the gRPC and HTTP listeners, TLS, the authorization
+// policy, and the REAPI services over an engine.
+package server
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"time"
+
+	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
+	"github.com/kilnbuild/kiln/cache"
+	"github.com/kilnbuild/kiln/engine"
+	"github.com/kilnbuild/kiln/engine/asset"
+	"github.com/kilnbuild/kiln/engine/execution"
+	"github.com/kilnbuild/kiln/engine/reapi"
+	"github.com/kilnbuild/kiln/lockfiles"
+	"github.com/kilnbuild/kiln/toolchains"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/reflection"
+)
+
+// ClientACNamespace is where client-written action results are kept (see
+// cache.WithNamespace).
+const ClientACNamespace = "\x00client-written"
+
+// drainTimeout bounds how long a graceful shutdown waits for calls in flight.
+const drainTimeout = 10 * time.Second
+
+// Serve runs the REAPI server until ctx is cancelled, then drains calls in flight.
+func Serve(ctx context.Context, cfg Config) error {
+	if err := cfg.Check(); err != nil {
+		return err
+	}
+	cfg = cfg.Resolved()
+	log := cfg.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+
+	var authz *AuthzPolicy
+	if cfg.AuthzFile != "" {
+		p, err := LoadAuthzPolicy(cfg.AuthzFile)
+		if err != nil {
+			return err
+		}
+		authz = p
+	}
+	var creds grpc.ServerOption
+	var httpTLS *tls.Config
+	if cfg.TLS.Enabled() {
+		tc, err := ServerTLS(cfg.TLS, log)
+		if err != nil {
+			return err
+		}
+		creds = grpc.Creds(credentials.NewTLS(tc))
+		if cfg.HTTPTLS {
+			httpTLS = &tls.Config{MinVersion: tls.VersionTLS12, GetConfigForClient: func(hello *tls.ClientHelloInfo) (*tls.Config, error) {
+				c, err := tc.GetConfigForClient(hello)
+				if err != nil {
+					return nil, err
+				}
+				c = c.Clone()
+				c.NextProtos = []string{"http/1.1"}
+				return c, nil
+			}}
+		}
+	}
+	var lock *lockfiles.Lockfile
+	if cfg.Lockfile != "" {
+		l, err := lockfiles.Load(cfg.Lockfile)
+		if err != nil {
+			return err
+		}
+		lock = l
+	}
+	opts := cfg.Options
+	opts.Primary, opts.Logger, opts.Registerer, opts.Pinner = true, log, reg, pinner(lock)
+	eng, err := engine.Open(ctx, opts)
+	if err != nil {
+		return err
+	}
+	defer eng.Close()
+	ropts := reapi.Options{AllowClientACWrites: cfg.AllowClientACWrites, Logger: log}
+	if !cfg.Execution.Disabled {
+		ropts.ExecutionCapabilities = &repb.ExecutionCapabilities{
+			DigestFunction:  repb.DigestFunction_SHA256,
+			DigestFunctions: []repb.DigestFunction_Value{repb.DigestFunction_SHA256},
+			ExecEnabled:     true,
+		}
+	}
+	ac := eng.AC
+	if cfg.AllowClientACWrites {
+		// Results clients upload live apart from the executor's: a data dir served
+		// cache-only today and with execution tomorrow never executes from them.
+		ac = cache.WithNamespace(ac, ClientACNamespace)
+	}
+	srv := reapi.New(eng.CAS, ac, ropts)
+	defer srv.Close()
+	obs := reapi.NewObserver(reg, log)
+	gopts := append(obs.ServerOptions(), grpc.MaxRecvMsgSize(reapi.MaxMessageSize))
+	if creds != nil {
+		gopts = append(gopts, creds)
+	}
+	if authz != nil {
+		gopts = append(gopts, authz.ServerOptions()...)
+		log.Info("authorization policy", "file", cfg.AuthzFile, "rules", authz.String())
+	}
+	g := grpc.NewServer(gopts...)
+	srv.Register(g)
+	if eng.Scheduler != nil {
+		execution.NewServer(eng.Scheduler, log).Register(g)
+	}
+	assets, err := asset.New(eng.CAS, asset.Config{Lockfile: lock, Allow: cfg.FetchAllow, SizeOf: eng.SizeOf, Logger: log})
+	if err != nil {
+		return err
+	}
+	assets.Register(g)
+	hs := health.NewServer()
+	healthpb.RegisterHealthServer(g, hs)
+	reflection.Register(g)
+
+	lis, err := net.Listen("tcp", cfg.Listen)
+	if err != nil {
+		return fmt.Errorf("listen on %s: %w", cfg.Listen, err)
+	}
+	if tcp, ok := lis.Addr().(*net.TCPAddr); ok && !tcp.IP.IsLoopback() && cfg.TLS.ClientCA == "" {
+		log.Warn("listening beyond loopback without client certificates: anyone who reaches the port can use this server (see --tls-client-ca)", "grpc", lis.Addr().String())
+	}
+	var httpSrv *http.Server
+	httpAddr := ""
+	if cfg.HTTPListen != "" {
+		hl, err := net.Listen("tcp", cfg.HTTPListen)
+		if err != nil {
+			lis.Close()
+			return fmt.Errorf("listen on %s: %w", cfg.HTTPListen, err)
+		}
+		httpAddr = hl.Addr().String()
+		mux := http.NewServeMux()
+		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+		mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) {
+			resp, err := hs.Check(r.Context(), &healthpb.HealthCheckRequest{})
+			if err != nil || resp.GetStatus() != healthpb.HealthCheckResponse_SERVING {
+				http.Error(w, "not serving", http.StatusServiceUnavailable)
+				return
+			}
+			fmt.Fprintln(w, "ok")
+		})
+		httpSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+		if httpTLS != nil {
+			hl = tls.NewListener(hl, httpTLS)
+		}
+		go httpSrv.Serve(hl)
+	}
+
+	errc := make(chan error, 1)
+	go func() { errc <- g.Serve(lis) }()
+	hs.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
+	log.Info("kiln serving", "grpc", lis.Addr().String(), "http", httpAddr, "data", string(cfg.Data),
+		"store", eng.Store.String(), "max_size", cfg.MaxSize, "client_ac_writes", cfg.AllowClientACWrites, "tls", cfg.TLS.Enabled(), "client_certificates", cfg.TLS.ClientCA != "",
+		"execution", !cfg.Execution.Disabled)
+	if cfg.Ready != nil {
+		cfg.Ready(lis.Addr().String(), httpAddr)
+	}
+
+	select {
+	case err := <-errc:
+		return err
+	case <-ctx.Done():
+	}
+	log.Info("shutting down: draining calls in flight")
+	hs.Shutdown()
+	stopped := make(chan struct{})
+	go func() { g.GracefulStop(); close(stopped) }()
+	select {
+	case <-stopped:
+	case <-time.After(drainTimeout):
+		log.Warn("drain timed out; closing remaining calls")
+		g.Stop()
+	}
+	if httpSrv != nil {
+		sctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		httpSrv.Shutdown(sctx)
+		cancel()
+	}
+	if err := <-errc; err != nil && !errors.Is(err, grpc.ErrServerStopped) {
+		return err
+	}
+	log.Info("stopped")
+	return nil
+}
+
+// pinner returns the lockfile as a toolchain tag pinner, or none.
+func pinner(l *lockfiles.Lockfile) toolchains.TagPinner {
+	if l == nil {
+		return nil
+	}
+	return l
+}
