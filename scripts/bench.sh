@@ -43,5 +43,22 @@ rm -f "$work/dd.out"
 fi
 
 for part in sandbox exec; do
-  if want "$part" && [ -x "scripts/bench-$part.sh" ]; then echo; "scripts/bench-$part.sh"; fi
+  if want "$part" && [ -x "scripts/bench-$part.sh" ]; then echo; "scripts/bench-$part.sh" | tee "$work/$part.txt"; fi
 done
+
+# The ratios of issue 15's goals, gathered from the parts above (each measured against
+# its peer in the same run).
+echo
+echo "== summary: kiln against its peers (goals of issue 15 in brackets) =="
+if [ -f "$work/cas.txt" ]; then
+  grep -h '^kiln / ' "$work/cas.txt" | sed 's/^/CAS [every row >= 1.5x, every round]: /' || true
+fi
+if [ -f "$work/sandbox.txt" ]; then
+  awk '$1 == "sandboxd-cold/bwrap-p50" { p = $2 } $1 == "sandboxd-cold/bwrap-cpu" { c = $2 }
+       $1 == "sandboxd-warm/bwrap-p50" { wp = $2 }
+       END { if (p != "") printf "sandbox cold start: p50 %.2fx bwrap [<= 1.5], CPU %.2fx bwrap [<= 2]; prepared ahead: p50 %.2fx\n", p, c, wp }' "$work/sandbox.txt"
+fi
+if [ -f "$work/exec.txt" ]; then
+  grep -h '^ratios:' "$work/exec.txt" | sed 's/^ratios: /Bazel build [kiln\/linux-sandbox <= 1.0, kiln\/buildbarn <= 0.8, all-cache-hit <= 1.0]: /' || true
+  grep -h '^kiln CPU in a clean build\|^buildbarn CPU in a clean build' "$work/exec.txt" || true
+fi
