@@ -5,6 +5,8 @@ import (
 	"runtime"
 	"time"
 
+	"github.com/kilnbuild/kiln/cache"
+	"github.com/kilnbuild/kiln/engine/scheduler"
 	"github.com/kilnbuild/kiln/internal/bytesize"
 	"github.com/kilnbuild/kiln/toolchains"
 	"github.com/prometheus/client_golang/prometheus"
@@ -32,6 +34,12 @@ type Options struct {
 	Pinner toolchains.TagPinner `yaml:"-"`
 	// Version is kiln's version, recorded in every link.
 	Version string `yaml:"-"`
+	// Observe, if set, is told of every finished execution and action-cache hit
+	// (kiln serve's history, for the web UI); it must not block.
+	Observe func(scheduler.Finished) `yaml:"-"`
+	// ActionURL, if set, is the web page of an action: failed actions' reports and
+	// errors name it, so a client can follow it.
+	ActionURL func(cache.Digest) string `yaml:"-"`
 }
 
 // ExecutionConfig says how this process runs actions: kiln serve's execution flags,

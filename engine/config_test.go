@@ -20,7 +20,7 @@ func TestExecutionResolved(t *testing.T) {
 		t.Errorf("prestart %d, want 3", got.Prestart)
 	}
 	o := Options{Execution: ExecutionConfig{Prestart: -1, MaxQueue: 5}}.Resolved()
-	if o.Execution.Prestart != n || o.Execution.MaxQueue != 5 || o.Resolved() != o {
+	if o.Execution.Prestart != n || o.Execution.MaxQueue != 5 || o.Resolved().Execution != o.Execution {
 		t.Errorf("options resolved to %+v", o.Execution)
 	}
 }

@@ -20,5 +20,10 @@ func (d DataDir) Keys() string { return filepath.Join(string(d), "keys") }
 // Log holds the transparency log of link envelopes.
 func (d DataDir) Log() string { return filepath.Join(string(d), "log") }
 
+// History holds the web UI's index of executions (package engine/history); it is
+// derived from the log and rebuilt from it when removed, but for what only the server
+// saw (clients, cache hits, time per phase).
+func (d DataDir) History() string { return filepath.Join(string(d), "history") }
+
 // Sandbox holds per-run sandbox state and exec roots.
 func (d DataDir) Sandbox() string { return filepath.Join(string(d), "sandbox") }

@@ -96,14 +96,14 @@ func Open(ctx context.Context, opts Options) (*Engine, error) {
 		CAS: e.CAS, Local: e.Local, AC: e.AC, Sandbox: executor.SandboxRunner{R: e.runner}, Toolchains: toolchainResolver{e.Toolchains},
 		Attester: executor.LinkAttester{Signer: e.Signer, Version: opts.Version}, Quarantined: e.Quarantine.Quarantined,
 		WorkDir: filepath.Join(opts.Data.Sandbox(), "exec"), UID: sandbox.DefaultUID, GID: sandbox.DefaultGID,
-		DefaultTimeout: ex.DefaultTimeout, MaxTimeout: ex.MaxTimeout, Logger: log,
+		DefaultTimeout: ex.DefaultTimeout, MaxTimeout: ex.MaxTimeout, Logger: log, ActionURL: opts.ActionURL,
 		IgnoreUnknownPlatformProperties: ex.IgnoreUnknownPlatformProperties,
 	})
 	if err != nil {
 		return nil, err
 	}
 	e.Scheduler = scheduler.NewScheduler(e.Executor, scheduler.SchedulerConfig{Concurrency: ex.Concurrency, MaxQueue: ex.MaxQueue, Logger: log, Registerer: reg,
-		VerifyRate: ex.VerifyRate})
+		VerifyRate: ex.VerifyRate, Observe: opts.Observe, ActionURL: opts.ActionURL})
 	ok = true
 	return e, nil
 }

@@ -10,6 +10,7 @@ pkgs=(
   bubblewrap                                # benchmark peer for the sandbox
   bazel-bootstrap                           # Bazel 4.2.3, the real REAPI client in e2e tests
   debootstrap                               # builds the debian-gcc toolchain recipe
+  chromium                                  # headless browser of the web UI's e2e test
   ca-certificates curl
 )
 missing=()

@@ -105,6 +105,10 @@ const touchEvery = time.Hour
 // belongs to a dead process, whose temp files are swept.
 const ownerSuffix = ".owner"
 
+// claimSuffix names an owner file while it is being locked, before it is renamed to
+// its owner name (claimOwner).
+const claimSuffix = ".claim"
+
 // Open opens (creating if needed) the store in dir. With MaxSize > 0 it scans the
 // directory to rebuild the LRU index, least recently used (atime) first, and evicts at
 // once if needed.
@@ -213,13 +217,22 @@ func (s *Store) claimOwner() error {
 	var b [8]byte
 	rand.Read(b[:])
 	s.owner = hex.EncodeToString(b[:])
-	f, err := os.OpenFile(filepath.Join(s.dir, "tmp", s.owner+ownerSuffix), os.O_CREATE|os.O_EXCL|os.O_RDWR, 0o600)
+	// The file is locked under a name sweepers ignore, then renamed into view: a sweeper
+	// that saw it unlocked would take it for a dead owner's and remove it.
+	claim := filepath.Join(s.dir, "tmp", s.owner+claimSuffix)
+	f, err := os.OpenFile(claim, os.O_CREATE|os.O_EXCL|os.O_RDWR, 0o600)
 	if err != nil {
 		return status.Errorf(codes.Internal, "create store owner file: %v", err)
 	}
 	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
 		f.Close()
+		os.Remove(claim)
 		return status.Errorf(codes.Internal, "lock store owner file: %v", err)
+	}
+	if err := os.Rename(claim, filepath.Join(s.dir, "tmp", s.owner+ownerSuffix)); err != nil {
+		f.Close()
+		os.Remove(claim)
+		return status.Errorf(codes.Internal, "publish store owner file: %v", err)
 	}
 	s.ownerLock = f
 	s.sweepTmp()
@@ -236,6 +249,20 @@ func (s *Store) sweepTmp() {
 	dead := map[string]bool{}
 	for _, e := range ents {
 		name := e.Name()
+		if strings.HasSuffix(name, claimSuffix) {
+			// A claim left by a process that died before publishing its owner file; a
+			// young one may belong to a process between its create and its lock.
+			if info, err := e.Info(); err != nil || time.Since(info.ModTime()) < time.Minute {
+				continue
+			}
+			if f, err := os.OpenFile(filepath.Join(tmp, name), os.O_RDWR, 0); err == nil {
+				if unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB) == nil {
+					os.Remove(filepath.Join(tmp, name))
+				}
+				f.Close()
+			}
+			continue
+		}
 		if !strings.HasSuffix(name, ownerSuffix) {
 			continue
 		}

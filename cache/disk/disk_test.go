@@ -299,3 +299,33 @@ func TestVerifyAndRepair(t *testing.T) {
 	damage(t, s.BlobPath(d), 7)
 	cachetest.WantCode(t, s.Verify(d), codes.NotFound)
 }
+
+// TestConcurrentOpensKeepTheirOwners: stores opened at once on one dir never take each
+// other for dead (an owner file seen before its lock was swept, or its lock refused).
+func TestConcurrentOpensKeepTheirOwners(t *testing.T) {
+	dir := t.TempDir()
+	const n = 40
+	stores := make(chan *Store, n)
+	errs := make(chan error, n)
+	for i := 0; i < n; i++ {
+		go func() {
+			s, err := Open(context.Background(), dir, Options{})
+			if err != nil {
+				errs <- err
+				return
+			}
+			stores <- s
+		}()
+	}
+	for i := 0; i < n; i++ {
+		select {
+		case err := <-errs:
+			t.Fatalf("open: %v", err)
+		case s := <-stores:
+			t.Cleanup(func() { s.Close() })
+			if _, err := os.Stat(filepath.Join(dir, "tmp", s.owner+ownerSuffix)); err != nil {
+				t.Fatalf("a live store's owner file was swept: %v", err)
+			}
+		}
+	}
+}

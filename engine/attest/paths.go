@@ -17,6 +17,7 @@ type Paths struct {
 	//   actions/<aa>/<hex>          action digest -> envelope digests
 	//   logidx/<aa>/<hex>           envelope digest -> log index (a hint; proofs decide)
 	//   envelopes/<aa>/<hex>        the envelope bytes (the CAS may evict its copy)
+	//   summaries/<aa>/<hex>        artifact sha256 -> its verification summaries (VSAs)
 	Attest string
 }
 

@@ -48,6 +48,9 @@ func (s *Store) productPath(alg, h string) string {
 }
 func (s *Store) actionPath(h string) string { return shard(filepath.Join(s.p.Attest, "actions"), h) }
 func (s *Store) logIdxPath(h string) string { return shard(filepath.Join(s.p.Attest, "logidx"), h) }
+func (s *Store) summaryPath(h string) string {
+	return shard(filepath.Join(s.p.Attest, "summaries"), h)
+}
 
 // PutEnvelope stores env in the CAS and in the durable copy and returns its digest.
 func (s *Store) PutEnvelope(ctx context.Context, env []byte) (cache.Digest, error) {
@@ -139,6 +142,28 @@ func (s *Store) AddAction(h string, env cache.Digest) error {
 
 // ActionLinks returns the envelopes recorded for the action with digest hash h.
 func (s *Store) ActionLinks(h string) ([]cache.Digest, error) { return readDigests(s.actionPath(h)) }
+
+// AddSummary keeps a signed verification summary (a VSA envelope, as kiln rebuild
+// signs it) of the artifact with SHA-256 subject, so it can be shown with the artifact.
+func (s *Store) AddSummary(ctx context.Context, subject string, env []byte) (cache.Digest, error) {
+	if _, err := cache.NewDigest(subject, 0); err != nil {
+		return cache.Digest{}, status.Errorf(codes.InvalidArgument, "summary subject %q: want a sha256 hex digest", subject)
+	}
+	d, err := s.PutEnvelope(ctx, env)
+	if err != nil {
+		return cache.Digest{}, err
+	}
+	return d, appendLine(s.summaryPath(subject), d.String())
+}
+
+// Summaries returns the verification summaries kept for the artifact with SHA-256
+// subject (envelope digests, read with Envelope).
+func (s *Store) Summaries(subject string) ([]cache.Digest, error) {
+	if _, err := cache.NewDigest(subject, 0); err != nil {
+		return nil, status.Errorf(codes.InvalidArgument, "summary subject %q: want a sha256 hex digest", subject)
+	}
+	return readDigests(s.summaryPath(subject))
+}
 
 // SetLogIndex records where envelope env was appended to the log.
 func (s *Store) SetLogIndex(env cache.Digest, index uint64) error {

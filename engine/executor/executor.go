@@ -125,6 +125,9 @@ type ExecutorConfig struct {
 	// Quarantined, if set, reports whether a blob (by hex digest) must not be handed
 	// out: an execution that produces one fails and is not cached.
 	Quarantined func(hash string) bool
+	// ActionURL, if set, is the web page of an action; a failed action's report and
+	// message name it.
+	ActionURL func(cache.Digest) string
 }
 
 // Executor runs actions: fetch, materialize, sandbox, collect (sandboxRun), then

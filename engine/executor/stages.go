@@ -33,7 +33,7 @@ func stages(cfg *ExecutorConfig, log *slog.Logger) stage {
 	if cfg.Quarantined != nil {
 		s = quarantining{s, cfg.Quarantined}
 	}
-	s = reporting{s, cfg.CAS, cfg.WorkerName}
+	s = reporting{s, cfg.CAS, cfg.WorkerName, cfg.ActionURL}
 	return caching{s, cfg.AC, log}
 }
 
@@ -121,6 +121,7 @@ type reporting struct {
 	next   stage
 	cas    cache.BlobStore
 	worker string
+	url    func(cache.Digest) string // the action's web page; nil: none
 }
 
 func (r reporting) Execute(ctx context.Context, req Request, a *Action) (*Execution, error) {
@@ -137,7 +138,14 @@ func (r reporting) Execute(ctx context.Context, req Request, a *Action) (*Execut
 			return nil, err
 		}
 	}
-	d, err := cache.PutBytes(ctx, r.cas, sandboxReport(a, ex.Toolchain, jr, r.worker))
+	page := ""
+	if r.url != nil {
+		page = r.url(a.Digest)
+		if ex.Message == "" {
+			ex.Message = "kiln: the action failed; its page: " + page
+		}
+	}
+	d, err := cache.PutBytes(ctx, r.cas, sandboxReport(a, ex.Toolchain, jr, r.worker, page))
 	if err != nil {
 		return nil, grpcerr.Wrap(err, "store the sandbox report of %s", a.Digest)
 	}
@@ -147,9 +155,13 @@ func (r reporting) Execute(ctx context.Context, req Request, a *Action) (*Execut
 
 // sandboxReport says, for people, how an action's sandbox ended: what a failed
 // action's client finds in ExecuteResponse.server_logs["kiln-sandbox"].
-func sandboxReport(a *Action, toolchain string, jr JobResult, worker string) []byte {
+func sandboxReport(a *Action, toolchain string, jr JobResult, worker, page string) []byte {
 	var b strings.Builder
-	fmt.Fprintf(&b, "kiln sandbox report\naction      %s\ntoolchain   %s\nworker      %s\n", a.Digest, toolchain, worker)
+	fmt.Fprintf(&b, "kiln sandbox report\naction      %s\n", a.Digest)
+	if page != "" {
+		fmt.Fprintf(&b, "page        %s\n", page)
+	}
+	fmt.Fprintf(&b, "toolchain   %s\nworker      %s\n", toolchain, worker)
 	fmt.Fprintf(&b, "exit code   %d\n", jr.ExitCode)
 	if jr.Signal != "" {
 		fmt.Fprintf(&b, "signal      %s\n", jr.Signal)

@@ -219,6 +219,11 @@ func Rebuild(ctx context.Context, eng *engine.Engine, opts Options) (*Result, er
 	if res.VSA, err = attest.SignStatement(ctx, k, st); err != nil {
 		return nil, err
 	}
+	// Kept with the artifact for the web UI's artifact page (and anyone reading the
+	// data dir); the caller gets it too.
+	if _, err := eng.Signer.Store().AddSummary(ctx, res.Subject.SHA256, res.VSA); err != nil {
+		return nil, err
+	}
 	if res.Verdict == Failed {
 		if _, err := eng.Quarantine.Add("sha256:"+res.Subject.SHA256, res.Subject.Name, "kiln rebuild FAILED: "+res.Reason, "kiln rebuild"); err != nil {
 			return nil, err

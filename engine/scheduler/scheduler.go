@@ -8,6 +8,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"log/slog"
+	"slices"
 	"sync"
 	"time"
 
@@ -39,6 +40,27 @@ type SchedulerConfig struct {
 	// Clock times retention and the cancel grace (and the determinism check's runs);
 	// nil is the system clock.
 	Clock clock.Clock
+	// Observe, if set, is told of every finished execution and action-cache hit (the
+	// web UI's history, package engine/history). It must not block.
+	Observe func(Finished)
+	// ActionURL, if set, is the web page of an action: an execution that ends in an
+	// error names it in the error's message.
+	ActionURL func(cache.Digest) string
+}
+
+// Finished is one execution or action-cache hit as it ended, for SchedulerConfig.Observe.
+type Finished struct {
+	Instance string
+	Action   cache.Digest
+	// Owners are the clients of the operations on it (execution.Request.Owner).
+	Owners []string
+	// Submitted is when the (first) Execute call came; Done when it ended.
+	Submitted, Done time.Time
+	// Outcome is as kiln_executions_total counts it: cached, ok, failed, error, cancelled.
+	Outcome  string
+	Response *repb.ExecuteResponse
+	// Attest is the time signing the link took.
+	Attest time.Duration
 }
 
 // Scheduler queues executions, merges identical ones in flight, bounds concurrency and
@@ -75,6 +97,7 @@ type flight struct {
 	resp    *repb.ExecuteResponse
 	cancel  context.CancelFunc
 	doneAt  time.Time
+	owners  []string // of its operations, each once
 }
 
 // operation is what one Execute call gets: its own name, so that one client's
@@ -152,11 +175,14 @@ func (s *Scheduler) Submit(ctx context.Context, req execution.Request) (executio
 	if err != nil {
 		return nil, err
 	}
+	submitted := time.Now()
 	if !req.SkipCacheLookup {
 		if r, err := s.exec.CachedResult(ctx, req.Instance, req.ActionDigest); err == nil {
 			s.mExec.WithLabelValues("cached").Inc()
 			ex := &flight{action: req.ActionDigest, changed: make(chan struct{})}
-			s.finish(ex, &repb.ExecuteResponse{Result: r, CachedResult: true, Status: execution.StatusProto(nil)})
+			resp := &repb.ExecuteResponse{Result: r, CachedResult: true, Status: execution.StatusProto(nil)}
+			s.finish(ex, resp)
+			s.observe(Finished{Instance: req.Instance, Action: req.ActionDigest, Owners: []string{req.Owner}, Submitted: submitted, Done: time.Now(), Outcome: "cached", Response: resp})
 			return s.newOp(ex, req.Owner), nil
 		} else if status.Code(err) != codes.NotFound {
 			return nil, err
@@ -191,7 +217,7 @@ func (s *Scheduler) Submit(ctx context.Context, req execution.Request) (executio
 	s.mu.Unlock()
 
 	// Queued is wall-clock time, as the executor's own timestamps in the result are.
-	go s.run(opCtx, ex, executor.Request{Instance: req.Instance, ActionDigest: req.ActionDigest, Queued: time.Now()}, a)
+	go s.run(opCtx, ex, executor.Request{Instance: req.Instance, ActionDigest: req.ActionDigest, Queued: submitted}, a)
 	return w, nil
 }
 
@@ -209,6 +235,9 @@ func (s *Scheduler) newOpLocked(ex *flight, owner string) *watch {
 	op := &operation{name: "operations/" + hex.EncodeToString(b[:]), owner: owner, exec: ex}
 	s.ops[op.name] = op
 	ex.live++
+	if !slices.Contains(ex.owners, owner) {
+		ex.owners = append(ex.owners, owner)
+	}
 	return s.attachLocked(op)
 }
 
@@ -235,7 +264,9 @@ func (s *Scheduler) run(ctx context.Context, ex *flight, req executor.Request, a
 	case <-ctx.Done():
 		s.dequeue()
 		s.mExec.WithLabelValues("cancelled").Inc()
-		s.finish(ex, &repb.ExecuteResponse{Status: execution.StatusProto(status.Error(codes.Canceled, "cancelled: no client is waiting"))})
+		resp := &repb.ExecuteResponse{Status: execution.StatusProto(status.Error(codes.Canceled, "cancelled: no client is waiting"))}
+		s.finish(ex, resp)
+		s.observeFlight(ex, req, "cancelled", resp, 0)
 		return
 	}
 	s.dequeue()
@@ -245,23 +276,31 @@ func (s *Scheduler) run(ctx context.Context, ex *flight, req executor.Request, a
 	<-s.slot
 	s.mRun.Dec()
 	var resp *repb.ExecuteResponse
+	var outcome string
+	var attest time.Duration
 	switch {
 	case err != nil:
 		if ctx.Err() != nil {
 			err = status.Error(codes.Canceled, "cancelled: no client is waiting")
-			s.mExec.WithLabelValues("cancelled").Inc()
+			outcome = "cancelled"
 		} else {
-			s.mExec.WithLabelValues("error").Inc()
+			outcome = "error"
+		}
+		s.mExec.WithLabelValues(outcome).Inc()
+		if outcome == "error" && s.cfg.ActionURL != nil {
+			p := status.Convert(err).Proto() // code and details kept
+			p.Message += " (the action's page: " + s.cfg.ActionURL(req.ActionDigest) + ")"
+			err = status.FromProto(p).Err()
 		}
 		resp = &repb.ExecuteResponse{Status: execution.StatusProto(err)}
 		s.log.Info("execution failed", "action", req.ActionDigest.String(), "code", status.Code(err).String(), "err", status.Convert(err).Message())
 	default:
 		resp = res.Response()
+		outcome, attest = "failed", res.Attest
 		if res.Result.GetExitCode() == 0 && res.Status == nil {
-			s.mExec.WithLabelValues("ok").Inc()
-		} else {
-			s.mExec.WithLabelValues("failed").Inc()
+			outcome = "ok"
 		}
+		s.mExec.WithLabelValues(outcome).Inc()
 		s.observePhases(res.Result.GetExecutionMetadata())
 		if res.Attest > 0 {
 			s.mPhase.WithLabelValues("attest").Observe(res.Attest.Seconds())
@@ -271,6 +310,25 @@ func (s *Scheduler) run(ctx context.Context, ex *flight, req executor.Request, a
 		}
 	}
 	s.finish(ex, resp)
+	s.observeFlight(ex, req, outcome, resp, attest)
+}
+
+// observe hands f to the configured observer.
+func (s *Scheduler) observe(f Finished) {
+	if s.cfg.Observe != nil {
+		s.cfg.Observe(f)
+	}
+}
+
+// observeFlight reports a finished execution with the clients of its operations.
+func (s *Scheduler) observeFlight(ex *flight, req executor.Request, outcome string, resp *repb.ExecuteResponse, attest time.Duration) {
+	if s.cfg.Observe == nil {
+		return
+	}
+	s.mu.Lock()
+	owners := slices.Clone(ex.owners)
+	s.mu.Unlock()
+	s.observe(Finished{Instance: req.Instance, Action: req.ActionDigest, Owners: owners, Submitted: req.Queued, Done: time.Now(), Outcome: outcome, Response: resp, Attest: attest})
 }
 
 func (s *Scheduler) observePhases(md *repb.ExecutedActionMetadata) {

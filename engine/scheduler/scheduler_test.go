@@ -3,6 +3,7 @@ package scheduler
 import (
 	"context"
 	"fmt"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -391,5 +392,50 @@ func TestCachedRetention(t *testing.T) {
 	}
 	if got := s.retention(ran); got != 10*time.Minute {
 		t.Errorf("executed: %v, want 10m", got)
+	}
+}
+
+// TestObserveAndActionURL: every finished execution and cache hit is reported with its
+// client and outcome; an execution that ends in an error names the action's page and
+// keeps its code and MISSING details.
+func TestObserveAndActionURL(t *testing.T) {
+	e := newTestEnv(t, 1)
+	var mu sync.Mutex
+	var seen []Finished
+	e.sched = NewScheduler(e.Exec, SchedulerConfig{Concurrency: 1, Clock: e.clock,
+		Observe:   func(f Finished) { mu.Lock(); seen = append(seen, f); mu.Unlock() },
+		ActionURL: func(d cache.Digest) string { return "https://kiln.example/action/" + d.Hash },
+	})
+	run := func(d cache.Digest) *repb.ExecuteResponse {
+		w, err := e.sched.Submit(context.Background(), execution.Request{ActionDigest: d, Owner: "ci-1"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer w.Close()
+		resp, err := execution.Response(context.Background(), w)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return resp
+	}
+	ok := e.Action(t, &repb.Command{Arguments: []string{"write", "o", "x"}, OutputFiles: []string{"o"}}, e.Put(t, &repb.Directory{}), nil)
+	run(ok)
+	run(ok)
+	absent := cache.DigestOf([]byte("an input root nobody uploaded"))
+	bad := e.Action(t, &repb.Command{Arguments: []string{"write", "o", "y"}, OutputFiles: []string{"o"}}, absent, nil)
+	resp := run(bad)
+	st := status.FromProto(resp.GetStatus())
+	if st.Code() != codes.FailedPrecondition || len(st.Details()) == 0 || !strings.HasSuffix(st.Message(), "(the action's page: https://kiln.example/action/"+bad.Hash+")") {
+		t.Fatalf("error status %v %q %v: want FAILED_PRECONDITION with its details and the page", st.Code(), st.Message(), st.Details())
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	var got []string
+	for _, f := range seen {
+		got = append(got, fmt.Sprintf("%s %s %v", f.Action.Hash[:6], f.Outcome, f.Owners))
+	}
+	want := []string{ok.Hash[:6] + " ok [ci-1]", ok.Hash[:6] + " cached [ci-1]", bad.Hash[:6] + " error [ci-1]"}
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("observed %v, want %v", got, want)
 	}
 }

@@ -106,12 +106,7 @@ func (p *AuthzPolicy) allowed(cn, method string) (bool, string) {
 	if need == "" {
 		return true, need
 	}
-	for _, r := range p.Rules {
-		if ok, _ := path.Match(r.Subject, cn); ok {
-			return slices.Contains(r.Allow, need), need
-		}
-	}
-	return false, need
+	return p.allows(cn, need), need
 }
 
 // check refuses ctx's call to method unless the policy allows it.

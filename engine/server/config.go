@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/url"
 	"regexp"
 	"strconv"
 	"strings"
@@ -23,7 +24,11 @@ import (
 // as one more field with its own key, without moving the others.
 type Config struct {
 	Listen     string `yaml:"listen"`      // gRPC address
-	HTTPListen string `yaml:"http-listen"` // /metrics and /healthz; empty disables
+	HTTPListen string `yaml:"http-listen"` // the web UI, /metrics and /healthz; empty disables
+	// PublicURL is the web UI's base URL as clients reach it (a proxy's, a DNS name),
+	// for the page links in failed actions' reports and errors; empty: the HTTP
+	// listener's own address.
+	PublicURL string `yaml:"public-url"`
 
 	engine.Options `yaml:",inline"`
 
@@ -65,6 +70,15 @@ func (c Config) Check() error {
 	}
 	if c.AuthzFile != "" && c.TLS.ClientCA == "" {
 		return status.Error(codes.InvalidArgument, "--authz needs --tls-client-ca: the policy names clients by their verified certificates")
+	}
+	if c.PublicURL != "" {
+		u, err := url.Parse(c.PublicURL)
+		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || u.RawQuery != "" || u.Fragment != "" {
+			return status.Errorf(codes.InvalidArgument, "--public-url %q: want an http:// or https:// URL without query, like https://kiln.example.com/", c.PublicURL)
+		}
+		if c.HTTPListen == "" {
+			return status.Error(codes.InvalidArgument, "--public-url needs --http-listen (the web UI it points at)")
+		}
 	}
 	if c.HTTPTLS && !c.TLS.Enabled() {
 		return status.Error(codes.InvalidArgument, "--http-tls needs --tls-cert and --tls-key")

@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"sync/atomic"
 	"time"
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
@@ -17,6 +18,7 @@ import (
 	"github.com/kilnbuild/kiln/engine"
 	"github.com/kilnbuild/kiln/engine/asset"
 	"github.com/kilnbuild/kiln/engine/execution"
+	"github.com/kilnbuild/kiln/engine/history"
 	"github.com/kilnbuild/kiln/engine/reapi"
 	"github.com/kilnbuild/kiln/lockfiles"
 	"github.com/kilnbuild/kiln/toolchains"
@@ -86,13 +88,48 @@ func Serve(ctx context.Context, cfg Config) error {
 		}
 		lock = l
 	}
+	// The HTTP listener comes first: its address is the web UI's, which failed
+	// actions' reports name.
+	var hl net.Listener
+	var err error
+	httpAddr := ""
+	if cfg.HTTPListen != "" {
+		if hl, err = net.Listen("tcp", cfg.HTTPListen); err != nil {
+			return fmt.Errorf("listen on %s: %w", cfg.HTTPListen, err)
+		}
+		defer hl.Close()
+		httpAddr = hl.Addr().String()
+	}
 	opts := cfg.Options
 	opts.Primary, opts.Logger, opts.Registerer, opts.Pinner = true, log, reg, pinner(lock)
+	var hist atomic.Pointer[history.Index] // opened once the engine holds the data dir
+	publicURL := cfg.PublicURL
+	if hl != nil {
+		opts.Observe = observer(&hist)
+		if publicURL == "" {
+			scheme := "http"
+			if httpTLS != nil {
+				scheme = "https"
+			}
+			publicURL = scheme + "://" + httpAddr
+		}
+		opts.ActionURL = actionURL(publicURL)
+	}
 	eng, err := engine.Open(ctx, opts)
 	if err != nil {
 		return err
 	}
 	defer eng.Close()
+	if hl != nil {
+		// After Open took the store's primary lock: a second server on this data dir
+		// is refused there, with its reason, not here after a lock timeout.
+		h, err := openHistory(opts.Data, log)
+		if err != nil {
+			return err
+		}
+		defer h.Close()
+		hist.Store(h)
+	}
 	ropts := reapi.Options{AllowClientACWrites: cfg.AllowClientACWrites, Logger: log}
 	if !cfg.Execution.Disabled {
 		ropts.ExecutionCapabilities = &repb.ExecutionCapabilities{
@@ -140,15 +177,19 @@ func Serve(ctx context.Context, cfg Config) error {
 		log.Warn("listening beyond loopback without client certificates: anyone who reaches the port can use this server (see --tls-client-ca)", "grpc", lis.Addr().String())
 	}
 	var httpSrv *http.Server
-	httpAddr := ""
-	if cfg.HTTPListen != "" {
-		hl, err := net.Listen("tcp", cfg.HTTPListen)
+	webCtx, stopWeb := context.WithCancel(ctx)
+	defer stopWeb()
+	if hl != nil {
+		web, err := startWeb(webCtx, eng, hist.Load(), reg, cfg.Version, log)
 		if err != nil {
 			lis.Close()
-			return fmt.Errorf("listen on %s: %w", cfg.HTTPListen, err)
+			return err
 		}
-		httpAddr = hl.Addr().String()
+		if authz != nil && httpTLS == nil {
+			log.Warn("web UI: --authz is set but --http-tls is not, so no HTTP client has a certificate to be named by: every page answers 403")
+		}
 		mux := http.NewServeMux()
+		mux.Handle("/", requirePermission(authz, PermRead, web))
 		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 		mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) {
 			resp, err := hs.Check(r.Context(), &healthpb.HealthCheckRequest{})
@@ -168,7 +209,7 @@ func Serve(ctx context.Context, cfg Config) error {
 	errc := make(chan error, 1)
 	go func() { errc <- g.Serve(lis) }()
 	hs.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
-	log.Info("kiln serving", "grpc", lis.Addr().String(), "http", httpAddr, "data", string(cfg.Data),
+	log.Info("kiln serving", "grpc", lis.Addr().String(), "http", httpAddr, "ui", publicURL, "data", string(cfg.Data),
 		"store", eng.Store.String(), "max_size", cfg.MaxSize, "client_ac_writes", cfg.AllowClientACWrites, "tls", cfg.TLS.Enabled(), "client_certificates", cfg.TLS.ClientCA != "",
 		"execution", !cfg.Execution.Disabled)
 	if cfg.Ready != nil {

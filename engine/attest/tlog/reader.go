@@ -91,13 +91,21 @@ func (r *Reader) Entry(ctx context.Context, index, treeSize uint64) ([]byte, err
 // Scan calls fn for every entry of a tree of size treeSize, in order, until fn returns
 // false.
 func (r *Reader) Scan(ctx context.Context, treeSize uint64, fn func(index uint64, data []byte) bool) error {
-	for bi := uint64(0); bi*layout.EntryBundleWidth < treeSize; bi++ {
+	return r.ScanFrom(ctx, 0, treeSize, fn)
+}
+
+// ScanFrom is Scan from entry start on (a follower reading only what is new).
+func (r *Reader) ScanFrom(ctx context.Context, start, treeSize uint64, fn func(index uint64, data []byte) bool) error {
+	for bi := start / layout.EntryBundleWidth; bi*layout.EntryBundleWidth < treeSize; bi++ {
 		b, err := client.GetEntryBundle(ctx, r.f.ReadEntryBundle, bi, treeSize)
 		if err != nil {
 			return errf(codes.DataLoss, "entry bundle %d: %v", bi, err)
 		}
 		for i, e := range b.Entries {
 			idx := bi*layout.EntryBundleWidth + uint64(i)
+			if idx < start {
+				continue
+			}
 			if idx >= treeSize {
 				return nil
 			}
