@@ -28,6 +28,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -79,6 +80,8 @@ type Store struct {
 	primary *os.File // flock on primary.lock, held by the indexing process
 
 	verified *memo // blobs hashed recently, as long as their files did not change
+
+	noTmpfile atomic.Bool // the filesystem has no O_TMPFILE: temp files are named
 
 	stampMu   sync.Mutex
 	stampSeen time.Time // foreign.stamp's mtime when the primary last synced with it
@@ -456,6 +459,9 @@ func (s *Store) keyPath(key string) string {
 
 // commit atomically moves a complete temp file to its final path and indexes it.
 func (s *Store) commit(tmp *os.File, key, final string, size int64) error {
+	if tmp.Name() == "" {
+		return s.commitUnnamed(tmp, key, final, size)
+	}
 	if s.opts.Fsync {
 		if err := tmp.Sync(); err != nil {
 			return status.Errorf(codes.Internal, "sync %s: %v", tmp.Name(), err)
@@ -485,6 +491,66 @@ func (s *Store) commit(tmp *os.File, key, final string, size int64) error {
 	return nil
 }
 
+// commitUnnamed is commit for a temp file without a name (O_TMPFILE): its inode is
+// linked at the final path, so a blob costs no directory entry in tmp/ and no rename.
+// A blob already there was put there by a concurrent writer of the same bytes (a
+// damaged one is removed by Verify before Put writes again): it is kept. An action-cache
+// entry replaces the old one, through a named link and a rename.
+func (s *Store) commitUnnamed(tmp *os.File, key, final string, size int64) error {
+	defer tmp.Close()
+	if s.opts.Fsync {
+		if err := tmp.Sync(); err != nil {
+			return status.Errorf(codes.Internal, "sync a temp file: %v", err)
+		}
+	}
+	tv := []unix.Timeval{unix.NsecToTimeval(s.now().UnixNano()), unix.NsecToTimeval(cache.InputMtime.UnixNano())}
+	if err := unix.Futimes(int(tmp.Fd()), tv); err != nil {
+		return status.Errorf(codes.Internal, "set times of a temp file: %v", err)
+	}
+	lk := s.stripe(key)
+	lk.Lock()
+	var err error
+	if key[0] == 'c' {
+		if err = linkFile(tmp, final); errors.Is(err, fs.ErrExist) {
+			err = nil
+		}
+	} else {
+		name := s.tempName()
+		if err = linkFile(tmp, name); err == nil {
+			if err = os.Rename(name, final); err != nil {
+				os.Remove(name)
+			}
+		}
+	}
+	lk.Unlock()
+	if err != nil {
+		return status.Errorf(codes.Internal, "commit %s: %v", final, err)
+	}
+	if s.opts.Fsync {
+		syncDir(filepath.Dir(final))
+	}
+	s.touch(key, final, size)
+	s.stampForeign()
+	if key[0] == 'c' {
+		s.remember(key[1:], final)
+	}
+	return nil
+}
+
+// linkFile gives the open file f (an unnamed temp file, or any file of the store's
+// filesystem) the name path.
+func linkFile(f *os.File, path string) error {
+	// AT_EMPTY_PATH needs CAP_DAC_READ_SEARCH; the /proc link works without.
+	err := unix.Linkat(int(f.Fd()), "", unix.AT_FDCWD, path, unix.AT_EMPTY_PATH)
+	if err == unix.ENOENT || err == unix.EPERM {
+		err = unix.Linkat(unix.AT_FDCWD, fmt.Sprintf("/proc/self/fd/%d", f.Fd()), unix.AT_FDCWD, path, unix.AT_SYMLINK_FOLLOW)
+	}
+	if err != nil {
+		return &os.LinkError{Op: "link", Old: f.Name(), New: path, Err: err}
+	}
+	return nil
+}
+
 // remember records that the file at path, just written from bytes that matched blob
 // hash, is verified.
 func (s *Store) remember(hash, path string) {
@@ -501,14 +567,39 @@ func syncDir(dir string) {
 	}
 }
 
-// createTemp makes a temp file in the store's tmp dir (same filesystem as the blobs).
+// createTemp makes a temp file in the store's tmp dir (same filesystem as the blobs):
+// an unnamed one (O_TMPFILE, empty Name; it vanishes if the process dies) where the
+// filesystem has them, else a named one that a later Store sweeps if this one dies.
 func (s *Store) createTemp(mode os.FileMode) (*os.File, error) {
 	if s.opts.ReadOnly {
 		return nil, status.Error(codes.FailedPrecondition, "the store is open read-only")
 	}
+	if !s.noTmpfile.Load() {
+		fd, err := unix.Open(filepath.Join(s.dir, "tmp"), unix.O_TMPFILE|unix.O_WRONLY|unix.O_CLOEXEC, uint32(mode.Perm()))
+		if err == nil {
+			return os.NewFile(uintptr(fd), ""), nil
+		}
+		if err != unix.EOPNOTSUPP && err != unix.EISDIR && err != unix.EINVAL {
+			return nil, status.Errorf(codes.Internal, "create temp file: %v", err)
+		}
+		s.noTmpfile.Store(true)
+	}
+	return s.createNamedTemp(mode)
+}
+
+// tempName is a fresh name in the store's tmp dir, owned by this Store.
+func (s *Store) tempName() string {
 	var b [12]byte
 	rand.Read(b[:])
-	name := filepath.Join(s.dir, "tmp", s.owner+"-"+hex.EncodeToString(b[:]))
+	return filepath.Join(s.dir, "tmp", s.owner+"-"+hex.EncodeToString(b[:]))
+}
+
+// createNamedTemp makes a named temp file in the store's tmp dir.
+func (s *Store) createNamedTemp(mode os.FileMode) (*os.File, error) {
+	if s.opts.ReadOnly {
+		return nil, status.Error(codes.FailedPrecondition, "the store is open read-only")
+	}
+	name := s.tempName()
 	f, err := os.OpenFile(name, os.O_CREATE|os.O_EXCL|os.O_WRONLY, mode)
 	if err != nil {
 		return nil, status.Errorf(codes.Internal, "create temp file: %v", err)
@@ -518,7 +609,9 @@ func (s *Store) createTemp(mode os.FileMode) (*os.File, error) {
 
 func discard(f *os.File) {
 	f.Close()
-	os.Remove(f.Name())
+	if f.Name() != "" {
+		os.Remove(f.Name())
+	}
 }
 
 // Get implements cache.BlobStore; the whole blob is verified against its digest as it
@@ -767,29 +860,22 @@ func (s *Store) AdoptFile(_ context.Context, d cache.Digest, f *os.File) error {
 			return status.Errorf(codes.Internal, "sync %s: %v", f.Name(), err)
 		}
 	}
-	var b [12]byte
-	rand.Read(b[:])
-	tmp := filepath.Join(s.dir, "tmp", s.owner+"-"+hex.EncodeToString(b[:]))
-	// Link the inode itself (AT_EMPTY_PATH needs CAP_DAC_READ_SEARCH; /proc works without).
-	err := unix.Linkat(int(f.Fd()), "", unix.AT_FDCWD, tmp, unix.AT_EMPTY_PATH)
-	if err != nil {
-		err = unix.Linkat(unix.AT_FDCWD, fmt.Sprintf("/proc/self/fd/%d", f.Fd()), unix.AT_FDCWD, tmp, unix.AT_SYMLINK_FOLLOW)
-	}
-	if err != nil {
+	tv := []unix.Timeval{unix.NsecToTimeval(s.now().UnixNano()), unix.NsecToTimeval(cache.InputMtime.UnixNano())}
+	if err := unix.Futimes(int(f.Fd()), tv); err != nil {
 		return status.Errorf(codes.Internal, "adopt %s: %v", f.Name(), err)
 	}
-	if err := os.Chtimes(tmp, s.now(), cache.InputMtime); err != nil {
-		os.Remove(tmp)
-		return status.Errorf(codes.Internal, "adopt %s: %v", f.Name(), err)
-	}
+	// Link the inode itself at its final name: a blob that appeared meanwhile is the
+	// same bytes, and stays.
 	key := "c" + d.Hash
 	final := s.casPath(d.Hash)
 	lk := s.stripe(key)
 	lk.Lock()
-	err = os.Rename(tmp, final)
+	err := linkFile(f, final)
 	lk.Unlock()
+	if errors.Is(err, fs.ErrExist) {
+		return nil
+	}
 	if err != nil {
-		os.Remove(tmp)
 		return status.Errorf(codes.Internal, "adopt %s: %v", f.Name(), err)
 	}
 	if s.opts.Fsync {
