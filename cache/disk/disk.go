@@ -785,9 +785,11 @@ func (s *Store) FindMissing(ctx context.Context, ds []cache.Digest) ([]cache.Dig
 		return missing, ctx.Err()
 	}
 	var unknown []cache.Digest
+	key := make([]byte, 0, 1+64)
 	s.mu.Lock()
 	for _, d := range ds {
-		if e, ok := s.index["c"+d.Hash]; ok && e.size == d.Size {
+		key = append(append(key[:0], 'c'), d.Hash...)
+		if e, ok := s.index[string(key)]; ok && e.size == d.Size { // no allocation for the key
 			s.lru.MoveToFront(e.elem)
 			continue
 		}
