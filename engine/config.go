@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/kilnbuild/kiln/cache"
+	"github.com/kilnbuild/kiln/cache/s3"
 	"github.com/kilnbuild/kiln/engine/scheduler"
 	"github.com/kilnbuild/kiln/internal/bytesize"
 	"github.com/kilnbuild/kiln/toolchains"
@@ -22,6 +23,9 @@ type Options struct {
 	Primary bool          `yaml:"-"`
 	MaxSize bytesize.Size `yaml:"max-size"` // store bound; 0 = unbounded; needs Primary
 	Fsync   bool          `yaml:"fsync"`
+	// Storage puts the CAS and action cache in shared storage, the data dir's store
+	// becoming their local tier (bounded by MaxSize); empty keeps them on disk only.
+	Storage StorageConfig `yaml:"storage,omitempty"`
 	// Execution says how actions run, if they run at all.
 	Execution ExecutionConfig `yaml:",inline"`
 	// ExecutorKeyFile is the operator's ed25519 signing key (PKCS #8 PEM); empty uses
@@ -41,6 +45,40 @@ type Options struct {
 	// errors name it, so a client can follow it.
 	ActionURL func(cache.Digest) string `yaml:"-"`
 }
+
+// StorageConfig is shared storage (docs/storage.md): the --storage flag, a URL, or the
+// storage: section of kiln serve's configuration file. The zero value is none.
+type StorageConfig struct {
+	// S3 is an S3-compatible bucket; credentials come from the AWS SDK's chain, never
+	// from here.
+	S3 *s3.Config `yaml:"s3,omitempty"`
+}
+
+// Set parses a storage URL (s3://BUCKET[/PREFIX]?endpoint=...); "" means none. It makes
+// StorageConfig a flag value.
+func (c *StorageConfig) Set(url string) error {
+	if url == "" {
+		c.S3 = nil
+		return nil
+	}
+	cfg, err := s3.ParseURL(url)
+	if err != nil {
+		return err
+	}
+	c.S3 = &cfg
+	return nil
+}
+
+// String is the storage URL ("" for none).
+func (c *StorageConfig) String() string {
+	if c == nil || c.S3 == nil {
+		return ""
+	}
+	return c.S3.String()
+}
+
+// Type names the flag's value for help output.
+func (c *StorageConfig) Type() string { return "url" }
 
 // ExecutionConfig says how this process runs actions: kiln serve's execution flags,
 // and what kiln exec, verify and rebuild run with (the zero value, resolved).
@@ -98,8 +136,12 @@ func (c ExecutionConfig) Resolved() ExecutionConfig {
 	return c
 }
 
-// Resolved returns o with its execution settings resolved.
+// Resolved returns o with its execution and storage settings resolved.
 func (o Options) Resolved() Options {
 	o.Execution = o.Execution.Resolved()
+	if o.Storage.S3 != nil {
+		c := o.Storage.S3.Resolved()
+		o.Storage.S3 = &c
+	}
 	return o
 }

@@ -10,11 +10,14 @@ import (
 
 	"github.com/kilnbuild/kiln/cache"
 	"github.com/kilnbuild/kiln/cache/disk"
+	"github.com/kilnbuild/kiln/cache/s3"
+	"github.com/kilnbuild/kiln/cache/tiered"
 	"github.com/kilnbuild/kiln/engine/asset"
 	"github.com/kilnbuild/kiln/engine/attest"
 	"github.com/kilnbuild/kiln/engine/execution"
 	"github.com/kilnbuild/kiln/engine/executor"
 	"github.com/kilnbuild/kiln/engine/quarantine"
+	"github.com/kilnbuild/kiln/engine/revoke"
 	"github.com/kilnbuild/kiln/engine/scheduler"
 	"github.com/kilnbuild/kiln/sandbox"
 	"github.com/kilnbuild/kiln/toolchains"
@@ -27,7 +30,9 @@ import (
 type Engine struct {
 	Data    DataDir
 	Options Options     // what Open ran with, resolved
-	Store   cache.Store // the storage backend: the disk store under Data
+	Store   cache.Store // the storage backend: the disk store under Data, or a tiered store of Bucket and it
+	// Bucket is the shared storage, if Options.Storage names one.
+	Bucket *s3.Bucket
 	// Local is Store's files on this machine, which the executor hardlinks inputs from
 	// and adopts outputs into; nil for a store without a local disk tier.
 	Local cache.LocalFiles
@@ -42,8 +47,10 @@ type Engine struct {
 	Metrics    *cache.Metrics
 	Signer     *attest.Signer
 	Quarantine *quarantine.List
-	runner     *sandbox.Runner
-	log        *slog.Logger
+	// Revocations are the revoked identities and executor keys (package engine/revoke).
+	Revocations *revoke.List
+	runner      *sandbox.Runner
+	log         *slog.Logger
 }
 
 // Open opens the data dir: store, toolchains, sandbox runner, executor and scheduler.
@@ -65,22 +72,35 @@ func Open(ctx context.Context, opts Options) (*Engine, error) {
 			e.Close()
 		}
 	}()
+	if opts.Storage.S3 != nil {
+		// The bucket first: a misconfiguration is then the one line a user sees.
+		var err error
+		if e.Bucket, err = s3.Open(ctx, *opts.Storage.S3, s3.Options{Logger: log}); err != nil {
+			return nil, err
+		}
+	}
 	ds, err := disk.Open(ctx, opts.Data.Store(), disk.Options{Primary: opts.Primary, MaxSize: int64(opts.MaxSize), Fsync: opts.Fsync, Logger: log, Registerer: reg})
 	if err != nil {
 		return nil, err
 	}
+	// SizeOf reads local files: a hint for the Remote Asset API, verified on read.
 	e.Store, e.Local, e.SizeOf = ds, ds, asset.SizeFromBlobFiles(ds)
+	if e.Bucket != nil {
+		t := tiered.New(ds, e.Bucket.CAS(), tiered.Options{ActionCache: e.Bucket.ActionCache(), Logger: log})
+		e.Store, e.Local = t, t
+	}
 	e.Metrics = cache.NewMetrics(reg)
 	e.CAS = e.Metrics.BlobStore("cas", cache.WithEmptyBlob(e.Store))
 	if e.Quarantine, err = quarantine.Open(string(opts.Data)); err != nil {
 		return nil, err
 	}
+	e.Revocations = revoke.Open(string(opts.Data))
 	e.AC = e.Metrics.ActionCache(e.Quarantine.WrapActionCache(cache.WithCompletenessCheck(e.Store.ActionCache(), e.CAS), e.CAS))
 	e.Toolchains, err = toolchains.Open(ctx, string(opts.Data), toolchains.Options{Default: ex.DefaultToolchain, Pinner: opts.Pinner, Logger: log})
 	if err != nil {
 		return nil, err
 	}
-	e.Signer, err = attest.Open(ctx, attest.Options{DataDir: string(opts.Data), CAS: e.CAS, ExecutorKeyFile: opts.ExecutorKeyFile, Logger: log})
+	e.Signer, err = attest.Open(ctx, attest.Options{DataDir: string(opts.Data), CAS: e.attestCAS(), ExecutorKeyFile: opts.ExecutorKeyFile, Logger: log})
 	if err != nil {
 		return nil, err
 	}
@@ -94,8 +114,9 @@ func Open(ctx context.Context, opts Options) (*Engine, error) {
 	}
 	e.Executor, err = executor.NewExecutor(executor.ExecutorConfig{
 		CAS: e.CAS, Local: e.Local, AC: e.AC, Sandbox: executor.SandboxRunner{R: e.runner}, Toolchains: toolchainResolver{e.Toolchains},
-		Attester: executor.LinkAttester{Signer: e.Signer, Version: opts.Version}, Quarantined: e.Quarantine.Quarantined,
-		WorkDir: filepath.Join(opts.Data.Sandbox(), "exec"), UID: sandbox.DefaultUID, GID: sandbox.DefaultGID,
+		Attester:    executor.LinkAttester{Signer: e.Signer, Version: opts.Version, CheckKey: e.Revocations.CheckKey},
+		Quarantined: e.Quarantine.Quarantined,
+		WorkDir:     filepath.Join(opts.Data.Sandbox(), "exec"), UID: sandbox.DefaultUID, GID: sandbox.DefaultGID,
 		DefaultTimeout: ex.DefaultTimeout, MaxTimeout: ex.MaxTimeout, Logger: log, ActionURL: opts.ActionURL,
 		IgnoreUnknownPlatformProperties: ex.IgnoreUnknownPlatformProperties,
 	})
@@ -106,6 +127,37 @@ func Open(ctx context.Context, opts Options) (*Engine, error) {
 		VerifyRate: ex.VerifyRate, Observe: opts.Observe, ActionURL: opts.ActionURL})
 	ok = true
 	return e, nil
+}
+
+// attestCAS is where signed envelopes go: the CAS (clients read links from it) and,
+// with shared storage, also the bucket's attestations prefix, which has no lifecycle.
+func (e *Engine) attestCAS() cache.BlobStore {
+	if e.Bucket == nil {
+		return e.CAS
+	}
+	return cache.WithDurableCopy(e.CAS, e.Bucket.Attestations())
+}
+
+// OpenCAS opens the store of a data dir for commands that only read and write blobs:
+// the disk store, or with storage set, the disk store as the local tier of the bucket
+// (plus its attestations prefix, where envelopes are also kept). local is the disk
+// store either way; close releases both.
+func OpenCAS(ctx context.Context, data DataDir, storage StorageConfig, log *slog.Logger) (cas cache.BlobStore, local *disk.Store, close func(), err error) {
+	var b *s3.Bucket
+	if storage.S3 != nil {
+		if b, err = s3.Open(ctx, *storage.S3, s3.Options{Logger: log}); err != nil {
+			return nil, nil, nil, err
+		}
+	}
+	d, err := disk.Open(ctx, data.Store(), disk.Options{Logger: log})
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	if b == nil {
+		return d, d, func() { d.Close() }, nil
+	}
+	cas = cache.WithDurableCopy(tiered.New(d, b.CAS(), tiered.Options{ActionCache: b.ActionCache(), Logger: log}), b.Attestations())
+	return cache.WithEmptyBlob(cas), d, func() { d.Close() }, nil
 }
 
 // openRunner opens a sandbox runner in the first free slot under dir. Each process

@@ -29,3 +29,12 @@ fi
 # exact versions) verify against go.sum alone.
 export GONOSUMDB=github.com/bazelbuild
 go mod download
+
+# versitygw: a real S3-compatible server (Apache-2.0) that the shared-storage tests and
+# `make bench` start on a temp dir. Built from the Go module proxy (about a minute, once).
+VERSITYGW_VERSION=v1.8.0
+gobin=$(go env GOBIN); gobin=${gobin:-$(go env GOPATH)/bin}
+if ! go version -m "$gobin/versitygw" 2>/dev/null | grep -q "^[[:space:]]*mod[[:space:]]*github.com/versity/versitygw[[:space:]]*$VERSITYGW_VERSION"; then
+  echo "setup: installing versitygw $VERSITYGW_VERSION" >&2
+  go install "github.com/versity/versitygw/cmd/versitygw@$VERSITYGW_VERSION"
+fi

@@ -36,6 +36,7 @@ type execJSON struct {
 	Action   string            `json:"action"`
 	ExitCode int               `json:"exit_code"`
 	Outputs  map[string]string `json:"outputs"`
+	Cached   bool              `json:"cached"`
 }
 
 func kilnExec(t *testing.T, data, bb, input, out string, output string, script string) execJSON {

@@ -329,7 +329,7 @@ func checkUIRefusals(t *testing.T, r *remoteBuild, browser context.Context, hell
 	}
 	for _, p := range []string{"/", "/artifact/" + helloSHA, "/actions?path=hello", "/log"} {
 		code, body := get("builder-bob", p)
-		if code != 403 || !strings.Contains(body, `client "builder-bob" may not read`) || strings.Contains(body, helloSHA[:12]) || strings.Contains(body, "<") {
+		if code != 403 || !strings.Contains(body, `client "cert:builder-bob" may not read`) || strings.Contains(body, helloSHA[:12]) || strings.Contains(body, "<") {
 			t.Fatalf("client without read, %s: HTTP %d %q", p, code, body)
 		}
 	}

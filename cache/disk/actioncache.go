@@ -1,10 +1,7 @@
 package disk
 
 import (
-	"bytes"
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"errors"
 	"io/fs"
 	"os"
@@ -13,11 +10,7 @@ import (
 	"github.com/kilnbuild/kiln/cache"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
-	"google.golang.org/protobuf/proto"
 )
-
-// maxActionResult bounds an action-cache entry; results with large inline data are refused.
-const maxActionResult = 16 << 20
 
 // ActionCache returns the store's action cache. Entries are partitioned by instance
 // name: the file name is the SHA-256 of the instance name and the action digest.
@@ -25,19 +18,10 @@ func (s *Store) ActionCache() cache.ActionCache { return actionCache{s} }
 
 type actionCache struct{ s *Store }
 
-// acKey hashes an ActionKey into the entry's file name.
-func acKey(k cache.ActionKey) string {
-	h := sha256.New()
-	h.Write([]byte(k.Instance))
-	h.Write([]byte{0})
-	h.Write([]byte(k.Action.String()))
-	return hex.EncodeToString(h.Sum(nil))
-}
-
 // Entries are stored as the SHA-256 of the serialized ActionResult followed by the
 // serialized ActionResult, so a damaged entry is detected and dropped, not served.
 func (a actionCache) Get(_ context.Context, k cache.ActionKey) (*repb.ActionResult, error) {
-	kh := acKey(k)
+	kh := cache.ActionKeyHash(k)
 	path := a.s.acPath(kh)
 	b, err := os.ReadFile(path)
 	if err != nil {
@@ -47,15 +31,8 @@ func (a actionCache) Get(_ context.Context, k cache.ActionKey) (*repb.ActionResu
 		}
 		return nil, status.Errorf(codes.Internal, "read action cache entry: %v", err)
 	}
-	if len(b) < sha256.Size {
-		return nil, a.drop(path, kh, k)
-	}
-	sum := sha256.Sum256(b[sha256.Size:])
-	if !bytes.Equal(sum[:], b[:sha256.Size]) {
-		return nil, a.drop(path, kh, k)
-	}
-	r := &repb.ActionResult{}
-	if err := proto.Unmarshal(b[sha256.Size:], r); err != nil {
+	r, ok := cache.DecodeActionResult(b)
+	if !ok {
 		return nil, a.drop(path, kh, k)
 	}
 	a.s.touch("a"+kh, path, int64(len(b)))
@@ -70,20 +47,16 @@ func (a actionCache) drop(path, kh string, k cache.ActionKey) error {
 }
 
 func (a actionCache) Put(ctx context.Context, k cache.ActionKey, r *repb.ActionResult) error {
-	b, err := proto.MarshalOptions{Deterministic: true}.Marshal(r)
+	b, err := cache.EncodeActionResult(k, r)
 	if err != nil {
-		return status.Errorf(codes.InvalidArgument, "action result: %v", err)
+		return err
 	}
-	if len(b) > maxActionResult {
-		return status.Errorf(codes.InvalidArgument, "action result for %s is %d bytes, over the %d-byte limit", k.Action, len(b), maxActionResult)
-	}
-	sum := sha256.Sum256(b)
-	kh := acKey(k)
+	kh := cache.ActionKeyHash(k)
 	tmp, err := a.s.createTemp(0o444)
 	if err != nil {
 		return err
 	}
-	if _, err := tmp.Write(append(sum[:], b...)); err != nil {
+	if _, err := tmp.Write(b); err != nil {
 		discard(tmp)
 		return status.Errorf(codes.Internal, "write action cache entry: %v", err)
 	}
@@ -91,7 +64,7 @@ func (a actionCache) Put(ctx context.Context, k cache.ActionKey, r *repb.ActionR
 		discard(tmp)
 		return status.FromContextError(err).Err()
 	}
-	if err := a.s.commit(tmp, "a"+kh, a.s.acPath(kh), int64(len(b)+sha256.Size)); err != nil {
+	if err := a.s.commit(tmp, "a"+kh, a.s.acPath(kh), int64(len(b))); err != nil {
 		discard(tmp)
 		return err
 	}

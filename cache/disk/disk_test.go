@@ -127,10 +127,10 @@ func TestDamagedActionCacheEntry(t *testing.T) {
 	if err := ac.Put(ctx, k, &repb.ActionResult{ExitCode: 0, StdoutRaw: []byte("hello world")}); err != nil {
 		t.Fatal(err)
 	}
-	damage(t, s.acPath(acKey(k)), 40)
+	damage(t, s.acPath(cache.ActionKeyHash(k)), 40)
 	_, err := ac.Get(ctx, k)
 	cachetest.WantCode(t, err, codes.NotFound)
-	if _, err := os.Stat(s.acPath(acKey(k))); !os.IsNotExist(err) {
+	if _, err := os.Stat(s.acPath(cache.ActionKeyHash(k))); !os.IsNotExist(err) {
 		t.Fatal("damaged entry not removed")
 	}
 }

@@ -11,6 +11,7 @@ import (
 
 	"github.com/in-toto/in-toto-golang/in_toto"
 	"github.com/kilnbuild/kiln/cache/disk"
+	"github.com/kilnbuild/kiln/engine"
 	"github.com/kilnbuild/kiln/engine/attest"
 	"github.com/kilnbuild/kiln/engine/attest/keys"
 	"github.com/kilnbuild/kiln/engine/attest/tlog"
@@ -33,14 +34,14 @@ func openKeyring(ctx context.Context, dataDir string) (*keys.Keyring, error) {
 	return keys.Open(ctx, attest.PathsFor(dataDir).Keys, keys.Options{})
 }
 
-// openStore opens the attestation store of a data dir with its CAS.
-func openStore(ctx context.Context, dataDir string) (*attest.Store, func(), error) {
-	p := attest.PathsFor(dataDir)
-	cas, err := disk.Open(ctx, p.CAS, disk.Options{})
+// openStore opens the attestation store of a data dir with its CAS (in shared storage
+// if storage is set).
+func openStore(ctx context.Context, dataDir string, storage engine.StorageConfig) (*attest.Store, func(), error) {
+	cas, _, done, err := engine.OpenCAS(ctx, engine.DataDir(dataDir), storage, quietLogger())
 	if err != nil {
 		return nil, nil, err
 	}
-	return attest.NewStore(p, cas), func() { cas.Close() }, nil
+	return attest.NewStore(attest.PathsFor(dataDir), cas), done, nil
 }
 
 // writeOutput writes data to path atomically, or to stdout for "" or "-".
@@ -170,6 +171,7 @@ func deref(p *uint64) uint64 {
 
 func newAttestProvenanceCmd() *cobra.Command {
 	var dataDir, subject, out, sbom string
+	var storage engine.StorageConfig
 	var wait time.Duration
 	c := &cobra.Command{
 		Use:   "provenance --subject FILE|DIGEST",
@@ -188,7 +190,7 @@ func newAttestProvenanceCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			store, done, err := openStore(ctx, dataDir)
+			store, done, err := openStore(ctx, dataDir, storage)
 			if err != nil {
 				return err
 			}
@@ -223,6 +225,7 @@ func newAttestProvenanceCmd() *cobra.Command {
 		},
 	}
 	addDataFlag(c, &dataDir)
+	addStorageFlag(c, &storage)
 	c.Flags().StringVar(&subject, "subject", "", "the artifact: a file, or its sha256 digest")
 	c.Flags().StringVar(&out, "out", "", "write the DSSE envelope here (default stdout)")
 	c.Flags().StringVar(&sbom, "sbom", "", "also write a CycloneDX JSON SBOM here")
@@ -232,6 +235,7 @@ func newAttestProvenanceCmd() *cobra.Command {
 
 func newAttestVerifyCmd() *cobra.Command {
 	var dataDir, subject, logKey, pinned, layout, provenance, sbom string
+	var storage engine.StorageConfig
 	var keyFiles, layoutKeys []string
 	var asJSON bool
 	var wait time.Duration
@@ -266,7 +270,7 @@ func newAttestVerifyCmd() *cobra.Command {
 					return fmt.Errorf("--checkpoint %s: %w", pinned, err)
 				}
 			}
-			store, done, err := openStore(ctx, dataDir)
+			store, done, err := openStore(ctx, dataDir, storage)
 			if err != nil {
 				return err
 			}
@@ -321,6 +325,7 @@ func newAttestVerifyCmd() *cobra.Command {
 		},
 	}
 	addDataFlag(c, &dataDir)
+	addStorageFlag(c, &storage)
 	c.Flags().StringVar(&subject, "subject", "", "the artifact: a file, or its sha256 digest")
 	c.Flags().StringArrayVar(&keyFiles, "key", nil, "trusted executor keys: a PEM public key file, or \"kiln attest pubkey --all --json\" output (repeatable)")
 	c.Flags().StringVar(&logKey, "log-key", "", "the log's checkpoint verifier key (a note vkey, or a file holding one); default: from a --key JSON export, else the data dir's keyring")

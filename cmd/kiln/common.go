@@ -12,6 +12,7 @@ import (
 	"strings"
 
 	"github.com/kilnbuild/kiln/cache"
+	"github.com/kilnbuild/kiln/engine"
 	"github.com/kilnbuild/kiln/internal/bytesize"
 	"github.com/spf13/cobra"
 	"google.golang.org/grpc/status"
@@ -32,6 +33,13 @@ func defaultDataDir() string {
 // addDataFlag registers the --data flag shared by every subcommand that touches the store.
 func addDataFlag(cmd *cobra.Command, p *string) {
 	cmd.Flags().StringVar(p, "data", defaultDataDir(), "data directory (store, toolchains, keys, logs)")
+}
+
+// addStorageFlag registers --storage, shared by every subcommand that reads or writes
+// the store: with it the CAS and action cache live in a bucket and the data dir's store
+// is their local tier (docs/storage.md). Credentials come from the AWS SDK's chain.
+func addStorageFlag(cmd *cobra.Command, p *engine.StorageConfig) {
+	cmd.Flags().Var(p, "storage", "shared storage: s3://BUCKET[/PREFIX]?endpoint=URL&region=R[&path-style=true] (credentials: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, shared config or instance role); empty: the data dir only")
 }
 
 // parseSize reads a byte count such as 1048576, 512MiB, 50G or 2TB (powers of 1024).

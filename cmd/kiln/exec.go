@@ -20,6 +20,7 @@ import (
 // actionFlags are the flags that describe one action (kiln exec, kiln verify).
 type actionFlags struct {
 	data      string
+	storage   engine.StorageConfig
 	toolchain string
 	input     string
 	cwd       string
@@ -37,6 +38,7 @@ func (f *actionFlags) register(cmd *cobra.Command) {
 	fl.StringArrayVar(&f.env, "env", nil, "environment entry NAME=VALUE (repeatable; nothing else is passed)")
 	fl.DurationVar(&f.timeout, "timeout", 0, "action timeout (default: the engine's)")
 	addDataFlag(cmd, &f.data)
+	addStorageFlag(cmd, &f.storage)
 }
 
 func (f *actionFlags) spec(args []string) executor.LocalSpec {
@@ -79,7 +81,7 @@ Exit status: the action's own; 124 when it timed out; 2 for a usage or set-up er
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
-			eng, err := engine.Open(ctx, engine.Options{Data: engine.DataDir(af.data), Logger: quietLogger(), Version: version})
+			eng, err := engine.Open(ctx, engine.Options{Data: engine.DataDir(af.data), Storage: af.storage, Logger: quietLogger(), Version: version})
 			if err != nil {
 				return statusErr(err)
 			}

@@ -26,19 +26,41 @@ import (
 // lockFlags are the flags every `kiln lock` subcommand shares.
 type lockFlags struct {
 	data     string
+	storage  engine.StorageConfig
 	lockfile string
 	json     bool
 }
 
 func (l *lockFlags) register(cmd *cobra.Command) {
 	addDataFlag(cmd, &l.data)
+	addStorageFlag(cmd, &l.storage)
 	cmd.Flags().StringVar(&l.lockfile, "lockfile", lockfiles.DefaultName, "lockfile to read and write")
 	cmd.Flags().BoolVar(&l.json, "json", false, "print results as JSON")
 }
 
-// openStore opens the data directory's CAS without bounding its size (a server owns eviction).
-func (l *lockFlags) openStore(ctx context.Context) (*disk.Store, error) {
-	return disk.Open(ctx, engine.DataDir(l.data).Store(), disk.Options{})
+// lockStore is the CAS the lock commands fetch into and verify: the data dir's disk
+// store (never bounded here: a server owns eviction), or with --storage the bucket
+// with the disk store as its local tier.
+type lockStore struct {
+	cache.BlobStore
+	local *disk.Store
+	close func()
+}
+
+func (s lockStore) Close() { s.close() }
+
+// Has reports whether the store holds d (in the bucket, with --storage).
+func (s lockStore) Has(ctx context.Context, d cache.Digest) bool {
+	m, err := s.FindMissing(ctx, []cache.Digest{d})
+	return err == nil && len(m) == 0
+}
+
+func (l *lockFlags) openStore(ctx context.Context) (lockStore, error) {
+	cas, local, done, err := engine.OpenCAS(ctx, engine.DataDir(l.data), l.storage, quietLogger())
+	if err != nil {
+		return lockStore{}, err
+	}
+	return lockStore{cas, local, done}, nil
 }
 
 // withAllowHint adds how to follow a refused redirect to a fetch error.
@@ -247,7 +269,7 @@ type lockVerifyResult struct {
 }
 
 // verifyDependency re-hashes the stored bytes of d in every algorithm it pins.
-func verifyDependency(ctx context.Context, store *disk.Store, d *lockfiles.Dependency) lockVerifyResult {
+func verifyDependency(ctx context.Context, store lockStore, d *lockfiles.Dependency) lockVerifyResult {
 	r := lockVerifyResult{Name: d.Name}
 	want, err := d.Checksums()
 	if err != nil {
@@ -261,7 +283,7 @@ func verifyDependency(ctx context.Context, store *disk.Store, d *lockfiles.Depen
 	}
 	size := d.Size
 	if size <= 0 {
-		info, err := os.Stat(store.BlobPath(cache.Digest{Hash: sha.Hex()}))
+		info, err := os.Stat(store.local.BlobPath(cache.Digest{Hash: sha.Hex()}))
 		if err != nil {
 			r.Digest, r.Status, r.Detail = sha.String(), "missing", "not in the CAS"
 			return r
@@ -401,7 +423,7 @@ digest. Exit 1 with the list of failures if any.`,
 			for _, name := range l.DependencyNames() {
 				d := l.Dependencies[name]
 				r := fetchResult{Name: name}
-				if dg, ok := d.Digest(); ok && store.Has(dg) {
+				if dg, ok := d.Digest(); ok && store.Has(ctx, dg) {
 					r.Status, r.Digest = "present", dg.String()
 				} else if want, err := d.Checksums(); err != nil {
 					r.Status, r.Error = "failed", status.Convert(err).Message()

@@ -9,6 +9,7 @@ import (
 	"strings"
 
 	"github.com/kilnbuild/kiln/cache"
+	"github.com/kilnbuild/kiln/engine"
 	"github.com/kilnbuild/kiln/engine/attest"
 	"github.com/kilnbuild/kiln/engine/attest/keys"
 	"github.com/kilnbuild/kiln/engine/attest/tlog"
@@ -31,6 +32,7 @@ func newLogCmd() *cobra.Command {
 
 type tlogFlags struct {
 	dataDir string
+	storage engine.StorageConfig // only `log prove` reads envelopes from the store
 	logKey  string
 	asJSON  bool
 }
@@ -107,7 +109,7 @@ func newLogProveCmd() *cobra.Command {
 				return err
 			}
 			d, _ := attest.ParseLinkLogEntry(entry)
-			store, done, err := openStore(ctx, f.dataDir)
+			store, done, err := openStore(ctx, f.dataDir, f.storage)
 			if err != nil {
 				return err
 			}
@@ -133,6 +135,7 @@ func newLogProveCmd() *cobra.Command {
 		},
 	}
 	f.add(c)
+	addStorageFlag(c, &f.storage)
 	return c
 }
 

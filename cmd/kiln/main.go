@@ -62,6 +62,8 @@ func newRootCmd() *cobra.Command {
 		newAttestCmd(),
 		newLogCmd(),
 		newQuarantineCmd(),
+		newRevokeCmd(),
+		newAuditCmd(),
 		newExportCmd(),
 		newRebuildCmd(),
 		newGateCmd(),

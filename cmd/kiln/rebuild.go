@@ -17,6 +17,7 @@ import (
 
 func newExportCmd() *cobra.Command {
 	var data, subject, out string
+	var storage engine.StorageConfig
 	var wait time.Duration
 	var jsonOut bool
 	c := &cobra.Command{
@@ -37,7 +38,7 @@ See docs/rebuild.md for the layout.`,
 				return statusErr(err)
 			}
 			ctx := cmd.Context()
-			eng, err := engine.Open(ctx, engine.Options{Data: engine.DataDir(data), Execution: engine.ExecutionConfig{Disabled: true}, Logger: quietLogger(), Version: version})
+			eng, err := engine.Open(ctx, engine.Options{Data: engine.DataDir(data), Storage: storage, Execution: engine.ExecutionConfig{Disabled: true}, Logger: quietLogger(), Version: version})
 			if err != nil {
 				return statusErr(err)
 			}
@@ -55,6 +56,7 @@ See docs/rebuild.md for the layout.`,
 		},
 	}
 	addDataFlag(c, &data)
+	addStorageFlag(c, &storage)
 	c.Flags().StringVar(&subject, "subject", "", "the artifact: a file, or its sha256 digest")
 	c.Flags().StringVar(&out, "out", "", "the bundle to write: a new directory, FILE.tar, or FILE.tar.zst (compressed)")
 	c.Flags().DurationVar(&wait, "wait", 5*time.Second, "how long to wait for freshly signed links to be logged")
@@ -65,6 +67,7 @@ See docs/rebuild.md for the layout.`,
 func newRebuildCmd() *cobra.Command {
 	var (
 		data, bundle, remote, instance, logKey, out string
+		storage                                     engine.StorageConfig
 		maxBundleSize                               string
 		remoteTLS                                   rebuild.RemoteTLS
 		keyFiles, remoteKeys                        []string
@@ -107,7 +110,7 @@ nothing quarantined); 2 usage or set-up error.`,
 			}
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
-			eng, err := engine.Open(ctx, engine.Options{Data: engine.DataDir(data), Logger: quietLogger(), Version: version, Execution: engine.ExecutionConfig{Disabled: remote != ""}})
+			eng, err := engine.Open(ctx, engine.Options{Data: engine.DataDir(data), Storage: storage, Logger: quietLogger(), Version: version, Execution: engine.ExecutionConfig{Disabled: remote != ""}})
 			if err != nil {
 				return &exitError{code: 2, msg: statusErr(err).Error()}
 			}
@@ -165,6 +168,7 @@ nothing quarantined); 2 usage or set-up error.`,
 		},
 	}
 	addDataFlag(c, &data)
+	addStorageFlag(c, &storage)
 	c.Flags().StringArrayVar(&keyFiles, "key", nil, "trusted executor public key: PEM, or \"kiln attest pubkey --all --json\" output (repeatable)")
 	c.Flags().StringVar(&logKey, "log-key", "", "the transparency log's verifier key (a note vkey, or a file holding one); default: from a --key JSON export")
 	c.Flags().StringVar(&bundle, "bundle", "", "bundle from kiln export (directory, .tar or .tar.zst); default: this data dir")
@@ -175,6 +179,7 @@ nothing quarantined); 2 usage or set-up error.`,
 	c.Flags().StringVar(&remoteTLS.CA, "remote-ca", "", "PEM CA certificates: talk TLS to --remote (default: plaintext, for a trusted network)")
 	c.Flags().StringVar(&remoteTLS.Cert, "remote-client-cert", "", "PEM client certificate for --remote when it requires one (kiln serve --tls-client-ca)")
 	c.Flags().StringVar(&remoteTLS.Key, "remote-client-key", "", "PEM private key of --remote-client-cert")
+	c.Flags().StringVar(&remoteTLS.TokenFile, "remote-token-file", "", "file holding a bearer token for --remote when it requires one (kiln serve --oidc-issuer); re-read when it changes")
 	c.Flags().StringVar(&out, "out", "", "write the signed verification summary here (default stdout)")
 	c.Flags().BoolVar(&jsonOut, "json", false, "print the per-action result as JSON on stdout (use with --out)")
 	c.Flags().DurationVar(&wait, "wait", 5*time.Second, "how long to wait for freshly signed links to be logged (local data dir)")

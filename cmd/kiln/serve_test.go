@@ -147,7 +147,8 @@ func TestServeConfigErrors(t *testing.T) {
 // same configuration, in YAML, or in JSON for a JSON file.
 func TestPrintConfigRoundTrip(t *testing.T) {
 	args := []string{"--concurrency", "5", "--max-size", "3GiB", "--fetch-allow", "x.example,y.example",
-		"--no-execution", "--allow-client-ac-writes", "--verify-rate", "0.25", "--default-toolchain", "docker://kiln/busybox@sha256:" + strings.Repeat("a", 64)}
+		"--no-execution", "--allow-client-ac-writes", "--verify-rate", "0.25", "--default-toolchain", "docker://kiln/busybox@sha256:" + strings.Repeat("a", 64),
+		"--oidc-issuer", "https://a.example", "--oidc-audience", "kiln-a", "--oidc-issuer", "https://b.example", "--oidc-audience", "kiln-b", "--oidc-max-ttl", "90m"}
 	want, _, err := runServe(t, args...)
 	if err != nil {
 		t.Fatal(err)
@@ -158,6 +159,9 @@ func TestPrintConfigRoundTrip(t *testing.T) {
 	}
 	if want.Execution.Prestart != 5 {
 		t.Fatalf("prestart %d, want 5", want.Execution.Prestart)
+	}
+	if o := want.OIDC; len(o.Issuers) != 2 || o.Audiences[1] != "kiln-b" || o.MaxTTL != 90*time.Minute {
+		t.Fatalf("oidc settings %+v", o)
 	}
 	file := writeFile(t, "printed.yaml", out)
 	_, again, err := runServe(t, "--config", file, "--print-config")
@@ -182,4 +186,59 @@ func TestPrintConfigRoundTrip(t *testing.T) {
 	if err != nil || jagain != jout {
 		t.Fatalf("JSON read back: %v\n%s\nthen\n%s", err, jout, jagain)
 	}
+}
+
+// TestServeStorageConfig: shared storage comes from --storage (a URL) or the storage:
+// section of the configuration file, the flag overriding the file; --print-config
+// prints the section with its defaults resolved, in a form --config reads back; a
+// section that names no bucket is refused.
+func TestServeStorageConfig(t *testing.T) {
+	yml := writeFile(t, "serve.yaml", `
+storage:
+  s3:
+    bucket: build-cache
+    prefix: team/kiln
+    endpoint: http://127.0.0.1:7070
+    path-style: true
+    exists-ttl: 10m
+`)
+	cfg, _, err := runServe(t, "--config", yml)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := cfg.Storage.S3
+	if s == nil || s.Bucket != "build-cache" || s.Prefix != "team/kiln/" || s.Endpoint != "http://127.0.0.1:7070" || !s.PathStyle ||
+		s.ExistsTTL != 10*time.Minute || s.RefreshAfter != 24*time.Hour {
+		t.Fatalf("storage from the file: %+v", s)
+	}
+	cfg, _, err = runServe(t, "--config", yml, "--storage", "s3://other/p?endpoint=https://s3.example&region=eu-west-1")
+	if err != nil || cfg.Storage.S3 == nil || cfg.Storage.S3.Bucket != "other" || cfg.Storage.S3.Region != "eu-west-1" || cfg.Storage.S3.PathStyle {
+		t.Fatalf("--storage over the file: %+v, %v", cfg.Storage.S3, err)
+	}
+	_, out, err := runServe(t, "--config", yml, "--print-config")
+	if err != nil || !strings.Contains(out, "storage:\n    s3:\n        bucket: build-cache\n") {
+		t.Fatalf("print-config: %v\n%s", err, out)
+	}
+	again, _, err := runServe(t, "--config", writeFile(t, "printed.yaml", out))
+	if err != nil || !reflect.DeepEqual(again.Storage, cfg2(t, yml).Storage) {
+		t.Fatalf("printed storage does not read back: %+v, %v", again.Storage.S3, err)
+	}
+	if none, _, _ := runServe(t); none.Storage.S3 != nil {
+		t.Fatal("storage without --storage or a storage section")
+	}
+	if _, _, err := runServe(t, "--storage", "s3://b?colour=blue"); err == nil {
+		t.Fatal("a bad --storage URL was accepted")
+	}
+	if _, _, err := runServe(t, "--config", writeFile(t, "nobucket.yaml", "storage:\n  s3:\n    prefix: x\n")); err == nil || !strings.Contains(err.Error(), "no bucket") {
+		t.Fatalf("a storage section without a bucket: %v", err)
+	}
+}
+
+func cfg2(t *testing.T, file string) server.Config {
+	t.Helper()
+	c, _, err := runServe(t, "--config", file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
 }

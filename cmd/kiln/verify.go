@@ -84,7 +84,7 @@ an action that fails in its first run). See docs/verify.md.`,
 
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
-			eng, err := engine.Open(ctx, engine.Options{Data: engine.DataDir(af.data), Logger: quietLogger()})
+			eng, err := engine.Open(ctx, engine.Options{Data: engine.DataDir(af.data), Storage: af.storage, Logger: quietLogger()})
 			if err != nil {
 				return statusErr(err)
 			}

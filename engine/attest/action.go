@@ -56,6 +56,9 @@ type Action struct {
 	// Reproducibility, if set, records a rebuild check of this action (issue 7), e.g.
 	// "reproducible" or "nondeterministic: out/a.o differs"; empty when not checked.
 	Reproducibility string
+	// RequestedBy is the identity of the client whose Execute caused the run (package
+	// engine/auth's string form); empty when the server knows none (no authentication).
+	RequestedBy string
 }
 
 // File is one input or output of an action.
@@ -106,14 +109,16 @@ const (
 	ByproductReproducibility = "kiln:reproducibility"
 	EnvKilnVersion           = "kiln:version"
 	EnvPlatform              = "kiln:platform"
+	EnvRequestedBy           = "kiln:requested-by"
 )
 
 // Link builds the in-toto link for a: name = the action digest's hash; materials = every
 // input plus the Action, Command and toolchain under the reserved names; products =
 // every output; command = argv; byproducts = exit code and the digests of Action,
-// Command, stdout, stderr and sandbox policy; environment = kiln version and platform.
+// Command, stdout, stderr and sandbox policy; environment = kiln version, platform and,
+// if known, the identity that requested the run.
 // The executor key is not in the payload (it is the DSSE signature's keyid), so two
-// executors with different keys produce the same payload for the same action.
+// executors with different keys produce the same payload for the same action and requester.
 func (a Action) Link() (in_toto.Link, error) {
 	if _, err := cache.NewDigest(a.ActionDigest.Hash, a.ActionDigest.Size); err != nil {
 		return in_toto.Link{}, status.Errorf(codes.InvalidArgument, "action digest: %v", status.Convert(err).Message())
@@ -181,6 +186,10 @@ func (a Action) Link() (in_toto.Link, error) {
 		plat = append(plat, map[string]any{"name": p.Name, "value": p.Value})
 	}
 	argv := append([]string{}, a.Argv...)
+	env := map[string]any{EnvKilnVersion: a.KilnVersion, EnvPlatform: plat}
+	if a.RequestedBy != "" {
+		env[EnvRequestedBy] = a.RequestedBy
+	}
 	return in_toto.Link{
 		Type:        "link",
 		Name:        a.ActionDigest.Hash,
@@ -188,7 +197,7 @@ func (a Action) Link() (in_toto.Link, error) {
 		Products:    products,
 		ByProducts:  by,
 		Command:     argv,
-		Environment: map[string]any{EnvKilnVersion: a.KilnVersion, EnvPlatform: plat},
+		Environment: env,
 	}, nil
 }
 
@@ -221,7 +230,7 @@ func (a Action) Payload() ([]byte, error) {
 // checkUTF8 refuses strings JSON cannot carry exactly (encoding/json would silently
 // replace invalid bytes, and two different argvs would sign as one).
 func (a Action) checkUTF8() error {
-	strs := append([]string{a.KilnVersion, a.Reproducibility, a.Toolchain}, a.Argv...)
+	strs := append([]string{a.KilnVersion, a.Reproducibility, a.Toolchain, a.RequestedBy}, a.Argv...)
 	for _, fs := range [][]File{a.Inputs, a.Outputs} {
 		for _, f := range fs {
 			strs = append(strs, f.Path, f.SymlinkTarget)

@@ -11,6 +11,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/kilnbuild/kiln/cache"
 	"github.com/kilnbuild/kiln/internal/grpcerr"
@@ -81,6 +82,50 @@ func (s *Store) Pending(d cache.Digest) bool {
 func (s *Store) PendingFiles() []string {
 	m, _ := filepath.Glob(filepath.Join(s.p.Attest, "pending", "*", "*_*"))
 	return m
+}
+
+// SignedSince calls fn with every envelope this data dir's signers wrote at or after
+// since, logged or still pending, each once. The signing time is the file's
+// modification time: a link's pending file is written when it is signed and renamed,
+// keeping that time, into the durable store (an envelope imported later carries the
+// import's time, so it is included rather than missed). Pending files are read before
+// the durable store, so one renamed during the walk is not missed either.
+func (s *Store) SignedSince(since time.Time, fn func(env []byte, signed time.Time) error) error {
+	seen := map[string]bool{}
+	visit := func(p string) error {
+		fi, err := os.Stat(p)
+		if err != nil || !fi.Mode().IsRegular() || fi.ModTime().Before(since) {
+			return nil // gone meanwhile (renamed: seen in the store), or older
+		}
+		b, err := os.ReadFile(p)
+		if err != nil {
+			return nil
+		}
+		d := cache.DigestOf(b)
+		if seen[d.Hash] {
+			return nil
+		}
+		seen[d.Hash] = true
+		return fn(b, fi.ModTime())
+	}
+	for _, p := range s.PendingFiles() {
+		if err := visit(p); err != nil {
+			return err
+		}
+	}
+	err := filepath.WalkDir(filepath.Join(s.p.Attest, "envelopes"), func(p string, d fs.DirEntry, err error) error {
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil
+		}
+		if err != nil {
+			return status.Errorf(codes.Internal, "attest store: %v", err)
+		}
+		if d.IsDir() {
+			return nil
+		}
+		return visit(p)
+	})
+	return err
 }
 
 // HasEnvelope reports whether the durable store holds envelope d.

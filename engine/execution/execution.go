@@ -20,9 +20,9 @@ type Request struct {
 	Instance        string
 	ActionDigest    cache.Digest
 	SkipCacheLookup bool
-	// Owner names the caller (its verified client certificate's common name; "" when
-	// the server requires none): only it may wait on, get, cancel or delete the
-	// operation.
+	// Owner is the caller's identity (package engine/auth's string form; "" for an
+	// anonymous caller): only it may wait on, get, cancel or delete the operation, and
+	// the action-cache entry and the link of the execution record it.
 	Owner string
 }
 

@@ -8,6 +8,8 @@ import (
 	"cloud.google.com/go/longrunning/autogen/longrunningpb"
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"github.com/kilnbuild/kiln/cache"
+	"github.com/kilnbuild/kiln/engine/audit"
+	"github.com/kilnbuild/kiln/engine/auth"
 	"github.com/kilnbuild/kiln/engine/reapi"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -19,16 +21,18 @@ import (
 // over a Scheduler.
 type Server struct {
 	longrunningpb.UnimplementedOperationsServer
-	s   Scheduler
-	log *slog.Logger
+	s     Scheduler
+	log   *slog.Logger
+	audit *audit.Log
 }
 
-// NewServer returns the services over s; log may be nil.
-func NewServer(s Scheduler, log *slog.Logger) *Server {
+// NewServer returns the services over s; every Execute call is recorded in the audit
+// log al (nil: not recorded); log may be nil.
+func NewServer(s Scheduler, log *slog.Logger, al *audit.Log) *Server {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Server{s: s, log: log}
+	return &Server{s: s, log: log, audit: al}
 }
 
 // Register adds the Execution and Operations services to g.
@@ -51,6 +55,7 @@ func (e *Server) Execute(req *repb.ExecuteRequest, stream repb.Execution_Execute
 		return err
 	}
 	w, err := e.s.Submit(ctx, Request{Instance: req.GetInstanceName(), ActionDigest: d, SkipCacheLookup: req.GetSkipCacheLookup(), Owner: owner(ctx)})
+	e.record(ctx, d, w, err)
 	if err != nil {
 		if status.Code(err) == codes.FailedPrecondition || status.Code(err) == codes.InvalidArgument {
 			// REAPI: errors about the action itself travel in the ExecuteResponse, so
@@ -59,8 +64,26 @@ func (e *Server) Execute(req *repb.ExecuteRequest, stream repb.Execution_Execute
 		}
 		return err
 	}
-	e.log.Info("execute", "action", d.String(), "operation", w.Name(), "client", reapi.Client(ctx))
+	e.log.Info("execute", "action", d.String(), "operation", w.Name(), "client", reapi.Client(ctx), "identity", callerOf(ctx).String())
 	return e.follow(ctx, w, stream)
+}
+
+// record appends the audit line of one Execute call: who, from where, which action,
+// which operation (or why none). A failing audit log is logged, not fatal to the call.
+func (e *Server) record(ctx context.Context, d cache.Digest, w Watch, err error) {
+	if e.audit == nil {
+		return
+	}
+	c := callerOf(ctx)
+	r := audit.Record{Event: audit.EventExecute, Identity: c.String(), Peer: c.Peer, Action: d.String(), By: "kiln serve"}
+	if err != nil {
+		r.Reason = status.Convert(err).Message()
+	} else {
+		r.Operation = w.Name()
+	}
+	if aerr := e.audit.Append(r); aerr != nil {
+		e.log.Error("audit log", "err", aerr, "action", d.String())
+	}
 }
 
 // WaitExecution implements repb.ExecutionServer.
@@ -128,12 +151,18 @@ func (e *Server) DeleteOperation(ctx context.Context, req *longrunningpb.DeleteO
 	return &emptypb.Empty{}, nil
 }
 
-// owner names the caller for the operations it owns: its verified client
-// certificate's common name, or "" when the server does not require certificates.
+// owner names the caller for the operations it owns: its identity (package
+// engine/auth), or "" for an anonymous caller.
 func owner(ctx context.Context) string {
-	c, ok := reapi.ClientCert(ctx)
-	if !ok {
+	c := callerOf(ctx)
+	if c.Primary().IsAnonymous() {
 		return ""
 	}
-	return c.Subject.CommonName
+	return c.String()
+}
+
+// callerOf is the caller the server's Authenticator established.
+func callerOf(ctx context.Context) auth.Caller {
+	c, _ := auth.CallerFrom(ctx)
+	return c
 }

@@ -97,7 +97,7 @@ func (f *fakeScheduler) Delete(_ context.Context, name, owner string) error {
 
 func serve(t *testing.T, s execution.Scheduler) *grpc.ClientConn {
 	t.Helper()
-	return grpctest.Serve(t, func(g *grpc.Server) { execution.NewServer(s, nil).Register(g) })
+	return grpctest.Serve(t, func(g *grpc.Server) { execution.NewServer(s, nil, nil).Register(g) })
 }
 
 func collect(t *testing.T, stream interface {

@@ -14,16 +14,28 @@ import (
 type LinkAttester struct {
 	Signer  *attest.Signer
 	Version string // kiln's version, recorded in every link
+	// CheckKey refuses a revoked executor key (package engine/revoke); nil: none is.
+	CheckKey func(keyID string) error
 }
 
 // Attest implements Attester.
 func (l LinkAttester) Attest(ctx context.Context, rec *Record) error {
+	if l.CheckKey != nil {
+		k, err := l.Signer.Keyring().Active()
+		if err != nil {
+			return err
+		}
+		if err := l.CheckKey(k.ID()); err != nil {
+			return err
+		}
+	}
 	r := rec.Result
 	a := attest.Action{
 		ActionDigest: rec.ActionDigest, CommandDigest: rec.CommandDigest, Toolchain: rec.Toolchain,
 		Argv: rec.Argv, ExitCode: int(r.GetExitCode()), PolicyDigest: rec.PolicyDigest,
 		KilnVersion: l.Version, Reproducibility: strings.Join(rec.Notes, "; "),
 		Stdout: digestOr(r.GetStdoutDigest()), Stderr: digestOr(r.GetStderrDigest()),
+		RequestedBy: rec.RequestedBy,
 	}
 	for _, f := range rec.Inputs {
 		a.Inputs = append(a.Inputs, attest.File{Path: f.Path, Digest: f.Digest, SymlinkTarget: f.SymlinkTarget})

@@ -99,6 +99,7 @@ type Record struct {
 	Result        *repb.ActionResult
 	PolicyDigest  cache.Digest // the sandbox policy document, stored in the CAS
 	Notes         []string     // e.g. the outcome of a determinism check
+	RequestedBy   string       // the identity that asked for the run (Request.RequestedBy)
 }
 
 // ExecutorConfig configures an Executor.
@@ -174,6 +175,10 @@ type Request struct {
 	Variation *Variation
 	// Queued is when the request entered the queue, for the result's metadata.
 	Queued time.Time
+	// RequestedBy is the identity of the client whose Execute caused the run
+	// (package engine/auth's string form; "" when unknown): the result's metadata
+	// and the link record it.
+	RequestedBy string
 	// Notes are recorded in the action's link (e.g. a determinism check's outcome).
 	Notes []string
 	// CompareOnly marks a run made to compare its products, never to serve them (kiln

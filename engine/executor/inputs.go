@@ -308,6 +308,13 @@ func (m *materializer) materialize(ctx context.Context, root string, t *inputTre
 		if m.local != nil && !f.executable {
 			// BlobFile verifies the file: a hardlink is never read through the store.
 			src, err := m.local.BlobFile(ctx, f.digest)
+			if status.Code(err) == codes.ResourceExhausted {
+				// Too large for the local tier of shared storage: copied through the store.
+				if err := m.copyBlob(ctx, f, dst); err != nil {
+					return err
+				}
+				continue
+			}
 			if err != nil {
 				if status.Code(err) == codes.NotFound {
 					return cache.MissingBlobsError("an input blob was missing or damaged", []cache.Digest{f.digest})

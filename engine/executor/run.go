@@ -12,6 +12,7 @@ import (
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"github.com/kilnbuild/kiln/cache"
+	"github.com/kilnbuild/kiln/engine/auth"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/durationpb"
@@ -109,6 +110,9 @@ func (r sandboxRun) Execute(ctx context.Context, req Request, a *Action) (*Execu
 	}
 	md.OutputUploadCompletedTimestamp = timestamppb.Now()
 	md.VirtualExecutionDuration = durationpb.New(jr.Wall)
+	if req.RequestedBy != "" {
+		auth.RecordRequester(md, req.RequestedBy)
+	}
 	res.ExecutionMetadata = md
 	ex.Result = res
 	ex.Produced = col.produced

@@ -75,7 +75,7 @@ func (s attesting) Execute(ctx context.Context, req Request, a *Action) (*Execut
 	rec := &Record{
 		Instance: req.Instance, ActionDigest: a.Digest, CommandDigest: a.CmdDigest, InputRoot: inputRoot,
 		Toolchain: ex.Toolchain, Inputs: ex.Inputs, Argv: a.Command.GetArguments(), Env: envList(a.Command),
-		Outputs: ex.Produced, Result: ex.Result, Notes: append(ex.Notes, req.Notes...),
+		Outputs: ex.Produced, Result: ex.Result, Notes: append(ex.Notes, req.Notes...), RequestedBy: req.RequestedBy,
 	}
 	if len(ex.Job.Policy) > 0 {
 		if rec.PolicyDigest, err = cache.PutBytes(ctx, s.cas, ex.Job.Policy); err != nil {

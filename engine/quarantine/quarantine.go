@@ -22,6 +22,7 @@ import (
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"github.com/kilnbuild/kiln/cache"
+	"github.com/kilnbuild/kiln/engine/audit"
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -36,22 +37,13 @@ type Entry struct {
 	By      string    `json:"by"` // who: "kiln rebuild", "kiln quarantine add", ...
 }
 
-// AuditRecord is one line of the audit log.
-type AuditRecord struct {
-	Time    time.Time `json:"time"`
-	Event   string    `json:"event"` // "quarantine" or "release"
-	Digest  string    `json:"digest"`
-	Subject string    `json:"subject,omitempty"`
-	Reason  string    `json:"reason"`
-	By      string    `json:"by"`
-	Host    string    `json:"host,omitempty"`
-	User    int       `json:"uid"`
-}
+// AuditRecord is one line of the audit log (package engine/audit).
+type AuditRecord = audit.Record
 
 // List is the quarantine list of one data dir.
 type List struct {
 	dir   string // DATA/quarantine
-	audit string // DATA/audit.log
+	audit *audit.Log
 	now   func() time.Time
 
 	mu      sync.Mutex
@@ -67,7 +59,7 @@ const racyWindow = time.Second
 
 // Open opens (creating) the quarantine list under dataDir.
 func Open(dataDir string) (*List, error) {
-	l := &List{dir: filepath.Join(dataDir, "quarantine"), audit: filepath.Join(dataDir, "audit.log"), now: time.Now}
+	l := &List{dir: filepath.Join(dataDir, "quarantine"), audit: audit.Open(dataDir), now: time.Now}
 	if err := os.MkdirAll(l.dir, 0o755); err != nil {
 		return nil, status.Errorf(codes.Internal, "quarantine: %v", err)
 	}
@@ -100,7 +92,7 @@ func (l *List) Add(digest, subject, reason, by string) (Entry, error) {
 	if err := writeAtomic(filepath.Join(l.dir, h+".json"), append(b, '\n')); err != nil {
 		return Entry{}, err
 	}
-	return e, l.record("quarantine", e.Digest, subject, reason, by)
+	return e, l.record(audit.EventQuarantine, e.Digest, subject, reason, by)
 }
 
 // Release lifts the quarantine of digest; the reason goes to the audit log.
@@ -120,7 +112,7 @@ func (l *List) Release(digest, reason, by string) (Entry, error) {
 	if err := os.Remove(p); err != nil {
 		return Entry{}, status.Errorf(codes.Internal, "release: %v", err)
 	}
-	return e, l.record("release", e.Digest, e.Subject, reason, by)
+	return e, l.record(audit.EventRelease, e.Digest, e.Subject, reason, by)
 }
 
 func readEntry(p string) (Entry, error) {
@@ -188,43 +180,14 @@ func (l *List) snapshot() map[string]bool {
 	return l.set
 }
 
-// record appends one line to the audit log (O_APPEND: concurrent writers interleave
-// whole lines) and syncs it: the audit trail must survive a crash.
+// record appends one line to the audit log.
 func (l *List) record(event, digest, subject, reason, by string) error {
-	host, _ := os.Hostname()
-	b, _ := json.Marshal(AuditRecord{Time: l.now().UTC(), Event: event, Digest: digest, Subject: subject, Reason: reason, By: by, Host: host, User: os.Getuid()})
-	f, err := os.OpenFile(l.audit, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
-	if err != nil {
-		return status.Errorf(codes.Internal, "audit log: %v", err)
-	}
-	defer f.Close()
-	if _, err := f.Write(append(b, '\n')); err != nil {
-		return status.Errorf(codes.Internal, "audit log: %v", err)
-	}
-	return f.Sync()
+	return l.audit.WithClock(l.now).Append(audit.Record{Event: event, Digest: digest, Subject: subject, Reason: reason, By: by})
 }
 
-// Audit returns the audit log's records.
+// Audit returns the audit log's quarantines and releases.
 func (l *List) Audit() ([]AuditRecord, error) {
-	b, err := os.ReadFile(l.audit)
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil, nil
-	}
-	if err != nil {
-		return nil, status.Errorf(codes.Internal, "audit log: %v", err)
-	}
-	var out []AuditRecord
-	for i, line := range strings.Split(strings.TrimSpace(string(b)), "\n") {
-		if line == "" {
-			continue
-		}
-		var r AuditRecord
-		if err := json.Unmarshal([]byte(line), &r); err != nil {
-			return nil, status.Errorf(codes.DataLoss, "audit log line %d: %v", i+1, err)
-		}
-		out = append(out, r)
-	}
-	return out, nil
+	return l.audit.Records(audit.EventQuarantine, audit.EventRelease)
 }
 
 func writeAtomic(p string, b []byte) error {

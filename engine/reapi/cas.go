@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"io"
+	"sync"
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"github.com/kilnbuild/kiln/cache"
@@ -85,6 +86,9 @@ func checkBatch(ps []*repb.Digest) error {
 	return nil
 }
 
+// batchParallel bounds the blobs of one BatchUpdateBlobs stored at once.
+const batchParallel = 16
+
 func (c casServer) BatchUpdateBlobs(ctx context.Context, req *repb.BatchUpdateBlobsRequest) (*repb.BatchUpdateBlobsResponse, error) {
 	if err := CheckInstance(req.GetInstanceName()); err != nil {
 		return nil, err
@@ -100,9 +104,19 @@ func (c casServer) BatchUpdateBlobs(ctx context.Context, req *repb.BatchUpdateBl
 		return nil, err
 	}
 	resp := &repb.BatchUpdateBlobsResponse{Responses: make([]*repb.BatchUpdateBlobsResponse_Response, len(req.GetRequests()))}
+	// A few blobs at once: a store whose writes wait on the network (shared storage)
+	// would otherwise take one round trip per blob in turn.
+	var wg sync.WaitGroup
+	sem := make(chan struct{}, batchParallel)
 	for i, r := range req.GetRequests() {
-		resp.Responses[i] = &repb.BatchUpdateBlobsResponse_Response{Digest: r.GetDigest(), Status: statusProto(c.updateOne(ctx, r))}
+		sem <- struct{}{}
+		wg.Add(1)
+		go func() {
+			defer func() { <-sem; wg.Done() }()
+			resp.Responses[i] = &repb.BatchUpdateBlobsResponse_Response{Digest: r.GetDigest(), Status: statusProto(c.updateOne(ctx, r))}
+		}()
 	}
+	wg.Wait()
 	return resp, nil
 }
 

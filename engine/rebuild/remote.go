@@ -10,7 +10,9 @@ import (
 	"github.com/kilnbuild/kiln/cache"
 	"github.com/kilnbuild/kiln/engine/attest"
 	"github.com/kilnbuild/kiln/engine/attest/keys"
+	"github.com/kilnbuild/kiln/engine/auth"
 	"github.com/kilnbuild/kiln/internal/grpcerr"
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 )
@@ -24,10 +26,13 @@ type RemoteExecutor struct {
 	trust keys.Trust
 }
 
-// RemoteTLS names the PEM files for talking to a remote server over TLS: the CAs that
-// sign its certificate, and a client certificate and key when it requires one (mTLS).
+// RemoteTLS names the files for talking to a remote server: the PEM CAs that sign its
+// certificate, a client certificate and key when it requires one (mTLS), and a bearer
+// token file when it requires a token (kiln serve --oidc-issuer; re-read when it
+// changes, see auth.TokenFile).
 type RemoteTLS struct {
 	CA, Cert, Key string
+	TokenFile     string
 }
 
 // DialRemote connects to the kiln server at addr whose executor keys are trust;
@@ -41,6 +46,16 @@ func DialRemote(ctx context.Context, addr, instance string, t RemoteTLS, trust k
 	}
 	p := client.DialParams{Service: addr, NoSecurity: t.CA == "", TLSCACertFile: t.CA,
 		TLSClientAuthCert: t.Cert, TLSClientAuthKey: t.Key, NoAuth: true}
+	if t.TokenFile != "" {
+		if t.CA == "" && !auth.IsLoopback(addr) {
+			return nil, status.Errorf(codes.InvalidArgument, "--remote-token-file over plaintext to %s could be read on the way: add --remote-ca (plaintext is accepted on loopback only)", addr)
+		}
+		tf, err := auth.NewTokenFile(t.TokenFile, t.CA == "")
+		if err != nil {
+			return nil, status.Errorf(codes.InvalidArgument, "--remote-token-file: %v", status.Convert(err).Message())
+		}
+		p.DialOpts = append(p.DialOpts, grpc.WithPerRPCCredentials(tf))
+	}
 	c, err := client.NewClient(ctx, instance, p, client.RetryTransient())
 	if err != nil {
 		return nil, status.Errorf(codes.Unavailable, "connect to %s: %v", addr, err)

@@ -217,7 +217,7 @@ func (s *Scheduler) Submit(ctx context.Context, req execution.Request) (executio
 	s.mu.Unlock()
 
 	// Queued is wall-clock time, as the executor's own timestamps in the result are.
-	go s.run(opCtx, ex, executor.Request{Instance: req.Instance, ActionDigest: req.ActionDigest, Queued: submitted}, a)
+	go s.run(opCtx, ex, executor.Request{Instance: req.Instance, ActionDigest: req.ActionDigest, Queued: submitted, RequestedBy: req.Owner}, a)
 	return w, nil
 }
 

@@ -202,7 +202,7 @@ func TestCancelOperationMerged(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer b2.Close()
-	srv := execution.NewServer(e.sched, nil)
+	srv := execution.NewServer(e.sched, nil, nil)
 	if _, err := srv.CancelOperation(context.Background(), &longrunningpb.CancelOperationRequest{Name: b.Name()}); err != nil {
 		t.Fatal(err)
 	}

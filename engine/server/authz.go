@@ -1,158 +1,111 @@
 package server
 
 import (
-	"bytes"
 	"context"
-	"encoding/json"
-	"fmt"
-	"os"
-	"path"
-	"slices"
-	"strings"
+	"log/slog"
+	"time"
 
-	"github.com/kilnbuild/kiln/engine/reapi"
-	"google.golang.org/grpc"
+	"github.com/kilnbuild/kiln/engine/auth"
+	"github.com/kilnbuild/kiln/engine/revoke"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 )
 
-// Permissions a policy grants, each a group of gRPC methods (see methodPermission).
-const (
-	PermRead    = "read"    // CAS reads, ByteStream.Read, GetActionResult, GetTree
-	PermWrite   = "write"   // CAS uploads, ByteStream.Write, UpdateActionResult (still under --allow-client-ac-writes)
-	PermExecute = "execute" // Execute, WaitExecution, Operations
-	PermFetch   = "fetch"   // Remote Asset API (downloads into the CAS)
-)
-
-var allPerms = []string{PermRead, PermWrite, PermExecute, PermFetch}
-
-// AuthzPolicy says what each client, named by its verified certificate, may do: the
-// first rule whose pattern matches the certificate's common name applies; a client no
-// rule matches may do nothing but negotiate (Capabilities, health).
-type AuthzPolicy struct {
-	Rules []AuthzRule `json:"rules"`
-	file  string
+// OIDCConfig configures bearer tokens on `kiln serve` (package engine/auth). Its keys
+// are the flags' names: issuers and audiences are two lists, paired by position.
+type OIDCConfig struct {
+	// Issuers are the trusted issuers; Audiences[i] is the one audience the tokens of
+	// Issuers[i] must name.
+	Issuers   []string `yaml:"oidc-issuer,omitempty"`
+	Audiences []string `yaml:"oidc-audience,omitempty"`
+	// MaxTTL refuses tokens that live longer; 0 accepts any lifetime.
+	MaxTTL time.Duration `yaml:"oidc-max-ttl"`
+	// AllowPlaintext accepts bearer tokens over plaintext gRPC beyond loopback, where
+	// anyone on the path can read and replay them.
+	AllowPlaintext bool `yaml:"oidc-allow-plaintext"`
 }
 
-// AuthzRule grants Allow to the clients whose certificate common name matches
-// Subject (a path.Match pattern: "ci-*", "*").
-type AuthzRule struct {
-	Subject string   `json:"subject"`
-	Allow   []string `json:"allow"`
+// pairs returns the issuers with their audiences.
+func (o OIDCConfig) pairs() []auth.Issuer {
+	out := make([]auth.Issuer, 0, len(o.Issuers))
+	for i, u := range o.Issuers {
+		out = append(out, auth.Issuer{URL: u, Audience: o.Audiences[i]})
+	}
+	return out
 }
 
-// LoadAuthzPolicy reads and checks a policy file (JSON).
-func LoadAuthzPolicy(file string) (*AuthzPolicy, error) {
-	b, err := os.ReadFile(file)
-	if err != nil {
-		return nil, status.Errorf(codes.InvalidArgument, "authz policy: %v", err)
+// check refuses OIDC settings that cannot work, or not with the rest of cfg.
+func (o OIDCConfig) check(c Config) error {
+	if len(o.Issuers) != len(o.Audiences) {
+		return status.Errorf(codes.InvalidArgument, "%d --oidc-issuer but %d --oidc-audience: give them in pairs, one audience per issuer", len(o.Issuers), len(o.Audiences))
 	}
-	dec := json.NewDecoder(bytes.NewReader(b))
-	dec.DisallowUnknownFields()
-	p := &AuthzPolicy{file: file}
-	if err := dec.Decode(p); err != nil {
-		return nil, status.Errorf(codes.InvalidArgument, "authz policy %s: %v", file, err)
-	}
-	if len(p.Rules) == 0 {
-		return nil, status.Errorf(codes.InvalidArgument, "authz policy %s: no rules (every client would be refused)", file)
-	}
-	for i, r := range p.Rules {
-		if _, err := path.Match(r.Subject, ""); err != nil || r.Subject == "" {
-			return nil, status.Errorf(codes.InvalidArgument, "authz policy %s: rule %d: bad subject pattern %q", file, i+1, r.Subject)
+	if len(o.Issuers) == 0 {
+		if o.MaxTTL != 0 || o.AllowPlaintext {
+			return status.Error(codes.InvalidArgument, "--oidc-max-ttl and --oidc-allow-plaintext need --oidc-issuer")
 		}
-		for _, a := range r.Allow {
-			if !slices.Contains(allPerms, a) {
-				return nil, status.Errorf(codes.InvalidArgument, "authz policy %s: rule %d: unknown permission %q (known: %s)", file, i+1, a, strings.Join(allPerms, ", "))
-			}
-		}
+		return nil
 	}
-	return p, nil
-}
-
-// methodPermission maps a full gRPC method name to the permission it needs; "" is
-// allowed to every connected client; an unknown method needs a permission no rule
-// grants, so it is refused.
-func methodPermission(method string) string {
-	svc, _, _ := strings.Cut(strings.TrimPrefix(method, "/"), "/")
-	switch method {
-	case "/build.bazel.remote.execution.v2.ContentAddressableStorage/FindMissingBlobs",
-		"/build.bazel.remote.execution.v2.ContentAddressableStorage/BatchReadBlobs",
-		"/build.bazel.remote.execution.v2.ContentAddressableStorage/GetTree",
-		"/google.bytestream.ByteStream/Read",
-		"/build.bazel.remote.execution.v2.ActionCache/GetActionResult":
-		return PermRead
-	case "/build.bazel.remote.execution.v2.ContentAddressableStorage/BatchUpdateBlobs",
-		"/google.bytestream.ByteStream/Write",
-		"/google.bytestream.ByteStream/QueryWriteStatus",
-		"/build.bazel.remote.execution.v2.ActionCache/UpdateActionResult":
-		return PermWrite
+	if o.MaxTTL < 0 {
+		return status.Errorf(codes.InvalidArgument, "--oidc-max-ttl %v: want a positive duration (0: any lifetime)", o.MaxTTL)
 	}
-	switch svc {
-	case "build.bazel.remote.execution.v2.Capabilities", "grpc.health.v1.Health":
-		return ""
-	case "build.bazel.remote.execution.v2.Execution", "google.longrunning.Operations":
-		return PermExecute
-	case "build.bazel.remote.asset.v1.Fetch":
-		return PermFetch
-	case "build.bazel.remote.asset.v1.Push":
-		return PermWrite
-	}
-	return "unknown method"
-}
-
-// allowed reports whether a client with certificate common name cn may call method.
-func (p *AuthzPolicy) allowed(cn, method string) (bool, string) {
-	need := methodPermission(method)
-	if need == "" {
-		return true, need
-	}
-	return p.allows(cn, need), need
-}
-
-// check refuses ctx's call to method unless the policy allows it.
-func (p *AuthzPolicy) check(ctx context.Context, method string) error {
-	cn, ok := clientCN(ctx)
-	if !ok {
-		return status.Errorf(codes.Unauthenticated, "%s: no verified client certificate (the server's authorization policy needs one)", method)
-	}
-	if ok, need := p.allowed(cn, method); !ok {
-		return status.Errorf(codes.PermissionDenied, "client %q may not %s (%s; policy %s)", cn, need, method, p.file)
+	if !c.TLS.Enabled() && !o.AllowPlaintext && !auth.IsLoopback(c.Listen) {
+		return status.Errorf(codes.InvalidArgument, "bearer tokens over plaintext gRPC on %s (beyond loopback) could be read and replayed on the way: add --tls-cert/--tls-key, or accept the risk with --oidc-allow-plaintext", c.Listen)
 	}
 	return nil
 }
 
-// clientCN is the common name of ctx's verified client certificate.
-func clientCN(ctx context.Context) (string, bool) {
-	c, ok := reapi.ClientCert(ctx)
-	if !ok {
-		return "", false
+// authConfig checks the server's authentication and authorization settings and loads
+// them: the OIDC verifier (its issuers' keys fetched once, a failure only warned
+// about) and the policy.
+func authConfig(ctx context.Context, cfg Config, log *slog.Logger) (*auth.Verifier, *auth.Policy, error) {
+	o := cfg.OIDC
+	var v *auth.Verifier
+	if len(o.Issuers) > 0 {
+		var err error
+		if v, err = auth.NewVerifier(auth.VerifierConfig{Issuers: o.pairs(), MaxTTL: o.MaxTTL, Logger: log}); err != nil {
+			return nil, nil, err
+		}
 	}
-	return c.Subject.CommonName, true
+	p, err := loadPolicy(cfg, v)
+	if err != nil {
+		return nil, nil, err
+	}
+	if v != nil {
+		if err := v.Warm(ctx); err != nil {
+			log.Warn("oidc: an issuer's keys could not be fetched; its tokens are refused until they can be", "err", err)
+		}
+	}
+	return v, p, nil
 }
 
-// ServerOptions returns interceptors that enforce the policy on every call.
-func (p *AuthzPolicy) ServerOptions() []grpc.ServerOption {
-	return []grpc.ServerOption{
-		grpc.ChainUnaryInterceptor(func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
-			if err := p.check(ctx, info.FullMethod); err != nil {
-				return nil, err
-			}
-			return h(ctx, req)
-		}),
-		grpc.ChainStreamInterceptor(func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) error {
-			if err := p.check(ss.Context(), info.FullMethod); err != nil {
-				return err
-			}
-			return h(srv, ss)
-		}),
+// loadPolicy loads --authz, if given, and checks it against the identities the server
+// can verify.
+func loadPolicy(cfg Config, v *auth.Verifier) (*auth.Policy, error) {
+	if cfg.AuthzFile == "" {
+		return nil, nil
 	}
+	p, err := auth.LoadPolicy(cfg.AuthzFile)
+	if err != nil {
+		return nil, err
+	}
+	if p.UsesCertificates() && cfg.TLS.ClientCA == "" {
+		return nil, status.Errorf(codes.InvalidArgument, "--authz %s has rules on client certificates (subject, spiffe) but there is no --tls-client-ca", cfg.AuthzFile)
+	}
+	var trusted func(string) bool
+	if v != nil {
+		trusted = v.Trusts
+	}
+	if err := p.CheckIssuers(trusted); err != nil {
+		return nil, err
+	}
+	return p, nil
 }
 
-// String summarises the policy for the start-up log.
-func (p *AuthzPolicy) String() string {
-	var parts []string
-	for _, r := range p.Rules {
-		parts = append(parts, fmt.Sprintf("%s:%s", r.Subject, strings.Join(r.Allow, "+")))
-	}
-	return strings.Join(parts, " ")
+// newAuthenticator enforces v and p and refuses the identities revoked in rl on every
+// call. With an issuer configured, calls that need a permission need an identity.
+func newAuthenticator(v *auth.Verifier, p *auth.Policy, o OIDCConfig, rl *revoke.List, log *slog.Logger) *auth.Authenticator {
+	return auth.New(auth.Config{
+		Verifier: v, Policy: p, RequireIdentity: v != nil, PlaintextTokens: o.AllowPlaintext, Logger: log,
+		Revoked: func(id auth.Identity) error { return rl.CheckIdentity(id.String()) },
+	})
 }

@@ -43,9 +43,12 @@ type Config struct {
 	// HTTPTLS serves /metrics and /healthz over TLS too, with TLS's certificate (and
 	// client certificates when TLS.ClientCA is set).
 	HTTPTLS bool `yaml:"http-tls"`
-	// AuthzFile, if set, is the authorization policy (AuthzPolicy, JSON): what each
-	// client certificate may do. It needs TLS.ClientCA.
+	// AuthzFile, if set, is the authorization policy (package engine/auth, JSON): what
+	// each client certificate, SPIFFE ID or token may do. Rules on certificates need
+	// TLS.ClientCA, rules on tokens an OIDC issuer.
 	AuthzFile string `yaml:"authz"`
+	// OIDC configures bearer tokens.
+	OIDC OIDCConfig `yaml:",inline"`
 	// LogLevel and LogFormat are how kiln serve builds Options.Logger.
 	LogLevel  string `yaml:"log-level"`
 	LogFormat string `yaml:"log-format"`
@@ -68,8 +71,16 @@ func (c Config) Check() error {
 	if err := c.TLS.Check(); err != nil {
 		return err
 	}
-	if c.AuthzFile != "" && c.TLS.ClientCA == "" {
-		return status.Error(codes.InvalidArgument, "--authz needs --tls-client-ca: the policy names clients by their verified certificates")
+	if s := c.Storage.S3; s != nil {
+		if err := s.Check(); err != nil {
+			return err
+		}
+	}
+	if err := c.OIDC.check(c); err != nil {
+		return err
+	}
+	if c.AuthzFile != "" && c.TLS.ClientCA == "" && len(c.OIDC.Issuers) == 0 {
+		return status.Error(codes.InvalidArgument, "--authz needs --tls-client-ca or --oidc-issuer: the policy names clients by their verified certificates or tokens")
 	}
 	if c.PublicURL != "" {
 		u, err := url.Parse(c.PublicURL)

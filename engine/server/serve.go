@@ -17,6 +17,8 @@ import (
 	"github.com/kilnbuild/kiln/cache"
 	"github.com/kilnbuild/kiln/engine"
 	"github.com/kilnbuild/kiln/engine/asset"
+	"github.com/kilnbuild/kiln/engine/audit"
+	"github.com/kilnbuild/kiln/engine/auth"
 	"github.com/kilnbuild/kiln/engine/execution"
 	"github.com/kilnbuild/kiln/engine/history"
 	"github.com/kilnbuild/kiln/engine/reapi"
@@ -52,13 +54,9 @@ func Serve(ctx context.Context, cfg Config) error {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 
-	var authz *AuthzPolicy
-	if cfg.AuthzFile != "" {
-		p, err := LoadAuthzPolicy(cfg.AuthzFile)
-		if err != nil {
-			return err
-		}
-		authz = p
+	verifier, policy, err := authConfig(ctx, cfg, log)
+	if err != nil {
+		return err
 	}
 	var creds grpc.ServerOption
 	var httpTLS *tls.Config
@@ -91,7 +89,6 @@ func Serve(ctx context.Context, cfg Config) error {
 	// The HTTP listener comes first: its address is the web UI's, which failed
 	// actions' reports name.
 	var hl net.Listener
-	var err error
 	httpAddr := ""
 	if cfg.HTTPListen != "" {
 		if hl, err = net.Listen("tcp", cfg.HTTPListen); err != nil {
@@ -144,21 +141,28 @@ func Serve(ctx context.Context, cfg Config) error {
 		// cache-only today and with execution tomorrow never executes from them.
 		ac = cache.WithNamespace(ac, ClientACNamespace)
 	}
-	srv := reapi.New(eng.CAS, ac, ropts)
+	// Results clients write record who wrote them (the executor's, who asked: Request.Owner).
+	srv := reapi.New(eng.CAS, auth.RecordWrites(ac), ropts)
 	defer srv.Close()
 	obs := reapi.NewObserver(reg, log)
 	gopts := append(obs.ServerOptions(), grpc.MaxRecvMsgSize(reapi.MaxMessageSize))
 	if creds != nil {
 		gopts = append(gopts, creds)
 	}
-	if authz != nil {
-		gopts = append(gopts, authz.ServerOptions()...)
-		log.Info("authorization policy", "file", cfg.AuthzFile, "rules", authz.String())
+	// After the observer (refused calls are counted), before everything else (which
+	// then sees the caller: auth.CallerFrom).
+	authn := newAuthenticator(verifier, policy, cfg.OIDC, eng.Revocations, log)
+	gopts = append(gopts, authn.ServerOptions()...)
+	if policy != nil {
+		log.Info("authorization policy", "file", cfg.AuthzFile, "rules", policy.String())
+	}
+	for _, is := range cfg.OIDC.pairs() {
+		log.Info("oidc issuer trusted", "issuer", is.URL, "audience", is.Audience, "max_ttl", cfg.OIDC.MaxTTL)
 	}
 	g := grpc.NewServer(gopts...)
 	srv.Register(g)
 	if eng.Scheduler != nil {
-		execution.NewServer(eng.Scheduler, log).Register(g)
+		execution.NewServer(eng.Scheduler, log, audit.Open(string(cfg.Data))).Register(g)
 	}
 	assets, err := asset.New(eng.CAS, asset.Config{Lockfile: lock, Allow: cfg.FetchAllow, SizeOf: eng.SizeOf, Logger: log})
 	if err != nil {
@@ -173,7 +177,7 @@ func Serve(ctx context.Context, cfg Config) error {
 	if err != nil {
 		return fmt.Errorf("listen on %s: %w", cfg.Listen, err)
 	}
-	if tcp, ok := lis.Addr().(*net.TCPAddr); ok && !tcp.IP.IsLoopback() && cfg.TLS.ClientCA == "" {
+	if tcp, ok := lis.Addr().(*net.TCPAddr); ok && !tcp.IP.IsLoopback() && cfg.TLS.ClientCA == "" && verifier == nil {
 		log.Warn("listening beyond loopback without client certificates: anyone who reaches the port can use this server (see --tls-client-ca)", "grpc", lis.Addr().String())
 	}
 	var httpSrv *http.Server
@@ -185,11 +189,11 @@ func Serve(ctx context.Context, cfg Config) error {
 			lis.Close()
 			return err
 		}
-		if authz != nil && httpTLS == nil {
-			log.Warn("web UI: --authz is set but --http-tls is not, so no HTTP client has a certificate to be named by: every page answers 403")
+		if policy != nil && policy.UsesCertificates() && httpTLS == nil {
+			log.Warn("web UI: --authz names clients by certificates but --http-tls is not set, so no HTTP client has one to be named by")
 		}
 		mux := http.NewServeMux()
-		mux.Handle("/", requirePermission(authz, PermRead, web))
+		mux.Handle("/", requirePermission(authn, auth.PermRead, web))
 		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 		mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) {
 			resp, err := hs.Check(r.Context(), &healthpb.HealthCheckRequest{})

@@ -6,7 +6,6 @@ import (
 	"log/slog"
 	"net/http"
 	"path"
-	"slices"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -15,10 +14,12 @@ import (
 	"github.com/kilnbuild/kiln/engine"
 	"github.com/kilnbuild/kiln/engine/attest"
 	"github.com/kilnbuild/kiln/engine/attest/tlog"
+	"github.com/kilnbuild/kiln/engine/auth"
 	"github.com/kilnbuild/kiln/engine/history"
 	"github.com/kilnbuild/kiln/engine/scheduler"
 	"github.com/kilnbuild/kiln/engine/ui"
 	"github.com/prometheus/client_golang/prometheus"
+	"google.golang.org/grpc/status"
 )
 
 // Web UI timings: how often the history follows the log, and the overview samples
@@ -68,49 +69,19 @@ func startWeb(ctx context.Context, eng *engine.Engine, h *history.Index, reg *pr
 		Toolchains: eng.Toolchains, History: h, Metrics: sampler, Version: version, Logger: log})
 }
 
-// httpCaller names the caller of an HTTP request as the gRPC side names the caller of
-// a call: today the common name of its verified client certificate. This is the one
-// seam between HTTP and the identities the policy knows (engine/auth's certificate,
-// SPIFFE and token identities take its place when they land).
-func httpCaller(r *http.Request) (string, bool) {
-	if r.TLS == nil || len(r.TLS.VerifiedChains) == 0 || len(r.TLS.VerifiedChains[0]) == 0 {
-		return "", false
-	}
-	return r.TLS.VerifiedChains[0][0].Subject.CommonName, true
-}
-
-// allows reports whether the policy grants perm to the client with this common name.
-func (p *AuthzPolicy) allows(cn, perm string) bool {
-	for _, r := range p.Rules {
-		if ok, _ := path.Match(r.Subject, cn); ok {
-			return slices.Contains(r.Allow, perm)
-		}
-	}
-	return false
-}
-
-// requirePermission lets through only the requests whose caller the policy grants
-// perm; without a policy every client that reached the listener may (as on gRPC). A
-// refusal is 403 with the reason and nothing else.
-func requirePermission(p *AuthzPolicy, perm string, next http.Handler) http.Handler {
-	if p == nil {
-		return next
-	}
+// requirePermission lets through only the requests whose caller may use perm, as
+// the gRPC side decides it (package engine/auth: the verified client certificate of
+// the TLS connection, a bearer token in the Authorization header, the revocation list,
+// the policy); without a policy or an issuer every client that reached the listener
+// may. A refusal is 403 with the reason and nothing else.
+func requirePermission(a *auth.Authenticator, perm string, next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		cn, ok := httpCaller(r)
-		msg := ""
-		switch {
-		case !ok:
-			msg = "no verified client certificate: the server's authorization policy names clients by theirs (serve the UI with --http-tls and --tls-client-ca)"
-		case !p.allows(cn, perm):
-			msg = fmt.Sprintf("client %q may not %s (policy %s)", cn, perm, p.file)
-		}
-		if msg != "" {
+		if _, err := a.AuthenticateHTTP(r, perm); err != nil {
 			w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 			w.Header().Set("X-Content-Type-Options", "nosniff")
 			w.Header().Set("Content-Security-Policy", ui.ContentSecurityPolicy)
 			w.WriteHeader(http.StatusForbidden)
-			fmt.Fprintln(w, "403 forbidden: "+msg)
+			fmt.Fprintln(w, "403 forbidden: "+status.Convert(err).Message())
 			return
 		}
 		next.ServeHTTP(w, r)

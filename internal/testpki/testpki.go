@@ -11,6 +11,7 @@ import (
 	"encoding/pem"
 	"math/big"
 	"net"
+	"net/url"
 	"os"
 	"path/filepath"
 	"testing"
@@ -58,13 +59,34 @@ func (ca *CA) Client(t testing.TB, name string) (cert, key string) {
 	return ca.issue(t, name, x509.ExtKeyUsageClientAuth)
 }
 
+// SVID issues an X.509-SVID-shaped client certificate: the URI SANs given (one
+// spiffe:// ID for a valid SVID) and common name name (may be empty). Its files are
+// named after file.
+func (ca *CA) SVID(t testing.TB, file, name string, uris ...string) (cert, key string) {
+	t.Helper()
+	var us []*url.URL
+	for _, u := range uris {
+		p, err := url.Parse(u)
+		if err != nil {
+			t.Fatal(err)
+		}
+		us = append(us, p)
+	}
+	return ca.issueAs(t, file, name, x509.ExtKeyUsageClientAuth, us)
+}
+
 func (ca *CA) issue(t testing.TB, name string, usage x509.ExtKeyUsage) (string, string) {
+	t.Helper()
+	return ca.issueAs(t, name, name, usage, nil)
+}
+
+func (ca *CA) issueAs(t testing.TB, file, name string, usage x509.ExtKeyUsage, uris []*url.URL) (string, string) {
 	t.Helper()
 	key := newKey(t)
 	tmpl := &x509.Certificate{
 		SerialNumber: serial(t), Subject: pkix.Name{CommonName: name},
 		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
-		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{usage},
+		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{usage}, URIs: uris,
 	}
 	if usage == x509.ExtKeyUsageServerAuth {
 		tmpl.DNSNames = []string{"localhost"}
@@ -78,7 +100,7 @@ func (ca *CA) issue(t testing.TB, name string, usage x509.ExtKeyUsage) (string, 
 	if err != nil {
 		t.Fatal(err)
 	}
-	return ca.write(t, name+".pem", "CERTIFICATE", der), ca.write(t, name+".key", "PRIVATE KEY", pk)
+	return ca.write(t, file+".pem", "CERTIFICATE", der), ca.write(t, file+".key", "PRIVATE KEY", pk)
 }
 
 func (ca *CA) write(t testing.TB, name, typ string, der []byte) string {

@@ -71,7 +71,18 @@ func main() {
 	smallCount := flag.Int("small", 64000, "number of 4 KiB blobs for BatchUpdateBlobs")
 	fmDigests := flag.Int("find", 2_000_000, "digests to send to FindMissingBlobs")
 	asJSON := flag.Bool("json", false, "print JSON (the medians of each server)")
+	save := flag.String("save", "", "also write the (first server's) result as JSON to this file")
+	vs := flag.String("vs", "", "print this run's (first server's) ratios to the result saved in this file (by --save)")
+	compare := flag.Bool("compare", false, "measure nothing: print the ratios of saved results A to saved results B (args: A1.json[,A2.json...] B1.json[,B2.json...]; several rounds are reduced to their medians)")
 	flag.Parse()
+	if *compare {
+		if flag.NArg() != 2 {
+			fail(fmt.Errorf("--compare wants two lists of saved results"))
+		}
+		a, b := medianOf(strings.Split(flag.Arg(0), ",")), medianOf(strings.Split(flag.Arg(1), ","))
+		printRatios(a, b)
+		return
+	}
 	if len(servers) == 0 {
 		servers = serverList{*name + "=" + *addr}
 	}
@@ -146,6 +157,15 @@ func main() {
 	meds := make([]result, len(ss))
 	for i := range ss {
 		meds[i] = median(res[i])
+	}
+	if *save != "" {
+		b, _ := json.Marshal(meds[0])
+		if err := os.WriteFile(*save, b, 0o644); err != nil {
+			fail(err)
+		}
+	}
+	if *vs != "" {
+		defer printRatios(meds[0], load(*vs))
 	}
 	if *asJSON {
 		json.NewEncoder(os.Stdout).Encode(meds)
@@ -352,4 +372,42 @@ func mbps(bytes int64, d time.Duration) float64 { return float64(bytes) / 1e6 / 
 func fail(err error) {
 	fmt.Fprintln(os.Stderr, "casbench:", err)
 	os.Exit(1)
+}
+
+// load reads a result saved with --save.
+func load(file string) result {
+	b, err := os.ReadFile(file)
+	if err != nil {
+		fail(err)
+	}
+	var r result
+	if err := json.Unmarshal(b, &r); err != nil {
+		fail(err)
+	}
+	return r
+}
+
+// medianOf reduces saved results to the median of each rate, and prints it.
+func medianOf(files []string) result {
+	var rs []result
+	for _, f := range files {
+		rs = append(rs, load(f))
+	}
+	m := median(rs)
+	m.Server = fmt.Sprintf("%s (median of %d)", rs[0].Server, len(rs))
+	fmt.Printf("%-28s upload %7.0f MB/s  download %7.0f MB/s  batch-4KiB %8.0f blobs/s  find-missing %9.0f digests/s\n",
+		m.Server, m.UploadMBps, m.DownloadMBps, m.BatchBlobsPerS, m.FindMissingPerS)
+	return m
+}
+
+// printRatios prints r's rates divided by o's.
+func printRatios(r, o result) {
+	ratio := func(a, b float64) float64 {
+		if b == 0 {
+			return 0
+		}
+		return a / b
+	}
+	fmt.Printf("%-14s vs %-14s upload %.2fx  download %.2fx  batch-4KiB %.2fx  find-missing %.2fx\n", r.Server, o.Server,
+		ratio(r.UploadMBps, o.UploadMBps), ratio(r.DownloadMBps, o.DownloadMBps), ratio(r.BatchBlobsPerS, o.BatchBlobsPerS), ratio(r.FindMissingPerS, o.FindMissingPerS))
 }
