@@ -38,53 +38,45 @@ func newCgroupParent(name string) (*cgroupParent, error) {
 		rules = append(rules, &d.Rule)
 	}
 	res := &cgroups.Resources{Devices: rules}
-	if p.v2 {
-		own, err := cgroups.ParseCgroupFile("/proc/self/cgroup")
-		if err != nil {
-			return nil, err
-		}
-		p.v2Dir = filepath.Join("/sys/fs/cgroup", own[""], name)
-		m, err := fs2.NewManager(&cgroups.Cgroup{Resources: res}, p.v2Dir)
-		if err != nil {
-			return nil, err
-		}
-		if err := m.Apply(-1); err != nil {
-			return nil, fmt.Errorf("cgroup %s: %w", p.v2Dir, err)
-		}
-		if err := m.Set(res); err != nil {
-			return nil, fmt.Errorf("cgroup %s: devices: %w", p.v2Dir, err)
-		}
-		return p, nil
-	}
 	own, err := cgroups.ParseCgroupFile("/proc/self/cgroup")
 	if err != nil {
 		return nil, err
 	}
-	mounts, err := cgroups.GetCgroupMounts(false)
-	if err != nil {
-		return nil, err
-	}
-	p.own, p.mounts = own, map[string]string{}
-	for _, m := range mounts {
-		for _, s := range m.Subsystems {
-			p.mounts[s] = m.Mountpoint
+	var m cgroups.Manager
+	var dir string
+	if p.v2 {
+		p.v2Dir = filepath.Join("/sys/fs/cgroup", own[""], name)
+		dir = p.v2Dir
+		if m, err = fs2.NewManager(&cgroups.Cgroup{Resources: res}, dir); err != nil {
+			return nil, err
 		}
-	}
-	for _, s := range []string{"memory", "pids", "devices"} {
-		if p.mounts[s] == "" {
-			return nil, fmt.Errorf("the %s cgroup hierarchy is not mounted", s)
+	} else {
+		mounts, err := cgroups.GetCgroupMounts(false)
+		if err != nil {
+			return nil, err
 		}
-	}
-	p.devices = p.dir("devices", "")
-	m, err := fs.NewManager(&cgroups.Cgroup{Resources: res}, map[string]string{"devices": p.devices})
-	if err != nil {
-		return nil, err
+		p.own, p.mounts = own, map[string]string{}
+		for _, m := range mounts {
+			for _, s := range m.Subsystems {
+				p.mounts[s] = m.Mountpoint
+			}
+		}
+		for _, s := range []string{"memory", "pids", "devices"} {
+			if p.mounts[s] == "" {
+				return nil, fmt.Errorf("the %s cgroup hierarchy is not mounted", s)
+			}
+		}
+		p.devices = p.dir("devices", "")
+		dir = p.devices
+		if m, err = fs.NewManager(&cgroups.Cgroup{Resources: res}, map[string]string{"devices": dir}); err != nil {
+			return nil, err
+		}
 	}
 	if err := m.Apply(-1); err != nil {
-		return nil, fmt.Errorf("cgroup %s: %w", p.devices, err)
+		return nil, fmt.Errorf("cgroup %s: %w", dir, err)
 	}
 	if err := m.Set(res); err != nil {
-		return nil, fmt.Errorf("cgroup %s: devices: %w", p.devices, err)
+		return nil, fmt.Errorf("cgroup %s: devices: %w", dir, err)
 	}
 	return p, nil
 }

@@ -480,14 +480,7 @@ func (s *Store) commit(tmp *os.File, key, final string, size int64) error {
 	if err != nil {
 		return status.Errorf(codes.Internal, "commit %s: %v", final, err)
 	}
-	if s.opts.Fsync {
-		syncDir(filepath.Dir(final))
-	}
-	s.touch(key, final, size)
-	s.stampForeign()
-	if key[0] == 'c' {
-		s.remember(key[1:], final)
-	}
+	s.committed(key, final, size)
 	return nil
 }
 
@@ -526,14 +519,7 @@ func (s *Store) commitUnnamed(tmp *os.File, key, final string, size int64) error
 	if err != nil {
 		return status.Errorf(codes.Internal, "commit %s: %v", final, err)
 	}
-	if s.opts.Fsync {
-		syncDir(filepath.Dir(final))
-	}
-	s.touch(key, final, size)
-	s.stampForeign()
-	if key[0] == 'c' {
-		s.remember(key[1:], final)
-	}
+	s.committed(key, final, size)
 	return nil
 }
 
@@ -549,6 +535,19 @@ func linkFile(f *os.File, path string) error {
 		return &os.LinkError{Op: "link", Old: f.Name(), New: path, Err: err}
 	}
 	return nil
+}
+
+// committed indexes an entry just moved or linked to its final path (and syncs its
+// directory with Fsync); a blob is remembered as verified.
+func (s *Store) committed(key, final string, size int64) {
+	if s.opts.Fsync {
+		syncDir(filepath.Dir(final))
+	}
+	s.touch(key, final, size)
+	s.stampForeign()
+	if key[0] == 'c' {
+		s.remember(key[1:], final)
+	}
 }
 
 // remember records that the file at path, just written from bytes that matched blob

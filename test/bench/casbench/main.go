@@ -65,7 +65,7 @@ func main() {
 	name := flag.String("name", "kiln", "label for the server (without --server)")
 	var servers serverList
 	flag.Var(&servers, "server", "NAME=ADDR of a server to measure; repeat it to compare servers in one run, each row measured server after server (the first is the one ratios are of)")
-	rounds := flag.Int("rounds", 1, "measure every row this many times, interleaving the servers (alternating their order), and print medians and every round's ratios")
+	rounds := flag.Int("rounds", 1, "measure every row this many times, interleaving the servers (alternating their order), and print medians, every round's ratio and the median of those")
 	streams := flag.Int("streams", 8, "parallel streams")
 	bigCount := flag.Int("blobs", 512, "number of 1 MiB blobs to upload and download")
 	smallCount := flag.Int("small", 64000, "number of 4 KiB blobs for BatchUpdateBlobs")
@@ -177,14 +177,24 @@ func main() {
 	for _, m := range meds {
 		printResult(m)
 	}
+	// Each round's ratio compares measurements made a moment apart; their median is the
+	// ratio printed first.
 	for i := 1; i < len(ss); i++ {
 		fmt.Printf("%s / %s:", ss[0].name, ss[i].name)
 		for _, row := range rows {
 			var per []string
+			var ratios []float64
 			for r := 0; r < *rounds; r++ {
-				per = append(per, fmt.Sprintf("%.2f", *row.get(&res[0][r]) / *row.get(&res[i][r])))
+				x := *row.get(&res[0][r]) / *row.get(&res[i][r])
+				ratios = append(ratios, x)
+				per = append(per, fmt.Sprintf("%.2f", x))
 			}
-			fmt.Printf("  %s %.2fx", row.name, *row.get(&meds[0]) / *row.get(&meds[i]))
+			sort.Float64s(ratios)
+			m := ratios[len(ratios)/2]
+			if len(ratios)%2 == 0 {
+				m = (ratios[len(ratios)/2-1] + ratios[len(ratios)/2]) / 2
+			}
+			fmt.Printf("  %s %.2fx", row.name, m)
 			if *rounds > 1 {
 				fmt.Printf(" (rounds %s)", strings.Join(per, " "))
 			}
