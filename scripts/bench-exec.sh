@@ -34,6 +34,11 @@
 #   go mod edit -replace google.golang.org/genproto/googleapis/bytestream=/tmp/buildbarn/bytestream
 #   go build -o /tmp/buildbarn/bin/ ./cmd/bb_storage
 #   BUILDBARN=/tmp/buildbarn/bin scripts/bench-exec.sh
+# CLUSTER=1 also runs, in the same run, a kiln cluster (docs/cluster.md: nats-server, one
+# frontend, two workers each with --concurrency half the CPUs, the sequencer) beside a
+# single-process `kiln serve --storage` on the same versitygw (so both pay the bucket),
+# both clean: the same build at --jobs=8, and N genrules one at a time (--jobs=1), whose
+# time difference divided by N is what the cluster path adds per action.
 # Since bb-remote-execution e6ab874 (2026-03) Buildbarn refuses REv2.0, which Debian's
 # Bazel 4.2.3 speaks; two edits let it through: lower the scheduler's DeprecatedApiVersion
 # from 2.2 to 2.0 (pkg/scheduler/in_memory_build_queue.go) and make the worker take
@@ -215,6 +220,7 @@ one() {
     "$(grep -E "INFO: [0-9]+ processes" "$work/last.log" | tail -1 | sed 's/^INFO: //')";;
   *) printf '  round %d %-7s %7.2f s, machine idle %3d%%\n' "$r" "$name" "$t" "$idle";; esac
 }
+[[ -z ${CLUSTER_ONLY:-} ]] || rounds=0  # CLUSTER_ONLY=1: only the cluster comparison below
 for r in $(seq "$rounds"); do
   [[ $r -eq 1 ]] || { gen_ws "$r"; bz build --nobuild //gen:all >/dev/null 2>&1; }
   one local --spawn_strategy=local
@@ -228,6 +234,7 @@ for r in $(seq "$rounds"); do
 done
 # med prints the median of its arguments.
 med() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else printf "%.3f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+if [[ -z ${CLUSTER_ONLY:-} ]]; then
 for n in "${names[@]}"; do declare "m_$n=$(med ${T[$n]})"; done
 t_local=$m_local t_sandbox=$m_sandbox t_kiln=$m_kiln t_hit=$m_hit
 c_kiln=$(med ${CPU[kiln]})
@@ -257,7 +264,70 @@ curl -s http://127.0.0.1:18812/metrics | awk '
   /^kiln_execution_phase_seconds_count/ { match($0, /phase="[a-z_]+"/); p=substr($0, RSTART+7, RLENGTH-8); cnt[p]=$2 }
   END { for (p in sum) if (cnt[p] > 0) printf "  %-14s %7.1f ms  (%d actions)\n", p, 1000*sum[p]/cnt[p], cnt[p]
         if (cnt["attest"] > 0 && sum["total"] > 0) printf "  attestation share of worker time: %.2f%%\n", 100*sum["attest"]/sum["total"] }'
-if [[ -n ${BUILDBARN:-} ]]; then
+fi
+if [[ -n ${CLUSTER:-} ]]; then
+  gobin=$(go env GOPATH)/bin
+  cl=$work/cluster; mkdir -p "$cl/s3/bench" "$cl/js"
+  export AWS_ACCESS_KEY_ID=kilnbench AWS_SECRET_ACCESS_KEY=kilnbenchsecret AWS_CONFIG_FILE=/dev/null AWS_SHARED_CREDENTIALS_FILE=/dev/null AWS_EC2_METADATA_DISABLED=true
+  "$gobin/versitygw" --access "$AWS_ACCESS_KEY_ID" --secret "$AWS_SECRET_ACCESS_KEY" --port 127.0.0.1:18850 --quiet posix "$cl/s3" >"$cl/vgw.log" 2>&1 &
+  pids+=($!)
+  "$gobin/nats-server" -js -sd "$cl/js" -a 127.0.0.1 -p 18851 >"$cl/nats.log" 2>&1 &
+  pids+=($!)
+  waitport 18850; waitport 18851
+  st() { echo "s3://bench/$1?endpoint=http://127.0.0.1:18850&region=us-east-1&path-style=true"; }
+  "$KILN" toolchain export --data "$data" "$digest" "$cl/gcc.tar" >/dev/null
+  half=$(( $(nproc) / 2 )); [[ $half -gt 0 ]] || half=1
+  # single process, shared storage
+  "$KILN" toolchain import --data "$cl/single" --storage "$(st single)" --unpack "$cl/gcc.tar" >/dev/null
+  "$KILN" serve --data "$cl/single" --storage "$(st single)" --listen 127.0.0.1:18852 --http-listen 127.0.0.1:18853 --log-level warn --concurrency "$(nproc)" &
+  pids+=($!)
+  # cluster: the toolchain reaches the workers through the bucket (unpacked before the timing)
+  C=nats://127.0.0.1:18851
+  "$KILN" toolchain import --data "$cl/fe" --storage "$(st cluster)" "$cl/gcc.tar" >/dev/null
+  "$KILN" sequencer --cluster $C --storage "$(st cluster)" --data "$cl/seq" --log-level warn &
+  pids+=($!)
+  for w in w1 w2; do
+    "$KILN" toolchain import --data "$cl/$w" --unpack "$cl/gcc.tar" >/dev/null
+    "$KILN" attest pubkey --data "$cl/$w" --json > "$cl/$w.key"
+    "$KILN" cluster admit-key --cluster $C "$cl/$w.key" >/dev/null
+    "$KILN" worker --cluster $C --storage "$(st cluster)" --data "$cl/$w" --name "$w" --concurrency "$half" --log-level warn --http-listen 127.0.0.1:$((18860 + ${w#w})) &
+    pids+=($!)
+  done
+  "$KILN" serve --cluster $C --storage "$(st cluster)" --data "$cl/fe" --listen 127.0.0.1:18854 --http-listen 127.0.0.1:18855 --log-level warn &
+  pids+=($!)
+  waitport 18852; waitport 18854
+  sleep 2   # the workers join the queue
+  gens=(); for i in $(seq "$N"); do gens+=("//gen:g$i"); done
+  rx() { echo --remote_executor=grpc://127.0.0.1:$1 --remote_default_exec_properties=container-image="$image" --remote_instance_name="$2"; }
+  # N genrules one at a time, so each pays the whole path once; three rounds, the order
+  # alternating, each on a fresh instance name (all misses); then the full build.
+  seqrow=()
+  for r in 1 2 3; do
+    if (( r % 2 )); then order=(18852 18854); else order=(18854 18852); fi
+    for port in "${order[@]}"; do
+      bz clean >/dev/null 2>&1; timed bz build --jobs=1 $(rx "$port" "r$r") "${gens[@]}"
+      grep -qE "INFO: [0-9]+ processes: .*$N remote" "$work/last.log" || { grep -E "INFO: [0-9]+ processes" "$work/last.log"; echo "not all remote" >&2; exit 1; }
+      if [[ $port == 18852 ]]; then ts[r]=$t; else tc[r]=$t; fi
+    done
+    seqrow+=("$(awk -v s="${ts[r]}" -v c="${tc[r]}" -v n="$N" 'BEGIN { printf "%.1f", 1000*(c-s)/n }')")
+  done
+  bz clean >/dev/null 2>&1; timed bz "${common[@]}" $(rx 18852 full); t_sfull=$t
+  bz clean >/dev/null 2>&1; timed bz "${common[@]}" $(rx 18854 full); t_cfull=$t
+  grep -E "INFO: [0-9]+ processes" "$work/last.log" | tail -1
+  echo "== kiln cluster (1 frontend, 2 workers x --concurrency $half, nats-server, sequencer) vs one kiln serve --storage, both on one versitygw =="
+  for r in 1 2 3; do
+    printf 'round %d, %d genrules at --jobs=1: serve --storage %6.2f s, cluster %6.2f s: the cluster adds %s ms per action\n' "$r" "$N" "${ts[r]}" "${tc[r]}" "${seqrow[r-1]}"
+  done
+  printf '%s\n' "${seqrow[@]}" | sort -g | awk '{ v[NR] = $1 } END { printf "median: the cluster path adds %.1f ms per action\n", v[int((NR+1)/2)] }'
+  printf '%-44s %8.2f s\n' "serve --storage: $((4*N)) actions at --jobs=8" "$t_sfull" "cluster: $((4*N)) actions at --jobs=8" "$t_cfull"
+  awk -v sf="$t_sfull" -v cf="$t_cfull" 'BEGIN { printf "ratio cluster/serve at --jobs=8: %.2f\n", cf/sf }'
+  echo "cluster worker per-action time by phase (both workers, --jobs=8 build and the genrules):"
+  { curl -s http://127.0.0.1:18861/metrics; curl -s http://127.0.0.1:18862/metrics; } | awk '
+    /^kiln_execution_phase_seconds_sum/ { match($0, /phase="[a-z_]+"/); p=substr($0, RSTART+7, RLENGTH-8); sum[p]+=$2 }
+    /^kiln_execution_phase_seconds_count/ { match($0, /phase="[a-z_]+"/); p=substr($0, RSTART+7, RLENGTH-8); cnt[p]+=$2 }
+    END { for (p in sum) if (cnt[p] > 0) printf "  %-14s %7.1f ms  (%d actions)\n", p, 1000*sum[p]/cnt[p], cnt[p] }'
+fi
+if [[ -n ${BUILDBARN:-} && -z ${CLUSTER_ONLY:-} ]]; then
   echo "buildbarn CPU in a clean build (bb_storage, bb_scheduler, bb_worker, bb_runner + the actions; median): $c_bb s"
   echo "buildbarn per-action time by stage (mean over the clean builds; queued from the scheduler):"
   { curl -s http://127.0.0.1:18825/metrics; curl -s http://127.0.0.1:18824/metrics; } | awk '

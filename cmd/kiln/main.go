@@ -67,6 +67,9 @@ func newRootCmd() *cobra.Command {
 		newExportCmd(),
 		newRebuildCmd(),
 		newGateCmd(),
+		newWorkerCmd(),
+		newSequencerCmd(),
+		newClusterCmd(),
 	)
 	return root
 }
