@@ -7,6 +7,8 @@ import (
 
 	"github.com/kilnbuild/kiln/cache"
 	"github.com/kilnbuild/kiln/cache/s3"
+	"github.com/kilnbuild/kiln/engine/attest"
+	"github.com/kilnbuild/kiln/engine/execution"
 	"github.com/kilnbuild/kiln/engine/limits"
 	"github.com/kilnbuild/kiln/engine/scheduler"
 	"github.com/kilnbuild/kiln/internal/bytesize"
@@ -39,6 +41,14 @@ type Options struct {
 	Pinner toolchains.TagPinner `yaml:"-"`
 	// Version is kiln's version, recorded in every link.
 	Version string `yaml:"-"`
+	// Scheduler, if set, makes the engine's scheduler instead of the local one: a
+	// cluster frontend's, whose actions run on workers, so no sandbox is opened here.
+	Scheduler SchedulerFactory `yaml:"-"`
+	// LinkSink, if set, takes every signed link instead of the data dir's transparency
+	// log (a cluster worker: its links wait in shared storage for the sequencer), and a
+	// failed action-cache write fails the execution instead of being logged, so that a
+	// worker never reports done what it has not stored.
+	LinkSink attest.LinkSink `yaml:"-"`
 	// Observe, if set, is told of every finished execution and action-cache hit
 	// (kiln serve's history, for the web UI); it must not block.
 	Observe func(scheduler.Finished) `yaml:"-"`
@@ -50,6 +60,11 @@ type Options struct {
 	Memory       *limits.Budget `yaml:"-"`
 	ClientQueued int            `yaml:"-"`
 	Work         *limits.Work   `yaml:"-"`
+}
+
+// SchedulerFactory makes an engine's scheduler (see Options.Scheduler).
+type SchedulerFactory interface {
+	NewScheduler(e *Engine) (execution.Scheduler, error)
 }
 
 // StorageConfig is shared storage (docs/storage.md): the --storage flag, a URL, or the

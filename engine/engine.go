@@ -100,7 +100,7 @@ func Open(ctx context.Context, opts Options) (*Engine, error) {
 	if err != nil {
 		return nil, err
 	}
-	e.Signer, err = attest.Open(ctx, attest.Options{DataDir: string(opts.Data), CAS: e.attestCAS(), ExecutorKeyFile: opts.ExecutorKeyFile, Logger: log})
+	e.Signer, err = attest.Open(ctx, attest.Options{DataDir: string(opts.Data), CAS: e.attestCAS(), ExecutorKeyFile: opts.ExecutorKeyFile, Logger: log, Sink: opts.LinkSink})
 	if err != nil {
 		return nil, err
 	}
@@ -108,20 +108,31 @@ func Open(ctx context.Context, opts Options) (*Engine, error) {
 		ok = true
 		return e, nil
 	}
-	e.runner, err = openRunner(ctx, opts.Data.Sandbox(), ex.Prestart, log)
-	if err != nil {
-		return nil, err
+	var sb executor.Sandbox = noSandbox{}
+	if opts.Scheduler == nil { // a cluster frontend runs nothing itself
+		if e.runner, err = openRunner(ctx, opts.Data.Sandbox(), ex.Prestart, log); err != nil {
+			return nil, err
+		}
+		sb = executor.SandboxRunner{R: e.runner}
 	}
 	e.Executor, err = executor.NewExecutor(executor.ExecutorConfig{
-		CAS: e.CAS, Local: e.Local, AC: e.AC, Sandbox: executor.SandboxRunner{R: e.runner}, Toolchains: toolchainResolver{e.Toolchains},
-		Attester:    executor.LinkAttester{Signer: e.Signer, Version: opts.Version, CheckKey: e.Revocations.CheckKey},
-		Quarantined: e.Quarantine.Quarantined,
-		WorkDir:     filepath.Join(opts.Data.Sandbox(), "exec"), UID: sandbox.DefaultUID, GID: sandbox.DefaultGID,
+		CAS: e.CAS, Local: e.Local, AC: e.AC, Sandbox: sb, Toolchains: e.toolchainResolver(),
+		RequireCacheWrite: opts.LinkSink != nil,
+		Attester:          executor.LinkAttester{Signer: e.Signer, Version: opts.Version, CheckKey: e.Revocations.CheckKey},
+		Quarantined:       e.Quarantine.Quarantined,
+		WorkDir:           filepath.Join(opts.Data.Sandbox(), "exec"), UID: sandbox.DefaultUID, GID: sandbox.DefaultGID,
 		DefaultTimeout: ex.DefaultTimeout, MaxTimeout: ex.MaxTimeout, Logger: log, ActionURL: opts.ActionURL,
 		IgnoreUnknownPlatformProperties: ex.IgnoreUnknownPlatformProperties,
 	})
 	if err != nil {
 		return nil, err
+	}
+	if opts.Scheduler != nil {
+		if e.Scheduler, err = opts.Scheduler.NewScheduler(e); err != nil {
+			return nil, err
+		}
+		ok = true
+		return e, nil
 	}
 	e.Scheduler = scheduler.NewScheduler(e.Executor, scheduler.SchedulerConfig{Concurrency: ex.Concurrency, MaxQueue: ex.MaxQueue, Logger: log, Registerer: reg,
 		VerifyRate: ex.VerifyRate, Observe: opts.Observe, ActionURL: opts.ActionURL,
@@ -195,21 +206,10 @@ func (e *Engine) Close() error {
 	return errors.Join(errs...)
 }
 
-// toolchainResolver adapts the toolchain store to the executor.
-type toolchainResolver struct{ s *toolchains.Store }
+// noSandbox is the executor's sandbox on a cluster frontend, which only validates
+// actions: they run on the workers.
+type noSandbox struct{}
 
-func (t toolchainResolver) Resolve(ctx context.Context, ref string) (string, error) {
-	img, err := t.s.Resolve(ctx, ref)
-	if err != nil {
-		return "", err
-	}
-	return img.Digest.String(), nil
-}
-
-func (t toolchainResolver) RootFS(ctx context.Context, digest string) (string, error) {
-	img, err := t.s.Resolve(ctx, digest)
-	if err != nil {
-		return "", err
-	}
-	return t.s.RootFS(ctx, img)
+func (noSandbox) Run(context.Context, executor.Job) (executor.JobResult, error) {
+	return executor.JobResult{}, status.Error(codes.FailedPrecondition, "this kiln process is a cluster frontend: actions run on the cluster's workers")
 }

@@ -38,3 +38,11 @@ if ! go version -m "$gobin/versitygw" 2>/dev/null | grep -q "^[[:space:]]*mod[[:
   echo "setup: installing versitygw $VERSITYGW_VERSION" >&2
   go install "github.com/versity/versitygw/cmd/versitygw@$VERSITYGW_VERSION"
 fi
+
+# nats-server: the real NATS JetStream server (Apache-2.0) the cluster tests start on a
+# temp dir (kiln cluster, docs/cluster.md). Debian's 2.9.10 is too old for kiln.
+NATS_SERVER_VERSION=v2.15.3
+if ! go version -m "$gobin/nats-server" 2>/dev/null | grep -q "^[[:space:]]*mod[[:space:]]*github.com/nats-io/nats-server/v2[[:space:]]*$NATS_SERVER_VERSION"; then
+  echo "setup: installing nats-server $NATS_SERVER_VERSION" >&2
+  go install "github.com/nats-io/nats-server/v2@$NATS_SERVER_VERSION"
+fi

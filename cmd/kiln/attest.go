@@ -15,6 +15,7 @@ import (
 	"github.com/kilnbuild/kiln/engine/attest"
 	"github.com/kilnbuild/kiln/engine/attest/keys"
 	"github.com/kilnbuild/kiln/engine/attest/tlog"
+	"github.com/kilnbuild/kiln/engine/cluster"
 	"github.com/spf13/cobra"
 	"golang.org/x/mod/sumdb/note"
 	"google.golang.org/grpc/status"
@@ -236,6 +237,7 @@ func newAttestProvenanceCmd() *cobra.Command {
 func newAttestVerifyCmd() *cobra.Command {
 	var dataDir, subject, logKey, pinned, layout, provenance, sbom string
 	var storage engine.StorageConfig
+	var clusterCfg cluster.Config
 	var keyFiles, layoutKeys []string
 	var asJSON bool
 	var wait time.Duration
@@ -245,8 +247,8 @@ func newAttestVerifyCmd() *cobra.Command {
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx := cmd.Context()
-			if subject == "" || len(keyFiles) == 0 {
-				return &exitError{code: 2, msg: "--subject and --key are required"}
+			if subject == "" || (len(keyFiles) == 0 && !clusterCfg.Enabled()) {
+				return &exitError{code: 2, msg: "--subject and --key (or --cluster) are required"}
 			}
 			subj, err := attest.ParseSubject(subject)
 			if err != nil {
@@ -256,6 +258,11 @@ func newAttestVerifyCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
+			ct, err := clusterTrust(ctx, clusterCfg)
+			if err != nil {
+				return err
+			}
+			trust.Add(ct)
 			logVerifier, logSource, err := resolveLogKey(ctx, logKey, trust, dataDir)
 			if err != nil {
 				return err
@@ -328,7 +335,9 @@ func newAttestVerifyCmd() *cobra.Command {
 	addStorageFlag(c, &storage)
 	c.Flags().StringVar(&subject, "subject", "", "the artifact: a file, or its sha256 digest")
 	c.Flags().StringArrayVar(&keyFiles, "key", nil, "trusted executor keys: a PEM public key file, or \"kiln attest pubkey --all --json\" output (repeatable)")
-	c.Flags().StringVar(&logKey, "log-key", "", "the log's checkpoint verifier key (a note vkey, or a file holding one); default: from a --key JSON export, else the data dir's keyring")
+	c.Flags().StringVar(&logKey, "log-key", "", "the log's checkpoint verifier key (a note vkey, or a file holding one); default: from a --key JSON export or --cluster, else the data dir's keyring")
+	addClusterFlags(c, &clusterCfg, "verify")
+	c.Flags().Lookup("cluster").Usage = "also trust the keys a kiln cluster admitted, with its log key (the log is the sequencer's: --data DIR of kiln sequencer)"
 	c.Flags().StringVar(&pinned, "checkpoint", "", "a checkpoint trusted earlier; the log must be consistent with it")
 	c.Flags().StringVar(&layout, "layout", "", "also run in-toto's InTotoVerify with this layout (steps named by action digest hash)")
 	c.Flags().StringArrayVar(&layoutKeys, "layout-key", nil, "public key (PEM) of the layout's signer (repeatable; required with --layout)")

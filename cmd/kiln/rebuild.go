@@ -11,6 +11,7 @@ import (
 	"github.com/kilnbuild/kiln/engine"
 	"github.com/kilnbuild/kiln/engine/attest"
 	"github.com/kilnbuild/kiln/engine/attest/keys"
+	"github.com/kilnbuild/kiln/engine/cluster"
 	"github.com/kilnbuild/kiln/engine/rebuild"
 	"github.com/spf13/cobra"
 )
@@ -71,6 +72,7 @@ func newRebuildCmd() *cobra.Command {
 		maxBundleSize                               string
 		remoteTLS                                   rebuild.RemoteTLS
 		keyFiles, remoteKeys                        []string
+		clusterCfg                                  cluster.Config
 		jsonOut                                     bool
 		wait                                        time.Duration
 	)
@@ -97,6 +99,11 @@ nothing quarantined); 2 usage or set-up error.`,
 			if err != nil {
 				return err
 			}
+			ct, err := clusterTrust(cmd.Context(), clusterCfg)
+			if err != nil {
+				return err
+			}
+			trust.Add(ct)
 			if logKey != "" {
 				s := logKey
 				if b, err := os.ReadFile(logKey); err == nil {
@@ -170,7 +177,9 @@ nothing quarantined); 2 usage or set-up error.`,
 	addDataFlag(c, &data)
 	addStorageFlag(c, &storage)
 	c.Flags().StringArrayVar(&keyFiles, "key", nil, "trusted executor public key: PEM, or \"kiln attest pubkey --all --json\" output (repeatable)")
-	c.Flags().StringVar(&logKey, "log-key", "", "the transparency log's verifier key (a note vkey, or a file holding one); default: from a --key JSON export")
+	c.Flags().StringVar(&logKey, "log-key", "", "the transparency log's verifier key (a note vkey, or a file holding one); default: from a --key JSON export or --cluster")
+	addClusterFlags(c, &clusterCfg, "verify")
+	c.Flags().Lookup("cluster").Usage = "also trust the keys a kiln cluster admitted (its workers' links), with its log key"
 	c.Flags().StringVar(&bundle, "bundle", "", "bundle from kiln export (directory, .tar or .tar.zst); default: this data dir")
 	c.Flags().StringVar(&remote, "remote", "", "re-execute on this kiln server (host:port) instead of locally")
 	c.Flags().StringVar(&instance, "instance", "", "REAPI instance name for --remote")

@@ -108,6 +108,7 @@ the flag's name as its key; flags given on the command line override the file.
 	f.StringVar(&cfg.ExecutorKeyFile, "key-file", "", "executor signing key (ed25519, PKCS #8 PEM); default: the data dir's own key, created on first start")
 	addDataFlag(cmd, (*string)(&cfg.Data))
 	addStorageFlag(cmd, &cfg.Storage)
+	addClusterFlags(cmd, &cfg.Cluster, "serve")
 	f.StringVar(&cfg.LogLevel, "log-level", "info", "log level: debug, info, warn, error")
 	f.StringVar(&cfg.LogFormat, "log-format", "text", "log format: text or json")
 	return cmd

@@ -242,3 +242,48 @@ func cfg2(t *testing.T, file string) server.Config {
 	}
 	return c
 }
+
+// TestServeClusterConfig: the cluster comes from --cluster flags or the cluster:
+// section, flags over the file, defaults resolved and printed in a form --config reads
+// back; a cluster without shared storage, or with --no-execution, is refused.
+func TestServeClusterConfig(t *testing.T) {
+	yml := writeFile(t, "serve.yaml", `
+storage: {s3: {bucket: b, endpoint: "http://127.0.0.1:7070", path-style: true}}
+cluster:
+  url: nats://10.0.0.2:4222,nats://10.0.0.3:4222
+  creds: /etc/kiln/nats.creds
+  tls-ca: /etc/kiln/nats-ca.pem
+`)
+	cfg, _, err := runServe(t, "--config", yml)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := cfg.Cluster
+	if len(c.Servers()) != 2 || c.Creds != "/etc/kiln/nats.creds" || c.TLSCA != "/etc/kiln/nats-ca.pem" || c.AckWait != 30*time.Second || c.MaxDeliver != 3 || c.Retain != 24*time.Hour {
+		t.Fatalf("cluster from the file: %+v", c)
+	}
+	cfg, _, err = runServe(t, "--config", yml, "--cluster", "embedded", "--cluster-listen", "127.0.0.1:4222")
+	if err != nil || !cfg.Cluster.IsEmbedded() || cfg.Cluster.Listen != "127.0.0.1:4222" || cfg.Cluster.Creds != "/etc/kiln/nats.creds" {
+		t.Fatalf("--cluster over the file: %+v, %v", cfg.Cluster, err)
+	}
+	_, out, err := runServe(t, "--config", yml, "--print-config")
+	if err != nil || !strings.Contains(out, "cluster:\n    url: nats://10.0.0.2:4222,nats://10.0.0.3:4222\n") || !strings.Contains(out, "ack-wait: 30s") {
+		t.Fatalf("print-config: %v\n%s", err, out)
+	}
+	again, _, err := runServe(t, "--config", writeFile(t, "printed.yaml", out))
+	if err != nil || !reflect.DeepEqual(again.Cluster, cfg2(t, yml).Cluster) {
+		t.Fatalf("printed cluster does not read back: %+v, %v", again.Cluster, err)
+	}
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--cluster", "nats://a:4222"}, "--cluster needs --storage"},
+		{[]string{"--config", yml, "--no-execution"}, "do not go together"},
+		{[]string{"--config", yml, "--cluster", "embedded"}, "needs --cluster-listen"},
+	} {
+		if _, _, err := runServe(t, c.args...); err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("kiln serve %v: %v, want %q", c.args, err, c.want)
+		}
+	}
+}

@@ -10,6 +10,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/kilnbuild/kiln/engine"
 	"github.com/kilnbuild/kiln/toolchains"
 )
 
@@ -35,8 +36,19 @@ func newToolchainCmd() *cobra.Command {
 
 // toolchainFlags are the flags every toolchain subcommand shares.
 type toolchainFlags struct {
-	data string
-	json bool
+	data    string
+	json    bool
+	storage engine.StorageConfig // import and build: also share the image through it
+}
+
+// addShare registers --storage on a command that makes images (import, build).
+func (f *toolchainFlags) addShare(cmd *cobra.Command) {
+	cmd.Flags().Var(&f.storage, "storage", "also put the image in this shared storage (s3://...), where every kiln process using it (cluster workers) finds it on first use; see docs/storage.md")
+}
+
+// share puts the image d into --storage, if given.
+func (f *toolchainFlags) share(ctx context.Context, s *toolchains.Store, d string) error {
+	return engine.ShareToolchain(ctx, f.storage, s, d, quietLogger())
 }
 
 func (f *toolchainFlags) add(cmd *cobra.Command, withJSON bool) {
@@ -81,6 +93,11 @@ func newToolchainImportCmd() *cobra.Command {
 		if err != nil {
 			return err
 		}
+		for _, img := range imgs {
+			if err := f.share(ctx, s, img.Digest.String()); err != nil {
+				return err
+			}
+		}
 		if unpack {
 			for _, img := range imgs {
 				if _, err := s.RootFS(ctx, img); err != nil {
@@ -98,6 +115,7 @@ func newToolchainImportCmd() *cobra.Command {
 	})
 	cmd.Flags().StringVar(&name, "name", "", "informational NAME[:TAG] to record for the image")
 	cmd.Flags().BoolVar(&unpack, "unpack", false, "also unpack the root filesystem now (instead of on first use)")
+	f.addShare(cmd)
 	return cmd
 }
 
@@ -136,6 +154,9 @@ func newToolchainBuildCmd() *cobra.Command {
 			if err != nil {
 				return statusErr(err)
 			}
+			if err := f.share(ctx, s, img.Digest.String()); err != nil {
+				return statusErr(err)
+			}
 			if f.json {
 				return printJSON(cmd.OutOrStdout(), img)
 			}
@@ -144,6 +165,7 @@ func newToolchainBuildCmd() *cobra.Command {
 		},
 	}
 	f.add(cmd, true)
+	f.addShare(cmd)
 	cmd.Flags().StringVar(&rootfs, "rootfs", "", "directory to turn into an image")
 	cmd.Flags().StringVar(&name, "name", "", "informational NAME[:TAG] to record for the image")
 	cmd.Flags().StringVar(&arch, "arch", "", "architecture recorded in the image config (default: this host's)")

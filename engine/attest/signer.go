@@ -41,6 +41,18 @@ type Options struct {
 	Now func() time.Time
 	// Logger receives attestation events; nil discards them.
 	Logger *slog.Logger
+	// Sink, if set, takes every signed link instead of this data dir's transparency
+	// log, which is then not opened (a cluster worker: its links wait in shared storage
+	// for the cluster's one sequencer).
+	Sink LinkSink
+}
+
+// LinkSink receives signed links for a log kept elsewhere. Submit returns once the
+// link is durably queued there: an envelope Link returned is never lost. It runs while
+// the envelope is being stored in the CAS, so its reader must wait for an envelope it
+// cannot read yet (Link fails if either fails).
+type LinkSink interface {
+	Submit(ctx context.Context, env cache.Digest, envelope []byte) error
 }
 
 // Signer writes the attestation of executed actions. It is safe for concurrent use, and
@@ -122,13 +134,16 @@ func Open(ctx context.Context, opts Options) (*Signer, error) {
 		// key exists by then (a key is only retired in a used keyring), so the log
 		// and the writer can be started from inside keys.Open.
 		LogSize: func(ctx context.Context) (uint64, error) {
+			if opts.Sink != nil {
+				return 0, status.Error(codes.FailedPrecondition, "this keyring's links are logged by the cluster's sequencer: retire its key there (kiln cluster retire-key)")
+			}
 			if err := s.start(ctx); err != nil {
 				return 0, err
 			}
 			return s.drainedLogSize(ctx)
 		},
 	})
-	if err == nil {
+	if err == nil && opts.Sink == nil {
 		err = s.start(ctx)
 	}
 	if err != nil {
@@ -161,9 +176,46 @@ func (s *Signer) start(ctx context.Context) error {
 		return err
 	}
 	s.log = l
+	if err := s.reconcile(ctx); err != nil {
+		return err
+	}
 	s.writer.Add(1)
 	go s.writeLoop()
 	return s.adoptOrphans()
+}
+
+// reconcile records the log index of every entry appended since the last start whose
+// index is not recorded (its process died between the append and recording it), so
+// that the link is never appended again when its pending file is adopted.
+func (s *Signer) reconcile(ctx context.Context) error {
+	size, err := s.log.Size(ctx)
+	if err != nil {
+		return err
+	}
+	mark := filepath.Join(s.store.p.Attest, "logidx", "reconciled")
+	var from uint64
+	if b, err := os.ReadFile(mark); err == nil {
+		from, _ = strconv.ParseUint(strings.TrimSpace(string(b)), 10, 64)
+	}
+	if from >= size {
+		return nil
+	}
+	var ierr error
+	err = tlog.NewReader(s.store.p.Log, nil).ScanFrom(ctx, from, size, func(i uint64, e []byte) bool {
+		d, ok := ParseLinkLogEntry(e)
+		if !ok {
+			return true
+		}
+		if _, ok := s.store.LogIndex(d); !ok {
+			s.lg.Info("recording the log index of a link a process appended before it died", "envelope", d.String(), "index", i)
+			ierr = s.store.SetLogIndex(d, i)
+		}
+		return ierr == nil
+	})
+	if err = errors.Join(err, ierr); err != nil {
+		return grpcerr.Wrap(err, "reconcile the log index")
+	}
+	return writeAtomic(mark, []byte(strconv.FormatUint(size, 10)+"\n"))
 }
 
 func (s *Signer) pendingRoot() string { return filepath.Join(s.store.p.Attest, "pending") }
@@ -319,6 +371,9 @@ func (s *Signer) Close(ctx context.Context) error {
 }
 
 func (s *Signer) close(ctx context.Context) error {
+	if s.log == nil { // a sink's signer: nothing of its own to log
+		return nil
+	}
 	ferr := s.Flush(ctx)
 	close(s.queue)
 	s.writer.Wait()
@@ -358,10 +413,20 @@ func (s *Signer) Link(ctx context.Context, a Action) (Linked, error) {
 			return err
 		}
 		d := cache.DigestOf(env)
+		out = Linked{Envelope: env, Digest: d, KeyID: k.ID()}
+		if s.opts.Sink != nil {
+			// At once: the sink's reader waits for an envelope it cannot read yet.
+			sunk := make(chan error, 1)
+			go func() { sunk <- s.opts.Sink.Submit(ctx, d, env) }()
+			err := s.opts.CAS.Put(ctx, d, bytes.NewReader(env))
+			if serr := <-sunk; err == nil {
+				err = serr
+			}
+			return grpcerr.Wrap(err, "store and queue the envelope")
+		}
 		if err := s.opts.CAS.Put(ctx, d, bytes.NewReader(env)); err != nil {
 			return grpcerr.Wrap(err, "store envelope in CAS")
 		}
-		out = Linked{Envelope: env, Digest: d, KeyID: k.ID()}
 		if idx, ok := s.store.LogIndex(d); ok && s.store.HasEnvelope(d) {
 			out.LogIndex, out.Logged = idx, true
 			return nil
@@ -397,6 +462,55 @@ func (s *Signer) Link(ctx context.Context, a Action) (Linked, error) {
 	}
 	s.lg.DebugContext(ctx, "attested action", "action", a.ActionDigest.String(), "envelope", out.Digest.String(), "key", out.KeyID)
 	return out, nil
+}
+
+// Append logs a link another process signed (the cluster's sequencer appending a
+// worker's link), exactly once however often it is given: it waits until the link is
+// in the log, indexed and in the envelope store, and returns its log index. The
+// caller checks the signature first; Append only checks that env is an envelope.
+func (s *Signer) Append(ctx context.Context, env []byte) (uint64, error) {
+	if s.log == nil {
+		return 0, status.Error(codes.FailedPrecondition, "attest: this signer has no log of its own")
+	}
+	if _, err := EnvelopePayload(env); err != nil {
+		return 0, err
+	}
+	d := cache.DigestOf(env)
+	if idx, ok := s.store.LogIndex(d); ok && s.store.HasEnvelope(d) {
+		return idx, nil
+	}
+	if err := s.opts.CAS.Put(ctx, d, bytes.NewReader(env)); err != nil {
+		return 0, grpcerr.Wrap(err, "store envelope in CAS")
+	}
+	file := filepath.Join(s.pendingDir, markerName(d))
+	if err := os.WriteFile(file, env, 0o644); err != nil {
+		return 0, status.Errorf(codes.Internal, "attest pending: %v", err)
+	}
+	p := &pending{env: d, file: file, envelope: env, done: make(chan appendResult, 1)}
+	s.enqueue(p)
+	select {
+	case r := <-p.done:
+		if r.err != nil {
+			return 0, r.err
+		}
+		// Indexing and the move into the envelope store follow the append: wait for them
+		// too, so that a caller who drops its own copy next loses nothing.
+		if err := s.Flush(ctx); err != nil && !s.store.HasEnvelope(d) {
+			return 0, err
+		}
+		return r.index, nil
+	case <-ctx.Done():
+		return 0, status.FromContextError(ctx.Err()).Err()
+	}
+}
+
+// LogSize is the number of entries in the log (links appended so far, by every
+// process of this data dir).
+func (s *Signer) LogSize(ctx context.Context) (uint64, error) {
+	if s.log == nil {
+		return 0, status.Error(codes.FailedPrecondition, "attest: this signer has no log of its own")
+	}
+	return s.log.Size(ctx)
 }
 
 func (s *Signer) enqueue(p *pending) {

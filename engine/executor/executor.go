@@ -125,6 +125,9 @@ type ExecutorConfig struct {
 	// IgnoreUnknownPlatformProperties accepts properties kiln does not know instead of
 	// refusing the action.
 	IgnoreUnknownPlatformProperties bool
+	// RequireCacheWrite fails an execution whose action-cache write failed (UNAVAILABLE,
+	// so a cluster worker retries it) instead of logging the failure and answering.
+	RequireCacheWrite bool
 	// Quarantined, if set, reports whether a blob (by hex digest) must not be handed
 	// out: an execution that produces one fails and is not cached.
 	Quarantined func(hash string) bool

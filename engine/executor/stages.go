@@ -34,7 +34,7 @@ func stages(cfg *ExecutorConfig, log *slog.Logger) stage {
 		s = quarantining{s, cfg.Quarantined}
 	}
 	s = reporting{s, cfg.CAS, cfg.WorkerName, cfg.ActionURL}
-	return caching{s, cfg.AC, log}
+	return caching{s, cfg.AC, log, cfg.RequireCacheWrite}
 }
 
 // checking runs the request's Check (a determinism check, kiln-verify) on a collected
@@ -186,11 +186,13 @@ func sandboxReport(a *Action, toolchain string, jr JobResult, worker, page strin
 // failure, a timeout, a do_not_cache action, a run that asked for no cache (verify,
 // rebuild), one whose check failed, nor one whose stdout or stderr was truncated at
 // the sandbox's cap (what was cut off is not what the action wrote). A failed write
-// is logged, not an error: the client still gets its result.
+// is logged, not an error: the client still gets its result (unless required: a
+// cluster worker's ack promises it).
 type caching struct {
-	next stage
-	ac   cache.ActionCache
-	log  *slog.Logger
+	next     stage
+	ac       cache.ActionCache
+	log      *slog.Logger
+	required bool
 }
 
 func (c caching) Execute(ctx context.Context, req Request, a *Action) (*Execution, error) {
@@ -203,6 +205,9 @@ func (c caching) Execute(ctx context.Context, req Request, a *Action) (*Executio
 		return ex, nil
 	}
 	if err := c.ac.Put(ctx, cache.ActionKey{Instance: req.Instance, Action: a.Digest}, ex.Result); err != nil {
+		if c.required {
+			return nil, status.Errorf(codes.Unavailable, "action cache write for %s failed: %v", a.Digest, status.Convert(err).Message())
+		}
 		c.log.Warn("action cache write failed", "action", a.Digest.String(), "err", err)
 	}
 	return ex, nil

@@ -12,6 +12,7 @@ import (
 	"strings"
 
 	"github.com/kilnbuild/kiln/engine"
+	"github.com/kilnbuild/kiln/engine/cluster"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"gopkg.in/yaml.v3"
@@ -49,6 +50,9 @@ type Config struct {
 	AuthzFile string `yaml:"authz"`
 	// OIDC configures bearer tokens.
 	OIDC OIDCConfig `yaml:",inline"`
+	// Cluster makes this server a stateless frontend of a cluster (docs/cluster.md):
+	// actions run on the cluster's workers; the cluster: section of the file.
+	Cluster cluster.Config `yaml:"cluster,omitempty"`
 	// LogLevel and LogFormat are how kiln serve builds Options.Logger.
 	LogLevel  string `yaml:"log-level"`
 	LogFormat string `yaml:"log-format"`
@@ -62,6 +66,7 @@ type Config struct {
 func (c Config) Resolved() Config {
 	c.Options = c.Options.Resolved()
 	c.Limits = c.Limits.Resolved()
+	c.Cluster = c.Cluster.Resolved()
 	return c
 }
 
@@ -81,6 +86,9 @@ func (c Config) Check() error {
 		if err := s.Check(); err != nil {
 			return err
 		}
+	}
+	if err := c.checkCluster(); err != nil {
+		return err
 	}
 	if err := c.OIDC.check(c); err != nil {
 		return err

@@ -104,6 +104,14 @@ func Serve(ctx context.Context, cfg Config) error {
 	opts := cfg.Options
 	opts.Primary, opts.Logger, opts.Registerer, opts.Pinner = true, log, reg, pinner(lock)
 	opts.Memory, opts.ClientQueued, opts.Work = mem, cfg.Limits.ClientQueued, work
+	cl, err := joinCluster(ctx, cfg, log)
+	if err != nil {
+		return err
+	}
+	defer cl.close()
+	if cl != nil {
+		opts.Scheduler = cl
+	}
 	var hist atomic.Pointer[history.Index] // opened once the engine holds the data dir
 	publicURL := cfg.PublicURL
 	if hl != nil {
@@ -122,6 +130,10 @@ func Serve(ctx context.Context, cfg Config) error {
 		return err
 	}
 	defer eng.Close()
+	if err := cl.startSequencer(ctx, eng, reg); err != nil {
+		return err
+	}
+	defer cl.stopSequencer()
 	if hl != nil {
 		// After Open took the store's primary lock: a second server on this data dir
 		// is refused there, with its reason, not here after a lock timeout.
@@ -229,7 +241,7 @@ func Serve(ctx context.Context, cfg Config) error {
 	hs.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
 	log.Info("kiln serving", "grpc", lis.Addr().String(), "http", httpAddr, "ui", publicURL, "data", string(cfg.Data),
 		"store", eng.Store.String(), "max_size", cfg.MaxSize, "client_ac_writes", cfg.AllowClientACWrites, "tls", cfg.TLS.Enabled(), "client_certificates", cfg.TLS.ClientCA != "",
-		"execution", !cfg.Execution.Disabled, "max_memory", mem.Total(), "client_memory", mem.PerClient())
+		"execution", !cfg.Execution.Disabled, "cluster", cfg.Cluster.String(), "max_memory", mem.Total(), "client_memory", mem.PerClient())
 	if cfg.Ready != nil {
 		cfg.Ready(lis.Addr().String(), httpAddr)
 	}

@@ -73,8 +73,15 @@ func (s *S3) Start(t testing.TB) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	cmd := exec.Command(s.bin, "--access", s.Access, "--secret", s.Secret, "--port", s.addr, "--keep-alive", "--quiet", "posix", s.Dir)
+	s.cmd, s.exited = startListening(t, "versitygw", cmd, filepath.Join(t.TempDir(), "versitygw.log"), s.addr)
+}
+
+// startListening starts cmd (a server; its output appended to logPath) and waits until
+// it accepts connections on addr; exited is closed when it ends.
+func startListening(t testing.TB, name string, cmd *exec.Cmd, logPath, addr string) (*exec.Cmd, chan struct{}) {
+	t.Helper()
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	logf, err := os.Create(filepath.Join(t.TempDir(), "versitygw.log"))
+	logf, err := os.OpenFile(logPath, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -84,21 +91,21 @@ func (s *S3) Start(t testing.TB) {
 	}
 	exited := make(chan struct{})
 	go func() { cmd.Wait(); logf.Close(); close(exited) }()
-	s.cmd, s.exited = cmd, exited
 	deadline := time.Now().Add(30 * time.Second)
 	for time.Now().Before(deadline) {
-		if c, err := net.DialTimeout("tcp", s.addr, time.Second); err == nil {
+		if c, err := net.DialTimeout("tcp", addr, time.Second); err == nil {
 			c.Close()
-			return
+			return cmd, exited
 		}
 		select {
 		case <-exited:
-			b, _ := os.ReadFile(logf.Name())
-			t.Fatalf("versitygw exited at start:\n%s", b)
+			b, _ := os.ReadFile(logPath)
+			t.Fatalf("%s exited at start:\n%s", name, b)
 		case <-time.After(50 * time.Millisecond):
 		}
 	}
-	t.Fatalf("versitygw did not listen on %s within 30s", s.addr)
+	t.Fatalf("%s did not listen on %s within 30s", name, addr)
+	return nil, nil
 }
 
 // Kill ends the server with SIGKILL, as a crash would.

@@ -1,0 +1,282 @@
+package cluster
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/kilnbuild/kiln/cache"
+	"github.com/kilnbuild/kiln/cache/s3"
+	"github.com/kilnbuild/kiln/engine/attest"
+	"github.com/kilnbuild/kiln/engine/attest/keys"
+	"github.com/nats-io/nats.go"
+	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/sync/errgroup"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+)
+
+// Links in a cluster: a worker signs each link with its own key and stores the
+// envelope in the bucket (cas/ and attest/) like any kiln process; instead of
+// appending it to a log of its own it writes an empty marker pending/<hash>_<size> to
+// the bucket, before the action is acknowledged, and publishes a wake-up on
+// kiln.links. The sequencer, the cluster's one log appender, lists pending/, checks
+// each envelope's signature against the cluster's trust set, appends it to its
+// transparency log (attest.Signer.Append: each distinct link once), indexes it and
+// only then deletes the marker. While the sequencer is down, markers wait in the
+// bucket; it catches up when it comes back (and polls, so a lost wake-up only delays).
+
+const pendingPrefix = "pending/"
+
+// envelopeWait is how long a pending marker may name an envelope that is not in the
+// bucket (still being uploaded, or its worker died mid-upload: the retry writes both
+// again) before the sequencer gives up on it.
+const envelopeWait = 10 * time.Minute
+
+// BucketSink is a worker's attest.LinkSink: a pending marker in the bucket.
+type BucketSink struct {
+	Bucket *s3.Bucket
+	Conn   *Conn // for the wake-up; nil: the sequencer finds the marker when it polls
+}
+
+// Submit implements attest.LinkSink: it returns once the marker is in the bucket.
+func (s *BucketSink) Submit(ctx context.Context, env cache.Digest, _ []byte) error {
+	if err := s.Bucket.PutObject(ctx, pendingPrefix+env.Hash+"_"+strconv.FormatInt(env.Size, 10), nil); err != nil {
+		return err
+	}
+	if s.Conn != nil {
+		s.Conn.NC.Publish(linksSubject, nil)
+	}
+	return nil
+}
+
+// SequencerOptions configures a Sequencer.
+type SequencerOptions struct {
+	// Poll is how often the bucket is listed without a wake-up (0: 5 s).
+	Poll time.Duration
+	// SealAfter is how long after a key's retirement its bound is recorded (0: 30 s):
+	// links it signed before it was retired have reached pending/ by then.
+	SealAfter  time.Duration
+	Logger     *slog.Logger
+	Registerer prometheus.Registerer
+}
+
+// Sequencer appends the cluster's links to the transparency log of its data dir.
+type Sequencer struct {
+	c      *Conn
+	bucket *s3.Bucket
+	signer *attest.Signer
+	opts   SequencerOptions
+	log    *slog.Logger
+
+	mLogged   prometheus.Counter
+	mRejected prometheus.Counter
+	mPending  prometheus.Gauge
+}
+
+// NewSequencer returns the sequencer over signer's log (its data dir's); Run starts it.
+func NewSequencer(c *Conn, bucket *s3.Bucket, signer *attest.Signer, opts SequencerOptions) *Sequencer {
+	if opts.Poll <= 0 {
+		opts.Poll = 5 * time.Second
+	}
+	if opts.SealAfter <= 0 {
+		opts.SealAfter = 30 * time.Second
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	s := &Sequencer{c: c, bucket: bucket, signer: signer, opts: opts, log: opts.Logger,
+		mLogged:   prometheus.NewCounter(prometheus.CounterOpts{Name: "kiln_sequencer_links_logged_total", Help: "Workers' links appended to the transparency log."}),
+		mRejected: prometheus.NewCounter(prometheus.CounterOpts{Name: "kiln_sequencer_links_rejected_total", Help: "Pending links refused: not signed by a key the cluster trusts (moved to rejected/ in the bucket)."}),
+		mPending:  prometheus.NewGauge(prometheus.GaugeOpts{Name: "kiln_sequencer_links_pending", Help: "Links waiting in the bucket at the last scan."}),
+	}
+	if opts.Registerer != nil {
+		opts.Registerer.MustRegister(s.mLogged, s.mRejected, s.mPending)
+	}
+	return s
+}
+
+// Run holds the data dir's sequencer lock, publishes the log key to the trust set and
+// appends pending links until ctx ends.
+func (s *Sequencer) Run(ctx context.Context) error {
+	unlock, err := lockSequencer(s.signer.Store().Paths().Attest)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	if err := retry(ctx, s.log, "publish the log key", func() error { return s.c.publishLogKey(ctx, s.signer.Keyring().Log()) }); err != nil {
+		return err
+	}
+	wake := make(chan struct{}, 1)
+	sub, err := s.c.NC.Subscribe(linksSubject, func(*nats.Msg) {
+		select {
+		case wake <- struct{}{}:
+		default:
+		}
+	})
+	if err != nil {
+		return s.c.wrap(err, "subscribe to %s", linksSubject)
+	}
+	defer sub.Unsubscribe()
+	s.log.Info("kiln sequencer appending the cluster's links", "log", s.signer.Store().Paths().Log, "storage", s.bucket.String())
+	t := time.NewTicker(s.opts.Poll)
+	defer t.Stop()
+	for {
+		if err := s.drain(ctx); err != nil && ctx.Err() == nil {
+			s.log.Warn("appending pending links failed; retrying", "err", err)
+		}
+		if err := s.seal(ctx); err != nil && ctx.Err() == nil {
+			s.log.Warn("recording retired keys' bounds failed; retrying", "err", err)
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-wake:
+		case <-t.C:
+		}
+	}
+}
+
+// lockSequencer takes the data dir's sequencer lock: one sequencer per log.
+func lockSequencer(dir string) (func(), error) {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, status.Errorf(codes.Internal, "sequencer lock: %v", err)
+	}
+	p := filepath.Join(dir, "sequencer.lock")
+	f, err := os.OpenFile(p, os.O_CREATE|os.O_RDWR|syscall.O_CLOEXEC, 0o644)
+	if err != nil {
+		return nil, status.Errorf(codes.Internal, "sequencer lock: %v", err)
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		f.Close()
+		return nil, status.Errorf(codes.FailedPrecondition, "another sequencer runs on this data dir (%s is locked)", p)
+	}
+	return func() { f.Close() }, nil
+}
+
+// drain appends every pending link, many at once (the log appends them in batches).
+func (s *Sequencer) drain(ctx context.Context) error {
+	trust, err := s.c.TrustSet(ctx)
+	if err != nil {
+		return err
+	}
+	after := ""
+	total := 0
+	for {
+		keys, err := s.bucket.ListObjects(ctx, pendingPrefix, after, 1000)
+		if err != nil {
+			return err
+		}
+		if len(keys) == 0 {
+			break
+		}
+		after = keys[len(keys)-1].Key
+		total += len(keys)
+		s.mPending.Set(float64(total))
+		g, gctx := errgroup.WithContext(ctx)
+		g.SetLimit(64)
+		for _, k := range keys {
+			g.Go(func() error { return s.append(gctx, k, trust) })
+		}
+		if err := g.Wait(); err != nil {
+			return err
+		}
+		if len(keys) < 1000 {
+			break
+		}
+	}
+	s.mPending.Set(0)
+	return nil
+}
+
+// append logs the link a pending marker names, then deletes the marker. A link not
+// signed by a key the cluster trusts (unknown, or retired and sealed) is moved to
+// rejected/ instead, with the reason.
+func (s *Sequencer) append(ctx context.Context, obj s3.Object, trust keys.Trust) error {
+	key := obj.Key
+	d, err := cache.ParseDigest(strings.Replace(strings.TrimPrefix(key, pendingPrefix), "_", "/", 1))
+	if err != nil {
+		s.log.Warn("ignoring a malformed pending marker", "key", key)
+		return nil
+	}
+	env, err := cache.ReadAll(ctx, s.bucket.Attestations(), d, 64<<20)
+	if status.Code(err) == codes.NotFound {
+		env, err = cache.ReadAll(ctx, s.bucket.CAS(), d, 64<<20)
+	}
+	if err != nil {
+		if status.Code(err) == codes.NotFound || status.Code(err) == codes.DataLoss {
+			// A worker writes the marker and the envelope at once: wait for it a while.
+			if time.Since(obj.Modified) < envelopeWait {
+				return nil
+			}
+			return s.reject(ctx, key, d, "its envelope is not in the bucket")
+		}
+		return err
+	}
+	e, err := attest.ParseEnvelope(env)
+	if err != nil {
+		return s.reject(ctx, key, d, status.Convert(err).Message())
+	}
+	k, _, err := attest.VerifyEnvelope(ctx, e, trust)
+	if err != nil {
+		return s.reject(ctx, key, d, "not signed by a key the cluster trusts: "+status.Convert(err).Message())
+	}
+	if k.NotAfterLogSize != nil {
+		return s.reject(ctx, key, d, fmt.Sprintf("signed by key %s, retired on %s", k.KeyID, k.NotAfter.Format(time.RFC3339)))
+	}
+	idx, err := s.signer.Append(ctx, env)
+	if err != nil {
+		return err
+	}
+	if err := s.bucket.DeleteObject(ctx, key); err != nil {
+		return err
+	}
+	s.mLogged.Inc()
+	s.log.Debug("link logged", "envelope", d.String(), "index", idx, "key", k.KeyID)
+	return nil
+}
+
+func (s *Sequencer) reject(ctx context.Context, key string, d cache.Digest, why string) error {
+	s.log.Error("refusing to log a pending link", "envelope", d.String(), "reason", why)
+	if err := s.bucket.PutObject(ctx, "rejected/"+strings.TrimPrefix(key, pendingPrefix), []byte(why+"\n")); err != nil {
+		return err
+	}
+	s.mRejected.Inc()
+	return s.bucket.DeleteObject(ctx, key)
+}
+
+// seal records the log size as the bound of keys retired more than SealAfter ago,
+// once the links pending by then are logged (drain ran just before).
+func (s *Sequencer) seal(ctx context.Context) error {
+	t, err := s.c.TrustSet(ctx)
+	if err != nil {
+		return err
+	}
+	due := false
+	for _, k := range t.Keys {
+		if !k.Active() && k.NotAfterLogSize == nil {
+			if time.Since(*k.NotAfter) < s.opts.SealAfter {
+				return nil // wait: its last links may still be on their way
+			}
+			due = true
+		}
+	}
+	if !due {
+		return nil
+	}
+	if err := s.drain(ctx); err != nil {
+		return err
+	}
+	size, err := s.signer.LogSize(ctx)
+	if err != nil {
+		return err
+	}
+	s.log.Info("recording the log size that bounds retired keys", "size", size)
+	return s.c.sealRetired(ctx, size)
+}

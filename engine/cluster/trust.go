@@ -1,0 +1,183 @@
+package cluster
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"time"
+
+	"github.com/kilnbuild/kiln/engine/attest/keys"
+	"github.com/nats-io/nats.go/jetstream"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+)
+
+// The trust set lives in the KILN_TRUST bucket: key.<keyid> holds an admitted executor
+// key (keys.PublicKey: PEM and validity), log the sequencer's log verifier key. Only
+// an operator may write it: give frontends, workers and the sequencer NATS credentials
+// that deny publishing to $KV.KILN_TRUST.> (the sequencer needs key.* and log, see
+// docs/cluster.md); a verifier reads it with --cluster.
+
+// SourceCluster marks keys admitted to a cluster's trust set.
+const SourceCluster = "cluster"
+
+func trustKey(id string) string { return "key." + id }
+
+const logKeyName = "log"
+
+// TrustSet reads the cluster's trust set: every admitted key with its validity, and
+// the log key once a sequencer has published it.
+func (c *Conn) TrustSet(ctx context.Context) (keys.Trust, error) {
+	exp := keys.Export{}
+	lister, err := c.Trust.ListKeys(ctx)
+	if err != nil && !errors.Is(err, jetstream.ErrNoKeysFound) {
+		return keys.Trust{}, c.wrap(err, "read the trust set")
+	}
+	if lister != nil {
+		for k := range lister.Keys() {
+			e, err := c.Trust.Get(ctx, k)
+			if err != nil {
+				continue
+			}
+			switch {
+			case k == logKeyName:
+				if err := json.Unmarshal(e.Value(), &exp.Log); err != nil {
+					return keys.Trust{}, status.Errorf(codes.DataLoss, "trust set: log key: %v", err)
+				}
+			case len(k) > 4 && k[:4] == "key.":
+				var p keys.PublicKey
+				if err := json.Unmarshal(e.Value(), &p); err != nil {
+					return keys.Trust{}, status.Errorf(codes.DataLoss, "trust set: %s: %v", k, err)
+				}
+				exp.Keys = append(exp.Keys, p)
+			}
+		}
+	}
+	if len(exp.Keys) == 0 {
+		t := keys.Trust{}
+		if exp.Log.VKey != "" {
+			t.Log = &exp.Log
+		}
+		return t, nil
+	}
+	b, _ := json.Marshal(exp)
+	t, err := keys.ParseTrust(b) // checks every key id against its public key
+	if err != nil {
+		return keys.Trust{}, status.Errorf(codes.DataLoss, "trust set: %v", status.Convert(err).Message())
+	}
+	return t, nil
+}
+
+// AdmitKeys adds the keys in data (PEM public keys, or `kiln attest pubkey --json`) to
+// the trust set and returns them. A key admitted before stays as it is; a retired key
+// cannot be admitted again (its links after retirement must keep failing).
+func (c *Conn) AdmitKeys(ctx context.Context, data []byte, now time.Time) ([]keys.PublicKey, error) {
+	t, err := keys.ParseTrust(data)
+	if err != nil {
+		return nil, err
+	}
+	var out []keys.PublicKey
+	for _, k := range t.Keys {
+		p := keys.PublicKey{KeyID: k.KeyID, PEM: k.PEM, Source: SourceCluster, NotBefore: now.UTC()}
+		b, _ := json.Marshal(p)
+		_, err := c.Trust.Create(ctx, trustKey(k.KeyID), b)
+		if errors.Is(err, jetstream.ErrKeyExists) {
+			e, gerr := c.Trust.Get(ctx, trustKey(k.KeyID))
+			if gerr != nil {
+				return out, c.wrap(gerr, "admit key %s", k.KeyID)
+			}
+			if err := json.Unmarshal(e.Value(), &p); err != nil {
+				return out, status.Errorf(codes.DataLoss, "trust set: key %s: %v", k.KeyID, err)
+			}
+			if !p.Active() {
+				return out, status.Errorf(codes.FailedPrecondition, "key %s was retired on %s; a retired key cannot be admitted again (give the worker a new key)", k.KeyID, p.NotAfter.Format(time.RFC3339))
+			}
+		} else if err != nil {
+			return out, c.wrap(err, "admit key %s", k.KeyID)
+		}
+		out = append(out, p)
+	}
+	return out, nil
+}
+
+// RetireKey retires an admitted key: from now on the sequencer logs no link it signed
+// that was not pending already, and records the log size that bounds its links
+// (keys.PublicKey.NotAfterLogSize), which verifiers enforce.
+func (c *Conn) RetireKey(ctx context.Context, id string, now time.Time) (keys.PublicKey, error) {
+	for {
+		e, err := c.Trust.Get(ctx, trustKey(id))
+		if errors.Is(err, jetstream.ErrKeyNotFound) || errors.Is(err, jetstream.ErrKeyDeleted) {
+			return keys.PublicKey{}, status.Errorf(codes.NotFound, "key %s is not in the cluster's trust set", id)
+		}
+		if err != nil {
+			return keys.PublicKey{}, c.wrap(err, "retire key %s", id)
+		}
+		var p keys.PublicKey
+		if err := json.Unmarshal(e.Value(), &p); err != nil {
+			return keys.PublicKey{}, status.Errorf(codes.DataLoss, "trust set: key %s: %v", id, err)
+		}
+		if !p.Active() {
+			return p, nil
+		}
+		t := now.UTC()
+		p.NotAfter = &t
+		b, _ := json.Marshal(p)
+		if _, err := c.Trust.Update(ctx, trustKey(id), b, e.Revision()); err == nil {
+			return p, nil
+		} else if !errors.Is(err, jetstream.ErrKeyRevisionMismatch) && !errors.Is(err, jetstream.ErrKeyExists) {
+			return keys.PublicKey{}, c.wrap(err, "retire key %s", id)
+		}
+	}
+}
+
+// sealRetired records size as the bound of every retired key that has none yet (the
+// sequencer calls it with its log's size once the links pending at retirement are
+// logged).
+func (c *Conn) sealRetired(ctx context.Context, size uint64) error {
+	t, err := c.TrustSet(ctx)
+	if err != nil {
+		return err
+	}
+	for _, k := range t.Keys {
+		if k.Active() || k.NotAfterLogSize != nil {
+			continue
+		}
+		e, err := c.Trust.Get(ctx, trustKey(k.KeyID))
+		if err != nil {
+			return c.wrap(err, "seal key %s", k.KeyID)
+		}
+		var p keys.PublicKey
+		if err := json.Unmarshal(e.Value(), &p); err != nil {
+			return status.Errorf(codes.DataLoss, "trust set: key %s: %v", k.KeyID, err)
+		}
+		n := size
+		p.NotAfterLogSize = &n
+		b, _ := json.Marshal(p)
+		if _, err := c.Trust.Update(ctx, trustKey(k.KeyID), b, e.Revision()); err != nil {
+			return c.wrap(err, "seal key %s", k.KeyID)
+		}
+	}
+	return nil
+}
+
+// publishLogKey puts the sequencer's log verifier key into the trust set; a different
+// one there already is refused (two sequencers, or a replaced one: an operator decides).
+func (c *Conn) publishLogKey(ctx context.Context, lk keys.LogKey) error {
+	b, _ := json.Marshal(lk)
+	_, err := c.Trust.Create(ctx, logKeyName, b)
+	if err == nil {
+		return nil
+	}
+	if !errors.Is(err, jetstream.ErrKeyExists) {
+		return c.wrap(err, "publish the log key")
+	}
+	e, err := c.Trust.Get(ctx, logKeyName)
+	if err != nil {
+		return c.wrap(err, "publish the log key")
+	}
+	var have keys.LogKey
+	if json.Unmarshal(e.Value(), &have) == nil && have.VKey == lk.VKey {
+		return nil
+	}
+	return status.Errorf(codes.FailedPrecondition, "the cluster's log key is %s, not this sequencer's (%s): is another sequencer running, on another data dir? (one sequencer per cluster; to move it to a new data dir, an operator first deletes the old key: nats kv del KILN_TRUST log)", have.VKey, lk.VKey)
+}
