@@ -258,6 +258,26 @@ func (e *Executor) FetchInputs(ctx context.Context, a *Action, mem *limits.Charg
 	return nil
 }
 
+// AdmitInputs reads and validates a's input tree (FetchInputs) as client's work, what
+// it holds charged to client's share of mem (either may be nil: not bounded). The
+// caller releases the returned charge when it lets go of a's inputs.
+func (e *Executor) AdmitInputs(ctx context.Context, client string, a *Action, mem *limits.Budget, work *limits.Work) (*limits.Charge, error) {
+	charge, err := mem.Charge(client, "the input tree of an execution", 0)
+	if err != nil {
+		return nil, err
+	}
+	release, err := work.Acquire(ctx, client)
+	if err == nil {
+		err = e.FetchInputs(ctx, a, charge)
+		release()
+	}
+	if err != nil {
+		charge.Release()
+		return nil, err
+	}
+	return charge, nil
+}
+
 // LoadAction reads and validates an action and its command. Absent blobs are
 // FAILED_PRECONDITION with MISSING violations, invalid ones INVALID_ARGUMENT.
 func (e *Executor) LoadAction(ctx context.Context, d cache.Digest) (*Action, error) {

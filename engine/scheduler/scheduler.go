@@ -313,14 +313,7 @@ func (s *Scheduler) admit(ctx context.Context, req execution.Request, a *executo
 			return h, err
 		}
 	}
-	if h.mem, err = s.cfg.Memory.Charge(req.Client, "the input tree of an execution", 0); err == nil {
-		var release func()
-		if release, err = s.cfg.Work.Acquire(ctx, req.Client); err == nil {
-			err = s.exec.FetchInputs(ctx, a, h.mem)
-			release()
-		}
-	}
-	if err != nil {
+	if h.mem, err = s.exec.AdmitInputs(ctx, req.Client, a, s.cfg.Memory, s.cfg.Work); err != nil {
 		h.done()
 		return held{}, err
 	}
