@@ -8,8 +8,6 @@ import (
 	"encoding/hex"
 	"fmt"
 	"io"
-	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -193,7 +191,7 @@ func TestHostileDiskBounds(t *testing.T) {
 		t.Fatalf("frame declaring 2^62 bytes: %v, want RESOURCE_EXHAUSTED", err)
 	}
 	t.Logf("2^62-byte declaration refused in %v: %v", time.Since(start), err)
-	if n := tempBytes(t, srv.Data); n > 0 {
+	if n := srv.TempBytes(t); n > 0 {
 		t.Fatalf("%d bytes left in the store's temp area", n)
 	}
 	big, bd := randomBlob(t, 80<<20)
@@ -206,26 +204,13 @@ func TestHostileDiskBounds(t *testing.T) {
 	if size, temp := srv.Metric(t, "kiln_store_size_bytes"), srv.Metric(t, "kiln_store_temp_bytes"); size+temp > 64<<20 {
 		t.Fatalf("store %v + temp %v bytes over the 64 MiB bound (%v)", size, temp, &c)
 	}
-	if n := tempBytes(t, srv.Data); n > 64<<20 {
+	if n := srv.TempBytes(t); n > 64<<20 {
 		t.Fatalf("%d bytes in the store's temp area, over the 64 MiB bound", n)
 	}
 	fits, fd := randomBlob(t, 30<<20)
 	if err := honestWrite(ctx, conn, fits, fd, true); err != nil {
 		t.Fatalf("30 MiB blob into a 64 MiB store after the attack: %v", err)
 	}
-}
-
-// tempBytes sums the files in the store's temp area.
-func tempBytes(t *testing.T, data string) int64 {
-	t.Helper()
-	var n int64
-	ents, _ := os.ReadDir(filepath.Join(data, "store", "tmp"))
-	for _, e := range ents {
-		if info, err := e.Info(); err == nil {
-			n += info.Size()
-		}
-	}
-	return n
 }
 
 // TestHostileLeniency (case 8): what docs/serve.md says is refused, the real server

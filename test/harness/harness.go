@@ -260,6 +260,35 @@ func Context(t testing.TB, d time.Duration) context.Context {
 	return ctx
 }
 
+// TempBytes sums the store's temporary files: those named in its tmp directory and
+// those without a name (O_TMPFILE, or removed while open) the server holds open there.
+func (s *Server) TempBytes(t testing.TB) int64 {
+	t.Helper()
+	tmp := filepath.Join(s.Data, "store", "tmp")
+	var n int64
+	ents, _ := os.ReadDir(tmp)
+	for _, e := range ents {
+		if info, err := e.Info(); err == nil {
+			n += info.Size()
+		}
+	}
+	fds := fmt.Sprintf("/proc/%d/fd", s.cmd.Process.Pid)
+	ents, err := os.ReadDir(fds)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range ents {
+		link, err := os.Readlink(filepath.Join(fds, e.Name()))
+		if err != nil || !strings.HasPrefix(link, tmp+"/") || !strings.HasSuffix(link, " (deleted)") {
+			continue
+		}
+		if info, err := os.Stat(filepath.Join(fds, e.Name())); err == nil {
+			n += info.Size()
+		}
+	}
+	return n
+}
+
 // PeakRSS is the server process's peak resident memory so far (VmHWM), in bytes.
 func (s *Server) PeakRSS(t testing.TB) int64 {
 	t.Helper()
