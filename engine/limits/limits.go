@@ -635,7 +635,7 @@ type callBucket struct {
 }
 
 // DefaultClientCalls is the default rate of calls per client and second.
-const DefaultClientCalls = 200
+const DefaultClientCalls = 1000
 
 // NewCalls returns a limit of rate calls per second per client (0: DefaultClientCalls)
 // with a burst of twice as many, counting refusals in b's metric.

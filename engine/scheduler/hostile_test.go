@@ -139,3 +139,55 @@ func TestClientQueuedLimit(t *testing.T) {
 		t.Fatalf("after the executions %d queue slots and %d bytes are still held", n, used)
 	}
 }
+
+// TestAdmissionWaitRunsNothingTwice: an Execute whose admission waited for its client's
+// work while an identical execution ran and ended is answered from the action cache;
+// the action does not run a second time.
+func TestAdmissionWaitRunsNothingTwice(t *testing.T) {
+	work := limits.NewWork(1)
+	e, _ := newLimitedEnv(t, 1, func(c *SchedulerConfig) { c.Work = work })
+	root := e.Put(t, &repb.Directory{})
+	d := e.Action(t, &repb.Command{Arguments: []string{"write", "o", "x"}, OutputFiles: []string{"o"}}, root, nil)
+	release, err := work.Acquire(context.Background(), "b") // b's admission waits for this
+	if err != nil {
+		t.Fatal(err)
+	}
+	type submitted struct {
+		w   execution.Watch
+		err error
+	}
+	second := make(chan submitted, 1)
+	go func() {
+		w, err := e.sched.Submit(context.Background(), execution.Request{ActionDigest: d, Client: "b"})
+		second <- submitted{w, err}
+	}()
+	// b is past the cache lookup (a miss) once it holds a queue slot.
+	for deadline := time.Now().Add(30 * time.Second); e.sched.queuedSlots.InUse("b") == 0; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the second Execute never reached its admission")
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	w, err := e.sched.Submit(ctx, execution.Request{ActionDigest: d, Client: "a"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp, err := execution.Response(ctx, w); err != nil || resp.GetStatus().GetCode() != 0 || resp.GetCachedResult() {
+		t.Fatalf("first execution: %v %v", resp, err)
+	}
+	w.Close()
+	release()
+	s := <-second
+	if s.err != nil {
+		t.Fatal(s.err)
+	}
+	defer s.w.Close()
+	resp, err := execution.Response(ctx, s.w)
+	if err != nil || !resp.GetCachedResult() {
+		t.Fatalf("the Execute that waited: %v %v, want the cached result", resp, err)
+	}
+	if n := e.Sandbox.Runs.Load(); n != 1 {
+		t.Fatalf("the action ran %d times", n)
+	}
+}

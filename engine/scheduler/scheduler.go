@@ -214,15 +214,10 @@ func (s *Scheduler) Submit(ctx context.Context, req execution.Request) (executio
 	}
 	submitted := time.Now()
 	if !req.SkipCacheLookup {
-		if r, err := s.exec.CachedResult(ctx, req.Instance, req.ActionDigest); err == nil {
-			s.mExec.WithLabelValues("cached").Inc()
-			ex := &flight{action: req.ActionDigest, changed: make(chan struct{})}
-			resp := &repb.ExecuteResponse{Result: r, CachedResult: true, Status: execution.StatusProto(nil)}
-			s.finish(ex, resp)
-			s.observe(Finished{Instance: req.Instance, Action: req.ActionDigest, Owners: []string{req.Owner}, Submitted: submitted, Done: time.Now(), Outcome: "cached", Response: resp})
-			return s.newOp(ex, req.Owner), nil
-		} else if status.Code(err) != codes.NotFound {
+		if w, err := s.cached(ctx, req, submitted); err != nil {
 			return nil, err
+		} else if w != nil {
+			return w, nil
 		}
 	}
 	key := ""
@@ -245,6 +240,18 @@ func (s *Scheduler) Submit(ctx context.Context, req execution.Request) (executio
 				Response: &repb.ExecuteResponse{Status: execution.StatusProto(err)}})
 		}
 		return nil, err
+	}
+	if key != "" && !req.SkipCacheLookup {
+		// Admitting may have waited for the client's work: an execution of the same
+		// action may have ended meanwhile, its result cached (or start below).
+		w, err := s.cached(ctx, req, submitted)
+		if err != nil || w != nil {
+			h.done()
+			if err != nil {
+				return nil, err
+			}
+			return w, nil
+		}
 	}
 	s.mu.Lock()
 	if key != "" {
@@ -275,6 +282,22 @@ func (s *Scheduler) Submit(ctx context.Context, req execution.Request) (executio
 	// Queued is wall-clock time, as the executor's own timestamps in the result are.
 	go s.run(opCtx, ex, executor.Request{Instance: req.Instance, ActionDigest: req.ActionDigest, Queued: submitted, RequestedBy: req.Owner}, a, h)
 	return w, nil
+}
+
+// cached answers req from the action cache: a finished operation, or nil on a miss.
+func (s *Scheduler) cached(ctx context.Context, req execution.Request, submitted time.Time) (*watch, error) {
+	r, err := s.exec.CachedResult(ctx, req.Instance, req.ActionDigest)
+	if status.Code(err) == codes.NotFound {
+		return nil, nil
+	} else if err != nil {
+		return nil, err
+	}
+	s.mExec.WithLabelValues("cached").Inc()
+	ex := &flight{action: req.ActionDigest, changed: make(chan struct{})}
+	resp := &repb.ExecuteResponse{Result: r, CachedResult: true, Status: execution.StatusProto(nil)}
+	s.finish(ex, resp)
+	s.observe(Finished{Instance: req.Instance, Action: req.ActionDigest, Owners: []string{req.Owner}, Submitted: submitted, Done: time.Now(), Outcome: "cached", Response: resp})
+	return s.newOp(ex, req.Owner), nil
 }
 
 // merge joins owner to the execution of key in flight, if there is one.
