@@ -513,6 +513,15 @@ func (s *Signer) LogSize(ctx context.Context) (uint64, error) {
 	return s.log.Size(ctx)
 }
 
+// Checkpoint has the log publish a checkpoint covering every link appended so far
+// (the sequencer, before it copies the log to shared storage).
+func (s *Signer) Checkpoint(ctx context.Context) error {
+	if s.log == nil {
+		return status.Error(codes.FailedPrecondition, "attest: this signer has no log of its own")
+	}
+	return s.log.Checkpoint(ctx)
+}
+
 func (s *Signer) enqueue(p *pending) {
 	s.mu.Lock()
 	s.waiting++
