@@ -20,10 +20,8 @@ const daemonEnv = "KILN_SANDBOX_DAEMON"
 //
 // When the binary embeds the sandbox daemon (kiln built by `make build`, with the
 // build tag sandboxd), the sandboxes are created by kiln-sandboxd, a small child
-// process that links only this package and libcontainer, so that the container init
-// libcontainer re-executes for every sandbox is that small binary, not the whole of
-// kiln. Otherwise they are created from this process. Both behave the same; see
-// docs/sandbox.md.
+// process that links only this package. Otherwise they are created from this
+// process. Both behave the same; see docs/sandbox.md.
 type Runner struct {
 	impl interface {
 		Run(ctx context.Context, spec Spec) (Result, error)

@@ -2,9 +2,11 @@ package sandbox_test
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"sort"
 	"strconv"
 	"strings"
@@ -21,13 +23,10 @@ import (
 // (bwrap --unshare-all --ro-bind ROOT / --dev /dev --proc /proc /bin/true) and a bare
 // fork/exec of /bin/true, and reports p50/p95 of each, their ratios, and CPU per run.
 //
-// kiln's sandboxes are created three ways, each cold (prepared on demand) and warm
+// kiln's sandboxes are created two ways, each cold (prepared on demand) and warm
 // (Prestart: 1). sandboxd-*: through kiln-sandboxd, built as `make build` builds it,
-// which is what kiln built by make does. kilnexe-*: through the same protocol with
-// the whole kiln binary (built without the daemon) as the daemon, so that kiln is
-// what libcontainer re-executes as each container's init, as it was before kiln had
-// a daemon (plus the protocol's cost). inproc-*: from this test process, whose
-// binary is then the init.
+// which is what kiln built by make does. inproc-*: from this test process, as kiln
+// built without the daemon (or with KILN_SANDBOX_DAEMON=0) does.
 //
 //	go test -tags seccomp -run '^$' -bench SandboxOverhead -benchtime 200x ./sandbox/
 func BenchmarkSandboxOverhead(b *testing.B) {
@@ -42,14 +41,6 @@ func BenchmarkSandboxOverhead(b *testing.B) {
 		}
 		b.Skip("bubblewrap not installed")
 	}
-	kilnExe := filepath.Join(b.TempDir(), "kiln")
-	if out, err := exec.Command("go", "build", "-tags", "seccomp", "-o", kilnExe, "github.com/kilnbuild/kiln/cmd/kiln").CombinedOutput(); err != nil {
-		b.Fatalf("building kiln: %v\n%s", err, out)
-	}
-	kilnBin, err := os.ReadFile(kilnExe)
-	if err != nil {
-		b.Fatal(err)
-	}
 	runner := func(cfg sandbox.Config, daemon []byte) *sandbox.Runner {
 		cfg.StateDir = b.TempDir()
 		r, err := sandbox.New(context.Background(), sandbox.ConfigFor(cfg, daemon))
@@ -62,8 +53,6 @@ func BenchmarkSandboxOverhead(b *testing.B) {
 	runners := map[string]*sandbox.Runner{
 		"sandboxd-cold": runner(sandbox.Config{}, env.daemon),
 		"sandboxd-warm": runner(sandbox.Config{Prestart: 1}, env.daemon),
-		"kilnexe-cold":  runner(sandbox.Config{}, kilnBin),
-		"kilnexe-warm":  runner(sandbox.Config{Prestart: 1}, kilnBin),
 		"inproc-cold":   runner(sandbox.Config{}, nil),
 		"inproc-warm":   runner(sandbox.Config{Prestart: 1}, nil),
 	}
@@ -94,7 +83,7 @@ func BenchmarkSandboxOverhead(b *testing.B) {
 	for name, r := range runners {
 		runs[name] = kiln(r)
 	}
-	kilns := []string{"sandboxd-cold", "sandboxd-warm", "kilnexe-cold", "kilnexe-warm", "inproc-cold", "inproc-warm"}
+	kilns := []string{"sandboxd-cold", "sandboxd-warm", "inproc-cold", "inproc-warm"}
 	order := append(append([]string(nil), kilns...), "bwrap", "bare")
 	for _, name := range order { // warm up caches and the Runners' root overlays
 		if err := runs[name](); err != nil {
@@ -152,8 +141,8 @@ func BenchmarkSandboxOverhead(b *testing.B) {
 		b.ReportMetric(cpu[k]/cpu["bwrap"], k+"/bwrap-cpu")
 	}
 	for _, w := range []string{"cold", "warm"} {
-		b.ReportMetric(cpu["sandboxd-"+w]/cpu["kilnexe-"+w], "sandboxd/kilnexe-"+w+"-cpu")
-		b.ReportMetric(pct(times["sandboxd-"+w], 0.50)/pct(times["kilnexe-"+w], 0.50), "sandboxd/kilnexe-"+w+"-p50")
+		b.ReportMetric(cpu["sandboxd-"+w]/cpu["inproc-"+w], "sandboxd/inproc-"+w+"-cpu")
+		b.ReportMetric(pct(times["sandboxd-"+w], 0.50)/pct(times["inproc-"+w], 0.50), "sandboxd/inproc-"+w+"-p50")
 	}
 	b.ReportMetric(0, "ns/op")
 }
@@ -217,4 +206,96 @@ func BenchmarkRunPrestart(b *testing.B) {
 			b.Fatal(err)
 		}
 	}
+}
+
+// BenchmarkConcurrency keeps KILN_BENCH_CONC (default 6) sandboxes busy at once, each
+// running a command that computes for KILN_BENCH_WORK iterations of a shell loop
+// (default 2000, some milliseconds), and reports the runs per second and how busy
+// the machine's CPUs were (CPU time of this process, its sandbox daemon and
+// everything they reaped, over wall time times the CPU count): with more sandboxes
+// than CPUs, anything that serializes their set-up or tear-down leaves CPUs idle.
+//
+//	go test -tags seccomp -run '^$' -bench Concurrency -benchtime 200x ./sandbox/
+func BenchmarkConcurrency(b *testing.B) {
+	conc, work := 6, 2000
+	if v, err := strconv.Atoi(os.Getenv("KILN_BENCH_CONC")); err == nil && v > 0 {
+		conc = v
+	}
+	if v, err := strconv.Atoi(os.Getenv("KILN_BENCH_WORK")); err == nil && v >= 0 {
+		work = v
+	}
+	prestart := 0
+	if v, err := strconv.Atoi(os.Getenv("KILN_BENCH_PRESTART")); err == nil && v >= 0 {
+		prestart = v
+	}
+	r := newRunnerWith(b, sandbox.Config{Prestart: prestart})
+	spec := sandbox.Spec{
+		RootFS: env.rootfs, Env: []string{"PATH=/bin"},
+		Args: []string{"/bin/sh", "-c", "i=0; while [ $i -lt " + strconv.Itoa(work) + " ]; do i=$((i+1)); done"},
+	}
+	ctx := context.Background()
+	if _, err := r.Run(ctx, spec); err != nil {
+		b.Fatal(err)
+	}
+	daemon := sandbox.DaemonPid(r)
+	jobs := make(chan struct{})
+	errs := make(chan error, conc)
+	done := make(chan struct{})
+	for g := 0; g < conc; g++ {
+		go func() {
+			for range jobs {
+				res, err := r.Run(ctx, spec)
+				if err == nil && res.ExitCode != 0 {
+					err = fmt.Errorf("exit %d", res.ExitCode)
+				}
+				if err != nil {
+					errs <- err
+				}
+			}
+			done <- struct{}{}
+		}()
+	}
+	before := cpuTime(b, daemon)
+	idle0, total0 := hostIdle(b)
+	start := time.Now()
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		jobs <- struct{}{}
+	}
+	close(jobs)
+	for g := 0; g < conc; g++ {
+		<-done
+	}
+	b.StopTimer()
+	wall := time.Since(start)
+	cpu := cpuTime(b, daemon) - before
+	idle1, total1 := hostIdle(b)
+	select {
+	case err := <-errs:
+		b.Fatal(err)
+	default:
+	}
+	b.ReportMetric(float64(b.N)/wall.Seconds(), "runs/s")
+	b.ReportMetric(100*cpu.Seconds()/(wall.Seconds()*float64(runtime.NumCPU())), "cpu-busy-%")
+	b.ReportMetric(float64(cpu.Microseconds())/1000/float64(b.N), "cpu-ms/run")
+	b.ReportMetric(100*float64(idle1-idle0)/float64(total1-total0), "host-idle-%")
+	b.ReportMetric(0, "ns/op")
+}
+
+// hostIdle returns the idle and total jiffies of all CPUs (/proc/stat): what the
+// machine did not use, whoever else runs on it.
+func hostIdle(b *testing.B) (idle, total uint64) {
+	st, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		b.Fatal(err)
+	}
+	line, _, _ := strings.Cut(string(st), "\n")
+	for i, f := range strings.Fields(line)[1:] {
+		v, _ := strconv.ParseUint(f, 10, 64)
+		total += v
+		if i == 3 || i == 4 { // idle, iowait
+			idle += v
+		}
+	}
+	return idle, total
 }

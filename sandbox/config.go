@@ -10,19 +10,16 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"sync"
 
-	"github.com/opencontainers/cgroups"
 	devices "github.com/opencontainers/cgroups/devices/config"
-	"github.com/opencontainers/runc/libcontainer/configs"
-
-	"github.com/kilnbuild/kiln/sandbox/internal/trampoline"
-	"github.com/kilnbuild/kiln/sandbox/seccomp"
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
-	// Registers the devices cgroup controller, needed for the device rules below.
-	_ "github.com/opencontainers/cgroups/devices"
+	"github.com/kilnbuild/kiln/sandbox/internal/spawn"
+	"github.com/kilnbuild/kiln/sandbox/internal/trampoline"
+	"github.com/kilnbuild/kiln/sandbox/seccomp"
 )
 
 // normalize validates spec and fills its defaults; the result is what runs and what
@@ -200,9 +197,17 @@ const (
 	mntNoSuidDevExec = unix.MS_NOSUID | unix.MS_NODEV | unix.MS_NOEXEC
 )
 
+// device is a device node of the sandbox's /dev.
+type device struct {
+	Path  string
+	Rule  devices.Rule
+	major uint32
+	minor uint32
+}
+
 // sandboxDevices are the only device nodes in /dev, and the only devices the
 // devices cgroup lets the command open.
-var sandboxDevices = []*devices.Device{
+var sandboxDevices = []*device{
 	charDev("/dev/null", 1, 3),
 	charDev("/dev/zero", 1, 5),
 	charDev("/dev/full", 1, 7),
@@ -211,10 +216,9 @@ var sandboxDevices = []*devices.Device{
 	charDev("/dev/tty", 5, 0),
 }
 
-func charDev(p string, major, minor int64) *devices.Device {
-	return &devices.Device{
-		Path:     p,
-		FileMode: 0o666,
+func charDev(p string, major, minor int64) *device {
+	return &device{
+		Path: p, major: uint32(major), minor: uint32(minor),
 		Rule: devices.Rule{
 			Type: devices.CharDevice, Major: major, Minor: minor,
 			Permissions: "rwm", Allow: true,
@@ -238,75 +242,95 @@ var readonlyPaths = []string{
 }
 
 // namespaces are the namespaces every sandbox gets (no user namespace: the Runner
-// runs as root and maps nothing; see docs/sandbox.md for rootless).
-var namespaces = configs.Namespaces{
-	{Type: configs.NEWNS}, {Type: configs.NEWUTS}, {Type: configs.NEWIPC},
-	{Type: configs.NEWPID}, {Type: configs.NEWNET}, {Type: configs.NEWCGROUP},
+// runs as root and maps nothing; see docs/sandbox.md for rootless). The cgroup
+// namespace is made after the sandbox joined its cgroups.
+var namespaces = []struct {
+	name string
+	flag int
+}{
+	{"NEWNS", unix.CLONE_NEWNS}, {"NEWUTS", unix.CLONE_NEWUTS}, {"NEWIPC", unix.CLONE_NEWIPC},
+	{"NEWPID", unix.CLONE_NEWPID}, {"NEWNET", unix.CLONE_NEWNET}, {"NEWCGROUP", 0},
 }
 
-// containerConfig turns a normalized Spec into a libcontainer configuration.
-func (r *localRunner) containerConfig(id, root string, s *Spec) *configs.Config {
-	umask := uint32(0o022)
-	mounts := []*configs.Mount{
-		{Source: "proc", Destination: "/proc", Device: "proc", Flags: mntNoSuidDevExec},
-		{Source: "tmpfs", Destination: "/dev", Device: "tmpfs", Flags: unix.MS_NOSUID | unix.MS_STRICTATIME, Data: "mode=755,size=64k"},
-		{Source: "devpts", Destination: "/dev/pts", Device: "devpts", Flags: unix.MS_NOSUID | unix.MS_NOEXEC, Data: "newinstance,ptmxmode=0666,mode=0620"},
-		{Source: "shm", Destination: "/dev/shm", Device: "tmpfs", Flags: mntNoSuidDevExec, Data: "mode=1777,size=" + strconv.FormatInt(s.Limits.TmpBytes, 10)},
-		{Source: "tmpfs", Destination: "/tmp", Device: "tmpfs", Flags: unix.MS_NOSUID | unix.MS_NODEV, Data: "mode=1777,size=" + strconv.FormatInt(s.Limits.TmpBytes, 10)},
+// fsMount is one of the file systems every sandbox mounts over its root.
+type fsMount struct {
+	Source, Target, Type string
+	Flags                uintptr
+	Data                 string
+}
+
+// sandboxMounts are the file systems mounted over the read-only root, in order.
+func sandboxMounts(s *Spec) []fsMount {
+	tmp := "mode=1777,size=" + strconv.FormatInt(s.Limits.TmpBytes, 10)
+	return []fsMount{
+		{"proc", "/proc", "proc", mntNoSuidDevExec, ""},
+		{"tmpfs", "/dev", "tmpfs", unix.MS_NOSUID | unix.MS_STRICTATIME, "mode=755,size=64k"},
+		{"devpts", "/dev/pts", "devpts", unix.MS_NOSUID | unix.MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620"},
+		{"shm", "/dev/shm", "tmpfs", mntNoSuidDevExec, tmp},
+		{"tmpfs", "/tmp", "tmpfs", unix.MS_NOSUID | unix.MS_NODEV, tmp},
 	}
-	var rules []*devices.Rule
-	rules = append(rules, &devices.Rule{Type: devices.WildcardDevice, Major: devices.Wildcard, Minor: devices.Wildcard, Permissions: "rwm", Allow: false})
+}
+
+// devLinks are the symbolic links of /dev (target, link).
+var devLinks = [][2]string{
+	{"/proc/self/fd", "/dev/fd"},
+	{"/proc/self/fd/0", "/dev/stdin"},
+	{"/proc/self/fd/1", "/dev/stdout"},
+	{"/proc/self/fd/2", "/dev/stderr"},
+	{"pts/ptmx", "/dev/ptmx"},
+}
+
+// setupSteps plans the file system of a sandbox for s on the mounted root: the
+// mounts over it, /dev, the bind mounts when binds is set (otherwise they are
+// attached later, see attachMounts), the pivot, then /proc's read-only and masked
+// paths. What the steps do is what policyDocument describes.
+func setupSteps(root string, s *Spec, binds bool) []spawn.Step {
+	var st []spawn.Step
+	in := func(p string) string { return root + p }
+	for _, m := range sandboxMounts(s) {
+		if m.Target == "/dev/pts" || m.Target == "/dev/shm" {
+			st = append(st, spawn.Step{Kind: spawn.Mkdir, Dst: in(m.Target), Mode: 0o755, Describe: "mkdir " + m.Target})
+		}
+		st = append(st, spawn.Step{Kind: spawn.Mount, Src: m.Source, Dst: in(m.Target), FSType: m.Type, Flags: m.Flags, Data: m.Data,
+			Describe: "mount " + m.Type + " on " + m.Target})
+	}
 	for _, d := range sandboxDevices {
-		rules = append(rules, &d.Rule)
+		st = append(st, spawn.Step{Kind: spawn.Mknod, Dst: in(d.Path), Mode: unix.S_IFCHR | 0o666, Dev: unix.Mkdev(d.major, d.minor),
+			Describe: "mknod " + d.Path})
 	}
-	res := &cgroups.Resources{
-		Memory:     s.Limits.MemoryBytes,
-		MemorySwap: s.Limits.MemoryBytes,
-		PidsLimit:  &s.Limits.Pids,
-		CpusetCpus: s.CPUs,
-		Devices:    rules,
+	for _, l := range devLinks {
+		st = append(st, spawn.Step{Kind: spawn.Symlink, Src: l[0], Dst: in(l[1]), Describe: "symlink " + l[1]})
 	}
-	if s.Limits.CPUs > 0 {
-		res.CpuPeriod = 100000
-		res.CpuQuota = int64(s.Limits.CPUs * 100000)
+	if binds {
+		for _, m := range lateMounts(s) {
+			var flags uintptr
+			if !m.Writable {
+				flags = unix.MS_RDONLY
+			}
+			st = append(st, spawn.Step{Kind: spawn.Bind, Src: m.Source, Dst: in(m.Target), Flags: flags,
+				Describe: "bind " + m.Source + " on " + m.Target})
+		}
 	}
-	cfg := &configs.Config{
-		Rootfs:            root,
-		Readonlyfs:        true,
-		RootPropagation:   unix.MS_PRIVATE | unix.MS_REC,
-		Umask:             &umask,
-		Mounts:            mounts,
-		Devices:           sandboxDevices,
-		Hostname:          s.Hostname,
-		Namespaces:        namespaces,
-		Capabilities:      &configs.Capabilities{},
-		Networks:          []*configs.Network{{Type: "loopback", Address: "127.0.0.1/8", Gateway: "localhost"}},
-		MaskPaths:         maskedPaths,
-		ReadonlyPaths:     readonlyPaths,
-		NoNewPrivileges:   true,
-		Seccomp:           seccomp.Config(),
-		ParentDeathSignal: int(unix.SIGKILL),
-		Rlimits: []configs.Rlimit{
-			{Type: unix.RLIMIT_NOFILE, Hard: s.Limits.OpenFiles, Soft: s.Limits.OpenFiles},
-			{Type: unix.RLIMIT_CORE, Hard: 0, Soft: 0},
-		},
-		Cgroups: &cgroups.Cgroup{
-			Parent:    r.cgName,
-			Name:      id,
-			Resources: res,
-		},
+	st = append(st, spawn.Step{Kind: spawn.Pivot, Dst: root, Describe: "pivot_root"})
+	for _, p := range readonlyPaths {
+		st = append(st, spawn.Step{Kind: spawn.ReadOnly, Dst: p, Describe: "read-only " + p})
 	}
-	return cfg
+	for _, p := range maskedPaths {
+		st = append(st, spawn.Step{Kind: spawn.Mask, Src: "/dev/null", Dst: p, Describe: "mask " + p})
+	}
+	return st
 }
 
 // policyVersion names the layout of the policy description below; bump it when the
-// description or the isolation it describes changes.
-const policyVersion = "kiln-sandbox-policy/1"
+// description or the isolation it describes changes. 2: sandboxes are set up by
+// kiln's own spawn code (its digest is "setup") instead of libcontainer's init.
+const policyVersion = "kiln-sandbox-policy/2"
 
 // policy is the canonical description of the isolation a Spec gets. It holds no host
 // path, host name or variation knob, so equal limits give equal digests everywhere.
 type policy struct {
 	Version       string         `json:"version"`
+	Setup         string         `json:"setup"` // sha256 of the set-up code (sandbox/internal/spawn/spawn.c)
 	Seccomp       string         `json:"seccomp"`
 	SeccompDigest string         `json:"seccomp_digest"`
 	Init          string         `json:"init"` // sha256 of kiln-init
@@ -329,42 +353,44 @@ type policyMount struct {
 	Data   string `json:"data,omitempty"`
 }
 
-// policyDocument describes the isolation policy of cfg, the configuration built for s,
-// as canonical JSON, and names it "sha256:<hex>". It reads the applied configuration,
-// so it cannot drift from it.
-func policyDocument(s *Spec, cfg *configs.Config) ([]byte, string) {
+// policyDocument describes the isolation policy a sandbox for s gets, as canonical
+// JSON, and names it "sha256:<hex>". It reads the same tables setupSteps and the
+// cgroups are made from, so it cannot drift from them.
+func policyDocument(s *Spec) ([]byte, string) {
 	p := policy{
 		Version:       policyVersion,
+		Setup:         setupDigest,
 		Seccomp:       seccomp.Version,
-		SeccompDigest: seccomp.Digest(),
+		SeccompDigest: seccompDigest(),
 		Init:          initDigest,
 		Capabilities:  []string{},
-		NoNewPrivs:    cfg.NoNewPrivileges,
+		NoNewPrivs:    true,
+		RootFS:        "read-only",
 		Network:       "private namespace, loopback only",
-		Masked:        cfg.MaskPaths,
-		ReadOnly:      cfg.ReadonlyPaths,
+		Masked:        maskedPaths,
+		ReadOnly:      readonlyPaths,
 		Limits: map[string]any{
-			"memory_bytes": cfg.Cgroups.Resources.Memory,
-			"memory_swap":  cfg.Cgroups.Resources.MemorySwap,
-			"pids":         *cfg.Cgroups.Resources.PidsLimit,
-			"cpu_quota":    cfg.Cgroups.Resources.CpuQuota,
-			"cpu_period":   cfg.Cgroups.Resources.CpuPeriod,
+			"memory_bytes": s.Limits.MemoryBytes,
+			"memory_swap":  s.Limits.MemoryBytes,
+			"pids":         s.Limits.Pids,
+			"cpu_quota":    int64(0),
+			"cpu_period":   uint64(0),
+			"rlimit_" + strconv.Itoa(unix.RLIMIT_NOFILE): [2]uint64{s.Limits.OpenFiles, s.Limits.OpenFiles},
+			"rlimit_" + strconv.Itoa(unix.RLIMIT_CORE):   [2]uint64{0, 0},
 		},
 	}
-	if cfg.Readonlyfs {
-		p.RootFS = "read-only"
+	if s.Limits.CPUs > 0 {
+		p.Limits["cpu_quota"] = int64(s.Limits.CPUs * 100000)
+		p.Limits["cpu_period"] = uint64(100000)
 	}
-	for _, rl := range cfg.Rlimits {
-		p.Limits["rlimit_"+strconv.Itoa(rl.Type)] = [2]uint64{rl.Soft, rl.Hard}
+	for _, ns := range namespaces {
+		p.Namespaces = append(p.Namespaces, ns.name)
 	}
-	for _, ns := range cfg.Namespaces {
-		p.Namespaces = append(p.Namespaces, string(ns.Type))
-	}
-	for _, d := range cfg.Devices {
+	for _, d := range sandboxDevices {
 		p.Devices = append(p.Devices, d.Path)
 	}
-	for _, m := range cfg.Mounts {
-		p.Mounts = append(p.Mounts, policyMount{Target: m.Destination, Type: m.Device, Mode: mountMode(m), Data: m.Data})
+	for _, m := range sandboxMounts(s) {
+		p.Mounts = append(p.Mounts, policyMount{Target: m.Target, Type: m.Type, Mode: mountMode(m.Flags), Data: m.Data})
 	}
 	for i, m := range lateMounts(s) {
 		target, mode := m.Target, "ro,nosuid,nodev"
@@ -384,16 +410,16 @@ func policyDocument(s *Spec, cfg *configs.Config) ([]byte, string) {
 	return b, "sha256:" + hex.EncodeToString(h[:])
 }
 
-func mountMode(m *configs.Mount) string {
+func mountMode(flags uintptr) string {
 	mode := "rw"
-	if m.Flags&unix.MS_RDONLY != 0 {
+	if flags&unix.MS_RDONLY != 0 {
 		mode = "ro"
 	}
 	for _, f := range []struct {
-		bit  int
+		bit  uintptr
 		name string
 	}{{unix.MS_NOSUID, "nosuid"}, {unix.MS_NODEV, "nodev"}, {unix.MS_NOEXEC, "noexec"}} {
-		if m.Flags&f.bit != 0 {
+		if flags&f.bit != 0 {
 			mode += "," + f.name
 		}
 	}
@@ -402,5 +428,13 @@ func mountMode(m *configs.Mount) string {
 
 var initDigest = func() string {
 	h := sha256.Sum256(trampoline.Binary)
+	return "sha256:" + hex.EncodeToString(h[:])
+}()
+
+// seccompDigest is seccomp.Digest, computed once: the profile is constant.
+var seccompDigest = sync.OnceValue(seccomp.Digest)
+
+var setupDigest = func() string {
+	h := sha256.Sum256(spawn.Source)
 	return "sha256:" + hex.EncodeToString(h[:])
 }()

@@ -83,13 +83,10 @@ func waitGone(t *testing.T, pid int) {
 	t.Fatalf("process %d is still alive", pid)
 }
 
-// requireNothingLeft fails t if a closed Runner's state dir still holds containers,
-// mounts or cgroups.
+// requireNothingLeft fails t if a closed Runner's state dir still holds mounts or
+// cgroups.
 func requireNothingLeft(t *testing.T, dir string) {
 	t.Helper()
-	if ents, _ := os.ReadDir(filepath.Join(dir, "containers")); len(ents) != 0 {
-		t.Errorf("containers left: %v", ents)
-	}
 	if n := mountsUnder(t, dir); n != 0 {
 		t.Errorf("%d mounts left", n)
 	}
@@ -107,8 +104,24 @@ func mountsUnder(t *testing.T, dir string) int {
 	return strings.Count(string(b), " "+dir+"/")
 }
 
-// TestSweepAfterCrash kills a process in the middle of a Run and checks that New on
-// the same state directory removes its container, cgroups and mounts.
+// cgroupProcesses lists the processes in the cgroups below dirs.
+func cgroupProcesses(dirs []string) []string {
+	var procs []string
+	for _, d := range dirs {
+		_ = filepath.WalkDir(d, func(p string, e os.DirEntry, err error) error {
+			if err == nil && e.Name() == "cgroup.procs" {
+				if b, _ := os.ReadFile(p); len(strings.TrimSpace(string(b))) > 0 {
+					procs = append(procs, p+": "+strings.Join(strings.Fields(string(b)), " "))
+				}
+			}
+			return nil
+		})
+	}
+	return procs
+}
+
+// TestSweepAfterCrash kills a process in the middle of a Run: its sandbox dies with
+// it, and New on the same state directory removes the cgroups and mounts left.
 func TestSweepAfterCrash(t *testing.T) {
 	need(t)
 	dir := t.TempDir()
@@ -151,19 +164,22 @@ func TestSweepAfterCrash(t *testing.T) {
 
 	state := filepath.Join(dir, "state")
 	cg := sandbox.CgroupName(state)
-	ctrs, _ := os.ReadDir(filepath.Join(state, "containers"))
-	if len(ctrs) == 0 || len(cgroupLeftovers(t, cg)) == 0 || mountsUnder(t, state) == 0 {
-		t.Fatalf("the crash left nothing to sweep (containers %d, cgroups %v, mounts %d): the test proves nothing",
-			len(ctrs), cgroupLeftovers(t, cg), mountsUnder(t, state))
+	if len(cgroupLeftovers(t, cg)) == 0 || mountsUnder(t, state) == 0 {
+		t.Fatalf("the crash left nothing to sweep (cgroups %v, mounts %d): the test proves nothing",
+			cgroupLeftovers(t, cg), mountsUnder(t, state))
+	}
+	// The sandbox died with the process that started it (parent-death signal on its
+	// PID 1, which takes its pid namespace along).
+	for i := 0; len(cgroupProcesses(cgroupLeftovers(t, cg))) > 0; i++ {
+		if i > 500 {
+			t.Fatalf("processes of the sandbox outlived the crash: %v", cgroupProcesses(cgroupLeftovers(t, cg)))
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 
 	r, err := sandbox.New(context.Background(), testConfig(sandbox.Config{StateDir: state}))
 	if err != nil {
 		t.Fatal(err)
-	}
-	ctrs, _ = os.ReadDir(filepath.Join(state, "containers"))
-	if len(ctrs) != 0 {
-		t.Errorf("containers left after the sweep: %v", ctrs)
 	}
 	if n := mountsUnder(t, state); n != 0 {
 		t.Errorf("%d mounts left under the state dir", n)

@@ -10,7 +10,6 @@ import (
 	"os"
 	"sync"
 
-	"github.com/opencontainers/runc/libcontainer/utils"
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -21,11 +20,11 @@ import (
 // kiln passed, and returns the exit status once kiln closes the Runner or goes away.
 func daemonMain() int {
 	// Nothing kiln passed (or leaked to us) may reach the container inits we start.
-	if err := utils.CloseExecFrom(3); err != nil {
+	if err := unix.CloseRange(3, ^uint(0), unix.CLOSE_RANGE_CLOEXEC); err != nil {
 		fmt.Fprintln(os.Stderr, "kiln-sandboxd:", err)
 		return 1
 	}
-	_ = unix.Close(daemonExeFD) // /proc/self/exe keeps our image; libcontainer execs that
+	_ = unix.Close(daemonExeFD) // /proc/self/exe keeps our image
 	f := os.NewFile(daemonConnFD, "kiln")
 	nc, err := net.FileConn(f)
 	f.Close()

@@ -113,7 +113,7 @@ func TestDaemonCrash(t *testing.T) {
 	// kiln warned, and the new daemon's sweep (logged by the daemon, forwarded to the
 	// Runner's logger) removed the dead one's sandbox.
 	if got := logs.messages(); !strings.Contains(got, "WARN sandbox: the sandbox daemon exited unexpectedly") ||
-		!strings.Contains(got, "INFO sandbox: swept leftover container id=k"+strconv.Itoa(first)+"-") {
+		!strings.Contains(got, "INFO sandbox: swept leftover sandbox id=k"+strconv.Itoa(first)+"-") {
 		t.Errorf("logs:\n%s", got)
 	}
 	if err := r.Close(); err != nil {

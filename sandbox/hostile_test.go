@@ -341,6 +341,25 @@ func TestHostile(t *testing.T) {
 		{name: "clone3 (flags unreadable by seccomp)", args: probe("clone3"), control: controlIs("ok", "clone3"), check: wantLine("errno=38")},
 		{name: "plain fork still works", args: probe("fork"), check: wantLine("ok")},
 
+		// --- the seccomp profile's edges ---
+		{name: "a system call newer than the profile gets ENOSYS", args: probe("syscall", "1000"),
+			control: controlIs("errno=38", "syscall", "1000"), check: wantLine("errno=38")},
+		{name: "a known system call the profile does not allow gets EPERM", args: probe("syscall", strconv.Itoa(int(syscall.SYS_ACCT))),
+			control: controlNotEPERM("syscall", strconv.Itoa(int(syscall.SYS_ACCT))), check: wantLine("errno=1")},
+		{name: "the 32-bit ABI kills the process", args: probe("int80"),
+			control: controlIs("ok", "int80"),
+			check: func(t *testing.T, o outcome) {
+				if o.res.Signal != int(syscall.SIGSYS) || o.stdout != "" {
+					t.Fatalf("result %+v stdout %q, want killed by SIGSYS before printing", o.res, o.stdout)
+				}
+			}},
+		{name: "the x32 ABI kills the process", args: probe("syscall", strconv.Itoa(0x40000000|int(syscall.SYS_GETPID))),
+			check: func(t *testing.T, o outcome) {
+				if o.res.Signal != int(syscall.SIGSYS) || o.stdout != "" {
+					t.Fatalf("result %+v stdout %q, want killed by SIGSYS before printing", o.res, o.stdout)
+				}
+			}},
+
 		// --- other processes, kernel interfaces ---
 		{name: "ptrace a child", args: probe("ptrace-child"), control: controlIs("ok", "ptrace-child"), check: wantLine("errno=1")},
 		{name: "ptrace kiln-init", args: probe("ptrace-pid", "1"), check: wantLine("errno=1")},

@@ -10,9 +10,9 @@ import (
 )
 
 // A pool keeps sandboxes prepared ahead of their command. Preparing (namespaces,
-// cgroups, mounts, seccomp, and above all starting libcontainer's Go init) is most
-// of a sandbox's cost; done in the background between commands, it leaves only the
-// bind mounts, the exec of kiln-init and the tear-down on a command's path. Each
+// cgroups, mounts, seccomp, the exec of kiln-init) is most of a sandbox's cost;
+// done in the background between commands, it leaves only the bind mounts and the
+// tear-down on a command's path. Each
 // prepared sandbox still runs exactly one command and is destroyed after it.
 //
 // Sandboxes are keyed by everything fixed at preparation (root, mount points, host
@@ -134,7 +134,7 @@ func (p *pool) refill(r *localRunner, s *Spec, key string) {
 		p.wg.Add(1)
 		go func() {
 			defer p.wg.Done()
-			sb, err := r.prepare(&spec, key)
+			sb, err := r.prepare(&spec, key, false)
 			p.mu.Lock()
 			p.inflight[key]--
 			keep := err == nil && !p.closed && p.isRecent(key)

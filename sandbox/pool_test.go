@@ -64,8 +64,8 @@ func TestCloseDestroysPreparedSandboxes(t *testing.T) {
 	}
 }
 
-// preparedInits lists the pids of kiln-init processes (comm "3": exec'd as
-// /proc/self/fd/3) whose parent is r's sandbox daemon, or this process.
+// preparedInits lists the pids of kiln-init processes (comm "memfd:kiln-init": exec'd
+// from its memory file) whose parent is r's sandbox daemon, or this process.
 func preparedInits(t *testing.T, r *sandbox.Runner) []int {
 	t.Helper()
 	parent := sandbox.DaemonPid(r)
@@ -86,7 +86,7 @@ func preparedInits(t *testing.T, r *sandbox.Runner) []int {
 		// pid (comm) state ppid ...
 		s := string(b)
 		i := strings.LastIndexByte(s, ')')
-		if i < 0 || !strings.HasSuffix(s[:i], "(3") {
+		if i < 0 || !strings.HasSuffix(s[:i], "(memfd:kiln-init") {
 			continue
 		}
 		f := strings.Fields(s[i+1:])
@@ -129,10 +129,10 @@ func TestDeadPreparedSandboxIsReplaced(t *testing.T) {
 	}
 }
 
-// TestThreadExitsDoNotKillSandboxes: containers are forked with a parent-death
-// signal, which Linux sends when the forking *thread* ends. Goroutines that lock
-// their thread and return end threads all the time (libcontainer does, while it
-// starts a container); sandboxes being started or waiting in the pool must survive.
+// TestThreadExitsDoNotKillSandboxes: sandboxes are started with a parent-death
+// signal, which Linux sends when the *thread* that started them ends. Goroutines that
+// lock their thread and return end threads all the time (kiln's own mount binding
+// does); sandboxes being started or waiting in the pool must survive.
 func TestThreadExitsDoNotKillSandboxes(t *testing.T) {
 	r := newRunnerWith(t, sandbox.Config{Prestart: 2})
 	stop := make(chan struct{})

@@ -10,20 +10,18 @@ import (
 	"runtime"
 	"sort"
 	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
 
-	"github.com/opencontainers/runc/libcontainer"
-	"github.com/opencontainers/runc/libcontainer/configs"
-	lcseccomp "github.com/opencontainers/runc/libcontainer/seccomp"
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/kilnbuild/kiln/sandbox/internal/spawn"
 	"github.com/kilnbuild/kiln/sandbox/internal/trampoline"
+	"github.com/kilnbuild/kiln/sandbox/seccomp"
 )
 
 // Config configures a Runner.
@@ -48,18 +46,19 @@ type Config struct {
 	inProcess bool
 }
 
-// localRunner runs sandboxes from this process with libcontainer: the in-process
-// implementation behind Runner, and what the sandbox daemon serves.
+// localRunner runs sandboxes from this process (package spawn starts each): the
+// in-process implementation behind Runner, and what the sandbox daemon serves.
 type localRunner struct {
 	log    *slog.Logger
 	dir    string // StateDir, absolute
-	ctrDir string // libcontainer state root
 	cgName string // cgroup parent name, unique to StateDir
+	cg     *cgroupParent
+	filter []unix.SockFilter // the compiled seccomp profile
 	lock   *os.File
 	init   *os.File // sealed memfd holding kiln-init
 	roots  *roots
 	pool   *pool
-	spawn  *spawner // threads that fork container processes
+	spawn  *spawner // threads that start sandbox processes
 
 	seq     atomic.Uint64
 	mu      sync.Mutex
@@ -72,7 +71,7 @@ type localRunner struct {
 // lock is dir's lock file when the caller already holds it (the daemon inherits it
 // from kiln); nil makes newLocal take it.
 func newLocal(ctx context.Context, dir string, cfg Config, lock *os.File) (*localRunner, error) {
-	if !lcseccomp.Enabled {
+	if !seccomp.Enabled || !spawn.Enabled {
 		return nil, status.Error(codes.FailedPrecondition, "sandbox: kiln was built without seccomp support (build with CGO_ENABLED=1 -tags seccomp)")
 	}
 	if len(trampoline.Binary) == 0 || !supportedArch {
@@ -91,7 +90,6 @@ func newLocal(ctx context.Context, dir string, cfg Config, lock *os.File) (*loca
 	r := &localRunner{
 		log:    log,
 		dir:    dir,
-		ctrDir: filepath.Join(dir, "containers"),
 		cgName: cgroupName(dir),
 		lock:   lock,
 		roots:  newRoots(filepath.Join(dir, "roots")),
@@ -101,13 +99,21 @@ func newLocal(ctx context.Context, dir string, cfg Config, lock *os.File) (*loca
 		lock.Close()
 		return nil, status.Errorf(codes.Internal, "sandbox: sweeping leftovers in %s: %v", dir, err)
 	}
-	for _, d := range []string{r.ctrDir, filepath.Join(dir, "roots", "mnt"), filepath.Join(dir, "roots", "skel")} {
+	for _, d := range []string{filepath.Join(dir, "roots", "mnt"), filepath.Join(dir, "roots", "skel")} {
 		if err := os.MkdirAll(d, 0o700); err != nil {
 			lock.Close()
 			return nil, status.Errorf(codes.Internal, "sandbox: state dir: %v", err)
 		}
 	}
 	var err error
+	if r.filter, err = seccomp.Compile(); err != nil {
+		lock.Close()
+		return nil, status.Errorf(codes.Internal, "sandbox: %v", err)
+	}
+	if r.cg, err = newCgroupParent(r.cgName); err != nil {
+		lock.Close()
+		return nil, status.Errorf(codes.Internal, "sandbox: cgroups: %v", err)
+	}
 	if r.init, err = trampoline.Memfd(); err != nil {
 		lock.Close()
 		return nil, status.Errorf(codes.Internal, "sandbox: kiln-init: %v", err)
@@ -188,15 +194,13 @@ func (r *localRunner) Run(ctx context.Context, spec Spec) (Result, error) {
 
 	key := poolKey(&s)
 	sb := r.pool.take(ctx, key)
-	if sb != nil {
-		if st, err := sb.ctr.Status(); err != nil || st != libcontainer.Running {
-			// Its kiln-init died while it waited (killed from outside): discard it.
-			sb.destroy(r.log)
-			sb = nil
-		}
+	if sb != nil && !sb.alive() {
+		// Its kiln-init died while it waited (killed from outside): discard it.
+		sb.destroy(r.log)
+		sb = nil
 	}
 	if sb == nil {
-		if sb, err = r.prepare(&s, key); err != nil {
+		if sb, err = r.prepare(&s, key, true); err != nil {
 			return Result{}, err
 		}
 		tr.mark("prepare")
@@ -214,23 +218,24 @@ func (r *localRunner) Run(ctx context.Context, spec Spec) (Result, error) {
 	return r.execute(ctx, sb, &s, cmd, tr)
 }
 
-// sandbox is a started container whose PID 1, kiln-init, waits for the command to
-// be bound to it (execute). It runs exactly one command.
+// sandbox is a started sandbox whose PID 1, kiln-init, waits for its command
+// (execute). It runs exactly one command.
 type sandbox struct {
 	id      string
 	key     string
-	ctr     *libcontainer.Container
-	proc    *libcontainer.Process
+	proc    *spawn.Process // nil once reaped
+	status  unix.WaitStatus
+	rusage  unix.Rusage
+	cg      *sandboxCgroups
 	p       pipes
+	bound   bool   // the exec root and mounts are in place (else execute attaches them)
 	release func() // of the root overlay
-	cfg     *configs.Config
 }
 
-// prepare creates and starts a container for specs with s's key: namespaces,
-// cgroups, root, seccomp and uid are set up, and libcontainer's init has exec'd
-// kiln-init, which waits for its command. The bind mounts and the command come
-// later, in execute.
-func (r *localRunner) prepare(s *Spec, key string) (_ *sandbox, retErr error) {
+// prepare starts a sandbox for specs with s's key: namespaces, cgroups, root,
+// seccomp and ids are set up, and kiln-init waits for its command. With binds, the
+// exec root and mounts of s are bound too; otherwise execute attaches them.
+func (r *localRunner) prepare(s *Spec, key string, binds bool) (_ *sandbox, retErr error) {
 	root, release, err := r.roots.acquire(s.RootFS, mountPoints(s))
 	if err != nil {
 		return nil, status.Errorf(codes.Internal, "sandbox: root filesystem: %v", err)
@@ -239,61 +244,93 @@ func (r *localRunner) prepare(s *Spec, key string) (_ *sandbox, retErr error) {
 		id:      "k" + strconv.Itoa(os.Getpid()) + "-" + strconv.FormatUint(r.seq.Add(1), 10),
 		key:     key,
 		release: release,
+		bound:   binds,
 	}
 	defer func() {
 		if retErr != nil {
 			sb.destroy(r.log)
 		}
 	}()
-	sb.cfg = r.containerConfig(sb.id, root, s)
+	if sb.cg, err = r.cg.create(sb.id, s); err != nil {
+		return nil, status.Errorf(codes.ResourceExhausted, "sandbox: cgroups: %v", err)
+	}
 	if err := sb.p.open(); err != nil {
 		return nil, status.Errorf(codes.Internal, "sandbox: pipes: %v", err)
 	}
-	if sb.ctr, err = libcontainer.Create(r.ctrDir, sb.id, sb.cfg); err != nil {
-		return nil, status.Errorf(codes.Internal, "sandbox: create container: %v", err)
+	flags := 0
+	for _, ns := range namespaces {
+		flags |= ns.flag
 	}
-	sb.proc = &libcontainer.Process{
-		Args:       []string{"/proc/self/fd/" + strconv.Itoa(trampoline.SelfFD)},
-		Env:        []string{"HOME=/"},
-		UID:        s.UID,
-		GID:        s.GID,
-		Cwd:        "/",
-		Stdout:     sb.p.stdoutW,
-		Stderr:     sb.p.stderrW,
-		ExtraFiles: []*os.File{r.init, sb.p.ctrlR, sb.p.statusW},
-		Init:       true,
+	params := &spawn.Params{
+		CloneFlags:  flags,
+		CgroupProcs: sb.cg.procs,
+		Steps:       setupSteps(root, s, binds),
+		Hostname:    s.Hostname,
+		Loopback:    true,
+		NoFile:      s.Limits.OpenFiles,
+		UID:         s.UID,
+		GID:         s.GID,
+		Filter:      r.filter,
+		Stdout:      sb.p.stdoutW,
+		Stderr:      sb.p.stderrW,
+		Init:        r.init,
+		Extra4:      sb.p.ctrlR,
+		Extra5:      sb.p.statusW,
 	}
-	r.spawn.do(func() { err = sb.ctr.Run(sb.proc) })
+	r.spawn.do(func() { sb.proc, err = spawn.Start(params) })
+	sb.cg.closeProcs()
 	if err != nil {
-		if st, _ := sb.ctr.Status(); st == libcontainer.Stopped {
-			sb.proc = nil
-		}
-		return nil, startError(err)
+		return nil, status.Errorf(codes.Internal, "sandbox: start: %v", err)
 	}
 	sb.p.closeChildEnds()
 	return sb, nil
 }
 
-// destroy kills whatever still runs in the sandbox and removes the container, its
-// cgroups and state.
+// alive reports whether sb's kiln-init still runs.
+func (sb *sandbox) alive() bool {
+	if sb.proc == nil {
+		return false
+	}
+	var info unix.Siginfo
+	err := unix.Waitid(unix.P_PIDFD, sb.proc.Pidfd, &info, unix.WEXITED|unix.WNOHANG|unix.WNOWAIT, nil)
+	return err == nil && info.Signo == 0
+}
+
+// kill sends SIGKILL to sb's kiln-init, which takes the whole pid namespace with it.
+func (sb *sandbox) kill() {
+	if sb.proc != nil {
+		_ = unix.PidfdSendSignal(sb.proc.Pidfd, unix.SIGKILL, nil, 0)
+	}
+}
+
+// wait reaps sb's kiln-init once it has exited (the kernel has then killed and
+// reaped every other process of its pid namespace) and keeps its status.
+func (sb *sandbox) wait() error {
+	if sb.proc == nil {
+		return nil
+	}
+	for {
+		_, err := unix.Wait4(sb.proc.Pid, &sb.status, 0, &sb.rusage)
+		if err == unix.EINTR {
+			continue
+		}
+		unix.Close(sb.proc.Pidfd)
+		sb.proc = nil
+		return err
+	}
+}
+
+// destroy kills whatever still runs in the sandbox and removes its cgroups.
 func (sb *sandbox) destroy(log *slog.Logger) {
-	if sb.ctr != nil {
-		if sb.proc != nil {
-			if st, err := sb.ctr.Status(); err == nil && st != libcontainer.Stopped {
-				_ = sb.ctr.Signal(unix.SIGKILL)
-				_, _ = sb.proc.Wait()
-			}
+	if sb.proc != nil {
+		sb.kill()
+		_ = sb.wait()
+	}
+	if sb.cg != nil {
+		if err := sb.cg.remove(); err != nil {
+			log.Warn("sandbox: removing its cgroups", "id", sb.id, "err", err)
 		}
-		st, _ := sb.ctr.State()
-		if err := sb.ctr.Destroy(); err != nil && st != nil {
-			// Something still lives in the container's cgroups: kill it, wait longer.
-			left := forceRemoveCgroups(st.CgroupPaths)
-			log.Warn("sandbox: container cgroups were not empty after its init died", "id", sb.id, "err", err, "processes", left)
-			if err := sb.ctr.Destroy(); err != nil {
-				log.Warn("sandbox: destroy container", "id", sb.id, "err", err)
-			}
-		}
-		sb.ctr = nil
+		sb.cg = nil
 	}
 	sb.p.close()
 	if sb.release != nil {
@@ -305,7 +342,7 @@ func (sb *sandbox) destroy(log *slog.Logger) {
 // execute binds s's mounts into sb, hands kiln-init the command and waits for it.
 func (r *localRunner) execute(ctx context.Context, sb *sandbox, s *Spec, cmd []byte, tr *trace) (Result, error) {
 	var res Result
-	res.Policy, res.PolicyDigest = policyDocument(s, sb.cfg)
+	res.Policy, res.PolicyDigest = policyDocument(s)
 	stdout, err := newCappedFile(s.Stdout)
 	if err != nil {
 		return Result{}, status.Errorf(codes.Internal, "sandbox: stdout: %v", err)
@@ -316,14 +353,12 @@ func (r *localRunner) execute(ctx context.Context, sb *sandbox, s *Spec, cmd []b
 		return Result{}, status.Errorf(codes.Internal, "sandbox: stderr: %v", err)
 	}
 	defer stderr.Close()
-	st, err := sb.ctr.State()
-	if err != nil {
-		return Result{}, status.Errorf(codes.Internal, "sandbox: container state: %v", err)
+	if !sb.bound {
+		if err := attachMounts(sb.proc.Pid, lateMounts(s)); err != nil {
+			return Result{}, status.Errorf(codes.Internal, "sandbox: bind mounts: %v", err)
+		}
+		tr.mark("attach")
 	}
-	if err := attachMounts(st.InitProcessPid, lateMounts(s)); err != nil {
-		return Result{}, status.Errorf(codes.Internal, "sandbox: bind mounts: %v", err)
-	}
-	tr.mark("attach")
 
 	start := time.Now()
 	var wg sync.WaitGroup
@@ -350,24 +385,24 @@ func (r *localRunner) execute(ctx context.Context, sb *sandbox, s *Spec, cmd []b
 		select {
 		case <-ctx.Done():
 			killed.Store(true)
-			_ = sb.ctr.Signal(unix.SIGKILL) // kills PID 1, and with it the pid namespace
+			sb.kill() // kills PID 1, and with it the pid namespace
 		case <-waited:
 		}
 	}()
-	ps, werr := sb.proc.Wait()
+	werr := sb.wait()
 	tr.mark("wait")
 	close(waited)
 	res.Wall = time.Since(start)
 	wg.Wait()
 	<-statusDone
-	if ps == nil {
+	if werr != nil {
 		return Result{}, status.Errorf(codes.Internal, "sandbox: wait: %v", werr)
 	}
 	rep, err := trampoline.ParseReport(statusBytes)
 	if err != nil {
 		return Result{}, status.Errorf(codes.Internal, "sandbox: %v", err)
 	}
-	ws, _ := ps.Sys().(syscall.WaitStatus)
+	ws := syscall.WaitStatus(sb.status)
 	if rep.Exited {
 		ws = rep.Status
 	}
@@ -387,8 +422,9 @@ func (r *localRunner) execute(ctx context.Context, sb *sandbox, s *Spec, cmd []b
 	}
 	if rep.HasUsage {
 		res.User, res.System, res.MaxRSS = rep.User, rep.System, rep.MaxRSSKiB*1024
-	} else if ru, ok := ps.SysUsage().(*syscall.Rusage); ok {
-		// kiln-init was killed before it could report: this includes the set-up.
+	} else {
+		// kiln-init was killed before it could report: this includes its own use.
+		ru := &sb.rusage
 		res.User = time.Duration(ru.Utime.Nano())
 		res.System = time.Duration(ru.Stime.Nano())
 		res.MaxRSS = ru.Maxrss * 1024
@@ -398,7 +434,7 @@ func (r *localRunner) execute(ctx context.Context, sb *sandbox, s *Spec, cmd []b
 		// The caller cancelled: not the command's doing, so not a Result.
 		return Result{}, status.FromContextError(ctx.Err()).Err()
 	}
-	res.OOMKilled = oomKilled(st)
+	res.OOMKilled = sb.cg.oomKilled()
 	res.Stdout = stdout.result()
 	res.Stderr = stderr.result()
 	return res, nil
@@ -409,15 +445,6 @@ func startTarget(stage string, s *Spec) string {
 		return s.Cwd
 	}
 	return s.Args[0]
-}
-
-// startError classifies a libcontainer start failure.
-func startError(err error) error {
-	msg := err.Error()
-	if strings.Contains(msg, "OOM") {
-		return status.Errorf(codes.ResourceExhausted, "sandbox: start: %v", err)
-	}
-	return status.Errorf(codes.Internal, "sandbox: start: %v", err)
 }
 
 // envFor returns the environment to pass, after the order variation.
@@ -458,26 +485,6 @@ func mountPoints(s *Spec) []mountPoint {
 		mps = append(mps, mountPoint{Path: m.Target, File: m.sourceIsFile})
 	}
 	return mps
-}
-
-// oomKilled reports whether the kernel's OOM killer killed a process of the
-// container whose state is st.
-func oomKilled(st *libcontainer.State) bool {
-	p := st.CgroupPaths["memory"]
-	if p == "" {
-		return false
-	}
-	b, err := os.ReadFile(filepath.Join(p, "memory.oom_control"))
-	if err != nil {
-		return false
-	}
-	for _, line := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(line, "oom_kill "); ok {
-			n, _ := strconv.Atoi(strings.TrimSpace(v))
-			return n > 0
-		}
-	}
-	return false
 }
 
 // pipes connects the host to kiln-init and the command's output.

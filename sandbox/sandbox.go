@@ -1,16 +1,16 @@
 // Package sandbox runs one command in an ephemeral, network-less, seccomp-restricted
-// container built with runc's libcontainer, and reports how it ended.
+// sandbox (namespaces, cgroups, a read-only root) and reports how it ended.
 //
 // A Runner is created once per process (New) and is safe for concurrent use: every
 // Run creates its own container (namespaces, cgroups, mounts), runs the command, and
 // destroys everything the command started before returning. The package knows nothing
 // of REAPI; it runs a command.
 //
-// The binary that links this package must call Init at the very top of main: the
-// sandbox re-executes the current binary as its container init ("init" argument),
-// and the sandbox daemon's binary becomes the daemon there. kiln built by `make build`
-// embeds kiln-sandboxd and creates its sandboxes from that small process, so that the
-// re-executed init is small too (docs/sandbox.md, "The sandbox daemon").
+// Each sandbox is started with one clone(2) by package spawn, which sets it up in the
+// new process and execs kiln-init as its PID 1; nothing of the calling process is
+// re-executed. The binary that links this package must call Init at the very top of
+// main: kiln built by `make build` embeds kiln-sandboxd and runs its sandboxes from
+// that small process (docs/sandbox.md, "The sandbox daemon"), which Init becomes.
 package sandbox
 
 import (

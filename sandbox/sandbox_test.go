@@ -6,6 +6,7 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -291,4 +292,106 @@ func TestRunnerLifecycle(t *testing.T) {
 	if _, err := sandbox.New(context.Background(), testConfig(sandbox.Config{})); status.Code(err) != codes.InvalidArgument {
 		t.Fatalf("New without a state dir: %v", err)
 	}
+}
+
+// TestFirstPIDIsFixed: the command is PID 2 of its pid namespace (kiln-init is 1) in
+// every run, whether its sandbox was prepared ahead or on demand, under every
+// variation: an output that records a PID must not differ for a reason of kiln's.
+func TestFirstPIDIsFixed(t *testing.T) {
+	const script = "echo $$; sh -c 'echo $$'; true"
+	for _, prestart := range []int{0, 2} {
+		r := newRunnerWith(t, sandbox.Config{Prestart: prestart})
+		for _, v := range []struct {
+			name  string
+			tweak func(*sandbox.Spec)
+		}{
+			{"defaults", nil},
+			{"cpuset 0", func(s *sandbox.Spec) { s.CPUs = "0" }},
+			{"one-off", func(s *sandbox.Spec) { s.OneOff = true }},
+			{"variations", func(s *sandbox.Spec) {
+				s.Hostname, s.UID, s.GID, s.DisableASLR, s.ReverseEnv = "other", 2345, 3456, true, true
+			}},
+			{"cpu quota", func(s *sandbox.Spec) { s.Limits.CPUs = 0.5 }},
+		} {
+			for i := 0; i < 3; i++ {
+				o := run(t, r, v.tweak, "/bin/sh", "-c", script)
+				if o.stdout != "2\n3\n" {
+					t.Fatalf("prestart %d, %s, run %d: pids %q, want 2 and 3 (stderr %q)", prestart, v.name, i, o.stdout, o.stderr)
+				}
+			}
+		}
+	}
+}
+
+// TestCgroupsHoldTheLimits reads, from the host, the cgroups a running command is in:
+// its own memory and pids cgroups with the Spec's limits (no swap), and the Runner's
+// devices cgroup that allows only the sandbox's six devices.
+func TestCgroupsHoldTheLimits(t *testing.T) {
+	r := newRunner(t)
+	if _, err := os.Stat("/sys/fs/cgroup/memory"); err != nil {
+		t.Skip("not a cgroup v1 host")
+	}
+	er := execRoot(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	done := make(chan error, 1)
+	mark := "KILN_TEST_MARK=" + filepath.Base(er) + strconv.Itoa(os.Getpid())
+	go func() {
+		_, err := r.Run(ctx, sandbox.Spec{
+			RootFS: env.rootfs, ExecRoot: er, Env: []string{"PATH=/bin", mark},
+			Limits: sandbox.Limits{MemoryBytes: 96 << 20, Pids: 77},
+			Args:   []string{"/bin/sh", "-c", "touch started; exec sleep 600"},
+		})
+		done <- err
+	}()
+	var pid int
+	for i := 0; pid == 0; i++ {
+		if i > 500 {
+			t.Fatal("the sandbox did not start")
+		}
+		time.Sleep(10 * time.Millisecond)
+		if _, err := os.Stat(filepath.Join(er, "started")); err != nil {
+			continue
+		}
+		// The sleep: the process with the mark in its environment.
+		ents, _ := os.ReadDir("/proc")
+		for _, e := range ents {
+			if b, err := os.ReadFile("/proc/" + e.Name() + "/environ"); err == nil && strings.Contains(string(b), mark+"\x00") {
+				fmt.Sscan(e.Name(), &pid)
+			}
+		}
+	}
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	dirs := map[string]string{}
+	for _, line := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+		f := strings.SplitN(line, ":", 3)
+		dirs[f[1]] = f[2]
+	}
+	read := func(sub, file string) string {
+		t.Helper()
+		b, err := os.ReadFile(filepath.Join("/sys/fs/cgroup", sub, dirs[sub], file))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return strings.TrimSpace(string(b))
+	}
+	for _, c := range []struct{ sub, file, want string }{
+		{"memory", "memory.limit_in_bytes", strconv.Itoa(96 << 20)},
+		{"memory", "memory.memsw.limit_in_bytes", strconv.Itoa(96 << 20)},
+		{"pids", "pids.max", "77"},
+		{"devices", "devices.list", "c 1:3 rwm\nc 1:5 rwm\nc 1:7 rwm\nc 1:8 rwm\nc 1:9 rwm\nc 5:0 rwm"},
+	} {
+		if !strings.Contains(dirs[c.sub], "kiln-sandbox-") {
+			t.Errorf("%s cgroup %q is not the Runner's", c.sub, dirs[c.sub])
+			continue
+		}
+		if got := read(c.sub, c.file); got != c.want {
+			t.Errorf("%s: %q, want %q", c.file, got, c.want)
+		}
+	}
+	cancel()
+	<-done
 }

@@ -11,8 +11,8 @@ import (
 // a dying kiln takes its sandboxes with it. Linux sends that signal when the *thread*
 // that forked the process exits, not the process; and the Go runtime does end
 // threads: whenever a goroutine that locked its thread returns (kiln's own mount
-// binding does this, and so does libcontainer when it starts a container). A
-// container forked from such a thread would be killed at a random later moment.
+// binding does this). A sandbox started from such a thread would be killed at a
+// random later moment.
 // Forking only from threads locked for good avoids that.
 type spawner struct {
 	reqs chan func()

@@ -13,53 +13,33 @@ import (
 	"time"
 
 	"github.com/opencontainers/cgroups"
-	"github.com/opencontainers/runc/libcontainer"
 	"golang.org/x/sys/unix"
 )
 
 // sweep removes what an earlier Runner on the same state directory left behind when
-// its process died: mounts under the directory, containers (their processes and
-// cgroups) and the Runner's cgroup parent with anything under it.
+// its process died: its sandboxes' cgroups (killing any process still in them; the
+// sandboxes themselves die with the process that started them, and their mounts
+// with their mount namespaces), the root overlays mounted under the directory, and
+// older state.
 func (r *localRunner) sweep(ctx context.Context) error {
 	var errs []error
-	// Containers first: libcontainer knows their cgroups from their state files.
-	if ents, err := os.ReadDir(r.ctrDir); err == nil {
-		for _, e := range ents {
-			ctr, err := libcontainer.Load(r.ctrDir, e.Name())
-			if err == nil {
-				_ = ctr.Signal(unix.SIGKILL)
-				waitStopped(ctx, ctr)
-				if err := ctr.Destroy(); err != nil {
-					errs = append(errs, err)
-				}
-			}
-			_ = os.RemoveAll(filepath.Join(r.ctrDir, e.Name()))
-			r.log.Info("sandbox: swept leftover container", "id", e.Name())
-		}
-	}
-	// Then whatever cgroups remain (a crash between cgroup creation and state file).
-	if err := removeCgroupTree(ctx, r.cgName); err != nil {
+	ids, err := removeCgroupTree(ctx, r.cgName)
+	if err != nil {
 		errs = append(errs, err)
+	}
+	for _, id := range ids {
+		r.log.Info("sandbox: swept leftover sandbox", "id", id)
 	}
 	if err := unmountUnder(r.dir); err != nil {
 		errs = append(errs, err)
 	}
-	for _, d := range []string{r.ctrDir, filepath.Join(r.dir, "roots")} {
+	// "containers" held libcontainer's state before kiln started sandboxes itself.
+	for _, d := range []string{filepath.Join(r.dir, "containers"), filepath.Join(r.dir, "roots")} {
 		if err := os.RemoveAll(d); err != nil {
 			errs = append(errs, err)
 		}
 	}
 	return errors.Join(errs...)
-}
-
-func waitStopped(ctx context.Context, ctr *libcontainer.Container) {
-	for i := 0; i < 100 && ctx.Err() == nil; i++ {
-		st, err := ctr.Status()
-		if err != nil || st == libcontainer.Stopped {
-			return
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
 }
 
 // cgroupDirs returns, for every mounted v1 hierarchy (and the v2 one), the path of
@@ -96,16 +76,27 @@ func cgroupDirs(name string) ([]string, error) {
 }
 
 // removeCgroupTree kills every process below the cgroup parent name in every
-// hierarchy and removes the cgroups, deepest first.
-func removeCgroupTree(ctx context.Context, name string) error {
+// hierarchy and removes the cgroups, deepest first. It returns the names of the
+// sandbox cgroups it found below the parent.
+func removeCgroupTree(ctx context.Context, name string) ([]string, error) {
 	dirs, err := cgroupDirs(name)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	var errs []error
+	var ids []string
+	seen := map[string]bool{}
 	for _, d := range dirs {
 		if _, err := os.Stat(d); err != nil {
 			continue
+		}
+		if ents, err := os.ReadDir(d); err == nil {
+			for _, e := range ents {
+				if e.IsDir() && !seen[e.Name()] {
+					seen[e.Name()] = true
+					ids = append(ids, e.Name())
+				}
+			}
 		}
 		var all []string
 		_ = filepath.WalkDir(d, func(p string, e os.DirEntry, err error) error {
@@ -121,7 +112,8 @@ func removeCgroupTree(ctx context.Context, name string) error {
 			}
 		}
 	}
-	return errors.Join(errs...)
+	sort.Strings(ids)
+	return ids, errors.Join(errs...)
 }
 
 // removeCgroupParent removes the Runner's (empty) cgroup parent from every hierarchy.

@@ -4,6 +4,17 @@
 # linux-sandbox, kiln remote execution (full sandbox), and kiln's all-cache-hit rebuild.
 # Prints wall times, ratios, and kiln's per-action time by phase.
 #
+# ROUNDS=N (default 1) repeats every build N times, interleaved (local, linux-sandbox,
+# kiln, kiln all-cache-hit, Buildbarn, Buildbarn all-cache-hit, then again), each round
+# on sources of its own so that no round hits another's cache, and prints the median of
+# each and every round's ratios: on a shared machine the load changes during a run, and
+# only builds made close together compare. Each build also prints how idle the machine's
+# CPUs were while it ran (/proc/stat, every process's use counted, not only the build's).
+#
+# PROFILE=DIR records where kiln serve's own CPU goes (perf record -g on its threads,
+# not its sandboxes) during round 1's clean and all-cache-hit builds, into
+# DIR/kiln-{clean,hit}.perf.data, with the top symbols in DIR/kiln-{clean,hit}.txt.
+#
 # BUILDBARN=DIR (optional) also runs the peer in the same run: Buildbarn remote execution
 # from DIR/{bb_storage,bb_scheduler,bb_worker,bb_runner}, straight on the host with no
 # sandbox (bb_storage as CAS/AC on disk and as the Execute frontend, the scheduler, one
@@ -50,14 +61,19 @@ ws=$work/ws
 cp -r examples/bazel-hello "$ws"
 rm -f "$ws"/bazel-*
 mkdir -p "$ws/gen"
-{
-  echo 'load("@rules_cc//cc:defs.bzl", "cc_library")'
-  for i in $(seq "$N"); do
-    printf 'int f%d(int x) { int s = 0; for (int i = 0; i < x; i++) s += i * %d; return s; }\n' "$i" "$i" > "$ws/gen/f$i.c"
-    printf 'cc_library(name = "lib%d", srcs = ["f%d.c"])\n' "$i" "$i"
-    printf 'genrule(name = "g%d", outs = ["g%d.txt"], cmd = "echo %d | sha256sum > $@")\n' "$i" "$i" "$i"
-  done
-} > "$ws/gen/BUILD"
+# gen_ws writes the workspace's sources for round $1: every action differs from round to
+# round (the round is in each function's result and each genrule), so no cache carries over.
+gen_ws() {
+  {
+    echo 'load("@rules_cc//cc:defs.bzl", "cc_library")'
+    for i in $(seq "$N"); do
+      printf 'int f%d(int x) { int s = 0; for (int i = 0; i < x; i++) s += i * %d; return s + %d; }\n' "$i" "$i" "$1" > "$ws/gen/f$i.c"
+      printf 'cc_library(name = "lib%d", srcs = ["f%d.c"])\n' "$i" "$i"
+      printf 'genrule(name = "g%d", outs = ["g%d.txt"], cmd = "echo %d %d | sha256sum > $@")\n' "$i" "$i" "$i" "$1"
+    done
+  } > "$ws/gen/BUILD"
+}
+gen_ws 1
 
 data=$work/data
 digest=$(toolchains/debian-gcc/build.sh --data "$data" --kiln "$KILN")
@@ -136,61 +152,119 @@ EOF
 fi
 
 bz() { (cd "$ws" && bazel --output_user_root="$work/bz" "$@"); }
-timed() { local s e; s=$(date +%s.%N); "$@" >"$work/last.log" 2>&1 || { tail -20 "$work/last.log"; exit 1; }; e=$(date +%s.%N); awk -v a="$s" -v b="$e" 'BEGIN { printf "%.3f", b - a }'; }
+# cpu_jiffies prints the idle and total jiffies of the machine's CPUs.
+cpu_jiffies() { awk '/^cpu / { print $5 + $6, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9; exit }' /proc/stat; }
+# timed runs a build and sets t (seconds) and idle (% of the machine's CPU time idle).
+timed() {
+  local s e j0 j1
+  j0=$(cpu_jiffies); s=$(date +%s.%N)
+  "$@" >"$work/last.log" 2>&1 || { tail -20 "$work/last.log"; exit 1; }
+  e=$(date +%s.%N); j1=$(cpu_jiffies)
+  t=$(awk -v a="$s" -v b="$e" 'BEGIN { printf "%.3f", b - a }')
+  idle=$(awk -v a="$j0" -v b="$j1" 'BEGIN { split(a, x, " "); split(b, y, " "); printf "%.0f", 100 * (y[1] - x[1]) / (y[2] - x[2]) }')
+}
 bz build --nobuild //gen:all >/dev/null 2>&1   # warm the Bazel server and analysis
 common=(build --jobs=8 //gen:all)
-if [[ -z ${CLUSTER_ONLY:-} ]]; then  # CLUSTER_ONLY=1: only the cluster comparison below
-bz clean >/dev/null 2>&1; t_local=$(timed bz "${common[@]}" --spawn_strategy=local)
-bz clean >/dev/null 2>&1; t_sandbox=$(timed bz "${common[@]}" --spawn_strategy=linux-sandbox)
 # kiln_cpu: CPU seconds of kiln serve, its sandbox daemon and everything they reaped
-# (the sandboxes and the actions in them), from /proc (utime stime cutime cstime).
+# (the sandboxes and the actions in them), from /proc (utime stime cutime cstime), as
+# "total serve daemon": serve and daemon are each process's own use alone.
 kiln_cpu() {
-  local p ps=("${pids[0]}") total=0
+  local p ps=("${pids[0]}") total=0 own
   ps+=($(cat /proc/"${pids[0]}"/task/*/children 2>/dev/null))
   for p in "${ps[@]}"; do
     total=$(awk -v t="$total" '{ sub(/^.*\) /, ""); print t + $12 + $13 + $14 + $15 }' /proc/"$p"/stat 2>/dev/null || echo "$total")
   done
+  own=$(for p in "${ps[@]}"; do awk '{ sub(/^.*\) /, ""); printf "%d ", $12 + $13 }' /proc/"$p"/stat 2>/dev/null; done)
+  awk -v t="$total" -v o="$own" -v hz="$(getconf CLK_TCK)" 'BEGIN { n = split(o, x, " "); d = 0; for (i = 2; i <= n; i++) d += x[i]
+    printf "%.2f %.2f %.2f", t / hz, x[1] / hz, d / hz }'
+}
+# bb_cpu: CPU seconds of the Buildbarn processes and the actions bb_runner reaped.
+bb_cpu() {
+  local p total=0
+  for p in "${bbpids[@]}"; do
+    total=$(awk -v t="$total" '{ sub(/^.*\) /, ""); print t + $12 + $13 + $14 + $15 }' /proc/"$p"/stat 2>/dev/null || echo "$total")
+  done
   awk -v t="$total" -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.2f", t / hz }'
 }
-bz clean >/dev/null 2>&1; c0=$(kiln_cpu)
-t_kiln=$(timed bz "${common[@]}" --remote_executor=grpc://127.0.0.1:18811 --remote_default_exec_properties=container-image="$image")
-c_kiln=$(awk -v a="$c0" -v b="$(kiln_cpu)" 'BEGIN { printf "%.2f", b - a }')
-grep -E "INFO: [0-9]+ processes" "$work/last.log" | tail -1
-bz clean >/dev/null 2>&1; t_hit=$(timed bz "${common[@]}" --remote_executor=grpc://127.0.0.1:18811 --remote_default_exec_properties=container-image="$image")
-grep -E "INFO: [0-9]+ processes" "$work/last.log" | tail -1
+kx=(--remote_executor=grpc://127.0.0.1:18811 --remote_default_exec_properties=container-image="$image")
+bbx=(--remote_executor=grpc://127.0.0.1:18821 --remote_default_exec_properties=OSFamily=linux)
+names=(local sandbox kiln hit)
+[[ -z ${BUILDBARN:-} ]] || names+=(bb bbhit)
+declare -A T IDLE CPU
+CPUSERVE= CPUDAEMON=
+rounds=${ROUNDS:-1}
+# one NAME FLAGS...: a clean build of this round, recorded under NAME.
+one() {
+  local name=$1 c0=; shift
+  bz clean >/dev/null 2>&1
+  case $name in kiln) c0=$(kiln_cpu);; bb) c0=$(bb_cpu);; esac
+  local perf=
+  if [[ -n ${PROFILE:-} && $r -eq 1 && ( $name == kiln || $name == hit ) ]]; then
+    mkdir -p "$PROFILE"
+    local pf="$PROFILE/kiln-$([[ $name == kiln ]] && echo clean || echo hit)"
+    perf record -F 999 -g -p "${pids[0]}" -o "$pf.perf.data" >/dev/null 2>&1 &
+    perf=$!
+    sleep 0.5
+  fi
+  timed bz "${common[@]}" "$@"
+  if [[ -n $perf ]]; then
+    kill -INT "$perf"; wait "$perf" 2>/dev/null || true
+    perf report -i "$pf.perf.data" --no-children --sort sym -g none 2>/dev/null | grep -v '^#' | grep -v '^$' | head -60 > "$pf.txt" || true
+  fi
+  T[$name]+="$t " IDLE[$name]+="$idle "
+  case $name in kiln) c1=$(kiln_cpu); CPU[$name]+="$(awk -v a="$c0" -v b="$c1" 'BEGIN { split(a, x, " "); split(b, y, " "); printf "%.2f", y[1] - x[1] }') "
+                  CPUSERVE+="$(awk -v a="$c0" -v b="$c1" 'BEGIN { split(a, x, " "); split(b, y, " "); printf "%.2f", y[2] - x[2] }') "
+                  CPUDAEMON+="$(awk -v a="$c0" -v b="$c1" 'BEGIN { split(a, x, " "); split(b, y, " "); printf "%.2f", y[3] - x[3] }') ";;
+                bb) CPU[$name]+="$(awk -v a="$c0" -v b="$(bb_cpu)" 'BEGIN { printf "%.2f", b - a }') ";; esac
+  case $name in kiln|hit|bb|bbhit) printf '  round %d %-7s %7.2f s, machine idle %3d%%  (%s)\n' "$r" "$name" "$t" "$idle" \
+    "$(grep -E "INFO: [0-9]+ processes" "$work/last.log" | tail -1 | sed 's/^INFO: //')";;
+  *) printf '  round %d %-7s %7.2f s, machine idle %3d%%\n' "$r" "$name" "$t" "$idle";; esac
+}
+[[ -z ${CLUSTER_ONLY:-} ]] || rounds=0  # CLUSTER_ONLY=1: only the cluster comparison below
+for r in $(seq "$rounds"); do
+  [[ $r -eq 1 ]] || { gen_ws "$r"; bz build --nobuild //gen:all >/dev/null 2>&1; }
+  one local --spawn_strategy=local
+  one sandbox --spawn_strategy=linux-sandbox
+  one kiln "${kx[@]}"
+  one hit "${kx[@]}"
+  if [[ -n ${BUILDBARN:-} ]]; then
+    one bb "${bbx[@]}"
+    one bbhit "${bbx[@]}"
+  fi
+done
+# med prints the median of its arguments.
+med() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else printf "%.3f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+if [[ -z ${CLUSTER_ONLY:-} ]]; then
+for n in "${names[@]}"; do declare "m_$n=$(med ${T[$n]})"; done
+t_local=$m_local t_sandbox=$m_sandbox t_kiln=$m_kiln t_hit=$m_hit
+c_kiln=$(med ${CPU[kiln]})
+if [[ -n ${BUILDBARN:-} ]]; then t_bb=$m_bb t_bbhit=$m_bbhit c_bb=$(med ${CPU[bb]}); fi
+if [[ $rounds -gt 1 ]]; then
+  echo "per round: kiln/linux-sandbox, kiln/buildbarn, kiln all-cache-hit/buildbarn all-cache-hit"
+  read -ra tk <<<"${T[kiln]}"; read -ra ts <<<"${T[sandbox]}"; read -ra th <<<"${T[hit]}"
+  read -ra tb <<<"${T[bb]:-}"; read -ra tbh <<<"${T[bbhit]:-}"
+  for i in $(seq 0 $((rounds - 1))); do
+    awk -v r=$((i + 1)) -v k="${tk[$i]}" -v s="${ts[$i]}" -v h="${th[$i]}" -v b="${tb[$i]:-0}" -v bh="${tbh[$i]:-0}" \
+      'BEGIN { printf "  round %d: %.2f", r, k / s; if (b > 0) printf "  %.2f  %.2f", k / b, h / bh; printf "\n" }'
+  done
+  echo "medians of $rounds rounds:"
 fi
 
-if [[ -n ${BUILDBARN:-} ]]; then
-  # bb_cpu: CPU seconds of the Buildbarn processes and the actions bb_runner reaped.
-  bb_cpu() {
-    local p total=0
-    for p in "${bbpids[@]}"; do
-      total=$(awk -v t="$total" '{ sub(/^.*\) /, ""); print t + $12 + $13 + $14 + $15 }' /proc/"$p"/stat 2>/dev/null || echo "$total")
-    done
-    awk -v t="$total" -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.2f", t / hz }'
-  }
-  bbx=(--remote_executor=grpc://127.0.0.1:18821 --remote_default_exec_properties=OSFamily=linux)
-  bz clean >/dev/null 2>&1; c0=$(bb_cpu)
-  t_bb=$(timed bz "${common[@]}" "${bbx[@]}")
-  c_bb=$(awk -v a="$c0" -v b="$(bb_cpu)" 'BEGIN { printf "%.2f", b - a }')
-  grep -E "INFO: [0-9]+ processes" "$work/last.log" | tail -1
-  bz clean >/dev/null 2>&1; t_bbhit=$(timed bz "${common[@]}" "${bbx[@]}")
-  grep -E "INFO: [0-9]+ processes" "$work/last.log" | tail -1
-fi
-
-[[ -n ${CLUSTER_ONLY:-} ]] || printf '%-34s %8.2f s\n' "bazel local" "$t_local" "bazel linux-sandbox" "$t_sandbox" \
+printf '%-34s %8.2f s\n' "bazel local" "$t_local" "bazel linux-sandbox" "$t_sandbox" \
   "kiln remote execution (sandboxed)" "$t_kiln" "kiln all-cache-hit rebuild" "$t_hit"
 [[ -z ${BUILDBARN:-} ]] || printf '%-34s %8.2f s\n' "buildbarn remote execution (host)" "$t_bb" "buildbarn all-cache-hit rebuild" "$t_bbhit"
-[[ -n ${CLUSTER_ONLY:-} ]] || awk -v k="$t_kiln" -v l="$t_local" -v s="$t_sandbox" 'BEGIN { printf "ratios: kiln/local %.2f  kiln/linux-sandbox %.2f\n", k / l, k / s }'
+awk -v k="$t_kiln" -v l="$t_local" -v s="$t_sandbox" 'BEGIN { printf "ratios: kiln/local %.2f  kiln/linux-sandbox %.2f\n", k / l, k / s }'
 [[ -z ${BUILDBARN:-} ]] || awk -v k="$t_kiln" -v b="$t_bb" -v kh="$t_hit" -v bh="$t_bbhit" \
   'BEGIN { printf "ratios: kiln/buildbarn %.2f  kiln/buildbarn all-cache-hit %.2f\n", k / b, kh / bh }'
-[[ -n ${CLUSTER_ONLY:-} ]] || echo "kiln CPU in the clean build (kiln serve + its sandbox daemon + the sandboxes and actions): $c_kiln s"
-echo "kiln per-action time by phase (mean over the clean build):"
+echo "kiln CPU in a clean build (kiln serve + its sandbox daemon + the sandboxes and actions; median): $c_kiln s"
+echo "  of which kiln serve itself $(med $CPUSERVE) s, the sandbox daemon itself $(med $CPUDAEMON) s (the rest: the sandboxes' set-up, kiln-init and the actions)"
+echo "kiln per-action time by phase (mean over the clean builds):"
 curl -s http://127.0.0.1:18812/metrics | awk '
   /^kiln_execution_phase_seconds_sum/ { match($0, /phase="[a-z_]+"/); p=substr($0, RSTART+7, RLENGTH-8); sum[p]=$2 }
   /^kiln_execution_phase_seconds_count/ { match($0, /phase="[a-z_]+"/); p=substr($0, RSTART+7, RLENGTH-8); cnt[p]=$2 }
   END { for (p in sum) if (cnt[p] > 0) printf "  %-14s %7.1f ms  (%d actions)\n", p, 1000*sum[p]/cnt[p], cnt[p]
         if (cnt["attest"] > 0 && sum["total"] > 0) printf "  attestation share of worker time: %.2f%%\n", 100*sum["attest"]/sum["total"] }'
+fi
 if [[ -n ${CLUSTER:-} ]]; then
   gobin=$(go env GOPATH)/bin
   cl=$work/cluster; mkdir -p "$cl/s3/bench" "$cl/js"
@@ -231,14 +305,14 @@ if [[ -n ${CLUSTER:-} ]]; then
   for r in 1 2 3; do
     if (( r % 2 )); then order=(18852 18854); else order=(18854 18852); fi
     for port in "${order[@]}"; do
-      bz clean >/dev/null 2>&1; t=$(timed bz build --jobs=1 $(rx "$port" "r$r") "${gens[@]}")
+      bz clean >/dev/null 2>&1; timed bz build --jobs=1 $(rx "$port" "r$r") "${gens[@]}"
       grep -qE "INFO: [0-9]+ processes: .*$N remote" "$work/last.log" || { grep -E "INFO: [0-9]+ processes" "$work/last.log"; echo "not all remote" >&2; exit 1; }
       if [[ $port == 18852 ]]; then ts[r]=$t; else tc[r]=$t; fi
     done
     seqrow+=("$(awk -v s="${ts[r]}" -v c="${tc[r]}" -v n="$N" 'BEGIN { printf "%.1f", 1000*(c-s)/n }')")
   done
-  bz clean >/dev/null 2>&1; t_sfull=$(timed bz "${common[@]}" $(rx 18852 full))
-  bz clean >/dev/null 2>&1; t_cfull=$(timed bz "${common[@]}" $(rx 18854 full))
+  bz clean >/dev/null 2>&1; timed bz "${common[@]}" $(rx 18852 full); t_sfull=$t
+  bz clean >/dev/null 2>&1; timed bz "${common[@]}" $(rx 18854 full); t_cfull=$t
   grep -E "INFO: [0-9]+ processes" "$work/last.log" | tail -1
   echo "== kiln cluster (1 frontend, 2 workers x --concurrency $half, nats-server, sequencer) vs one kiln serve --storage, both on one versitygw =="
   for r in 1 2 3; do
@@ -253,9 +327,9 @@ if [[ -n ${CLUSTER:-} ]]; then
     /^kiln_execution_phase_seconds_count/ { match($0, /phase="[a-z_]+"/); p=substr($0, RSTART+7, RLENGTH-8); cnt[p]+=$2 }
     END { for (p in sum) if (cnt[p] > 0) printf "  %-14s %7.1f ms  (%d actions)\n", p, 1000*sum[p]/cnt[p], cnt[p] }'
 fi
-if [[ -n ${BUILDBARN:-} ]]; then
-  echo "buildbarn CPU in the clean build (bb_storage, bb_scheduler, bb_worker, bb_runner + the actions): $c_bb s"
-  echo "buildbarn per-action time by stage (mean over the clean build; queued from the scheduler):"
+if [[ -n ${BUILDBARN:-} && -z ${CLUSTER_ONLY:-} ]]; then
+  echo "buildbarn CPU in a clean build (bb_storage, bb_scheduler, bb_worker, bb_runner + the actions; median): $c_bb s"
+  echo "buildbarn per-action time by stage (mean over the clean builds; queued from the scheduler):"
   { curl -s http://127.0.0.1:18825/metrics; curl -s http://127.0.0.1:18824/metrics; } | awk '
     /^buildbarn_builder_in_memory_build_queue_tasks_queued_duration_seconds_sum/ { sum["queued"] += $NF }
     /^buildbarn_builder_in_memory_build_queue_tasks_queued_duration_seconds_count/ { cnt["queued"] += $NF }

@@ -3,10 +3,9 @@
 # destroy, for kiln (cold: prepared on demand; warm: from a pool of one prepared
 # sandbox) interleaved with Debian's bubblewrap and a bare fork/exec, over RUNS runs
 # (default 200). Prints p50/p95 latency, their ratios, and CPU per run.
-# kiln runs three ways: sandboxd-* through kiln-sandboxd (kiln built by make),
-# kilnexe-* through the same protocol with the whole kiln binary as the daemon, so as
-# each sandbox's init (what kiln did before it had the daemon), inproc-* from the test
-# process. sandboxd/kilnexe-*-cpu is the share of CPU the small daemon leaves.
+# kiln runs two ways: sandboxd-* through kiln-sandboxd (kiln built by make), inproc-*
+# from the test process (kiln with KILN_SANDBOX_DAEMON=0). sandboxd/inproc-* is what
+# going through the daemon costs.
 # Needs root, busybox-static, bubblewrap, gcc (scripts/setup.sh installs them).
 # TRACE=1 also prints the mean time of each phase of the kiln runs (wall clock).
 set -euo pipefail

@@ -737,8 +737,17 @@ func TestClusterEmbedded(t *testing.T) {
 	if r := harness.Run(t, "cluster", "status", "--cluster", e.nats.URL); r.Code != 0 || !strings.Contains(r.Stdout, "linux-amd64") || !strings.Contains(r.Stdout, "w1") {
 		t.Fatalf("cluster status: %s%s", r.Stdout, r.Stderr)
 	}
-	if !strings.Contains(metricsText(t, srv), `kiln_cluster_queue_pending{platform="linux-amd64"} 0`) {
-		t.Fatalf("no queue metric:\n%s", metricsText(t, srv))
+	// The collector reads JetStream at most once a second, and the UI's sampler may
+	// have scraped before the worker's consumer existed: wait for a fresh reading.
+	const want = `kiln_cluster_queue_pending{platform="linux-amd64"} 0`
+	var text string
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(250 * time.Millisecond) {
+		if text = metricsText(t, srv); strings.Contains(text, want) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no queue metric %s:\n%s", want, text)
+		}
 	}
 }
 

@@ -129,6 +129,18 @@ func TestVerifyNamesTheVariation(t *testing.T) {
 	}
 }
 
+// TestVerifyPIDIsDeterministic: a command that records its own PID is deterministic,
+// whatever CPU set, host name, uid or exec root it runs under (the sandbox's pid
+// namespace gives it the same PID every time).
+func TestVerifyPIDIsDeterministic(t *testing.T) {
+	e := newVerifyEnv(t, "busybox")
+	rep, res := e.verify(t, "--diffoscope", "none", "--runs", "4", "--output", "out.txt",
+		"--", "/bin/sh", "-c", "echo $$ > out.txt; sh -c 'echo $$' >> out.txt; true")
+	if res.Code != 0 || !rep.Deterministic {
+		t.Fatalf("exit %d, differences %+v\n%s", res.Code, rep.Differences, res.Stderr)
+	}
+}
+
 // TestVerifyTextReport: the human report names the output, sizes, the offset and the
 // cause; diffoscope's reports are there when it is installed, and the report says
 // so when it is not.

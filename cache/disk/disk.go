@@ -1,6 +1,7 @@
 // Package disk is kiln's embedded on-disk store: CAS blobs and action-cache entries as
-// content-addressed files, written atomically, verified on read, evicted least recently
-// used first when the store grows past its bound.
+// content-addressed files, written atomically, verified on read (unless hashed
+// recently and unchanged since), evicted least recently used first when the store grows
+// past its bound.
 //
 // Several processes may use one directory at once (a long-running `kiln serve` and CLI
 // commands): the files are the truth and every write is a rename, so no lock is needed
@@ -27,6 +28,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -77,7 +79,9 @@ type Store struct {
 	total   int64
 	primary *os.File // flock on primary.lock, held by the indexing process
 
-	verified sync.Map // hash -> fileID: blobs hashed since they last changed
+	verified *memo // blobs hashed recently, as long as their files did not change
+
+	noTmpfile atomic.Bool // the filesystem has no O_TMPFILE: temp files are named
 
 	stampMu   sync.Mutex
 	stampSeen time.Time // foreign.stamp's mtime when the primary last synced with it
@@ -112,7 +116,7 @@ const claimSuffix = ".claim"
 // directory to rebuild the LRU index, least recently used (atime) first, and evicts at
 // once if needed.
 func Open(ctx context.Context, dir string, opts Options) (*Store, error) {
-	s := &Store{dir: dir, opts: opts, log: opts.Logger, now: opts.Now, index: map[string]*entry{}, lru: list.New()}
+	s := &Store{dir: dir, opts: opts, log: opts.Logger, now: opts.Now, index: map[string]*entry{}, lru: list.New(), verified: newMemo()}
 	if s.log == nil {
 		s.log = slog.New(slog.DiscardHandler)
 	}
@@ -455,6 +459,9 @@ func (s *Store) keyPath(key string) string {
 
 // commit atomically moves a complete temp file to its final path and indexes it.
 func (s *Store) commit(tmp *os.File, key, final string, size int64) error {
+	if tmp.Name() == "" {
+		return s.commitUnnamed(tmp, key, final, size)
+	}
 	if s.opts.Fsync {
 		if err := tmp.Sync(); err != nil {
 			return status.Errorf(codes.Internal, "sync %s: %v", tmp.Name(), err)
@@ -473,12 +480,83 @@ func (s *Store) commit(tmp *os.File, key, final string, size int64) error {
 	if err != nil {
 		return status.Errorf(codes.Internal, "commit %s: %v", final, err)
 	}
+	s.committed(key, final, size)
+	return nil
+}
+
+// commitUnnamed is commit for a temp file without a name (O_TMPFILE): its inode is
+// linked at the final path, so a blob costs no directory entry in tmp/ and no rename.
+// A blob already there was put there by a concurrent writer of the same bytes (a
+// damaged one is removed by Verify before Put writes again): it is kept. An action-cache
+// entry replaces the old one, through a named link and a rename.
+func (s *Store) commitUnnamed(tmp *os.File, key, final string, size int64) error {
+	defer tmp.Close()
+	if s.opts.Fsync {
+		if err := tmp.Sync(); err != nil {
+			return status.Errorf(codes.Internal, "sync a temp file: %v", err)
+		}
+	}
+	tv := []unix.Timeval{unix.NsecToTimeval(s.now().UnixNano()), unix.NsecToTimeval(cache.InputMtime.UnixNano())}
+	if err := unix.Futimes(int(tmp.Fd()), tv); err != nil {
+		return status.Errorf(codes.Internal, "set times of a temp file: %v", err)
+	}
+	lk := s.stripe(key)
+	lk.Lock()
+	var err error
+	if key[0] == 'c' {
+		if err = linkFile(tmp, final); errors.Is(err, fs.ErrExist) {
+			err = nil
+		}
+	} else {
+		name := s.tempName()
+		if err = linkFile(tmp, name); err == nil {
+			if err = os.Rename(name, final); err != nil {
+				os.Remove(name)
+			}
+		}
+	}
+	lk.Unlock()
+	if err != nil {
+		return status.Errorf(codes.Internal, "commit %s: %v", final, err)
+	}
+	s.committed(key, final, size)
+	return nil
+}
+
+// linkFile gives the open file f (an unnamed temp file, or any file of the store's
+// filesystem) the name path.
+func linkFile(f *os.File, path string) error {
+	// AT_EMPTY_PATH needs CAP_DAC_READ_SEARCH; the /proc link works without.
+	err := unix.Linkat(int(f.Fd()), "", unix.AT_FDCWD, path, unix.AT_EMPTY_PATH)
+	if err == unix.ENOENT || err == unix.EPERM {
+		err = unix.Linkat(unix.AT_FDCWD, fmt.Sprintf("/proc/self/fd/%d", f.Fd()), unix.AT_FDCWD, path, unix.AT_SYMLINK_FOLLOW)
+	}
+	if err != nil {
+		return &os.LinkError{Op: "link", Old: f.Name(), New: path, Err: err}
+	}
+	return nil
+}
+
+// committed indexes an entry just moved or linked to its final path (and syncs its
+// directory with Fsync); a blob is remembered as verified.
+func (s *Store) committed(key, final string, size int64) {
 	if s.opts.Fsync {
 		syncDir(filepath.Dir(final))
 	}
 	s.touch(key, final, size)
 	s.stampForeign()
-	return nil
+	if key[0] == 'c' {
+		s.remember(key[1:], final)
+	}
+}
+
+// remember records that the file at path, just written from bytes that matched blob
+// hash, is verified.
+func (s *Store) remember(hash, path string) {
+	var st unix.Stat_t
+	if unix.Stat(path, &st) == nil {
+		s.verified.add(hash, fileIDOf(&st), s.now())
+	}
 }
 
 func syncDir(dir string) {
@@ -488,14 +566,39 @@ func syncDir(dir string) {
 	}
 }
 
-// createTemp makes a temp file in the store's tmp dir (same filesystem as the blobs).
+// createTemp makes a temp file in the store's tmp dir (same filesystem as the blobs):
+// an unnamed one (O_TMPFILE, empty Name; it vanishes if the process dies) where the
+// filesystem has them, else a named one that a later Store sweeps if this one dies.
 func (s *Store) createTemp(mode os.FileMode) (*os.File, error) {
 	if s.opts.ReadOnly {
 		return nil, status.Error(codes.FailedPrecondition, "the store is open read-only")
 	}
+	if !s.noTmpfile.Load() {
+		fd, err := unix.Open(filepath.Join(s.dir, "tmp"), unix.O_TMPFILE|unix.O_WRONLY|unix.O_CLOEXEC, uint32(mode.Perm()))
+		if err == nil {
+			return os.NewFile(uintptr(fd), ""), nil
+		}
+		if err != unix.EOPNOTSUPP && err != unix.EISDIR && err != unix.EINVAL {
+			return nil, status.Errorf(codes.Internal, "create temp file: %v", err)
+		}
+		s.noTmpfile.Store(true)
+	}
+	return s.createNamedTemp(mode)
+}
+
+// tempName is a fresh name in the store's tmp dir, owned by this Store.
+func (s *Store) tempName() string {
 	var b [12]byte
 	rand.Read(b[:])
-	name := filepath.Join(s.dir, "tmp", s.owner+"-"+hex.EncodeToString(b[:]))
+	return filepath.Join(s.dir, "tmp", s.owner+"-"+hex.EncodeToString(b[:]))
+}
+
+// createNamedTemp makes a named temp file in the store's tmp dir.
+func (s *Store) createNamedTemp(mode os.FileMode) (*os.File, error) {
+	if s.opts.ReadOnly {
+		return nil, status.Error(codes.FailedPrecondition, "the store is open read-only")
+	}
+	name := s.tempName()
 	f, err := os.OpenFile(name, os.O_CREATE|os.O_EXCL|os.O_WRONLY, mode)
 	if err != nil {
 		return nil, status.Errorf(codes.Internal, "create temp file: %v", err)
@@ -505,11 +608,15 @@ func (s *Store) createTemp(mode os.FileMode) (*os.File, error) {
 
 func discard(f *os.File) {
 	f.Close()
-	os.Remove(f.Name())
+	if f.Name() != "" {
+		os.Remove(f.Name())
+	}
 }
 
 // Get implements cache.BlobStore; the whole blob is verified against its digest as it
-// is read, and a blob that fails is removed.
+// is read, and a blob that fails is removed. A blob whose file was hashed within
+// verifyTTL (written, adopted, verified or read whole by this Store) and has not changed
+// since is read without hashing it again.
 func (s *Store) Get(ctx context.Context, d cache.Digest, offset int64) (io.ReadCloser, error) {
 	if offset < 0 || offset > d.Size {
 		return nil, status.Errorf(codes.OutOfRange, "read offset %d outside blob %s", offset, d)
@@ -539,6 +646,16 @@ func (s *Store) Get(ctx context.Context, d cache.Digest, offset int64) (io.ReadC
 		return nil, status.Errorf(codes.NotFound, "blob %s not found", d)
 	}
 	s.touch(key, path, d.Size)
+	if st, ok := info.Sys().(*syscall.Stat_t); ok && s.verified.ok(d.Hash, fileID{st.Ino, st.Ctim.Nano(), st.Size}, s.now()) {
+		// Hashed recently, unchanged since: read it as it is.
+		if offset > 0 {
+			if _, err := f.Seek(offset, io.SeekStart); err != nil {
+				f.Close()
+				return nil, status.Errorf(codes.Internal, "read blob %s: %v", d, err)
+			}
+		}
+		return f, nil
+	}
 	h := sha256.New()
 	if offset > 0 {
 		if _, err := io.CopyN(h, f, offset); err != nil {
@@ -546,7 +663,28 @@ func (s *Store) Get(ctx context.Context, d cache.Digest, offset int64) (io.ReadC
 			return nil, status.Errorf(codes.Internal, "read blob %s: %v", d, err)
 		}
 	}
-	return cache.NewVerifyingReader(f, d, h, offset, func() { s.removeCorrupt(path, key, info) }), nil
+	vr := cache.NewVerifyingReader(f, d, h, offset, func() { s.removeCorrupt(path, key, info) })
+	var id fileID
+	if st, ok := info.Sys().(*syscall.Stat_t); ok {
+		id = fileID{st.Ino, st.Ctim.Nano(), st.Size}
+	}
+	return &memoizingReader{VerifyingReader: vr, done: func() { s.verified.add(d.Hash, id, s.now()) }}, nil
+}
+
+// memoizingReader records in the memo that the blob it reads matched its digest, once
+// the verifying reader under it has reached the end without an error.
+type memoizingReader struct {
+	*cache.VerifyingReader
+	done func()
+}
+
+func (m *memoizingReader) Read(p []byte) (int, error) {
+	n, err := m.VerifyingReader.Read(p)
+	if err == io.EOF && m.done != nil {
+		m.done()
+		m.done = nil
+	}
+	return n, err
 }
 
 // verifyFile hashes the file at path and removes it if it does not match hash; it
@@ -576,6 +714,7 @@ func (s *Store) removeCorrupt(path, key string, read fs.FileInfo) {
 	lk := s.stripe(key)
 	lk.Lock()
 	defer lk.Unlock()
+	s.verified.drop(key[1:])
 	if cur, err := os.Stat(path); err == nil && os.SameFile(cur, read) {
 		os.Remove(path)
 		s.forget(key)
@@ -645,9 +784,11 @@ func (s *Store) FindMissing(ctx context.Context, ds []cache.Digest) ([]cache.Dig
 		return missing, ctx.Err()
 	}
 	var unknown []cache.Digest
+	key := make([]byte, 0, 1+64)
 	s.mu.Lock()
 	for _, d := range ds {
-		if e, ok := s.index["c"+d.Hash]; ok && e.size == d.Size {
+		key = append(append(key[:0], 'c'), d.Hash...)
+		if e, ok := s.index[string(key)]; ok && e.size == d.Size { // no allocation for the key
 			s.lru.MoveToFront(e.elem)
 			continue
 		}
@@ -720,29 +861,22 @@ func (s *Store) AdoptFile(_ context.Context, d cache.Digest, f *os.File) error {
 			return status.Errorf(codes.Internal, "sync %s: %v", f.Name(), err)
 		}
 	}
-	var b [12]byte
-	rand.Read(b[:])
-	tmp := filepath.Join(s.dir, "tmp", s.owner+"-"+hex.EncodeToString(b[:]))
-	// Link the inode itself (AT_EMPTY_PATH needs CAP_DAC_READ_SEARCH; /proc works without).
-	err := unix.Linkat(int(f.Fd()), "", unix.AT_FDCWD, tmp, unix.AT_EMPTY_PATH)
-	if err != nil {
-		err = unix.Linkat(unix.AT_FDCWD, fmt.Sprintf("/proc/self/fd/%d", f.Fd()), unix.AT_FDCWD, tmp, unix.AT_SYMLINK_FOLLOW)
-	}
-	if err != nil {
+	tv := []unix.Timeval{unix.NsecToTimeval(s.now().UnixNano()), unix.NsecToTimeval(cache.InputMtime.UnixNano())}
+	if err := unix.Futimes(int(f.Fd()), tv); err != nil {
 		return status.Errorf(codes.Internal, "adopt %s: %v", f.Name(), err)
 	}
-	if err := os.Chtimes(tmp, s.now(), cache.InputMtime); err != nil {
-		os.Remove(tmp)
-		return status.Errorf(codes.Internal, "adopt %s: %v", f.Name(), err)
-	}
+	// Link the inode itself at its final name: a blob that appeared meanwhile is the
+	// same bytes, and stays.
 	key := "c" + d.Hash
 	final := s.casPath(d.Hash)
 	lk := s.stripe(key)
 	lk.Lock()
-	err = os.Rename(tmp, final)
+	err := linkFile(f, final)
 	lk.Unlock()
+	if errors.Is(err, fs.ErrExist) {
+		return nil
+	}
 	if err != nil {
-		os.Remove(tmp)
 		return status.Errorf(codes.Internal, "adopt %s: %v", f.Name(), err)
 	}
 	if s.opts.Fsync {
@@ -750,18 +884,12 @@ func (s *Store) AdoptFile(_ context.Context, d cache.Digest, f *os.File) error {
 	}
 	s.touch(key, final, d.Size)
 	s.stampForeign()
+	s.remember(d.Hash, final)
 	return nil
 }
 
-// fileID names one version of a file: a rewrite, rename or chmod changes it.
-type fileID struct {
-	ino   uint64
-	ctime int64
-	size  int64
-}
-
-// Verify hashes blob d's file unless it was verified since it last changed, and
-// removes it if it does not match (NOT_FOUND then). Callers that use the file without
+// Verify hashes blob d's file unless it was verified recently and has not changed
+// since (see verifyTTL), and removes it if it does not match (NOT_FOUND then). Callers that use the file without
 // reading it through Get (hardlinked inputs) call it first, so a damaged blob never
 // reaches an action.
 func (s *Store) Verify(d cache.Digest) error {
@@ -773,15 +901,15 @@ func (s *Store) Verify(d cache.Digest) error {
 		}
 		return status.Errorf(codes.NotFound, "blob %s not found", d)
 	}
-	id := fileID{st.Ino, st.Ctim.Nano(), st.Size}
-	if v, ok := s.verified.Load(d.Hash); ok && v.(fileID) == id {
+	id := fileIDOf(&st)
+	if s.verified.ok(d.Hash, id, s.now()) {
 		return nil
 	}
 	info, err := os.Stat(path)
 	if err != nil || !s.verifyFile(path, d.Hash, info) {
 		return status.Errorf(codes.NotFound, "blob %s not found (the stored copy was damaged and has been removed)", d)
 	}
-	s.verified.Store(d.Hash, id)
+	s.verified.add(d.Hash, id, s.now())
 	return nil
 }
 

@@ -248,7 +248,7 @@ func TestReopenKeepsOrderAndSharesDir(t *testing.T) {
 func TestSweepsTempFilesOfDeadWriters(t *testing.T) {
 	dir := t.TempDir()
 	live := open(t, dir, Options{})
-	liveTmp, err := live.createTemp(0o644)
+	liveTmp, err := live.createNamedTemp(0o644)
 	if err != nil {
 		t.Fatal(err)
 	}

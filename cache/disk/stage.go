@@ -2,6 +2,7 @@ package disk
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"os"
 
@@ -41,14 +42,18 @@ func (s *Store) Stage(ctx context.Context, d cache.Digest, r io.Reader) (*Staged
 // Open opens the staged file for reading; the handle stays valid after Commit or
 // Discard (and after eviction), until closed.
 func (st *Staged) Open() (*os.File, error) {
-	f, err := os.Open(st.f.Name())
+	name := st.f.Name()
+	if name == "" { // an unnamed temp file (createTemp): reopened through its descriptor
+		name = fmt.Sprintf("/proc/self/fd/%d", st.f.Fd())
+	}
+	f, err := os.Open(name)
 	if err != nil {
 		return nil, status.Errorf(codes.Internal, "open staged blob %s: %v", st.d, err)
 	}
 	return f, nil
 }
 
-// Commit makes the staged blob visible in the store (atomically, by rename).
+// Commit makes the staged blob visible in the store (atomically: a link or a rename).
 func (st *Staged) Commit() error {
 	if st.done {
 		return status.Errorf(codes.Internal, "staged blob %s committed twice", st.d)

@@ -11,10 +11,6 @@ import (
 	clog "github.com/containerd/log"
 	"github.com/spf13/cobra"
 
-	// The sandbox re-executes this binary as its container init; nsenter's C
-	// constructor must be linked in for that (sandbox imports it too).
-	_ "github.com/opencontainers/runc/libcontainer/nsenter"
-
 	"github.com/kilnbuild/kiln/engine/server"
 	"github.com/kilnbuild/kiln/sandbox"
 )
@@ -23,8 +19,8 @@ import (
 var version = "0.1.0-dev"
 
 func main() {
-	// First of all: when re-executed as a sandbox's container init, become it
-	// (never returns); nothing else may run before.
+	// First of all: when started as the sandbox daemon (KILN_SANDBOX_DAEMON=0 aside,
+	// kiln runs its embedded kiln-sandboxd instead), become it (never returns).
 	sandbox.Init()
 	// containerd's process-wide logger warns on every content-store open where
 	// fs-verity is missing; kiln's own logs say what matters.

@@ -16,8 +16,10 @@ import (
 )
 
 const (
-	// readChunk is the data size of one ReadResponse.
-	readChunk = 1 << 20
+	// readChunk is the data size of one ReadResponse: just under 1 MiB, so that the
+	// marshalled message fits gRPC's largest pooled buffer (1 MiB; a larger message
+	// gets a fresh, zeroed allocation every time).
+	readChunk = 1<<20 - 1<<10
 	// uploadIdle is how long an interrupted upload waits to be resumed before it is dropped.
 	uploadIdle = 5 * time.Minute
 	// maxUploads bounds uploads in progress (attached or waiting to resume).
@@ -123,7 +125,9 @@ func (b *byteStream) Read(req *bytestream.ReadRequest, stream bytestream.ByteStr
 	if limit > 0 && limit < remaining {
 		remaining = limit
 	}
-	buf := make([]byte, min(readChunk, max(remaining, 1)))
+	bp := readBufs.Get().(*[]byte)
+	defer readBufs.Put(bp)
+	buf := (*bp)[:min(readChunk, max(remaining, 1))]
 	for remaining > 0 {
 		n, err := io.ReadFull(r, buf[:min(int64(len(buf)), remaining)])
 		if n > 0 {
@@ -165,6 +169,10 @@ func (b *byteStream) readZstd(r io.Reader, stream bytestream.ByteStream_ReadServ
 	}
 	return cw.flush()
 }
+
+// readBufs holds the buffers Read sends from (one readChunk each): a fresh one per
+// read would be allocated and zeroed every time.
+var readBufs = sync.Pool{New: func() any { b := make([]byte, readChunk); return &b }}
 
 // chunkSender turns writes into ReadResponses of up to readChunk bytes.
 type chunkSender struct {

@@ -1,11 +1,12 @@
 // Package seccomp holds kiln's versioned seccomp profile for build actions: an
 // allowlist of x86_64 system calls, with argument filters where a call is only
-// partly safe, applied by libcontainer through libseccomp.
+// partly safe, compiled by libseccomp (Compile) and loaded by every sandbox.
 //
 // Anything not allowed fails with EPERM; system calls newer than the profile fail
-// with ENOSYS (libcontainer's stub), so that libc falls back to older calls. Only
-// the native x86_64 ABI is allowed: 32-bit (int 0x80) and x32 system calls kill the
-// process, so they cannot be used to get around the argument filters.
+// with ENOSYS (kiln's prologue to libseccomp's program), so that libc falls back to
+// older calls. Only the native x86_64 ABI is allowed: 32-bit (int 0x80) and x32
+// system calls kill the process, so they cannot be used to get around the argument
+// filters.
 package seccomp
 
 import (
@@ -159,7 +160,8 @@ func allowIf(name string, args ...*configs.Arg) *configs.Syscall {
 	return &configs.Syscall{Name: name, Action: configs.Allow, Args: args}
 }
 
-// Config returns the profile as a libcontainer seccomp configuration (a fresh copy).
+// Config returns the profile as a seccomp configuration (runc's configuration types,
+// a fresh copy).
 func Config() *configs.Seccomp {
 	eperm, enosysRet := uint(unix.EPERM), uint(unix.ENOSYS)
 	c := &configs.Seccomp{

@@ -22,7 +22,7 @@ import (
 //go:embed kiln-init.amd64
 var Binary []byte
 
-// File descriptors kiln-init expects (libcontainer passes ExtraFiles from fd 3).
+// File descriptors kiln-init expects (package spawn sets them up).
 const (
 	SelfFD   = 3 // kiln-init's own executable; closed at once
 	CtrlFD   = 4 // the command, written by the host
@@ -39,9 +39,8 @@ func Memfd() (*os.File, error) {
 }
 
 // SealedExecutable returns an executable memory file named name holding b, sealed
-// against writing, growing, shrinking and further seals. runc's libcontainer treats
-// a process whose /proc/self/exe is such a file as already cloned (exeseal.IsCloned)
-// and re-executes it as container init without copying it.
+// against writing, growing, shrinking and further seals: nothing can write through
+// it, so one copy serves every process that executes it.
 func SealedExecutable(name string, b []byte) (*os.File, error) {
 	fd, err := unix.MemfdCreate(name, unix.MFD_CLOEXEC|unix.MFD_ALLOW_SEALING)
 	if err != nil {

@@ -1,7 +1,9 @@
 // Command casbench measures a REAPI server's CAS: ByteStream upload and download of 1 MiB
 // blobs over parallel streams, BatchUpdateBlobs of 4 KiB blobs, FindMissingBlobs, and
 // single-core SHA-256 for reference (a verifying store cannot stream faster than it
-// hashes). It speaks plain REAPI, so the same run measures kiln and its peers.
+// hashes). It speaks plain REAPI, so the same run measures kiln and its peers: given
+// several --server flags, it measures each row on every server in turn, over --rounds
+// rounds, and prints the ratios of the first server to the others.
 package main
 
 import (
@@ -34,55 +36,212 @@ type result struct {
 	SHA256MBps      float64 `json:"sha256_single_core_mb_s"`
 }
 
+// rows are the measured rows of a result, in print order.
+var rows = []struct {
+	name string
+	get  func(*result) *float64
+}{
+	{"upload MB/s", func(r *result) *float64 { return &r.UploadMBps }},
+	{"download MB/s", func(r *result) *float64 { return &r.DownloadMBps }},
+	{"batch-4KiB blobs/s", func(r *result) *float64 { return &r.BatchBlobsPerS }},
+	{"find-missing digests/s", func(r *result) *float64 { return &r.FindMissingPerS }},
+}
+
+// server is one REAPI endpoint under test.
+type server struct {
+	name string
+	bs   bytestream.ByteStreamClient
+	cas  repb.ContentAddressableStorageClient
+}
+
+// serverList collects repeated --server NAME=ADDR flags.
+type serverList []string
+
+func (l *serverList) String() string     { return strings.Join(*l, ",") }
+func (l *serverList) Set(v string) error { *l = append(*l, v); return nil }
+
 func main() {
-	addr := flag.String("addr", "127.0.0.1:8980", "server address")
-	name := flag.String("name", "kiln", "label for the server")
+	addr := flag.String("addr", "127.0.0.1:8980", "server address (without --server)")
+	name := flag.String("name", "kiln", "label for the server (without --server)")
+	var servers serverList
+	flag.Var(&servers, "server", "NAME=ADDR of a server to measure; repeat it to compare servers in one run, each row measured server after server (the first is the one ratios are of)")
+	rounds := flag.Int("rounds", 1, "measure every row this many times, interleaving the servers (alternating their order), and print medians, every round's ratio and the median of those")
 	streams := flag.Int("streams", 8, "parallel streams")
 	bigCount := flag.Int("blobs", 512, "number of 1 MiB blobs to upload and download")
 	smallCount := flag.Int("small", 64000, "number of 4 KiB blobs for BatchUpdateBlobs")
 	fmDigests := flag.Int("find", 2_000_000, "digests to send to FindMissingBlobs")
-	asJSON := flag.Bool("json", false, "print JSON")
-	save := flag.String("save", "", "also write the result as JSON to this file")
-	vs := flag.String("vs", "", "print this run's ratios to the result saved in this file (by --save)")
+	asJSON := flag.Bool("json", false, "print JSON (the medians of each server)")
+	save := flag.String("save", "", "also write the (first server's) result as JSON to this file")
+	vs := flag.String("vs", "", "print this run's (first server's) ratios to the result saved in this file (by --save)")
 	compare := flag.Bool("compare", false, "measure nothing: print the ratios of saved results A to saved results B (args: A1.json[,A2.json...] B1.json[,B2.json...]; several rounds are reduced to their medians)")
 	flag.Parse()
 	if *compare {
 		if flag.NArg() != 2 {
 			fail(fmt.Errorf("--compare wants two lists of saved results"))
 		}
-		a, b := median(strings.Split(flag.Arg(0), ",")), median(strings.Split(flag.Arg(1), ","))
+		a, b := medianOf(strings.Split(flag.Arg(0), ",")), medianOf(strings.Split(flag.Arg(1), ","))
 		printRatios(a, b)
 		return
 	}
-
-	conn, err := grpc.NewClient(*addr, grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(64<<20), grpc.MaxCallSendMsgSize(64<<20)))
-	if err != nil {
-		fail(err)
+	if len(servers) == 0 {
+		servers = serverList{*name + "=" + *addr}
 	}
-	defer conn.Close()
+	var ss []*server
+	for _, sv := range servers {
+		n, a, ok := strings.Cut(sv, "=")
+		if !ok {
+			fail(fmt.Errorf("--server %q: want NAME=ADDR", sv))
+		}
+		conn, err := grpc.NewClient(a, grpc.WithTransportCredentials(insecure.NewCredentials()),
+			grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(64<<20), grpc.MaxCallSendMsgSize(64<<20)))
+		if err != nil {
+			fail(err)
+		}
+		defer conn.Close()
+		ss = append(ss, &server{name: n, bs: bytestream.NewByteStreamClient(conn), cas: repb.NewContentAddressableStorageClient(conn)})
+	}
 	ctx := context.Background()
-	bs := bytestream.NewByteStreamClient(conn)
-	cas := repb.NewContentAddressableStorageClient(conn)
 	seed := uint64(time.Now().UnixNano())
-	r := result{Server: *name}
-
-	// ByteStream upload: 1 MiB blobs, one 1 MiB message each (the remote-apis-sdks
-	// default chunk), *streams at once.
-	big := make([]digestBlob, *bigCount)
-	for i := range big {
-		big[i] = randomBlob(seed, i, 1<<20)
+	res := make([][]result, len(ss)) // [server][round]
+	for round := 0; round < *rounds; round++ {
+		// Fresh blobs every round, the same for every server: nothing is present yet.
+		big := make([]digestBlob, *bigCount)
+		for i := range big {
+			big[i] = randomBlob(seed+uint64(2*round), i, 1<<20)
+		}
+		small := make([]digestBlob, *smallCount)
+		for i := range small {
+			small[i] = randomBlob(seed+uint64(2*round+1), i, 4<<10)
+		}
+		order := make([]int, len(ss))
+		for i := range order {
+			order[i] = i
+			if round%2 == 1 {
+				order[i] = len(ss) - 1 - i
+			}
+		}
+		rr := make([]result, len(ss))
+		for i := range rr {
+			rr[i].Server = ss[i].name
+		}
+		for _, i := range order {
+			rr[i].UploadMBps = upload(ctx, ss[i], big, *streams)
+		}
+		for _, i := range order {
+			rr[i].DownloadMBps = download(ctx, ss[i], big, *streams)
+		}
+		for _, i := range order {
+			rr[i].BatchBlobsPerS = batchUpdate(ctx, ss[i], small, *streams)
+		}
+		for _, i := range order {
+			rr[i].FindMissingPerS = findMissing(ctx, ss[i], small, *fmDigests, *streams, seed)
+		}
+		// Single-core SHA-256 over the same 1 MiB blobs, once per server slot: the load
+		// on the machine at the time, for reference.
+		start := time.Now()
+		for _, b := range big {
+			sha256.Sum256(b.data)
+		}
+		sha := mbps(int64(len(big))<<20, time.Since(start))
+		for i := range rr {
+			rr[i].SHA256MBps = sha
+			res[i] = append(res[i], rr[i])
+		}
+		if !*asJSON && *rounds > 1 {
+			for i := range rr {
+				fmt.Printf("round %d  ", round+1)
+				printResult(rr[i])
+			}
+		}
 	}
+	meds := make([]result, len(ss))
+	for i := range ss {
+		meds[i] = median(res[i])
+	}
+	if *save != "" {
+		b, _ := json.Marshal(meds[0])
+		if err := os.WriteFile(*save, b, 0o644); err != nil {
+			fail(err)
+		}
+	}
+	if *vs != "" {
+		defer printRatios(meds[0], load(*vs))
+	}
+	if *asJSON {
+		json.NewEncoder(os.Stdout).Encode(meds)
+		return
+	}
+	if *rounds > 1 {
+		fmt.Printf("medians of %d rounds:\n", *rounds)
+	}
+	for _, m := range meds {
+		printResult(m)
+	}
+	// Each round's ratio compares measurements made a moment apart; their median is the
+	// ratio printed first.
+	for i := 1; i < len(ss); i++ {
+		fmt.Printf("%s / %s:", ss[0].name, ss[i].name)
+		for _, row := range rows {
+			var per []string
+			var ratios []float64
+			for r := 0; r < *rounds; r++ {
+				x := *row.get(&res[0][r]) / *row.get(&res[i][r])
+				ratios = append(ratios, x)
+				per = append(per, fmt.Sprintf("%.2f", x))
+			}
+			sort.Float64s(ratios)
+			m := ratios[len(ratios)/2]
+			if len(ratios)%2 == 0 {
+				m = (ratios[len(ratios)/2-1] + ratios[len(ratios)/2]) / 2
+			}
+			fmt.Printf("  %s %.2fx", row.name, m)
+			if *rounds > 1 {
+				fmt.Printf(" (rounds %s)", strings.Join(per, " "))
+			}
+		}
+		fmt.Println()
+	}
+}
+
+func printResult(r result) {
+	fmt.Printf("%-14s upload %7.0f MB/s (%.2fx SHA-256)  download %7.0f MB/s  batch-4KiB %8.0f blobs/s  find-missing %9.0f digests/s  sha256 %6.0f MB/s\n",
+		r.Server, r.UploadMBps, r.UploadMBps/r.SHA256MBps, r.DownloadMBps, r.BatchBlobsPerS, r.FindMissingPerS, r.SHA256MBps)
+}
+
+// median is the row-by-row median of rs.
+func median(rs []result) result {
+	m := result{Server: rs[0].Server}
+	for _, row := range append(rows, struct {
+		name string
+		get  func(*result) *float64
+	}{"sha256", func(r *result) *float64 { return &r.SHA256MBps }}) {
+		var v []float64
+		for i := range rs {
+			v = append(v, *row.get(&rs[i]))
+		}
+		sort.Float64s(v)
+		x := v[len(v)/2]
+		if len(v)%2 == 0 {
+			x = (v[len(v)/2-1] + v[len(v)/2]) / 2
+		}
+		*row.get(&m) = x
+	}
+	return m
+}
+
+// upload writes every blob through ByteStream, one 1 MiB message each (the
+// remote-apis-sdks default chunk), streams at once, and returns MB/s.
+func upload(ctx context.Context, s *server, big []digestBlob, streams int) float64 {
 	var next atomic.Int64
 	start := time.Now()
-	parallel(*streams, func() error {
+	parallel(streams, func() error {
 		for {
 			i := int(next.Add(1)) - 1
 			if i >= len(big) {
 				return nil
 			}
 			b := big[i]
-			st, err := bs.Write(ctx)
+			st, err := s.bs.Write(ctx)
 			if err != nil {
 				return err
 			}
@@ -97,18 +256,21 @@ func main() {
 			}
 		}
 	})
-	r.UploadMBps = mbps(int64(len(big))<<20, time.Since(start))
+	return mbps(int64(len(big))<<20, time.Since(start))
+}
 
-	next.Store(0)
-	start = time.Now()
-	parallel(*streams, func() error {
+// download reads every blob back through ByteStream and returns MB/s.
+func download(ctx context.Context, s *server, big []digestBlob, streams int) float64 {
+	var next atomic.Int64
+	start := time.Now()
+	parallel(streams, func() error {
 		for {
 			i := int(next.Add(1)) - 1
 			if i >= len(big) {
 				return nil
 			}
 			b := big[i]
-			st, err := bs.Read(ctx, &bytestream.ReadRequest{ResourceName: fmt.Sprintf("blobs/%s/%d", b.hash, len(b.data))})
+			st, err := s.bs.Read(ctx, &bytestream.ReadRequest{ResourceName: fmt.Sprintf("blobs/%s/%d", b.hash, len(b.data))})
 			if err != nil {
 				return err
 			}
@@ -121,21 +283,20 @@ func main() {
 				n += len(resp.GetData())
 			}
 			if n != len(b.data) {
-				return fmt.Errorf("read %d of %d bytes", n, len(b.data))
+				return fmt.Errorf("%s: read %d of %d bytes", s.name, n, len(b.data))
 			}
 		}
 	})
-	r.DownloadMBps = mbps(int64(len(big))<<20, time.Since(start))
+	return mbps(int64(len(big))<<20, time.Since(start))
+}
 
-	// BatchUpdateBlobs: 4 KiB blobs, 900 per request (under a 4 MiB batch limit).
-	small := make([]digestBlob, *smallCount)
-	for i := range small {
-		small[i] = randomBlob(seed+1, i, 4<<10)
-	}
+// batchUpdate uploads the small blobs with BatchUpdateBlobs, 900 per request (under a
+// 4 MiB batch limit), and returns blobs per second.
+func batchUpdate(ctx context.Context, s *server, small []digestBlob, streams int) float64 {
 	const perBatch = 900
-	next.Store(0)
-	start = time.Now()
-	parallel(*streams, func() error {
+	var next atomic.Int64
+	start := time.Now()
+	parallel(streams, func() error {
 		for {
 			lo := int(next.Add(perBatch)) - perBatch
 			if lo >= len(small) {
@@ -146,20 +307,23 @@ func main() {
 				req.Requests = append(req.Requests, &repb.BatchUpdateBlobsRequest_Request{
 					Digest: &repb.Digest{Hash: b.hash, SizeBytes: int64(len(b.data))}, Data: b.data})
 			}
-			resp, err := cas.BatchUpdateBlobs(ctx, req)
+			resp, err := s.cas.BatchUpdateBlobs(ctx, req)
 			if err != nil {
 				return err
 			}
 			for _, x := range resp.GetResponses() {
 				if x.GetStatus().GetCode() != 0 {
-					return fmt.Errorf("batch update: %s", x.GetStatus().GetMessage())
+					return fmt.Errorf("%s: batch update: %s", s.name, x.GetStatus().GetMessage())
 				}
 			}
 		}
 	})
-	r.BatchBlobsPerS = float64(len(small)) / time.Since(start).Seconds()
+	return float64(len(small)) / time.Since(start).Seconds()
+}
 
-	// FindMissingBlobs: 10k digests per request, half present (the small blobs).
+// findMissing sends FindMissingBlobs of 10k digests, half present (small blobs), until
+// total digests are sent, and returns digests per second.
+func findMissing(ctx context.Context, s *server, small []digestBlob, total, streams int, seed uint64) float64 {
 	const perFind = 10000
 	req := &repb.FindMissingBlobsRequest{}
 	for i := 0; i < perFind; i++ {
@@ -172,39 +336,16 @@ func main() {
 		}
 	}
 	var sent atomic.Int64
-	start = time.Now()
-	parallel(*streams, func() error {
-		for sent.Add(perFind) <= int64(*fmDigests) {
-			if _, err := cas.FindMissingBlobs(ctx, req); err != nil {
+	start := time.Now()
+	parallel(streams, func() error {
+		for sent.Add(perFind) <= int64(total) {
+			if _, err := s.cas.FindMissingBlobs(ctx, req); err != nil {
 				return err
 			}
 		}
 		return nil
 	})
-	r.FindMissingPerS = float64(*fmDigests) / time.Since(start).Seconds()
-
-	// Single-core SHA-256 over the same 1 MiB blobs.
-	start = time.Now()
-	for _, b := range big {
-		sha256.Sum256(b.data)
-	}
-	r.SHA256MBps = mbps(int64(len(big))<<20, time.Since(start))
-
-	if *save != "" {
-		b, _ := json.Marshal(r)
-		if err := os.WriteFile(*save, b, 0o644); err != nil {
-			fail(err)
-		}
-	}
-	if *vs != "" {
-		defer printRatios(r, load(*vs))
-	}
-	if *asJSON {
-		json.NewEncoder(os.Stdout).Encode(r)
-		return
-	}
-	fmt.Printf("%-14s upload %7.0f MB/s (%.2fx SHA-256)  download %7.0f MB/s  batch-4KiB %8.0f blobs/s  find-missing %9.0f digests/s  sha256 %6.0f MB/s\n",
-		r.Server, r.UploadMBps, r.UploadMBps/r.SHA256MBps, r.DownloadMBps, r.BatchBlobsPerS, r.FindMissingPerS, r.SHA256MBps)
+	return float64(total) / time.Since(start).Seconds()
 }
 
 type digestBlob struct {
@@ -256,31 +397,14 @@ func load(file string) result {
 	return r
 }
 
-// median reduces saved results to the median of each rate.
-func median(files []string) result {
+// medianOf reduces saved results to the median of each rate, and prints it.
+func medianOf(files []string) result {
 	var rs []result
 	for _, f := range files {
 		rs = append(rs, load(f))
 	}
-	med := func(get func(result) float64) float64 {
-		v := make([]float64, len(rs))
-		for i, r := range rs {
-			v[i] = get(r)
-		}
-		sort.Float64s(v)
-		if len(v)%2 == 1 {
-			return v[len(v)/2]
-		}
-		return (v[len(v)/2-1] + v[len(v)/2]) / 2
-	}
-	m := result{
-		Server:          fmt.Sprintf("%s (median of %d)", rs[0].Server, len(rs)),
-		UploadMBps:      med(func(r result) float64 { return r.UploadMBps }),
-		DownloadMBps:    med(func(r result) float64 { return r.DownloadMBps }),
-		BatchBlobsPerS:  med(func(r result) float64 { return r.BatchBlobsPerS }),
-		FindMissingPerS: med(func(r result) float64 { return r.FindMissingPerS }),
-		SHA256MBps:      med(func(r result) float64 { return r.SHA256MBps }),
-	}
+	m := median(rs)
+	m.Server = fmt.Sprintf("%s (median of %d)", rs[0].Server, len(rs))
 	fmt.Printf("%-28s upload %7.0f MB/s  download %7.0f MB/s  batch-4KiB %8.0f blobs/s  find-missing %9.0f digests/s\n",
 		m.Server, m.UploadMBps, m.DownloadMBps, m.BatchBlobsPerS, m.FindMissingPerS)
 	return m

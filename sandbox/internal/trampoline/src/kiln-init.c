@@ -1,7 +1,7 @@
 /*
  * kiln-init: the first process of every kiln sandbox (PID 1 of its pid namespace).
  *
- * libcontainer execs it as the container process. It reads the real command from
+ * The sandbox's set-up (package spawn) execs it last. It reads the real command from
  * fd 4 (so nothing is added to or reordered in its environment, and the command can
  * be bound late), optionally turns address space randomisation off, forks, execs the
  * command in the child, reaps every orphan like an init, and reports the command's
@@ -198,10 +198,9 @@ void run(void) {
 	sys1(SYS_close, SELF_FD);
 	/*
 	 * Die with the host thread that started the sandbox (kiln's or its sandbox
-	 * daemon's): libcontainer's parent-death signal stays with its first init stage
-	 * (a fork clears it), so without this a sandbox would outlive a crashed host.
-	 * Set before the command is read: a host that died before this point is seen
-	 * as the end of fd 4.
+	 * daemon's). The set-up sets this signal too; setting it again here keeps it
+	 * whatever that set-up did. Set before the command is read: a host that died
+	 * before this point is seen as the end of fd 4.
 	 */
 	sys2(SYS_prctl, 1 /* PR_SET_PDEATHSIG */, 9 /* SIGKILL */);
 	u64 len;
