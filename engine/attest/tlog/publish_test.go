@@ -190,3 +190,116 @@ func TestPublish(t *testing.T) {
 		t.Fatalf("a publisher whose log is shorter than the published one: %v", err)
 	}
 }
+
+// failAfter is an object store that accepts only the first n writes, as a publisher
+// killed mid-publish leaves it.
+type failAfter struct {
+	*memObjects
+	n int
+}
+
+func (f *failAfter) PutObject(ctx context.Context, key string, data []byte) error {
+	if f.n <= 0 {
+		return status.Errorf(codes.Unavailable, "crashed before %s", key)
+	}
+	f.n--
+	return f.memObjects.PutObject(ctx, key, data)
+}
+
+func (f *failAfter) DeleteObject(ctx context.Context, key string) error {
+	if f.n <= 0 {
+		return status.Errorf(codes.Unavailable, "crashed before deleting %s", key)
+	}
+	return f.memObjects.DeleteObject(ctx, key)
+}
+
+// TestPublishInterrupted: a publish cut off after any number of writes leaves the
+// published log as it was (the checkpoint never names a tree whose tiles are not all
+// there); a publisher started again on the same store resumes and completes it.
+func TestPublishInterrupted(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	sk, vk := newKey(t, "kiln-log/interrupted")
+	s, v := signerVerifier(t, sk, vk)
+	l, err := Open(ctx, dir, s, fastOpts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close(ctx)
+	var entries [][]byte
+	appendN := func(n int) {
+		var es [][]byte
+		for range n {
+			es = append(es, []byte(fmt.Sprintf("entry-%d", len(entries)+len(es))))
+		}
+		if _, err := l.AppendBatch(ctx, es); err != nil {
+			t.Fatal(err)
+		}
+		entries = append(entries, es...)
+		if err := l.Checkpoint(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// checkPublished proves every entry of the published tree, which must have size want.
+	checkPublished := func(o Objects, want uint64) {
+		t.Helper()
+		r := NewReaderFrom(ObjectSource(o, "log/", 0), v)
+		cp, err := r.Checkpoint(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if cp.Size != want {
+			t.Fatalf("published size %d, want %d", cp.Size, want)
+		}
+		if root, err := r.RootAt(ctx, cp.Size); err != nil || !bytes.Equal(root, cp.Root) {
+			t.Fatalf("the published tiles do not hash to the checkpoint's root: %v", err)
+		}
+		pv, err := r.Prover(ctx, cp.Size)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i := uint64(0); i < cp.Size; i++ {
+			if _, _, err := r.Include(ctx, entries[i], i, true, cp, pv); err != nil {
+				t.Fatalf("published size %d: entry %d: %v", cp.Size, i, err)
+			}
+		}
+	}
+	appendN(200)
+	base := newMemObjects()
+	pub, err := NewPublisher(ctx, dir, v, base, "log/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := pub.Publish(ctx); err != nil {
+		t.Fatal(err)
+	}
+	appendN(100) // crosses the first bundle's and tile's end: full ones, new partials
+	for k := 0; ; k++ {
+		o := &memObjects{objs: map[string][]byte{}}
+		for key, b := range base.objs {
+			o.objs[key] = b
+		}
+		pub, err := NewPublisher(ctx, dir, v, o, "log/")
+		if err != nil {
+			t.Fatal(err)
+		}
+		f := &failAfter{memObjects: o, n: k}
+		cut, err := NewPublisher(ctx, dir, v, f, "log/")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := cut.Publish(ctx); err == nil {
+			if k == 0 {
+				t.Fatal("a publish with no write allowed succeeded")
+			}
+			checkPublished(o, 300)
+			t.Logf("a publish is %d writes; each cut before its end left the previous tree", k)
+			break // k writes are the whole publish
+		}
+		checkPublished(o, 200)
+		if _, err := pub.Publish(ctx); err != nil {
+			t.Fatalf("resuming after %d writes: %v", k, err)
+		}
+		checkPublished(o, 300)
+	}
+}
