@@ -556,6 +556,10 @@ func (s *Signer) writeLoop() {
 		results := make([]appendResult, len(batch))
 		var entries [][]byte
 		var logged []int
+		// The same link twice in one batch (an orphan adopted at start while its
+		// submitter submits it again) is appended once: later ones copy the first's result.
+		first := map[cache.Digest]int{}
+		var dups []int
 		for i, p := range batch {
 			if err := s.load(ctx, p); err != nil {
 				results[i].err = err
@@ -565,6 +569,11 @@ func (s *Signer) writeLoop() {
 				results[i].index = idx // logged before (a relink, or a crash after the append)
 				continue
 			}
+			if _, ok := first[p.env]; ok {
+				dups = append(dups, i)
+				continue
+			}
+			first[p.env] = i
 			entries = append(entries, LinkLogEntry(p.env))
 			logged = append(logged, i)
 		}
@@ -580,6 +589,9 @@ func (s *Signer) writeLoop() {
 					results[i].err = e
 				}
 			}
+		}
+		for _, i := range dups {
+			results[i] = results[first[batch[i].env]]
 		}
 		// SyncLog waiters are told as soon as their link is in the log; indexing and
 		// the move into the envelope store follow (Flush waits for those too).

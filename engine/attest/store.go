@@ -147,6 +147,9 @@ func (s *Store) MoveEnvelope(file string, d cache.Digest) error {
 		return status.Errorf(codes.Internal, "attest store: %v", err)
 	}
 	if err := os.Rename(file, p); err != nil {
+		if errors.Is(err, fs.ErrNotExist) && s.HasEnvelope(d) {
+			return nil // moved already (the same link twice in one batch)
+		}
 		return status.Errorf(codes.Internal, "attest store: %v", err)
 	}
 	return nil
