@@ -36,14 +36,8 @@ func openKeyring(ctx context.Context, dataDir string) (*keys.Keyring, error) {
 	return keys.Open(ctx, attest.PathsFor(dataDir).Keys, keys.Options{})
 }
 
-// openStore opens the attestation store of a data dir with its CAS (in shared storage
-// if storage is set).
-func openStore(ctx context.Context, dataDir string, storage engine.StorageConfig) (*attest.Store, func(), error) {
-	store, _, done, err := openStoreBucket(ctx, dataDir, storage)
-	return store, done, err
-}
-
-// openStoreBucket is openStore that also returns the bucket (nil without storage).
+// openStoreBucket opens the attestation store of a data dir with its CAS (in shared
+// storage if storage is set), and the bucket (nil without storage).
 func openStoreBucket(ctx context.Context, dataDir string, storage engine.StorageConfig) (*attest.Store, *s3.Bucket, func(), error) {
 	cas, _, b, done, err := engine.OpenCAS(ctx, engine.DataDir(dataDir), storage, quietLogger())
 	if err != nil {
