@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"io"
+	"net/http"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -22,6 +24,8 @@ import (
 // The cluster's log as other machines read it: the sequencer publishes it to the
 // bucket (log/), and kiln attest verify, kiln log and kiln rebuild with --storage read it
 // there on a data dir that holds none of the cluster's state.
+
+var linkLogged = regexp.MustCompile(`msg="link logged"`)
 
 // checkPublished checks the log published in the bucket as a reader anywhere sees it:
 // its checkpoint verifies, the published tiles hash to the checkpoint's root, and every
@@ -71,7 +75,8 @@ func outputOf(t *testing.T, x *execution) *repb.Digest {
 // up with waiting links; after every kill the log published in the bucket is consistent (its
 // checkpoint never names a tree whose tiles or entries are missing, and never goes
 // back). Then, on data dirs of a machine that has none of the cluster's state, kiln
-// attest verify, kiln log checkpoint, prove and consistency read the bucket's log.
+// attest verify, kiln log checkpoint, prove and consistency read the bucket's log, and
+// the frontend's web UI follows it and verifies the workers' links.
 func TestClusterLogFromBucket(t *testing.T) {
 	e := newCluster(t, clusterOpts{frontends: 1, workers: 2})
 	conn := dial(t, e.frontends[0].Addr)
@@ -91,14 +96,20 @@ func TestClusterLogFromBucket(t *testing.T) {
 		}
 		as, xs = append(as, a...), append(xs, x...)
 		e.seq.Restart(t, seqReady)
-		time.Sleep(time.Duration(i*25) * time.Millisecond)
+		when := fmt.Sprintf("%d ms after it was ready", i*20)
+		if i%2 == 1 { // right after it appended a link: before or while it publishes
+			e.seq.WaitLog(t, linkLogged, 30*time.Second)
+			when = "as it logged a link"
+		} else {
+			time.Sleep(time.Duration(i*20) * time.Millisecond)
+		}
 		e.seq.Kill()
 		n := checkPublished(t, rd)
 		if n < last {
 			t.Fatalf("the published log went back from size %d to %d", last, n)
 		}
 		pending, _ := os.ReadDir(filepath.Join(e.s3.Dir, "kiln-cache", "c", "pending"))
-		t.Logf("killed %d ms after it was ready: published size %d of %d links, %d markers left", i*25, n, len(as), len(pending))
+		t.Logf("killed %s: published size %d of %d links, %d markers left", when, n, len(as), len(pending))
 		last = n
 	}
 	e.seq.Restart(t, seqReady)
@@ -147,6 +158,30 @@ func TestClusterLogFromBucket(t *testing.T) {
 	if r.Code != 0 || !strings.Contains(r.Stdout, `"verified": true`) {
 		t.Fatalf("kiln log consistency on another machine: exit %d\n%s%s", r.Code, r.Stdout, r.Stderr)
 	}
+	// The frontend's web UI follows the same log and verifies a worker's link.
+	fe := e.frontends[0]
+	page := func(path string) string {
+		resp, err := http.Get("http://" + fe.HTTP + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return string(b)
+	}
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(250 * time.Millisecond) {
+		body := page("/log")
+		if strings.Contains(body, fmt.Sprintf(`<b id="log-size">%d</b>`, size)) && strings.Contains(body, fmt.Sprintf(`<b>%d</b> indexed for search`, size)) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the frontend's web UI does not show the cluster's log (size %d) indexed:\n%s", size, body)
+		}
+	}
+	if body := page("/action/" + as[0].digest.GetHash() + "/" + fmt.Sprint(as[0].digest.GetSizeBytes())); !strings.Contains(body, "Link verified by the server") {
+		t.Fatalf("the frontend's action page does not verify the worker's link:\n%s", body)
+	}
+
 	// Without --storage that machine has no log to verify against: a clear refusal.
 	out := outputOf(t, xs[0])
 	r = harness.Run(t, "attest", "verify", "--cluster", e.nats.URL, "--data", t.TempDir(), "--subject", "sha256:"+out.GetHash())
