@@ -125,18 +125,24 @@ func TestSyncLog(t *testing.T) {
 	}
 }
 
-// TestCrashedProcessLinksAreLogged: links a process signed but did not log before it
-// died are appended by the next process to open the data dir.
-func TestCrashedProcessLinksAreLogged(t *testing.T) {
-	ctx := context.Background()
-	data := t.TempDir()
-	const n = 5
+// crashLinking runs a process that links n actions into data and dies before it logs them.
+func crashLinking(t *testing.T, data string, n int) {
+	t.Helper()
 	c := exec.Command(os.Args[0], "-test.run=^$")
 	c.Env = append(os.Environ(), crashEnv+"="+data+"|"+strconv.Itoa(n))
 	c.Stderr = os.Stderr
 	if err := c.Run(); err != nil {
 		t.Fatalf("helper: %v", err)
 	}
+}
+
+// TestCrashedProcessLinksAreLogged: links a process signed but did not log before it
+// died are appended by the next process to open the data dir.
+func TestCrashedProcessLinksAreLogged(t *testing.T) {
+	ctx := context.Background()
+	data := t.TempDir()
+	const n = 5
+	crashLinking(t, data, n)
 	markers, _ := filepath.Glob(filepath.Join(PathsFor(data).Attest, "pending", "*", "*"))
 	if len(markers) != n {
 		t.Fatalf("%d pending markers after the crash, want %d", len(markers), n)
@@ -207,12 +213,7 @@ func TestAdoptedAndSubmittedAgainLoggedOnce(t *testing.T) {
 	for round := range 3 {
 		data := t.TempDir()
 		const n = 40
-		c := exec.Command(os.Args[0], "-test.run=^$")
-		c.Env = append(os.Environ(), crashEnv+"="+data+"|"+strconv.Itoa(n))
-		c.Stderr = os.Stderr
-		if err := c.Run(); err != nil {
-			t.Fatalf("helper: %v", err)
-		}
+		crashLinking(t, data, n)
 		markers, _ := filepath.Glob(filepath.Join(PathsFor(data).Attest, "pending", "*", "*"))
 		var envs [][]byte
 		for _, m := range markers {

@@ -9,6 +9,7 @@ import (
 	"sync"
 	"testing"
 
+	"golang.org/x/mod/sumdb/note"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 )
@@ -70,20 +71,46 @@ func (m *memObjects) keys(prefix string) []string {
 	return ks
 }
 
+// openLog opens a new log named name in a temp dir, closed at the test's end.
+func openLog(t *testing.T, name string) (dir, sk string, v note.Verifier, l *Log) {
+	t.Helper()
+	ctx := context.Background()
+	dir = t.TempDir()
+	sk, vk := newKey(t, name)
+	s, v := signerVerifier(t, sk, vk)
+	l, err := Open(ctx, dir, s, fastOpts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close(ctx) })
+	return dir, sk, v, l
+}
+
+// appendEntries appends n entries "entry-<index>" to l and to entries, and has l sign
+// a checkpoint covering them.
+func appendEntries(t *testing.T, l *Log, entries *[][]byte, n int) {
+	t.Helper()
+	ctx := context.Background()
+	var es [][]byte
+	for range n {
+		es = append(es, []byte(fmt.Sprintf("entry-%d", len(*entries)+len(es))))
+	}
+	if _, err := l.AppendBatch(ctx, es); err != nil {
+		t.Fatal(err)
+	}
+	*entries = append(*entries, es...)
+	if err := l.Checkpoint(ctx); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // TestPublish: a log published batch by batch to an object store reads there like in
 // its directory: every checkpoint verifies, every entry proves its inclusion, a reader
 // still on an older checkpoint (whose partial tiles were superseded) proves too, and
 // only the current partial tiles are left.
 func TestPublish(t *testing.T) {
 	ctx := context.Background()
-	dir := t.TempDir()
-	sk, vk := newKey(t, "kiln-log/publish")
-	s, v := signerVerifier(t, sk, vk)
-	l, err := Open(ctx, dir, s, fastOpts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close(ctx)
+	dir, sk, v, l := openLog(t, "kiln-log/publish")
 	o := newMemObjects()
 	pub, err := NewPublisher(ctx, dir, v, o, "kiln/log/")
 	if err != nil {
@@ -98,17 +125,7 @@ func TestPublish(t *testing.T) {
 	// Batches that cross bundle and level-1 tile boundaries (256 and 65536 would be
 	// slow; 256 is the one that matters for partials).
 	for _, batch := range []int{1, 3, 250, 2, 1, 300, 40} {
-		var es [][]byte
-		for range batch {
-			es = append(es, []byte(fmt.Sprintf("entry-%d", len(entries)+len(es))))
-		}
-		if _, err := l.AppendBatch(ctx, es); err != nil {
-			t.Fatal(err)
-		}
-		entries = append(entries, es...)
-		if err := l.Checkpoint(ctx); err != nil {
-			t.Fatal(err)
-		}
+		appendEntries(t, l, &entries, batch)
 		cp, err := pub.Publish(ctx)
 		if err != nil {
 			t.Fatal(err)
@@ -218,28 +235,9 @@ func (f *failAfter) DeleteObject(ctx context.Context, key string) error {
 // there); a publisher started again on the same store resumes and completes it.
 func TestPublishInterrupted(t *testing.T) {
 	ctx := context.Background()
-	dir := t.TempDir()
-	sk, vk := newKey(t, "kiln-log/interrupted")
-	s, v := signerVerifier(t, sk, vk)
-	l, err := Open(ctx, dir, s, fastOpts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close(ctx)
+	dir, _, v, l := openLog(t, "kiln-log/interrupted")
 	var entries [][]byte
-	appendN := func(n int) {
-		var es [][]byte
-		for range n {
-			es = append(es, []byte(fmt.Sprintf("entry-%d", len(entries)+len(es))))
-		}
-		if _, err := l.AppendBatch(ctx, es); err != nil {
-			t.Fatal(err)
-		}
-		entries = append(entries, es...)
-		if err := l.Checkpoint(ctx); err != nil {
-			t.Fatal(err)
-		}
-	}
+	appendN := func(n int) { appendEntries(t, l, &entries, n) }
 	// checkPublished proves every entry of the published tree, which must have size want.
 	checkPublished := func(o Objects, want uint64) {
 		t.Helper()
