@@ -49,7 +49,7 @@ func pendingKey(env cache.Digest) string {
 }
 
 // SharedLog is the cluster's transparency log as its sequencer publishes it in b, for
-// verifiers, rebuilds, gates and frontends on any machine (attest.Store.WithLog): a
+// verifiers, rebuilds and frontends on any machine (attest.Store.WithLog): a
 // link whose marker is still in pending/ is on its way into it.
 func SharedLog(b *s3.Bucket) *attest.RemoteLog {
 	return &attest.RemoteLog{
