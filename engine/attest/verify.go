@@ -131,7 +131,7 @@ func NewVerifier(ctx context.Context, store *Store, opts VerifierOptions) (*Veri
 	if opts.LogVerifier == nil {
 		return nil, status.Error(codes.InvalidArgument, "verify: no log key")
 	}
-	v := &Verifier{store: store, log: tlog.NewReader(store.Paths().Log, opts.LogVerifier), opts: opts, done: map[cache.Digest]LinkCheck{}, deadline: time.Now().Add(opts.WaitCheckpoint)}
+	v := &Verifier{store: store, log: store.LogReader(opts.LogVerifier), opts: opts, done: map[cache.Digest]LinkCheck{}, deadline: time.Now().Add(opts.WaitCheckpoint)}
 	v.settle(ctx)
 	if err := v.loadCheckpoint(ctx); err != nil {
 		return nil, err
@@ -167,6 +167,11 @@ func (v *Verifier) loadCheckpoint(ctx context.Context) error {
 	}
 	pv, err := v.log.Prover(ctx, cp.Size)
 	if err != nil {
+		return err
+	}
+	// A log kept elsewhere (a cluster's, in shared storage): index what it holds that
+	// this data dir has not seen, so links are found.
+	if err := v.store.IndexLog(ctx, v.log, cp.Size); err != nil {
 		return err
 	}
 	if p := v.opts.Pinned; p != nil {
@@ -335,7 +340,7 @@ func (v *Verifier) include(ctx context.Context, d cache.Digest) (uint64, error) 
 		if err == nil {
 			return idx, nil
 		}
-		inFlight := (hasHint && hint >= cp.Size) || (!hasHint && v.store.Pending(d))
+		inFlight := (hasHint && hint >= cp.Size) || (!hasHint && v.store.pendingAnywhere(ctx, d))
 		if !inFlight || time.Now().After(v.deadline) {
 			if status.Code(err) == codes.NotFound {
 				return 0, status.Errorf(codes.NotFound, "not in the transparency log (checkpoint size %d)", cp.Size)
