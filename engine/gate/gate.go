@@ -46,11 +46,19 @@ type Options struct {
 	// Wait bounds the wait for links still on their way into the log.
 	Wait    time.Duration
 	Version string
+	// Cache, if set, keeps what signed documents (link envelopes, provenance,
+	// summaries) established across decisions, keyed by the digest of their bytes and
+	// the trust set, so that deciding again about the same attestations skips their
+	// signatures and decoding (attest.VerifyCache). Log inclusion, key retirement
+	// bounds and quarantine are established at every decision.
+	Cache *attest.VerifyCache
 }
 
 // Gate makes promotion decisions. It is safe for concurrent use.
 type Gate struct {
 	opts Options
+	// trustID is the fingerprint of opts.Trust, the cache's key with a digest.
+	trustID [32]byte
 }
 
 // New checks opts and returns a Gate.
@@ -71,7 +79,40 @@ func New(opts Options) (*Gate, error) {
 	if opts.Now == nil {
 		opts.Now = time.Now
 	}
-	return &Gate{opts: opts}, nil
+	return &Gate{opts: opts, trustID: opts.Trust.Fingerprint()}, nil
+}
+
+// VerifyCache kinds of the documents a request carries.
+const (
+	cacheProvenance = "provenance"
+	cacheVSA        = "vsa"
+)
+
+// parseProvenance verifies and decodes a provenance, or finds it in the cache.
+func (g *Gate) parseProvenance(ctx context.Context, data []byte) (*attest.Provenance, error) {
+	d := cache.DigestOf(data)
+	if p, ok := g.opts.Cache.Get(g.trustID, cacheProvenance, d); ok {
+		return p.(*attest.Provenance), nil
+	}
+	p, err := attest.ParseProvenance(ctx, data, g.opts.Trust)
+	if err == nil {
+		// The decoded provenance holds about three times its bytes.
+		g.opts.Cache.Put(g.trustID, cacheProvenance, d, p, 3*d.Size+1024)
+	}
+	return p, err
+}
+
+// checkSummary verifies and decodes a verification summary, or finds it in the cache.
+func (g *Gate) checkSummary(ctx context.Context, data []byte) (*rebuild.Summary, error) {
+	d := cache.DigestOf(data)
+	if s, ok := g.opts.Cache.Get(g.trustID, cacheVSA, d); ok {
+		return s.(*rebuild.Summary), nil
+	}
+	s, err := rebuild.CheckSummary(ctx, data, g.opts.Trust)
+	if err == nil {
+		g.opts.Cache.Put(g.trustID, cacheVSA, d, s, 2*d.Size+512)
+	}
+	return s, err
 }
 
 // Policy returns the gate's policy.
@@ -197,7 +238,7 @@ func (g *Gate) facts(ctx context.Context, req Request, now time.Time) (*Input, [
 		return nil, nil, err
 	}
 	in.Log.Origin = lv.Name()
-	v, err := attest.NewVerifier(ctx, g.opts.Store, attest.VerifierOptions{Trust: trust, LogVerifier: lv, WaitCheckpoint: g.opts.Wait})
+	v, err := attest.NewVerifier(ctx, g.opts.Store, attest.VerifierOptions{Trust: trust, LogVerifier: lv, WaitCheckpoint: g.opts.Wait, Cache: g.opts.Cache})
 	if err != nil {
 		in.Log.Error = status.Convert(err).Message()
 	} else {
@@ -209,7 +250,7 @@ func (g *Gate) facts(ctx context.Context, req Request, now time.Time) (*Input, [
 	if d := req.Provenance; d != nil {
 		pf := &in.Provenance
 		pf.Present, pf.Name, pf.SHA256 = true, d.Name, d.sha256()
-		p, err := attest.ParseProvenance(ctx, d.Data, trust)
+		p, err := g.parseProvenance(ctx, d.Data)
 		switch {
 		case err != nil:
 			pf.Error = status.Convert(err).Message()
@@ -341,7 +382,7 @@ func (g *Gate) facts(ctx context.Context, req Request, now time.Time) (*Input, [
 		d := &req.VSAs[i]
 		vf := VSAFacts{Name: d.Name, SHA256: d.sha256()}
 		vf.Key.NotAfterLogSize = -1
-		s, err := rebuild.CheckSummary(ctx, d.Data, trust)
+		s, err := g.checkSummary(ctx, d.Data)
 		if err != nil {
 			vf.Error = status.Convert(err).Message()
 		} else {
