@@ -27,3 +27,7 @@ func (d DataDir) History() string { return filepath.Join(string(d), "history") }
 
 // Sandbox holds per-run sandbox state and exec roots.
 func (d DataDir) Sandbox() string { return filepath.Join(string(d), "sandbox") }
+
+// UIURL is where a running `kiln serve` with a web UI records its public URL, so that
+// CLI commands on the same data dir can name an action's page in their errors.
+func (d DataDir) UIURL() string { return filepath.Join(string(d), "ui-url") }

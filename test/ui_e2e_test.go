@@ -334,3 +334,67 @@ func checkUIRefusals(t *testing.T, r *remoteBuild, browser context.Context, hell
 		}
 	}
 }
+
+// TestCLIErrorsLinkActionPage: kiln exec and kiln verify on the data dir of a kiln serve
+// with a web UI name the failing action's page in their one-line error, and that page
+// shows the action; once the server is killed (-9, its record left behind), they name none.
+func TestCLIErrorsLinkActionPage(t *testing.T) {
+	if testing.Short() {
+		t.Skip("e2e")
+	}
+	harness.RequireRoot(t)
+	data := t.TempDir()
+	image := harness.RecipeToolchain(t, data, "busybox")
+	srv := harness.StartServer(t, "--data", data)
+	base := "http://" + srv.HTTP
+	pageOf := func(t *testing.T, stderr string) string {
+		t.Helper()
+		lines := strings.Split(strings.TrimSpace(stderr), "\n")
+		last := lines[len(lines)-1]
+		i := strings.Index(last, "the action's page: ")
+		if !strings.HasPrefix(last, "kiln: ") || i < 0 {
+			t.Fatalf("no page in the last line of stderr:\n%s", stderr)
+		}
+		u := last[i+len("the action's page: "):]
+		if !strings.HasPrefix(u, base+"/action/") {
+			t.Fatalf("page %q is not under %s/action/", u, base)
+		}
+		return u
+	}
+	r := harness.Run(t, "exec", "--data", data, "--toolchain", image, "--", "/bin/sh", "-c", "echo broken-step >&2; exit 3")
+	if r.Code != 3 {
+		t.Fatalf("exit %d, want the action's 3: %s", r.Code, r.Stderr)
+	}
+	page := pageOf(t, r.Stderr)
+	if !strings.Contains(r.Stdout, "action sha256:"+strings.TrimPrefix(page, base+"/action/")[:64]) {
+		t.Fatalf("the page %s is not the action kiln exec printed:\n%s", page, r.Stdout)
+	}
+	resp, err := http.Get(page)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || !strings.Contains(string(body), "broken-step") {
+		t.Fatalf("GET %s: %d\n%s", page, resp.StatusCode, body)
+	}
+	r = harness.Run(t, "exec", "--data", data, "--toolchain", image, "--json", "--", "/bin/sh", "-c", "exit 4")
+	if r.Code != 4 || !strings.Contains(r.Stdout, `"page": "`+base+"/action/") {
+		t.Fatalf("--json has no page (exit %d):\n%s%s", r.Code, r.Stdout, r.Stderr)
+	}
+	r = harness.Run(t, "verify", "--data", data, "--toolchain", image, "--output", "out.txt", "--", "/bin/sh", "-c", "cat /proc/sys/kernel/random/uuid > out.txt")
+	if r.Code != 1 {
+		t.Fatalf("verify of a random output exited %d: %s%s", r.Code, r.Stdout, r.Stderr)
+	}
+	pageOf(t, r.Stderr)
+	// --public-url names what clients see (a proxy in front of the server).
+	r = harness.Run(t, "exec", "--data", data, "--toolchain", image, "--public-url", "https://kiln.example.com/", "--", "/bin/sh", "-c", "exit 5")
+	if r.Code != 5 || !strings.Contains(r.Stderr, "the action's page: https://kiln.example.com/action/") {
+		t.Fatalf("--public-url: exit %d: %s", r.Code, r.Stderr)
+	}
+	srv.Kill()
+	r = harness.Run(t, "exec", "--data", data, "--toolchain", image, "--", "/bin/sh", "-c", "exit 6")
+	if r.Code != 6 || strings.Contains(r.Stderr, "page") {
+		t.Fatalf("with no server running: exit %d: %s", r.Code, r.Stderr)
+	}
+}

@@ -13,6 +13,7 @@ import (
 	"github.com/kilnbuild/kiln/cache"
 	"github.com/kilnbuild/kiln/engine"
 	"github.com/kilnbuild/kiln/engine/executor"
+	"github.com/kilnbuild/kiln/engine/ui"
 	"github.com/spf13/cobra"
 	"google.golang.org/grpc/status"
 )
@@ -27,6 +28,7 @@ type actionFlags struct {
 	outputs   []string
 	env       []string
 	timeout   time.Duration
+	publicURL string
 }
 
 func (f *actionFlags) register(cmd *cobra.Command) {
@@ -39,6 +41,31 @@ func (f *actionFlags) register(cmd *cobra.Command) {
 	fl.DurationVar(&f.timeout, "timeout", 0, "action timeout (default: the engine's)")
 	addDataFlag(cmd, &f.data)
 	addStorageFlag(cmd, &f.storage)
+	fl.StringVar(&f.publicURL, "public-url", "", "web UI of a kiln serve sharing this store, for the action's page in errors (default: the URL a kiln serve running on --data recorded)")
+}
+
+// pageURL makes the web page of an action, or is nil when no web UI is known: the one
+// given by --public-url, else the one a kiln serve running on the same data dir recorded.
+func (f *actionFlags) pageURL() func(cache.Digest) string {
+	base := f.publicURL
+	if base == "" {
+		base = ui.RecordedBase(engine.DataDir(f.data).UIURL())
+	}
+	if base == "" {
+		return nil
+	}
+	return func(d cache.Digest) string { return ui.ActionURL(base, d) }
+}
+
+// withPage appends an action's page, when a web UI is known, to an error message.
+func withPage(msg string, page func(cache.Digest) string, d cache.Digest) string {
+	if page == nil {
+		return msg
+	}
+	if msg != "" {
+		msg += "; "
+	}
+	return msg + "the action's page: " + page(d)
 }
 
 func (f *actionFlags) spec(args []string) executor.LocalSpec {
@@ -57,6 +84,7 @@ type execOutput struct {
 	Stdout   string            `json:"stdout"`
 	Stderr   string            `json:"stderr"`
 	Links    []string          `json:"links,omitempty"`
+	Page     string            `json:"page,omitempty"` // the action's web page, when a web UI is known
 }
 
 func newExecCmd() *cobra.Command {
@@ -81,7 +109,9 @@ Exit status: the action's own; 124 when it timed out; 2 for a usage or set-up er
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
-			eng, err := engine.Open(ctx, engine.Options{Data: engine.DataDir(af.data), Storage: af.storage, Logger: quietLogger(), Version: version})
+			page := af.pageURL()
+			eng, err := engine.Open(ctx, engine.Options{Data: engine.DataDir(af.data), Storage: af.storage, Logger: quietLogger(), Version: version,
+				ActionURL: page})
 			if err != nil {
 				return statusErr(err)
 			}
@@ -102,6 +132,9 @@ Exit status: the action's own; 124 when it timed out; 2 for a usage or set-up er
 				Stdout: digestString(r.GetStdoutDigest()), Stderr: digestString(r.GetStderrDigest())}
 			if ex.Status != nil {
 				o.Status = status.Convert(ex.Status).Message()
+			}
+			if page != nil {
+				o.Page = page(res.ActionDigest)
 			}
 			for _, f := range r.GetOutputFiles() {
 				o.Outputs[f.GetPath()] = digestString(f.GetDigest())
@@ -127,13 +160,13 @@ Exit status: the action's own; 124 when it timed out; 2 for a usage or set-up er
 				}
 			}
 			if ex.Job.TimedOut {
-				return &exitError{code: 124, msg: o.Status}
+				return &exitError{code: 124, msg: withPage(o.Status, page, res.ActionDigest)}
 			}
 			if ex.Status != nil {
-				return &exitError{code: 125, msg: o.Status}
+				return &exitError{code: 125, msg: withPage(o.Status, page, res.ActionDigest)}
 			}
 			if r.GetExitCode() != 0 {
-				return &exitError{code: int(r.GetExitCode())}
+				return &exitError{code: int(r.GetExitCode()), msg: withPage("", page, res.ActionDigest)}
 			}
 			return nil
 		},

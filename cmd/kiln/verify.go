@@ -84,7 +84,8 @@ an action that fails in its first run). See docs/verify.md.`,
 
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
-			eng, err := engine.Open(ctx, engine.Options{Data: engine.DataDir(af.data), Storage: af.storage, Logger: quietLogger()})
+			page := af.pageURL()
+			eng, err := engine.Open(ctx, engine.Options{Data: engine.DataDir(af.data), Storage: af.storage, Logger: quietLogger(), ActionURL: page})
 			if err != nil {
 				return statusErr(err)
 			}
@@ -108,7 +109,7 @@ an action that fails in its first run). See docs/verify.md.`,
 				if sd, err := cache.ParseDigest(strings.TrimPrefix(rep.Runs[0].Stderr, "sha256:")); err == nil {
 					copyBlob(ctx, eng.CAS, sd.Proto(), os.Stderr)
 				}
-				return &exitError{code: 2, msg: fmt.Sprintf("the action failed in its first run (exit code %d): kiln verify needs an action that succeeds", rep.Runs[0].Exit)}
+				return &exitError{code: 2, msg: withPage(fmt.Sprintf("the action failed in its first run (exit code %d): kiln verify needs an action that succeeds", rep.Runs[0].Exit), page, d)}
 			}
 			if keep != "" || !rep.Deterministic {
 				dir := keep
@@ -132,6 +133,9 @@ an action that fails in its first run). See docs/verify.md.`,
 				return err
 			}
 			if !rep.Deterministic {
+				if page != nil {
+					return &exitError{code: 1, msg: withPage("the action is not deterministic", page, d)}
+				}
 				return &exitError{code: 1}
 			}
 			return nil

@@ -22,6 +22,7 @@ import (
 	"github.com/kilnbuild/kiln/engine/execution"
 	"github.com/kilnbuild/kiln/engine/history"
 	"github.com/kilnbuild/kiln/engine/reapi"
+	"github.com/kilnbuild/kiln/engine/ui"
 	"github.com/kilnbuild/kiln/lockfiles"
 	"github.com/kilnbuild/kiln/toolchains"
 	"github.com/prometheus/client_golang/prometheus"
@@ -228,6 +229,13 @@ func Serve(ctx context.Context, cfg Config) error {
 	log.Info("kiln serving", "grpc", lis.Addr().String(), "http", httpAddr, "ui", publicURL, "data", string(cfg.Data),
 		"store", eng.Store.String(), "max_size", cfg.MaxSize, "client_ac_writes", cfg.AllowClientACWrites, "tls", cfg.TLS.Enabled(), "client_certificates", cfg.TLS.ClientCA != "",
 		"execution", !cfg.Execution.Disabled, "cluster", cfg.Cluster.String())
+	if hl != nil {
+		remove, err := ui.RecordBase(cfg.Data.UIURL(), publicURL)
+		if err != nil {
+			log.Warn("cannot record the web UI's URL for the CLI", "err", err)
+		}
+		defer remove()
+	}
 	if cfg.Ready != nil {
 		cfg.Ready(lis.Addr().String(), httpAddr)
 	}

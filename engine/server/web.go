@@ -6,7 +6,6 @@ import (
 	"log/slog"
 	"net/http"
 	"path"
-	"strings"
 	"sync/atomic"
 	"time"
 
@@ -49,8 +48,7 @@ func observer(hp *atomic.Pointer[history.Index]) func(scheduler.Finished) {
 
 // actionURL makes an action's page URL from the UI's public base URL.
 func actionURL(base string) func(cache.Digest) string {
-	base = strings.TrimRight(base, "/")
-	return func(d cache.Digest) string { return base + ui.ActionPath(d) }
+	return func(d cache.Digest) string { return ui.ActionURL(base, d) }
 }
 
 // startWeb builds the web UI over the open engine and starts following the log and
