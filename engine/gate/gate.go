@@ -88,31 +88,34 @@ const (
 	cacheVSA        = "vsa"
 )
 
-// parseProvenance verifies and decodes a provenance, or finds it in the cache.
+// parseProvenance verifies and decodes a provenance, or finds it in the cache (the
+// decoded provenance holds about three times its bytes).
 func (g *Gate) parseProvenance(ctx context.Context, data []byte) (*attest.Provenance, error) {
-	d := cache.DigestOf(data)
-	if p, ok := g.opts.Cache.Get(g.trustID, cacheProvenance, d); ok {
-		return p.(*attest.Provenance), nil
-	}
-	p, err := attest.ParseProvenance(ctx, data, g.opts.Trust)
-	if err == nil {
-		// The decoded provenance holds about three times its bytes.
-		g.opts.Cache.Put(g.trustID, cacheProvenance, d, p, 3*d.Size+1024)
-	}
-	return p, err
+	return verifyCached(g, cacheProvenance, data, 3, func() (*attest.Provenance, error) {
+		return attest.ParseProvenance(ctx, data, g.opts.Trust)
+	})
 }
 
 // checkSummary verifies and decodes a verification summary, or finds it in the cache.
 func (g *Gate) checkSummary(ctx context.Context, data []byte) (*rebuild.Summary, error) {
+	return verifyCached(g, cacheVSA, data, 2, func() (*rebuild.Summary, error) {
+		return rebuild.CheckSummary(ctx, data, g.opts.Trust)
+	})
+}
+
+// verifyCached returns what verify established about data under the gate's trust set:
+// from the cache if it holds it (by data's digest), else verified now and, if it
+// verified, kept at an estimated cost of scale times its bytes.
+func verifyCached[T any](g *Gate, kind string, data []byte, scale int64, verify func() (T, error)) (T, error) {
 	d := cache.DigestOf(data)
-	if s, ok := g.opts.Cache.Get(g.trustID, cacheVSA, d); ok {
-		return s.(*rebuild.Summary), nil
+	if v, ok := g.opts.Cache.Get(g.trustID, kind, d); ok {
+		return v.(T), nil
 	}
-	s, err := rebuild.CheckSummary(ctx, data, g.opts.Trust)
+	v, err := verify()
 	if err == nil {
-		g.opts.Cache.Put(g.trustID, cacheVSA, d, s, 2*d.Size+512)
+		g.opts.Cache.Put(g.trustID, kind, d, v, scale*d.Size+1024)
 	}
-	return s, err
+	return v, err
 }
 
 // Policy returns the gate's policy.
