@@ -123,6 +123,6 @@ type signedLink struct {
 	raw    []byte
 }
 
-// linkCost estimates the memory a cached link holds: its envelope, and the decoded
-// link (about as large again as the payload, which is 3/4 of the envelope).
-func linkCost(raw []byte) int64 { return int64(2*len(raw)) + 512 }
+// linkCost estimates the memory a cached link holds: its envelope and the decoded link
+// (measured: a 1.6 KiB envelope and its entry take about 4.6 KiB of heap in all).
+func linkCost(raw []byte) int64 { return int64(5*len(raw)/2) + 512 }
