@@ -24,11 +24,16 @@ func TestCIRebuildExample(t *testing.T) {
 	harness.RequireRoot(t)
 	harness.RequireCommand(t, "bazel")
 	harness.RequireCommand(t, "debootstrap")
-	out := t.TempDir()
+	out, tmp := t.TempDir(), t.TempDir()
 	cmd := exec.Command(filepath.Join(harness.RepoRoot(), "examples", "ci-rebuild", "ci-rebuild.sh"), "--kiln", harness.KilnBin(t), "--out", out)
+	cmd.Env = append(os.Environ(), "TMPDIR="+tmp)
 	b, err := cmd.CombinedOutput()
 	if err != nil {
 		t.Fatalf("ci-rebuild.sh: %v\n%s", err, b)
+	}
+	// The job's data dirs, workspace and Bazel output root (about 2 GB) are gone.
+	if left, _ := os.ReadDir(tmp); len(left) != 0 {
+		t.Errorf("ci-rebuild.sh left %d entries in TMPDIR, %s first", len(left), left[0].Name())
 	}
 	if !strings.Contains(string(b), "PASSED") {
 		t.Fatalf("no PASSED verdict:\n%s", b)

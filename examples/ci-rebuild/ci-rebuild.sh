@@ -22,7 +22,11 @@ while [ $# -gt 0 ]; do
     *) echo "ci-rebuild: unknown argument $1" >&2; exit 2 ;;
   esac
 done
-work=$(mktemp -d /tmp/kiln-ci.XXXXXX)
+work=$(mktemp -d "${TMPDIR:-/tmp}/kiln-ci.XXXXXX")
+# The data dirs, the workspace and Bazel's output root (about 2 GB) go with the job,
+# unless the published files live among them (no --out) or KILN_CI_KEEP=1.
+keep=${KILN_CI_KEEP:-}
+[ -z "$out" ] && keep=1
 out=${out:-$work/publish}
 mkdir -p "$out"
 step() { printf '\n== ci: %s\n' "$*"; }
@@ -31,6 +35,12 @@ cleanup() {
   [ -n "${bz_root:-}" ] && (cd "$ws" && bazel --output_user_root="$bz_root" shutdown >/dev/null 2>&1) || true
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
+  if [ -z "$keep" ]; then
+    chmod -R u+w "$work" 2>/dev/null || true
+    rm -rf "$work"
+  else
+    echo "ci-rebuild: the job's files are in $work" >&2
+  fi
 }
 trap cleanup EXIT
 
