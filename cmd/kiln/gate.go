@@ -42,8 +42,9 @@ func (f *gateFlags) register(c *cobra.Command) {
 }
 
 // open loads the policy and keys and opens the store: every failure is a set-up error
-// (exit 2). sign also opens the data dir's active executor key to sign decisions.
-func (f *gateFlags) open(ctx context.Context, sign bool) (*gate.Gate, func(), error) {
+// (exit 2). sign also opens the data dir's active executor key to sign decisions;
+// vc (nil: none) keeps verified documents across decisions.
+func (f *gateFlags) open(ctx context.Context, sign bool, vc *attest.VerifyCache) (*gate.Gate, func(), error) {
 	usage := func(err error) (*gate.Gate, func(), error) {
 		return nil, nil, &exitError{code: 2, msg: statusErr(err).Error()}
 	}
@@ -96,7 +97,7 @@ func (f *gateFlags) open(ctx context.Context, sign bool) (*gate.Gate, func(), er
 		done()
 		return usage(err)
 	}
-	opts := gate.Options{Policy: pol, Trust: trust, Store: attest.NewStore(p, cas), Quarantine: q, Wait: f.wait, Version: version}
+	opts := gate.Options{Policy: pol, Trust: trust, Store: attest.NewStore(p, cas), Quarantine: q, Wait: f.wait, Version: version, Cache: vc}
 	if sign {
 		kr, err := openKeyring(ctx, f.data)
 		if err != nil {
@@ -174,7 +175,7 @@ file and line).`,
 				req.VSAs = append(req.VSAs, *d)
 			}
 			ctx := cmd.Context()
-			g, done, err := f.open(ctx, out != "")
+			g, done, err := f.open(ctx, out != "", nil)
 			if err != nil {
 				return err
 			}
@@ -242,6 +243,7 @@ func newGateServeCmd() *cobra.Command {
 		listen              string
 		tlsF                server.TLSFiles
 		logLevel, logFormat string
+		cacheSize           string
 	)
 	c := &cobra.Command{
 		Use:   "serve --listen ADDR --policy POLICY --keys PUB",
@@ -252,7 +254,9 @@ subject, the stage and the documents (each {"name", "data": base64 of its bytes}
 answers 200 with the decision and its signed envelope, allow or deny; 400 for a request
 the gate cannot decide. Trust (--keys), the policy, the store and the quarantine list
 are the server's, never the client's. --tls-cert/--tls-key serve HTTPS;
---tls-client-ca requires client certificates (mTLS). See docs/gate.md.`,
+--tls-client-ca requires client certificates (mTLS). Verified link envelopes, provenance
+and summaries are cached (--cache-size) by the digest of their bytes and the trust set;
+log inclusion and quarantine are checked at every decision. See docs/gate.md.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			log, err := newLogger(logLevel, logFormat)
@@ -264,7 +268,11 @@ are the server's, never the client's. --tls-cert/--tls-key serve HTTPS;
 			}
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
-			g, done, err := f.open(ctx, true)
+			size, err := parseSize(cacheSize)
+			if err != nil || size < 0 {
+				return &exitError{code: 2, msg: fmt.Sprintf("--cache-size %q: want a size such as 256MiB, or 0", cacheSize)}
+			}
+			g, done, err := f.open(ctx, true, attest.NewVerifyCache(size))
 			if err != nil {
 				return err
 			}
@@ -294,5 +302,6 @@ are the server's, never the client's. --tls-cert/--tls-key serve HTTPS;
 	c.Flags().StringVar(&tlsF.ClientCA, "tls-client-ca", "", "PEM CA certificates: require clients to present a certificate they signed (mTLS)")
 	c.Flags().StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	c.Flags().StringVar(&logFormat, "log-format", "text", "log format: text or json")
+	c.Flags().StringVar(&cacheSize, "cache-size", "256MiB", "memory for verified attestations kept across decisions (keyed by content digest and trust set); 0: none")
 	return c
 }
