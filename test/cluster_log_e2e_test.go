@@ -214,8 +214,9 @@ func TestClusterRebuild(t *testing.T) {
 	keys := filepath.Join(t.TempDir(), "keys.json")
 	os.WriteFile(keys, []byte(pk.Stdout), 0o644)
 
+	rdata, vsa := t.TempDir(), filepath.Join(t.TempDir(), "vsa.json")
 	rebuild := func(args ...string) harness.Result {
-		return harness.Run(t, append([]string{"rebuild", prov, "--key", keys, "--storage", e.storage, "--data", t.TempDir(), "--out", filepath.Join(t.TempDir(), "vsa.json"), "--json"}, args...)...)
+		return harness.Run(t, append([]string{"rebuild", prov, "--key", keys, "--storage", e.storage, "--data", rdata, "--out", vsa, "--json"}, args...)...)
 	}
 	r := rebuild("--cluster", e.nats.URL)
 	var v struct {
@@ -227,12 +228,54 @@ func TestClusterRebuild(t *testing.T) {
 	if r.Code != 0 || json.Unmarshal([]byte(r.Stdout), &v) != nil || v.Verdict != "PASSED" || len(v.Actions) != 1 || !strings.HasPrefix(strings.TrimPrefix(v.Actions[0].Action, "sha256:"), a.digest.GetHash()) {
 		t.Fatalf("kiln rebuild --cluster --storage: exit %d %+v\n%s%s", r.Code, v, r.Stdout, r.Stderr)
 	}
+	// The promotion gate on a third machine: the links and the cluster's log from the
+	// bucket, the workers' keys from the cluster, the provenance's and the summary's
+	// keys from their signers.
+	vk := harness.Run(t, "attest", "pubkey", "--data", rdata, "--all", "--json")
+	vkeys := filepath.Join(t.TempDir(), "verifier-keys.json")
+	os.WriteFile(vkeys, []byte(vk.Stdout), 0o644)
+	policy := filepath.Join(t.TempDir(), "policy.yaml")
+	os.WriteFile(policy, []byte(clusterGatePolicy), 0o644)
+	gate := func(args ...string) harness.Result {
+		return harness.Run(t, append([]string{"gate", "--policy", policy, "--storage", e.storage, "--data", t.TempDir(), "--subject", "sha256:" + out.GetHash(),
+			"--provenance", prov, "--vsa", vsa, "--keys", keys, "--keys", vkeys, "--json"}, args...)...)
+	}
+	if g := gate("--cluster", e.nats.URL); g.Code != 0 || !strings.Contains(g.Stdout, `"allow": true`) {
+		t.Fatalf("kiln gate --cluster --storage: exit %d\n%s%s", g.Code, g.Stdout, g.Stderr)
+	}
+	// Without --cluster neither the workers' keys nor the cluster's log key are trusted.
+	if g := gate(); g.Code != 1 || !strings.Contains(g.Stdout, `"allow": false`) || !strings.Contains(g.Stdout, `"rule": "log-verified"`) {
+		t.Fatalf("kiln gate without --cluster: exit %d, want a denial by log-verified\n%s%s", g.Code, g.Stdout, g.Stderr)
+	}
 	// Without --cluster the worker's key is not trusted: the provenance does not verify
 	// and nothing runs.
 	if r := rebuild(); r.Code != 1 || strings.Contains(r.Stdout, "PASSED") {
 		t.Fatalf("kiln rebuild without --cluster: exit %d\n%s%s", r.Code, r.Stdout, r.Stderr)
 	}
 }
+
+// clusterGatePolicy promotes what verifies (the log, the provenance, every link, the
+// chain) and was rebuilt bit for bit once.
+const clusterGatePolicy = `stage: cluster-e2e
+rules:
+  - name: log-verified
+    require: input.log.verified
+    message: '"the log does not verify: " + input.log.error'
+  - name: provenance-verified
+    require: input.provenance.present && input.provenance.verified
+    message: '"the provenance does not verify: " + input.provenance.error'
+  - name: chain-verified
+    require: input.chain.verified
+    message: 'input.chain.failures.join("; ")'
+  - name: links-verified
+    for_each: input.links
+    require: item.verified
+    attestation: '"link " + item.envelope'
+    message: item.error
+  - name: rebuilt
+    require: input.vsas.filter(v, v.verified && v.result == "PASSED" && v.subject_matches && v.provenance_matches).size() >= 1
+    message: '"no PASSED rebuild of this provenance"'
+`
 
 // TestClusterRetireKey: a worker's key is retired while it runs an action. The worker
 // takes no more work; once the sequencer has recorded the key's bound, the link of the

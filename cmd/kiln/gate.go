@@ -14,8 +14,10 @@ import (
 	"time"
 
 	"github.com/kilnbuild/kiln/cache/disk"
+	"github.com/kilnbuild/kiln/engine"
 	"github.com/kilnbuild/kiln/engine/attest"
 	"github.com/kilnbuild/kiln/engine/attest/keys"
+	"github.com/kilnbuild/kiln/engine/cluster"
 	"github.com/kilnbuild/kiln/engine/gate"
 	"github.com/kilnbuild/kiln/engine/quarantine"
 	"github.com/kilnbuild/kiln/engine/rebuild"
@@ -29,6 +31,9 @@ type gateFlags struct {
 	data, policy, bundle, logKey, maxBundle string
 	keyFiles                                []string
 	wait                                    time.Duration
+	storage                                 engine.StorageConfig
+	// cluster (kiln gate only) adds the keys a cluster admitted and its log key.
+	cluster cluster.Config
 }
 
 func (f *gateFlags) register(c *cobra.Command) {
@@ -39,6 +44,8 @@ func (f *gateFlags) register(c *cobra.Command) {
 	c.Flags().StringVar(&f.bundle, "bundle", "", "read links and the log from this bundle (kiln export) instead of the data dir")
 	c.Flags().StringVar(&f.maxBundle, "max-bundle-size", "16GiB", "refuse a bundle file that unpacks to more than this")
 	c.Flags().DurationVar(&f.wait, "wait", 5*time.Second, "how long to wait for freshly signed links to be logged")
+	addStorageFlag(c, &f.storage)
+	c.Flags().Lookup("storage").Usage = "read links (and a cluster's published log) from this shared storage: " + c.Flags().Lookup("storage").Usage
 }
 
 // open loads the policy and keys and opens the store: every failure is a set-up error
@@ -48,8 +55,11 @@ func (f *gateFlags) open(ctx context.Context, sign bool, vc *attest.VerifyCache)
 	usage := func(err error) (*gate.Gate, func(), error) {
 		return nil, nil, &exitError{code: 2, msg: statusErr(err).Error()}
 	}
-	if f.policy == "" || len(f.keyFiles) == 0 {
-		return nil, nil, &exitError{code: 2, msg: "--policy and --keys are required"}
+	if f.policy == "" || (len(f.keyFiles) == 0 && !f.cluster.Enabled()) {
+		return nil, nil, &exitError{code: 2, msg: "--policy and --keys (or --cluster) are required"}
+	}
+	if f.bundle != "" && f.storage.S3 != nil {
+		return nil, nil, &exitError{code: 2, msg: "--bundle and --storage both say where links are: give one"}
 	}
 	pol, err := gate.LoadPolicy(f.policy)
 	if err != nil {
@@ -66,6 +76,14 @@ func (f *gateFlags) open(ctx context.Context, sign bool, vc *attest.VerifyCache)
 		}
 		trust.Log = &keys.LogKey{VKey: s}
 	}
+	ct, err := clusterTrust(ctx, f.cluster)
+	if err != nil {
+		return usage(err)
+	}
+	if ct.Log != nil && f.logKey == "" {
+		trust.Log = ct.Log // a cluster's links are logged by its sequencer
+	}
+	trust.Add(ct)
 	var closers []func()
 	done := func() {
 		for i := len(closers) - 1; i >= 0; i-- {
@@ -85,19 +103,40 @@ func (f *gateFlags) open(ctx context.Context, sign bool, vc *attest.VerifyCache)
 		closers = append(closers, cleanup)
 		storeDir = dir
 	}
-	p := attest.PathsFor(storeDir)
-	cas, err := disk.Open(ctx, p.CAS, disk.Options{ReadOnly: f.bundle != ""})
-	if err != nil {
-		done()
-		return usage(err)
+	var store *attest.Store
+	if f.storage.S3 != nil {
+		if trust.Log == nil {
+			done()
+			return usage(fmt.Errorf("--storage needs the log key (--keys from kiln attest pubkey --all --json, --log-key or --cluster)"))
+		}
+		lv, err := trust.Log.Verifier()
+		if err != nil {
+			done()
+			return usage(err)
+		}
+		st, closeStore, err := openLogStore(ctx, f.data, f.storage, lv)
+		if err != nil {
+			done()
+			return usage(err)
+		}
+		closers = append(closers, closeStore)
+		store = st
+	} else {
+		p := attest.PathsFor(storeDir)
+		cas, err := disk.Open(ctx, p.CAS, disk.Options{ReadOnly: f.bundle != ""})
+		if err != nil {
+			done()
+			return usage(err)
+		}
+		closers = append(closers, func() { cas.Close() })
+		store = attest.NewStore(p, cas)
 	}
-	closers = append(closers, func() { cas.Close() })
 	q, err := quarantine.Open(f.data)
 	if err != nil {
 		done()
 		return usage(err)
 	}
-	opts := gate.Options{Policy: pol, Trust: trust, Store: attest.NewStore(p, cas), Quarantine: q, Wait: f.wait, Version: version, Cache: vc}
+	opts := gate.Options{Policy: pol, Trust: trust, Store: store, Quarantine: q, Wait: f.wait, Version: version, Cache: vc}
 	if sign {
 		kr, err := openKeyring(ctx, f.data)
 		if err != nil {
@@ -208,6 +247,8 @@ file and line).`,
 		},
 	}
 	f.register(c)
+	addClusterFlags(c, &f.cluster, "verify")
+	c.Flags().Lookup("cluster").Usage = "also trust the keys a kiln cluster admitted, and verify against its log (published by its sequencer in --storage)"
 	c.Flags().StringVar(&subject, "subject", "", "the artifact: a file, or its sha256 digest")
 	c.Flags().StringVar(&provenance, "provenance", "", "its signed SLSA provenance (kiln attest provenance); without it, links come from the store's index")
 	c.Flags().StringArrayVar(&vsas, "vsa", nil, "a signed verification summary of a rebuild (kiln rebuild --out) (repeatable)")
