@@ -153,23 +153,22 @@ func (e *Engine) attestCAS() cache.BlobStore {
 // OpenCAS opens the store of a data dir for commands that only read and write blobs:
 // the disk store, or with storage set, the disk store as the local tier of the bucket
 // (plus its attestations prefix, where envelopes are also kept). local is the disk
-// store either way; close releases both.
-func OpenCAS(ctx context.Context, data DataDir, storage StorageConfig, log *slog.Logger) (cas cache.BlobStore, local *disk.Store, close func(), err error) {
-	var b *s3.Bucket
+// store either way; bucket is the shared storage (nil without); close releases both.
+func OpenCAS(ctx context.Context, data DataDir, storage StorageConfig, log *slog.Logger) (cas cache.BlobStore, local *disk.Store, bucket *s3.Bucket, close func(), err error) {
 	if storage.S3 != nil {
-		if b, err = s3.Open(ctx, *storage.S3, s3.Options{Logger: log}); err != nil {
-			return nil, nil, nil, err
+		if bucket, err = s3.Open(ctx, *storage.S3, s3.Options{Logger: log}); err != nil {
+			return nil, nil, nil, nil, err
 		}
 	}
 	d, err := disk.Open(ctx, data.Store(), disk.Options{Logger: log})
 	if err != nil {
-		return nil, nil, nil, err
+		return nil, nil, nil, nil, err
 	}
-	if b == nil {
-		return d, d, func() { d.Close() }, nil
+	if bucket == nil {
+		return d, d, nil, func() { d.Close() }, nil
 	}
-	cas = cache.WithDurableCopy(tiered.New(d, b.CAS(), tiered.Options{ActionCache: b.ActionCache(), Logger: log}), b.Attestations())
-	return cache.WithEmptyBlob(cas), d, func() { d.Close() }, nil
+	cas = cache.WithDurableCopy(tiered.New(d, bucket.CAS(), tiered.Options{ActionCache: bucket.ActionCache(), Logger: log}), bucket.Attestations())
+	return cache.WithEmptyBlob(cas), d, bucket, func() { d.Close() }, nil
 }
 
 // openRunner opens a sandbox runner in the first free slot under dir. Each process

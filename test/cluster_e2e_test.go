@@ -64,6 +64,7 @@ type clusterOpts struct {
 	ackWait            string // worker --ack-wait
 	maxDeliver         int
 	noSequencer        bool
+	sealAfter          string // sequencer --seal-after
 }
 
 // clusterEnv is one cluster: a bucket, nats-server, frontends, workers, a sequencer.
@@ -76,7 +77,9 @@ type clusterEnv struct {
 	workers   []*harness.Proc
 	seq       *harness.Proc
 	seqData   string
-	opts      clusterOpts
+	// workerData is each worker's data dir (its key), in the order of workers.
+	workerData []string
+	opts       clusterOpts
 }
 
 var (
@@ -102,7 +105,11 @@ func newCluster(t *testing.T, opts clusterOpts) *clusterEnv {
 	}
 	if !opts.noSequencer {
 		e.seqData = t.TempDir()
-		e.seq = harness.StartKiln(t, "sequencer", seqReady, "sequencer", "--cluster", e.nats.URL, "--storage", url, "--data", e.seqData, "--poll", "200ms", "--log-level", "debug")
+		args := []string{"sequencer", "--cluster", e.nats.URL, "--storage", url, "--data", e.seqData, "--poll", "200ms", "--log-level", "debug"}
+		if opts.sealAfter != "" {
+			args = append(args, "--seal-after", opts.sealAfter)
+		}
+		e.seq = harness.StartKiln(t, "sequencer", seqReady, args...)
 	}
 	for range opts.frontends {
 		e.addFrontend(t)
@@ -145,6 +152,7 @@ func (e *clusterEnv) addWorker(t *testing.T, name string, extra ...string) *harn
 	e.admit(t, data)
 	w := harness.StartKiln(t, name, workerReady, e.workerArgs(name, data, extra...)...)
 	e.workers = append(e.workers, w)
+	e.workerData = append(e.workerData, data)
 	return w
 }
 
@@ -262,8 +270,10 @@ func (x *execution) check(t *testing.T, what string) {
 }
 
 // checkAll checks the guarantees for every finished action: its action-cache entry and
-// outputs exist (read through conn), kiln attest verify passes on each output, and the
-// sequencer's log holds each distinct link exactly once.
+// outputs exist (read through conn), kiln attest verify passes on each output (on a
+// fresh data dir, as on a machine that is none of the cluster's: the log is the one
+// the sequencer published in the bucket), and that log holds each distinct link
+// exactly once.
 func (e *clusterEnv) checkAll(t *testing.T, conn *grpc.ClientConn, actions []clusterAction) {
 	t.Helper()
 	ctx := harness.Context(t, 2*time.Minute)
@@ -284,8 +294,9 @@ func (e *clusterEnv) checkAll(t *testing.T, conn *grpc.ClientConn, actions []clu
 		t.Fatalf("outputs missing from the CAS: %v %v", missing, err)
 	}
 	e.waitLinksLogged(t)
+	elsewhere := t.TempDir()
 	for _, d := range outputs {
-		r := harness.Run(t, "attest", "verify", "--cluster", e.nats.URL, "--data", e.seqData, "--storage", e.storage, "--subject", "sha256:"+d.GetHash(), "--json")
+		r := harness.Run(t, "attest", "verify", "--cluster", e.nats.URL, "--data", elsewhere, "--storage", e.storage, "--subject", "sha256:"+d.GetHash(), "--json")
 		if r.Code != 0 {
 			t.Fatalf("kiln attest verify of output %s: exit %d\n%s%s", d.GetHash(), r.Code, r.Stdout, r.Stderr)
 		}
@@ -322,9 +333,15 @@ func (e *clusterEnv) waitLinksLogged(t *testing.T) {
 	}
 }
 
-// checkLogUnique reads the sequencer's whole log: no link appears twice, and every
-// link in want is there.
-func (e *clusterEnv) checkLogUnique(t *testing.T, want map[string]bool) {
+// bucketLog reads the log the sequencer published in the bucket, from versitygw's
+// files (the same paths as a log directory), with the sequencer's log key.
+func (e *clusterEnv) bucketLog(t *testing.T) *tlog.Reader {
+	t.Helper()
+	return tlog.NewReader(filepath.Join(e.s3.Dir, "kiln-cache", "c", "log"), e.logVerifier(t))
+}
+
+// logVerifier returns the sequencer's log key.
+func (e *clusterEnv) logVerifier(t *testing.T) note.Verifier {
 	t.Helper()
 	r := harness.Run(t, "attest", "pubkey", "--all", "--json", "--data", e.seqData)
 	var exp struct {
@@ -337,9 +354,17 @@ func (e *clusterEnv) checkLogUnique(t *testing.T, want map[string]bool) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return v
+}
+
+// checkLogUnique reads the whole log published in the bucket: no link appears twice,
+// and every link in want is there.
+func (e *clusterEnv) checkLogUnique(t *testing.T, want map[string]bool) {
+	t.Helper()
 	ctx := harness.Context(t, time.Minute)
-	rd := tlog.NewReader(filepath.Join(e.seqData, "log"), v)
+	rd := e.bucketLog(t)
 	var cp *tlog.Checkpoint
+	var err error
 	deadline := time.Now().Add(30 * time.Second)
 	seen := map[string]int{}
 	for {
@@ -375,6 +400,9 @@ func (e *clusterEnv) checkLogUnique(t *testing.T, want map[string]bool) {
 		if n != 1 {
 			t.Errorf("link %s is in the log %d times", l, n)
 		}
+	}
+	if t.Failed() && e.seq != nil {
+		t.Logf("sequencer:\n%s", e.seq.Log())
 	}
 }
 

@@ -295,6 +295,10 @@ func TestGate(t *testing.T) {
 			if hd.Allow != d.Allow || digits.ReplaceAllString(fmt.Sprint(hd.Violations), "N") != digits.ReplaceAllString(fmt.Sprint(d.Violations), "N") {
 				t.Errorf("HTTP: allow %v %+v\nCLI: allow %v %+v", hd.Allow, hd.Violations, d.Allow, d.Violations)
 			}
+			// Asked again, the server answers from its verification cache: the same.
+			if hd2 := srv.decide(t, c); hd2.Allow != hd.Allow || digits.ReplaceAllString(fmt.Sprint(hd2.Violations), "N") != digits.ReplaceAllString(fmt.Sprint(hd.Violations), "N") {
+				t.Errorf("HTTP, asked again: allow %v %+v\nfirst: allow %v %+v", hd2.Allow, hd2.Violations, hd.Allow, hd.Violations)
+			}
 		})
 	}
 

@@ -92,3 +92,16 @@ func (b *Bucket) ListObjects(ctx context.Context, prefix, after string, max int)
 	}
 	return keys, nil
 }
+
+// ListKeys returns the keys of up to max objects under prefix, in lexical order.
+func (b *Bucket) ListKeys(ctx context.Context, prefix string, max int) ([]string, error) {
+	objs, err := b.ListObjects(ctx, prefix, "", max)
+	if err != nil {
+		return nil, err
+	}
+	keys := make([]string, len(objs))
+	for i, o := range objs {
+		keys[i] = o.Key
+	}
+	return keys, nil
+}

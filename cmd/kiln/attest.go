@@ -11,6 +11,7 @@ import (
 
 	"github.com/in-toto/in-toto-golang/in_toto"
 	"github.com/kilnbuild/kiln/cache/disk"
+	"github.com/kilnbuild/kiln/cache/s3"
 	"github.com/kilnbuild/kiln/engine"
 	"github.com/kilnbuild/kiln/engine/attest"
 	"github.com/kilnbuild/kiln/engine/attest/keys"
@@ -35,14 +36,25 @@ func openKeyring(ctx context.Context, dataDir string) (*keys.Keyring, error) {
 	return keys.Open(ctx, attest.PathsFor(dataDir).Keys, keys.Options{})
 }
 
-// openStore opens the attestation store of a data dir with its CAS (in shared storage
-// if storage is set).
-func openStore(ctx context.Context, dataDir string, storage engine.StorageConfig) (*attest.Store, func(), error) {
-	cas, _, done, err := engine.OpenCAS(ctx, engine.DataDir(dataDir), storage, quietLogger())
+// openStoreBucket opens the attestation store of a data dir with its CAS (in shared
+// storage if storage is set), and the bucket (nil without storage).
+func openStoreBucket(ctx context.Context, dataDir string, storage engine.StorageConfig) (*attest.Store, *s3.Bucket, func(), error) {
+	cas, _, b, done, err := engine.OpenCAS(ctx, engine.DataDir(dataDir), storage, quietLogger())
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	return attest.NewStore(attest.PathsFor(dataDir), cas), b, done, nil
+}
+
+// openLogStore opens the attestation store of a data dir reading the log lv names:
+// the data dir's own, or with storage, a cluster's published in the bucket
+// (cluster.LogFor).
+func openLogStore(ctx context.Context, dataDir string, storage engine.StorageConfig, lv note.Verifier) (*attest.Store, func(), error) {
+	store, b, done, err := openStoreBucket(ctx, dataDir, storage)
 	if err != nil {
 		return nil, nil, err
 	}
-	return attest.NewStore(attest.PathsFor(dataDir), cas), done, nil
+	return cluster.LogFor(store, lv, b), done, nil
 }
 
 // writeOutput writes data to path atomically, or to stdout for "" or "-".
@@ -173,6 +185,7 @@ func deref(p *uint64) uint64 {
 func newAttestProvenanceCmd() *cobra.Command {
 	var dataDir, subject, out, sbom string
 	var storage engine.StorageConfig
+	var clusterCfg cluster.Config
 	var wait time.Duration
 	c := &cobra.Command{
 		Use:   "provenance --subject FILE|DIGEST",
@@ -191,12 +204,24 @@ func newAttestProvenanceCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			store, done, err := openStore(ctx, dataDir, storage)
+			ct, err := clusterTrust(ctx, clusterCfg)
+			if err != nil {
+				return err
+			}
+			lk := kr.Log()
+			if ct.Log != nil {
+				lk = *ct.Log
+			}
+			lv, err := lk.Verifier()
+			if err != nil {
+				return err
+			}
+			store, done, err := openLogStore(ctx, dataDir, storage, lv)
 			if err != nil {
 				return err
 			}
 			defer done()
-			ch, env, k, err := attest.BuildProvenance(ctx, store, kr, subj, wait)
+			ch, env, k, err := attest.BuildProvenanceWith(ctx, store, kr, ct, subj, wait)
 			if ch != nil && !ch.OK() {
 				for _, f := range ch.Failures {
 					fmt.Fprintln(cmd.ErrOrStderr(), "kiln: "+f.String())
@@ -227,6 +252,8 @@ func newAttestProvenanceCmd() *cobra.Command {
 	}
 	addDataFlag(c, &dataDir)
 	addStorageFlag(c, &storage)
+	addClusterFlags(c, &clusterCfg, "verify")
+	c.Flags().Lookup("cluster").Usage = "also trust the keys a kiln cluster admitted, and verify against its log (published by its sequencer in --storage)"
 	c.Flags().StringVar(&subject, "subject", "", "the artifact: a file, or its sha256 digest")
 	c.Flags().StringVar(&out, "out", "", "write the DSSE envelope here (default stdout)")
 	c.Flags().StringVar(&sbom, "sbom", "", "also write a CycloneDX JSON SBOM here")
@@ -262,10 +289,17 @@ func newAttestVerifyCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
+			logSource := ""
+			if ct.Log != nil && logKey == "" {
+				trust.Log, logSource = ct.Log, "cluster" // what --cluster verifies against
+			}
 			trust.Add(ct)
-			logVerifier, logSource, err := resolveLogKey(ctx, logKey, trust, dataDir)
+			logVerifier, from, err := resolveLogKey(ctx, logKey, trust, dataDir)
 			if err != nil {
 				return err
+			}
+			if logSource == "" {
+				logSource = from
 			}
 			var pin *tlog.Checkpoint
 			if pinned != "" {
@@ -277,7 +311,7 @@ func newAttestVerifyCmd() *cobra.Command {
 					return fmt.Errorf("--checkpoint %s: %w", pinned, err)
 				}
 			}
-			store, done, err := openStore(ctx, dataDir, storage)
+			store, done, err := openLogStore(ctx, dataDir, storage, logVerifier)
 			if err != nil {
 				return err
 			}
@@ -337,7 +371,7 @@ func newAttestVerifyCmd() *cobra.Command {
 	c.Flags().StringArrayVar(&keyFiles, "key", nil, "trusted executor keys: a PEM public key file, or \"kiln attest pubkey --all --json\" output (repeatable)")
 	c.Flags().StringVar(&logKey, "log-key", "", "the log's checkpoint verifier key (a note vkey, or a file holding one); default: from a --key JSON export or --cluster, else the data dir's keyring")
 	addClusterFlags(c, &clusterCfg, "verify")
-	c.Flags().Lookup("cluster").Usage = "also trust the keys a kiln cluster admitted, with its log key (the log is the sequencer's: --data DIR of kiln sequencer)"
+	c.Flags().Lookup("cluster").Usage = "also trust the keys a kiln cluster admitted, and verify against its log (published by its sequencer in --storage)"
 	c.Flags().StringVar(&pinned, "checkpoint", "", "a checkpoint trusted earlier; the log must be consistent with it")
 	c.Flags().StringVar(&layout, "layout", "", "also run in-toto's InTotoVerify with this layout (steps named by action digest hash)")
 	c.Flags().StringArrayVar(&layoutKeys, "layout-key", nil, "public key (PEM) of the layout's signer (repeatable; required with --layout)")

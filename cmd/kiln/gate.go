@@ -14,8 +14,10 @@ import (
 	"time"
 
 	"github.com/kilnbuild/kiln/cache/disk"
+	"github.com/kilnbuild/kiln/engine"
 	"github.com/kilnbuild/kiln/engine/attest"
 	"github.com/kilnbuild/kiln/engine/attest/keys"
+	"github.com/kilnbuild/kiln/engine/cluster"
 	"github.com/kilnbuild/kiln/engine/gate"
 	"github.com/kilnbuild/kiln/engine/quarantine"
 	"github.com/kilnbuild/kiln/engine/rebuild"
@@ -29,6 +31,9 @@ type gateFlags struct {
 	data, policy, bundle, logKey, maxBundle string
 	keyFiles                                []string
 	wait                                    time.Duration
+	storage                                 engine.StorageConfig
+	// cluster (kiln gate only) adds the keys a cluster admitted and its log key.
+	cluster cluster.Config
 }
 
 func (f *gateFlags) register(c *cobra.Command) {
@@ -39,16 +44,22 @@ func (f *gateFlags) register(c *cobra.Command) {
 	c.Flags().StringVar(&f.bundle, "bundle", "", "read links and the log from this bundle (kiln export) instead of the data dir")
 	c.Flags().StringVar(&f.maxBundle, "max-bundle-size", "16GiB", "refuse a bundle file that unpacks to more than this")
 	c.Flags().DurationVar(&f.wait, "wait", 5*time.Second, "how long to wait for freshly signed links to be logged")
+	addStorageFlag(c, &f.storage)
+	c.Flags().Lookup("storage").Usage = "read links (and a cluster's published log) from this shared storage: " + c.Flags().Lookup("storage").Usage
 }
 
 // open loads the policy and keys and opens the store: every failure is a set-up error
-// (exit 2). sign also opens the data dir's active executor key to sign decisions.
-func (f *gateFlags) open(ctx context.Context, sign bool) (*gate.Gate, func(), error) {
+// (exit 2). sign also opens the data dir's active executor key to sign decisions;
+// vc (nil: none) keeps verified documents across decisions.
+func (f *gateFlags) open(ctx context.Context, sign bool, vc *attest.VerifyCache) (*gate.Gate, func(), error) {
 	usage := func(err error) (*gate.Gate, func(), error) {
 		return nil, nil, &exitError{code: 2, msg: statusErr(err).Error()}
 	}
-	if f.policy == "" || len(f.keyFiles) == 0 {
-		return nil, nil, &exitError{code: 2, msg: "--policy and --keys are required"}
+	if f.policy == "" || (len(f.keyFiles) == 0 && !f.cluster.Enabled()) {
+		return nil, nil, &exitError{code: 2, msg: "--policy and --keys (or --cluster) are required"}
+	}
+	if f.bundle != "" && f.storage.S3 != nil {
+		return nil, nil, &exitError{code: 2, msg: "--bundle and --storage both say where links are: give one"}
 	}
 	pol, err := gate.LoadPolicy(f.policy)
 	if err != nil {
@@ -65,6 +76,14 @@ func (f *gateFlags) open(ctx context.Context, sign bool) (*gate.Gate, func(), er
 		}
 		trust.Log = &keys.LogKey{VKey: s}
 	}
+	ct, err := clusterTrust(ctx, f.cluster)
+	if err != nil {
+		return usage(err)
+	}
+	if ct.Log != nil && f.logKey == "" {
+		trust.Log = ct.Log // a cluster's links are logged by its sequencer
+	}
+	trust.Add(ct)
 	var closers []func()
 	done := func() {
 		for i := len(closers) - 1; i >= 0; i-- {
@@ -84,19 +103,40 @@ func (f *gateFlags) open(ctx context.Context, sign bool) (*gate.Gate, func(), er
 		closers = append(closers, cleanup)
 		storeDir = dir
 	}
-	p := attest.PathsFor(storeDir)
-	cas, err := disk.Open(ctx, p.CAS, disk.Options{ReadOnly: f.bundle != ""})
-	if err != nil {
-		done()
-		return usage(err)
+	var store *attest.Store
+	if f.storage.S3 != nil {
+		if trust.Log == nil {
+			done()
+			return usage(fmt.Errorf("--storage needs the log key (--keys from kiln attest pubkey --all --json, --log-key or --cluster)"))
+		}
+		lv, err := trust.Log.Verifier()
+		if err != nil {
+			done()
+			return usage(err)
+		}
+		st, closeStore, err := openLogStore(ctx, f.data, f.storage, lv)
+		if err != nil {
+			done()
+			return usage(err)
+		}
+		closers = append(closers, closeStore)
+		store = st
+	} else {
+		p := attest.PathsFor(storeDir)
+		cas, err := disk.Open(ctx, p.CAS, disk.Options{ReadOnly: f.bundle != ""})
+		if err != nil {
+			done()
+			return usage(err)
+		}
+		closers = append(closers, func() { cas.Close() })
+		store = attest.NewStore(p, cas)
 	}
-	closers = append(closers, func() { cas.Close() })
 	q, err := quarantine.Open(f.data)
 	if err != nil {
 		done()
 		return usage(err)
 	}
-	opts := gate.Options{Policy: pol, Trust: trust, Store: attest.NewStore(p, cas), Quarantine: q, Wait: f.wait, Version: version}
+	opts := gate.Options{Policy: pol, Trust: trust, Store: store, Quarantine: q, Wait: f.wait, Version: version, Cache: vc}
 	if sign {
 		kr, err := openKeyring(ctx, f.data)
 		if err != nil {
@@ -174,7 +214,7 @@ file and line).`,
 				req.VSAs = append(req.VSAs, *d)
 			}
 			ctx := cmd.Context()
-			g, done, err := f.open(ctx, out != "")
+			g, done, err := f.open(ctx, out != "", nil)
 			if err != nil {
 				return err
 			}
@@ -207,6 +247,8 @@ file and line).`,
 		},
 	}
 	f.register(c)
+	addClusterFlags(c, &f.cluster, "verify")
+	c.Flags().Lookup("cluster").Usage = "also trust the keys a kiln cluster admitted, and verify against its log (published by its sequencer in --storage)"
 	c.Flags().StringVar(&subject, "subject", "", "the artifact: a file, or its sha256 digest")
 	c.Flags().StringVar(&provenance, "provenance", "", "its signed SLSA provenance (kiln attest provenance); without it, links come from the store's index")
 	c.Flags().StringArrayVar(&vsas, "vsa", nil, "a signed verification summary of a rebuild (kiln rebuild --out) (repeatable)")
@@ -242,6 +284,7 @@ func newGateServeCmd() *cobra.Command {
 		listen              string
 		tlsF                server.TLSFiles
 		logLevel, logFormat string
+		cacheSize           string
 	)
 	c := &cobra.Command{
 		Use:   "serve --listen ADDR --policy POLICY --keys PUB",
@@ -252,7 +295,9 @@ subject, the stage and the documents (each {"name", "data": base64 of its bytes}
 answers 200 with the decision and its signed envelope, allow or deny; 400 for a request
 the gate cannot decide. Trust (--keys), the policy, the store and the quarantine list
 are the server's, never the client's. --tls-cert/--tls-key serve HTTPS;
---tls-client-ca requires client certificates (mTLS). See docs/gate.md.`,
+--tls-client-ca requires client certificates (mTLS). Verified link envelopes, provenance
+and summaries are cached (--cache-size) by the digest of their bytes and the trust set;
+log inclusion and quarantine are checked at every decision. See docs/gate.md.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			log, err := newLogger(logLevel, logFormat)
@@ -264,7 +309,11 @@ are the server's, never the client's. --tls-cert/--tls-key serve HTTPS;
 			}
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
-			g, done, err := f.open(ctx, true)
+			size, err := parseSize(cacheSize)
+			if err != nil || size < 0 {
+				return &exitError{code: 2, msg: fmt.Sprintf("--cache-size %q: want a size such as 256MiB, or 0", cacheSize)}
+			}
+			g, done, err := f.open(ctx, true, attest.NewVerifyCache(size))
 			if err != nil {
 				return err
 			}
@@ -294,5 +343,6 @@ are the server's, never the client's. --tls-cert/--tls-key serve HTTPS;
 	c.Flags().StringVar(&tlsF.ClientCA, "tls-client-ca", "", "PEM CA certificates: require clients to present a certificate they signed (mTLS)")
 	c.Flags().StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	c.Flags().StringVar(&logFormat, "log-format", "text", "log format: text or json")
+	c.Flags().StringVar(&cacheSize, "cache-size", "256MiB", "memory for verified attestations kept across decisions (keyed by content digest and trust set); 0: none")
 	return c
 }

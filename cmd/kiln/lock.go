@@ -56,7 +56,7 @@ func (s lockStore) Has(ctx context.Context, d cache.Digest) bool {
 }
 
 func (l *lockFlags) openStore(ctx context.Context) (lockStore, error) {
-	cas, local, done, err := engine.OpenCAS(ctx, engine.DataDir(l.data), l.storage, quietLogger())
+	cas, local, _, done, err := engine.OpenCAS(ctx, engine.DataDir(l.data), l.storage, quietLogger())
 	if err != nil {
 		return lockStore{}, err
 	}

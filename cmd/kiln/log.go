@@ -13,7 +13,9 @@ import (
 	"github.com/kilnbuild/kiln/engine/attest"
 	"github.com/kilnbuild/kiln/engine/attest/keys"
 	"github.com/kilnbuild/kiln/engine/attest/tlog"
+	"github.com/kilnbuild/kiln/engine/cluster"
 	"github.com/spf13/cobra"
+	"golang.org/x/mod/sumdb/note"
 )
 
 // tessera logs through klog; CLI commands print only their own results. A server
@@ -32,24 +34,47 @@ func newLogCmd() *cobra.Command {
 
 type tlogFlags struct {
 	dataDir string
-	storage engine.StorageConfig // only `log prove` reads envelopes from the store
+	storage engine.StorageConfig
+	cluster cluster.Config
 	logKey  string
 	asJSON  bool
 }
 
 func (f *tlogFlags) add(c *cobra.Command) {
 	addDataFlag(c, &f.dataDir)
-	c.Flags().StringVar(&f.logKey, "log-key", "", "the log's checkpoint verifier key (a note vkey, or a file holding one); default: the data dir's keyring")
+	addStorageFlag(c, &f.storage)
+	addClusterFlags(c, &f.cluster, "verify")
+	c.Flags().Lookup("storage").Usage = "shared storage of a kiln cluster: read the log its sequencer publishes there (log/) when the data dir does not hold it; " + c.Flags().Lookup("storage").Usage
+	c.Flags().Lookup("cluster").Usage = "take the log key from this kiln cluster (its sequencer's)"
+	c.Flags().StringVar(&f.logKey, "log-key", "", "the log's checkpoint verifier key (a note vkey, or a file holding one); default: --cluster's, else the data dir's keyring")
 	c.Flags().BoolVar(&f.asJSON, "json", false, "print JSON")
 }
 
-// reader opens the data dir's log for reading, checking checkpoints with the log key.
-func (f *tlogFlags) reader(ctx context.Context) (*tlog.Reader, error) {
-	v, _, err := resolveLogKey(ctx, f.logKey, keys.Trust{}, f.dataDir)
+// verifier resolves the key checkpoints are checked with: --log-key, --cluster's, or the
+// data dir's keyring.
+func (f *tlogFlags) verifier(ctx context.Context) (note.Verifier, error) {
+	ct, err := clusterTrust(ctx, f.cluster)
 	if err != nil {
 		return nil, err
 	}
-	return tlog.NewReader(attest.PathsFor(f.dataDir).Log, v), nil
+	v, _, err := resolveLogKey(ctx, f.logKey, keys.Trust{Log: ct.Log}, f.dataDir)
+	return v, err
+}
+
+// reader opens the log for reading, checking checkpoints with the log key: the data
+// dir's, or with --storage, the one a cluster's sequencer publishes in the bucket when
+// the data dir does not hold that log. store reads envelopes (with --storage, from the
+// bucket too).
+func (f *tlogFlags) reader(ctx context.Context) (r *tlog.Reader, store *attest.Store, done func(), err error) {
+	v, err := f.verifier(ctx)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	store, done, err = openLogStore(ctx, f.dataDir, f.storage, v)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	return store.LogReader(v), store, done, nil
 }
 
 func b64(h []byte) string { return base64.StdEncoding.EncodeToString(h) }
@@ -69,10 +94,11 @@ func newLogCheckpointCmd() *cobra.Command {
 		Short: "Print the latest signed checkpoint (verified with the log key)",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			r, err := f.reader(cmd.Context())
+			r, _, done, err := f.reader(cmd.Context())
 			if err != nil {
 				return err
 			}
+			defer done()
 			cp, err := r.Checkpoint(cmd.Context())
 			if err != nil {
 				return err
@@ -96,10 +122,11 @@ func newLogProveCmd() *cobra.Command {
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ctx := cmd.Context()
-			r, err := f.reader(ctx)
+			r, store, done, err := f.reader(ctx)
 			if err != nil {
 				return err
 			}
+			defer done()
 			cp, err := r.Checkpoint(ctx)
 			if err != nil {
 				return err
@@ -109,11 +136,6 @@ func newLogProveCmd() *cobra.Command {
 				return err
 			}
 			d, _ := attest.ParseLinkLogEntry(entry)
-			store, done, err := openStore(ctx, f.dataDir, f.storage)
-			if err != nil {
-				return err
-			}
-			defer done()
 			hint, ok := store.LogIndex(d)
 			idx, proof, err := r.Include(ctx, entry, hint, ok, cp, nil)
 			if err != nil {
@@ -135,7 +157,6 @@ func newLogProveCmd() *cobra.Command {
 		},
 	}
 	f.add(c)
-	addStorageFlag(c, &f.storage)
 	return c
 }
 
@@ -181,10 +202,11 @@ func newLogConsistencyCmd() *cobra.Command {
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx := cmd.Context()
-			r, err := f.reader(ctx)
+			r, _, done, err := f.reader(ctx)
 			if err != nil {
 				return err
 			}
+			defer done()
 			cp, err := r.Checkpoint(ctx)
 			if err != nil {
 				return err
@@ -196,11 +218,7 @@ func newLogConsistencyCmd() *cobra.Command {
 				if err != nil {
 					return &exitError{code: 2, msg: err.Error()}
 				}
-				v, _, err := resolveLogKey(ctx, f.logKey, keys.Trust{}, f.dataDir)
-				if err != nil {
-					return err
-				}
-				ocp, err := tlog.ParseCheckpoint(b, v)
+				ocp, err := tlog.ParseCheckpoint(b, r.Verifier())
 				if err != nil {
 					return &exitError{code: 1, msg: fmt.Sprintf("--old %s: %v", old, err)}
 				}

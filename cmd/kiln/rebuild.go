@@ -103,6 +103,9 @@ nothing quarantined); 2 usage or set-up error.`,
 			if err != nil {
 				return err
 			}
+			if ct.Log != nil {
+				trust.Log = ct.Log // --cluster: its log, whatever a --key export says
+			}
 			trust.Add(ct)
 			if logKey != "" {
 				s := logKey
@@ -179,7 +182,7 @@ nothing quarantined); 2 usage or set-up error.`,
 	c.Flags().StringArrayVar(&keyFiles, "key", nil, "trusted executor public key: PEM, or \"kiln attest pubkey --all --json\" output (repeatable)")
 	c.Flags().StringVar(&logKey, "log-key", "", "the transparency log's verifier key (a note vkey, or a file holding one); default: from a --key JSON export or --cluster")
 	addClusterFlags(c, &clusterCfg, "verify")
-	c.Flags().Lookup("cluster").Usage = "also trust the keys a kiln cluster admitted (its workers' links), with its log key"
+	c.Flags().Lookup("cluster").Usage = "also trust the keys a kiln cluster admitted (its workers' links), and verify against its log (published by its sequencer in --storage)"
 	c.Flags().StringVar(&bundle, "bundle", "", "bundle from kiln export (directory, .tar or .tar.zst); default: this data dir")
 	c.Flags().StringVar(&remote, "remote", "", "re-execute on this kiln server (host:port) instead of locally")
 	c.Flags().StringVar(&instance, "instance", "", "REAPI instance name for --remote")

@@ -159,16 +159,17 @@ finish, then are handed back to the queue.`,
 
 func newSequencerCmd() *cobra.Command {
 	var p clusterProcess
-	var poll time.Duration
+	var poll, sealAfter time.Duration
 	c := &cobra.Command{
 		Use:   "sequencer --cluster nats://HOST:PORT --storage s3://... --data DIR",
 		Short: "Append every worker's links to the cluster's transparency log (run one)",
 		Long: `Run the cluster's one log appender: take the links workers left in shared storage
 (pending/), check each signature against the cluster's trust set, append each distinct
 link once to the transparency log in --data (whose log key it publishes to the trust
-set), index it, and delete its marker. While it is down links wait in the bucket; it
-catches up when it starts. kiln attest verify --cluster --data DIR verifies against
-this log.`,
+set), index it, publish the log to the bucket (log/: tiles and entry bundles, then the
+signed checkpoint), and only then delete its marker. While it is down links wait in
+the bucket; it catches up when it starts. kiln attest verify --cluster --storage, kiln
+log and kiln rebuild on any machine read the log from the bucket.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			r, err := p.start(cmd, "sequencer")
@@ -182,10 +183,11 @@ this log.`,
 				return err
 			}
 			defer eng.Close()
-			return cluster.NewSequencer(r.conn, eng.Bucket, eng.Signer, cluster.SequencerOptions{Poll: poll, Logger: r.log, Registerer: r.reg}).Run(r.ctx)
+			return cluster.NewSequencer(r.conn, eng.Bucket, eng.Signer, cluster.SequencerOptions{Poll: poll, SealAfter: sealAfter, Logger: r.log, Registerer: r.reg}).Run(r.ctx)
 		},
 	}
 	p.add(c, "sequencer")
 	c.Flags().DurationVar(&poll, "poll", 5*time.Second, "how often to look for pending links without a wake-up")
+	c.Flags().DurationVar(&sealAfter, "seal-after", 30*time.Second, "how long after a key's retirement its links may still arrive; then its bound (the log size) is recorded and later links of that key are refused")
 	return c
 }

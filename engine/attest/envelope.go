@@ -39,11 +39,12 @@ func SignEnvelope(ctx context.Context, s *keys.Signer, payload []byte) ([]byte, 
 
 // ParseEnvelope decodes a DSSE envelope and checks its payload type.
 func ParseEnvelope(b []byte) (*dsse.Envelope, error) {
-	var env dsse.Envelope
-	dec := json.NewDecoder(bytes.NewReader(b))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&env); err != nil {
-		return nil, status.Errorf(codes.InvalidArgument, "not a DSSE envelope: %v", err)
+	env, ok := parseCompactEnvelope(b)
+	if !ok {
+		var err error
+		if env, err = decodeEnvelope(b); err != nil {
+			return nil, err
+		}
 	}
 	if env.PayloadType != PayloadType {
 		return nil, status.Errorf(codes.InvalidArgument, "envelope payload type %q, want %q", env.PayloadType, PayloadType)
@@ -51,7 +52,89 @@ func ParseEnvelope(b []byte) (*dsse.Envelope, error) {
 	if len(env.Signatures) == 0 {
 		return nil, status.Error(codes.InvalidArgument, "envelope has no signatures")
 	}
+	return env, nil
+}
+
+// decodeEnvelope decodes any JSON form of a DSSE envelope (unknown fields refused).
+func decodeEnvelope(b []byte) (*dsse.Envelope, error) {
+	var env dsse.Envelope
+	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&env); err != nil {
+		return nil, status.Errorf(codes.InvalidArgument, "not a DSSE envelope: %v", err)
+	}
 	return &env, nil
+}
+
+// parseCompactEnvelope reads the one form kiln writes (json.Marshal of a dsse.Envelope:
+// {"payloadType":S,"payload":S,"signatures":[{"keyid":S,"sig":S},...]}, no spaces)
+// without encoding/json, whose byte-at-a-time scan of the base64 payload is most of
+// the cost of reading an envelope. It accepts only strings of printable ASCII without
+// escapes, whose JSON value is their bytes, so whatever it accepts decodeEnvelope
+// decodes to the same envelope; anything else (ok false) goes to decodeEnvelope.
+func parseCompactEnvelope(b []byte) (*dsse.Envelope, bool) {
+	var env dsse.Envelope
+	rest, ok := bytes.CutPrefix(b, []byte(`{"payloadType":`))
+	if !ok {
+		return nil, false
+	}
+	if env.PayloadType, rest, ok = compactString(rest); !ok {
+		return nil, false
+	}
+	if rest, ok = bytes.CutPrefix(rest, []byte(`,"payload":`)); !ok {
+		return nil, false
+	}
+	if env.Payload, rest, ok = compactString(rest); !ok {
+		return nil, false
+	}
+	if rest, ok = bytes.CutPrefix(rest, []byte(`,"signatures":[`)); !ok {
+		return nil, false
+	}
+	for {
+		var sig dsse.Signature
+		if rest, ok = bytes.CutPrefix(rest, []byte(`{"keyid":`)); !ok {
+			return nil, false
+		}
+		if sig.KeyID, rest, ok = compactString(rest); !ok {
+			return nil, false
+		}
+		if rest, ok = bytes.CutPrefix(rest, []byte(`,"sig":`)); !ok {
+			return nil, false
+		}
+		if sig.Sig, rest, ok = compactString(rest); !ok {
+			return nil, false
+		}
+		if rest, ok = bytes.CutPrefix(rest, []byte(`}`)); !ok {
+			return nil, false
+		}
+		env.Signatures = append(env.Signatures, sig)
+		if rest, ok = bytes.CutPrefix(rest, []byte(`,`)); !ok {
+			break
+		}
+	}
+	if !bytes.Equal(rest, []byte(`]}`)) {
+		return nil, false
+	}
+	return &env, true
+}
+
+// compactString reads a JSON string at the start of b made of printable ASCII other
+// than '"' and '\\' (no escapes: its value is its bytes), and returns it and what follows.
+func compactString(b []byte) (string, []byte, bool) {
+	if len(b) == 0 || b[0] != '"' {
+		return "", nil, false
+	}
+	end := bytes.IndexByte(b[1:], '"')
+	if end < 0 {
+		return "", nil, false
+	}
+	s := b[1 : 1+end]
+	for _, c := range s {
+		if c < 0x20 || c > 0x7e || c == '\\' {
+			return "", nil, false
+		}
+	}
+	return string(s), b[2+end:], true
 }
 
 // VerifyEnvelope checks that env carries a valid signature by one of the trusted keys and
@@ -81,7 +164,23 @@ func VerifyEnvelope(ctx context.Context, env *dsse.Envelope, trust keys.Trust) (
 }
 
 // DecodeLink parses a link payload the way in-toto-golang does (unknown fields refused).
+//
+// The payload is decoded once; only a payload that fails to decode, has another _type
+// or trailing data is read again, by decodeLinkSlow, for its error.
 func DecodeLink(payload []byte) (in_toto.Link, error) {
+	var l in_toto.Link
+	dec := json.NewDecoder(bytes.NewReader(payload))
+	dec.DisallowUnknownFields()
+	dec.UseNumber()
+	if err := dec.Decode(&l); err == nil && l.Type == "link" && len(bytes.TrimLeft(payload[dec.InputOffset():], " \t\r\n")) == 0 {
+		return l, nil
+	}
+	return decodeLinkSlow(payload)
+}
+
+// decodeLinkSlow checks that the payload is JSON, then its _type, then decodes it: the
+// errors say which of these failed.
+func decodeLinkSlow(payload []byte) (in_toto.Link, error) {
 	var probe struct {
 		Type string `json:"_type"`
 	}

@@ -10,6 +10,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/kilnbuild/kiln/engine/attest/tlog"
 )
 
 const crashEnv = "KILN_ATTEST_CRASH_HELPER"
@@ -123,18 +125,24 @@ func TestSyncLog(t *testing.T) {
 	}
 }
 
-// TestCrashedProcessLinksAreLogged: links a process signed but did not log before it
-// died are appended by the next process to open the data dir.
-func TestCrashedProcessLinksAreLogged(t *testing.T) {
-	ctx := context.Background()
-	data := t.TempDir()
-	const n = 5
+// crashLinking runs a process that links n actions into data and dies before it logs them.
+func crashLinking(t *testing.T, data string, n int) {
+	t.Helper()
 	c := exec.Command(os.Args[0], "-test.run=^$")
 	c.Env = append(os.Environ(), crashEnv+"="+data+"|"+strconv.Itoa(n))
 	c.Stderr = os.Stderr
 	if err := c.Run(); err != nil {
 		t.Fatalf("helper: %v", err)
 	}
+}
+
+// TestCrashedProcessLinksAreLogged: links a process signed but did not log before it
+// died are appended by the next process to open the data dir.
+func TestCrashedProcessLinksAreLogged(t *testing.T) {
+	ctx := context.Background()
+	data := t.TempDir()
+	const n = 5
+	crashLinking(t, data, n)
 	markers, _ := filepath.Glob(filepath.Join(PathsFor(data).Attest, "pending", "*", "*"))
 	if len(markers) != n {
 		t.Fatalf("%d pending markers after the crash, want %d", len(markers), n)
@@ -194,5 +202,60 @@ func TestVerifyRightAfterLinking(t *testing.T) {
 	}
 	if !ch.OK() || len(ch.Links) != 2 {
 		t.Fatalf("chain right after linking: %v", ch.Failures)
+	}
+}
+
+// TestAdoptedAndSubmittedAgainLoggedOnce: links a crashed process left unlogged are
+// adopted at start while their submitter (the cluster's sequencer, draining the
+// bucket) appends them again at once: each is logged once, whatever batch both land in.
+func TestAdoptedAndSubmittedAgainLoggedOnce(t *testing.T) {
+	ctx := context.Background()
+	for round := range 3 {
+		data := t.TempDir()
+		const n = 40
+		crashLinking(t, data, n)
+		markers, _ := filepath.Glob(filepath.Join(PathsFor(data).Attest, "pending", "*", "*"))
+		var envs [][]byte
+		for _, m := range markers {
+			b, err := os.ReadFile(m)
+			if err != nil {
+				t.Fatal(err)
+			}
+			envs = append(envs, b)
+		}
+		if len(envs) != n {
+			t.Fatalf("%d pending links after the crash, want %d", len(envs), n)
+		}
+		s := openSigner(t, data, Options{})
+		errs := make(chan error, n)
+		for _, env := range envs {
+			go func() {
+				_, err := s.Append(ctx, env)
+				errs <- err
+			}()
+		}
+		for range envs {
+			if err := <-errs; err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := s.Close(ctx); err != nil {
+			t.Fatal(err)
+		}
+		seen := map[string]int{}
+		lk := activeTrust(t, data).Log
+		lv, _ := lk.Verifier()
+		r := tlog.NewReader(PathsFor(data).Log, lv)
+		cp, err := r.Checkpoint(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		r.Scan(ctx, cp.Size, func(_ uint64, e []byte) bool {
+			seen[string(e)]++
+			return true
+		})
+		if cp.Size != n || len(seen) != n {
+			t.Fatalf("round %d: log size %d with %d distinct links, want %d", round, cp.Size, len(seen), n)
+		}
 	}
 }

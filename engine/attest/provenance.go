@@ -389,12 +389,22 @@ func EnvelopePayload(raw []byte) ([]byte, error) {
 // active key. wait bounds the wait for links still on their way into the log. A chain
 // that does not verify is returned with an error (its Failures say why).
 func BuildProvenance(ctx context.Context, store *Store, kr *keys.Keyring, subj Subject, wait time.Duration) (*Chain, []byte, *keys.Signer, error) {
+	return BuildProvenanceWith(ctx, store, kr, keys.Trust{}, subj, wait)
+}
+
+// BuildProvenanceWith is BuildProvenance trusting also the keys of extra, and its log
+// key instead of kr's when it has one (a cluster's workers and sequencer).
+func BuildProvenanceWith(ctx context.Context, store *Store, kr *keys.Keyring, extra keys.Trust, subj Subject, wait time.Duration) (*Chain, []byte, *keys.Signer, error) {
 	ks, err := kr.Keys()
 	if err != nil {
 		return nil, nil, nil, err
 	}
 	lk := kr.Log()
+	if extra.Log != nil {
+		lk = *extra.Log
+	}
 	trust := keys.Trust{Keys: ks, Log: &lk}
+	trust.Add(extra)
 	lv, err := lk.Verifier()
 	if err != nil {
 		return nil, nil, nil, err

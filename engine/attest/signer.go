@@ -513,6 +513,15 @@ func (s *Signer) LogSize(ctx context.Context) (uint64, error) {
 	return s.log.Size(ctx)
 }
 
+// Checkpoint has the log publish a checkpoint covering every link appended so far
+// (the sequencer, before it copies the log to shared storage).
+func (s *Signer) Checkpoint(ctx context.Context) error {
+	if s.log == nil {
+		return status.Error(codes.FailedPrecondition, "attest: this signer has no log of its own")
+	}
+	return s.log.Checkpoint(ctx)
+}
+
 func (s *Signer) enqueue(p *pending) {
 	s.mu.Lock()
 	s.waiting++
@@ -547,6 +556,10 @@ func (s *Signer) writeLoop() {
 		results := make([]appendResult, len(batch))
 		var entries [][]byte
 		var logged []int
+		// The same link twice in one batch (an orphan adopted at start while its
+		// submitter submits it again) is appended once: later ones copy the first's result.
+		first := map[cache.Digest]int{}
+		var dups []int
 		for i, p := range batch {
 			if err := s.load(ctx, p); err != nil {
 				results[i].err = err
@@ -556,6 +569,11 @@ func (s *Signer) writeLoop() {
 				results[i].index = idx // logged before (a relink, or a crash after the append)
 				continue
 			}
+			if _, ok := first[p.env]; ok {
+				dups = append(dups, i)
+				continue
+			}
+			first[p.env] = i
 			entries = append(entries, LinkLogEntry(p.env))
 			logged = append(logged, i)
 		}
@@ -571,6 +589,9 @@ func (s *Signer) writeLoop() {
 					results[i].err = e
 				}
 			}
+		}
+		for _, i := range dups {
+			results[i] = results[first[batch[i].env]]
 		}
 		// SyncLog waiters are told as soon as their link is in the log; indexing and
 		// the move into the envelope store follow (Flush waits for those too).

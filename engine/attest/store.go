@@ -11,6 +11,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/kilnbuild/kiln/cache"
@@ -30,11 +31,16 @@ import (
 type Store struct {
 	p   Paths
 	cas cache.BlobStore
+	// remote is the log the store reads, when it is not the data dir's (WithLog).
+	remote  *RemoteLog
+	indexMu *sync.Mutex // one IndexLog at a time
 }
 
 // NewStore opens the attestation store of a data directory; cas may be nil (envelopes
 // are then read and written only in the durable copy).
-func NewStore(p Paths, cas cache.BlobStore) *Store { return &Store{p: p, cas: cas} }
+func NewStore(p Paths, cas cache.BlobStore) *Store {
+	return &Store{p: p, cas: cas, indexMu: &sync.Mutex{}}
+}
 
 // Paths returns the data-dir paths the store uses.
 func (s *Store) Paths() Paths { return s.p }
@@ -141,6 +147,9 @@ func (s *Store) MoveEnvelope(file string, d cache.Digest) error {
 		return status.Errorf(codes.Internal, "attest store: %v", err)
 	}
 	if err := os.Rename(file, p); err != nil {
+		if errors.Is(err, fs.ErrNotExist) && s.HasEnvelope(d) {
+			return nil // moved already (the same link twice in one batch)
+		}
 		return status.Errorf(codes.Internal, "attest store: %v", err)
 	}
 	return nil

@@ -105,6 +105,10 @@ type VerifierOptions struct {
 	// way into the log (pending in a running kiln, or logged but not yet covered by a
 	// checkpoint; checkpoints follow appends within about 200ms).
 	WaitCheckpoint time.Duration
+	// Cache, if set, keeps what link envelopes' signatures established across
+	// verifiers (keyed by envelope digest and the trust set); inclusion in the log is
+	// proved again by each verifier.
+	Cache *VerifyCache
 }
 
 // Verifier checks links against trusted keys and the transparency log. It is safe for
@@ -113,6 +117,8 @@ type Verifier struct {
 	store *Store
 	log   *tlog.Reader
 	opts  VerifierOptions
+	// trustID is opts.Trust's fingerprint, the cache's key with an envelope digest.
+	trustID [32]byte
 
 	mu   sync.Mutex // guards cp, pv and done
 	cp   *tlog.Checkpoint
@@ -131,7 +137,10 @@ func NewVerifier(ctx context.Context, store *Store, opts VerifierOptions) (*Veri
 	if opts.LogVerifier == nil {
 		return nil, status.Error(codes.InvalidArgument, "verify: no log key")
 	}
-	v := &Verifier{store: store, log: tlog.NewReader(store.Paths().Log, opts.LogVerifier), opts: opts, done: map[cache.Digest]LinkCheck{}, deadline: time.Now().Add(opts.WaitCheckpoint)}
+	v := &Verifier{store: store, log: store.LogReader(opts.LogVerifier), opts: opts, done: map[cache.Digest]LinkCheck{}, deadline: time.Now().Add(opts.WaitCheckpoint)}
+	if opts.Cache != nil {
+		v.trustID = opts.Trust.Fingerprint()
+	}
 	v.settle(ctx)
 	if err := v.loadCheckpoint(ctx); err != nil {
 		return nil, err
@@ -167,6 +176,11 @@ func (v *Verifier) loadCheckpoint(ctx context.Context) error {
 	}
 	pv, err := v.log.Prover(ctx, cp.Size)
 	if err != nil {
+		return err
+	}
+	// A log kept elsewhere (a cluster's, in shared storage): index what it holds that
+	// this data dir has not seen, so links are found.
+	if err := v.store.IndexLog(ctx, v.log, cp.Size); err != nil {
 		return err
 	}
 	if p := v.opts.Pinned; p != nil {
@@ -224,11 +238,14 @@ func (v *Verifier) Check(ctx context.Context, env cache.Digest) LinkCheck {
 		return r
 	}
 	var c LinkCheck
-	raw, err := v.store.Envelope(ctx, env)
-	if err != nil {
+	if s, ok := v.cached(env); ok {
+		// The envelope with this digest verified before under this trust set: its
+		// bytes need not be read and checked again.
+		c = v.checkLogged(ctx, s)
+	} else if raw, err := v.store.Envelope(ctx, env); err != nil {
 		c = LinkCheck{Envelope: env, Err: err}
 	} else {
-		c = v.CheckBytes(ctx, raw)
+		c = v.checkNew(ctx, cache.DigestOf(raw), raw)
 	}
 	v.mu.Lock()
 	v.done[env] = c
@@ -273,18 +290,49 @@ func (v *Verifier) LinkBytes(ctx context.Context, raw []byte) (*VerifiedLink, er
 
 // CheckBytes verifies a link envelope given as bytes (see Check).
 func (v *Verifier) CheckBytes(ctx context.Context, raw []byte) LinkCheck {
-	c := LinkCheck{Envelope: cache.DigestOf(raw)}
-	fail := func(err error) LinkCheck {
-		if c.Claims != "" {
-			err = grpcerr.Wrap(err, "claims action %s", c.Claims)
-		}
-		c.Err = err
+	d := cache.DigestOf(raw)
+	if s, ok := v.cached(d); ok {
+		return v.checkLogged(ctx, s)
+	}
+	return v.checkNew(ctx, d, raw)
+}
+
+// cached returns the signature facts of envelope d if the verifier's cache keeps them
+// for its trust set.
+func (v *Verifier) cached(d cache.Digest) (*signedLink, bool) {
+	if v.opts.Cache == nil {
+		return nil, false
+	}
+	s, ok := v.opts.Cache.Get(v.trustID, cacheLink, d)
+	if !ok {
+		return nil, false
+	}
+	return s.(*signedLink), true
+}
+
+// checkNew verifies envelope raw (whose digest is d) in full, and keeps its signature
+// facts in the cache when they hold.
+func (v *Verifier) checkNew(ctx context.Context, d cache.Digest, raw []byte) LinkCheck {
+	s, c := v.checkSignature(ctx, d, raw)
+	if s == nil {
 		return c
 	}
+	v.opts.Cache.Put(v.trustID, cacheLink, d, s, linkCost(raw))
+	return v.checkLogged(ctx, s)
+}
+
+// cacheLink is the VerifyCache kind of link envelopes.
+const cacheLink = "link"
+
+// checkSignature establishes what the envelope's bytes prove on their own: a signature
+// by a trusted key over a well-formed link payload. On failure it returns nil and the
+// failed check.
+func (v *Verifier) checkSignature(ctx context.Context, d cache.Digest, raw []byte) (*signedLink, LinkCheck) {
+	c := LinkCheck{Envelope: d}
 	e, err := ParseEnvelope(raw)
 	if err != nil {
 		c.Err = err
-		return c
+		return nil, c
 	}
 	// Name the action the envelope claims to attest, so failures say which link. The
 	// payload is decoded once: what the signature covers is the same bytes.
@@ -297,27 +345,46 @@ func (v *Verifier) CheckBytes(ctx context.Context, raw []byte) LinkCheck {
 	}
 	key, payload, err := VerifyEnvelope(ctx, e, v.opts.Trust)
 	if err != nil {
-		return fail(err)
+		c.Err = claimsErr(c.Claims, err)
+		return nil, c
 	}
-	c.Key = &key
 	l := claimed
 	if claimErr != nil || !bytes.Equal(payload, unverified) {
 		if l, err = DecodeLink(payload); err != nil {
-			c.Err = err
-			return c
+			c.Key, c.Err = &key, err
+			return nil, c
 		}
 	}
-	idx, err := v.include(ctx, c.Envelope)
+	return &signedLink{env: d, claims: c.Claims, key: key, link: l, raw: raw}, c
+}
+
+// checkLogged completes a link's check from its signature facts: its inclusion in the
+// log under the verifier's checkpoint, and (for a retired key) a log index before the
+// key's retirement. This is never cached: the log moves on, and so may the checkpoint.
+func (v *Verifier) checkLogged(ctx context.Context, s *signedLink) LinkCheck {
+	key := s.key
+	c := LinkCheck{Envelope: s.env, Claims: s.claims, Key: &key}
+	idx, err := v.include(ctx, s.env)
 	if err != nil {
-		return fail(err)
+		c.Err = claimsErr(c.Claims, err)
+		return c
 	}
 	c.Logged, c.LogIndex = true, idx
 	if key.NotAfterLogSize != nil && idx >= *key.NotAfterLogSize {
-		return fail(status.Errorf(codes.PermissionDenied, "signed by key %s, retired at log size %d, but logged at index %d", short(key.KeyID), *key.NotAfterLogSize, idx))
+		c.Err = claimsErr(c.Claims, status.Errorf(codes.PermissionDenied, "signed by key %s, retired at log size %d, but logged at index %d", short(key.KeyID), *key.NotAfterLogSize, idx))
+		return c
 	}
 	c.KeyValid = true
-	c.Link = &VerifiedLink{Envelope: c.Envelope, KeyID: key.KeyID, Link: l, LogIndex: idx, Raw: raw}
+	c.Link = &VerifiedLink{Envelope: s.env, KeyID: key.KeyID, Link: s.link, LogIndex: idx, Raw: s.raw}
 	return c
+}
+
+// claimsErr names the action a link claims (when known) in its failure.
+func claimsErr(claims string, err error) error {
+	if claims != "" {
+		return grpcerr.Wrap(err, "claims action %s", claims)
+	}
+	return err
 }
 
 // include proves the inclusion of envelope d's log entry. A link that is still
@@ -335,7 +402,7 @@ func (v *Verifier) include(ctx context.Context, d cache.Digest) (uint64, error) 
 		if err == nil {
 			return idx, nil
 		}
-		inFlight := (hasHint && hint >= cp.Size) || (!hasHint && v.store.Pending(d))
+		inFlight := (hasHint && hint >= cp.Size) || (!hasHint && v.store.pendingAnywhere(ctx, d))
 		if !inFlight || time.Now().After(v.deadline) {
 			if status.Code(err) == codes.NotFound {
 				return 0, status.Errorf(codes.NotFound, "not in the transparency log (checkpoint size %d)", cp.Size)

@@ -15,8 +15,10 @@ import (
 	"github.com/kilnbuild/kiln/cache/s3"
 	"github.com/kilnbuild/kiln/engine/attest"
 	"github.com/kilnbuild/kiln/engine/attest/keys"
+	"github.com/kilnbuild/kiln/engine/attest/tlog"
 	"github.com/nats-io/nats.go"
 	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/mod/sumdb/note"
 	"golang.org/x/sync/errgroup"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -28,11 +30,46 @@ import (
 // the bucket, before the action is acknowledged, and publishes a wake-up on
 // kiln.links. The sequencer, the cluster's one log appender, lists pending/, checks
 // each envelope's signature against the cluster's trust set, appends it to its
-// transparency log (attest.Signer.Append: each distinct link once), indexes it and
-// only then deletes the marker. While the sequencer is down, markers wait in the
-// bucket; it catches up when it comes back (and polls, so a lost wake-up only delays).
+// transparency log (attest.Signer.Append: each distinct link once) and indexes it,
+// publishes the log to the bucket (log/: tiles and entry bundles, then the signed
+// checkpoint; tlog.Publisher), and only then deletes the marker: a verifier that finds
+// no marker finds the link in the published log. While the sequencer is down, markers
+// wait in the bucket; it catches up when it comes back (and polls, so a lost wake-up
+// only delays).
 
 const pendingPrefix = "pending/"
+
+// LogPrefix is where the sequencer publishes the cluster's transparency log in the
+// bucket (C2SP tlog-tiles: checkpoint, tile/..., tile/entries/...). It must have no
+// lifecycle rule.
+const LogPrefix = "log/"
+
+func pendingKey(env cache.Digest) string {
+	return pendingPrefix + env.Hash + "_" + strconv.FormatInt(env.Size, 10)
+}
+
+// SharedLog is the cluster's transparency log as its sequencer publishes it in b, for
+// verifiers, rebuilds and frontends on any machine (attest.Store.WithLog): a
+// link whose marker is still in pending/ is on its way into it.
+func SharedLog(b *s3.Bucket) *attest.RemoteLog {
+	return &attest.RemoteLog{
+		Source: tlog.ObjectSource(b, LogPrefix, 64<<20),
+		Pending: func(ctx context.Context, d cache.Digest) bool {
+			_, err := b.GetObject(ctx, pendingKey(d), 0)
+			return err == nil
+		},
+	}
+}
+
+// LogFor returns store reading the log lv names: the data dir's own when it is lv's
+// (the sequencer's data dir, or kiln serve --cluster embedded); otherwise, with shared
+// storage b, the one the cluster's sequencer publishes there.
+func LogFor(store *attest.Store, lv note.Verifier, b *s3.Bucket) *attest.Store {
+	if b == nil || tlog.DirOrigin(store.Paths().Log) == lv.Name() {
+		return store
+	}
+	return store.WithLog(SharedLog(b))
+}
 
 // envelopeWait is how long a pending marker may name an envelope that is not in the
 // bucket (still being uploaded, or its worker died mid-upload: the retry writes both
@@ -47,7 +84,7 @@ type BucketSink struct {
 
 // Submit implements attest.LinkSink: it returns once the marker is in the bucket.
 func (s *BucketSink) Submit(ctx context.Context, env cache.Digest, _ []byte) error {
-	if err := s.Bucket.PutObject(ctx, pendingPrefix+env.Hash+"_"+strconv.FormatInt(env.Size, 10), nil); err != nil {
+	if err := s.Bucket.PutObject(ctx, pendingKey(env), nil); err != nil {
 		return err
 	}
 	if s.Conn != nil {
@@ -74,6 +111,7 @@ type Sequencer struct {
 	signer *attest.Signer
 	opts   SequencerOptions
 	log    *slog.Logger
+	pub    *tlog.Publisher
 
 	mLogged   prometheus.Counter
 	mRejected prometheus.Counter
@@ -110,7 +148,18 @@ func (s *Sequencer) Run(ctx context.Context) error {
 		return err
 	}
 	defer unlock()
-	if err := retry(ctx, s.log, "publish the log key", func() error { return s.c.publishLogKey(ctx, s.signer.Keyring().Log()) }); err != nil {
+	lk := s.signer.Keyring().Log()
+	if err := retry(ctx, s.log, "publish the log key", func() error { return s.c.publishLogKey(ctx, lk) }); err != nil {
+		return err
+	}
+	lv, err := lk.Verifier()
+	if err != nil {
+		return err
+	}
+	if err := retry(ctx, s.log, "open the log in the bucket", func() (err error) {
+		s.pub, err = tlog.NewPublisher(ctx, s.signer.Store().Paths().Log, lv, s.bucket, LogPrefix)
+		return err
+	}); err != nil {
 		return err
 	}
 	wake := make(chan struct{}, 1)
@@ -130,6 +179,9 @@ func (s *Sequencer) Run(ctx context.Context) error {
 	for {
 		if err := s.drain(ctx); err != nil && ctx.Err() == nil {
 			s.log.Warn("appending pending links failed; retrying", "err", err)
+		}
+		if err := s.publish(ctx); err != nil && ctx.Err() == nil {
+			s.log.Warn("publishing the log to the bucket failed; retrying", "err", err)
 		}
 		if err := s.seal(ctx); err != nil && ctx.Err() == nil {
 			s.log.Warn("recording retired keys' bounds failed; retrying", "err", err)
@@ -179,12 +231,38 @@ func (s *Sequencer) drain(ctx context.Context) error {
 		after = keys[len(keys)-1].Key
 		total += len(keys)
 		s.mPending.Set(float64(total))
+		logged := make([]bool, len(keys))
 		g, gctx := errgroup.WithContext(ctx)
 		g.SetLimit(64)
-		for _, k := range keys {
-			g.Go(func() error { return s.append(gctx, k, trust) })
+		for i, k := range keys {
+			g.Go(func() (err error) {
+				logged[i], err = s.append(gctx, k, trust)
+				return err
+			})
 		}
-		if err := g.Wait(); err != nil {
+		err = g.Wait()
+		// The markers of logged links go once the published log shows them.
+		var done []string
+		for i, ok := range logged {
+			if ok {
+				done = append(done, keys[i].Key)
+			}
+		}
+		if len(done) > 0 {
+			if perr := s.publish(ctx); perr != nil {
+				return perr
+			}
+			g, gctx := errgroup.WithContext(ctx)
+			g.SetLimit(64)
+			for _, k := range done {
+				g.Go(func() error { return s.bucket.DeleteObject(gctx, k) })
+			}
+			if derr := g.Wait(); derr != nil {
+				return derr
+			}
+			s.mLogged.Add(float64(len(done)))
+		}
+		if err != nil {
 			return err
 		}
 		if len(keys) < 1000 {
@@ -195,15 +273,16 @@ func (s *Sequencer) drain(ctx context.Context) error {
 	return nil
 }
 
-// append logs the link a pending marker names, then deletes the marker. A link not
-// signed by a key the cluster trusts (unknown, or retired and sealed) is moved to
-// rejected/ instead, with the reason.
-func (s *Sequencer) append(ctx context.Context, obj s3.Object, trust keys.Trust) error {
+// append logs the link a pending marker names and reports whether it did (the caller
+// deletes the marker once the log is published). A link not signed by a key the
+// cluster trusts (unknown, or retired and sealed) is moved to rejected/ instead, with
+// the reason.
+func (s *Sequencer) append(ctx context.Context, obj s3.Object, trust keys.Trust) (bool, error) {
 	key := obj.Key
 	d, err := cache.ParseDigest(strings.Replace(strings.TrimPrefix(key, pendingPrefix), "_", "/", 1))
 	if err != nil {
 		s.log.Warn("ignoring a malformed pending marker", "key", key)
-		return nil
+		return false, nil
 	}
 	env, err := cache.ReadAll(ctx, s.bucket.Attestations(), d, 64<<20)
 	if status.Code(err) == codes.NotFound {
@@ -213,32 +292,45 @@ func (s *Sequencer) append(ctx context.Context, obj s3.Object, trust keys.Trust)
 		if status.Code(err) == codes.NotFound || status.Code(err) == codes.DataLoss {
 			// A worker writes the marker and the envelope at once: wait for it a while.
 			if time.Since(obj.Modified) < envelopeWait {
-				return nil
+				return false, nil
 			}
-			return s.reject(ctx, key, d, "its envelope is not in the bucket")
+			return false, s.reject(ctx, key, d, "its envelope is not in the bucket")
 		}
-		return err
+		return false, err
 	}
 	e, err := attest.ParseEnvelope(env)
 	if err != nil {
-		return s.reject(ctx, key, d, status.Convert(err).Message())
+		return false, s.reject(ctx, key, d, status.Convert(err).Message())
 	}
 	k, _, err := attest.VerifyEnvelope(ctx, e, trust)
 	if err != nil {
-		return s.reject(ctx, key, d, "not signed by a key the cluster trusts: "+status.Convert(err).Message())
+		return false, s.reject(ctx, key, d, "not signed by a key the cluster trusts: "+status.Convert(err).Message())
 	}
 	if k.NotAfterLogSize != nil {
-		return s.reject(ctx, key, d, fmt.Sprintf("signed by key %s, retired on %s", k.KeyID, k.NotAfter.Format(time.RFC3339)))
+		return false, s.reject(ctx, key, d, fmt.Sprintf("signed by key %s, retired on %s", k.KeyID, k.NotAfter.Format(time.RFC3339)))
 	}
 	idx, err := s.signer.Append(ctx, env)
 	if err != nil {
-		return err
+		return false, err
 	}
-	if err := s.bucket.DeleteObject(ctx, key); err != nil {
-		return err
-	}
-	s.mLogged.Inc()
 	s.log.Debug("link logged", "envelope", d.String(), "index", idx, "key", k.KeyID)
+	return true, nil
+}
+
+// publish has the log sign a checkpoint covering every appended link and copies it,
+// with what it covers, to the bucket (nothing when the bucket has it already).
+func (s *Sequencer) publish(ctx context.Context) error {
+	if err := s.signer.Checkpoint(ctx); err != nil {
+		return err
+	}
+	before := s.pub.Published()
+	cp, err := s.pub.Publish(ctx)
+	if err != nil {
+		return err
+	}
+	if cp != nil && cp != before {
+		s.log.Debug("log published", "size", cp.Size)
+	}
 	return nil
 }
 

@@ -170,6 +170,10 @@ func (w *Worker) Run(ctx context.Context) error {
 		case <-ctx.Done():
 			continue
 		}
+		if w.draining.Load() { // it began while every slot was busy: take nothing more
+			<-slots
+			continue
+		}
 		n := 1
 		for n < w.cfg.Concurrency {
 			select {
@@ -259,7 +263,7 @@ func (w *Worker) handle(soft, hard context.Context, m jetstream.Msg) {
 		m.TermWithReason("malformed")
 		return
 	}
-	if soft.Err() != nil { // fetched as the worker began to stop
+	if soft.Err() != nil || w.draining.Load() { // fetched as the worker began to stop, or its key was retired
 		w.handBack(m, job)
 		return
 	}

@@ -18,11 +18,21 @@ func noSBOM(s string) string {
 // BenchmarkDecide1000Links is one whole decision for an artifact whose provenance
 // lists 1,000 links: the provenance's signature, every link's signature, log inclusion
 // proof and key validity, the chain walked, two summaries verified, the production
-// policy's rules run. Run: go test ./engine/gate -run '^$' -bench Decide1000 -count 5
-func BenchmarkDecide1000Links(b *testing.B) {
+// policy's rules run. Nothing is cached across decisions (kiln gate; kiln gate serve
+// without --cache-size). Run: go test ./engine/gate -run '^$' -bench 1000 -benchtime 20x -count 5
+func BenchmarkDecide1000Links(b *testing.B) { benchDecide(b, nil) }
+
+// BenchmarkDecide1000LinksCached is the same decision asked again of a gate with a
+// verification cache (kiln gate serve): signatures and decoding come from the cache;
+// the checkpoint, every inclusion proof, key validity, quarantine and the policy are
+// checked again.
+func BenchmarkDecide1000LinksCached(b *testing.B) { benchDecide(b, attest.NewVerifyCache(256<<20)) }
+
+func benchDecide(b *testing.B, c *attest.VerifyCache) {
 	ctx := context.Background()
 	f := newFixture(b, 1000)
 	g := f.gate(b, policy(b, noSBOM), f.trust, nil)
+	g.opts.Cache = c
 	req := f.request(f.vsa(b, f.verifiers[0], "PASSED"), f.vsa(b, f.verifiers[1], "PASSED"))
 	d, err := g.Decide(ctx, req)
 	if err != nil || !d.Allow || len(d.Input.Links) != 1000 {
@@ -38,6 +48,9 @@ func BenchmarkDecide1000Links(b *testing.B) {
 	// CPU time says more than wall time on a shared machine (other builds and tests
 	// compete for its cores): it is what the decision costs.
 	b.ReportMetric(float64((cpuTime()-cpu).Milliseconds())/float64(b.N), "cpu-ms/op")
+	if c != nil && c.Stats().Hits < int64(b.N)*1000 {
+		b.Fatalf("decisions not answered from the cache: %+v", c.Stats())
+	}
 }
 
 // cpuTime is the CPU time (user + system) this process used so far.

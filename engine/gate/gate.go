@@ -46,11 +46,19 @@ type Options struct {
 	// Wait bounds the wait for links still on their way into the log.
 	Wait    time.Duration
 	Version string
+	// Cache, if set, keeps what signed documents (link envelopes, provenance,
+	// summaries) established across decisions, keyed by the digest of their bytes and
+	// the trust set, so that deciding again about the same attestations skips their
+	// signatures and decoding (attest.VerifyCache). Log inclusion, key retirement
+	// bounds and quarantine are established at every decision.
+	Cache *attest.VerifyCache
 }
 
 // Gate makes promotion decisions. It is safe for concurrent use.
 type Gate struct {
 	opts Options
+	// trustID is the fingerprint of opts.Trust, the cache's key with a digest.
+	trustID [32]byte
 }
 
 // New checks opts and returns a Gate.
@@ -71,7 +79,43 @@ func New(opts Options) (*Gate, error) {
 	if opts.Now == nil {
 		opts.Now = time.Now
 	}
-	return &Gate{opts: opts}, nil
+	return &Gate{opts: opts, trustID: opts.Trust.Fingerprint()}, nil
+}
+
+// VerifyCache kinds of the documents a request carries.
+const (
+	cacheProvenance = "provenance"
+	cacheVSA        = "vsa"
+)
+
+// parseProvenance verifies and decodes a provenance, or finds it in the cache (the
+// decoded provenance holds about three times its bytes).
+func (g *Gate) parseProvenance(ctx context.Context, data []byte) (*attest.Provenance, error) {
+	return verifyCached(g, cacheProvenance, data, 3, func() (*attest.Provenance, error) {
+		return attest.ParseProvenance(ctx, data, g.opts.Trust)
+	})
+}
+
+// checkSummary verifies and decodes a verification summary, or finds it in the cache.
+func (g *Gate) checkSummary(ctx context.Context, data []byte) (*rebuild.Summary, error) {
+	return verifyCached(g, cacheVSA, data, 2, func() (*rebuild.Summary, error) {
+		return rebuild.CheckSummary(ctx, data, g.opts.Trust)
+	})
+}
+
+// verifyCached returns what verify established about data under the gate's trust set:
+// from the cache if it holds it (by data's digest), else verified now and, if it
+// verified, kept at an estimated cost of scale times its bytes.
+func verifyCached[T any](g *Gate, kind string, data []byte, scale int64, verify func() (T, error)) (T, error) {
+	d := cache.DigestOf(data)
+	if v, ok := g.opts.Cache.Get(g.trustID, kind, d); ok {
+		return v.(T), nil
+	}
+	v, err := verify()
+	if err == nil {
+		g.opts.Cache.Put(g.trustID, kind, d, v, scale*d.Size+1024)
+	}
+	return v, err
 }
 
 // Policy returns the gate's policy.
@@ -197,7 +241,7 @@ func (g *Gate) facts(ctx context.Context, req Request, now time.Time) (*Input, [
 		return nil, nil, err
 	}
 	in.Log.Origin = lv.Name()
-	v, err := attest.NewVerifier(ctx, g.opts.Store, attest.VerifierOptions{Trust: trust, LogVerifier: lv, WaitCheckpoint: g.opts.Wait})
+	v, err := attest.NewVerifier(ctx, g.opts.Store, attest.VerifierOptions{Trust: trust, LogVerifier: lv, WaitCheckpoint: g.opts.Wait, Cache: g.opts.Cache})
 	if err != nil {
 		in.Log.Error = status.Convert(err).Message()
 	} else {
@@ -209,7 +253,7 @@ func (g *Gate) facts(ctx context.Context, req Request, now time.Time) (*Input, [
 	if d := req.Provenance; d != nil {
 		pf := &in.Provenance
 		pf.Present, pf.Name, pf.SHA256 = true, d.Name, d.sha256()
-		p, err := attest.ParseProvenance(ctx, d.Data, trust)
+		p, err := g.parseProvenance(ctx, d.Data)
 		switch {
 		case err != nil:
 			pf.Error = status.Convert(err).Message()
@@ -341,7 +385,7 @@ func (g *Gate) facts(ctx context.Context, req Request, now time.Time) (*Input, [
 		d := &req.VSAs[i]
 		vf := VSAFacts{Name: d.Name, SHA256: d.sha256()}
 		vf.Key.NotAfterLogSize = -1
-		s, err := rebuild.CheckSummary(ctx, d.Data, trust)
+		s, err := g.checkSummary(ctx, d.Data)
 		if err != nil {
 			vf.Error = status.Convert(err).Message()
 		} else {

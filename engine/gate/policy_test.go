@@ -1,8 +1,11 @@
 package gate
 
 import (
+	"context"
+	"encoding/json"
 	"errors"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"testing"
 )
@@ -61,5 +64,44 @@ func TestEvaluateFailsClosed(t *testing.T) {
 	vs, err := p.Evaluate(in)
 	if err != nil || len(vs) != 1 || vs[0].Rule != "age" || !strings.Contains(vs[0].Reason, "policy error (p.yaml:2)") {
 		t.Fatalf("violations %+v, %v", vs, err)
+	}
+}
+
+// jsonRoundTrip is what the policy saw before toValue built it directly.
+func jsonRoundTrip(t *testing.T, in *Input) any {
+	t.Helper()
+	b, err := json.Marshal(in)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var v any
+	if err := json.Unmarshal(b, &v); err != nil {
+		t.Fatal(err)
+	}
+	return v
+}
+
+// TestToValueIsJSON: the input CEL sees is exactly its JSON document, for the sample,
+// a real decision's input, nil and empty lists, large numbers and invalid UTF-8.
+func TestToValueIsJSON(t *testing.T) {
+	f := newFixture(t, 2)
+	d, err := f.gate(t, policy(t, noSBOM), f.trust, nil).Decide(context.Background(), f.request(f.vsa(t, f.verifiers[0], "PASSED")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	odd := SampleInput()
+	odd.Subject.Name = "bad\xff\xfeutf8 \u2028 <&> \"q\""
+	odd.Links[0].LogIndex = 1<<53 + 1
+	odd.Provenance.AgeSeconds = 0.1 + 0.2
+	odd.Chain.Failures = nil
+	odd.BuilderKeys = []string{}
+	for name, in := range map[string]*Input{"sample": SampleInput(), "decision": d.Input, "odd": odd} {
+		got, err := toValue(in)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if want := jsonRoundTrip(t, in); !reflect.DeepEqual(got, want) {
+			t.Errorf("%s: toValue\n%#v\nwant\n%#v", name, got, want)
+		}
 	}
 }

@@ -18,6 +18,7 @@ import (
 	"github.com/kilnbuild/kiln/engine"
 	"github.com/kilnbuild/kiln/engine/attest"
 	"github.com/kilnbuild/kiln/engine/attest/keys"
+	"github.com/kilnbuild/kiln/engine/cluster"
 	"github.com/kilnbuild/kiln/engine/executor"
 	"github.com/kilnbuild/kiln/internal/grpcerr"
 	"github.com/kilnbuild/kiln/toolchains"
@@ -126,7 +127,8 @@ func Verify(ctx context.Context, eng *engine.Engine, opts Options) (*attest.Prov
 	if err != nil {
 		return nil, nil, err
 	}
-	store := eng.Signer.Store()
+	// The data dir's log, or with shared storage a cluster's published there.
+	store := cluster.LogFor(eng.Signer.Store(), lv, eng.Bucket)
 	if opts.Bundle != "" {
 		bcas, err := disk.Open(ctx, attest.PathsFor(opts.Bundle).CAS, disk.Options{ReadOnly: true})
 		if err != nil {

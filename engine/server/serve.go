@@ -211,7 +211,7 @@ func Serve(ctx context.Context, cfg Config) error {
 	webCtx, stopWeb := context.WithCancel(ctx)
 	defer stopWeb()
 	if hl != nil {
-		web, err := startWeb(webCtx, eng, hist.Load(), reg, cfg.Version, log)
+		web, err := startWeb(webCtx, eng, hist.Load(), reg, cfg.Version, cl, log)
 		if err != nil {
 			lis.Close()
 			return err

@@ -12,8 +12,8 @@ import (
 	"github.com/kilnbuild/kiln/cache"
 	"github.com/kilnbuild/kiln/engine"
 	"github.com/kilnbuild/kiln/engine/attest"
-	"github.com/kilnbuild/kiln/engine/attest/tlog"
 	"github.com/kilnbuild/kiln/engine/auth"
+	"github.com/kilnbuild/kiln/engine/cluster"
 	"github.com/kilnbuild/kiln/engine/history"
 	"github.com/kilnbuild/kiln/engine/scheduler"
 	"github.com/kilnbuild/kiln/engine/ui"
@@ -52,19 +52,53 @@ func actionURL(base string) func(cache.Digest) string {
 }
 
 // startWeb builds the web UI over the open engine and starts following the log and
-// sampling the metrics until ctx ends.
-func startWeb(ctx context.Context, eng *engine.Engine, h *history.Index, reg *prometheus.Registry, version string, log *slog.Logger) (http.Handler, error) {
+// sampling the metrics until ctx ends. A cluster frontend's UI trusts the cluster's
+// keys and follows its log: the one its sequencer publishes in the bucket (or, with
+// --cluster embedded, the one in this data dir).
+func startWeb(ctx context.Context, eng *engine.Engine, h *history.Index, reg *prometheus.Registry, version string, cl *clusterFrontend, log *slog.Logger) (http.Handler, error) {
 	lk := eng.Signer.Keyring().Log()
 	lv, err := lk.Verifier()
 	if err != nil {
 		return nil, err
 	}
 	store := eng.Signer.Store()
-	go h.Follow(ctx, history.Links{Log: tlog.NewReader(attest.PathsFor(string(eng.Data)).Log, lv), Envelopes: store}, followEvery)
+	cfg := ui.Config{CAS: eng.CAS, Attest: store, Keys: eng.Signer.Keyring(), Quarantine: eng.Quarantine,
+		Toolchains: eng.Toolchains, History: h, Version: version, Logger: log}
+	if cl == nil {
+		go h.Follow(ctx, history.Links{Log: store.LogReader(lv), Envelopes: store}, followEvery)
+	} else {
+		if cl.embedded == nil && eng.Bucket != nil {
+			store = store.WithLog(cluster.SharedLog(eng.Bucket))
+			cfg.Attest = store
+		}
+		cfg.Cluster = cl.conn.TrustSet
+		go followCluster(ctx, h, store, cl, log)
+	}
 	sampler := ui.NewSampler(reg, 0, nil)
 	go sampler.Run(ctx, sampleEvery)
-	return ui.New(ui.Config{CAS: eng.CAS, Attest: store, Keys: eng.Signer.Keyring(), Quarantine: eng.Quarantine,
-		Toolchains: eng.Toolchains, History: h, Metrics: sampler, Version: version, Logger: log})
+	cfg.Metrics = sampler
+	return ui.New(cfg)
+}
+
+// followCluster follows the cluster's log once its sequencer has published its key.
+func followCluster(ctx context.Context, h *history.Index, store *attest.Store, cl *clusterFrontend, log *slog.Logger) {
+	for {
+		t, err := cl.conn.TrustSet(ctx)
+		if err == nil && t.Log != nil {
+			lv, err := t.Log.Verifier()
+			if err != nil {
+				log.Warn("history: the cluster's log key", "err", err)
+				return
+			}
+			h.Follow(ctx, history.Links{Log: store.LogReader(lv), Envelopes: store}, followEvery)
+			return
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(followEvery):
+		}
+	}
 }
 
 // requirePermission lets through only the requests whose caller may use perm, as

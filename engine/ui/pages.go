@@ -69,7 +69,7 @@ func (u *UI) overview(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	d.Failures = fails.Runs
-	if lr, err := u.logReader(); err == nil {
+	if lr, err := u.logReader(r.Context()); err == nil {
 		if cp, err := lr.Checkpoint(r.Context()); err == nil {
 			d.LogSize = cp.Size
 		}
@@ -285,11 +285,20 @@ func (u *UI) action(w http.ResponseWriter, r *http.Request) {
 
 // verifyLinks verifies every link recorded for the action with this hash.
 func (u *UI) verifyLinks(ctx context.Context, hash string) []linkView {
+	var v *attest.Verifier
+	var verr error
+	made := false
+	if u.cfg.Attest.Remote() { // a cluster's log: the verifier first indexes its new links
+		v, _, verr = u.verifier(ctx)
+		made = true
+	}
 	envs, err := u.cfg.Attest.ActionLinks(hash)
 	if err != nil || len(envs) == 0 {
 		return nil
 	}
-	v, _, verr := u.verifier(ctx)
+	if !made {
+		v, _, verr = u.verifier(ctx)
+	}
 	var out []linkView
 	for _, e := range envs {
 		lv := linkView{Envelope: e}
@@ -772,7 +781,7 @@ type logData struct {
 
 func (u *UI) logPage(w http.ResponseWriter, r *http.Request) {
 	d := logData{Indexed: u.cfg.History.LogSize()}
-	lr, err := u.logReader()
+	lr, err := u.logReader(r.Context())
 	if err == nil {
 		cp, cerr := lr.Checkpoint(r.Context())
 		if cerr == nil {

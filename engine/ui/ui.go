@@ -36,9 +36,13 @@ var files embed.FS
 
 // Config is what the UI reads: the data dir's parts, opened by kiln serve.
 type Config struct {
-	CAS        cache.BlobStore
-	Attest     *attest.Store
-	Keys       *keys.Keyring // trusted executor keys (all of the data dir's) and the log key
+	CAS    cache.BlobStore
+	Attest *attest.Store
+	Keys   *keys.Keyring // trusted executor keys (all of the data dir's) and the log key
+	// Cluster, when set, returns a kiln cluster's trust set: its workers' keys are
+	// trusted too, and its log key (the sequencer's) replaces the data dir's; Attest
+	// then reads that log (from the bucket when the data dir does not hold it).
+	Cluster    func(ctx context.Context) (keys.Trust, error)
 	Quarantine *quarantine.List
 	Toolchains *toolchains.Store // nil: the page says there are none
 	History    *history.Index
@@ -253,23 +257,43 @@ func (u *UI) verifier(ctx context.Context) (*attest.Verifier, *keys.Trust, error
 		return nil, nil, err
 	}
 	lk := u.cfg.Keys.Log()
-	lv, err := lk.Verifier()
+	trust := &keys.Trust{Keys: ks, Log: &lk}
+	if u.cfg.Cluster != nil {
+		ct, err := u.cfg.Cluster(ctx)
+		if err != nil {
+			return nil, nil, err
+		}
+		if ct.Log != nil {
+			trust.Log = ct.Log
+		}
+		trust.Add(ct)
+	}
+	lv, err := trust.Log.Verifier()
 	if err != nil {
 		return nil, nil, err
 	}
-	trust := &keys.Trust{Keys: ks, Log: &lk}
 	v, err := attest.NewVerifier(ctx, u.cfg.Attest, attest.VerifierOptions{Trust: *trust, LogVerifier: lv})
 	return v, trust, err
 }
 
-// logReader reads the data dir's log, checking checkpoints with its key.
-func (u *UI) logReader() (*tlog.Reader, error) {
+// logReader reads the log the store reads (the data dir's, or a cluster's), checking
+// checkpoints with its key.
+func (u *UI) logReader(ctx context.Context) (*tlog.Reader, error) {
 	lk := u.cfg.Keys.Log()
+	if u.cfg.Cluster != nil {
+		ct, err := u.cfg.Cluster(ctx)
+		if err != nil {
+			return nil, err
+		}
+		if ct.Log != nil {
+			lk = *ct.Log
+		}
+	}
 	lv, err := lk.Verifier()
 	if err != nil {
 		return nil, err
 	}
-	return tlog.NewReader(u.cfg.Attest.Paths().Log, lv), nil
+	return u.cfg.Attest.LogReader(lv), nil
 }
 
 // readText reads up to limit bytes of a blob for display; truncated says whether

@@ -5,9 +5,12 @@ import (
 	"context"
 	"crypto"
 	"crypto/ed25519"
+	"crypto/sha256"
+	"encoding/binary"
 	"encoding/json"
 	"encoding/pem"
 	"errors"
+	"time"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -138,3 +141,52 @@ func (v *Verifier) KeyID() (string, error) { return v.key.KeyID, nil }
 
 // Public returns the public key.
 func (v *Verifier) Public() crypto.PublicKey { return v.key.Public }
+
+// Fingerprint is a SHA-256 over everything the trust set says, in order: each key's id,
+// public key, source and validity (not before, not after, the log size at retirement),
+// and the log key. Equal trust sets have equal fingerprints; any change (a key added,
+// removed, replaced, retired) gives another, so verification results cached under one
+// fingerprint are never used under another trust set.
+func (t Trust) Fingerprint() [32]byte {
+	h := sha256.New()
+	field := func(b []byte) {
+		var n [8]byte
+		binary.BigEndian.PutUint64(n[:], uint64(len(b)))
+		h.Write(n[:])
+		h.Write(b)
+	}
+	num := func(x int64) {
+		var n [8]byte
+		binary.BigEndian.PutUint64(n[:], uint64(x))
+		h.Write(n[:])
+	}
+	num(int64(len(t.Keys)))
+	for _, k := range t.Keys {
+		field([]byte(k.KeyID))
+		field(k.Public)
+		field([]byte(k.PEM))
+		field([]byte(k.Source))
+		field([]byte(k.NotBefore.UTC().Format(time.RFC3339Nano)))
+		if k.NotAfter != nil {
+			field([]byte(k.NotAfter.UTC().Format(time.RFC3339Nano)))
+		} else {
+			field(nil)
+			num(-1)
+		}
+		if k.NotAfterLogSize != nil {
+			num(1)
+			num(int64(*k.NotAfterLogSize))
+		} else {
+			num(0)
+		}
+	}
+	if t.Log != nil {
+		field([]byte(t.Log.Origin))
+		field([]byte(t.Log.VKey))
+	} else {
+		num(-1)
+	}
+	var out [32]byte
+	h.Sum(out[:0])
+	return out
+}

@@ -6,8 +6,7 @@ import (
 	"crypto/sha256"
 	"errors"
 	"fmt"
-	"os"
-	"path/filepath"
+	"io/fs"
 	"sort"
 	"strconv"
 	"sync"
@@ -43,28 +42,33 @@ func ParseCheckpoint(raw []byte, v note.Verifier) (*Checkpoint, error) {
 	return &Checkpoint{Origin: cp.Origin, Size: cp.Size, Root: cp.Hash, Raw: raw}, nil
 }
 
-// Reader reads a log directory without appending: checkpoints, entries, proofs.
+// Reader reads a log without appending: checkpoints, entries, proofs. Its files come
+// from a Source: the log's directory, or a copy published elsewhere (PublishTo).
 type Reader struct {
-	dir string
+	src Source
 	v   note.Verifier
-	f   client.FileFetcher
 }
 
 // NewReader reads the log in dir, trusting checkpoints signed by v.
-func NewReader(dir string, v note.Verifier) *Reader {
-	return &Reader{dir: dir, v: v, f: fileFetcher(dir)}
-}
+func NewReader(dir string, v note.Verifier) *Reader { return NewReaderFrom(DirSource(dir), v) }
 
-func fileFetcher(dir string) client.FileFetcher { return client.FileFetcher{Root: dir} }
+// NewReaderFrom reads the log whose files src holds, trusting checkpoints signed by v.
+func NewReaderFrom(src Source, v note.Verifier) *Reader { return &Reader{src: src, v: v} }
+
+// Source returns where the reader reads the log's files.
+func (r *Reader) Source() Source { return r.src }
+
+// Verifier returns the key checkpoints are checked with (its name is the log's origin).
+func (r *Reader) Verifier() note.Verifier { return r.v }
 
 // Checkpoint reads and verifies the latest published checkpoint.
 func (r *Reader) Checkpoint(ctx context.Context) (*Checkpoint, error) {
-	raw, err := r.f.ReadCheckpoint(ctx)
-	if errors.Is(err, os.ErrNotExist) {
-		return nil, errf(codes.NotFound, "log %s has no checkpoint yet", r.dir)
+	raw, err := r.src.ReadFile(ctx, layout.CheckpointPath)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, errf(codes.NotFound, "log %s has no checkpoint yet", r.src)
 	}
 	if err != nil {
-		return nil, errf(codes.Internal, "read checkpoint: %v", err)
+		return nil, errf(sourceCode(err), "read checkpoint of log %s: %v", r.src, err)
 	}
 	return ParseCheckpoint(raw, r.v)
 }
@@ -77,7 +81,7 @@ func (r *Reader) Entry(ctx context.Context, index, treeSize uint64) ([]byte, err
 	if index >= treeSize {
 		return nil, errf(codes.OutOfRange, "entry %d is beyond tree size %d", index, treeSize)
 	}
-	b, err := client.GetEntryBundle(ctx, r.f.ReadEntryBundle, index/layout.EntryBundleWidth, treeSize)
+	b, err := client.GetEntryBundle(ctx, r.readBundle, index/layout.EntryBundleWidth, treeSize)
 	if err != nil {
 		return nil, errf(codes.DataLoss, "entry %d: %v", index, err)
 	}
@@ -97,7 +101,7 @@ func (r *Reader) Scan(ctx context.Context, treeSize uint64, fn func(index uint64
 // ScanFrom is Scan from entry start on (a follower reading only what is new).
 func (r *Reader) ScanFrom(ctx context.Context, start, treeSize uint64, fn func(index uint64, data []byte) bool) error {
 	for bi := start / layout.EntryBundleWidth; bi*layout.EntryBundleWidth < treeSize; bi++ {
-		b, err := client.GetEntryBundle(ctx, r.f.ReadEntryBundle, bi, treeSize)
+		b, err := client.GetEntryBundle(ctx, r.readBundle, bi, treeSize)
 		if err != nil {
 			return errf(codes.DataLoss, "entry bundle %d: %v", bi, err)
 		}
@@ -146,7 +150,7 @@ type Prover struct {
 
 // Prover returns a proof builder for a tree of the given size.
 func (r *Reader) Prover(ctx context.Context, size uint64) (*Prover, error) {
-	pb, err := client.NewProofBuilder(ctx, size, r.f.ReadTile)
+	pb, err := client.NewProofBuilder(ctx, size, r.prefixTile)
 	if err != nil {
 		return nil, errf(codes.Internal, "proof builder: %v", err)
 	}
@@ -218,7 +222,7 @@ func (p *Prover) Entry(ctx context.Context, index uint64) ([]byte, error) {
 	p.mu.Unlock()
 	if !ok {
 		var err error
-		if b, err = client.GetEntryBundle(ctx, p.r.f.ReadEntryBundle, bi, p.size); err != nil {
+		if b, err = client.GetEntryBundle(ctx, p.r.readBundle, bi, p.size); err != nil {
 			return nil, errf(codes.DataLoss, "entry %d: %v", index, err)
 		}
 		p.mu.Lock()
@@ -267,33 +271,56 @@ func (r *Reader) RootAt(ctx context.Context, size uint64) ([]byte, error) {
 	return root, nil
 }
 
-// prefixTile reads the first p hashes of a tile. The tile for exactly p may never have
-// been written (a batch takes the tree from below p to above it in one step), but any
-// later version of the tile, partial or full, starts with the same p hashes: tiles only
-// grow.
+// prefixTile reads the first p hashes of a tile (all 256 for p = 0). The tile for
+// exactly p may never have been written (a batch takes the tree from below p to above
+// it in one step), or may have been removed since (superseded by a wider one), but
+// any later version of the tile, partial or full, starts with the same p hashes: tiles
+// only grow.
 func (r *Reader) prefixTile(ctx context.Context, level, index uint64, p uint8) ([]byte, error) {
-	b, err := r.f.ReadTile(ctx, level, index, p)
-	if err == nil || p == 0 {
+	b, err := readAtLeast(ctx, r.src, layout.TilePath(level, index, 0), p)
+	if err != nil {
+		return nil, err
+	}
+	want := int(p) * sha256.Size
+	if p == 0 {
+		want = layout.TileWidth * sha256.Size
+	}
+	if len(b) < want {
+		return nil, fmt.Errorf("tile %d/%d holds %d bytes, want %d", level, index, len(b), want)
+	}
+	return b[:want], nil
+}
+
+// readBundle reads an entry bundle holding at least p entries (all 256 for p = 0);
+// callers stop at the tree size they read, so more entries do no harm.
+func (r *Reader) readBundle(ctx context.Context, index uint64, p uint8) ([]byte, error) {
+	return readAtLeast(ctx, r.src, layout.EntriesPath(index, 0), p)
+}
+
+// readAtLeast reads the version of the tile or bundle whose full path is full that
+// holds at least p items: the partial one for exactly p, else the full one, else the
+// narrowest wider partial one.
+func readAtLeast(ctx context.Context, src Source, full string, p uint8) ([]byte, error) {
+	if p == 0 {
+		return src.ReadFile(ctx, full)
+	}
+	b, err := src.ReadFile(ctx, full+".p/"+strconv.Itoa(int(p)))
+	if err == nil || !errors.Is(err, fs.ErrNotExist) {
 		return b, err
 	}
-	full := filepath.Join(r.dir, layout.TilePath(level, index, 0))
-	candidates := []string{}
-	if ents, err := os.ReadDir(full + ".p"); err == nil {
-		sizes := []int{}
-		for _, e := range ents {
-			if n, err := strconv.Atoi(e.Name()); err == nil && n > int(p) {
-				sizes = append(sizes, n)
-			}
-		}
-		sort.Ints(sizes)
-		for _, n := range sizes {
-			candidates = append(candidates, filepath.Join(full+".p", strconv.Itoa(n)))
-		}
+	if b, err := src.ReadFile(ctx, full); err == nil || !errors.Is(err, fs.ErrNotExist) {
+		return b, err
 	}
-	candidates = append(candidates, full)
-	for _, c := range candidates {
-		if b, err := os.ReadFile(c); err == nil && len(b) >= int(p)*sha256.Size {
-			return b[:int(p)*sha256.Size], nil
+	widths, lerr := src.Partials(ctx, full)
+	if lerr != nil {
+		return nil, lerr
+	}
+	sort.Ints(widths)
+	for _, w := range widths {
+		if w > int(p) {
+			if b, err := src.ReadFile(ctx, full+".p/"+strconv.Itoa(w)); err == nil {
+				return b, nil
+			}
 		}
 	}
 	return nil, err

@@ -184,6 +184,15 @@ func checkOrigin(dir, origin string) error {
 	return nil
 }
 
+// DirOrigin returns the origin of the log in dir ("" if it has none yet).
+func DirOrigin(dir string) string {
+	b, err := os.ReadFile(filepath.Join(dir, kilnDir, originFile))
+	if err != nil {
+		return ""
+	}
+	return string(trimNL(b))
+}
+
 func trimNL(b []byte) []byte {
 	for len(b) > 0 && (b[len(b)-1] == '\n' || b[len(b)-1] == '\r') {
 		b = b[:len(b)-1]
@@ -247,6 +256,17 @@ func (l *Log) Size(ctx context.Context) (uint64, error) {
 		return 0, status.Errorf(codes.Internal, "log size: %v", err)
 	}
 	return n, nil
+}
+
+// Checkpoint publishes (in the directory) a checkpoint covering every entry integrated
+// so far, unless the current one does: for a caller that copies the log elsewhere
+// right after appending (Publisher), rather than waiting for the periodic one.
+func (l *Log) Checkpoint(ctx context.Context) error {
+	if _, err := l.sh.begin(ctx); err != nil {
+		return err
+	}
+	defer l.sh.end()
+	return l.sh.publishNow(ctx)
 }
 
 // Close releases this handle; the last one in the process publishes a checkpoint that
@@ -456,7 +476,7 @@ func (s *shared) publishNow(ctx context.Context) error {
 			return nil
 		}
 	}
-	r := &Reader{dir: s.dir, f: fileFetcher(s.dir)}
+	r := NewReader(s.dir, nil)
 	root, err := r.RootAt(ctx, size)
 	if err != nil {
 		return err
