@@ -53,6 +53,8 @@ bench: setup build
 lint:
 	@./scripts/check-large-files.sh --self-test
 	./scripts/check-large-files.sh
+	@# A merge's conflict markers committed by mistake (README.md carried one).
+	@! git grep -n -E '^(<<<<<<<|>>>>>>>)( |$$)' -- . || { echo "lint: conflict markers above" >&2; exit 1; }
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); exit 1; }
 	$(GO) vet -tags '$(TAGS)' ./...
 	@command -v staticcheck >/dev/null || $(GO) install honnef.co/go/tools/cmd/staticcheck@v0.8.2
