@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -186,6 +187,95 @@ func TestAdmissionWaitRunsNothingTwice(t *testing.T) {
 	resp, err := execution.Response(ctx, s.w)
 	if err != nil || !resp.GetCachedResult() {
 		t.Fatalf("the Execute that waited: %v %v, want the cached result", resp, err)
+	}
+	if n := e.Sandbox.Runs.Load(); n != 1 {
+		t.Fatalf("the action ran %d times", n)
+	}
+}
+
+// pausingAC pauses the n-th Get made with a context marked by pauseKey after the
+// lookup, before answering: what a lookup slow to return (a completeness check over
+// many outputs) looks like to its caller.
+type pausingAC struct {
+	cache.ActionCache
+	n       int32
+	calls   atomic.Int32
+	entered chan struct{}
+	resume  chan struct{}
+}
+
+type pauseKey struct{}
+
+func (p *pausingAC) Get(ctx context.Context, key cache.ActionKey) (*repb.ActionResult, error) {
+	r, err := p.ActionCache.Get(ctx, key)
+	if ctx.Value(pauseKey{}) != nil && p.calls.Add(1) == p.n {
+		close(p.entered)
+		<-p.resume
+	}
+	return r, err
+}
+
+// TestFinishedDuringLookupRunsNothingTwice: an execution of the same action that ends
+// while a second Execute's action-cache lookup is on its way back (a miss when it
+// looked) is neither run again nor lost: the second joins the first or finds its result.
+func TestFinishedDuringLookupRunsNothingTwice(t *testing.T) {
+	ac := &pausingAC{n: 2, entered: make(chan struct{}), resume: make(chan struct{})}
+	work := limits.NewWork(1)
+	env := executortest.NewEnv(t, func(c *executor.ExecutorConfig) {
+		ac.ActionCache = c.AC
+		c.AC = ac
+	})
+	e := &testEnv{Env: env, clock: clock.NewFake(time.Date(2030, 1, 1, 0, 0, 0, 0, time.UTC))}
+	e.sched = NewScheduler(e.Exec, SchedulerConfig{Concurrency: 1, MaxQueue: 1000, CancelGrace: time.Minute, Clock: e.clock, Work: work})
+	_, d := e.blocked(t)
+	release, err := work.Acquire(context.Background(), "b") // b's admission waits for this
+	if err != nil {
+		t.Fatal(err)
+	}
+	type submitted struct {
+		w   execution.Watch
+		err error
+	}
+	second := make(chan submitted, 1)
+	go func() { // b's first lookup: a miss
+		w, err := e.sched.Submit(context.WithValue(context.Background(), pauseKey{}, true), execution.Request{ActionDigest: d, Client: "b"})
+		second <- submitted{w, err}
+	}()
+	for deadline := time.Now().Add(30 * time.Second); e.sched.queuedSlots.InUse("b") == 0; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the second Execute never reached its admission")
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	first, err := e.sched.Submit(ctx, execution.Request{ActionDigest: d, Client: "a"}) // a miss; runs and blocks
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer first.Close()
+	<-e.Sandbox.Started
+	release()
+	// b goes on. If it looks the cache up again before it checks what is in flight,
+	// the first execution ends while that lookup's miss is on its way back.
+	var s submitted
+	select {
+	case <-ac.entered:
+		close(e.Sandbox.Release)
+		if resp, err := execution.Response(ctx, first); err != nil || resp.GetStatus().GetCode() != 0 {
+			t.Fatalf("first execution: %v %v", resp, err)
+		}
+		close(ac.resume)
+		s = <-second
+	case s = <-second:
+		close(e.Sandbox.Release)
+		close(ac.resume)
+	}
+	if s.err != nil {
+		t.Fatal(s.err)
+	}
+	defer s.w.Close()
+	if resp, err := execution.Response(ctx, s.w); err != nil || resp.GetStatus().GetCode() != 0 {
+		t.Fatalf("the second Execute: %v %v", resp, err)
 	}
 	if n := e.Sandbox.Runs.Load(); n != 1 {
 		t.Fatalf("the action ran %d times", n)

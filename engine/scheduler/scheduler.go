@@ -241,18 +241,6 @@ func (s *Scheduler) Submit(ctx context.Context, req execution.Request) (executio
 		}
 		return nil, err
 	}
-	if key != "" && !req.SkipCacheLookup {
-		// Admitting may have waited for the client's work: an execution of the same
-		// action may have ended meanwhile, its result cached (or start below).
-		w, err := s.cached(ctx, req, submitted)
-		if err != nil || w != nil {
-			h.done()
-			if err != nil {
-				return nil, err
-			}
-			return w, nil
-		}
-	}
 	s.mu.Lock()
 	if key != "" {
 		if ex := s.inflight[key]; ex != nil { // started meanwhile
@@ -279,6 +267,23 @@ func (s *Scheduler) Submit(ctx context.Context, req execution.Request) (executio
 	w := s.newOpLocked(ex, req.Owner)
 	s.mu.Unlock()
 
+	if key != "" && !req.SkipCacheLookup {
+		// Look the action cache up again now that this execution is in flight: one of
+		// the same action may have ended since the lookup above (admitting can wait for
+		// the client's work). A run writes the cache before it leaves the in-flight set,
+		// so either it was still in flight when this one looked (and was joined) or its
+		// result is found here; it never runs twice.
+		if r, err := s.exec.CachedResult(ctx, req.Instance, req.ActionDigest); err == nil {
+			s.dequeue()
+			h.done()
+			cancel()
+			s.mExec.WithLabelValues("cached").Inc()
+			resp := &repb.ExecuteResponse{Result: r, CachedResult: true, Status: execution.StatusProto(nil)}
+			s.finish(ex, resp)
+			s.observeFlight(ex, executor.Request{Instance: req.Instance, ActionDigest: req.ActionDigest, Queued: submitted}, "cached", resp, 0)
+			return w, nil
+		}
+	}
 	// Queued is wall-clock time, as the executor's own timestamps in the result are.
 	go s.run(opCtx, ex, executor.Request{Instance: req.Instance, ActionDigest: req.ActionDigest, Queued: submitted, RequestedBy: req.Owner}, a, h)
 	return w, nil
