@@ -149,25 +149,7 @@ func TestAdmissionWaitRunsNothingTwice(t *testing.T) {
 	e, _ := newLimitedEnv(t, 1, func(c *SchedulerConfig) { c.Work = work })
 	root := e.Put(t, &repb.Directory{})
 	d := e.Action(t, &repb.Command{Arguments: []string{"write", "o", "x"}, OutputFiles: []string{"o"}}, root, nil)
-	release, err := work.Acquire(context.Background(), "b") // b's admission waits for this
-	if err != nil {
-		t.Fatal(err)
-	}
-	type submitted struct {
-		w   execution.Watch
-		err error
-	}
-	second := make(chan submitted, 1)
-	go func() {
-		w, err := e.sched.Submit(context.Background(), execution.Request{ActionDigest: d, Client: "b"})
-		second <- submitted{w, err}
-	}()
-	// b is past the cache lookup (a miss) once it holds a queue slot.
-	for deadline := time.Now().Add(30 * time.Second); e.sched.queuedSlots.InUse("b") == 0; time.Sleep(time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatal("the second Execute never reached its admission")
-		}
-	}
+	release, second := submitHeld(t, e, work, context.Background(), d)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	w, err := e.sched.Submit(ctx, execution.Request{ActionDigest: d, Client: "a"})
@@ -191,6 +173,34 @@ func TestAdmissionWaitRunsNothingTwice(t *testing.T) {
 	if n := e.Sandbox.Runs.Load(); n != 1 {
 		t.Fatalf("the action ran %d times", n)
 	}
+}
+
+// submitted is what a Submit made in the background returned.
+type submitted struct {
+	w   execution.Watch
+	err error
+}
+
+// submitHeld submits d as client "b" in the background, its admission held by b's
+// share of work until release is called, and returns once b waits there (past its
+// first action-cache lookup, a miss).
+func submitHeld(t *testing.T, e *testEnv, work *limits.Work, ctx context.Context, d cache.Digest) (release func(), second chan submitted) {
+	t.Helper()
+	release, err := work.Acquire(context.Background(), "b")
+	if err != nil {
+		t.Fatal(err)
+	}
+	second = make(chan submitted, 1)
+	go func() {
+		w, err := e.sched.Submit(ctx, execution.Request{ActionDigest: d, Client: "b"})
+		second <- submitted{w, err}
+	}()
+	for deadline := time.Now().Add(30 * time.Second); e.sched.queuedSlots.InUse("b") == 0; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the second Execute never reached its admission")
+		}
+	}
+	return release, second
 }
 
 // pausingAC pauses the n-th Get made with a context marked by pauseKey after the
@@ -228,24 +238,7 @@ func TestFinishedDuringLookupRunsNothingTwice(t *testing.T) {
 	e := &testEnv{Env: env, clock: clock.NewFake(time.Date(2030, 1, 1, 0, 0, 0, 0, time.UTC))}
 	e.sched = NewScheduler(e.Exec, SchedulerConfig{Concurrency: 1, MaxQueue: 1000, CancelGrace: time.Minute, Clock: e.clock, Work: work})
 	_, d := e.blocked(t)
-	release, err := work.Acquire(context.Background(), "b") // b's admission waits for this
-	if err != nil {
-		t.Fatal(err)
-	}
-	type submitted struct {
-		w   execution.Watch
-		err error
-	}
-	second := make(chan submitted, 1)
-	go func() { // b's first lookup: a miss
-		w, err := e.sched.Submit(context.WithValue(context.Background(), pauseKey{}, true), execution.Request{ActionDigest: d, Client: "b"})
-		second <- submitted{w, err}
-	}()
-	for deadline := time.Now().Add(30 * time.Second); e.sched.queuedSlots.InUse("b") == 0; time.Sleep(time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatal("the second Execute never reached its admission")
-		}
-	}
+	release, second := submitHeld(t, e, work, context.WithValue(context.Background(), pauseKey{}, true), d)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	first, err := e.sched.Submit(ctx, execution.Request{ActionDigest: d, Client: "a"}) // a miss; runs and blocks
