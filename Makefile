@@ -8,7 +8,7 @@ export CGO_ENABLED := 1
 export GONOSUMDB   := github.com/bazelbuild
 export PATH        := $(PATH):/usr/local/go/bin:$(shell $(GO) env GOPATH 2>/dev/null)/bin
 
-.PHONY: all build setup test test-short demo bench lint clean
+.PHONY: fuzz all build setup test test-short demo bench lint clean
 
 all: build
 
@@ -27,6 +27,16 @@ build:
 # KILN_E2E=require turns a missing prerequisite (root, bazel, ...) into a failure, not a skip.
 test: setup build
 	KILN_BIN=$(CURDIR)/bin/kiln KILN_E2E=require $(GO) test -tags '$(TAGS)' -count=1 -timeout 25m ./...
+	@$(MAKE) --no-print-directory fuzz
+
+# fuzz explores each fuzz target for FUZZTIME, beyond its committed corpus (which every
+# go test replays; the first seconds go to replaying it); a failing input is written
+# to the target's testdata/fuzz.
+FUZZTIME ?= 6s
+FUZZ_TARGETS = FuzzParseResource:./engine/reapi FuzzZstdUpload:./engine/reapi FuzzInputTree:./engine/executor
+fuzz:
+	@set -e; for t in $(FUZZ_TARGETS); do \
+	  $(GO) test -tags '$(TAGS)' -run '^$$' -fuzz "^$${t%%:*}$$" -fuzztime $(FUZZTIME) "$${t#*:}"; done
 
 # test-short runs only the fast unit tests.
 test-short: build
@@ -43,6 +53,8 @@ bench: setup build
 lint:
 	@./scripts/check-large-files.sh --self-test
 	./scripts/check-large-files.sh
+	@# A merge's conflict markers committed by mistake (README.md carried one).
+	@! git grep -n -E '^(<<<<<<<|>>>>>>>)( |$$)' -- . || { echo "lint: conflict markers above" >&2; exit 1; }
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); exit 1; }
 	$(GO) vet -tags '$(TAGS)' ./...
 	@command -v staticcheck >/dev/null || $(GO) install honnef.co/go/tools/cmd/staticcheck@v0.8.2

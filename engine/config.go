@@ -9,6 +9,7 @@ import (
 	"github.com/kilnbuild/kiln/cache/s3"
 	"github.com/kilnbuild/kiln/engine/attest"
 	"github.com/kilnbuild/kiln/engine/execution"
+	"github.com/kilnbuild/kiln/engine/limits"
 	"github.com/kilnbuild/kiln/engine/scheduler"
 	"github.com/kilnbuild/kiln/internal/bytesize"
 	"github.com/kilnbuild/kiln/toolchains"
@@ -54,6 +55,11 @@ type Options struct {
 	// ActionURL, if set, is the web page of an action: failed actions' reports and
 	// errors name it, so a client can follow it.
 	ActionURL func(cache.Digest) string `yaml:"-"`
+	// Memory, ClientQueued and Work bound what one client's queued executions hold
+	// (scheduler.SchedulerConfig); kiln serve sets them from its limits.
+	Memory       *limits.Budget `yaml:"-"`
+	ClientQueued int            `yaml:"-"`
+	Work         *limits.Work   `yaml:"-"`
 }
 
 // SchedulerFactory makes an engine's scheduler (see Options.Scheduler).

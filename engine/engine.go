@@ -135,7 +135,8 @@ func Open(ctx context.Context, opts Options) (*Engine, error) {
 		return e, nil
 	}
 	e.Scheduler = scheduler.NewScheduler(e.Executor, scheduler.SchedulerConfig{Concurrency: ex.Concurrency, MaxQueue: ex.MaxQueue, Logger: log, Registerer: reg,
-		VerifyRate: ex.VerifyRate, Observe: opts.Observe, ActionURL: opts.ActionURL})
+		VerifyRate: ex.VerifyRate, Observe: opts.Observe, ActionURL: opts.ActionURL,
+		Memory: opts.Memory, ClientQueued: opts.ClientQueued, Work: opts.Work})
 	ok = true
 	return e, nil
 }

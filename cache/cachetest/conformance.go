@@ -8,6 +8,7 @@ import (
 	"crypto/rand"
 	"io"
 	"sync"
+	"sync/atomic"
 	"testing"
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
@@ -231,4 +232,16 @@ func ActionCache(t *testing.T, newAC func(t *testing.T) cache.ActionCache) {
 			t.Fatal("overwrite not visible")
 		}
 	})
+}
+
+// CountingStore counts the blobs read through it (tests that bound reads).
+type CountingStore struct {
+	cache.BlobStore
+	N atomic.Int64
+}
+
+// Get implements cache.BlobStore.
+func (c *CountingStore) Get(ctx context.Context, d cache.Digest, offset int64) (io.ReadCloser, error) {
+	c.N.Add(1)
+	return c.BlobStore.Get(ctx, d, offset)
 }

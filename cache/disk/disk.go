@@ -12,6 +12,7 @@
 package disk
 
 import (
+	"bytes"
 	"container/list"
 	"context"
 	"crypto/rand"
@@ -73,11 +74,16 @@ type Store struct {
 	owner     string   // prefix of this Store's temp files
 	ownerLock *os.File // flock held while the Store is open
 
-	mu      sync.Mutex
-	index   map[string]*entry // key: "c"+hash or "a"+keyhash
-	lru     *list.List        // front: most recently used
-	total   int64
-	primary *os.File // flock on primary.lock, held by the indexing process
+	mu       sync.Mutex
+	index    map[string]*entry // key: "c"+hash or "a"+keyhash
+	lru      *list.List        // front: most recently used
+	total    int64
+	reserved int64        // declared sizes of the blobs being written (Put)
+	staging  int64        // declared sizes of the blobs being staged (Stage): free disk only
+	temp     atomic.Int64 // bytes in the temp files of the blobs being written
+	primary  *os.File     // flock on primary.lock, held by the indexing process
+	// freeSpace reports the bytes still free on the store's filesystem.
+	freeSpace func() (int64, error)
 
 	verified *memo // blobs hashed recently, as long as their files did not change
 
@@ -88,6 +94,7 @@ type Store struct {
 
 	sizeGauge  prometheus.Gauge
 	countGauge prometheus.Gauge
+	tempGauge  prometheus.Gauge
 	evictions  prometheus.Counter
 	corrupt    prometheus.Counter
 }
@@ -117,6 +124,13 @@ const claimSuffix = ".claim"
 // once if needed.
 func Open(ctx context.Context, dir string, opts Options) (*Store, error) {
 	s := &Store{dir: dir, opts: opts, log: opts.Logger, now: opts.Now, index: map[string]*entry{}, lru: list.New(), verified: newMemo()}
+	s.freeSpace = func() (int64, error) {
+		var st unix.Statfs_t
+		if err := unix.Statfs(dir, &st); err != nil {
+			return 0, err
+		}
+		return int64(st.Bavail) * st.Bsize, nil
+	}
 	if s.log == nil {
 		s.log = slog.New(slog.DiscardHandler)
 	}
@@ -147,9 +161,10 @@ func Open(ctx context.Context, dir string, opts Options) (*Store, error) {
 	if opts.Registerer != nil {
 		s.sizeGauge = prometheus.NewGauge(prometheus.GaugeOpts{Name: "kiln_store_size_bytes", Help: "Bytes held by the on-disk store (as indexed by this process)."})
 		s.countGauge = prometheus.NewGauge(prometheus.GaugeOpts{Name: "kiln_store_entries", Help: "Blobs and action-cache entries in the on-disk store."})
+		s.tempGauge = prometheus.NewGauge(prometheus.GaugeOpts{Name: "kiln_store_temp_bytes", Help: "Bytes written so far of the blobs being stored (temporary files; counted in --max-size)."})
 		s.evictions = prometheus.NewCounter(prometheus.CounterOpts{Name: "kiln_store_evictions_total", Help: "Entries evicted to keep the store under --max-size."})
 		s.corrupt = prometheus.NewCounter(prometheus.CounterOpts{Name: "kiln_store_corrupt_blobs_total", Help: "Blobs that failed verification on read and were removed."})
-		opts.Registerer.MustRegister(s.sizeGauge, s.countGauge, s.evictions, s.corrupt)
+		opts.Registerer.MustRegister(s.sizeGauge, s.countGauge, s.tempGauge, s.evictions, s.corrupt)
 	}
 	if opts.MaxSize > 0 && !opts.Primary {
 		return nil, status.Error(codes.InvalidArgument, "only the primary store can bound its size")
@@ -169,7 +184,7 @@ func Open(ctx context.Context, dir string, opts Options) (*Store, error) {
 			f.Close()
 			return nil, err
 		}
-		s.evict()
+		s.evict("")
 	}
 	return s, nil
 }
@@ -391,10 +406,10 @@ func (s *Store) touch(key, path string, size int64) {
 	s.index[key] = e
 	s.total += size
 	s.updateGauges()
-	over := s.opts.MaxSize > 0 && s.total > s.opts.MaxSize
+	over := s.opts.MaxSize > 0 && s.total+s.temp.Load() > s.opts.MaxSize
 	s.mu.Unlock()
 	if over {
-		s.evict()
+		s.evict(key)
 	}
 }
 
@@ -410,20 +425,28 @@ func (s *Store) forget(key string) {
 	s.mu.Unlock()
 }
 
-// evict removes least recently used entries until the store is at 95% of MaxSize.
-func (s *Store) evict() {
+// evict removes least recently used entries until the store, with the blobs being
+// written, is at 95% of MaxSize. It never removes keep, the entry just stored: a
+// blob the store accepted stays until something newer needs its room.
+func (s *Store) evict(keep string) {
 	if s.primary == nil || s.opts.MaxSize <= 0 {
 		return
 	}
 	low := s.opts.MaxSize - s.opts.MaxSize/20
 	s.mu.Lock()
 	var victims []*entry
-	for s.total > low {
+	for s.total+s.temp.Load() > low {
 		back := s.lru.Back()
 		if back == nil {
 			break
 		}
 		e := back.Value.(*entry)
+		if e.key == keep {
+			if back = back.Prev(); back == nil {
+				break
+			}
+			e = back.Value.(*entry)
+		}
 		s.lru.Remove(back)
 		delete(s.index, e.key)
 		s.total -= e.size
@@ -733,11 +756,28 @@ func (s *Store) Put(ctx context.Context, d cache.Digest, r io.Reader) error {
 	if s.Has(d) && s.Verify(d) == nil {
 		return cache.CopyVerified(io.Discard, r, d)
 	}
+	if err := s.reserve(d, true); err != nil {
+		return err
+	}
+	defer s.unreserve(d.Size, true)
+	if d.Size <= smallBlob {
+		// Verified before a file is made for it: a client that sends bad or unfinished
+		// small blobs costs no file creation.
+		bp := smallPool.Get().(*[]byte)
+		defer smallPool.Put(bp)
+		buf := bytes.NewBuffer((*bp)[:0])
+		if err := cache.CopyVerified(buf, r, d); err != nil {
+			return err
+		}
+		r = buf
+	}
 	tmp, err := s.createTemp(0o444)
 	if err != nil {
 		return err
 	}
-	if err := cache.CopyVerified(tmp, r, d); err != nil {
+	tw := &tempWriter{s: s, f: tmp}
+	defer tw.forget()
+	if err := cache.CopyVerified(tw, r, d); err != nil {
 		discard(tmp)
 		return err
 	}
@@ -745,11 +785,97 @@ func (s *Store) Put(ctx context.Context, d cache.Digest, r io.Reader) error {
 		discard(tmp)
 		return status.FromContextError(ctx.Err()).Err()
 	}
+	tw.forget() // from here on the bytes count as the entry's
 	if err := s.commit(tmp, key, path, d.Size); err != nil {
 		discard(tmp)
 		return err
 	}
 	return nil
+}
+
+// smallBlob is the size up to which Put verifies a blob in memory before it creates
+// its temp file.
+const smallBlob = 64 << 10
+
+var smallPool = sync.Pool{New: func() any { b := make([]byte, 0, smallBlob+1); return &b }}
+
+// reserve claims room for a blob of d.Size bytes about to be written, or refuses it
+// (RESOURCE_EXHAUSTED) before a byte is written: a blob larger than the store's bound
+// would be evicted as soon as it was stored, and the blobs being written at once
+// cannot together claim more than the bound, nor more than the free disk space. A
+// blob staged for a tier above (bounded false) claims free disk space only: the bound
+// is the local tier's, which keeps it only if it fits.
+func (s *Store) reserve(d cache.Digest, bounded bool) error {
+	free, ferr := s.freeSpace()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if max := s.opts.MaxSize; bounded && max > 0 && s.primary != nil {
+		if d.Size > max {
+			return status.Errorf(codes.ResourceExhausted, "blob %s is larger than the store's bound of %d bytes (--max-size): it could not be kept", d, max)
+		}
+		if s.reserved+d.Size > max {
+			return status.Errorf(codes.ResourceExhausted, "blob %s: blobs being written already claim %d of the store's %d bytes (--max-size); retry later", d, s.reserved, max)
+		}
+	}
+	if claimed := max(s.reserved+s.staging-s.temp.Load(), 0); ferr == nil && claimed+d.Size > free {
+		return status.Errorf(codes.ResourceExhausted, "blob %s: not enough free disk space for the store (%d bytes free, %d more claimed by blobs being written)", d, free, claimed)
+	}
+	if bounded {
+		s.reserved += d.Size
+	} else {
+		s.staging += d.Size
+	}
+	return nil
+}
+
+func (s *Store) unreserve(n int64, bounded bool) {
+	s.mu.Lock()
+	if bounded {
+		s.reserved -= n
+	} else {
+		s.staging -= n
+	}
+	s.mu.Unlock()
+}
+
+// tempWriter writes a blob's temp file and counts its bytes as the store's, evicting
+// older entries as it grows past the bound, so data in flight is never outside it.
+type tempWriter struct {
+	s *Store
+	f *os.File
+	n int64
+}
+
+// evictEvery is how many bytes a temp file grows between checks of the bound.
+const evictEvery = 4 << 20
+
+func (w *tempWriter) Write(p []byte) (int, error) {
+	n, err := w.f.Write(p)
+	before := w.n
+	w.n += int64(n)
+	t := w.s.temp.Add(int64(n))
+	if w.s.tempGauge != nil {
+		w.s.tempGauge.Set(float64(t))
+	}
+	if max := w.s.opts.MaxSize; max > 0 && w.s.primary != nil && (before/evictEvery != w.n/evictEvery || before == 0) {
+		w.s.mu.Lock()
+		over := w.s.total+t > max
+		w.s.mu.Unlock()
+		if over {
+			w.s.evict("")
+		}
+	}
+	return n, err
+}
+
+// forget stops counting the temp file's bytes (it was committed or removed); it may
+// be called more than once.
+func (w *tempWriter) forget() {
+	t := w.s.temp.Add(-w.n)
+	w.n = 0
+	if w.s.tempGauge != nil {
+		w.s.tempGauge.Set(float64(t))
+	}
 }
 
 // Has reports whether blob d is stored (without verifying its content). The file is

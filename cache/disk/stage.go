@@ -22,21 +22,27 @@ type Staged struct {
 }
 
 // Stage copies r into a temp file of the store, verified against d
-// (INVALID_ARGUMENT if the bytes are not blob d, and nothing is kept).
+// (INVALID_ARGUMENT if the bytes are not blob d, and nothing is kept). A blob larger
+// than the free disk space is RESOURCE_EXHAUSTED before a byte is written.
 func (s *Store) Stage(ctx context.Context, d cache.Digest, r io.Reader) (*Staged, error) {
-	tmp, err := s.createTemp(0o444)
-	if err != nil {
+	if err := s.reserve(d, false); err != nil {
 		return nil, err
 	}
+	tmp, err := s.createTemp(0o444)
+	if err != nil {
+		s.unreserve(d.Size, false)
+		return nil, err
+	}
+	st := &Staged{s: s, f: tmp, d: d}
 	if err := cache.CopyVerified(tmp, r, d); err != nil {
-		discard(tmp)
+		st.Discard()
 		return nil, err
 	}
 	if err := ctx.Err(); err != nil {
-		discard(tmp)
+		st.Discard()
 		return nil, status.FromContextError(err).Err()
 	}
-	return &Staged{s: s, f: tmp, d: d}, nil
+	return st, nil
 }
 
 // Open opens the staged file for reading; the handle stays valid after Commit or
@@ -59,6 +65,7 @@ func (st *Staged) Commit() error {
 		return status.Errorf(codes.Internal, "staged blob %s committed twice", st.d)
 	}
 	st.done = true
+	defer st.s.unreserve(st.d.Size, false)
 	if err := st.s.commit(st.f, "c"+st.d.Hash, st.s.casPath(st.d.Hash), st.d.Size); err != nil {
 		discard(st.f)
 		return err
@@ -71,6 +78,7 @@ func (st *Staged) Discard() {
 	if !st.done {
 		st.done = true
 		discard(st.f)
+		st.s.unreserve(st.d.Size, false)
 	}
 }
 

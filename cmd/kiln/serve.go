@@ -75,6 +75,15 @@ the flag's name as its key; flags given on the command line override the file.
 	f.Var(&cfg.MaxSize, "max-size", "bound on the store's size (with --storage: on its local tier), e.g. 50GiB (0: unbounded)")
 	f.BoolVar(&cfg.AllowClientACWrites, "allow-client-ac-writes", false, "let clients write the action cache (cache-only deployments; never with remote execution)")
 	f.BoolVar(&cfg.Fsync, "fsync", false, "fsync every blob before it becomes visible (durability across power loss)")
+	l := &cfg.Limits
+	f.Var(&l.MaxMemory, "max-memory", "memory budget that uploads, reads, tree walks and queued input trees are charged to, e.g. 4GiB (0: a quarter of the machine's memory)")
+	f.Var(&l.ClientMemory, "client-max-memory", "most of --max-memory one client may hold (0: a quarter of it)")
+	f.IntVar(&l.ClientUploads, "client-max-uploads", 0, "ByteStream uploads in progress per client (0: 512)")
+	f.IntVar(&l.MaxUploads, "max-uploads", 0, "ByteStream uploads in progress in all (0: 4096)")
+	f.IntVar(&l.ClientTrees, "client-max-trees", 0, "GetTree calls in progress per client (0: 8)")
+	f.IntVar(&l.ClientQueued, "client-max-queued", 0, "executions per client waiting for a slot (0: 1000)")
+	f.Float64Var(&l.ClientCalls, "client-max-calls", 0, "calls one client may start per second; more wait their turn (0: 1000)")
+	f.Float64Var(&l.ClientCPUs, "client-max-cpus", 0, "cores one client's decompressing, hashing and tree parsing may use over time, e.g. 0.5 (0: an eighth of the CPUs, at least 0.25)")
 	ex := &cfg.Execution
 	f.BoolVar(&ex.Disabled, "no-execution", false, "serve storage only (no Execution service, no sandbox)")
 	f.StringVar(&ex.DefaultToolchain, "default-toolchain", "", "container-image for actions that name none (a pinned reference)")

@@ -59,9 +59,10 @@ func CallerFrom(ctx context.Context) (Caller, bool) {
 	return c, ok
 }
 
-// WithCaller returns ctx carrying c (for code that acts on a caller's behalf, and tests).
+// WithCaller returns ctx carrying c (for code that acts on a caller's behalf, and tests),
+// and c's Key as the name kiln serve's per-client limits count it by (reapi.ClientID).
 func WithCaller(ctx context.Context, c Caller) context.Context {
-	return context.WithValue(ctx, callerKey{}, c)
+	return reapi.WithClientID(context.WithValue(ctx, callerKey{}, c), c.Key())
 }
 
 // Authenticate establishes ctx's caller for a call of method and checks that it may

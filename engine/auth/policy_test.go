@@ -469,3 +469,21 @@ func TestAuthenticateHTTP(t *testing.T) {
 	_, err = a.AuthenticateHTTP(req("127.0.0.1", viewer), PermRead)
 	wantCode(t, "revoked identity", err, codes.Unauthenticated, "revoked for the test")
 }
+
+// TestCallerIsTheClientOfLimits: the per-client limits of kiln serve (reapi.ClientID)
+// count a caller by its identity: a token's before a certificate's, else its address
+// (issue 19: per-client limits by certificate, token identity, or peer address).
+func TestCallerIsTheClientOfLimits(t *testing.T) {
+	for _, c := range []struct {
+		caller Caller
+		want   string
+	}{
+		{Caller{Token: Identity{Kind: OIDC, Issuer: "https://issuer.example", Name: "ci-job"}, Cert: Identity{Kind: Certificate, Name: "runner-1"}, Peer: "10.0.0.1:555"}, "oidc:https://issuer.example#ci-job"},
+		{Caller{Cert: Identity{Kind: Certificate, Name: "runner-1"}, Peer: "10.0.0.1:555"}, "cert:runner-1"},
+		{Caller{Peer: "10.0.0.1:555"}, "peer:10.0.0.1"},
+	} {
+		if got := reapi.ClientID(WithCaller(context.Background(), c.caller)); got != c.want {
+			t.Errorf("caller %v counted as %q, want %q", c.caller, got, c.want)
+		}
+	}
+}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/ed25519"
 	"crypto/rand"
+	"fmt"
 	"strings"
 
 	"sync/atomic"
@@ -13,9 +14,12 @@ import (
 	"cloud.google.com/go/longrunning/autogen/longrunningpb"
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"github.com/kilnbuild/kiln/cache"
+	"github.com/kilnbuild/kiln/cache/cachetest"
 	"github.com/kilnbuild/kiln/engine/attest/keys"
 	"github.com/kilnbuild/kiln/engine/execution"
 	"github.com/kilnbuild/kiln/engine/executor"
+	"github.com/kilnbuild/kiln/engine/executor/executortest"
+	"github.com/kilnbuild/kiln/engine/limits"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"google.golang.org/grpc/codes"
@@ -96,6 +100,9 @@ func (loader) LoadAction(_ context.Context, d cache.Digest) (*executor.Action, e
 }
 func (loader) CachedResult(context.Context, string, cache.Digest) (*repb.ActionResult, error) {
 	return nil, status.Error(codes.NotFound, "miss")
+}
+func (loader) AdmitInputs(context.Context, string, *executor.Action, *limits.Budget, *limits.Work) (*limits.Charge, error) {
+	return nil, nil
 }
 
 // sched is a worker's fake local scheduler: each run blocks until release is closed
@@ -304,5 +311,57 @@ func TestNotAdmitted(t *testing.T) {
 	w := NewWorker(c, newSched(), cache.NewMemoryStore(), nil, WorkerConfig{KeyID: "0123"})
 	if err := w.Run(context.Background()); status.Code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), "not admitted") {
 		t.Fatalf("unadmitted worker: %v", err)
+	}
+}
+
+// TestFrontendValidatesInputTree (issue 19, case 6, in a cluster): a frontend reads and
+// validates an execution's input tree before it queues it, so a 21-blob tree claiming
+// 2^20 directories is refused after reading each distinct blob once and never reaches
+// a worker; a tree beyond the client's memory share is RESOURCE_EXHAUSTED; a valid one
+// is queued.
+func TestFrontendValidatesInputTree(t *testing.T) {
+	var reads *cachetest.CountingStore
+	env := executortest.NewEnv(t, func(c *executor.ExecutorConfig) {
+		reads = &cachetest.CountingStore{BlobStore: c.CAS}
+		c.CAS = reads
+	})
+	mem := limits.NewBudget(64<<20, 1<<20)
+	f := NewFrontend(embeddedJS(t)(), env.Exec, env.CAS, nil, nil).Limit(mem, limits.NewWork(1))
+	ctx := context.Background()
+
+	root := env.Put(t, &repb.Directory{Files: []*repb.FileNode{{Name: "leaf", Digest: cache.EmptyDigest.Proto()}}})
+	for i := 0; i < 20; i++ {
+		root = env.Put(t, &repb.Directory{Directories: []*repb.DirectoryNode{{Name: "a", Digest: root.Proto()}, {Name: "b", Digest: root.Proto()}}})
+	}
+	hostile := env.Action(t, &repb.Command{Arguments: []string{"true"}}, root, nil)
+	before := reads.N.Load()
+	_, err := f.Submit(ctx, execution.Request{ActionDigest: hostile, Client: "attacker"})
+	if status.Code(err) != codes.InvalidArgument || !strings.Contains(status.Convert(err).Message(), "more than") {
+		t.Fatalf("hostile tree: %v, want INVALID_ARGUMENT before it is queued", err)
+	}
+	if n := reads.N.Load() - before; n > 3+21 {
+		t.Fatalf("validating a 21-blob tree read %d blobs: shared subtrees must be read and counted once", n)
+	}
+
+	big := &repb.Directory{}
+	for i := 0; i < 10_000; i++ {
+		big.Files = append(big.Files, &repb.FileNode{Name: fmt.Sprintf("f%05d", i), Digest: cache.EmptyDigest.Proto()})
+	}
+	greedy := env.Action(t, &repb.Command{Arguments: []string{"true"}}, env.Put(t, big), nil)
+	if _, err := f.Submit(ctx, execution.Request{ActionDigest: greedy, Client: "greedy"}); status.Code(err) != codes.ResourceExhausted {
+		t.Fatalf("a tree beyond the client's memory share: %v", err)
+	}
+	if n := messages(t, f.c); n != 0 {
+		t.Fatalf("%d work messages queued for refused executions", n)
+	}
+
+	small := env.Put(t, &repb.Directory{Files: []*repb.FileNode{{Name: "f", Digest: cache.EmptyDigest.Proto()}}})
+	w, err := f.Submit(ctx, execution.Request{ActionDigest: env.Action(t, &repb.Command{Arguments: []string{"true"}}, small, nil), Client: "honest"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Close()
+	if n, used := messages(t, f.c), mem.Used(""); n != 1 || used != 0 {
+		t.Fatalf("valid execution: %d work messages, %d bytes still charged", n, used)
 	}
 }

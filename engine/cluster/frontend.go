@@ -12,6 +12,7 @@ import (
 	"github.com/kilnbuild/kiln/cache"
 	"github.com/kilnbuild/kiln/engine/execution"
 	"github.com/kilnbuild/kiln/engine/executor"
+	"github.com/kilnbuild/kiln/engine/limits"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
@@ -26,6 +27,9 @@ import (
 type Loader interface {
 	LoadAction(ctx context.Context, d cache.Digest) (*executor.Action, error)
 	CachedResult(ctx context.Context, instance string, d cache.Digest) (*repb.ActionResult, error)
+	// AdmitInputs reads and validates a's input tree as client's work, charged to its
+	// share of mem (executor.Executor.AdmitInputs).
+	AdmitInputs(ctx context.Context, client string, a *executor.Action, mem *limits.Budget, work *limits.Work) (*limits.Charge, error)
 }
 
 // Frontend is the execution.Scheduler of a stateless kiln serve in a cluster: Submit
@@ -42,6 +46,8 @@ type Frontend struct {
 	load Loader
 	cas  cache.BlobStore
 	log  *slog.Logger
+	mem  *limits.Budget // charged for an input tree while it is validated (nil: not bounded)
+	work *limits.Work   // bounds one client's validation work (nil: not bounded)
 
 	mExec   *prometheus.CounterVec
 	mMerged prometheus.Counter
@@ -54,12 +60,19 @@ func NewFrontend(c *Conn, load Loader, cas cache.BlobStore, reg prometheus.Regis
 		log = slog.New(slog.DiscardHandler)
 	}
 	f := &Frontend{c: c, load: load, cas: cas, log: log,
-		mExec:   prometheus.NewCounterVec(prometheus.CounterOpts{Name: "kiln_executions_total", Help: "Execute calls by outcome at this frontend (cached, queued, merged)."}, []string{"outcome"}),
+		mExec:   prometheus.NewCounterVec(prometheus.CounterOpts{Name: "kiln_executions_total", Help: "Execute calls by outcome at this frontend (cached, queued, merged, refused)."}, []string{"outcome"}),
 		mMerged: prometheus.NewCounter(prometheus.CounterOpts{Name: "kiln_executions_merged_total", Help: "Execute calls merged into an identical execution already in flight in the cluster."}),
 	}
 	if reg != nil {
 		reg.MustRegister(f.mExec, f.mMerged, newQueueCollector(c))
 	}
+	return f
+}
+
+// Limit charges the validation of input trees to the client's share of mem and runs
+// it as the client's work (kiln serve's limits); it returns f.
+func (f *Frontend) Limit(mem *limits.Budget, work *limits.Work) *Frontend {
+	f.mem, f.work = mem, work
 	return f
 }
 
@@ -94,6 +107,16 @@ func (f *Frontend) Submit(ctx context.Context, req execution.Request) (execution
 			return nil, err
 		}
 	}
+	// The input tree is read and validated here, before the execution is queued, so a
+	// tree a worker would refuse never reaches one (issue 19).
+	charge, err := f.load.AdmitInputs(ctx, req.Client, a, f.mem, f.work)
+	if err != nil {
+		if c := status.Code(err); c == codes.InvalidArgument || c == codes.FailedPrecondition {
+			f.mExec.WithLabelValues("refused").Inc()
+		}
+		return nil, err
+	}
+	charge.Release()
 	rec := execRecord{ID: newID(), Instance: req.Instance, Action: req.ActionDigest.String(), Platform: PlatformKey(a),
 		Stage: repb.ExecutionStage_QUEUED, Queued: time.Now(), Live: 1, SkipCache: req.SkipCacheLookup}
 	if !a.Action.GetDoNotCache() {

@@ -24,6 +24,9 @@ type Request struct {
 	// anonymous caller): only it may wait on, get, cancel or delete the operation, and
 	// the action-cache entry and the link of the execution record it.
 	Owner string
+	// Client names the caller for per-client limits (reapi.ClientID); "" for callers
+	// that are not limited.
+	Client string
 }
 
 // Scheduler runs executions and keeps the operations clients follow them by. Its

@@ -54,7 +54,7 @@ func (e *Server) Execute(req *repb.ExecuteRequest, stream repb.Execution_Execute
 	if err != nil {
 		return err
 	}
-	w, err := e.s.Submit(ctx, Request{Instance: req.GetInstanceName(), ActionDigest: d, SkipCacheLookup: req.GetSkipCacheLookup(), Owner: owner(ctx)})
+	w, err := e.s.Submit(ctx, Request{Instance: req.GetInstanceName(), ActionDigest: d, SkipCacheLookup: req.GetSkipCacheLookup(), Owner: owner(ctx), Client: reapi.ClientID(ctx)})
 	e.record(ctx, d, w, err)
 	if err != nil {
 		if status.Code(err) == codes.FailedPrecondition || status.Code(err) == codes.InvalidArgument {

@@ -138,7 +138,7 @@ func TestServiceOverAnyScheduler(t *testing.T) {
 	if err := ops[2].GetResponse().UnmarshalTo(resp); err != nil || resp.GetResult().GetExitCode() != 7 {
 		t.Fatalf("response %v %v", resp, err)
 	}
-	if len(f.submitted) != 1 || f.submitted[0] != (execution.Request{Instance: "ci", ActionDigest: d, SkipCacheLookup: true}) {
+	if len(f.submitted) != 1 || f.submitted[0] != (execution.Request{Instance: "ci", ActionDigest: d, SkipCacheLookup: true, Client: "peer:127.0.0.1"}) {
 		t.Fatalf("submitted %+v", f.submitted)
 	}
 	wait, err := ex.WaitExecution(ctx, &repb.WaitExecutionRequest{Name: "operations/fake-1"})

@@ -8,12 +8,14 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
-	"path"
+
 	"strings"
 	"time"
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"github.com/kilnbuild/kiln/cache"
+	"github.com/kilnbuild/kiln/engine/limits"
+	"github.com/kilnbuild/kiln/engine/reapi"
 	"github.com/kilnbuild/kiln/internal/grpcerr"
 	rpcstatus "google.golang.org/genproto/googleapis/rpc/status"
 	"google.golang.org/grpc/codes"
@@ -237,6 +239,43 @@ type Action struct {
 	CmdDigest cache.Digest
 	Platform  Platform
 	Timeout   time.Duration
+	// inputs is the input tree, read and validated before the action was queued
+	// (FetchInputs); nil: Execute reads it.
+	inputs *inputTree
+}
+
+// FetchInputs reads and validates a's input tree now, charging what it holds to mem
+// (nil: to nothing), so that Execute does not read it again: the scheduler validates
+// a tree before the execution waits for a slot, so one the executor would refuse
+// never takes one.
+func (e *Executor) FetchInputs(ctx context.Context, a *Action, mem *limits.Charge) error {
+	root, _ := cache.FromProto(a.Action.GetInputRootDigest()) // validated by LoadAction
+	t, err := fetchTreeCharged(ctx, e.cfg.CAS, root, mem)
+	if err != nil {
+		return err
+	}
+	a.inputs = t
+	return nil
+}
+
+// AdmitInputs reads and validates a's input tree (FetchInputs) as client's work, what
+// it holds charged to client's share of mem (either may be nil: not bounded). The
+// caller releases the returned charge when it lets go of a's inputs.
+func (e *Executor) AdmitInputs(ctx context.Context, client string, a *Action, mem *limits.Budget, work *limits.Work) (*limits.Charge, error) {
+	charge, err := mem.Charge(client, "the input tree of an execution", 0)
+	if err != nil {
+		return nil, err
+	}
+	release, err := work.Acquire(ctx, client)
+	if err == nil {
+		err = e.FetchInputs(ctx, a, charge)
+		release()
+	}
+	if err != nil {
+		charge.Release()
+		return nil, err
+	}
+	return charge, nil
 }
 
 // LoadAction reads and validates an action and its command. Absent blobs are
@@ -327,24 +366,7 @@ func validateCommand(c *repb.Command) error {
 }
 
 // validRelPath accepts clean relative slash paths that stay inside their root.
-func validRelPath(p string, emptyOK bool) error {
-	switch {
-	case p == "":
-		if emptyOK {
-			return nil
-		}
-		return fmt.Errorf("empty")
-	case strings.HasPrefix(p, "/"):
-		return fmt.Errorf("absolute")
-	case strings.ContainsRune(p, 0):
-		return fmt.Errorf("contains NUL")
-	case path.Clean(p) != p || p == ".":
-		return fmt.Errorf("not a clean relative path")
-	case p == ".." || strings.HasPrefix(p, "../"):
-		return fmt.Errorf("leaves the exec root")
-	}
-	return nil
-}
+func validRelPath(p string, emptyOK bool) error { return reapi.CheckRelPath(p, emptyOK) }
 
 // CachedResult returns the action cache's result for an action, NOT_FOUND if none.
 func (e *Executor) CachedResult(ctx context.Context, instance string, d cache.Digest) (*repb.ActionResult, error) {

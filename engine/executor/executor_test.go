@@ -266,6 +266,7 @@ func TestFailuresAreNotCached(t *testing.T) {
 		{"non-zero exit", &repb.Command{Arguments: []string{"exit", "3"}}, nil, codes.OK},
 		{"timeout", &repb.Command{Arguments: []string{"timeout"}}, nil, codes.DeadlineExceeded},
 		{"do_not_cache", &repb.Command{Arguments: []string{"echo"}}, func(a *repb.Action) { a.DoNotCache = true }, codes.OK},
+		{"stdout truncated at the cap", &repb.Command{Arguments: []string{"truncate"}}, nil, codes.OK},
 	} {
 		d := e.Action(t, c.cmd, root, c.mod)
 		resp, err := run(t, e, d)
@@ -290,6 +291,35 @@ func TestFailuresAreNotCached(t *testing.T) {
 			if c.name == "timeout" && !strings.Contains(string(report), "timed out") {
 				t.Fatalf("timeout report does not say so: %q", report)
 			}
+		}
+	}
+}
+
+// TestOutputStatusCodes (issue 19, case 7): outputs of the wrong type, and absolute
+// output symlinks while Capabilities says DISALLOWED, are FAILED_PRECONDITION, as the
+// REAPI spec says; nothing is cached.
+func TestOutputStatusCodes(t *testing.T) {
+	e := executortest.NewEnv(t, nil)
+	root := e.Put(t, &repb.Directory{})
+	for _, c := range []struct {
+		name string
+		cmd  *repb.Command
+	}{
+		{"output_files naming a directory", &repb.Command{Arguments: []string{"mkdir", "d"}, OutputFiles: []string{"d"}}},
+		{"output_directories naming a file", &repb.Command{Arguments: []string{"rm", "f", "write", "f", "x"}, OutputDirectories: []string{"f"}}},
+		{"absolute output symlink", &repb.Command{Arguments: []string{"symlink", "/etc/passwd", "l"}, OutputPaths: []string{"l"}}},
+		{"absolute symlink in an output directory", &repb.Command{Arguments: []string{"mkdir", "d", "symlink", "/etc", "d/l"}, OutputDirectories: []string{"d"}}},
+	} {
+		d := e.Action(t, c.cmd, root, nil)
+		resp, err := run(t, e, d)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := codes.Code(resp.GetStatus().GetCode()); got != codes.FailedPrecondition {
+			t.Errorf("%s: %v (%s), want FAILED_PRECONDITION", c.name, got, resp.GetStatus().GetMessage())
+		}
+		if _, err := e.AC.Get(context.Background(), cache.ActionKey{Action: d}); status.Code(err) != codes.NotFound {
+			t.Errorf("%s: result was cached", c.name)
 		}
 	}
 }

@@ -13,6 +13,7 @@ import (
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"github.com/kilnbuild/kiln/cache"
+	"github.com/kilnbuild/kiln/engine/limits"
 	"github.com/kilnbuild/kiln/internal/grpcerr"
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
@@ -53,42 +54,117 @@ type inputTree struct {
 // are INVALID_ARGUMENT; absent blobs (directories or files) are FAILED_PRECONDITION
 // with a MISSING violation for each, so the client uploads them and retries.
 func fetchTree(ctx context.Context, cas cache.BlobStore, root cache.Digest) (*inputTree, error) {
+	return fetchTreeCharged(ctx, cas, root, nil)
+}
+
+// maxTreeBytes bounds the Directory bytes one input tree may consist of, and with
+// maxTreeNodes the work one request can make the server do.
+const maxTreeBytes = 512 << 20
+
+// Memory charged while a tree is read: each distinct Directory treeDirCost times its
+// size (blob and parsed message), each node of the flattened tree treeNodeCost.
+const (
+	treeDirCost  = 3
+	treeNodeCost = 160
+)
+
+// fetchTreeCharged is fetchTree with what it holds charged to mem (nil: to nothing).
+// It reads and validates each distinct Directory once, and counts the nodes the tree
+// expands to with each shared subtree counted once (by digest), so a small DAG that
+// claims millions of nodes is refused after reading only its distinct blobs; only a
+// tree within the bounds is then expanded, from the directories already read.
+func fetchTreeCharged(ctx context.Context, cas cache.BlobStore, root cache.Digest, mem *limits.Charge) (*inputTree, error) {
 	t := &inputTree{}
 	read := cache.DirectoriesIn(cas, maxDirectorySize)
-	blobSeen := map[cache.Digest]bool{}
+	dirs := map[cache.Digest]*repb.Directory{}
+	var bytes int64
 	get := func(ctx context.Context, d cache.Digest) (*repb.Directory, error) {
+		if len(dirs) >= maxTreeNodes {
+			return nil, status.Errorf(codes.InvalidArgument, "input tree has more than %d nodes", maxTreeNodes)
+		}
+		if bytes += d.Size; bytes > maxTreeBytes {
+			return nil, status.Errorf(codes.InvalidArgument, "input tree's directories take more than %d bytes", maxTreeBytes)
+		}
+		if err := mem.Grow(treeDirCost * d.Size); err != nil {
+			return nil, err
+		}
 		dir, err := read(ctx, d)
 		if err == nil {
 			err = validateDirectory(dir)
 		}
-		if err == nil && !blobSeen[d] {
-			blobSeen[d] = true
-			t.dirBlobs = append(t.dirBlobs, d)
+		if err != nil {
+			return nil, err
 		}
-		return dir, err
+		dirs[d] = dir
+		t.dirBlobs = append(t.dirBlobs, d)
+		return dir, nil
 	}
 	var missing []cache.Digest
 	missingSeen := map[cache.Digest]bool{}
-	nodes := 0
-	// Every path, not every distinct directory: the exec root holds the tree expanded.
-	w := cache.NewWalk(root, get, cache.WalkOptions{MaxDepth: MaxTreeDepth})
+	// Each distinct directory once, at the first path that reaches it.
+	w := cache.NewWalk(root, get, cache.WalkOptions{Distinct: true})
+	for !w.Done() {
+		it, _, err := w.Next(ctx)
+		switch {
+		case status.Code(err) == codes.NotFound || status.Code(err) == codes.DataLoss:
+			missingSeen[it.Digest] = true
+			missing = append(missing, it.Digest)
+		case err != nil:
+			return nil, grpcerr.Wrap(err, "input directory %q (%s)", displayPath(it.Path), it.Digest)
+		}
+	}
+	// Count what the tree expands to, each distinct subtree once; a missing
+	// directory counts as one node.
+	counted := map[cache.Digest]int{}
+	var count func(d cache.Digest, path string, depth int) (int, error)
+	count = func(d cache.Digest, p string, depth int) (int, error) {
+		if n, ok := counted[d]; ok {
+			return n, nil
+		}
+		dir := dirs[d]
+		n := 1 + len(dir.GetFiles()) + len(dir.GetSymlinks())
+		for _, sub := range dir.GetDirectories() {
+			sp := path.Join(p, sub.GetName())
+			if depth+1 > MaxTreeDepth {
+				return 0, status.Errorf(codes.InvalidArgument, "input tree deeper than %d levels at %q", MaxTreeDepth, sp)
+			}
+			sd, _ := cache.FromProto(sub.GetDigest()) // validated above
+			k, err := count(sd, sp, depth+1)
+			if err != nil {
+				return 0, err
+			}
+			if n += k; n > maxTreeNodes {
+				return 0, status.Errorf(codes.InvalidArgument, "input tree has more than %d nodes", maxTreeNodes)
+			}
+		}
+		counted[d] = n
+		return n, nil
+	}
+	nodes, err := count(root, "", 0)
+	if err != nil {
+		return nil, err
+	}
+	if err := mem.Grow(int64(nodes) * treeNodeCost); err != nil {
+		return nil, err
+	}
+	// Expand: every path, not every distinct directory (the exec root holds the tree
+	// expanded), from the directories read; missing ones are reported below.
+	known := func(_ context.Context, d cache.Digest) (*repb.Directory, error) {
+		if dir, ok := dirs[d]; ok {
+			return dir, nil
+		}
+		return nil, status.Errorf(codes.NotFound, "directory %s not found", d)
+	}
+	w = cache.NewWalk(root, known, cache.WalkOptions{MaxDepth: MaxTreeDepth})
 	for !w.Done() {
 		it, dir, err := w.Next(ctx)
 		switch {
-		case status.Code(err) == codes.NotFound || status.Code(err) == codes.DataLoss:
-			if !missingSeen[it.Digest] {
-				missingSeen[it.Digest] = true
-				missing = append(missing, it.Digest)
-			}
+		case status.Code(err) == codes.NotFound:
 			continue
 		case err != nil:
 			return nil, grpcerr.Wrap(err, "input directory %q (%s)", displayPath(it.Path), it.Digest)
 		}
 		t.dirs = append(t.dirs, it.Path)
-		nodes += 1 + len(dir.GetFiles()) + len(dir.GetSymlinks())
-		if nodes > maxTreeNodes {
-			return nil, status.Errorf(codes.InvalidArgument, "input tree has more than %d nodes", maxTreeNodes)
-		}
 		for _, f := range dir.GetFiles() {
 			d, _ := cache.FromProto(f.GetDigest()) // validated above
 			t.files = append(t.files, inputFile{path.Join(it.Path, f.GetName()), d, f.GetIsExecutable()})
@@ -97,6 +173,12 @@ func fetchTree(ctx context.Context, cas cache.BlobStore, root cache.Digest) (*in
 			t.symlinks = append(t.symlinks, inputSymlink{path.Join(it.Path, s.GetName()), s.GetTarget()})
 		}
 	}
+	// The Directory messages are no longer needed: keep only the expanded tree's charge.
+	var held int64
+	for _, d := range t.dirBlobs {
+		held += d.Size
+	}
+	mem.Shrink(treeDirCost * held)
 	if err := t.checkSymlinks(); err != nil {
 		return nil, err
 	}

@@ -148,7 +148,8 @@ func (c *collector) collectOne(ctx context.Context, parent *os.File, name, rel s
 	switch st.Mode & unix.S_IFMT {
 	case unix.S_IFREG:
 		if kind == 2 {
-			return status.Errorf(codes.InvalidArgument, "output directory %q is a file", rel)
+			// REAPI: an output_directories entry that is not a directory is FAILED_PRECONDITION.
+			return status.Errorf(codes.FailedPrecondition, "output directory %q is a file", rel)
 		}
 		f, err := openAt(parent, name, unix.O_RDONLY)
 		if err != nil {
@@ -163,7 +164,8 @@ func (c *collector) collectOne(ctx context.Context, parent *os.File, name, rel s
 		c.produced = append(c.produced, ProducedFile{Path: rel, Digest: d})
 	case unix.S_IFDIR:
 		if kind == 1 {
-			return status.Errorf(codes.InvalidArgument, "output file %q is a directory", rel)
+			// REAPI: an output_files entry that is a directory is FAILED_PRECONDITION.
+			return status.Errorf(codes.FailedPrecondition, "output file %q is a directory", rel)
 		}
 		dir, err := openAt(parent, name, unix.O_RDONLY|unix.O_DIRECTORY)
 		if err != nil {
@@ -205,10 +207,11 @@ func (c *collector) collectOne(ctx context.Context, parent *os.File, name, rel s
 }
 
 // checkOutputSymlink refuses symlinks that are absolute (the advertised strategy is
-// DISALLOWED) or that climb out of the working directory.
+// DISALLOWED, under which REAPI makes that FAILED_PRECONDITION) or that climb out of
+// the working directory.
 func checkOutputSymlink(p, target string) error {
 	if target == "" || strings.HasPrefix(target, "/") {
-		return status.Errorf(codes.InvalidArgument, "output symlink %q -> %q: absolute targets are not allowed", p, target)
+		return status.Errorf(codes.FailedPrecondition, "output symlink %q -> %q: absolute targets are not allowed (SymlinkAbsolutePathStrategy DISALLOWED)", p, target)
 	}
 	if resolved := path.Join(path.Dir(p), target); resolved == ".." || strings.HasPrefix(resolved, "../") {
 		return status.Errorf(codes.InvalidArgument, "output symlink %q -> %q points outside the working directory", p, target)

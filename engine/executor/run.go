@@ -44,9 +44,11 @@ func (r sandboxRun) Execute(ctx context.Context, req Request, a *Action) (*Execu
 		return nil, err
 	}
 	inputRoot, _ := cache.FromProto(a.Action.GetInputRootDigest())
-	tree, err := fetchTree(ctx, cfg.CAS, inputRoot)
-	if err != nil {
-		return nil, err
+	tree := a.inputs
+	if tree == nil {
+		if tree, err = fetchTree(ctx, cfg.CAS, inputRoot); err != nil {
+			return nil, err
+		}
 	}
 	for _, f := range tree.files {
 		ex.Inputs = append(ex.Inputs, ProducedFile{Path: f.path, Digest: f.digest})

@@ -184,8 +184,10 @@ func sandboxReport(a *Action, toolchain string, jr JobResult, worker, page strin
 
 // caching writes the action cache entry of a successful, cacheable build: not of a
 // failure, a timeout, a do_not_cache action, a run that asked for no cache (verify,
-// rebuild) or one whose check failed. A failed write is logged, not an error: the
-// client still gets its result (unless required: a cluster worker's ack promises it).
+// rebuild), one whose check failed, nor one whose stdout or stderr was truncated at
+// the sandbox's cap (what was cut off is not what the action wrote). A failed write
+// is logged, not an error: the client still gets its result (unless required: a
+// cluster worker's ack promises it).
 type caching struct {
 	next     stage
 	ac       cache.ActionCache
@@ -198,7 +200,8 @@ func (c caching) Execute(ctx context.Context, req Request, a *Action) (*Executio
 	if err != nil {
 		return nil, err
 	}
-	if ex.Uncacheable || ex.Job.ExitCode != 0 || ex.Job.TimedOut || a.Action.GetDoNotCache() || req.NoCache {
+	if ex.Uncacheable || ex.Job.ExitCode != 0 || ex.Job.TimedOut || ex.Job.StdoutTruncated || ex.Job.StderrTruncated ||
+		a.Action.GetDoNotCache() || req.NoCache {
 		return ex, nil
 	}
 	if err := c.ac.Put(ctx, cache.ActionKey{Instance: req.Instance, Action: a.Digest}, ex.Result); err != nil {

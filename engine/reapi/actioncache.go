@@ -84,6 +84,12 @@ func (a acServer) UpdateActionResult(ctx context.Context, req *repb.UpdateAction
 	if r == nil {
 		return nil, status.Error(codes.InvalidArgument, "action_result missing")
 	}
+	if err := checkResultPaths(r); err != nil {
+		return nil, err
+	}
+	if err := a.s.checkResultTrees(ctx, r); err != nil {
+		return nil, err
+	}
 	r = proto.Clone(r).(*repb.ActionResult)
 	if err := a.s.storeInline(ctx, r); err != nil {
 		return nil, err

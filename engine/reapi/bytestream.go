@@ -5,10 +5,13 @@ import (
 	"errors"
 	"io"
 	"log/slog"
+	"math"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/kilnbuild/kiln/cache"
+	"github.com/kilnbuild/kiln/engine/limits"
 	"github.com/klauspost/compress/zstd"
 	"google.golang.org/genproto/googleapis/bytestream"
 	"google.golang.org/grpc/codes"
@@ -20,22 +23,40 @@ const (
 	// marshalled message fits gRPC's largest pooled buffer (1 MiB; a larger message
 	// gets a fresh, zeroed allocation every time).
 	readChunk = 1<<20 - 1<<10
-	// uploadIdle is how long an interrupted upload waits to be resumed before it is dropped.
-	uploadIdle = 5 * time.Minute
-	// maxUploads bounds uploads in progress (attached or waiting to resume).
-	maxUploads = 4096
-	// maxZstdWindow bounds the memory a client's zstd stream can make the server use.
+	// uploadIdle is how long an interrupted upload waits to be resumed before it is
+	// dropped; it is dropped sooner when another upload needs its memory or slot.
+	uploadIdle = time.Minute
+	// DefaultClientUploads and DefaultMaxUploads bound uploads in progress (attached or
+	// waiting to resume) per client and in all; each holds a temp file and a buffer.
+	DefaultClientUploads = 512
+	DefaultMaxUploads    = 4096
+	// maxZstdWindow bounds the window of a client's zstd frames (the decoder allocates it).
 	maxZstdWindow = 64 << 20
+	// uploadCost is what an upload holds besides its data and decoder: the store's copy
+	// buffer, the pipe and the bookkeeping.
+	uploadCost = 320 << 10
+	// zstdEncoderCost is what a compressed read's encoder holds (fastest level, low
+	// memory mode: about 3 MiB measured).
+	zstdEncoderCost = 4 << 20
 )
 
 // byteStream implements google.bytestream.ByteStream over the CAS, with resumable
 // uploads: each upload pipes its bytes into one cache Put running in the background,
 // so an upload whose stream breaks can continue on a new stream from committed_size.
+// What uploads and reads hold is charged to the memory budget, and each client may
+// have a bounded number of uploads in progress; uploads waiting to be resumed are the
+// first to go when memory or slots are short.
 type byteStream struct {
 	bytestream.UnimplementedByteStreamServer
-	cas cache.BlobStore
-	log *slog.Logger
-	now func() time.Time
+	cas   cache.BlobStore
+	log   *slog.Logger
+	now   func() time.Time
+	mem   *limits.Budget
+	slots *limits.Slots
+	space *limits.Budget // declared sizes of uploads in progress
+	work  *limits.Work   // CPU-heavy work per client
+	// maxWindow bounds the window of a client's zstd frames (maxZstdWindow).
+	maxWindow int64
 
 	mu      sync.Mutex
 	uploads map[string]*upload // by full resource name
@@ -47,16 +68,36 @@ type byteStream struct {
 type upload struct {
 	name       string
 	res        resource
+	client     string // who started it: its memory and slot are that client's
+	pr         *io.PipeReader
 	pw         *io.PipeWriter
 	committed  int64 // bytes accepted: compressed bytes for compressed uploads
 	attached   bool  // a stream is writing it now
 	lastActive time.Time
-	done       chan struct{} // closed when the Put has returned
+	done       chan struct{} // closed when the Put has returned and everything is released
 	err        error         // the Put's result, valid after done
+	mem        *limits.Charge
+	space      *limits.Charge
+	slot       func()
+	// charging is set while the upload's decoder waits for memory: such an upload is
+	// never reclaimed to make room (two uploads reclaiming each other would deadlock).
+	charging atomic.Bool
+	// ctx is the Put's; cancel ends it, also while it waits for the client's work token.
+	ctx    context.Context
+	cancel context.CancelFunc
 }
 
-func newByteStream(cas cache.BlobStore, log *slog.Logger) *byteStream {
-	b := &byteStream{cas: cas, log: log, now: time.Now, uploads: map[string]*upload{}, stop: make(chan struct{})}
+// stop aborts the upload: its Put ends with err and stores nothing.
+func (u *upload) stop(err error) {
+	u.cancel()
+	u.pw.CloseWithError(err)
+}
+
+func newByteStream(cas cache.BlobStore, log *slog.Logger, mem *limits.Budget, clientUploads, maxUploads int) *byteStream {
+	b := &byteStream{cas: cas, log: log, now: time.Now, mem: mem, maxWindow: maxZstdWindow, uploads: map[string]*upload{}, stop: make(chan struct{})}
+	b.slots = limits.NewSlots(mem, "uploads", "uploads", "--client-max-uploads", clientUploads, maxUploads)
+	b.slots.OnShortage(b.reclaim)
+	mem.OnShortage(b.reclaim)
 	go b.expire()
 	return b
 }
@@ -72,7 +113,7 @@ func (b *byteStream) expire() {
 		case <-b.stop:
 			b.mu.Lock()
 			for _, u := range b.uploads {
-				u.pw.CloseWithError(status.Error(codes.Unavailable, "server shutting down"))
+				u.stop(status.Error(codes.Unavailable, "server shutting down"))
 			}
 			b.mu.Unlock()
 			return
@@ -82,12 +123,38 @@ func (b *byteStream) expire() {
 		b.mu.Lock()
 		for name, u := range b.uploads {
 			if !u.attached && u.lastActive.Before(cutoff) {
-				u.pw.CloseWithError(status.Error(codes.Aborted, "upload abandoned"))
+				u.stop(status.Error(codes.Aborted, "upload abandoned"))
 				delete(b.uploads, name)
 			}
 		}
 		b.mu.Unlock()
 	}
+}
+
+// reclaim drops the upload that has waited longest to be resumed, client's own (or
+// anyone's, for ""), to make room for another; it reports whether there was one.
+func (b *byteStream) reclaim(client string) bool {
+	b.mu.Lock()
+	var victim *upload
+	for _, u := range b.uploads {
+		if u.attached || u.charging.Load() || (client != "" && u.client != client) {
+			continue
+		}
+		if victim == nil || u.lastActive.Before(victim.lastActive) {
+			victim = u
+		}
+	}
+	if victim != nil {
+		delete(b.uploads, victim.name)
+	}
+	b.mu.Unlock()
+	if victim == nil {
+		return false
+	}
+	b.log.Debug("dropped an interrupted upload to make room", "resource", victim.name, "client", victim.client)
+	victim.stop(status.Error(codes.Aborted, "interrupted upload dropped to make room for others"))
+	<-victim.done
+	return true
 }
 
 func (b *byteStream) present(ctx context.Context, d cache.Digest) bool {
@@ -113,6 +180,19 @@ func (b *byteStream) Read(req *bytestream.ReadRequest, stream bytestream.ByteStr
 	if res.compressor != "" && limit != 0 {
 		return status.Error(codes.InvalidArgument, "read_limit must be 0 for compressed-blobs reads")
 	}
+	remaining := d.Size - off
+	if limit > 0 && limit < remaining {
+		remaining = limit
+	}
+	cost := min(readChunk, max(remaining, 1))
+	if res.compressor == "zstd" {
+		cost = readChunk + zstdEncoderCost
+	}
+	mem, err := b.mem.Charge(ClientID(ctx), "ByteStream.Read", cost)
+	if err != nil {
+		return err
+	}
+	defer mem.Release()
 	r, err := b.cas.Get(ctx, d, off)
 	if err != nil {
 		return err
@@ -121,13 +201,9 @@ func (b *byteStream) Read(req *bytestream.ReadRequest, stream bytestream.ByteStr
 	if res.compressor == "zstd" {
 		return b.readZstd(r, stream)
 	}
-	remaining := d.Size - off
-	if limit > 0 && limit < remaining {
-		remaining = limit
-	}
 	bp := readBufs.Get().(*[]byte)
 	defer readBufs.Put(bp)
-	buf := (*bp)[:min(readChunk, max(remaining, 1))]
+	buf := (*bp)[:cost]
 	for remaining > 0 {
 		n, err := io.ReadFull(r, buf[:min(int64(len(buf)), remaining)])
 		if n > 0 {
@@ -227,7 +303,8 @@ func (b *byteStream) Write(stream bytestream.ByteStream_WriteServer) error {
 		// Someone already stored it: end at once, as the spec asks.
 		return stream.SendAndClose(&bytestream.WriteResponse{CommittedSize: b.fullSize(res)})
 	}
-	u, err := b.attach(name, res, req.GetWriteOffset())
+	client := ClientID(ctx)
+	u, err := b.attach(client, name, res, req.GetWriteOffset())
 	if err != nil {
 		return err
 	}
@@ -250,8 +327,15 @@ func (b *byteStream) Write(stream bytestream.ByteStream_WriteServer) error {
 			return status.Errorf(codes.InvalidArgument, "blob %s: more compressed bytes than zstd can take to encode %d bytes", res.digest, res.digest.Size)
 		}
 		if len(data) > 0 {
-			if _, err := u.pw.Write(data); err != nil {
-				// The Put gave up (bad data, or it was aborted): report its error.
+			// The message is held until the Put has taken it: it counts too.
+			held, err := b.mem.Charge(client, "ByteStream.Write data", int64(len(data)))
+			if err != nil {
+				return err // the upload waits to be resumed (or is reclaimed)
+			}
+			_, err = u.pw.Write(data)
+			held.Release()
+			if err != nil {
+				// The Put gave up (bad data, no room, or it was aborted): report its error.
 				<-u.done
 				b.remove(u)
 				return putError(u.err, err)
@@ -262,6 +346,15 @@ func (b *byteStream) Write(stream bytestream.ByteStream_WriteServer) error {
 			b.mu.Unlock()
 		}
 		if req.GetFinishWrite() {
+			// The stream must end with this message (the spec: anything sent after
+			// finish_write is an error); only then is the blob committed.
+			if _, err := stream.Recv(); !errors.Is(err, io.EOF) {
+				b.abort(u, nil)
+				if err != nil {
+					return err
+				}
+				return status.Errorf(codes.InvalidArgument, "Write stream for %s: a message after finish_write; nothing was stored", name)
+			}
 			u.pw.Close()
 			<-u.done
 			b.remove(u)
@@ -272,7 +365,10 @@ func (b *byteStream) Write(stream bytestream.ByteStream_WriteServer) error {
 		}
 		req, err = stream.Recv()
 		if errors.Is(err, io.EOF) {
-			return status.Errorf(codes.InvalidArgument, "Write stream for %s closed at byte %d without finish_write; resume from write_offset %d", name, u.committed, u.committed)
+			// A clean end without finish_write is a client error, not an interruption:
+			// nothing is kept for it.
+			b.abort(u, nil)
+			return status.Errorf(codes.InvalidArgument, "Write stream for %s closed at byte %d without finish_write; the upload was dropped, start again from write_offset 0", name, u.committed)
 		}
 		if err != nil {
 			return err // interrupted: the upload waits to be resumed
@@ -283,7 +379,12 @@ func (b *byteStream) Write(stream bytestream.ByteStream_WriteServer) error {
 // maxCompressedSize bounds the zstd encoding of n bytes (zstd's worst case is a few
 // bytes per 128 KiB block plus frame headers), so a client cannot stream unbounded
 // compressed data (e.g. endless empty frames) at one upload.
-func maxCompressedSize(n int64) int64 { return n + n/64 + 64<<10 }
+func maxCompressedSize(n int64) int64 {
+	if n > math.MaxInt64/2 {
+		return math.MaxInt64
+	}
+	return n + n/64 + 64<<10
+}
 
 func putError(putErr, pipeErr error) error {
 	if putErr != nil {
@@ -301,65 +402,120 @@ func (b *byteStream) fullSize(res resource) int64 {
 }
 
 // attach finds or starts the upload for name at offset and marks it as being written.
-func (b *byteStream) attach(name string, res resource, offset int64) (*upload, error) {
+// A new upload takes one of client's upload slots and its memory first.
+func (b *byteStream) attach(client, name string, res resource, offset int64) (*upload, error) {
+	if offset == 0 {
+		return b.begin(client, name, res)
+	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	u := b.uploads[name]
-	if u != nil && u.attached {
+	if u == nil {
+		return nil, status.Errorf(codes.InvalidArgument, "write_offset %d for %s, but no upload is in progress (QueryWriteStatus gives the committed size)", offset, name)
+	}
+	if u.attached {
 		return nil, status.Errorf(codes.Aborted, "%s is being written by another stream", name)
 	}
-	if offset != 0 {
-		if u == nil {
-			return nil, status.Errorf(codes.InvalidArgument, "write_offset %d for %s, but no upload is in progress (QueryWriteStatus gives the committed size)", offset, name)
-		}
-		if u.committed != offset {
-			return nil, status.Errorf(codes.InvalidArgument, "write_offset %d for %s, but %d bytes are committed", offset, name, u.committed)
-		}
-	} else {
-		if u != nil {
-			// A restart from zero replaces the interrupted upload.
-			u.pw.CloseWithError(status.Error(codes.Aborted, "upload restarted"))
-			delete(b.uploads, name)
-		}
-		if len(b.uploads) >= maxUploads {
-			return nil, status.Errorf(codes.ResourceExhausted, "too many uploads in progress (%d)", maxUploads)
-		}
-		u = b.start(name, res)
-		b.uploads[name] = u
+	if u.committed != offset {
+		return nil, status.Errorf(codes.InvalidArgument, "write_offset %d for %s, but %d bytes are committed", offset, name, u.committed)
 	}
 	u.attached = true
 	u.lastActive = b.now()
 	return u, nil
 }
 
-// start launches the background Put that consumes an upload's pipe.
-func (b *byteStream) start(name string, res resource) *upload {
+// begin starts a new upload of name, replacing an interrupted one of that name.
+func (b *byteStream) begin(client, name string, res resource) (*upload, error) {
+	slot, err := b.slots.Acquire(client)
+	if err != nil {
+		return nil, err
+	}
+	cost := int64(uploadCost)
+	if res.compressor != "" {
+		cost += zstdDecoderFixed
+	}
+	mem, err := b.mem.Charge(client, "a ByteStream upload", cost)
+	if err != nil {
+		slot()
+		return nil, err
+	}
+	space, err := b.space.Charge(client, "an upload of blob "+res.digest.String(), res.digest.Size)
+	if err != nil {
+		mem.Release()
+		slot()
+		return nil, err
+	}
 	pr, pw := io.Pipe()
-	u := &upload{name: name, res: res, pw: pw, done: make(chan struct{})}
+	ctx, cancel := context.WithCancel(context.Background())
+	u := &upload{name: name, res: res, client: client, pr: pr, pw: pw, done: make(chan struct{}), mem: mem, space: space, slot: slot,
+		attached: true, lastActive: b.now(), ctx: ctx, cancel: cancel}
+	b.mu.Lock()
+	old := b.uploads[name]
+	if old != nil && old.attached {
+		b.mu.Unlock()
+		cancel()
+		space.Release()
+		mem.Release()
+		slot()
+		return nil, status.Errorf(codes.Aborted, "%s is being written by another stream", name)
+	}
+	b.uploads[name] = u
+	b.mu.Unlock()
+	if old != nil {
+		// A restart from zero replaces the interrupted upload.
+		old.stop(status.Error(codes.Aborted, "upload restarted"))
+	}
+	b.start(u)
+	return u, nil
+}
+
+// start launches the background Put that consumes an upload's pipe; when it returns,
+// the upload's memory and slot are released.
+func (b *byteStream) start(u *upload) {
 	go func() {
 		defer close(u.done)
-		var body io.Reader = pr
-		if res.compressor == "zstd" {
-			dec, err := zstd.NewReader(pr, zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxWindow(maxZstdWindow))
+		defer u.cancel()
+		defer u.slot()
+		defer u.mem.Release()
+		defer u.space.Release()
+		// Decompressing, hashing and writing what arrives is the client's work.
+		in := &limits.WorkReader{R: u.pr, W: b.work, Client: u.client, Ctx: u.ctx}
+		defer in.Done()
+		var body io.Reader = in
+		var guard *windowGuard
+		if u.res.compressor == "zstd" {
+			var held int64
+			guard = newWindowGuard(in, u.res.digest, b.maxWindow, func(cost int64) error {
+				u.charging.Store(true)
+				defer u.charging.Store(false)
+				if err := u.mem.Grow(cost - held); err != nil {
+					return err
+				}
+				held = cost
+				return nil
+			})
+			dec, err := zstd.NewReader(guard, zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxWindow(uint64(b.maxWindow)), zstd.WithDecoderLowmem(true))
 			if err != nil {
 				u.err = status.Errorf(codes.Internal, "zstd: %v", err)
-				pr.CloseWithError(u.err)
+				u.pr.CloseWithError(u.err)
 				return
 			}
 			defer dec.Close()
-			body = zstdErrors{dec, res.digest}
+			body = zstdErrors{dec, u.res.digest}
 		}
-		// The Put outlives any one stream; expiry or abort ends it through the pipe.
-		u.err = b.cas.Put(context.Background(), res.digest, body)
+		// The Put outlives any one stream; expiry or abort ends it (stop).
+		u.err = b.cas.Put(u.ctx, u.res.digest, body)
+		if u.err != nil && guard != nil && guard.err != nil {
+			u.err = guard.err // the decoder may have wrapped it
+		}
 		if u.err != nil {
-			pr.CloseWithError(u.err)
-			b.log.Debug("upload refused", "resource", name, "err", u.err)
+			u.pr.CloseWithError(u.err)
+			b.log.Debug("upload refused", "resource", u.name, "client", u.client, "err", u.err)
 			return
 		}
 		// Drain anything sent after the blob was complete, so a writer is never stuck.
-		io.Copy(io.Discard, pr)
+		io.Copy(io.Discard, u.pr)
 	}()
-	return u
 }
 
 func (b *byteStream) detach(u *upload) {
@@ -381,7 +537,7 @@ func (b *byteStream) abort(u *upload, err error) {
 	if err == nil {
 		err = status.Error(codes.Aborted, "upload aborted")
 	}
-	u.pw.CloseWithError(err)
+	u.stop(err)
 	<-u.done
 	b.remove(u)
 }

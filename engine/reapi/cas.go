@@ -12,6 +12,7 @@ import (
 	rpcstatus "google.golang.org/genproto/googleapis/rpc/status"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 )
 
 // casServer implements ContentAddressableStorage; the chunking methods added in REAPI
@@ -103,6 +104,25 @@ func (c casServer) BatchUpdateBlobs(ctx context.Context, req *repb.BatchUpdateBl
 	if err := checkBatch(ps); err != nil {
 		return nil, err
 	}
+	// The request is held until every blob is stored, and one zstd decoder at a time.
+	cost := int64(proto.Size(req))
+	for _, r := range req.GetRequests() {
+		if r.GetCompressor() == repb.Compressor_ZSTD {
+			cost += zstdDecoderFixed + zstdWindowCost(batchZstdMemory)
+			break
+		}
+	}
+	client := ClientID(ctx)
+	mem, err := c.s.opts.Memory.Charge(client, "BatchUpdateBlobs", cost)
+	if err != nil {
+		return nil, err
+	}
+	defer mem.Release()
+	release, err := c.s.opts.Work.Acquire(ctx, client)
+	if err != nil {
+		return nil, err
+	}
+	defer release()
 	resp := &repb.BatchUpdateBlobsResponse{Responses: make([]*repb.BatchUpdateBlobsResponse_Response, len(req.GetRequests()))}
 	// A few blobs at once: a store whose writes wait on the network (shared storage)
 	// would otherwise take one round trip per blob in turn.
@@ -129,7 +149,7 @@ func (c casServer) updateOne(ctx context.Context, r *repb.BatchUpdateBlobsReques
 	switch r.GetCompressor() {
 	case repb.Compressor_IDENTITY:
 	case repb.Compressor_ZSTD:
-		dec, err := zstd.NewReader(body, zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxMemory(uint64(MaxBatchSize)+1<<20))
+		dec, err := zstd.NewReader(body, zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxMemory(batchZstdMemory))
 		if err != nil {
 			return status.Errorf(codes.InvalidArgument, "blob %s: bad zstd data: %v", d, err)
 		}
@@ -140,6 +160,9 @@ func (c casServer) updateOne(ctx context.Context, r *repb.BatchUpdateBlobsReques
 	}
 	return c.s.cas.Put(ctx, d, body)
 }
+
+// batchZstdMemory bounds a batch entry's decompressed size, and so its zstd window.
+const batchZstdMemory = MaxBatchSize + 1<<20
 
 // zstdErrors reports a corrupt compressed stream as INVALID_ARGUMENT (the client's
 // fault), not as an internal error.
@@ -168,6 +191,16 @@ func (c casServer) BatchReadBlobs(ctx context.Context, req *repb.BatchReadBlobsR
 	if err := checkBatch(req.GetDigests()); err != nil {
 		return nil, err
 	}
+	// The blobs are held twice: read, and in the marshalled response.
+	var cost int64
+	for _, p := range req.GetDigests() {
+		cost += 2 * p.GetSizeBytes()
+	}
+	mem, err := c.s.opts.Memory.Charge(ClientID(ctx), "BatchReadBlobs", cost)
+	if err != nil {
+		return nil, err
+	}
+	defer mem.Release()
 	resp := &repb.BatchReadBlobsResponse{Responses: make([]*repb.BatchReadBlobsResponse_Response, len(req.GetDigests()))}
 	for i, p := range req.GetDigests() {
 		out := &repb.BatchReadBlobsResponse_Response{Digest: p, Compressor: repb.Compressor_IDENTITY}

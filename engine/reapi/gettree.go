@@ -1,6 +1,7 @@
 package reapi
 
 import (
+	"context"
 	"crypto/rand"
 	"encoding/base64"
 	"encoding/hex"
@@ -10,6 +11,7 @@ import (
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"github.com/kilnbuild/kiln/cache"
+	"github.com/kilnbuild/kiln/engine/limits"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
@@ -28,6 +30,27 @@ type treeWalk struct {
 	root cache.Digest
 	n    int
 	walk *cache.Walk
+	// mem is the charge of the page being read: each directory the walk reads is
+	// charged to it before it is read.
+	mem *limits.Charge
+}
+
+// newTreeWalk starts a walk of the distinct directories under root in cas.
+func newTreeWalk(cas cache.BlobStore, root cache.Digest) *treeWalk {
+	w := &treeWalk{root: root}
+	w.walk = cache.NewWalk(root, func(ctx context.Context, d cache.Digest) (*repb.Directory, error) {
+		cost := treeReadCost * min(d.Size, cache.MaxTreeSize)
+		if err := w.mem.Grow(cost); err != nil {
+			return nil, err
+		}
+		dir := &repb.Directory{}
+		if err := cache.ReadProto(ctx, cas, d, dir, cache.MaxTreeSize); err != nil {
+			w.mem.Shrink(cost)
+			return nil, err
+		}
+		return dir, nil
+	}, cache.WalkOptions{Distinct: true})
+	return w
 }
 
 // treeCursors keeps the walks behind outstanding page tokens, so that each page
@@ -106,9 +129,22 @@ func parseTreeToken(tok string) (n int, id string, err error) {
 	return n, id, nil
 }
 
+// Memory a GetTree walk is charged for: each directory read costs treeReadCost times
+// its size while it is held (the blob, the parsed message, the marshalled response),
+// and each directory seen treeSeenCost for the rest of the walk.
+const (
+	treeReadCost = 6
+	treeSeenCost = 160
+	// DefaultClientTrees bounds the GetTree calls one client may have in progress.
+	DefaultClientTrees = 8
+)
+
 // GetTree streams the Directory messages reachable from root_digest, each distinct
 // directory once, breadth first. Directories absent from the CAS are left out, as the
 // spec allows. A page token resumes the walk the previous page kept (treeCursors).
+// Each client may have DefaultClientTrees walks in progress, what a walk holds is
+// charged to the memory budget as it grows (directories go out as soon as a response
+// message is full, not once the whole page is read), and the walk is the client's work.
 func (c casServer) GetTree(req *repb.GetTreeRequest, stream repb.ContentAddressableStorage_GetTreeServer) error {
 	ctx := stream.Context()
 	if err := CheckInstance(req.GetInstanceName()); err != nil {
@@ -127,16 +163,49 @@ func (c casServer) GetTree(req *repb.GetTreeRequest, stream repb.ContentAddressa
 			return err
 		}
 	}
+	if req.GetPageSize() < 0 {
+		return status.Errorf(codes.InvalidArgument, "negative page_size %d", req.GetPageSize())
+	}
 	pageSize := int(req.GetPageSize())
-	if pageSize <= 0 || pageSize > maxTreePage {
+	if pageSize == 0 || pageSize > maxTreePage {
 		pageSize = maxTreePage
 	}
+	client := ClientID(ctx)
+	release, err := c.s.treeSlots.Acquire(client)
+	if err != nil {
+		return err
+	}
+	defer release()
+	mem, err := c.s.opts.Memory.Charge(client, "GetTree", 0)
+	if err != nil {
+		return err
+	}
+	defer mem.Release()
+	// Reading, parsing and sending the directories is the client's work, all of it.
+	done, err := c.s.opts.Work.Acquire(ctx, client)
+	if err != nil {
+		return err
+	}
+	defer done()
 	w := c.s.trees.take(id, root, skip)
 	if w == nil { // a first page, or a walk no longer kept: walk from the root
-		w = &treeWalk{root: root, walk: cache.NewWalk(root, cache.DirectoriesIn(c.s.cas, cache.MaxTreeSize), cache.WalkOptions{Distinct: true})}
+		w = newTreeWalk(c.s.cas, root)
 	}
-	var page []*repb.Directory
-	for !w.walk.Done() && len(page) < pageSize {
+	w.mem = mem
+	seen := w.walk.Seen()
+	if err := mem.Grow(int64(seen) * treeSeenCost); err != nil {
+		return err
+	}
+	var batch []*repb.Directory
+	size, held, sent := 0, int64(0), 0
+	flush := func(next string) error {
+		err := stream.Send(&repb.GetTreeResponse{Directories: batch, NextPageToken: next})
+		batch, size = nil, 0
+		mem.Shrink(held)
+		held = 0
+		return err
+	}
+	for !w.walk.Done() && sent < pageSize {
 		it, dir, err := w.walk.Next(ctx)
 		if err != nil {
 			if it.Digest == root && status.Code(err) == codes.NotFound {
@@ -147,28 +216,31 @@ func (c casServer) GetTree(req *repb.GetTreeRequest, stream repb.ContentAddressa
 			}
 			return err
 		}
+		if err := mem.Grow(int64(w.walk.Seen()-seen) * treeSeenCost); err != nil {
+			return err
+		}
+		seen = w.walk.Seen()
+		cost := treeReadCost * min(it.Digest.Size, cache.MaxTreeSize)
 		if w.n >= skip {
-			page = append(page, dir)
+			sz := proto.Size(dir)
+			if len(batch) > 0 && size+sz > MaxBatchSize {
+				if err := flush(""); err != nil {
+					return err
+				}
+			}
+			batch = append(batch, dir)
+			size += sz
+			held += cost
+			sent++
+		} else {
+			mem.Shrink(cost)
 		}
 		w.n++
 	}
 	next := ""
 	if !w.walk.Done() {
+		w.mem = nil // kept between pages: the next page charges its own
 		next = c.s.trees.put(w)
 	}
-	// Split into messages that fit the gRPC limit.
-	var batch []*repb.Directory
-	size := 0
-	for _, dir := range page {
-		sz := proto.Size(dir)
-		if len(batch) > 0 && size+sz > MaxBatchSize {
-			if err := stream.Send(&repb.GetTreeResponse{Directories: batch}); err != nil {
-				return err
-			}
-			batch, size = nil, 0
-		}
-		batch = append(batch, dir)
-		size += sz
-	}
-	return stream.Send(&repb.GetTreeResponse{Directories: batch, NextPageToken: next})
+	return flush(next)
 }

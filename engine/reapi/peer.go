@@ -3,6 +3,11 @@ package reapi
 import (
 	"context"
 	"crypto/x509"
+	"net"
+	"strings"
+
+	"github.com/kilnbuild/kiln/engine/limits"
+	"google.golang.org/grpc"
 
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/peer"
@@ -32,4 +37,63 @@ func Client(ctx context.Context) string {
 		return c.Subject.String() + " at " + addr
 	}
 	return addr
+}
+
+type clientIDKey struct{}
+
+// WithClientID names ctx's caller id for per-client limits: an authenticating layer
+// (a token's subject, say) sets it, and it then takes precedence over what ClientID
+// would derive from the connection.
+func WithClientID(ctx context.Context, id string) context.Context {
+	return context.WithValue(ctx, clientIDKey{}, id)
+}
+
+// ClientID names ctx's caller for per-client limits: the identity an authenticating
+// layer set (WithClientID; kiln serve's engine/auth: a token's issuer and subject, a
+// SPIFFE ID, a certificate's common name, or the peer's address), else "cert:" and
+// the common name of its verified client certificate, else "peer:" and its IP
+// address, so that all connections from one address count as one client.
+func ClientID(ctx context.Context) string {
+	if id, ok := ctx.Value(clientIDKey{}).(string); ok && id != "" {
+		return id
+	}
+	if c, ok := ClientCert(ctx); ok {
+		return "cert:" + c.Subject.CommonName
+	}
+	if p, ok := peer.FromContext(ctx); ok && p.Addr != nil {
+		if a, ok := p.Addr.(*net.TCPAddr); ok {
+			return "peer:" + a.IP.String()
+		}
+		host := p.Addr.String()
+		if h, _, err := net.SplitHostPort(host); err == nil {
+			host = h
+		}
+		return "peer:" + host
+	}
+	return "unknown"
+}
+
+// CallLimit returns the interceptors that make each call wait for its client's turn
+// under c (limits.Calls), the health service excepted.
+func CallLimit(c *limits.Calls) []grpc.ServerOption {
+	wait := func(ctx context.Context, method string) error {
+		if strings.HasPrefix(method, "/grpc.health.") {
+			return nil
+		}
+		return c.Wait(ctx, ClientID(ctx))
+	}
+	return []grpc.ServerOption{
+		grpc.ChainUnaryInterceptor(func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+			if err := wait(ctx, info.FullMethod); err != nil {
+				return nil, err
+			}
+			return h(ctx, req)
+		}),
+		grpc.ChainStreamInterceptor(func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) error {
+			if err := wait(ss.Context(), info.FullMethod); err != nil {
+				return err
+			}
+			return h(srv, ss)
+		}),
+	}
 }

@@ -10,7 +10,6 @@ import (
 	"os"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"testing"
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
@@ -42,9 +41,24 @@ func newEnv(t *testing.T, opts Options) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cas := cache.WithEmptyBlob(store)
+	return newEnvOn(t, store, cache.WithEmptyBlob(store), opts)
+}
+
+// openBounded opens a primary store in dir bounded to maxSize bytes.
+func openBounded(t *testing.T, dir string, maxSize int64) *disk.Store {
+	t.Helper()
+	store, err := disk.Open(context.Background(), dir, disk.Options{Primary: true, MaxSize: maxSize})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return store
+}
+
+// newEnvOn serves cas (over store) to a client.
+func newEnvOn(t *testing.T, store *disk.Store, cas cache.BlobStore, opts Options) *env {
+	t.Helper()
 	srv := New(cas, cache.WithCompletenessCheck(store.ActionCache(), cas), opts)
-	g := grpc.NewServer(grpc.MaxRecvMsgSize(MaxMessageSize))
+	g := grpc.NewServer(grpc.MaxRecvMsgSize(MaxMessageSize), grpc.ChainUnaryInterceptor(testClientUnary), grpc.ChainStreamInterceptor(testClientStream))
 	srv.Register(g)
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -239,7 +253,7 @@ func TestGetTreePaging(t *testing.T) {
 		root.Directories = append(root.Directories, &repb.DirectoryNode{Name: fmt.Sprintf("d%02d", i), Digest: e.putProto(t, sub).Proto()})
 	}
 	rootD := e.putProto(t, root)
-	reads := &countingStore{BlobStore: e.srv.cas}
+	reads := &cachetest.CountingStore{BlobStore: e.srv.cas}
 	e.srv.cas = reads
 	page := func(token string) (dirs []*repb.Directory, next string) {
 		st, err := e.cas.GetTree(ctx, &repb.GetTreeRequest{RootDigest: rootD.Proto(), PageSize: 10, PageToken: token})
@@ -278,7 +292,7 @@ func TestGetTreePaging(t *testing.T) {
 		t.Fatal("first directory is not the root")
 	}
 	// Each page goes on from where the last stopped: every directory is read once.
-	if n := reads.n.Load(); n != 27 {
+	if n := reads.N.Load(); n != 27 {
 		t.Fatalf("paging through 27 directories read %d blobs, want 27", n)
 	}
 	// A token whose walk is gone (asked again, or after a restart) still gives its page.
@@ -668,17 +682,6 @@ func writeFile(t *testing.T, p string, b []byte) {
 	if err := os.WriteFile(p, b, 0o444); err != nil {
 		t.Fatal(err)
 	}
-}
-
-// countingStore counts the blobs read through it.
-type countingStore struct {
-	cache.BlobStore
-	n atomic.Int64
-}
-
-func (c *countingStore) Get(ctx context.Context, d cache.Digest, offset int64) (io.ReadCloser, error) {
-	c.n.Add(1)
-	return c.BlobStore.Get(ctx, d, offset)
 }
 
 // TestTreeCursorsBounded: kept GetTree walks stay within their count and memory

@@ -59,9 +59,16 @@ func parseWriteResource(name string) (resource, error) {
 	if r.uuid == "" || r.uuid == "." || r.uuid == ".." || reserved[r.uuid] {
 		return resource{}, badResource(name, "bad upload id")
 	}
-	// Optional metadata after the size is allowed and ignored.
-	if _, err := parseBlobPart(name, &r, segs[i+2:]); err != nil {
+	// Optional metadata after the size is allowed and ignored, but it must be a path
+	// as harmless as the rest.
+	meta, err := parseBlobPart(name, &r, segs[i+2:])
+	if err != nil {
 		return resource{}, err
+	}
+	for _, m := range meta {
+		if m == "" || m == "." || m == ".." {
+			return resource{}, badResource(name, "empty, '.' or '..' segment after the size")
+		}
 	}
 	return r, nil
 }
@@ -71,6 +78,9 @@ func parseWriteResource(name string) (resource, error) {
 func instanceEnd(name string, segs []string) (int, error) {
 	if strings.HasPrefix(name, "/") {
 		return 0, badResource(name, "must not be absolute")
+	}
+	if strings.ContainsRune(name, 0) {
+		return 0, badResource(name, "contains NUL")
 	}
 	for i, s := range segs {
 		if reserved[s] {
@@ -122,9 +132,9 @@ func parseBlobPart(name string, r *resource, segs []string) ([]string, error) {
 			return nil, badResource(name, "missing hash or size")
 		}
 	}
-	size, err := strconv.ParseInt(segs[1], 10, 64)
+	size, err := parseSize(segs[1])
 	if err != nil {
-		return nil, badResource(name, "size is not a number")
+		return nil, badResource(name, "size is not a decimal number without sign or leading zeros")
 	}
 	d, err := cache.NewDigest(segs[0], size)
 	if err != nil {
@@ -132,6 +142,20 @@ func parseBlobPart(name string, r *resource, segs []string) ([]string, error) {
 	}
 	r.digest = d
 	return segs[2:], nil
+}
+
+// parseSize parses a size the one way REAPI writes it: decimal digits, no sign, no
+// leading zero (strconv.ParseInt alone would take "+24" and "024").
+func parseSize(s string) (int64, error) {
+	if s == "" || (len(s) > 1 && s[0] == '0') {
+		return 0, strconv.ErrSyntax
+	}
+	for i := 0; i < len(s); i++ {
+		if s[i] < '0' || s[i] > '9' {
+			return 0, strconv.ErrSyntax
+		}
+	}
+	return strconv.ParseInt(s, 10, 64)
 }
 
 func badResource(name, why string) error {

@@ -9,6 +9,7 @@ import (
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"github.com/kilnbuild/kiln/cache"
+	"github.com/kilnbuild/kiln/engine/limits"
 	"google.golang.org/genproto/googleapis/bytestream"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -35,6 +36,21 @@ type Options struct {
 	Logger *slog.Logger
 	// ExecutionCapabilities, when set, is advertised (the engine sets it).
 	ExecutionCapabilities *repb.ExecutionCapabilities
+	// Memory is the server's memory budget, which uploads, reads and tree walks are
+	// charged to; nil bounds nothing.
+	Memory *limits.Budget
+	// StoreSpace bounds the declared sizes of uploads in progress, in all and per
+	// client (limits.Budget.StoreSpace); nil bounds nothing.
+	StoreSpace *limits.Budget
+	// ClientUploads and MaxUploads bound the ByteStream uploads in progress per client
+	// and in all; 0 means DefaultClientUploads and DefaultMaxUploads.
+	ClientUploads, MaxUploads int
+	// ClientTrees bounds the GetTree calls one client may have in progress; 0 means
+	// DefaultClientTrees.
+	ClientTrees int
+	// Work bounds the CPU-heavy work done for one client at a time (decompressing and
+	// hashing uploads, parsing directories); nil bounds nothing.
+	Work *limits.Work
 }
 
 // Server implements the REAPI storage services.
@@ -46,6 +62,8 @@ type Server struct {
 	bs   *byteStream
 	// trees keeps GetTree walks between pages.
 	trees treeCursors
+	// treeSlots bounds the GetTree calls in progress per client.
+	treeSlots *limits.Slots
 }
 
 // New returns the services over cas and ac. cas should already make the empty blob
@@ -58,7 +76,21 @@ func New(cas cache.BlobStore, ac cache.ActionCache, opts Options) *Server {
 		opts.InlineLimit = 1 << 20
 	}
 	s := &Server{cas: cas, ac: ac, opts: opts, log: opts.Logger}
-	s.bs = newByteStream(cas, opts.Logger)
+	if opts.ClientUploads <= 0 {
+		opts.ClientUploads = DefaultClientUploads
+	}
+	if opts.MaxUploads <= 0 {
+		opts.MaxUploads = DefaultMaxUploads
+	}
+	if opts.ClientTrees <= 0 {
+		opts.ClientTrees = DefaultClientTrees
+	}
+	s.opts = opts
+	s.treeSlots = limits.NewSlots(opts.Memory, "trees", "GetTree calls", "--client-max-trees", opts.ClientTrees, 0)
+	s.bs = newByteStream(cas, opts.Logger, opts.Memory, opts.ClientUploads, opts.MaxUploads)
+	s.bs.space = opts.StoreSpace
+	s.bs.work = opts.Work
+	opts.StoreSpace.OnShortage(s.bs.reclaim)
 	return s
 }
 

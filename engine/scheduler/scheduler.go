@@ -17,6 +17,7 @@ import (
 	"github.com/kilnbuild/kiln/cache"
 	"github.com/kilnbuild/kiln/engine/execution"
 	"github.com/kilnbuild/kiln/engine/executor"
+	"github.com/kilnbuild/kiln/engine/limits"
 	"github.com/kilnbuild/kiln/internal/clock"
 	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc/codes"
@@ -46,7 +47,17 @@ type SchedulerConfig struct {
 	// ActionURL, if set, is the web page of an action: an execution that ends in an
 	// error names it in the error's message.
 	ActionURL func(cache.Digest) string
+	// Memory is charged for the input trees of queued executions (nil: not bounded).
+	Memory *limits.Budget
+	// ClientQueued bounds the executions one client (execution.Request.Client) may
+	// have waiting for a slot or being validated; 0 means DefaultClientQueued.
+	ClientQueued int
+	// Work bounds the validation of input trees done for one client at a time.
+	Work *limits.Work
 }
+
+// DefaultClientQueued is the default per-client bound on queued executions.
+const DefaultClientQueued = 1000
 
 // Finished is one execution or action-cache hit as it ended, for SchedulerConfig.Observe.
 type Finished struct {
@@ -56,7 +67,9 @@ type Finished struct {
 	Owners []string
 	// Submitted is when the (first) Execute call came; Done when it ended.
 	Submitted, Done time.Time
-	// Outcome is as kiln_executions_total counts it: cached, ok, failed, error, cancelled.
+	// Outcome is as kiln_executions_total counts it: cached, ok, failed, error,
+	// cancelled; an action refused before it was queued (its input tree) is an error
+	// here, and "refused" in the metric.
 	Outcome  string
 	Response *repb.ExecuteResponse
 	// Attest is the time signing the link took.
@@ -83,6 +96,26 @@ type Scheduler struct {
 	mRun    prometheus.Gauge
 	mPhase  *prometheus.HistogramVec
 	verify  *serverVerify // kiln-verify and --verify-rate (verify_exec.go)
+	// queuedSlots counts each client's executions being validated or waiting for a slot.
+	queuedSlots *limits.Slots
+}
+
+// held is what a queued execution holds for its client: its queue slot (given back
+// when it starts) and the memory its input tree is charged (given back when it ends).
+type held struct {
+	unqueue func()
+	mem     *limits.Charge
+}
+
+func (h held) started() {
+	if h.unqueue != nil {
+		h.unqueue()
+	}
+}
+
+func (h held) done() {
+	h.started()
+	h.mem.Release()
 }
 
 // flight is one run of an action, shared by every operation merged into it.
@@ -147,9 +180,12 @@ func NewScheduler(exec *executor.Executor, cfg SchedulerConfig) *Scheduler {
 	if cfg.Clock == nil {
 		cfg.Clock = clock.System()
 	}
+	if cfg.ClientQueued <= 0 {
+		cfg.ClientQueued = DefaultClientQueued
+	}
 	s := &Scheduler{exec: exec, cfg: cfg, log: cfg.Logger, slot: make(chan struct{}, cfg.Concurrency),
 		inflight: map[string]*flight{}, ops: map[string]*operation{}}
-	s.mExec = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "kiln_executions_total", Help: "Executions by outcome (cached, ok, failed, error, cancelled)."}, []string{"outcome"})
+	s.mExec = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "kiln_executions_total", Help: "Executions by outcome (cached, ok, failed, error, cancelled; refused: an input tree refused before it was queued)."}, []string{"outcome"})
 	s.mMerged = prometheus.NewCounter(prometheus.CounterOpts{Name: "kiln_executions_merged_total", Help: "Execute calls merged into an identical execution already in flight."})
 	s.mQueue = prometheus.NewGauge(prometheus.GaugeOpts{Name: "kiln_execution_queue_length", Help: "Executions waiting for a slot."})
 	s.mRun = prometheus.NewGauge(prometheus.GaugeOpts{Name: "kiln_executions_running", Help: "Executions running."})
@@ -159,6 +195,7 @@ func NewScheduler(exec *executor.Executor, cfg SchedulerConfig) *Scheduler {
 		cfg.Registerer.MustRegister(s.mExec, s.mMerged, s.mQueue, s.mRun, s.mPhase)
 	}
 	s.verify = newServerVerify(exec, cfg)
+	s.queuedSlots = limits.NewSlots(cfg.Memory, "queued_executions", "queued executions", "--client-max-queued", cfg.ClientQueued, 0)
 	return s
 }
 
@@ -177,32 +214,46 @@ func (s *Scheduler) Submit(ctx context.Context, req execution.Request) (executio
 	}
 	submitted := time.Now()
 	if !req.SkipCacheLookup {
-		if r, err := s.exec.CachedResult(ctx, req.Instance, req.ActionDigest); err == nil {
-			s.mExec.WithLabelValues("cached").Inc()
-			ex := &flight{action: req.ActionDigest, changed: make(chan struct{})}
-			resp := &repb.ExecuteResponse{Result: r, CachedResult: true, Status: execution.StatusProto(nil)}
-			s.finish(ex, resp)
-			s.observe(Finished{Instance: req.Instance, Action: req.ActionDigest, Owners: []string{req.Owner}, Submitted: submitted, Done: time.Now(), Outcome: "cached", Response: resp})
-			return s.newOp(ex, req.Owner), nil
-		} else if status.Code(err) != codes.NotFound {
+		if w, err := s.cached(ctx, req, submitted); err != nil {
 			return nil, err
+		} else if w != nil {
+			return w, nil
 		}
 	}
 	key := ""
 	if !a.Action.GetDoNotCache() {
 		key = req.Instance + "\x00" + req.ActionDigest.String()
 	}
+	if w := s.merge(key, req.Owner); w != nil {
+		return w, nil
+	}
+	// A new execution: the client's queue slot, then its input tree read and
+	// validated here, before it waits for an execution slot, so that a tree the
+	// executor would refuse never takes one.
+	h, err := s.admit(ctx, req, a)
+	if err != nil {
+		if c := status.Code(err); c == codes.InvalidArgument || c == codes.FailedPrecondition {
+			// The action cannot run: reported as an execution that ended in an error.
+			err = s.withActionURL(err, req.ActionDigest)
+			s.mExec.WithLabelValues("refused").Inc()
+			s.observe(Finished{Instance: req.Instance, Action: req.ActionDigest, Owners: []string{req.Owner}, Submitted: submitted, Done: time.Now(), Outcome: "error",
+				Response: &repb.ExecuteResponse{Status: execution.StatusProto(err)}})
+		}
+		return nil, err
+	}
 	s.mu.Lock()
 	if key != "" {
-		if ex := s.inflight[key]; ex != nil {
-			w := s.newOpLocked(ex, req.Owner) // under the lock that found ex, so its last client cannot cancel it first
+		if ex := s.inflight[key]; ex != nil { // started meanwhile
+			w := s.newOpLocked(ex, req.Owner)
 			s.mu.Unlock()
 			s.mMerged.Inc()
+			h.done()
 			return w, nil
 		}
 	}
 	if s.queued >= s.cfg.MaxQueue {
 		s.mu.Unlock()
+		h.done()
 		return nil, status.Errorf(codes.ResourceExhausted, "execution queue is full (%d actions waiting); retry later", s.cfg.MaxQueue)
 	}
 	s.queued++
@@ -216,9 +267,85 @@ func (s *Scheduler) Submit(ctx context.Context, req execution.Request) (executio
 	w := s.newOpLocked(ex, req.Owner)
 	s.mu.Unlock()
 
+	if key != "" && !req.SkipCacheLookup {
+		// Look the action cache up again now that this execution is in flight: one of
+		// the same action may have ended since the lookup above (admitting can wait for
+		// the client's work). A run writes the cache before it leaves the in-flight set,
+		// so either it was still in flight when this one looked (and was joined) or its
+		// result is found here; it never runs twice.
+		if r, err := s.exec.CachedResult(ctx, req.Instance, req.ActionDigest); err == nil {
+			s.dequeue()
+			h.done()
+			cancel()
+			s.mExec.WithLabelValues("cached").Inc()
+			resp := &repb.ExecuteResponse{Result: r, CachedResult: true, Status: execution.StatusProto(nil)}
+			s.finish(ex, resp)
+			s.observeFlight(ex, executor.Request{Instance: req.Instance, ActionDigest: req.ActionDigest, Queued: submitted}, "cached", resp, 0)
+			return w, nil
+		}
+	}
 	// Queued is wall-clock time, as the executor's own timestamps in the result are.
-	go s.run(opCtx, ex, executor.Request{Instance: req.Instance, ActionDigest: req.ActionDigest, Queued: submitted, RequestedBy: req.Owner}, a)
+	go s.run(opCtx, ex, executor.Request{Instance: req.Instance, ActionDigest: req.ActionDigest, Queued: submitted, RequestedBy: req.Owner}, a, h)
 	return w, nil
+}
+
+// cached answers req from the action cache: a finished operation, or nil on a miss.
+func (s *Scheduler) cached(ctx context.Context, req execution.Request, submitted time.Time) (*watch, error) {
+	r, err := s.exec.CachedResult(ctx, req.Instance, req.ActionDigest)
+	if status.Code(err) == codes.NotFound {
+		return nil, nil
+	} else if err != nil {
+		return nil, err
+	}
+	s.mExec.WithLabelValues("cached").Inc()
+	ex := &flight{action: req.ActionDigest, changed: make(chan struct{})}
+	resp := &repb.ExecuteResponse{Result: r, CachedResult: true, Status: execution.StatusProto(nil)}
+	s.finish(ex, resp)
+	s.observe(Finished{Instance: req.Instance, Action: req.ActionDigest, Owners: []string{req.Owner}, Submitted: submitted, Done: time.Now(), Outcome: "cached", Response: resp})
+	return s.newOp(ex, req.Owner), nil
+}
+
+// merge joins owner to the execution of key in flight, if there is one.
+func (s *Scheduler) merge(key, owner string) *watch {
+	if key == "" {
+		return nil
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	ex := s.inflight[key]
+	if ex == nil {
+		return nil
+	}
+	s.mMerged.Inc()
+	return s.newOpLocked(ex, owner) // under the lock that found ex, so its last client cannot cancel it first
+}
+
+// withActionURL names the action's web page in err's message, keeping its code and
+// details (the MISSING violations a client re-uploads by).
+func (s *Scheduler) withActionURL(err error, d cache.Digest) error {
+	if s.cfg.ActionURL == nil {
+		return err
+	}
+	p := status.Convert(err).Proto()
+	p.Message += " (the action's page: " + s.cfg.ActionURL(d) + ")"
+	return status.FromProto(p).Err()
+}
+
+// admit takes the client's queue slot and reads and validates a's input tree, its
+// memory charged to the client and the work done as the client's.
+func (s *Scheduler) admit(ctx context.Context, req execution.Request, a *executor.Action) (held, error) {
+	var h held
+	var err error
+	if req.Client != "" {
+		if h.unqueue, err = s.queuedSlots.Acquire(req.Client); err != nil {
+			return h, err
+		}
+	}
+	if h.mem, err = s.exec.AdmitInputs(ctx, req.Client, a, s.cfg.Memory, s.cfg.Work); err != nil {
+		h.done()
+		return held{}, err
+	}
+	return h, nil
 }
 
 // newOp names a new operation of owner on ex and returns a Watch on it.
@@ -257,8 +384,9 @@ func (s *Scheduler) attachLocked(op *operation) *watch {
 }
 
 // run waits for a slot, executes, and publishes the response.
-func (s *Scheduler) run(ctx context.Context, ex *flight, req executor.Request, a *executor.Action) {
+func (s *Scheduler) run(ctx context.Context, ex *flight, req executor.Request, a *executor.Action, h held) {
 	defer ex.cancel()
+	defer h.done()
 	select {
 	case s.slot <- struct{}{}:
 	case <-ctx.Done():
@@ -270,6 +398,7 @@ func (s *Scheduler) run(ctx context.Context, ex *flight, req executor.Request, a
 		return
 	}
 	s.dequeue()
+	h.started()
 	s.mRun.Inc()
 	s.setStage(ex, repb.ExecutionStage_EXECUTING)
 	res, err := s.exec.Execute(ctx, s.verify.prepare(req, a), a)
@@ -287,10 +416,8 @@ func (s *Scheduler) run(ctx context.Context, ex *flight, req executor.Request, a
 			outcome = "error"
 		}
 		s.mExec.WithLabelValues(outcome).Inc()
-		if outcome == "error" && s.cfg.ActionURL != nil {
-			p := status.Convert(err).Proto() // code and details kept
-			p.Message += " (the action's page: " + s.cfg.ActionURL(req.ActionDigest) + ")"
-			err = status.FromProto(p).Err()
+		if outcome == "error" {
+			err = s.withActionURL(err, req.ActionDigest)
 		}
 		resp = &repb.ExecuteResponse{Status: execution.StatusProto(err)}
 		s.log.Info("execution failed", "action", req.ActionDigest.String(), "code", status.Code(err).String(), "err", status.Convert(err).Message())

@@ -56,6 +56,8 @@ type Config struct {
 	// LogLevel and LogFormat are how kiln serve builds Options.Logger.
 	LogLevel  string `yaml:"log-level"`
 	LogFormat string `yaml:"log-format"`
+	// Limits bound what clients can make the server hold (docs/serve.md, "Limits").
+	Limits Limits `yaml:",inline"`
 	// Ready, if set, is called with the bound addresses once the server accepts calls.
 	Ready func(grpcAddr, httpAddr string) `yaml:"-"`
 }
@@ -63,6 +65,7 @@ type Config struct {
 // Resolved returns c with every default made explicit, as Serve runs it.
 func (c Config) Resolved() Config {
 	c.Options = c.Options.Resolved()
+	c.Limits = c.Limits.Resolved()
 	c.Cluster = c.Cluster.Resolved()
 	return c
 }
@@ -74,6 +77,9 @@ func (c Config) Check() error {
 		return status.Errorf(codes.InvalidArgument, "--verify-rate %v: want a fraction from 0 to 1", r)
 	}
 	if err := c.TLS.Check(); err != nil {
+		return err
+	}
+	if err := c.Limits.Check(); err != nil {
 		return err
 	}
 	if s := c.Storage.S3; s != nil {

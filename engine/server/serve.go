@@ -21,6 +21,7 @@ import (
 	"github.com/kilnbuild/kiln/engine/auth"
 	"github.com/kilnbuild/kiln/engine/execution"
 	"github.com/kilnbuild/kiln/engine/history"
+	"github.com/kilnbuild/kiln/engine/limits"
 	"github.com/kilnbuild/kiln/engine/reapi"
 	"github.com/kilnbuild/kiln/engine/ui"
 	"github.com/kilnbuild/kiln/lockfiles"
@@ -98,8 +99,12 @@ func Serve(ctx context.Context, cfg Config) error {
 		defer hl.Close()
 		httpAddr = hl.Addr().String()
 	}
+	mem := newBudget(cfg.Limits)
+	mem.Register(reg)
+	work := limits.NewWork(cfg.Limits.ClientCPUs)
 	opts := cfg.Options
 	opts.Primary, opts.Logger, opts.Registerer, opts.Pinner = true, log, reg, pinner(lock)
+	opts.Memory, opts.ClientQueued, opts.Work = mem, cfg.Limits.ClientQueued, work
 	cl, err := joinCluster(ctx, cfg, log)
 	if err != nil {
 		return err
@@ -140,7 +145,13 @@ func Serve(ctx context.Context, cfg Config) error {
 		defer h.Close()
 		hist.Store(h)
 	}
-	ropts := reapi.Options{AllowClientACWrites: cfg.AllowClientACWrites, Logger: log}
+	ropts := reapi.Options{AllowClientACWrites: cfg.AllowClientACWrites, Logger: log, Memory: mem,
+		ClientUploads: cfg.Limits.ClientUploads, MaxUploads: cfg.Limits.MaxUploads, ClientTrees: cfg.Limits.ClientTrees, Work: work}
+	if cfg.Storage.S3 == nil {
+		// With shared storage --max-size bounds the local tier only: uploads go to the
+		// bucket, and a blob larger than the tier is not kept in it.
+		ropts.StoreSpace = mem.StoreSpace(int64(cfg.MaxSize))
+	}
 	if !cfg.Execution.Disabled {
 		ropts.ExecutionCapabilities = &repb.ExecutionCapabilities{
 			DigestFunction:  repb.DigestFunction_SHA256,
@@ -158,7 +169,7 @@ func Serve(ctx context.Context, cfg Config) error {
 	srv := reapi.New(eng.CAS, auth.RecordWrites(ac), ropts)
 	defer srv.Close()
 	obs := reapi.NewObserver(reg, log)
-	gopts := append(obs.ServerOptions(), grpc.MaxRecvMsgSize(reapi.MaxMessageSize))
+	gopts := append(obs.ServerOptions(), grpc.MaxRecvMsgSize(reapi.MaxMessageSize), grpc.MaxConcurrentStreams(maxStreams))
 	if creds != nil {
 		gopts = append(gopts, creds)
 	}
@@ -166,6 +177,9 @@ func Serve(ctx context.Context, cfg Config) error {
 	// then sees the caller: auth.CallerFrom).
 	authn := newAuthenticator(verifier, policy, cfg.OIDC, eng.Revocations, log)
 	gopts = append(gopts, authn.ServerOptions()...)
+	// Each call waits for its client's turn, the client named as authn established it
+	// (a token's identity, else its certificate's, else its address).
+	gopts = append(gopts, reapi.CallLimit(limits.NewCalls(mem, cfg.Limits.ClientCalls))...)
 	if policy != nil {
 		log.Info("authorization policy", "file", cfg.AuthzFile, "rules", policy.String())
 	}
@@ -228,7 +242,7 @@ func Serve(ctx context.Context, cfg Config) error {
 	hs.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
 	log.Info("kiln serving", "grpc", lis.Addr().String(), "http", httpAddr, "ui", publicURL, "data", string(cfg.Data),
 		"store", eng.Store.String(), "max_size", cfg.MaxSize, "client_ac_writes", cfg.AllowClientACWrites, "tls", cfg.TLS.Enabled(), "client_certificates", cfg.TLS.ClientCA != "",
-		"execution", !cfg.Execution.Disabled, "cluster", cfg.Cluster.String())
+		"execution", !cfg.Execution.Disabled, "cluster", cfg.Cluster.String(), "max_memory", mem.Total(), "client_memory", mem.PerClient())
 	if hl != nil {
 		remove, err := ui.RecordBase(cfg.Data.UIURL(), publicURL)
 		if err != nil {

@@ -259,3 +259,50 @@ func Context(t testing.TB, d time.Duration) context.Context {
 	t.Cleanup(cancel)
 	return ctx
 }
+
+// TempBytes sums the store's temporary files: those named in its tmp directory and
+// those without a name (O_TMPFILE, or removed while open) the server holds open there.
+func (s *Server) TempBytes(t testing.TB) int64 {
+	t.Helper()
+	tmp := filepath.Join(s.Data, "store", "tmp")
+	var n int64
+	ents, _ := os.ReadDir(tmp)
+	for _, e := range ents {
+		if info, err := e.Info(); err == nil {
+			n += info.Size()
+		}
+	}
+	fds := fmt.Sprintf("/proc/%d/fd", s.cmd.Process.Pid)
+	ents, err := os.ReadDir(fds)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range ents {
+		link, err := os.Readlink(filepath.Join(fds, e.Name()))
+		if err != nil || !strings.HasPrefix(link, tmp+"/") || !strings.HasSuffix(link, " (deleted)") {
+			continue
+		}
+		if info, err := os.Stat(filepath.Join(fds, e.Name())); err == nil {
+			n += info.Size()
+		}
+	}
+	return n
+}
+
+// PeakRSS is the server process's peak resident memory so far (VmHWM), in bytes.
+func (s *Server) PeakRSS(t testing.TB) int64 {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", s.cmd.Process.Pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if rest, ok := strings.CutPrefix(line, "VmHWM:"); ok {
+			var kb int64
+			fmt.Sscanf(strings.TrimSpace(rest), "%d", &kb)
+			return kb << 10
+		}
+	}
+	t.Fatalf("no VmHWM in /proc/%d/status", s.cmd.Process.Pid)
+	return 0
+}

@@ -26,7 +26,7 @@ import (
 
 // Sandbox runs a command's words on the host exec root: write PATH CONTENT, mkdir
 // PATH, symlink TARGET PATH, rm PATH, exit N, block (until Release or cancellation),
-// timeout, cat SRC DST, echo.
+// timeout, truncate (stdout hit the cap), cat SRC DST, echo.
 type Sandbox struct {
 	Runs    atomic.Int64
 	Release chan struct{}      // if set, "block" waits on it
@@ -75,6 +75,8 @@ func (f *Sandbox) Run(ctx context.Context, j executor.Job) (executor.JobResult, 
 			}
 		case "timeout":
 			res.TimedOut, res.ExitCode = true, 137
+		case "truncate": // stdout hit the sandbox's cap
+			res.StdoutTruncated = true
 		case "cat": // cat SRC DST: copy an input to an output
 			b, err := os.ReadFile(filepath.Join(cwd, j.Args[i+1]))
 			if err != nil {
