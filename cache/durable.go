@@ -1,10 +1,12 @@
 package cache
 
 import (
+	"bytes"
 	"context"
 	"io"
 
 	"github.com/kilnbuild/kiln/internal/grpcerr"
+	"golang.org/x/sync/errgroup"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -22,7 +24,27 @@ type durableCopy struct {
 // evidence and must outlive the cache entries that reference them.
 func WithDurableCopy(s, durable BlobStore) BlobStore { return durableCopy{s, durable} }
 
+// smallDurableCopy is the largest blob Put writes to both stores at once, from memory
+// (a signed link's envelope is a few KiB): one store's round trip instead of a write,
+// a lookup and a second write one after another.
+const smallDurableCopy = 1 << 20
+
 func (c durableCopy) Put(ctx context.Context, d Digest, r io.Reader) error {
+	if d.Size <= smallDurableCopy {
+		// Verified before either store sees it; each store checks it again on its way
+		// in, and Put succeeds only once both hold it.
+		var b bytes.Buffer
+		b.Grow(int(d.Size))
+		if err := CopyVerified(&b, r, d); err != nil {
+			return err
+		}
+		g, gctx := errgroup.WithContext(ctx)
+		g.Go(func() error { return c.BlobStore.Put(gctx, d, bytes.NewReader(b.Bytes())) })
+		g.Go(func() error {
+			return grpcerr.Wrap(c.durable.Put(gctx, d, bytes.NewReader(b.Bytes())), "durable copy of %s", d)
+		})
+		return g.Wait()
+	}
 	if err := c.BlobStore.Put(ctx, d, r); err != nil {
 		return err
 	}

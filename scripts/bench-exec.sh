@@ -38,7 +38,8 @@
 # frontend, two workers each with --concurrency half the CPUs, the sequencer) beside a
 # single-process `kiln serve --storage` on the same versitygw (so both pay the bucket),
 # both clean: the same build at --jobs=8, and N genrules one at a time (--jobs=1), whose
-# time difference divided by N is what the cluster path adds per action.
+# time difference divided by N is what the cluster path adds per action; then each
+# side's per-action time by phase, for the genrules alone and for everything.
 # Since bb-remote-execution e6ab874 (2026-03) Buildbarn refuses REv2.0, which Debian's
 # Bazel 4.2.3 speaks; two edits let it through: lower the scheduler's DeprecatedApiVersion
 # from 2.2 to 2.0 (pkg/scheduler/in_memory_build_queue.go) and make the worker take
@@ -311,6 +312,9 @@ if [[ -n ${CLUSTER:-} ]]; then
     done
     seqrow+=("$(awk -v s="${ts[r]}" -v c="${tc[r]}" -v n="$N" 'BEGIN { printf "%.1f", 1000*(c-s)/n }')")
   done
+  # the phases of the genrules alone, before the full builds add theirs
+  curl -s http://127.0.0.1:18853/metrics > "$cl/serve-genrules.metrics"
+  { curl -s http://127.0.0.1:18861/metrics; curl -s http://127.0.0.1:18862/metrics; } > "$cl/workers-genrules.metrics"
   bz clean >/dev/null 2>&1; timed bz "${common[@]}" $(rx 18852 full); t_sfull=$t
   bz clean >/dev/null 2>&1; timed bz "${common[@]}" $(rx 18854 full); t_cfull=$t
   grep -E "INFO: [0-9]+ processes" "$work/last.log" | tail -1
@@ -321,11 +325,16 @@ if [[ -n ${CLUSTER:-} ]]; then
   printf '%s\n' "${seqrow[@]}" | sort -g | awk '{ v[NR] = $1 } END { printf "median: the cluster path adds %.1f ms per action\n", v[int((NR+1)/2)] }'
   printf '%-44s %8.2f s\n' "serve --storage: $((4*N)) actions at --jobs=8" "$t_sfull" "cluster: $((4*N)) actions at --jobs=8" "$t_cfull"
   awk -v sf="$t_sfull" -v cf="$t_cfull" 'BEGIN { printf "ratio cluster/serve at --jobs=8: %.2f\n", cf/sf }'
-  echo "cluster worker per-action time by phase (both workers, --jobs=8 build and the genrules):"
-  { curl -s http://127.0.0.1:18861/metrics; curl -s http://127.0.0.1:18862/metrics; } | awk '
+  phases() { awk '
     /^kiln_execution_phase_seconds_sum/ { match($0, /phase="[a-z_]+"/); p=substr($0, RSTART+7, RLENGTH-8); sum[p]+=$2 }
     /^kiln_execution_phase_seconds_count/ { match($0, /phase="[a-z_]+"/); p=substr($0, RSTART+7, RLENGTH-8); cnt[p]+=$2 }
-    END { for (p in sum) if (cnt[p] > 0) printf "  %-14s %7.1f ms  (%d actions)\n", p, 1000*sum[p]/cnt[p], cnt[p] }'
+    END { for (p in sum) if (cnt[p] > 0) printf "  %-14s %7.1f ms  (%d actions)\n", p, 1000*sum[p]/cnt[p], cnt[p] }'; }
+  echo "the $((3*N)) genrules at --jobs=1 alone, per-action time by phase: serve --storage, then the cluster's workers:"
+  phases < "$cl/serve-genrules.metrics"; echo "  --"; phases < "$cl/workers-genrules.metrics"
+  echo "serve --storage per-action time by phase (--jobs=8 build and the genrules):"
+  curl -s http://127.0.0.1:18853/metrics | phases
+  echo "cluster worker per-action time by phase (both workers, --jobs=8 build and the genrules):"
+  { curl -s http://127.0.0.1:18861/metrics; curl -s http://127.0.0.1:18862/metrics; } | phases
 fi
 if [[ -n ${BUILDBARN:-} && -z ${CLUSTER_ONLY:-} ]]; then
   echo "buildbarn CPU in a clean build (bb_storage, bb_scheduler, bb_worker, bb_runner + the actions; median): $c_bb s"
