@@ -141,19 +141,24 @@ func Open(ctx context.Context, opts Options) (*Engine, error) {
 	return e, nil
 }
 
-// attestCAS is where signed envelopes go: the CAS (clients read links from it) and,
-// with shared storage, also the bucket's attestations prefix, which has no lifecycle.
-func (e *Engine) attestCAS() cache.BlobStore {
-	if e.Bucket == nil {
-		return e.CAS
+// attestCAS is where signed envelopes go (AttestationsCAS).
+func (e *Engine) attestCAS() cache.BlobStore { return AttestationsCAS(e.CAS, e.Bucket) }
+
+// AttestationsCAS is the store for signed envelopes: the CAS (clients read links from
+// it) and, with shared storage, also the bucket's attestations prefix, which has no
+// lifecycle and answers for an envelope the CAS has lost. Only envelopes go through
+// it: other blobs (inputs, dependencies) stay under the CAS's lifecycle.
+func AttestationsCAS(cas cache.BlobStore, bucket *s3.Bucket) cache.BlobStore {
+	if bucket == nil {
+		return cas
 	}
-	return cache.WithDurableCopy(e.CAS, e.Bucket.Attestations())
+	return cache.WithDurableCopy(cas, bucket.Attestations())
 }
 
 // OpenCAS opens the store of a data dir for commands that only read and write blobs:
 // the disk store, or with storage set, the disk store as the local tier of the bucket
-// (plus its attestations prefix, where envelopes are also kept). local is the disk
-// store either way; bucket is the shared storage (nil without); close releases both.
+// (envelopes: AttestationsCAS). local is the disk store either way; bucket is the
+// shared storage (nil without); close releases both.
 func OpenCAS(ctx context.Context, data DataDir, storage StorageConfig, log *slog.Logger) (cas cache.BlobStore, local *disk.Store, bucket *s3.Bucket, close func(), err error) {
 	if storage.S3 != nil {
 		if bucket, err = s3.Open(ctx, *storage.S3, s3.Options{Logger: log}); err != nil {
@@ -167,7 +172,7 @@ func OpenCAS(ctx context.Context, data DataDir, storage StorageConfig, log *slog
 	if bucket == nil {
 		return d, d, nil, func() { d.Close() }, nil
 	}
-	cas = cache.WithDurableCopy(tiered.New(d, bucket.CAS(), tiered.Options{ActionCache: bucket.ActionCache(), Logger: log}), bucket.Attestations())
+	cas = tiered.New(d, bucket.CAS(), tiered.Options{ActionCache: bucket.ActionCache(), Logger: log})
 	return cache.WithEmptyBlob(cas), d, bucket, func() { d.Close() }, nil
 }
 

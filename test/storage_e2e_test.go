@@ -390,7 +390,7 @@ func TestSharedStorageExec(t *testing.T) {
 		}
 		return nil
 	})
-	if n == 0 {
-		t.Fatal("no signed link under the bucket's attest/ prefix")
+	if n != 1 {
+		t.Fatalf("%d objects under the bucket's attest/ prefix, want the one signed link (inputs and outputs stay under the CAS's lifecycle)", n)
 	}
 }

@@ -43,7 +43,7 @@ func openStoreBucket(ctx context.Context, dataDir string, storage engine.Storage
 	if err != nil {
 		return nil, nil, nil, err
 	}
-	return attest.NewStore(attest.PathsFor(dataDir), cas), b, done, nil
+	return attest.NewStore(attest.PathsFor(dataDir), engine.AttestationsCAS(cas, b)), b, done, nil
 }
 
 // openLogStore opens the attestation store of a data dir reading the log lv names:
