@@ -253,7 +253,6 @@ func newAttestProvenanceCmd() *cobra.Command {
 	addDataFlag(c, &dataDir)
 	addStorageFlag(c, &storage)
 	addClusterFlags(c, &clusterCfg, "verify")
-	c.Flags().Lookup("cluster").Usage = "also trust the keys a kiln cluster admitted, and verify against its log (published by its sequencer in --storage)"
 	c.Flags().StringVar(&subject, "subject", "", "the artifact: a file, or its sha256 digest")
 	c.Flags().StringVar(&out, "out", "", "write the DSSE envelope here (default stdout)")
 	c.Flags().StringVar(&sbom, "sbom", "", "also write a CycloneDX JSON SBOM here")
@@ -285,15 +284,13 @@ func newAttestVerifyCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			ct, err := clusterTrust(ctx, clusterCfg)
-			if err != nil {
+			if trust, err = withClusterTrust(ctx, clusterCfg, trust); err != nil {
 				return err
 			}
 			logSource := ""
-			if ct.Log != nil && logKey == "" {
-				trust.Log, logSource = ct.Log, "cluster" // what --cluster verifies against
+			if clusterCfg.Enabled() && logKey == "" {
+				logSource = "cluster" // what --cluster verifies against
 			}
-			trust.Add(ct)
 			logVerifier, from, err := resolveLogKey(ctx, logKey, trust, dataDir)
 			if err != nil {
 				return err
@@ -371,7 +368,6 @@ func newAttestVerifyCmd() *cobra.Command {
 	c.Flags().StringArrayVar(&keyFiles, "key", nil, "trusted executor keys: a PEM public key file, or \"kiln attest pubkey --all --json\" output (repeatable)")
 	c.Flags().StringVar(&logKey, "log-key", "", "the log's checkpoint verifier key (a note vkey, or a file holding one); default: from a --key JSON export or --cluster, else the data dir's keyring")
 	addClusterFlags(c, &clusterCfg, "verify")
-	c.Flags().Lookup("cluster").Usage = "also trust the keys a kiln cluster admitted, and verify against its log (published by its sequencer in --storage)"
 	c.Flags().StringVar(&pinned, "checkpoint", "", "a checkpoint trusted earlier; the log must be consistent with it")
 	c.Flags().StringVar(&layout, "layout", "", "also run in-toto's InTotoVerify with this layout (steps named by action digest hash)")
 	c.Flags().StringArrayVar(&layoutKeys, "layout-key", nil, "public key (PEM) of the layout's signer (repeatable; required with --layout)")
@@ -380,6 +376,14 @@ func newAttestVerifyCmd() *cobra.Command {
 	c.Flags().BoolVar(&asJSON, "json", false, "print JSON")
 	c.Flags().DurationVar(&wait, "wait", 5*time.Second, "how long to wait for a log checkpoint covering freshly logged links")
 	return c
+}
+
+// logKeyFlag is a --log-key value: a note verifier key, or a file holding one.
+func logKeyFlag(v string) *keys.LogKey {
+	if b, err := os.ReadFile(v); err == nil {
+		v = strings.TrimSpace(string(b))
+	}
+	return &keys.LogKey{VKey: v}
 }
 
 // loadKeys reads trusted executor keys from --key files: PEM public keys, or the JSON
@@ -405,12 +409,7 @@ func loadKeys(files []string) (keys.Trust, error) {
 func resolveLogKey(ctx context.Context, flag string, trust keys.Trust, dataDir string) (vk note.Verifier, source string, err error) {
 	switch {
 	case flag != "":
-		s := flag
-		if b, err := os.ReadFile(flag); err == nil {
-			s = strings.TrimSpace(string(b))
-		}
-		lk := keys.LogKey{VKey: s}
-		v, err := lk.Verifier()
+		v, err := logKeyFlag(flag).Verifier()
 		return v, "--log-key", err
 	case trust.Log != nil:
 		v, err := trust.Log.Verifier()

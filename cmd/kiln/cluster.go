@@ -18,8 +18,11 @@ import (
 func addClusterFlags(cmd *cobra.Command, c *cluster.Config, role string) {
 	f := cmd.Flags()
 	help := "the cluster's NATS servers: nats://HOST:PORT[,nats://HOST:PORT...] (tls:// for TLS)"
-	if role == "serve" {
+	switch role {
+	case "serve":
 		help += ", or \"embedded\" (JetStream in this process, with --cluster-listen; see docs/cluster.md)"
+	case "verify":
+		help = "also trust the keys a kiln cluster admitted (its workers' links), and verify against its log (published by its sequencer in --storage): " + help
 	}
 	f.StringVar(&c.URL, "cluster", "", help)
 	f.StringVar(&c.Creds, "cluster-creds", "", "NATS credentials file (JWT and NKey seed), re-read at every reconnection")
@@ -48,6 +51,21 @@ func connectCluster(ctx context.Context, cfg cluster.Config, role string) (*clus
 	}
 	host, _ := os.Hostname()
 	return cluster.Connect(ctx, cfg, "kiln-"+role+"@"+host, quietLogger())
+}
+
+// withClusterTrust adds what --cluster trusts to trust: the keys the cluster admitted
+// and its sequencer's log key, which replaces any a --key export carried (the cluster's
+// links are in its log); trust unchanged without --cluster.
+func withClusterTrust(ctx context.Context, cfg cluster.Config, trust keys.Trust) (keys.Trust, error) {
+	ct, err := clusterTrust(ctx, cfg)
+	if err != nil {
+		return trust, err
+	}
+	if ct.Log != nil {
+		trust.Log = ct.Log
+	}
+	trust.Add(ct)
+	return trust, nil
 }
 
 // clusterTrust reads a cluster's trust set for a verifier (--cluster on attest verify

@@ -9,14 +9,12 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
-	"strings"
 	"syscall"
 	"time"
 
 	"github.com/kilnbuild/kiln/cache/disk"
 	"github.com/kilnbuild/kiln/engine"
 	"github.com/kilnbuild/kiln/engine/attest"
-	"github.com/kilnbuild/kiln/engine/attest/keys"
 	"github.com/kilnbuild/kiln/engine/cluster"
 	"github.com/kilnbuild/kiln/engine/gate"
 	"github.com/kilnbuild/kiln/engine/quarantine"
@@ -69,21 +67,12 @@ func (f *gateFlags) open(ctx context.Context, sign bool, vc *attest.VerifyCache)
 	if err != nil {
 		return usage(err)
 	}
-	if f.logKey != "" {
-		s := f.logKey
-		if b, err := os.ReadFile(f.logKey); err == nil {
-			s = strings.TrimSpace(string(b))
-		}
-		trust.Log = &keys.LogKey{VKey: s}
-	}
-	ct, err := clusterTrust(ctx, f.cluster)
-	if err != nil {
+	if trust, err = withClusterTrust(ctx, f.cluster, trust); err != nil {
 		return usage(err)
 	}
-	if ct.Log != nil && f.logKey == "" {
-		trust.Log = ct.Log // a cluster's links are logged by its sequencer
+	if f.logKey != "" {
+		trust.Log = logKeyFlag(f.logKey)
 	}
-	trust.Add(ct)
 	var closers []func()
 	done := func() {
 		for i := len(closers) - 1; i >= 0; i-- {
@@ -248,7 +237,6 @@ file and line).`,
 	}
 	f.register(c)
 	addClusterFlags(c, &f.cluster, "verify")
-	c.Flags().Lookup("cluster").Usage = "also trust the keys a kiln cluster admitted, and verify against its log (published by its sequencer in --storage)"
 	c.Flags().StringVar(&subject, "subject", "", "the artifact: a file, or its sha256 digest")
 	c.Flags().StringVar(&provenance, "provenance", "", "its signed SLSA provenance (kiln attest provenance); without it, links come from the store's index")
 	c.Flags().StringArrayVar(&vsas, "vsa", nil, "a signed verification summary of a rebuild (kiln rebuild --out) (repeatable)")

@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
-	"strings"
 	"syscall"
 	"time"
 
@@ -99,20 +98,11 @@ nothing quarantined); 2 usage or set-up error.`,
 			if err != nil {
 				return err
 			}
-			ct, err := clusterTrust(cmd.Context(), clusterCfg)
-			if err != nil {
+			if trust, err = withClusterTrust(cmd.Context(), clusterCfg, trust); err != nil {
 				return err
 			}
-			if ct.Log != nil {
-				trust.Log = ct.Log // --cluster: its log, whatever a --key export says
-			}
-			trust.Add(ct)
 			if logKey != "" {
-				s := logKey
-				if b, err := os.ReadFile(logKey); err == nil {
-					s = strings.TrimSpace(string(b))
-				}
-				trust.Log = &keys.LogKey{VKey: s}
+				trust.Log = logKeyFlag(logKey)
 			}
 			maxBundle, err := parseSize(maxBundleSize)
 			if err != nil || maxBundle <= 0 {
@@ -182,7 +172,6 @@ nothing quarantined); 2 usage or set-up error.`,
 	c.Flags().StringArrayVar(&keyFiles, "key", nil, "trusted executor public key: PEM, or \"kiln attest pubkey --all --json\" output (repeatable)")
 	c.Flags().StringVar(&logKey, "log-key", "", "the transparency log's verifier key (a note vkey, or a file holding one); default: from a --key JSON export or --cluster")
 	addClusterFlags(c, &clusterCfg, "verify")
-	c.Flags().Lookup("cluster").Usage = "also trust the keys a kiln cluster admitted (its workers' links), and verify against its log (published by its sequencer in --storage)"
 	c.Flags().StringVar(&bundle, "bundle", "", "bundle from kiln export (directory, .tar or .tar.zst); default: this data dir")
 	c.Flags().StringVar(&remote, "remote", "", "re-execute on this kiln server (host:port) instead of locally")
 	c.Flags().StringVar(&instance, "instance", "", "REAPI instance name for --remote")

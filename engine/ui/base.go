@@ -1,7 +1,6 @@
 package ui
 
 import (
-	"bufio"
 	"errors"
 	"fmt"
 	"os"
@@ -58,22 +57,17 @@ func RecordedBase(path string) string {
 }
 
 func readBase(path string) (string, int) {
-	f, err := os.Open(path)
+	b, err := os.ReadFile(path)
 	if err != nil {
 		return "", 0
 	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	var lines []string
-	for sc.Scan() && len(lines) < 2 {
-		lines = append(lines, strings.TrimSpace(sc.Text()))
-	}
-	if len(lines) != 2 {
+	f := strings.Fields(string(b))
+	if len(f) != 2 {
 		return "", 0
 	}
-	pid, err := strconv.Atoi(lines[1])
+	pid, err := strconv.Atoi(f[1])
 	if err != nil {
 		return "", 0
 	}
-	return lines[0], pid
+	return f[0], pid
 }
