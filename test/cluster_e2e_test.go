@@ -298,7 +298,7 @@ func (e *clusterEnv) checkAll(t *testing.T, conn *grpc.ClientConn, actions []clu
 	for _, d := range outputs {
 		r := harness.Run(t, "attest", "verify", "--cluster", e.nats.URL, "--data", elsewhere, "--storage", e.storage, "--subject", "sha256:"+d.GetHash(), "--json")
 		if r.Code != 0 {
-			t.Fatalf("kiln attest verify of output %s: exit %d\n%s%s", d.GetHash(), r.Code, r.Stdout, r.Stderr)
+			t.Fatalf("kiln attest verify of output %s: exit %d\n%s%s\n%s", d.GetHash(), r.Code, r.Stdout, r.Stderr, e.sequencerReport())
 		}
 		var v struct {
 			Links []struct{ Envelope string } `json:"links"`
@@ -331,6 +331,23 @@ func (e *clusterEnv) waitLinksLogged(t *testing.T) {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
+}
+
+// sequencerReport lists the links the sequencer refused (rejected/ in the bucket, with
+// the reason) and its log, for a failure message.
+func (e *clusterEnv) sequencerReport() string {
+	var b strings.Builder
+	dir := filepath.Join(e.s3.Dir, "kiln-cache", "c", "rejected")
+	ents, _ := os.ReadDir(dir)
+	fmt.Fprintf(&b, "%d links rejected\n", len(ents))
+	for _, ent := range ents {
+		why, _ := os.ReadFile(filepath.Join(dir, ent.Name()))
+		fmt.Fprintf(&b, "  %s: %s", ent.Name(), why)
+	}
+	if e.seq != nil {
+		b.WriteString("sequencer log:\n" + e.seq.Log())
+	}
+	return b.String()
 }
 
 // bucketLog reads the log the sequencer published in the bucket, from versitygw's

@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -17,6 +18,7 @@ import (
 	"github.com/kilnbuild/kiln/engine/attest/keys"
 	"github.com/kilnbuild/kiln/engine/attest/tlog"
 	"github.com/nats-io/nats.go"
+	"github.com/secure-systems-lab/go-securesystemslib/dsse"
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/mod/sumdb/note"
 	"golang.org/x/sync/errgroup"
@@ -302,9 +304,12 @@ func (s *Sequencer) append(ctx context.Context, obj s3.Object, trust keys.Trust)
 	if err != nil {
 		return false, s.reject(ctx, key, d, status.Convert(err).Message())
 	}
-	k, _, err := attest.VerifyEnvelope(ctx, e, trust)
-	if err != nil {
+	k, err := s.verify(ctx, e, trust)
+	if status.Code(err) == codes.PermissionDenied {
 		return false, s.reject(ctx, key, d, "not signed by a key the cluster trusts: "+status.Convert(err).Message())
+	}
+	if err != nil {
+		return false, err
 	}
 	if k.NotAfterLogSize != nil {
 		return false, s.reject(ctx, key, d, fmt.Sprintf("signed by key %s, retired on %s", k.KeyID, k.NotAfter.Format(time.RFC3339)))
@@ -315,6 +320,41 @@ func (s *Sequencer) append(ctx context.Context, obj s3.Object, trust keys.Trust)
 	}
 	s.log.Debug("link logged", "envelope", d.String(), "index", idx, "key", k.KeyID)
 	return true, nil
+}
+
+// verify checks env's signature against trust, the trust set as read at the start of
+// the pass. A rejected link never reaches the log, so a signature by a key missing
+// from that set is checked again against the key read by itself: a key admitted since,
+// or a set read short, leaves the link pending instead. PermissionDenied means no key
+// the cluster has admitted signed it.
+func (s *Sequencer) verify(ctx context.Context, e *dsse.Envelope, trust keys.Trust) (keys.PublicKey, error) {
+	k, _, err := attest.VerifyEnvelope(ctx, e, trust)
+	if err == nil {
+		return k, nil
+	}
+	again := keys.Trust{Keys: slices.Clone(trust.Keys), Log: trust.Log}
+	for _, sig := range e.Signatures {
+		if _, ok := again.Key(sig.KeyID); ok {
+			continue
+		}
+		p, kerr := s.c.trustedKey(ctx, sig.KeyID)
+		switch {
+		case status.Code(kerr) == codes.NotFound:
+			continue
+		case kerr != nil:
+			return keys.PublicKey{}, kerr
+		}
+		again.Keys = append(again.Keys, p)
+	}
+	if len(again.Keys) == len(trust.Keys) {
+		return keys.PublicKey{}, status.Error(codes.PermissionDenied, status.Convert(err).Message())
+	}
+	k, _, err = attest.VerifyEnvelope(ctx, e, again)
+	if err != nil {
+		return keys.PublicKey{}, status.Error(codes.PermissionDenied, status.Convert(err).Message())
+	}
+	s.log.Warn("a link's key was missing from the trust set as read for this pass; read again, it verifies", "key", k.KeyID)
+	return k, nil
 }
 
 // publish has the log sign a checkpoint covering every appended link and copies it,

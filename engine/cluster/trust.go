@@ -26,7 +26,9 @@ func trustKey(id string) string { return "key." + id }
 const logKeyName = "log"
 
 // TrustSet reads the cluster's trust set: every admitted key with its validity, and
-// the log key once a sequencer has published it.
+// the log key once a sequencer has published it. A read that cannot complete (the
+// server restarting) is an error, never a shorter set: a key missing from it would
+// make its links look forged.
 func (c *Conn) TrustSet(ctx context.Context) (keys.Trust, error) {
 	exp := keys.Export{}
 	lister, err := c.Trust.ListKeys(ctx)
@@ -36,8 +38,11 @@ func (c *Conn) TrustSet(ctx context.Context) (keys.Trust, error) {
 	if lister != nil {
 		for k := range lister.Keys() {
 			e, err := c.Trust.Get(ctx, k)
+			if errors.Is(err, jetstream.ErrKeyNotFound) || errors.Is(err, jetstream.ErrKeyDeleted) {
+				continue // deleted since it was listed
+			}
 			if err != nil {
-				continue
+				return keys.Trust{}, c.wrap(err, "read the trust set: %s", k)
 			}
 			switch {
 			case k == logKeyName:
@@ -52,6 +57,10 @@ func (c *Conn) TrustSet(ctx context.Context) (keys.Trust, error) {
 				exp.Keys = append(exp.Keys, p)
 			}
 		}
+		// The lister stops early, without an error, when ctx ends.
+		if err := ctx.Err(); err != nil {
+			return keys.Trust{}, c.wrap(err, "read the trust set")
+		}
 	}
 	if len(exp.Keys) == 0 {
 		t := keys.Trust{}
@@ -60,12 +69,37 @@ func (c *Conn) TrustSet(ctx context.Context) (keys.Trust, error) {
 		}
 		return t, nil
 	}
+	return parseExport(exp)
+}
+
+// parseExport checks every key id of exp against its public key.
+func parseExport(exp keys.Export) (keys.Trust, error) {
 	b, _ := json.Marshal(exp)
-	t, err := keys.ParseTrust(b) // checks every key id against its public key
+	t, err := keys.ParseTrust(b)
 	if err != nil {
 		return keys.Trust{}, status.Errorf(codes.DataLoss, "trust set: %v", status.Convert(err).Message())
 	}
 	return t, nil
+}
+
+// trustedKey reads one admitted key from the trust set; NotFound if it is not there.
+func (c *Conn) trustedKey(ctx context.Context, id string) (keys.PublicKey, error) {
+	e, err := c.Trust.Get(ctx, trustKey(id))
+	if errors.Is(err, jetstream.ErrKeyNotFound) || errors.Is(err, jetstream.ErrKeyDeleted) {
+		return keys.PublicKey{}, status.Errorf(codes.NotFound, "key %s is not in the cluster's trust set", id)
+	}
+	if err != nil {
+		return keys.PublicKey{}, c.wrap(err, "read key %s", id)
+	}
+	var p keys.PublicKey
+	if err := json.Unmarshal(e.Value(), &p); err != nil {
+		return keys.PublicKey{}, status.Errorf(codes.DataLoss, "trust set: key %s: %v", id, err)
+	}
+	t, err := parseExport(keys.Export{Keys: []keys.PublicKey{p}})
+	if err != nil {
+		return keys.PublicKey{}, err
+	}
+	return t.Keys[0], nil
 }
 
 // AdmitKeys adds the keys in data (PEM public keys, or `kiln attest pubkey --json`) to
