@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"math"
 	"time"
 
 	slsa "github.com/in-toto/attestation/go/predicates/provenance/v1"
@@ -188,6 +189,10 @@ type Provenance struct {
 	Predicate *slsa.Provenance
 	// Links are the link envelopes it lists as byproducts.
 	Links []cache.Digest
+	// LogIndexes are where it says those links were logged (its logIndex
+	// annotations): hints for finding their log entries, whose inclusion is proved
+	// all the same (Verifier.HintLogIndexes).
+	LogIndexes map[cache.Digest]uint64
 	// Sources and Toolchains are its resolved dependencies.
 	Sources    []Artifact
 	Toolchains []string
@@ -233,7 +238,8 @@ func ParseProvenance(ctx context.Context, raw []byte, trust keys.Trust) (*Proven
 			continue
 		}
 		h := b.GetDigest()[AlgSHA256]
-		size, _ := b.GetAnnotations().GetFields()["envelopeSize"].GetKind().(*structpb.Value_NumberValue)
+		ann := b.GetAnnotations().GetFields()
+		size, _ := ann["envelopeSize"].GetKind().(*structpb.Value_NumberValue)
 		if size == nil {
 			return nil, status.Errorf(codes.InvalidArgument, "provenance: byproduct %s has no envelopeSize", b.GetName())
 		}
@@ -242,6 +248,12 @@ func ParseProvenance(ctx context.Context, raw []byte, trust keys.Trust) (*Proven
 			return nil, status.Errorf(codes.InvalidArgument, "provenance: byproduct %s: %v", b.GetName(), status.Convert(err).Message())
 		}
 		p.Links = append(p.Links, d)
+		if i, ok := ann["logIndex"].GetKind().(*structpb.Value_NumberValue); ok && i.NumberValue >= 0 && i.NumberValue <= maxSafeInteger && i.NumberValue == math.Trunc(i.NumberValue) {
+			if p.LogIndexes == nil {
+				p.LogIndexes = map[cache.Digest]uint64{}
+			}
+			p.LogIndexes[d] = uint64(i.NumberValue)
+		}
 	}
 	for _, d := range pred.GetBuildDefinition().GetResolvedDependencies() {
 		if d.GetName() == ToolchainName {
@@ -308,6 +320,7 @@ func (v *Verifier) CheckProvenance(ctx context.Context, p *Provenance, subj Subj
 	if !found {
 		ch.fail("", "provenance is not about subject %s (sha256 %s)", subj.Name, subj.SHA256)
 	}
+	v.HintLogIndexes(p.LogIndexes)
 	products := map[[2]string][]*VerifiedLink{}
 	for _, d := range p.Links {
 		l, err := v.Link(ctx, d)

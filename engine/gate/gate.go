@@ -289,6 +289,7 @@ func (g *Gate) facts(ctx context.Context, req Request, now time.Time) (*Input, [
 		var envs []cache.Digest
 		if prov != nil {
 			in.Chain.From = "provenance"
+			v.HintLogIndexes(prov.LogIndexes)
 			v.CheckAll(ctx, prov.Links, runtime.GOMAXPROCS(0))
 			ch = v.CheckProvenance(ctx, prov, req.Subject)
 			envs = prov.Links
