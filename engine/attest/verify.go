@@ -337,27 +337,24 @@ func (v *Verifier) checkSignature(ctx context.Context, d cache.Digest, raw []byt
 		c.Err = err
 		return nil, c
 	}
-	// Name the action the envelope claims to attest, so failures say which link. The
-	// payload is decoded once: what the signature covers is the same bytes.
-	claimed, claimErr := in_toto.Link{}, error(nil)
-	unverified, err := base64.StdEncoding.DecodeString(e.Payload)
-	if err == nil {
-		if claimed, claimErr = DecodeLink(unverified); claimErr == nil {
-			c.Claims = claimed.Name
-		}
-	}
 	key, payload, err := VerifyEnvelope(ctx, e, v.opts.Trust)
 	if err != nil {
+		// Name the action the envelope claims to attest, so the failure says which
+		// link (read from the unverified payload only for this message).
+		if unverified, derr := base64.StdEncoding.DecodeString(e.Payload); derr == nil {
+			if claimed, cerr := DecodeLink(unverified); cerr == nil {
+				c.Claims = claimed.Name
+			}
+		}
 		c.Err = claimsErr(c.Claims, err)
 		return nil, c
 	}
-	l := claimed
-	if claimErr != nil || !bytes.Equal(payload, unverified) {
-		if l, err = DecodeLink(payload); err != nil {
-			c.Key, c.Err = &key, err
-			return nil, c
-		}
+	l, err := DecodeLink(payload)
+	if err != nil {
+		c.Key, c.Err = &key, err
+		return nil, c
 	}
+	c.Claims = l.Name
 	return &signedLink{env: d, claims: c.Claims, key: key, link: l, raw: raw}, c
 }
 
