@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"os"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"testing"
 
@@ -154,6 +155,14 @@ func TestChainProvenanceAndSBOM(t *testing.T) {
 		}
 	}
 	checkLogHints(t, f, p, pch)
+	// The scan for links finds exactly what decoding finds.
+	sp, err := VerifyProvenanceSignature(ctx, env, f.trust)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if links, hints := sp.LinkHints(); !reflect.DeepEqual(links, p.Links) || !reflect.DeepEqual(hints, p.LogIndexes) {
+		t.Errorf("scanned links %v %v, decoded %v %v", links, hints, p.Links, p.LogIndexes)
+	}
 
 	sbom, err := EncodeSBOM(ch.SBOM("test"))
 	if err != nil {
