@@ -315,6 +315,7 @@ if [[ -n ${CLUSTER:-} ]]; then
   # the phases of the genrules alone, before the full builds add theirs
   curl -s http://127.0.0.1:18853/metrics > "$cl/serve-genrules.metrics"
   { curl -s http://127.0.0.1:18861/metrics; curl -s http://127.0.0.1:18862/metrics; } > "$cl/workers-genrules.metrics"
+  curl -s http://127.0.0.1:18855/metrics > "$cl/frontend-genrules.metrics"
   bz clean >/dev/null 2>&1; timed bz "${common[@]}" $(rx 18852 full); t_sfull=$t
   bz clean >/dev/null 2>&1; timed bz "${common[@]}" $(rx 18854 full); t_cfull=$t
   grep -E "INFO: [0-9]+ processes" "$work/last.log" | tail -1
@@ -329,6 +330,18 @@ if [[ -n ${CLUSTER:-} ]]; then
     /^kiln_execution_phase_seconds_sum/ { match($0, /phase="[a-z_]+"/); p=substr($0, RSTART+7, RLENGTH-8); sum[p]+=$2 }
     /^kiln_execution_phase_seconds_count/ { match($0, /phase="[a-z_]+"/); p=substr($0, RSTART+7, RLENGTH-8); cnt[p]+=$2 }
     END { for (p in sum) if (cnt[p] > 0) printf "  %-14s %7.1f ms  (%d actions)\n", p, 1000*sum[p]/cnt[p], cnt[p] }'; }
+  # kiln_cluster_path_seconds: per action, queued at the frontend to its result seen
+  # there, less the worker's run; the median is read off the histogram's buckets.
+  path() { awk '
+    /^kiln_cluster_path_seconds_bucket/ { match($0, /le="[^"]+"/); le[++n]=substr($0, RSTART+4, RLENGTH-5); c[n]=$2 }
+    /^kiln_cluster_path_seconds_sum/ { sum=$2 } /^kiln_cluster_path_seconds_count/ { cnt=$2 }
+    END { if (cnt == 0) { print "  no actions"; exit } half=cnt/2; lo=0; prev=0
+          for (i=1; i<=n; i++) { if (c[i] >= half) { hi=(le[i]=="+Inf") ? lo : le[i]; med=lo+(hi-lo)*(half-prev)/(c[i]-prev); break } lo=le[i]; prev=c[i] }
+          printf "  median %.2f ms, mean %.2f ms (%d actions)\n", 1000*med, 1000*sum/cnt, cnt }'; }
+  echo "the cluster path around the worker's run (kiln_cluster_path_seconds), the $((3*N)) genrules at --jobs=1:"
+  path < "$cl/frontend-genrules.metrics"
+  echo "the same, everything (the --jobs=8 build too):"
+  curl -s http://127.0.0.1:18855/metrics | path
   echo "the $((3*N)) genrules at --jobs=1 alone, per-action time by phase: serve --storage, then the cluster's workers:"
   phases < "$cl/serve-genrules.metrics"; echo "  --"; phases < "$cl/workers-genrules.metrics"
   echo "serve --storage per-action time by phase (--jobs=8 build and the genrules):"

@@ -51,6 +51,7 @@ type Frontend struct {
 
 	mExec   *prometheus.CounterVec
 	mMerged prometheus.Counter
+	mPath   prometheus.Histogram
 }
 
 // NewFrontend returns the scheduler of a frontend on c; reg (may be nil) gets its
@@ -62,9 +63,12 @@ func NewFrontend(c *Conn, load Loader, cas cache.BlobStore, reg prometheus.Regis
 	f := &Frontend{c: c, load: load, cas: cas, log: log,
 		mExec:   prometheus.NewCounterVec(prometheus.CounterOpts{Name: "kiln_executions_total", Help: "Execute calls by outcome at this frontend (cached, queued, merged, refused)."}, []string{"outcome"}),
 		mMerged: prometheus.NewCounter(prometheus.CounterOpts{Name: "kiln_executions_merged_total", Help: "Execute calls merged into an identical execution already in flight in the cluster."}),
+		mPath: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "kiln_cluster_path_seconds",
+			Help:    "Per action this frontend queued and a worker ran once: the time from queueing it (after validation) to seeing its result, less the worker's run (its executor's time). What the cluster adds to a single kiln serve, but for the executor's own phases.",
+			Buckets: []float64{.00025, .0005, .00075, .001, .0015, .002, .0025, .003, .004, .005, .0075, .01, .015, .02, .05, .1, .5, 1, 5}}),
 	}
 	if reg != nil {
-		reg.MustRegister(f.mExec, f.mMerged, newQueueCollector(c))
+		reg.MustRegister(f.mExec, f.mMerged, f.mPath, newQueueCollector(c))
 	}
 	return f
 }
@@ -131,6 +135,7 @@ func (f *Frontend) Submit(ctx context.Context, req execution.Request) (execution
 			w.Close()
 		}
 	}()
+	queuedAt := time.Now() // monotonic, unlike rec.Queued once in JSON
 	if _, err := f.c.createRecord(ctx, execKey(rec.ID), &rec); err != nil {
 		return nil, err
 	}
@@ -153,6 +158,7 @@ func (f *Frontend) Submit(ctx context.Context, req execution.Request) (execution
 		}
 	} else {
 		f.mExec.WithLabelValues("queued").Inc()
+		w.queued = queuedAt
 	}
 	g, gctx := errgroup.WithContext(ctx)
 	if queue != nil {
@@ -392,6 +398,9 @@ type watch struct {
 	exec *execRecord
 	subs []*nats.Subscription
 	ch   chan *nats.Msg
+	// queued is when this watch's Submit queued its execution, until its path time is
+	// observed (zero for a joined or cached one).
+	queued time.Time
 }
 
 func (f *Frontend) newWatch(id string, op opRecord) *watch {
@@ -508,6 +517,17 @@ func (w *watch) state(ctx context.Context) (repb.ExecutionStage_Value, *repb.Exe
 	return repb.ExecutionStage_COMPLETED, resp, err
 }
 
+// observePath records what the cluster added to the execution this watch queued, once,
+// if one worker ran it once (a redelivery's lost runs are not the path's).
+func (w *watch) observePath() {
+	x := w.exec
+	if w.queued.IsZero() || x == nil || w.op.Response != nil || x.Ran <= 0 || x.Attempt != 1 {
+		return
+	}
+	w.f.mPath.Observe(max(time.Since(w.queued)-x.Ran, 0).Seconds())
+	w.queued = time.Time{}
+}
+
 func (w *watch) operation(stage repb.ExecutionStage_Value, resp *repb.ExecuteResponse) (*longrunningpb.Operation, error) {
 	d, _ := cache.ParseDigest(w.op.Action)
 	return execution.Operation(opName(w.id), d, stage, resp)
@@ -522,6 +542,9 @@ func (w *watch) Next(ctx context.Context, seen *repb.ExecutionStage_Value) (*lon
 		}
 		if stage != *seen && stage != repb.ExecutionStage_UNKNOWN {
 			*seen = stage
+			if stage == repb.ExecutionStage_COMPLETED {
+				w.observePath()
+			}
 			return w.operation(stage, resp)
 		}
 		timer := time.NewTimer(10 * time.Second)
