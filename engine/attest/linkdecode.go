@@ -17,66 +17,44 @@ import (
 // whitespace after. For such input it returns what DecodeLink's encoding/json pass
 // returns (FuzzDecodeLinkFast checks this); for anything else ok is false and the
 // caller decodes with encoding/json, which gives the value or the error.
-func decodeLinkFast(b []byte) (l in_toto.Link, ok bool) {
+func decodeLinkFast(b []byte) (in_toto.Link, bool) {
+	var l in_toto.Link
 	d := linkScanner{b: b}
+	seen := map[string]bool{}
 	d.space()
-	if !d.eat('{') {
-		return l, false
-	}
-	var seen uint8
-	d.space()
-	if d.eat('}') {
-		return l, false // no _type
-	}
-	for {
-		d.space()
-		key, ok := d.str()
-		if !ok {
-			return l, false
+	ok := d.members(func(key string) bool {
+		if seen[key] {
+			return false
 		}
-		d.space()
-		if !d.eat(':') {
-			return l, false
-		}
-		d.space()
-		var bit uint8
+		seen[key] = true
 		switch key {
 		case "_type":
-			bit = 1
-			l.Type, ok = d.str()
+			return d.into(&l.Type)
 		case "name":
-			bit = 2
-			l.Name, ok = d.str()
+			return d.into(&l.Name)
 		case "materials":
-			bit = 4
-			l.Materials, ok = d.artifacts()
+			l.Materials = map[string]in_toto.HashObj{}
+			return d.artifacts(l.Materials)
 		case "products":
-			bit = 8
-			l.Products, ok = d.artifacts()
+			l.Products = map[string]in_toto.HashObj{}
+			return d.artifacts(l.Products)
 		case "byproducts":
-			bit = 16
-			l.ByProducts, ok = d.object()
-		case "command":
-			bit = 32
-			l.Command, ok = d.strings()
+			l.ByProducts = map[string]any{}
+			return d.object(l.ByProducts)
 		case "environment":
-			bit = 64
-			l.Environment, ok = d.object()
+			l.Environment = map[string]any{}
+			return d.object(l.Environment)
+		case "command":
+			l.Command = []string{}
+			return d.elements(func() bool {
+				l.Command = append(l.Command, "")
+				return d.into(&l.Command[len(l.Command)-1])
+			})
 		}
-		if bit == 0 || seen&bit != 0 || !ok {
-			return l, false
-		}
-		seen |= bit
-		d.space()
-		if d.eat('}') {
-			break
-		}
-		if !d.eat(',') {
-			return l, false
-		}
-	}
+		return false
+	})
 	d.space()
-	return l, d.i == len(d.b) && l.Type == "link"
+	return l, ok && d.i == len(d.b) && l.Type == "link"
 }
 
 // maxLinkDepth bounds the nesting of byproduct and environment values the fast
@@ -141,6 +119,13 @@ func (d *linkScanner) str() (string, bool) {
 		}
 	}
 	return "", false
+}
+
+// into reads a string into *s.
+func (d *linkScanner) into(s *string) bool {
+	v, ok := d.str()
+	*s = v
+	return ok
 }
 
 // escaped reads the rest of a string that started at start and has an escape at d.i.
@@ -254,15 +239,15 @@ func (d *linkScanner) members(member func(key string) bool) bool {
 	}
 }
 
-// artifacts reads materials or products: path -> algorithm -> hash.
-func (d *linkScanner) artifacts() (map[string]in_toto.HashObj, bool) {
-	out := map[string]in_toto.HashObj{}
-	ok := d.members(func(path string) bool {
+// artifacts reads materials or products into out: path -> algorithm -> hash.
+func (d *linkScanner) artifacts(out map[string]in_toto.HashObj) bool {
+	return d.members(func(path string) bool {
 		if _, dup := out[path]; dup {
 			return false
 		}
 		h := in_toto.HashObj{}
-		ok := d.members(func(alg string) bool {
+		out[path] = h
+		return d.members(func(alg string) bool {
 			if _, dup := h[alg]; dup {
 				return false
 			}
@@ -270,48 +255,41 @@ func (d *linkScanner) artifacts() (map[string]in_toto.HashObj, bool) {
 			h[alg] = v
 			return ok
 		})
-		out[path] = h
-		return ok
 	})
-	return out, ok
 }
 
-// strings reads an array of strings.
-func (d *linkScanner) strings() ([]string, bool) {
+// elements reads an array's elements, calling element when each is next.
+func (d *linkScanner) elements(element func() bool) bool {
 	if !d.eat('[') {
-		return nil, false
+		return false
 	}
-	out := []string{}
 	d.space()
 	if d.eat(']') {
-		return out, true
+		return true
 	}
 	for {
 		d.space()
-		s, ok := d.str()
-		if !ok {
-			return nil, false
+		if !element() {
+			return false
 		}
-		out = append(out, s)
 		d.space()
 		if d.eat(']') {
-			return out, true
+			return true
 		}
 		if !d.eat(',') {
-			return nil, false
+			return false
 		}
 	}
 }
 
-// object reads an object of any values, as encoding/json decodes one into
+// object reads an object of any values into out, as encoding/json decodes one into
 // map[string]any with UseNumber.
-func (d *linkScanner) object() (map[string]any, bool) {
+func (d *linkScanner) object(out map[string]any) bool {
 	if d.depth++; d.depth > maxLinkDepth {
-		return nil, false
+		return false
 	}
 	defer func() { d.depth-- }()
-	out := map[string]any{}
-	ok := d.members(func(key string) bool {
+	return d.members(func(key string) bool {
 		if _, dup := out[key]; dup {
 			return false
 		}
@@ -319,7 +297,6 @@ func (d *linkScanner) object() (map[string]any, bool) {
 		out[key] = v
 		return ok
 	})
-	return out, ok
 }
 
 // value reads any JSON value.
@@ -331,7 +308,8 @@ func (d *linkScanner) value() (any, bool) {
 	case '"':
 		return d.str()
 	case '{':
-		return d.object()
+		m := map[string]any{}
+		return m, d.object(m)
 	case '[':
 		return d.array()
 	case 't':
@@ -360,27 +338,13 @@ func (d *linkScanner) array() (any, bool) {
 		return nil, false
 	}
 	defer func() { d.depth-- }()
-	d.i++ // '['
 	out := []any{}
-	d.space()
-	if d.eat(']') {
-		return out, true
-	}
-	for {
-		d.space()
+	ok := d.elements(func() bool {
 		v, ok := d.value()
-		if !ok {
-			return nil, false
-		}
 		out = append(out, v)
-		d.space()
-		if d.eat(']') {
-			return out, true
-		}
-		if !d.eat(',') {
-			return nil, false
-		}
-	}
+		return ok
+	})
+	return out, ok
 }
 
 // number reads a number by JSON's grammar, kept as its literal (UseNumber).
