@@ -342,6 +342,15 @@ if [[ -n ${CLUSTER:-} ]]; then
   path < "$cl/frontend-genrules.metrics"
   echo "the same, everything (the --jobs=8 build too):"
   curl -s http://127.0.0.1:18855/metrics | path
+  # The phases whose work the cluster changes (inputs read from the bucket rather than
+  # the local tier, the pending marker beside the link): worker minus serve, per action.
+  io() { awk '
+    /^kiln_execution_phase_seconds_(sum|count)/ && /phase="(input_fetch|output_upload|attest)"/ {
+      match($0, /phase="[a-z_]+"/); p=substr($0, RSTART+7, RLENGTH-8); if ($1 ~ /_sum/) sum[p]+=$2; else cnt[p]+=$2 }
+    END { for (p in sum) if (cnt[p] > 0) t += sum[p]/cnt[p]; printf "%.3f", 1000*t }'; }
+  p_ms=$(awk '/^kiln_cluster_path_seconds_sum/ { s=$2 } /^kiln_cluster_path_seconds_count/ { c=$2 } END { printf "%.3f", c ? 1000*s/c : 0 }' "$cl/frontend-genrules.metrics")
+  w_io=$(io < "$cl/workers-genrules.metrics"); s_io=$(io < "$cl/serve-genrules.metrics")
+  awk -v p="$p_ms" -v w="$w_io" -v s="$s_io" 'BEGIN { printf "the %d genrules: input fetch + output upload + attestation, worker %.2f ms, serve %.2f ms (+%.2f); with the path (mean %.2f ms) the cluster adds %.2f ms per action\n", 3*'"$N"', w, s, w-s, p, p+w-s }'
   echo "the $((3*N)) genrules at --jobs=1 alone, per-action time by phase: serve --storage, then the cluster's workers:"
   phases < "$cl/serve-genrules.metrics"; echo "  --"; phases < "$cl/workers-genrules.metrics"
   echo "serve --storage per-action time by phase (--jobs=8 build and the genrules):"
