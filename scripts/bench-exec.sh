@@ -350,7 +350,7 @@ if [[ -n ${CLUSTER:-} ]]; then
     END { for (p in sum) if (cnt[p] > 0) t += sum[p]/cnt[p]; printf "%.3f", 1000*t }'; }
   p_ms=$(awk '/^kiln_cluster_path_seconds_sum/ { s=$2 } /^kiln_cluster_path_seconds_count/ { c=$2 } END { printf "%.3f", c ? 1000*s/c : 0 }' "$cl/frontend-genrules.metrics")
   w_io=$(io < "$cl/workers-genrules.metrics"); s_io=$(io < "$cl/serve-genrules.metrics")
-  awk -v p="$p_ms" -v w="$w_io" -v s="$s_io" 'BEGIN { printf "the %d genrules: input fetch + output upload + attestation, worker %.2f ms, serve %.2f ms (+%.2f); with the path (mean %.2f ms) the cluster adds %.2f ms per action\n", 3*'"$N"', w, s, w-s, p, p+w-s }'
+  awk -v p="$p_ms" -v w="$w_io" -v s="$s_io" 'BEGIN { printf "the %d genrules: input fetch + output upload + attestation, worker %.2f ms, serve %.2f ms (%+.2f); with the path (mean %.2f ms) the cluster adds %.2f ms per action\n", 3*'"$N"', w, s, w-s, p, p+w-s }'
   echo "the $((3*N)) genrules at --jobs=1 alone, per-action time by phase: serve --storage, then the cluster's workers:"
   phases < "$cl/serve-genrules.metrics"; echo "  --"; phases < "$cl/workers-genrules.metrics"
   echo "serve --storage per-action time by phase (--jobs=8 build and the genrules):"
