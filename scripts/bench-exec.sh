@@ -4,7 +4,7 @@
 # linux-sandbox, kiln remote execution (full sandbox), and kiln's all-cache-hit rebuild.
 # Prints wall times, ratios, and kiln's per-action time by phase.
 #
-# ROUNDS=N (default 1) repeats every build N times, interleaved (local, linux-sandbox,
+# ROUNDS=N (default 1) repeats every build N times (after a warm-up round, see WARMUP), interleaved (local, linux-sandbox,
 # kiln, kiln all-cache-hit, Buildbarn, Buildbarn all-cache-hit, then again), each round
 # on sources of its own so that no round hits another's cache, and prints the median of
 # each and every round's ratios: on a shared machine the load changes during a run, and
@@ -222,6 +222,19 @@ one() {
   *) printf '  round %d %-7s %7.2f s, machine idle %3d%%\n' "$r" "$name" "$t" "$idle";; esac
 }
 [[ -z ${CLUSTER_ONLY:-} ]] || rounds=0  # CLUSTER_ONLY=1: only the cluster comparison below
+# WARMUP=1 (the default; 0 skips it): before round 1, every build once on sources of
+# its own, not counted, so that no side's first round pays for its cold start (Bazel's
+# JVM, the page cache of each toolchain's files, kiln's prepared sandboxes, Buildbarn's
+# build directories) in the figures.
+if [[ ${WARMUP:-1} -gt 0 && $rounds -gt 0 ]]; then
+  gen_ws 0; bz build --nobuild //gen:all >/dev/null 2>&1
+  warm() { bz clean >/dev/null 2>&1; timed bz "${common[@]}" "$@"; printf '  warm-up %-30s %7.2f s (not counted)\n' "$1" "$t"; }
+  warm --spawn_strategy=local
+  warm --spawn_strategy=linux-sandbox
+  warm "${kx[@]}"
+  [[ -z ${BUILDBARN:-} ]] || warm "${bbx[@]}"
+  gen_ws 1; bz build --nobuild //gen:all >/dev/null 2>&1
+fi
 for r in $(seq "$rounds"); do
   [[ $r -eq 1 ]] || { gen_ws "$r"; bz build --nobuild //gen:all >/dev/null 2>&1; }
   one local --spawn_strategy=local
