@@ -394,7 +394,7 @@ func TestFrontendValidatesInputTree(t *testing.T) {
 		c.CAS = reads
 	})
 	mem := limits.NewBudget(64<<20, 1<<20)
-	f := NewFrontend(embeddedJS(t)(), env.Exec, env.CAS, nil, nil).Limit(mem, limits.NewWork(1))
+	f := NewFrontend(embeddedJS(t)(), env.Exec, env.CAS, nil, nil).Limit(mem, limits.NewWork(1), 0)
 	ctx := context.Background()
 
 	root := env.Put(t, &repb.Directory{Files: []*repb.FileNode{{Name: "leaf", Digest: cache.EmptyDigest.Proto()}}})
@@ -432,4 +432,55 @@ func TestFrontendValidatesInputTree(t *testing.T) {
 	if n, used := messages(t, f.c), mem.Used(""); n != 1 || used != 0 {
 		t.Fatalf("valid execution: %d work messages, %d bytes still charged", n, used)
 	}
+}
+
+// TestFrontendClientQueuedLimit: one client may have --client-max-queued executions queued
+// through a frontend; the next is refused RESOURCE_EXHAUSTED while another client's is
+// queued; a client that leaves does not free its slots (its executions stay queued),
+// a worker taking them does.
+func TestFrontendClientQueuedLimit(t *testing.T) {
+	connect := embeddedJS(t)
+	f := NewFrontend(connect(), loader{}, cache.NewMemoryStore(), nil, nil).Limit(nil, nil, 2)
+	ctx := context.Background()
+	submit := func(client string, n byte) (execution.Watch, error) {
+		return f.Submit(ctx, execution.Request{ActionDigest: action(n), Client: client})
+	}
+	var ws []execution.Watch
+	for n := byte(10); n < 12; n++ {
+		w, err := submit("attacker", n)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ws = append(ws, w)
+	}
+	if _, err := submit("attacker", 12); status.Code(err) != codes.ResourceExhausted || !strings.Contains(err.Error(), "--client-max-queued") {
+		t.Fatalf("a third queued execution of a client limited to two: %v", err)
+	}
+	honest, err := submit("honest", 13)
+	if err != nil {
+		t.Fatalf("another client while the first is at its limit: %v", err)
+	}
+	for _, w := range ws {
+		w.Close() // the attacker leaves; its executions stay queued
+	}
+	time.Sleep(100 * time.Millisecond)
+	if _, err := submit("attacker", 12); status.Code(err) != codes.ResourceExhausted {
+		t.Fatalf("after the client left, with its executions still queued: %v", err)
+	}
+	s := newSched()
+	close(s.release)
+	worker(t, connect, s, time.Second)
+	response(t, honest)
+	deadline := time.Now().Add(20 * time.Second)
+	for f.queued.InUse("attacker") != 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d slots still held after a worker took the executions", f.queued.InUse("attacker"))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	w, err := submit("attacker", 12)
+	if err != nil {
+		t.Fatalf("after a worker took its executions: %v", err)
+	}
+	response(t, w)
 }

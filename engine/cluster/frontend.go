@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"log/slog"
+	"sync"
 	"time"
 
 	"cloud.google.com/go/longrunning/autogen/longrunningpb"
@@ -48,6 +49,9 @@ type Frontend struct {
 	log  *slog.Logger
 	mem  *limits.Budget // charged for an input tree while it is validated (nil: not bounded)
 	work *limits.Work   // bounds one client's validation work (nil: not bounded)
+	// queued counts each client's executions queued through this frontend until a
+	// worker takes them (nil: not bounded).
+	queued *limits.Slots
 
 	mExec   *prometheus.CounterVec
 	mMerged prometheus.Counter
@@ -74,9 +78,14 @@ func NewFrontend(c *Conn, load Loader, cas cache.BlobStore, reg prometheus.Regis
 }
 
 // Limit charges the validation of input trees to the client's share of mem and runs
-// it as the client's work (kiln serve's limits); it returns f.
-func (f *Frontend) Limit(mem *limits.Budget, work *limits.Work) *Frontend {
+// it as the client's work, and bounds the executions one client has queued through
+// this frontend to clientQueued (0: none) until a worker takes them (kiln serve's
+// limits); it returns f.
+func (f *Frontend) Limit(mem *limits.Budget, work *limits.Work, clientQueued int) *Frontend {
 	f.mem, f.work = mem, work
+	if clientQueued > 0 {
+		f.queued = limits.NewSlots(mem, "queued_executions", "queued executions", "--client-max-queued", clientQueued, 0)
+	}
 	return f
 }
 
@@ -111,6 +120,20 @@ func (f *Frontend) Submit(ctx context.Context, req execution.Request) (execution
 			return nil, err
 		}
 	}
+	// The client's queue slot first: it is held until a worker takes the execution,
+	// whether or not the client stays to wait.
+	unqueue := func() {}
+	if f.queued != nil && req.Client != "" {
+		if unqueue, err = f.queued.Acquire(req.Client); err != nil {
+			return nil, err
+		}
+	}
+	holding := false
+	defer func() {
+		if !holding {
+			unqueue()
+		}
+	}()
 	// The input tree is read and validated here, before the execution is queued, so a
 	// tree a worker would refuse never reaches one (issue 19).
 	charge, err := f.load.AdmitInputs(ctx, req.Client, a, f.mem, f.work)
@@ -160,6 +183,17 @@ func (f *Frontend) Submit(ctx context.Context, req execution.Request) (execution
 		f.mExec.WithLabelValues("queued").Inc()
 		w.queued = queuedAt
 	}
+	if joined == nil && f.queued != nil && req.Client != "" {
+		// Subscribed before the publish, so that no change of the record is missed.
+		if stop, err := f.holdWhileQueued(rec.ID, unqueue); err == nil {
+			holding = true
+			defer func() {
+				if !ok {
+					stop()
+				}
+			}()
+		}
+	}
 	g, gctx := errgroup.WithContext(ctx)
 	if queue != nil {
 		g.Go(func() error { return f.publish(gctx, queue, f.seeds(gctx, a)) })
@@ -173,6 +207,45 @@ func (f *Frontend) Submit(ctx context.Context, req execution.Request) (execution
 	}
 	ok = true
 	return w, nil
+}
+
+// holdWhileQueued calls release once execution id has left the queue: a worker took it,
+// it completed or was cancelled, or its record is gone. stop releases it now.
+func (f *Frontend) holdWhileQueued(id string, release func()) (stop func(), err error) {
+	ch := make(chan *nats.Msg, 8)
+	sub, err := f.c.NC.ChanSubscribe("$KV."+stateBucket+"."+execKey(id), ch)
+	if err != nil {
+		return nil, err
+	}
+	quit := make(chan struct{})
+	var once sync.Once
+	stop = func() { once.Do(func() { close(quit) }) }
+	left := func(b []byte) bool {
+		var x execRecord
+		return json.Unmarshal(b, &x) != nil || x.Stage != repb.ExecutionStage_QUEUED
+	}
+	go func() {
+		defer release()
+		defer sub.Unsubscribe()
+		t := time.NewTicker(5 * time.Second) // a message lost in a reconnection
+		defer t.Stop()
+		for {
+			select {
+			case <-quit:
+				return
+			case m := <-ch:
+				if m.Header.Get("KV-Operation") != "" || left(m.Data) {
+					return
+				}
+			case <-t.C:
+				e, err := f.c.State.Get(context.Background(), execKey(id))
+				if errors.Is(err, jetstream.ErrKeyNotFound) || errors.Is(err, jetstream.ErrKeyDeleted) || (err == nil && left(e.Value())) {
+					return
+				}
+			}
+		}
+	}()
+	return stop, nil
 }
 
 // publish queues rec for a worker; its id is the message id, so publishing it again
