@@ -179,6 +179,12 @@ kiln_cpu() {
   awk -v t="$total" -v o="$own" -v hz="$(getconf CLK_TCK)" 'BEGIN { n = split(o, x, " "); d = 0; for (i = 2; i <= n; i++) d += x[i]
     printf "%.2f %.2f %.2f", t / hz, x[1] / hz, d / hz }'
 }
+# bazel_cpu: CPU seconds of the Bazel server and everything it reaped (the local and
+# linux-sandbox actions; for remote execution, its own work as the client).
+bazel_cpu() {
+  [[ -n ${bzpid:-} ]] || bzpid=$(bz info server_pid 2>/dev/null)
+  awk -v hz="$(getconf CLK_TCK)" '{ sub(/^.*\) /, ""); printf "%.2f", ($12 + $13 + $14 + $15) / hz }' /proc/"$bzpid"/stat
+}
 # bb_cpu: CPU seconds of the Buildbarn processes and the actions bb_runner reaped.
 bb_cpu() {
   local p total=0
@@ -191,13 +197,14 @@ kx=(--remote_executor=grpc://127.0.0.1:18811 --remote_default_exec_properties=co
 bbx=(--remote_executor=grpc://127.0.0.1:18821 --remote_default_exec_properties=OSFamily=linux)
 names=(local sandbox kiln hit)
 [[ -z ${BUILDBARN:-} ]] || names+=(bb bbhit)
-declare -A T IDLE CPU
+declare -A T IDLE CPU BCPU
 CPUSERVE= CPUDAEMON=
 rounds=${ROUNDS:-1}
 # one NAME FLAGS...: a clean build of this round, recorded under NAME.
 one() {
-  local name=$1 c0=; shift
+  local name=$1 c0= b0 b1 e0=0 e1=0; shift
   bz clean >/dev/null 2>&1
+  b0=$(bazel_cpu)
   case $name in kiln) c0=$(kiln_cpu);; bb) c0=$(bb_cpu);; esac
   local perf=
   if [[ -n ${PROFILE:-} && $r -eq 1 && ( $name == kiln || $name == hit ) ]]; then
@@ -213,6 +220,10 @@ one() {
     perf report -i "$pf.perf.data" --no-children --sort sym -g none 2>/dev/null | grep -v '^#' | grep -v '^$' | head -60 > "$pf.txt" || true
   fi
   T[$name]+="$t " IDLE[$name]+="$idle "
+  # The whole build's CPU: Bazel's, and for remote execution the executor's processes'.
+  b1=$(bazel_cpu)
+  case $name in kiln) e0=${c0%% *}; e1=$(kiln_cpu); e1=${e1%% *};; bb) e0=$c0; e1=$(bb_cpu);; esac
+  BCPU[$name]+="$(awk -v a="$b0" -v b="$b1" -v c="$e0" -v d="$e1" 'BEGIN { printf "%.2f", b - a + d - c }') "
   case $name in kiln) c1=$(kiln_cpu); CPU[$name]+="$(awk -v a="$c0" -v b="$c1" 'BEGIN { split(a, x, " "); split(b, y, " "); printf "%.2f", y[1] - x[1] }') "
                   CPUSERVE+="$(awk -v a="$c0" -v b="$c1" 'BEGIN { split(a, x, " "); split(b, y, " "); printf "%.2f", y[2] - x[2] }') "
                   CPUDAEMON+="$(awk -v a="$c0" -v b="$c1" 'BEGIN { split(a, x, " "); split(b, y, " "); printf "%.2f", y[3] - x[3] }') ";;
@@ -270,6 +281,9 @@ printf '%-34s %8.2f s\n' "bazel local" "$t_local" "bazel linux-sandbox" "$t_sand
 awk -v k="$t_kiln" -v l="$t_local" -v s="$t_sandbox" 'BEGIN { printf "ratios: kiln/local %.2f  kiln/linux-sandbox %.2f\n", k / l, k / s }'
 [[ -z ${BUILDBARN:-} ]] || awk -v k="$t_kiln" -v b="$t_bb" -v kh="$t_hit" -v bh="$t_bbhit" \
   'BEGIN { printf "ratios: kiln/buildbarn %.2f  kiln/buildbarn all-cache-hit %.2f\n", k / b, kh / bh }'
+echo "CPU of a whole clean build (Bazel's server and what it reaped, plus, for remote execution, the executor's processes; median):"
+for n in local sandbox kiln bb; do [[ -n ${BCPU[$n]:-} ]] && printf '  %-8s %7.2f s\n' "$n" "$(med ${BCPU[$n]})"; done
+awk -v k="$(med ${BCPU[kiln]})" -v s="$(med ${BCPU[sandbox]})" -v b="$(med ${BCPU[bb]:-0})" 'BEGIN { printf "  CPU ratios: kiln/linux-sandbox %.2f", k / s; if (b > 0) printf "  kiln/buildbarn %.2f", k / b; printf "\n" }'
 echo "kiln CPU in a clean build (kiln serve + its sandbox daemon + the sandboxes and actions; median): $c_kiln s"
 echo "  of which kiln serve itself $(med $CPUSERVE) s, the sandbox daemon itself $(med $CPUDAEMON) s (the rest: the sandboxes' set-up, kiln-init and the actions)"
 echo "kiln per-action time by phase (mean over the clean builds):"
