@@ -846,11 +846,23 @@ type tempWriter struct {
 	n int64
 }
 
+// writePiece is the most one write(2) is given. A larger write makes the kernel back
+// the file with larger page-cache folios, and on this kind of VM those cost several
+// times more to fill: writing 1 MiB blobs measured 3.5-3.9 ms of CPU per MiB in 1 MiB
+// writes, 0.5-0.7 ms in 128 KiB ones (a ByteStream upload hands over 1 MiB messages).
+const writePiece = 128 << 10
+
 // evictEvery is how many bytes a temp file grows between checks of the bound.
 const evictEvery = 4 << 20
 
 func (w *tempWriter) Write(p []byte) (int, error) {
-	n, err := w.f.Write(p)
+	var n int
+	var err error
+	for n < len(p) && err == nil {
+		var k int
+		k, err = w.f.Write(p[n:min(len(p), n+writePiece)])
+		n += k
+	}
 	before := w.n
 	w.n += int64(n)
 	t := w.s.temp.Add(int64(n))
