@@ -666,6 +666,32 @@ func (r *WorkReader) Read(p []byte) (int, error) {
 	return n, err
 }
 
+// WriteTo hands what R hands over (R's own WriteTo, without a copy, if it has one) to
+// w, holding a token while w processes each piece: the same work as through Read.
+func (r *WorkReader) WriteTo(w io.Writer) (int64, error) {
+	r.Done()
+	ww := &workWriter{w: w, r: r}
+	if wt, ok := r.R.(io.WriterTo); ok {
+		return wt.WriteTo(ww)
+	}
+	return io.Copy(ww, struct{ io.Reader }{r.R})
+}
+
+// workWriter holds its WorkReader's client's token while each write is processed.
+type workWriter struct {
+	w io.Writer
+	r *WorkReader
+}
+
+func (w *workWriter) Write(p []byte) (int, error) {
+	rel, err := w.r.W.Acquire(w.r.Ctx, w.r.Client)
+	if err != nil {
+		return 0, err
+	}
+	defer rel()
+	return w.w.Write(p)
+}
+
 // Done gives back the token held, if any.
 func (r *WorkReader) Done() {
 	if r.release != nil {
