@@ -33,7 +33,7 @@ test: setup build
 # go test replays; the first seconds go to replaying it); a failing input is written
 # to the target's testdata/fuzz.
 FUZZTIME ?= 6s
-FUZZ_TARGETS = FuzzParseResource:./engine/reapi FuzzZstdUpload:./engine/reapi FuzzInputTree:./engine/executor
+FUZZ_TARGETS = FuzzParseResource:./engine/reapi FuzzZstdUpload:./engine/reapi FuzzInputTree:./engine/executor FuzzDecodeLinkFast:./engine/attest
 fuzz:
 	@set -e; for t in $(FUZZ_TARGETS); do \
 	  $(GO) test -tags '$(TAGS)' -run '^$$' -fuzz "^$${t%%:*}$$" -fuzztime $(FUZZTIME) "$${t#*:}"; done

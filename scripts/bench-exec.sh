@@ -4,7 +4,7 @@
 # linux-sandbox, kiln remote execution (full sandbox), and kiln's all-cache-hit rebuild.
 # Prints wall times, ratios, and kiln's per-action time by phase.
 #
-# ROUNDS=N (default 1) repeats every build N times, interleaved (local, linux-sandbox,
+# ROUNDS=N (default 1) repeats every build N times (after a warm-up round, see WARMUP), interleaved (local, linux-sandbox,
 # kiln, kiln all-cache-hit, Buildbarn, Buildbarn all-cache-hit, then again), each round
 # on sources of its own so that no round hits another's cache, and prints the median of
 # each and every round's ratios: on a shared machine the load changes during a run, and
@@ -222,6 +222,19 @@ one() {
   *) printf '  round %d %-7s %7.2f s, machine idle %3d%%\n' "$r" "$name" "$t" "$idle";; esac
 }
 [[ -z ${CLUSTER_ONLY:-} ]] || rounds=0  # CLUSTER_ONLY=1: only the cluster comparison below
+# WARMUP=1 (the default; 0 skips it): before round 1, every build once on sources of
+# its own, not counted, so that no side's first round pays for its cold start (Bazel's
+# JVM, the page cache of each toolchain's files, kiln's prepared sandboxes, Buildbarn's
+# build directories) in the figures.
+if [[ ${WARMUP:-1} -gt 0 && $rounds -gt 0 ]]; then
+  gen_ws 0; bz build --nobuild //gen:all >/dev/null 2>&1
+  warm() { bz clean >/dev/null 2>&1; timed bz "${common[@]}" "$@"; printf '  warm-up %-30s %7.2f s (not counted)\n' "$1" "$t"; }
+  warm --spawn_strategy=local
+  warm --spawn_strategy=linux-sandbox
+  warm "${kx[@]}"
+  [[ -z ${BUILDBARN:-} ]] || warm "${bbx[@]}"
+  gen_ws 1; bz build --nobuild //gen:all >/dev/null 2>&1
+fi
 for r in $(seq "$rounds"); do
   [[ $r -eq 1 ]] || { gen_ws "$r"; bz build --nobuild //gen:all >/dev/null 2>&1; }
   one local --spawn_strategy=local
@@ -315,6 +328,7 @@ if [[ -n ${CLUSTER:-} ]]; then
   # the phases of the genrules alone, before the full builds add theirs
   curl -s http://127.0.0.1:18853/metrics > "$cl/serve-genrules.metrics"
   { curl -s http://127.0.0.1:18861/metrics; curl -s http://127.0.0.1:18862/metrics; } > "$cl/workers-genrules.metrics"
+  curl -s http://127.0.0.1:18855/metrics > "$cl/frontend-genrules.metrics"
   bz clean >/dev/null 2>&1; timed bz "${common[@]}" $(rx 18852 full); t_sfull=$t
   bz clean >/dev/null 2>&1; timed bz "${common[@]}" $(rx 18854 full); t_cfull=$t
   grep -E "INFO: [0-9]+ processes" "$work/last.log" | tail -1
@@ -329,6 +343,27 @@ if [[ -n ${CLUSTER:-} ]]; then
     /^kiln_execution_phase_seconds_sum/ { match($0, /phase="[a-z_]+"/); p=substr($0, RSTART+7, RLENGTH-8); sum[p]+=$2 }
     /^kiln_execution_phase_seconds_count/ { match($0, /phase="[a-z_]+"/); p=substr($0, RSTART+7, RLENGTH-8); cnt[p]+=$2 }
     END { for (p in sum) if (cnt[p] > 0) printf "  %-14s %7.1f ms  (%d actions)\n", p, 1000*sum[p]/cnt[p], cnt[p] }'; }
+  # kiln_cluster_path_seconds: per action, queued at the frontend to its result seen
+  # there, less the worker's run; the median is read off the histogram's buckets.
+  path() { awk '
+    /^kiln_cluster_path_seconds_bucket/ { match($0, /le="[^"]+"/); le[++n]=substr($0, RSTART+4, RLENGTH-5); c[n]=$2 }
+    /^kiln_cluster_path_seconds_sum/ { sum=$2 } /^kiln_cluster_path_seconds_count/ { cnt=$2 }
+    END { if (cnt == 0) { print "  no actions"; exit } half=cnt/2; lo=0; prev=0
+          for (i=1; i<=n; i++) { if (c[i] >= half) { hi=(le[i]=="+Inf") ? lo : le[i]; med=lo+(hi-lo)*(half-prev)/(c[i]-prev); break } lo=le[i]; prev=c[i] }
+          printf "  median %.2f ms, mean %.2f ms (%d actions)\n", 1000*med, 1000*sum/cnt, cnt }'; }
+  echo "the cluster path around the worker's run (kiln_cluster_path_seconds), the $((3*N)) genrules at --jobs=1:"
+  path < "$cl/frontend-genrules.metrics"
+  echo "the same, everything (the --jobs=8 build too):"
+  curl -s http://127.0.0.1:18855/metrics | path
+  # The phases whose work the cluster changes (inputs read from the bucket rather than
+  # the local tier, the pending marker beside the link): worker minus serve, per action.
+  io() { awk '
+    /^kiln_execution_phase_seconds_(sum|count)/ && /phase="(input_fetch|output_upload|attest)"/ {
+      match($0, /phase="[a-z_]+"/); p=substr($0, RSTART+7, RLENGTH-8); if ($1 ~ /_sum/) sum[p]+=$2; else cnt[p]+=$2 }
+    END { for (p in sum) if (cnt[p] > 0) t += sum[p]/cnt[p]; printf "%.3f", 1000*t }'; }
+  p_ms=$(awk '/^kiln_cluster_path_seconds_sum/ { s=$2 } /^kiln_cluster_path_seconds_count/ { c=$2 } END { printf "%.3f", c ? 1000*s/c : 0 }' "$cl/frontend-genrules.metrics")
+  w_io=$(io < "$cl/workers-genrules.metrics"); s_io=$(io < "$cl/serve-genrules.metrics")
+  awk -v p="$p_ms" -v w="$w_io" -v s="$s_io" 'BEGIN { printf "the %d genrules: input fetch + output upload + attestation, worker %.2f ms, serve %.2f ms (%+.2f); with the path (mean %.2f ms) the cluster adds %.2f ms per action\n", 3*'"$N"', w, s, w-s, p, p+w-s }'
   echo "the $((3*N)) genrules at --jobs=1 alone, per-action time by phase: serve --storage, then the cluster's workers:"
   phases < "$cl/serve-genrules.metrics"; echo "  --"; phases < "$cl/workers-genrules.metrics"
   echo "serve --storage per-action time by phase (--jobs=8 build and the genrules):"

@@ -504,6 +504,15 @@ func TestClusterNATSKilled(t *testing.T) {
 	conn := dial(t, e.frontends[0].Addr)
 	ctx := harness.Context(t, 4*time.Minute)
 	as, xs := e.executeAll(t, ctx, conn, 10, func(i int) string { return fmt.Sprintf("sleep 1; echo %d > out.txt", i) })
+	// Every Execute is accepted (queued in the cluster) before the kill: one that reached
+	// the frontend while NATS was down would be refused with UNAVAILABLE, for the
+	// client to retry.
+	for i, x := range xs {
+		<-x.first
+		if x.name == "" {
+			t.Fatalf("action %d was not accepted before the kill: %v", i, x.err)
+		}
+	}
 	e.runningOn(t, as[0], time.Minute)
 	if st := e.clusterStatus(t); st.InFlight < 2 {
 		t.Fatalf("before the kill: %+v, want the 10 actions queued or running", st)

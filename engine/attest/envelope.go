@@ -165,17 +165,28 @@ func VerifyEnvelope(ctx context.Context, env *dsse.Envelope, trust keys.Trust) (
 
 // DecodeLink parses a link payload the way in-toto-golang does (unknown fields refused).
 //
-// The payload is decoded once; only a payload that fails to decode, has another _type
-// or trailing data is read again, by decodeLinkSlow, for its error.
+// The payload is decoded once: by decodeLinkFast if it is of the plain form kiln
+// writes, else by encoding/json; only a payload that fails to decode, has another
+// _type or trailing data is read again, by decodeLinkSlow, for its error.
 func DecodeLink(payload []byte) (in_toto.Link, error) {
+	if l, ok := decodeLinkFast(payload); ok {
+		return l, nil
+	}
+	if l, ok := decodeLinkJSON(payload); ok {
+		return l, nil
+	}
+	return decodeLinkSlow(payload)
+}
+
+// decodeLinkJSON decodes a link payload with encoding/json (unknown fields refused,
+// numbers kept as their literals); ok is false for anything but one link object.
+func decodeLinkJSON(payload []byte) (in_toto.Link, bool) {
 	var l in_toto.Link
 	dec := json.NewDecoder(bytes.NewReader(payload))
 	dec.DisallowUnknownFields()
 	dec.UseNumber()
-	if err := dec.Decode(&l); err == nil && l.Type == "link" && len(bytes.TrimLeft(payload[dec.InputOffset():], " \t\r\n")) == 0 {
-		return l, nil
-	}
-	return decodeLinkSlow(payload)
+	err := dec.Decode(&l)
+	return l, err == nil && l.Type == "link" && len(bytes.TrimLeft(payload[dec.InputOffset():], " \t\r\n")) == 0
 }
 
 // decodeLinkSlow checks that the payload is JSON, then its _type, then decodes it: the

@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"maps"
 	"os"
 	"sort"
 	"strings"
@@ -120,10 +121,12 @@ type Verifier struct {
 	// trustID is opts.Trust's fingerprint, the cache's key with an envelope digest.
 	trustID [32]byte
 
-	mu   sync.Mutex // guards cp, pv and done
+	mu   sync.Mutex // guards cp, pv, done and hints
 	cp   *tlog.Checkpoint
 	pv   *tlog.Prover
 	done map[cache.Digest]LinkCheck
+	// hints are log indexes of envelopes from signed provenance (HintLogIndexes).
+	hints map[cache.Digest]uint64
 	// deadline ends all waiting for links still on their way into the log.
 	deadline time.Time
 }
@@ -334,27 +337,24 @@ func (v *Verifier) checkSignature(ctx context.Context, d cache.Digest, raw []byt
 		c.Err = err
 		return nil, c
 	}
-	// Name the action the envelope claims to attest, so failures say which link. The
-	// payload is decoded once: what the signature covers is the same bytes.
-	claimed, claimErr := in_toto.Link{}, error(nil)
-	unverified, err := base64.StdEncoding.DecodeString(e.Payload)
-	if err == nil {
-		if claimed, claimErr = DecodeLink(unverified); claimErr == nil {
-			c.Claims = claimed.Name
-		}
-	}
 	key, payload, err := VerifyEnvelope(ctx, e, v.opts.Trust)
 	if err != nil {
+		// Name the action the envelope claims to attest, so the failure says which
+		// link (read from the unverified payload only for this message).
+		if unverified, derr := base64.StdEncoding.DecodeString(e.Payload); derr == nil {
+			if claimed, cerr := DecodeLink(unverified); cerr == nil {
+				c.Claims = claimed.Name
+			}
+		}
 		c.Err = claimsErr(c.Claims, err)
 		return nil, c
 	}
-	l := claimed
-	if claimErr != nil || !bytes.Equal(payload, unverified) {
-		if l, err = DecodeLink(payload); err != nil {
-			c.Key, c.Err = &key, err
-			return nil, c
-		}
+	l, err := DecodeLink(payload)
+	if err != nil {
+		c.Key, c.Err = &key, err
+		return nil, c
 	}
+	c.Claims = l.Name
 	return &signedLink{env: d, claims: c.Claims, key: key, link: l, raw: raw}, c
 }
 
@@ -387,6 +387,33 @@ func claimsErr(claims string, err error) error {
 	return err
 }
 
+// HintLogIndexes records where envelopes' log entries are said to be (a provenance's
+// LogIndexes), so that finding them reads no index file of the store. A hint is only
+// where to look: the entry there must be the envelope's, and its inclusion is proved
+// under the checkpoint like any other; a wrong hint falls back to the store's record.
+func (v *Verifier) HintLogIndexes(hints map[cache.Digest]uint64) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if v.hints == nil {
+		v.hints = make(map[cache.Digest]uint64, len(hints))
+	}
+	maps.Copy(v.hints, hints)
+}
+
+// logHint returns where envelope d's log entry (entry) should be: at its hinted index
+// if the entry there is it, else where the store recorded it, if it did.
+func (v *Verifier) logHint(ctx context.Context, d cache.Digest, entry []byte, cp *tlog.Checkpoint, pv *tlog.Prover) (uint64, bool) {
+	v.mu.Lock()
+	i, ok := v.hints[d]
+	v.mu.Unlock()
+	if ok && i < cp.Size && pv != nil {
+		if e, err := pv.Entry(ctx, i); err == nil && bytes.Equal(e, entry) {
+			return i, true
+		}
+	}
+	return v.store.LogIndex(d)
+}
+
 // include proves the inclusion of envelope d's log entry. A link that is still
 // pending in some process (signed, not yet appended) or logged beyond the current
 // checkpoint is waited for, until the verifier's deadline (WaitCheckpoint after it was
@@ -394,10 +421,10 @@ func claimsErr(claims string, err error) error {
 func (v *Verifier) include(ctx context.Context, d cache.Digest) (uint64, error) {
 	entry := LinkLogEntry(d)
 	for {
-		hint, hasHint := v.store.LogIndex(d)
 		v.mu.Lock()
 		cp, pv := v.cp, v.pv
 		v.mu.Unlock()
+		hint, hasHint := v.logHint(ctx, d, entry, cp, pv)
 		idx, _, err := v.log.Include(ctx, entry, hint, hasHint, cp, pv)
 		if err == nil {
 			return idx, nil

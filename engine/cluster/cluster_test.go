@@ -22,6 +22,7 @@ import (
 	"github.com/kilnbuild/kiln/engine/limits"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
+	dto "github.com/prometheus/client_model/go"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 )
@@ -177,6 +178,16 @@ func response(t *testing.T, w execution.Watch) *repb.ExecuteResponse {
 	return r
 }
 
+// histogram reads h's observation count and sum.
+func histogram(t *testing.T, h prometheus.Histogram) (uint64, float64) {
+	t.Helper()
+	var m dto.Metric
+	if err := h.Write(&m); err != nil {
+		t.Fatal(err)
+	}
+	return m.GetHistogram().GetSampleCount(), m.GetHistogram().GetSampleSum()
+}
+
 func messages(t *testing.T, c *Conn) uint64 {
 	t.Helper()
 	info, err := c.Work.Info(context.Background())
@@ -195,6 +206,7 @@ func TestFrontendsMerge(t *testing.T) {
 	f2 := NewFrontend(connect(), loader{}, cache.NewMemoryStore(), prometheus.NewRegistry(), nil)
 	ctx := context.Background()
 	a := action(1)
+	begin := time.Now()
 	wa, err := f1.Submit(ctx, execution.Request{ActionDigest: a, Owner: "alice"})
 	if err != nil {
 		t.Fatal(err)
@@ -216,17 +228,29 @@ func TestFrontendsMerge(t *testing.T) {
 	s := newSched()
 	worker(t, connect, s, time.Second)
 	<-s.started
+	held := time.Now()
 	if op, err := f1.Get(ctx, wb.Name(), "bob"); err != nil || op.GetDone() {
 		t.Fatalf("bob's operation while it runs: %v %v", op, err)
 	}
 	if err := f1.Delete(ctx, wb.Name(), "bob"); status.Code(err) != codes.FailedPrecondition {
 		t.Fatalf("delete a running operation: %v", err)
 	}
+	time.Sleep(100 * time.Millisecond)
 	close(s.release)
+	held2 := time.Now()
 	for _, w := range []execution.Watch{wa, wb, wa2} {
 		if r := response(t, w); string(r.GetResult().GetStdoutRaw()) != "ran "+a.Hash {
 			t.Fatalf("%s: %v", w.Name(), r)
 		}
+	}
+	// The path time is the queueing frontend's, once, and leaves the worker's run out:
+	// at most the whole time less the part of the run this test held.
+	total := time.Since(begin)
+	if n, sum := histogram(t, f1.mPath); n != 1 || sum <= 0 || sum > (total-held2.Sub(held)).Seconds() {
+		t.Errorf("path time at the queueing frontend: %d observations, sum %.4f s; the whole took %v, the run was held %v", n, sum, total, held2.Sub(held))
+	}
+	if n, _ := histogram(t, f2.mPath); n != 0 {
+		t.Errorf("the joining frontend observed the path time %d times", n)
 	}
 	if s.runs.Load() != 1 {
 		t.Fatalf("%d runs", s.runs.Load())
@@ -274,6 +298,50 @@ func TestCancelStopsTheRun(t *testing.T) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
+}
+
+// TestCancelledWhileQueued: an execution cancelled before a worker took it ends
+// CANCELLED and leaves the queue, even though a first delivery starts running before
+// its record is read (and this fake run ends at once).
+func TestCancelledWhileQueued(t *testing.T) {
+	connect := embeddedJS(t)
+	f := NewFrontend(connect(), loader{}, cache.NewMemoryStore(), nil, nil)
+	ctx := context.Background()
+	w, err := f.Submit(ctx, execution.Request{ActionDigest: action(4)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Cancel(ctx, w.Name(), ""); err != nil {
+		t.Fatal(err)
+	}
+	s := newSched()
+	close(s.release)
+	worker(t, connect, s, time.Second)
+	if r := response(t, w); codes.Code(r.GetStatus().GetCode()) != codes.Canceled {
+		t.Fatalf("operation cancelled while queued: %v", r)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for messages(t, f.c) != 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d work messages left", messages(t, f.c))
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	var x execRecord
+	op, _ := f.Get(ctx, w.Name(), "")
+	if _, err := f.c.getRecord(ctx, execKey(execOf(t, f, w)), &x); err != nil || !x.done() || x.Ran != 0 {
+		t.Fatalf("the cancelled execution's record: %+v, %v (operation %v)", x, err, op)
+	}
+}
+
+// execOf returns the execution id of watch w's operation.
+func execOf(t *testing.T, f *Frontend, w execution.Watch) string {
+	t.Helper()
+	_, op, err := f.lookup(context.Background(), w.Name(), "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return op.Exec
 }
 
 // TestWorkerHandsBack: a worker told to stop hands its running action back after its
@@ -326,7 +394,7 @@ func TestFrontendValidatesInputTree(t *testing.T) {
 		c.CAS = reads
 	})
 	mem := limits.NewBudget(64<<20, 1<<20)
-	f := NewFrontend(embeddedJS(t)(), env.Exec, env.CAS, nil, nil).Limit(mem, limits.NewWork(1))
+	f := NewFrontend(embeddedJS(t)(), env.Exec, env.CAS, nil, nil).Limit(mem, limits.NewWork(1), 0)
 	ctx := context.Background()
 
 	root := env.Put(t, &repb.Directory{Files: []*repb.FileNode{{Name: "leaf", Digest: cache.EmptyDigest.Proto()}}})
@@ -364,4 +432,55 @@ func TestFrontendValidatesInputTree(t *testing.T) {
 	if n, used := messages(t, f.c), mem.Used(""); n != 1 || used != 0 {
 		t.Fatalf("valid execution: %d work messages, %d bytes still charged", n, used)
 	}
+}
+
+// TestFrontendClientQueuedLimit: one client may have --client-max-queued executions queued
+// through a frontend; the next is refused RESOURCE_EXHAUSTED while another client's is
+// queued; a client that leaves does not free its slots (its executions stay queued),
+// a worker taking them does.
+func TestFrontendClientQueuedLimit(t *testing.T) {
+	connect := embeddedJS(t)
+	f := NewFrontend(connect(), loader{}, cache.NewMemoryStore(), nil, nil).Limit(nil, nil, 2)
+	ctx := context.Background()
+	submit := func(client string, n byte) (execution.Watch, error) {
+		return f.Submit(ctx, execution.Request{ActionDigest: action(n), Client: client})
+	}
+	var ws []execution.Watch
+	for n := byte(10); n < 12; n++ {
+		w, err := submit("attacker", n)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ws = append(ws, w)
+	}
+	if _, err := submit("attacker", 12); status.Code(err) != codes.ResourceExhausted || !strings.Contains(err.Error(), "--client-max-queued") {
+		t.Fatalf("a third queued execution of a client limited to two: %v", err)
+	}
+	honest, err := submit("honest", 13)
+	if err != nil {
+		t.Fatalf("another client while the first is at its limit: %v", err)
+	}
+	for _, w := range ws {
+		w.Close() // the attacker leaves; its executions stay queued
+	}
+	time.Sleep(100 * time.Millisecond)
+	if _, err := submit("attacker", 12); status.Code(err) != codes.ResourceExhausted {
+		t.Fatalf("after the client left, with its executions still queued: %v", err)
+	}
+	s := newSched()
+	close(s.release)
+	worker(t, connect, s, time.Second)
+	response(t, honest)
+	deadline := time.Now().Add(20 * time.Second)
+	for f.queued.InUse("attacker") != 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d slots still held after a worker took the executions", f.queued.InUse("attacker"))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	w, err := submit("attacker", 12)
+	if err != nil {
+		t.Fatalf("after a worker took its executions: %v", err)
+	}
+	response(t, w)
 }

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"log/slog"
+	"sync"
 	"time"
 
 	"cloud.google.com/go/longrunning/autogen/longrunningpb"
@@ -48,9 +49,13 @@ type Frontend struct {
 	log  *slog.Logger
 	mem  *limits.Budget // charged for an input tree while it is validated (nil: not bounded)
 	work *limits.Work   // bounds one client's validation work (nil: not bounded)
+	// queued counts each client's executions queued through this frontend until a
+	// worker takes them (nil: not bounded).
+	queued *limits.Slots
 
 	mExec   *prometheus.CounterVec
 	mMerged prometheus.Counter
+	mPath   prometheus.Histogram
 }
 
 // NewFrontend returns the scheduler of a frontend on c; reg (may be nil) gets its
@@ -62,17 +67,25 @@ func NewFrontend(c *Conn, load Loader, cas cache.BlobStore, reg prometheus.Regis
 	f := &Frontend{c: c, load: load, cas: cas, log: log,
 		mExec:   prometheus.NewCounterVec(prometheus.CounterOpts{Name: "kiln_executions_total", Help: "Execute calls by outcome at this frontend (cached, queued, merged, refused)."}, []string{"outcome"}),
 		mMerged: prometheus.NewCounter(prometheus.CounterOpts{Name: "kiln_executions_merged_total", Help: "Execute calls merged into an identical execution already in flight in the cluster."}),
+		mPath: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "kiln_cluster_path_seconds",
+			Help:    "Per action this frontend queued and a worker ran once: the time from queueing it (after validation) to seeing its result, less the worker's run (its executor's time). What the cluster adds to a single kiln serve, but for the executor's own phases.",
+			Buckets: []float64{.00025, .0005, .00075, .001, .0015, .002, .0025, .003, .004, .005, .0075, .01, .015, .02, .05, .1, .5, 1, 5}}),
 	}
 	if reg != nil {
-		reg.MustRegister(f.mExec, f.mMerged, newQueueCollector(c))
+		reg.MustRegister(f.mExec, f.mMerged, f.mPath, newQueueCollector(c))
 	}
 	return f
 }
 
 // Limit charges the validation of input trees to the client's share of mem and runs
-// it as the client's work (kiln serve's limits); it returns f.
-func (f *Frontend) Limit(mem *limits.Budget, work *limits.Work) *Frontend {
+// it as the client's work, and bounds the executions one client has queued through
+// this frontend to clientQueued (0: none) until a worker takes them (kiln serve's
+// limits); it returns f.
+func (f *Frontend) Limit(mem *limits.Budget, work *limits.Work, clientQueued int) *Frontend {
 	f.mem, f.work = mem, work
+	if clientQueued > 0 {
+		f.queued = limits.NewSlots(mem, "queued_executions", "queued executions", "--client-max-queued", clientQueued, 0)
+	}
 	return f
 }
 
@@ -107,6 +120,20 @@ func (f *Frontend) Submit(ctx context.Context, req execution.Request) (execution
 			return nil, err
 		}
 	}
+	// The client's queue slot first: it is held until a worker takes the execution,
+	// whether or not the client stays to wait.
+	unqueue := func() {}
+	if f.queued != nil && req.Client != "" {
+		if unqueue, err = f.queued.Acquire(req.Client); err != nil {
+			return nil, err
+		}
+	}
+	holding := false
+	defer func() {
+		if !holding {
+			unqueue()
+		}
+	}()
 	// The input tree is read and validated here, before the execution is queued, so a
 	// tree a worker would refuse never reaches one (issue 19).
 	charge, err := f.load.AdmitInputs(ctx, req.Client, a, f.mem, f.work)
@@ -131,6 +158,7 @@ func (f *Frontend) Submit(ctx context.Context, req execution.Request) (execution
 			w.Close()
 		}
 	}()
+	queuedAt := time.Now() // monotonic, unlike rec.Queued once in JSON
 	if _, err := f.c.createRecord(ctx, execKey(rec.ID), &rec); err != nil {
 		return nil, err
 	}
@@ -153,6 +181,18 @@ func (f *Frontend) Submit(ctx context.Context, req execution.Request) (execution
 		}
 	} else {
 		f.mExec.WithLabelValues("queued").Inc()
+		w.queued = queuedAt
+	}
+	if joined == nil && f.queued != nil && req.Client != "" {
+		// Subscribed before the publish, so that no change of the record is missed.
+		if stop, err := f.holdWhileQueued(rec.ID, unqueue); err == nil {
+			holding = true
+			defer func() {
+				if !ok {
+					stop()
+				}
+			}()
+		}
 	}
 	g, gctx := errgroup.WithContext(ctx)
 	if queue != nil {
@@ -167,6 +207,45 @@ func (f *Frontend) Submit(ctx context.Context, req execution.Request) (execution
 	}
 	ok = true
 	return w, nil
+}
+
+// holdWhileQueued calls release once execution id has left the queue: a worker took it,
+// it completed or was cancelled, or its record is gone. stop releases it now.
+func (f *Frontend) holdWhileQueued(id string, release func()) (stop func(), err error) {
+	ch := make(chan *nats.Msg, 8)
+	sub, err := f.c.NC.ChanSubscribe("$KV."+stateBucket+"."+execKey(id), ch)
+	if err != nil {
+		return nil, err
+	}
+	quit := make(chan struct{})
+	var once sync.Once
+	stop = func() { once.Do(func() { close(quit) }) }
+	left := func(b []byte) bool {
+		var x execRecord
+		return json.Unmarshal(b, &x) != nil || x.Stage != repb.ExecutionStage_QUEUED
+	}
+	go func() {
+		defer release()
+		defer sub.Unsubscribe()
+		t := time.NewTicker(5 * time.Second) // a message lost in a reconnection
+		defer t.Stop()
+		for {
+			select {
+			case <-quit:
+				return
+			case m := <-ch:
+				if m.Header.Get("KV-Operation") != "" || left(m.Data) {
+					return
+				}
+			case <-t.C:
+				e, err := f.c.State.Get(context.Background(), execKey(id))
+				if errors.Is(err, jetstream.ErrKeyNotFound) || errors.Is(err, jetstream.ErrKeyDeleted) || (err == nil && left(e.Value())) {
+					return
+				}
+			}
+		}
+	}()
+	return stop, nil
 }
 
 // publish queues rec for a worker; its id is the message id, so publishing it again
@@ -392,6 +471,9 @@ type watch struct {
 	exec *execRecord
 	subs []*nats.Subscription
 	ch   chan *nats.Msg
+	// queued is when this watch's Submit queued its execution, until its path time is
+	// observed (zero for a joined or cached one).
+	queued time.Time
 }
 
 func (f *Frontend) newWatch(id string, op opRecord) *watch {
@@ -508,6 +590,17 @@ func (w *watch) state(ctx context.Context) (repb.ExecutionStage_Value, *repb.Exe
 	return repb.ExecutionStage_COMPLETED, resp, err
 }
 
+// observePath records what the cluster added to the execution this watch queued, once,
+// if one worker ran it once (a redelivery's lost runs are not the path's).
+func (w *watch) observePath() {
+	x := w.exec
+	if w.queued.IsZero() || x == nil || w.op.Response != nil || x.Ran <= 0 || x.Attempt != 1 {
+		return
+	}
+	w.f.mPath.Observe(max(time.Since(w.queued)-x.Ran, 0).Seconds())
+	w.queued = time.Time{}
+}
+
 func (w *watch) operation(stage repb.ExecutionStage_Value, resp *repb.ExecuteResponse) (*longrunningpb.Operation, error) {
 	d, _ := cache.ParseDigest(w.op.Action)
 	return execution.Operation(opName(w.id), d, stage, resp)
@@ -522,6 +615,9 @@ func (w *watch) Next(ctx context.Context, seen *repb.ExecutionStage_Value) (*lon
 		}
 		if stage != *seen && stage != repb.ExecutionStage_UNKNOWN {
 			*seen = stage
+			if stage == repb.ExecutionStage_COMPLETED {
+				w.observePath()
+			}
 			return w.operation(stage, resp)
 		}
 		timer := time.NewTimer(10 * time.Second)

@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -18,8 +19,8 @@ import (
 	"github.com/kilnbuild/kiln/engine/attest/keys"
 	"github.com/kilnbuild/kiln/engine/attest/tlog"
 	"github.com/nats-io/nats.go"
-	"github.com/secure-systems-lab/go-securesystemslib/dsse"
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/secure-systems-lab/go-securesystemslib/dsse"
 	"golang.org/x/mod/sumdb/note"
 	"golang.org/x/sync/errgroup"
 	"google.golang.org/grpc/codes"
@@ -82,13 +83,35 @@ const envelopeWait = 10 * time.Minute
 type BucketSink struct {
 	Bucket *s3.Bucket
 	Conn   *Conn // for the wake-up; nil: the sequencer finds the marker when it polls
+
+	mu sync.Mutex
+	// queued holds the envelopes whose marker this process put: each is in the log or
+	// on its way (a marker goes only once its link is logged, or refused: then a second
+	// one would be refused too), so the same link again (the same action run again,
+	// byte-identical) needs no second marker.
+	queued map[cache.Digest]struct{}
 }
+
+// sinkMemo bounds BucketSink's memory of queued envelopes (cleared when full).
+const sinkMemo = 1 << 16
 
 // Submit implements attest.LinkSink: it returns once the marker is in the bucket.
 func (s *BucketSink) Submit(ctx context.Context, env cache.Digest, _ []byte) error {
+	s.mu.Lock()
+	_, done := s.queued[env]
+	s.mu.Unlock()
+	if done {
+		return nil
+	}
 	if err := s.Bucket.PutObject(ctx, pendingKey(env), nil); err != nil {
 		return err
 	}
+	s.mu.Lock()
+	if s.queued == nil || len(s.queued) >= sinkMemo {
+		s.queued = map[cache.Digest]struct{}{}
+	}
+	s.queued[env] = struct{}{}
+	s.mu.Unlock()
 	if s.Conn != nil {
 		s.Conn.NC.Publish(linksSubject, nil)
 	}

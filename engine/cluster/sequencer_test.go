@@ -5,11 +5,16 @@ import (
 	"crypto/ed25519"
 	"crypto/rand"
 	"log/slog"
+	"os"
+	"path/filepath"
 	"testing"
 	"time"
 
+	"github.com/kilnbuild/kiln/cache"
+	"github.com/kilnbuild/kiln/cache/s3"
 	"github.com/kilnbuild/kiln/engine/attest"
 	"github.com/kilnbuild/kiln/engine/attest/keys"
+	"github.com/kilnbuild/kiln/test/harness"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 )
@@ -64,5 +69,51 @@ func TestSequencerRechecksMissingKey(t *testing.T) {
 	cancel()
 	if tr, err := c.TrustSet(cctx); err == nil {
 		t.Errorf("trust set read with a dead context: %d keys and no error", len(tr.Keys))
+	}
+}
+
+// TestSinkMarksOnce: the same link submitted again by a worker puts no second pending
+// marker once the first is in the bucket (the sequencer logs it, or has); a failed
+// put is not remembered, so the retry puts it.
+func TestSinkMarksOnce(t *testing.T) {
+	srv := harness.StartS3(t, "kiln")
+	srv.Setenv(t)
+	cfg, err := s3.ParseURL(srv.URL("kiln", "c"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := s3.Open(context.Background(), cfg, s3.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	sink := &BucketSink{Bucket: b}
+	env := cache.DigestOf([]byte("an envelope"))
+	marker := filepath.Join(srv.Dir, "kiln", "c", pendingKey(env))
+	if err := sink.Submit(ctx, env, nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(marker); err != nil {
+		t.Fatalf("no marker after the first submit: %v", err)
+	}
+	os.Remove(marker) // the sequencer logged it
+	if err := sink.Submit(ctx, env, nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(marker); !os.IsNotExist(err) {
+		t.Fatalf("the same link submitted again put a second marker (%v)", err)
+	}
+	// A put that fails is not remembered.
+	other := cache.DigestOf([]byte("another envelope"))
+	srv.Kill()
+	if err := sink.Submit(ctx, other, nil); err == nil {
+		t.Fatal("submit with the bucket down succeeded")
+	}
+	srv.Start(t)
+	if err := sink.Submit(ctx, other, nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Join(srv.Dir, "kiln", "c", pendingKey(other))); err != nil {
+		t.Fatalf("the retry after a failed put left no marker: %v", err)
 	}
 }

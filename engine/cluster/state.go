@@ -45,6 +45,9 @@ type execRecord struct {
 	Live      int  `json:"live"`             // operations not cancelled
 	Cancel    bool `json:"cancel,omitempty"` // every operation was cancelled: stop it
 	SkipCache bool `json:"skip_cache,omitempty"`
+	// Ran is how long the worker's run of the recorded response took (its executor's
+	// time): what the cluster adds around it is measured without it.
+	Ran time.Duration `json:"ran_ns,omitempty"`
 	// Response is the ExecuteResponse (protobuf) once COMPLETED; a large one is kept in
 	// the CAS and named by ResponseBlob instead.
 	Response     []byte `json:"response,omitempty"`

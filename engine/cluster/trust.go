@@ -82,24 +82,35 @@ func parseExport(exp keys.Export) (keys.Trust, error) {
 	return t, nil
 }
 
-// trustedKey reads one admitted key from the trust set; NotFound if it is not there.
+// trustedKey reads one admitted key from the trust set, its id checked against its
+// public key; NotFound if it is not there.
 func (c *Conn) trustedKey(ctx context.Context, id string) (keys.PublicKey, error) {
-	e, err := c.Trust.Get(ctx, trustKey(id))
-	if errors.Is(err, jetstream.ErrKeyNotFound) || errors.Is(err, jetstream.ErrKeyDeleted) {
-		return keys.PublicKey{}, status.Errorf(codes.NotFound, "key %s is not in the cluster's trust set", id)
-	}
+	p, _, err := c.readKey(ctx, id, "read key %s")
 	if err != nil {
-		return keys.PublicKey{}, c.wrap(err, "read key %s", id)
-	}
-	var p keys.PublicKey
-	if err := json.Unmarshal(e.Value(), &p); err != nil {
-		return keys.PublicKey{}, status.Errorf(codes.DataLoss, "trust set: key %s: %v", id, err)
+		return keys.PublicKey{}, err
 	}
 	t, err := parseExport(keys.Export{Keys: []keys.PublicKey{p}})
 	if err != nil {
 		return keys.PublicKey{}, err
 	}
 	return t.Keys[0], nil
+}
+
+// readKey reads admitted key id as stored, with its revision; NotFound if it is not
+// there. what names the operation in errors (a format taking the id).
+func (c *Conn) readKey(ctx context.Context, id, what string) (keys.PublicKey, uint64, error) {
+	e, err := c.Trust.Get(ctx, trustKey(id))
+	if errors.Is(err, jetstream.ErrKeyNotFound) || errors.Is(err, jetstream.ErrKeyDeleted) {
+		return keys.PublicKey{}, 0, status.Errorf(codes.NotFound, "key %s is not in the cluster's trust set", id)
+	}
+	if err != nil {
+		return keys.PublicKey{}, 0, c.wrap(err, what, id)
+	}
+	var p keys.PublicKey
+	if err := json.Unmarshal(e.Value(), &p); err != nil {
+		return keys.PublicKey{}, 0, status.Errorf(codes.DataLoss, "trust set: key %s: %v", id, err)
+	}
+	return p, e.Revision(), nil
 }
 
 // AdmitKeys adds the keys in data (PEM public keys, or `kiln attest pubkey --json`) to
@@ -139,16 +150,9 @@ func (c *Conn) AdmitKeys(ctx context.Context, data []byte, now time.Time) ([]key
 // (keys.PublicKey.NotAfterLogSize), which verifiers enforce.
 func (c *Conn) RetireKey(ctx context.Context, id string, now time.Time) (keys.PublicKey, error) {
 	for {
-		e, err := c.Trust.Get(ctx, trustKey(id))
-		if errors.Is(err, jetstream.ErrKeyNotFound) || errors.Is(err, jetstream.ErrKeyDeleted) {
-			return keys.PublicKey{}, status.Errorf(codes.NotFound, "key %s is not in the cluster's trust set", id)
-		}
+		p, rev, err := c.readKey(ctx, id, "retire key %s")
 		if err != nil {
-			return keys.PublicKey{}, c.wrap(err, "retire key %s", id)
-		}
-		var p keys.PublicKey
-		if err := json.Unmarshal(e.Value(), &p); err != nil {
-			return keys.PublicKey{}, status.Errorf(codes.DataLoss, "trust set: key %s: %v", id, err)
+			return keys.PublicKey{}, err
 		}
 		if !p.Active() {
 			return p, nil
@@ -156,7 +160,7 @@ func (c *Conn) RetireKey(ctx context.Context, id string, now time.Time) (keys.Pu
 		t := now.UTC()
 		p.NotAfter = &t
 		b, _ := json.Marshal(p)
-		if _, err := c.Trust.Update(ctx, trustKey(id), b, e.Revision()); err == nil {
+		if _, err := c.Trust.Update(ctx, trustKey(id), b, rev); err == nil {
 			return p, nil
 		} else if !errors.Is(err, jetstream.ErrKeyRevisionMismatch) && !errors.Is(err, jetstream.ErrKeyExists) {
 			return keys.PublicKey{}, c.wrap(err, "retire key %s", id)
@@ -176,18 +180,14 @@ func (c *Conn) sealRetired(ctx context.Context, size uint64) error {
 		if k.Active() || k.NotAfterLogSize != nil {
 			continue
 		}
-		e, err := c.Trust.Get(ctx, trustKey(k.KeyID))
+		p, rev, err := c.readKey(ctx, k.KeyID, "seal key %s")
 		if err != nil {
-			return c.wrap(err, "seal key %s", k.KeyID)
-		}
-		var p keys.PublicKey
-		if err := json.Unmarshal(e.Value(), &p); err != nil {
-			return status.Errorf(codes.DataLoss, "trust set: key %s: %v", k.KeyID, err)
+			return err
 		}
 		n := size
 		p.NotAfterLogSize = &n
 		b, _ := json.Marshal(p)
-		if _, err := c.Trust.Update(ctx, trustKey(k.KeyID), b, e.Revision()); err != nil {
+		if _, err := c.Trust.Update(ctx, trustKey(k.KeyID), b, rev); err != nil {
 			return c.wrap(err, "seal key %s", k.KeyID)
 		}
 	}

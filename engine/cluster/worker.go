@@ -269,62 +269,47 @@ func (w *Worker) handle(soft, hard context.Context, m jetstream.Msg) {
 	}
 	log := w.log.With("exec", job.Exec, "action", job.Action, "delivery", meta.NumDelivered)
 	attempt := int(meta.NumDelivered)
-	var rec execRecord
-	rev, err := w.c.getRecord(hard, execKey(job.Exec), &rec)
-	switch {
-	case status.Code(err) == codes.NotFound:
-		log.Warn("execution is gone from the cluster's state (retained no longer); dropping it")
-		m.Term()
-		w.mActions.WithLabelValues("gone").Inc()
-		return
-	case err != nil:
-		m.NakWithDelay(time.Second)
-		w.mActions.WithLabelValues("handed_back").Inc()
-		return
-	case rec.done():
-		m.Ack() // completed before; the acknowledgement was lost
-		w.mActions.WithLabelValues("duplicate").Inc()
-		return
-	case rec.Cancel:
-		w.complete(hard, log, job, cancelled(), true)
-		m.Term()
-		w.mActions.WithLabelValues("cancelled").Inc()
-		return
-	case attempt-rec.Returned > w.c.cfg.MaxDeliver:
-		max := w.c.cfg.MaxDeliver
-		msg := fmt.Sprintf("kiln cluster: action %s was handed to a worker %d times and no worker completed it (each died or lost its lease while running it): not retried again (max-deliver %d)", job.Action, max, max)
-		log.Error("action failed after max-deliver", "max_deliver", max)
-		w.complete(hard, log, job, &repb.ExecuteResponse{Status: execution.StatusProto(status.Error(codes.Aborted, msg)), Message: msg}, true)
-		m.Term()
-		w.mActions.WithLabelValues("max_deliver").Inc()
-		return
-	}
-	rec.Stage, rec.Worker, rec.Attempt = repb.ExecutionStage_EXECUTING, w.cfg.Name, attempt
-	if rev, err = w.c.putRecord(hard, execKey(job.Exec), &rec, rev); err != nil {
-		rev = 0
-		if _, err := updateRecord(hard, w.c, execKey(job.Exec), func(x *execRecord) error {
-			if x.done() {
-				return errUnchanged
-			}
-			x.Stage, x.Worker, x.Attempt = repb.ExecutionStage_EXECUTING, w.cfg.Name, attempt
-			return nil
-		}); err != nil {
-			log.Warn("cannot record that the action runs", "err", err)
-		}
-	}
-	w.seed(hard, log, job)
-
 	run, stop := context.WithCancel(hard)
 	defer stop()
 	var stopped atomic.Bool // CancelOperation of every operation
-	go w.keepLease(run, m)
 	w.watchCancel(run, job.Exec, func() { stopped.Store(true); stop() })
+	marked := make(chan mark, 1)
+	if attempt == 1 {
+		// A first delivery has not run anywhere: it starts at once, and the record is
+		// read and marked EXECUTING beside it (two KV round trips off every action's
+		// path). What the read finds (cancelled while queued, gone) stops the run.
+		go func() {
+			mk := w.markExecuting(hard, job, attempt)
+			if mk.outcome != markedOK && mk.outcome != markUnreadable {
+				stop()
+			}
+			marked <- mk
+		}()
+	} else {
+		// A redelivery may have completed, been cancelled or died too often: read first.
+		mk := w.markExecuting(hard, job, attempt)
+		if w.settle(hard, log, m, job, mk) {
+			return
+		}
+		marked <- mk
+	}
+	w.seed(hard, log, job)
+	go w.keepLease(run, m)
 
 	log.Info("executing")
+	began := time.Now()
 	resp := w.run(run, log, job, attempt)
+	ran := time.Since(began)
+	mk := <-marked
+	if mk.outcome == markUnreadable {
+		// The cluster's state was unreachable: the run went on; complete retries.
+		log.Warn("cannot record that the action runs", "err", mk.err)
+	} else if w.settle(hard, log, m, job, mk) {
+		return
+	}
 	switch {
 	case stopped.Load():
-		w.complete(hard, log, job, cancelled(), true)
+		w.complete(hard, log, job, cancelled(), 0, true)
 		m.Term()
 		w.mActions.WithLabelValues("cancelled").Inc()
 		return
@@ -334,8 +319,8 @@ func (w *Worker) handle(soft, hard context.Context, m jetstream.Msg) {
 		return
 	}
 	// Fast path: nobody wrote the record since this worker marked it EXECUTING.
-	if rev == 0 || !w.completeAt(hard, job, &rec, rev, resp) {
-		if !w.complete(hard, log, job, resp, false) {
+	if mk.rev == 0 || !w.completeAt(hard, job, &mk.rec, mk.rev, resp, ran) {
+		if !w.complete(hard, log, job, resp, ran, false) {
 			w.handBack(m, job) // the cluster's state was unreachable until the end: let another report it
 			return
 		}
@@ -346,11 +331,100 @@ func (w *Worker) handle(soft, hard context.Context, m jetstream.Msg) {
 	w.mActions.WithLabelValues("completed").Inc()
 }
 
+// markOutcome is what reading an execution's record before (or while) running it found.
+type markOutcome int
+
+const (
+	markedOK       markOutcome = iota // marked EXECUTING (rev 0: written without a revision)
+	markUnreadable                    // the state could not be read
+	markGone                          // retained no longer
+	markDone                          // completed before; the ack was lost
+	markCancelled                     // every operation was cancelled
+	markMaxDeliver                    // delivered too often
+)
+
+// mark is the record as this worker marked it EXECUTING, at revision rev.
+type mark struct {
+	outcome markOutcome
+	rec     execRecord
+	rev     uint64
+	err     error
+}
+
+// markExecuting reads the execution's record and, unless it must not run, marks it
+// EXECUTING on this worker.
+func (w *Worker) markExecuting(ctx context.Context, job work, attempt int) mark {
+	var mk mark
+	rev, err := w.c.getRecord(ctx, execKey(job.Exec), &mk.rec)
+	switch {
+	case status.Code(err) == codes.NotFound:
+		mk.outcome = markGone
+		return mk
+	case err != nil:
+		mk.outcome, mk.err = markUnreadable, err
+		return mk
+	case mk.rec.done():
+		mk.outcome = markDone
+		return mk
+	case mk.rec.Cancel:
+		mk.outcome = markCancelled
+		return mk
+	case attempt-mk.rec.Returned > w.c.cfg.MaxDeliver:
+		mk.outcome = markMaxDeliver
+		return mk
+	}
+	mk.rec.Stage, mk.rec.Worker, mk.rec.Attempt = repb.ExecutionStage_EXECUTING, w.cfg.Name, attempt
+	if mk.rev, err = w.c.putRecord(ctx, execKey(job.Exec), &mk.rec, rev); err != nil {
+		mk.rev = 0
+		if _, err := updateRecord(ctx, w.c, execKey(job.Exec), func(x *execRecord) error {
+			if x.done() {
+				return errUnchanged
+			}
+			x.Stage, x.Worker, x.Attempt = repb.ExecutionStage_EXECUTING, w.cfg.Name, attempt
+			return nil
+		}); err != nil {
+			w.log.Warn("cannot record that the action runs", "exec", job.Exec, "err", err)
+		}
+	}
+	return mk
+}
+
+// settle finishes a delivery that must not run (or whose run is discarded) as its
+// mark says, and reports whether it did.
+func (w *Worker) settle(ctx context.Context, log *slog.Logger, m jetstream.Msg, job work, mk mark) bool {
+	switch mk.outcome {
+	case markGone:
+		log.Warn("execution is gone from the cluster's state (retained no longer); dropping it")
+		m.Term()
+		w.mActions.WithLabelValues("gone").Inc()
+	case markUnreadable:
+		m.NakWithDelay(time.Second)
+		w.mActions.WithLabelValues("handed_back").Inc()
+	case markDone:
+		m.Ack() // completed before; the acknowledgement was lost
+		w.mActions.WithLabelValues("duplicate").Inc()
+	case markCancelled:
+		w.complete(ctx, log, job, cancelled(), 0, true)
+		m.Term()
+		w.mActions.WithLabelValues("cancelled").Inc()
+	case markMaxDeliver:
+		max := w.c.cfg.MaxDeliver
+		msg := fmt.Sprintf("kiln cluster: action %s was handed to a worker %d times and no worker completed it (each died or lost its lease while running it): not retried again (max-deliver %d)", job.Action, max, max)
+		log.Error("action failed after max-deliver", "max_deliver", max)
+		w.complete(ctx, log, job, &repb.ExecuteResponse{Status: execution.StatusProto(status.Error(codes.Aborted, msg)), Message: msg}, 0, true)
+		m.Term()
+		w.mActions.WithLabelValues("max_deliver").Inc()
+	default:
+		return false
+	}
+	return true
+}
+
 // completeAt records resp as the result of rec, last written at revision rev by this
 // worker; false if the record changed since (complete then starts over from a read).
-func (w *Worker) completeAt(ctx context.Context, job work, rec *execRecord, rev uint64, resp *repb.ExecuteResponse) bool {
+func (w *Worker) completeAt(ctx context.Context, job work, rec *execRecord, rev uint64, resp *repb.ExecuteResponse, ran time.Duration) bool {
 	x := *rec
-	x.Stage = repb.ExecutionStage_COMPLETED
+	x.Stage, x.Ran = repb.ExecutionStage_COMPLETED, ran
 	if x.setResponse(ctx, w.cas, resp) != nil {
 		return false
 	}
@@ -491,7 +565,7 @@ func (w *Worker) runOnce(ctx context.Context, req execution.Request) (*repb.Exec
 // first, which this run's result is then compared with. force records even a result
 // that is not this worker's run (a failure past max-deliver, a cancellation). It
 // reports false if the cluster's state stayed unreachable until the worker stopped.
-func (w *Worker) complete(ctx context.Context, log *slog.Logger, job work, resp *repb.ExecuteResponse, force bool) bool {
+func (w *Worker) complete(ctx context.Context, log *slog.Logger, job work, resp *repb.ExecuteResponse, ran time.Duration, force bool) bool {
 	var first *execRecord
 	err := retry(ctx, log, "record the result", func() error {
 		first = nil
@@ -500,7 +574,7 @@ func (w *Worker) complete(ctx context.Context, log *slog.Logger, job work, resp 
 				first = x
 				return errUnchanged
 			}
-			x.Stage, x.Worker = repb.ExecutionStage_COMPLETED, w.cfg.Name
+			x.Stage, x.Worker, x.Ran = repb.ExecutionStage_COMPLETED, w.cfg.Name, ran
 			return x.setResponse(ctx, w.cas, resp)
 		})
 		if err == nil && first == nil && x.InFlight != "" {

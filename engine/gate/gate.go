@@ -89,10 +89,27 @@ const (
 )
 
 // parseProvenance verifies and decodes a provenance, or finds it in the cache (the
-// decoded provenance holds about three times its bytes).
-func (g *Gate) parseProvenance(ctx context.Context, data []byte) (*attest.Provenance, error) {
+// decoded provenance holds about three times its bytes). With a verifier v, once the
+// provenance's signature verified, the links it appears to list start verifying on
+// all cores while it is decoded (one goroutine's work): checking the links it does
+// list afterwards answers from v's memory.
+func (g *Gate) parseProvenance(ctx context.Context, data []byte, v *attest.Verifier) (*attest.Provenance, error) {
 	return verifyCached(g, cacheProvenance, data, 3, func() (*attest.Provenance, error) {
-		return attest.ParseProvenance(ctx, data, g.opts.Trust)
+		sp, err := attest.VerifyProvenanceSignature(ctx, data, g.opts.Trust)
+		if err != nil {
+			return nil, err
+		}
+		if v != nil {
+			links, hints := sp.LinkHints()
+			v.HintLogIndexes(hints)
+			done := make(chan struct{})
+			go func() {
+				defer close(done)
+				v.CheckAll(ctx, links, runtime.GOMAXPROCS(0))
+			}()
+			defer func() { <-done }()
+		}
+		return sp.Decode()
 	})
 }
 
@@ -253,7 +270,7 @@ func (g *Gate) facts(ctx context.Context, req Request, now time.Time) (*Input, [
 	if d := req.Provenance; d != nil {
 		pf := &in.Provenance
 		pf.Present, pf.Name, pf.SHA256 = true, d.Name, d.sha256()
-		p, err := g.parseProvenance(ctx, d.Data)
+		p, err := g.parseProvenance(ctx, d.Data, v)
 		switch {
 		case err != nil:
 			pf.Error = status.Convert(err).Message()
@@ -289,6 +306,7 @@ func (g *Gate) facts(ctx context.Context, req Request, now time.Time) (*Input, [
 		var envs []cache.Digest
 		if prov != nil {
 			in.Chain.From = "provenance"
+			v.HintLogIndexes(prov.LogIndexes)
 			v.CheckAll(ctx, prov.Links, runtime.GOMAXPROCS(0))
 			ch = v.CheckProvenance(ctx, prov, req.Subject)
 			envs = prov.Links

@@ -75,7 +75,7 @@ func joinCluster(ctx context.Context, cfg Config, log *slog.Logger) (*clusterFro
 // NewScheduler implements engine.SchedulerFactory: the engine's scheduler is the
 // cluster's frontend.
 func (f *clusterFrontend) NewScheduler(e *engine.Engine) (execution.Scheduler, error) {
-	return cluster.NewFrontend(f.conn, e.Executor, e.CAS, e.Options.Registerer, f.log).Limit(e.Options.Memory, e.Options.Work), nil
+	return cluster.NewFrontend(f.conn, e.Executor, e.CAS, e.Options.Registerer, f.log).Limit(e.Options.Memory, e.Options.Work, e.Options.ClientQueued), nil
 }
 
 // startSequencer runs the sequencer in this process when JetStream does.
