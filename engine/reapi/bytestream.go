@@ -68,10 +68,10 @@ type byteStream struct {
 type upload struct {
 	name       string
 	res        resource
-	client     string // who started it: its memory and slot are that client's
+	client     string   // who started it: its memory and slot are that client's
 	pipe       *handoff // the stream's messages to the Put
-	committed  int64 // bytes accepted: compressed bytes for compressed uploads
-	attached   bool  // a stream is writing it now
+	committed  int64    // bytes accepted: compressed bytes for compressed uploads
+	attached   bool     // a stream is writing it now
 	lastActive time.Time
 	done       chan struct{} // closed when the Put has returned and everything is released
 	err        error         // the Put's result, valid after done
