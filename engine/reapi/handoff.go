@@ -72,15 +72,20 @@ func (h *handoff) Give(p []byte, done func()) error {
 // CloseWithError ends the writer's side: the reader gets err after what was written
 // (io.EOF for nil).
 func (h *handoff) CloseWithError(err error) {
+	h.setErr(&h.werr, err, io.EOF)
+	h.signal(h.more)
+}
+
+// setErr sets *p to err (or def for nil), unless a side's close set it already.
+func (h *handoff) setErr(p *error, err, def error) {
 	if err == nil {
-		err = io.EOF
+		err = def
 	}
 	h.mu.Lock()
-	if h.werr == nil {
-		h.werr = err
+	if *p == nil {
+		*p = err
 	}
 	h.mu.Unlock()
-	h.signal(h.more)
 }
 
 // Close ends the writer's side cleanly.
@@ -89,14 +94,7 @@ func (h *handoff) Close() error { h.CloseWithError(nil); return nil }
 // CloseRead ends the reader's side: writers, waiting or to come, get err
 // (io.ErrClosedPipe for nil).
 func (h *handoff) CloseRead(err error) {
-	if err == nil {
-		err = io.ErrClosedPipe
-	}
-	h.mu.Lock()
-	if h.rerr == nil {
-		h.rerr = err
-	}
-	h.mu.Unlock()
+	h.setErr(&h.rerr, err, io.ErrClosedPipe)
 	h.closing.Do(func() { close(h.closed) })
 }
 
