@@ -94,11 +94,24 @@ var bufPool = sync.Pool{New: func() any { b := make([]byte, 256<<10); return &b 
 // through: more or fewer bytes, or another hash, is INVALID_ARGUMENT.
 func CopyVerified(w io.Writer, r io.Reader, d Digest) error {
 	h := sha256.New()
-	bp := bufPool.Get().(*[]byte)
-	defer bufPool.Put(bp)
-	// Read at most one byte beyond the declared size so an overlong stream is caught
-	// without reading it all.
-	n, err := io.CopyBuffer(io.MultiWriter(w, h), io.LimitReader(r, d.Size+1), *bp)
+	var n int64
+	var err error
+	if wt, ok := r.(io.WriterTo); ok {
+		// The source hands its bytes over as they are (a ByteStream upload's messages):
+		// no copy into a buffer, and whatever goes beyond the declared size is refused
+		// before it is written.
+		lw := &limitedWriter{w: io.MultiWriter(w, h), left: d.Size}
+		n, err = wt.WriteTo(lw)
+		if errors.Is(err, errTooLong) {
+			n, err = d.Size+1, nil
+		}
+	} else {
+		bp := bufPool.Get().(*[]byte)
+		defer bufPool.Put(bp)
+		// Read at most one byte beyond the declared size so an overlong stream is caught
+		// without reading it all.
+		n, err = io.CopyBuffer(io.MultiWriter(w, h), io.LimitReader(r, d.Size+1), *bp)
+	}
 	if err != nil {
 		if _, ok := status.FromError(err); ok && status.Code(err) != codes.Unknown {
 			return err
@@ -106,6 +119,25 @@ func CopyVerified(w io.Writer, r io.Reader, d Digest) error {
 		return status.Errorf(codes.Internal, "copy blob %s: %v", d, err)
 	}
 	return checkSum(h, n, d)
+}
+
+// errTooLong ends a copy into a limitedWriter that got more than its limit.
+var errTooLong = errors.New("more than the declared size")
+
+// limitedWriter passes writes on to w up to left bytes in all; a write beyond that
+// passes nothing on and fails with errTooLong.
+type limitedWriter struct {
+	w    io.Writer
+	left int64
+}
+
+func (l *limitedWriter) Write(p []byte) (int, error) {
+	if int64(len(p)) > l.left {
+		return 0, errTooLong
+	}
+	n, err := l.w.Write(p)
+	l.left -= int64(n)
+	return n, err
 }
 
 func checkSum(h hash.Hash, n int64, d Digest) error {

@@ -593,11 +593,21 @@ func syncDir(dir string) {
 // an unnamed one (O_TMPFILE, empty Name; it vanishes if the process dies) where the
 // filesystem has them, else a named one that a later Store sweeps if this one dies.
 func (s *Store) createTemp(mode os.FileMode) (*os.File, error) {
+	return s.createTempIn(filepath.Join(s.dir, "tmp"), mode)
+}
+
+// createTempIn is createTemp with the unnamed file made in dir, the directory it will
+// be linked into: the filesystem allocates a new inode near its directory's, so blobs
+// spread over the cas/ subdirectories spread their inode allocations too, instead of
+// all searching tmp/'s block group, past every inode freed there lately (ext4 without
+// a journal skips those, one inode table lookup each). A named temp file (the
+// fallback) is still made in tmp/, where a crash's leftovers are swept.
+func (s *Store) createTempIn(dir string, mode os.FileMode) (*os.File, error) {
 	if s.opts.ReadOnly {
 		return nil, status.Error(codes.FailedPrecondition, "the store is open read-only")
 	}
 	if !s.noTmpfile.Load() {
-		fd, err := unix.Open(filepath.Join(s.dir, "tmp"), unix.O_TMPFILE|unix.O_WRONLY|unix.O_CLOEXEC, uint32(mode.Perm()))
+		fd, err := unix.Open(dir, unix.O_TMPFILE|unix.O_WRONLY|unix.O_CLOEXEC, uint32(mode.Perm()))
 		if err == nil {
 			return os.NewFile(uintptr(fd), ""), nil
 		}
@@ -771,7 +781,7 @@ func (s *Store) Put(ctx context.Context, d cache.Digest, r io.Reader) error {
 		}
 		r = buf
 	}
-	tmp, err := s.createTemp(0o444)
+	tmp, err := s.createTempIn(filepath.Dir(path), 0o444)
 	if err != nil {
 		return err
 	}
@@ -846,11 +856,23 @@ type tempWriter struct {
 	n int64
 }
 
+// writePiece is the most one write(2) is given. A larger write makes the kernel back
+// the file with larger page-cache folios, and on this kind of VM those cost several
+// times more to fill: writing 1 MiB blobs measured 3.5-3.9 ms of CPU per MiB in 1 MiB
+// writes, 0.5-0.7 ms in 128 KiB ones (a ByteStream upload hands over 1 MiB messages).
+const writePiece = 128 << 10
+
 // evictEvery is how many bytes a temp file grows between checks of the bound.
 const evictEvery = 4 << 20
 
 func (w *tempWriter) Write(p []byte) (int, error) {
-	n, err := w.f.Write(p)
+	var n int
+	var err error
+	for n < len(p) && err == nil {
+		var k int
+		k, err = w.f.Write(p[n:min(len(p), n+writePiece)])
+		n += k
+	}
 	before := w.n
 	w.n += int64(n)
 	t := w.s.temp.Add(int64(n))

@@ -420,15 +420,18 @@ func cgroupLimit() int64 {
 // that a client sending work as fast as it can leaves the rest of the machine to the
 // others. A client's work beyond that waits for its own turn, never for another's;
 // unlike Slots it waits rather than refuses: work already admitted is not thrown away.
-// Time is measured as the wall time a token is held. While it holds a token, the work
-// runs on an OS thread of its own at a lower priority (nice WorkNice), so that the
-// kernel gives the machine's CPUs to latency-bound work first: other clients' calls,
-// and the actions running in sandboxes.
+// While it holds a token, the work runs on an OS thread of its own at a lower priority
+// (nice WorkNice), so that the kernel gives the machine's CPUs to latency-bound work
+// first: other clients' calls, and the actions running in sandboxes. What is counted
+// is the CPU time that thread used while the token was held (user and system), not
+// the wall time: on a busy machine a niced thread waits for a CPU most of the time,
+// and counting that wait as work would throttle a client for others' load.
 type Work struct {
 	perClient int
 	rate      float64 // cores
 	clock     clock.Clock
-	nice      int // the priority work runs at; 0: as the process
+	nice      int                  // the priority work runs at; 0: as the process
+	cpu       func() time.Duration // the calling thread's CPU time (threadCPU)
 
 	mu      sync.Mutex
 	clients map[string]*workTokens
@@ -458,7 +461,16 @@ func NewWork(rate float64) *Work {
 	if rate <= 0 {
 		rate = DefaultClientCPUs()
 	}
-	return &Work{perClient: max(1, int(math.Ceil(rate))), rate: rate, clock: clock.System(), nice: WorkNice, clients: map[string]*workTokens{}}
+	return &Work{perClient: max(1, int(math.Ceil(rate))), rate: rate, clock: clock.System(), nice: WorkNice, cpu: threadCPU, clients: map[string]*workTokens{}}
+}
+
+// threadCPU is the CPU time the calling OS thread has used; -1 if it cannot be read.
+func threadCPU() time.Duration {
+	var ts unix.Timespec
+	if unix.ClockGettime(unix.CLOCK_THREAD_CPUTIME_ID, &ts) != nil {
+		return -1
+	}
+	return time.Duration(ts.Nano())
 }
 
 // sleep waits on c for d, or until ctx ends (a gRPC status then).
@@ -515,22 +527,73 @@ func (w *Work) Acquire(ctx context.Context, client string) (release func(), err 
 			return nil, err
 		}
 	}
-	start := w.clock.Now()
-	prev, lowered := w.lower()
+	m := w.begin()
 	var once sync.Once
 	return func() {
 		once.Do(func() {
-			if lowered {
-				restore(prev)
-			}
+			used := m.end()
 			w.mu.Lock()
 			w.refill(t)
-			t.credit -= w.clock.Now().Sub(start)
+			t.credit -= used
 			w.mu.Unlock()
 			<-t.ch
 			w.leave(client, t)
 		})
 	}, nil
+}
+
+// Also runs fn as part of the work of client, whose token the caller holds, when fn
+// runs on another goroutine than the holder's (a request's blobs stored side by side):
+// fn runs at the work priority, and the CPU time it takes counts against client's rate.
+// A nil *Work just runs fn.
+func (w *Work) Also(client string, fn func()) {
+	if w == nil {
+		fn()
+		return
+	}
+	m := w.begin()
+	fn()
+	used := m.end()
+	w.mu.Lock()
+	if t := w.clients[client]; t != nil {
+		w.refill(t)
+		t.credit -= used
+	}
+	w.mu.Unlock()
+}
+
+// meter measures the work done on one goroutine, pinned to its OS thread meanwhile.
+type meter struct {
+	w       *Work
+	tid     int
+	cpu     time.Duration // the thread's CPU time at the start; -1: unknown
+	wall    time.Time
+	prev    int
+	lowered bool
+}
+
+// begin pins the calling goroutine to its thread, lowers the thread's priority and
+// starts counting; end, called on the same goroutine, undoes both and returns the work
+// done: the thread's CPU time, or the wall time if the thread's clock cannot be read
+// (or end runs on another thread, where the start's reading means nothing).
+func (w *Work) begin() *meter {
+	runtime.LockOSThread()
+	m := &meter{w: w, tid: unix.Gettid(), wall: w.clock.Now()}
+	m.prev, m.lowered = w.lower()
+	m.cpu = w.cpu()
+	return m
+}
+
+func (m *meter) end() time.Duration {
+	used := m.w.clock.Now().Sub(m.wall)
+	if now := m.w.cpu(); m.cpu >= 0 && now >= m.cpu && unix.Gettid() == m.tid {
+		used = now - m.cpu
+	}
+	if m.lowered {
+		restore(m.prev)
+	}
+	runtime.UnlockOSThread()
+	return used
 }
 
 // lower pins the calling goroutine to its OS thread and lowers that thread's priority
@@ -601,6 +664,32 @@ func (r *WorkReader) Read(p []byte) (int, error) {
 		r.release = rel
 	}
 	return n, err
+}
+
+// WriteTo hands what R hands over (R's own WriteTo, without a copy, if it has one) to
+// w, holding a token while w processes each piece: the same work as through Read.
+func (r *WorkReader) WriteTo(w io.Writer) (int64, error) {
+	r.Done()
+	ww := &workWriter{w: w, r: r}
+	if wt, ok := r.R.(io.WriterTo); ok {
+		return wt.WriteTo(ww)
+	}
+	return io.Copy(ww, struct{ io.Reader }{r.R})
+}
+
+// workWriter holds its WorkReader's client's token while each write is processed.
+type workWriter struct {
+	w io.Writer
+	r *WorkReader
+}
+
+func (w *workWriter) Write(p []byte) (int, error) {
+	rel, err := w.r.W.Acquire(w.r.Ctx, w.r.Client)
+	if err != nil {
+		return 0, err
+	}
+	defer rel()
+	return w.w.Write(p)
 }
 
 // Done gives back the token held, if any.

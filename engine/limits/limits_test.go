@@ -113,6 +113,7 @@ func TestWork(t *testing.T) {
 	w := NewWork(1)
 	clk := &testClock{now: time.Unix(1000, 0), advance: true}
 	w.clock = clk
+	w.cpu = clk.cpu // every moment of the test clock is work
 	ctx := context.Background()
 	rel, err := w.Acquire(ctx, "a")
 	if err != nil {
@@ -229,6 +230,65 @@ func TestWorkRunsNiced(t *testing.T) {
 	}
 }
 
+// TestWorkCountsCPU: what a client is charged is the CPU time its work took, not the
+// time it held a token: a long wait for a CPU (or for the network, with a token held)
+// costs the client nothing; the CPU time of work done beside the holder (Also) counts.
+func TestWorkCountsCPU(t *testing.T) {
+	w := NewWork(1)
+	clk := &testClock{now: time.Unix(1000, 0), advance: true}
+	w.clock = clk
+	ctx := context.Background()
+	rel, err := w.Acquire(ctx, "a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	clk.now = clk.now.Add(time.Hour) // an hour holding the token, hardly any CPU
+	rel()
+	if rel, err := w.Acquire(ctx, "a"); err != nil || len(clk.slept) != 0 {
+		t.Fatalf("a client that held its token an hour without working waited %v (%v)", clk.slept, err)
+	} else {
+		rel()
+	}
+	// Work beside the holder, on another goroutine, measured by a clock that counts the
+	// test clock as CPU on every thread but the holder's.
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	holder := unix.Gettid()
+	w.cpu = func() time.Duration {
+		if unix.Gettid() == holder {
+			return threadCPU()
+		}
+		return clk.cpu()
+	}
+	rel, err = w.Acquire(ctx, "a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ran := false
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		w.Also("a", func() { ran = true; clk.now = clk.now.Add(workBurst + 2*time.Second) })
+	}()
+	<-done
+	rel()
+	if !ran {
+		t.Fatal("Also did not run its work")
+	}
+	if rel, err := w.Acquire(ctx, "a"); err != nil || len(clk.slept) != 1 || clk.slept[0] < 2*time.Second || clk.slept[0] > 2*time.Second+workBurst {
+		// (plus the holder's own few microseconds of CPU)
+		t.Fatalf("after 2 s of work beside the holder beyond the burst, the next work waited %v (%v), want 2 s", clk.slept, err)
+	} else {
+		rel()
+	}
+	var nilWork *Work
+	ran = false
+	nilWork.Also("a", func() { ran = true })
+	if !ran {
+		t.Fatal("a nil Work's Also did not run its work")
+	}
+}
+
 // testClock records how long it was asked to sleep, and moves only when told (or, with
 // advance, by each sleep).
 type testClock struct {
@@ -238,6 +298,9 @@ type testClock struct {
 }
 
 func (c *testClock) Now() time.Time { return c.now }
+
+// cpu is a thread CPU clock that counts every moment of c as work.
+func (c *testClock) cpu() time.Duration { return c.now.Sub(time.Unix(0, 0)) }
 
 func (c *testClock) Sleep(ctx context.Context, d time.Duration) error {
 	if err := ctx.Err(); err != nil {

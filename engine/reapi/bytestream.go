@@ -41,7 +41,7 @@ const (
 )
 
 // byteStream implements google.bytestream.ByteStream over the CAS, with resumable
-// uploads: each upload pipes its bytes into one cache Put running in the background,
+// uploads: each upload hands its messages to one cache Put running in the background,
 // so an upload whose stream breaks can continue on a new stream from committed_size.
 // What uploads and reads hold is charged to the memory budget, and each client may
 // have a bounded number of uploads in progress; uploads waiting to be resumed are the
@@ -68,11 +68,10 @@ type byteStream struct {
 type upload struct {
 	name       string
 	res        resource
-	client     string // who started it: its memory and slot are that client's
-	pr         *io.PipeReader
-	pw         *io.PipeWriter
-	committed  int64 // bytes accepted: compressed bytes for compressed uploads
-	attached   bool  // a stream is writing it now
+	client     string   // who started it: its memory and slot are that client's
+	pipe       *handoff // the stream's messages to the Put
+	committed  int64    // bytes accepted: compressed bytes for compressed uploads
+	attached   bool     // a stream is writing it now
 	lastActive time.Time
 	done       chan struct{} // closed when the Put has returned and everything is released
 	err        error         // the Put's result, valid after done
@@ -90,7 +89,7 @@ type upload struct {
 // stop aborts the upload: its Put ends with err and stores nothing.
 func (u *upload) stop(err error) {
 	u.cancel()
-	u.pw.CloseWithError(err)
+	u.pipe.CloseWithError(err)
 }
 
 func newByteStream(cas cache.BlobStore, log *slog.Logger, mem *limits.Budget, clientUploads, maxUploads int) *byteStream {
@@ -327,14 +326,12 @@ func (b *byteStream) Write(stream bytestream.ByteStream_WriteServer) error {
 			return status.Errorf(codes.InvalidArgument, "blob %s: more compressed bytes than zstd can take to encode %d bytes", res.digest, res.digest.Size)
 		}
 		if len(data) > 0 {
-			// The message is held until the Put has taken it: it counts too.
+			// The message is held until the Put is through with it: it counts too.
 			held, err := b.mem.Charge(client, "ByteStream.Write data", int64(len(data)))
 			if err != nil {
 				return err // the upload waits to be resumed (or is reclaimed)
 			}
-			_, err = u.pw.Write(data)
-			held.Release()
-			if err != nil {
+			if err := u.pipe.Give(data, held.Release); err != nil {
 				// The Put gave up (bad data, no room, or it was aborted): report its error.
 				<-u.done
 				b.remove(u)
@@ -355,7 +352,7 @@ func (b *byteStream) Write(stream bytestream.ByteStream_WriteServer) error {
 				}
 				return status.Errorf(codes.InvalidArgument, "Write stream for %s: a message after finish_write; nothing was stored", name)
 			}
-			u.pw.Close()
+			u.pipe.Close()
 			<-u.done
 			b.remove(u)
 			if u.err != nil {
@@ -445,9 +442,8 @@ func (b *byteStream) begin(client, name string, res resource) (*upload, error) {
 		slot()
 		return nil, err
 	}
-	pr, pw := io.Pipe()
 	ctx, cancel := context.WithCancel(context.Background())
-	u := &upload{name: name, res: res, client: client, pr: pr, pw: pw, done: make(chan struct{}), mem: mem, space: space, slot: slot,
+	u := &upload{name: name, res: res, client: client, pipe: newHandoff(), done: make(chan struct{}), mem: mem, space: space, slot: slot,
 		attached: true, lastActive: b.now(), ctx: ctx, cancel: cancel}
 	b.mu.Lock()
 	old := b.uploads[name]
@@ -479,7 +475,7 @@ func (b *byteStream) start(u *upload) {
 		defer u.mem.Release()
 		defer u.space.Release()
 		// Decompressing, hashing and writing what arrives is the client's work.
-		in := &limits.WorkReader{R: u.pr, W: b.work, Client: u.client, Ctx: u.ctx}
+		in := &limits.WorkReader{R: u.pipe, W: b.work, Client: u.client, Ctx: u.ctx}
 		defer in.Done()
 		var body io.Reader = in
 		var guard *windowGuard
@@ -497,7 +493,7 @@ func (b *byteStream) start(u *upload) {
 			dec, err := zstd.NewReader(guard, zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxWindow(uint64(b.maxWindow)), zstd.WithDecoderLowmem(true))
 			if err != nil {
 				u.err = status.Errorf(codes.Internal, "zstd: %v", err)
-				u.pr.CloseWithError(u.err)
+				u.pipe.CloseRead(u.err)
 				return
 			}
 			defer dec.Close()
@@ -509,12 +505,12 @@ func (b *byteStream) start(u *upload) {
 			u.err = guard.err // the decoder may have wrapped it
 		}
 		if u.err != nil {
-			u.pr.CloseWithError(u.err)
+			u.pipe.CloseRead(u.err)
 			b.log.Debug("upload refused", "resource", u.name, "client", u.client, "err", u.err)
 			return
 		}
 		// Drain anything sent after the blob was complete, so a writer is never stuck.
-		io.Copy(io.Discard, u.pr)
+		io.Copy(io.Discard, u.pipe)
 	}()
 }
 

@@ -133,7 +133,10 @@ func (c casServer) BatchUpdateBlobs(ctx context.Context, req *repb.BatchUpdateBl
 		wg.Add(1)
 		go func() {
 			defer func() { <-sem; wg.Done() }()
-			resp.Responses[i] = &repb.BatchUpdateBlobsResponse_Response{Digest: r.GetDigest(), Status: statusProto(c.updateOne(ctx, r))}
+			var err error
+			// Stored beside the token's holder: its CPU time is the client's work too.
+			c.s.opts.Work.Also(client, func() { err = c.updateOne(ctx, r) })
+			resp.Responses[i] = &repb.BatchUpdateBlobsResponse_Response{Digest: r.GetDigest(), Status: statusProto(err)}
 		}()
 	}
 	wg.Wait()

@@ -118,12 +118,12 @@ func FuzzZstdUpload(f *testing.F) {
 		n := int(chunk)%4096 + 1
 		for rest := comp; len(rest) > 0; {
 			k := min(n, len(rest))
-			if _, err := u.pw.Write(rest[:k]); err != nil {
+			if err := u.pipe.Give(rest[:k], nil); err != nil {
 				break
 			}
 			rest = rest[k:]
 		}
-		u.pw.Close()
+		u.pipe.Close()
 		<-u.done
 		err = u.err
 		if c := status.Code(err); c != codes.OK && c != codes.InvalidArgument && c != codes.ResourceExhausted {
