@@ -770,6 +770,7 @@ func (s *Store) Put(ctx context.Context, d cache.Digest, r io.Reader) error {
 		return err
 	}
 	defer s.unreserve(d.Size, true)
+	var verified []byte
 	if d.Size <= smallBlob {
 		// Verified before a file is made for it: a client that sends bad or unfinished
 		// small blobs costs no file creation.
@@ -779,7 +780,7 @@ func (s *Store) Put(ctx context.Context, d cache.Digest, r io.Reader) error {
 		if err := cache.CopyVerified(buf, r, d); err != nil {
 			return err
 		}
-		r = buf
+		verified = buf.Bytes()
 	}
 	tmp, err := s.createTempIn(filepath.Dir(path), 0o444)
 	if err != nil {
@@ -787,7 +788,15 @@ func (s *Store) Put(ctx context.Context, d cache.Digest, r io.Reader) error {
 	}
 	tw := &tempWriter{s: s, f: tmp}
 	defer tw.forget()
-	if err := cache.CopyVerified(tw, r, d); err != nil {
+	if verified != nil {
+		// Hashed already: written without a second hash.
+		if _, err = tw.Write(verified); err != nil {
+			err = status.Errorf(codes.Internal, "copy blob %s: %v", d, err)
+		}
+	} else {
+		err = cache.CopyVerified(tw, r, d)
+	}
+	if err != nil {
 		discard(tmp)
 		return err
 	}

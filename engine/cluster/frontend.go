@@ -238,6 +238,9 @@ func (f *Frontend) holdWhileQueued(id string, release func()) (stop func(), err 
 					return
 				}
 			case <-t.C:
+				if f.c.NC.IsClosed() {
+					return // the frontend is shutting down
+				}
 				e, err := f.c.State.Get(context.Background(), execKey(id))
 				if errors.Is(err, jetstream.ErrKeyNotFound) || errors.Is(err, jetstream.ErrKeyDeleted) || (err == nil && left(e.Value())) {
 					return

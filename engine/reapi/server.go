@@ -75,7 +75,6 @@ func New(cas cache.BlobStore, ac cache.ActionCache, opts Options) *Server {
 	if opts.InlineLimit == 0 {
 		opts.InlineLimit = 1 << 20
 	}
-	s := &Server{cas: cas, ac: ac, opts: opts, log: opts.Logger}
 	if opts.ClientUploads <= 0 {
 		opts.ClientUploads = DefaultClientUploads
 	}
@@ -85,7 +84,7 @@ func New(cas cache.BlobStore, ac cache.ActionCache, opts Options) *Server {
 	if opts.ClientTrees <= 0 {
 		opts.ClientTrees = DefaultClientTrees
 	}
-	s.opts = opts
+	s := &Server{cas: cas, ac: ac, opts: opts, log: opts.Logger}
 	s.treeSlots = limits.NewSlots(opts.Memory, "trees", "GetTree calls", "--client-max-trees", opts.ClientTrees, 0)
 	s.bs = newByteStream(cas, opts.Logger, opts.Memory, opts.ClientUploads, opts.MaxUploads)
 	s.bs.space = opts.StoreSpace
