@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"os"
 	"path/filepath"
 	"strconv"
 
@@ -19,6 +20,7 @@ import (
 	"github.com/kilnbuild/kiln/engine/quarantine"
 	"github.com/kilnbuild/kiln/engine/revoke"
 	"github.com/kilnbuild/kiln/engine/scheduler"
+	"github.com/kilnbuild/kiln/internal/dirplace"
 	"github.com/kilnbuild/kiln/sandbox"
 	"github.com/kilnbuild/kiln/toolchains"
 	"github.com/prometheus/client_golang/prometheus"
@@ -78,6 +80,14 @@ func Open(ctx context.Context, opts Options) (*Engine, error) {
 		if e.Bucket, err = s3.Open(ctx, *opts.Storage.S3, s3.Options{Logger: log}); err != nil {
 			return nil, err
 		}
+	}
+	// The data dir's parts (store, log, sandbox, history) each in block groups of their
+	// own, away from what else churns beside the data dir (package dirplace).
+	if err := os.MkdirAll(string(opts.Data), 0o755); err != nil {
+		return nil, status.Errorf(codes.Internal, "create data dir: %v", err)
+	}
+	if err := dirplace.Spread(string(opts.Data)); err != nil {
+		log.Debug("no placement hint for the data dir", "dir", opts.Data, "err", err)
 	}
 	ds, err := disk.Open(ctx, opts.Data.Store(), disk.Options{Primary: opts.Primary, MaxSize: int64(opts.MaxSize), Fsync: opts.Fsync, Logger: log, Registerer: reg})
 	if err != nil {

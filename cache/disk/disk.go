@@ -34,6 +34,7 @@ import (
 	"time"
 
 	"github.com/kilnbuild/kiln/cache"
+	"github.com/kilnbuild/kiln/internal/dirplace"
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
@@ -142,6 +143,15 @@ func Open(ctx context.Context, dir string, opts Options) (*Store, error) {
 			return nil, status.Error(codes.InvalidArgument, "a read-only store cannot be primary or bounded")
 		}
 		return s, nil
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, status.Errorf(codes.Internal, "create store: %v", err)
+	}
+	// cas/, ac/ and tmp/ each in block groups of their own (a new store only): an
+	// action cache entry rewritten frees an inode, and a freed inode slows down every
+	// later allocation in its group on ext4 without a journal (package dirplace).
+	if err := dirplace.Spread(dir); err != nil {
+		s.log.Debug("store: no placement hint", "dir", dir, "err", err)
 	}
 	for _, sub := range []string{"cas", "ac", "tmp"} {
 		if err := os.MkdirAll(filepath.Join(dir, sub), 0o755); err != nil {
