@@ -259,3 +259,39 @@ func TestAdoptedAndSubmittedAgainLoggedOnce(t *testing.T) {
 		}
 	}
 }
+
+// TestLingerSharesOneBatch: links that nobody waits for are gathered into one log
+// batch while the writer lingers, and Flush appends them without waiting it out.
+func TestLingerSharesOneBatch(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	s := openSigner(t, t.TempDir(), Options{LogLinger: time.Hour})
+	for i := range 5 {
+		a := sampleAction()
+		a.ActionDigest = blob(fmt.Sprintf("action %d", i))
+		if _, err := s.Link(ctx, a); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s.Flush(ctx); err != nil {
+		t.Fatalf("flush while the writer lingers for an hour: %v", err)
+	}
+	if n := s.batches.Load(); n != 1 {
+		t.Fatalf("5 links appended in %d batches, want 1", n)
+	}
+	if n, err := s.LogSize(ctx); err != nil || n != 5 {
+		t.Fatalf("log size %d, %v; want 5", n, err)
+	}
+}
+
+// TestLingerNotForSyncLog: a link someone waits for is appended at once, however long
+// the writer would otherwise linger.
+func TestLingerNotForSyncLog(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	s := openSigner(t, t.TempDir(), Options{LogLinger: time.Hour, SyncLog: true})
+	r, err := s.Link(ctx, sampleAction())
+	if err != nil || !r.Logged {
+		t.Fatalf("sync link under an hour's linger: %+v, %v", r, err)
+	}
+}

@@ -122,10 +122,21 @@ type Index struct {
 	mu      sync.Mutex
 	flushed *sync.Cond
 	pending int
+	// hurrying counts Flush callers; while there are any the write loop does not
+	// linger, and hurry wakes it if it does.
+	hurrying atomic.Int32
+	hurry    chan struct{}
+	linger   time.Duration
+	writes   atomic.Int64 // transactions written, for tests
 }
 
 // Open opens (creating) the index file at path.
 func Open(path string, log *slog.Logger) (*Index, error) {
+	return open(path, log, writeLinger)
+}
+
+// open is Open with the write loop's linger.
+func open(path string, log *slog.Logger, linger time.Duration) (*Index, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
@@ -148,7 +159,7 @@ func Open(path string, log *slog.Logger) (*Index, error) {
 		db.Close()
 		return nil, status.Errorf(codes.Internal, "history %s: %v", path, err)
 	}
-	x := &Index{db: db, log: log, in: make(chan Run, 4096), stop: make(chan struct{})}
+	x := &Index{db: db, log: log, in: make(chan Run, 4096), stop: make(chan struct{}), hurry: make(chan struct{}, 1), linger: linger}
 	x.flushed = sync.NewCond(&x.mu)
 	x.wg.Add(1)
 	go x.writeLoop()
@@ -186,6 +197,12 @@ func (x *Index) Record(r Run) {
 
 // Flush waits until every run recorded so far is written.
 func (x *Index) Flush() {
+	x.hurrying.Add(1)
+	defer x.hurrying.Add(-1)
+	select {
+	case x.hurry <- struct{}{}:
+	default:
+	}
 	x.mu.Lock()
 	for x.pending > 0 {
 		x.flushed.Wait()
@@ -216,20 +233,51 @@ func (x *Index) writeLoop() {
 			}
 			return
 		}
-	gather:
-		for len(batch) < 1024 {
-			select {
-			case r := <-x.in:
-				batch = append(batch, r)
-			default:
-				break gather
-			}
-		}
+		batch = x.gather(batch)
 		x.write(batch)
 	}
 }
 
+// writeLinger is how long the write loop gathers runs before it writes a batch: each
+// write is a bbolt transaction with its fdatasync, and a build records a run every
+// 10-30 ms. The UI shows a run that much later; Flush and Close do not wait for it.
+const writeLinger = 100 * time.Millisecond
+
+// gather adds to batch the runs that arrive within writeLinger, or only those already
+// queued while someone waits in Flush.
+func (x *Index) gather(batch []Run) []Run {
+	var t *time.Timer
+	var tc <-chan time.Time
+	for len(batch) < 1024 {
+		if tc == nil && x.hurrying.Load() == 0 {
+			t = time.NewTimer(x.linger)
+			defer t.Stop()
+			tc = t.C
+		}
+		if x.hurrying.Load() > 0 {
+			select {
+			case r := <-x.in:
+				batch = append(batch, r)
+				continue
+			default:
+				return batch
+			}
+		}
+		select {
+		case r := <-x.in:
+			batch = append(batch, r)
+		case <-x.hurry:
+		case <-x.stop:
+			return batch
+		case <-tc:
+			return batch
+		}
+	}
+	return batch
+}
+
 func (x *Index) write(batch []Run) {
+	x.writes.Add(1)
 	err := x.db.Update(func(tx *bolt.Tx) error {
 		for _, r := range batch {
 			if err := put(tx, r); err != nil {

@@ -16,7 +16,7 @@ import (
 
 func init() { tlog.RouteLibraryLogs(nil) }
 
-func open(t *testing.T, path string) *Index {
+func openIndex(t *testing.T, path string) *Index {
 	t.Helper()
 	x, err := Open(path, nil)
 	if err != nil {
@@ -34,7 +34,7 @@ func run(i int, outcome string, client string, paths ...string) Run {
 }
 
 func TestSearch(t *testing.T) {
-	x := open(t, filepath.Join(t.TempDir(), "h.db"))
+	x := openIndex(t, filepath.Join(t.TempDir(), "h.db"))
 	defer x.Close()
 	x.Record(run(1, OK, "ci", "bazel-out/k8/bin/app/hello", "bazel-out/k8/bin/app/hello.o"))
 	x.Record(run(2, Failed, "dev", "bazel-out/k8/bin/lib/libgreet.a"))
@@ -116,7 +116,7 @@ func TestFromLog(t *testing.T) {
 		t.Fatal(err)
 	}
 	db := filepath.Join(data, "history", "index.db")
-	x := open(t, db)
+	x := openIndex(t, db)
 	// The scheduler's record of action 1 comes before its link is indexed.
 	sched := Run{Time: time.Unix(100, 0), Source: FromScheduler, Action: a1, Outcome: OK, Clients: []string{"ci"}, Envelope: e1,
 		Phases: []Phase{{"sandbox", 0.5}}, Outputs: []Output{{Path: "out/a.o", SHA256: obj.Hash, Size: obj.Size}}}
@@ -153,7 +153,7 @@ func TestFromLog(t *testing.T) {
 
 	// Rebuilt from the log: the same links, without what only the scheduler knew.
 	os.Remove(db)
-	x = open(t, db)
+	x = openIndex(t, db)
 	defer x.Close()
 	if n, err := x.CatchUp(ctx, src); err != nil || n != 2 {
 		t.Fatalf("rebuild: %d entries, %v", n, err)
@@ -164,5 +164,32 @@ func TestFromLog(t *testing.T) {
 	}
 	if cons, _ := x.Consumers(obj.Hash); len(cons) != 1 {
 		t.Fatalf("rebuilt consumers: %v", cons)
+	}
+}
+
+// TestLingerSharesOneWrite: runs recorded while the writer lingers share one
+// transaction, and Flush writes them without waiting the linger out.
+func TestLingerSharesOneWrite(t *testing.T) {
+	x, err := open(filepath.Join(t.TempDir(), "index.db"), nil, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer x.Close()
+	for i := range 5 {
+		x.Record(run(i, OK, "c", fmt.Sprintf("out/%d", i)))
+		time.Sleep(10 * time.Millisecond) // a writer that did not linger writes each alone
+	}
+	done := make(chan struct{})
+	go func() { x.Flush(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(30 * time.Second):
+		t.Fatal("Flush waited for the writer's hour-long linger")
+	}
+	if n := x.writes.Load(); n != 1 {
+		t.Fatalf("5 runs written in %d transactions, want 1", n)
+	}
+	if p, err := x.Search(Query{}); err != nil || len(p.Runs) != 5 {
+		t.Fatalf("%d runs in the index (%v), want 5", len(p.Runs), err)
 	}
 }
