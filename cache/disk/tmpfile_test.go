@@ -11,6 +11,8 @@ import (
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"github.com/kilnbuild/kiln/cache"
 	"github.com/kilnbuild/kiln/cache/cachetest"
+	"github.com/kilnbuild/kiln/internal/dirplace"
+	"golang.org/x/sys/unix"
 )
 
 // TestUnnamedTempFiles: blobs and action-cache entries are written through unnamed
@@ -55,4 +57,26 @@ func TestUnnamedTempFiles(t *testing.T) {
 		s.noTmpfile.Store(true)
 		return s
 	})
+}
+
+// TestNewStoreSpreadsItsDirectories: on ext2/3/4 a new store asks for its parts and
+// their subdirectories to be placed apart (chattr +T on the store, cas/ and ac/).
+func TestNewStoreSpreadsItsDirectories(t *testing.T) {
+	dir := t.TempDir()
+	var st unix.Statfs_t
+	if err := unix.Statfs(dir, &st); err != nil {
+		t.Fatal(err)
+	}
+	if st.Type != unix.EXT4_SUPER_MAGIC {
+		t.Skipf("%s is not on ext2/3/4", dir)
+	}
+	open(t, dir, Options{})
+	for _, d := range []string{"", "cas", "ac"} {
+		if m, err := dirplace.Marked(filepath.Join(dir, d)); err != nil || !m {
+			t.Errorf("%q: marked %v, %v", d, m, err)
+		}
+	}
+	if m, _ := dirplace.Marked(filepath.Join(dir, "cas", "00")); m {
+		t.Error("cas/00 marked: blobs would be spread one by one")
+	}
 }

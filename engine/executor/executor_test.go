@@ -15,6 +15,8 @@ import (
 	"github.com/kilnbuild/kiln/cache"
 	"github.com/kilnbuild/kiln/engine/executor"
 	"github.com/kilnbuild/kiln/engine/executor/executortest"
+	"github.com/kilnbuild/kiln/internal/dirplace"
+	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/durationpb"
@@ -410,5 +412,21 @@ func TestQuarantinedProduct(t *testing.T) {
 	ex, err := e.Exec.Execute(context.Background(), executor.Request{ActionDigest: d, NoCache: true, CompareOnly: true}, a)
 	if err != nil || len(ex.Produced) != 1 || ex.Produced[0].Digest != bad {
 		t.Fatalf("compare-only run: %v %v", ex, err)
+	}
+}
+
+// TestWorkDirSpreadsRunDirs: on ext2/3/4 the executor asks for each run's directory
+// to be placed in a block group of its own choosing (chattr +T on the work dir).
+func TestWorkDirSpreadsRunDirs(t *testing.T) {
+	e := executortest.NewEnv(t, nil)
+	var st unix.Statfs_t
+	if err := unix.Statfs(e.Config.WorkDir, &st); err != nil {
+		t.Fatal(err)
+	}
+	if st.Type != unix.EXT4_SUPER_MAGIC {
+		t.Skipf("%s is not on ext2/3/4", e.Config.WorkDir)
+	}
+	if m, err := dirplace.Marked(e.Config.WorkDir); err != nil || !m {
+		t.Fatalf("work dir: marked %v, %v", m, err)
 	}
 }
