@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"github.com/kilnbuild/kiln/engine/attest/tlog"
+	"github.com/kilnbuild/kiln/internal/dirplace"
+	"golang.org/x/sys/unix"
 )
 
 const crashEnv = "KILN_ATTEST_CRASH_HELPER"
@@ -293,5 +295,31 @@ func TestLingerNotForSyncLog(t *testing.T) {
 	r, err := s.Link(ctx, sampleAction())
 	if err != nil || !r.Logged {
 		t.Fatalf("sync link under an hour's linger: %+v, %v", r, err)
+	}
+}
+
+// TestStoreShardsSpread: on ext2/3/4 the attestation store's shard parents are marked
+// so that their shards are placed apart (package dirplace).
+func TestStoreShardsSpread(t *testing.T) {
+	data := t.TempDir()
+	var st unix.Statfs_t
+	if err := unix.Statfs(data, &st); err != nil {
+		t.Fatal(err)
+	}
+	if st.Type != unix.EXT4_SUPER_MAGIC {
+		t.Skipf("%s is not on ext2/3/4", data)
+	}
+	s := openSigner(t, data, Options{SyncLog: true})
+	if _, err := s.Link(context.Background(), sampleAction()); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Flush(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	attest := PathsFor(data).Attest
+	for _, d := range []string{"envelopes", "actions", "logidx", "index/sha256"} {
+		if m, err := dirplace.Marked(filepath.Join(attest, d)); err != nil || !m {
+			t.Errorf("%s: marked %v, %v", d, m, err)
+		}
 	}
 }

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/kilnbuild/kiln/cache"
+	"github.com/kilnbuild/kiln/internal/dirplace"
 	"github.com/kilnbuild/kiln/internal/grpcerr"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -143,7 +144,7 @@ func (s *Store) HasEnvelope(d cache.Digest) bool {
 // MoveEnvelope renames file, which holds envelope d, into the durable store.
 func (s *Store) MoveEnvelope(file string, d cache.Digest) error {
 	p := s.envelopePath(d.Hash)
-	if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+	if err := mkdirShard(filepath.Dir(p)); err != nil {
 		return status.Errorf(codes.Internal, "attest store: %v", err)
 	}
 	if err := os.Rename(file, p); err != nil {
@@ -267,7 +268,7 @@ func appendLine(path, line string) error {
 			return nil
 		}
 	}
-	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+	if err := mkdirShard(filepath.Dir(path)); err != nil {
 		return status.Errorf(codes.Internal, "attest index: %v", err)
 	}
 	f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o644)
@@ -279,6 +280,25 @@ func appendLine(path, line string) error {
 	cerr := f.Close()
 	if werr != nil || cerr != nil {
 		return status.Errorf(codes.Internal, "attest index %s: %v", path, errors.Join(werr, cerr))
+	}
+	return nil
+}
+
+// mkdirShard creates dir (a shard, such as envelopes/ab) if it is missing, its parent
+// first marked so that ext2/3/4 place the shards apart (package dirplace): each new
+// file the store writes then shares its block group with a 256th of the store's
+// files, and of the inodes freed there.
+func mkdirShard(dir string) error {
+	if _, err := os.Stat(dir); err == nil {
+		return nil
+	}
+	parent := filepath.Dir(dir)
+	if err := os.MkdirAll(parent, 0o755); err != nil {
+		return err
+	}
+	_ = dirplace.Spread(parent) // a hint: where it cannot be given, nothing else changes
+	if err := os.Mkdir(dir, 0o755); err != nil && !errors.Is(err, fs.ErrExist) {
+		return err
 	}
 	return nil
 }
@@ -309,7 +329,7 @@ func readDigests(path string) ([]cache.Digest, error) {
 // writeAtomic writes data to path through a temporary file and a rename.
 func writeAtomic(path string, data []byte) error {
 	dir := filepath.Dir(path)
-	if err := os.MkdirAll(dir, 0o755); err != nil {
+	if err := mkdirShard(dir); err != nil {
 		return status.Errorf(codes.Internal, "attest store: %v", err)
 	}
 	f, err := os.CreateTemp(dir, ".tmp-*")
