@@ -19,6 +19,7 @@ import (
 	"github.com/kilnbuild/kiln/cache"
 	"github.com/kilnbuild/kiln/engine/attest/keys"
 	"github.com/kilnbuild/kiln/engine/attest/tlog"
+	"github.com/kilnbuild/kiln/internal/dirplace"
 	"github.com/kilnbuild/kiln/internal/grpcerr"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -242,6 +243,10 @@ func (s *Signer) startPending() error {
 	if err := os.MkdirAll(s.pendingRoot(), 0o755); err != nil {
 		return status.Errorf(codes.Internal, "attest pending: %v", err)
 	}
+	// Each instance's markers in a block group of its own (package dirplace): a marker
+	// is written for every link, and must not share a group with the inodes a removed
+	// or crashed instance freed.
+	_ = dirplace.Spread(s.pendingRoot())
 	// The lock is taken under a name no other process looks at, then renamed into
 	// place: another process's adoptOrphans must never find <dir>.lock unlocked (it
 	// would take this live instance for a dead one and remove its marker directory).
