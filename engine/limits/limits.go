@@ -420,10 +420,6 @@ func cgroupLimit() int64 {
 // that a client sending work as fast as it can leaves the rest of the machine to the
 // others. A client's work beyond that waits for its own turn, never for another's;
 // unlike Slots it waits rather than refuses: work already admitted is not thrown away.
-// The rate is work-conserving: it holds a client back only while another client's
-// work holds or waits for a token. A client alone leaves nobody else's share unused
-// by going on, so it does, and what it owes is forgiven: it pays its rate from the
-// moment another client wants to work.
 // While it holds a token, the work runs on an OS thread of its own at a lower priority
 // (nice WorkNice), so that the kernel gives the machine's CPUs to latency-bound work
 // first: other clients' calls, and the actions running in sandboxes. What is counted
@@ -439,7 +435,6 @@ type Work struct {
 
 	mu      sync.Mutex
 	clients map[string]*workTokens
-	active  int // clients with users
 	leaves  int
 }
 
@@ -509,9 +504,7 @@ func (w *Work) Acquire(ctx context.Context, client string) (release func(), err 
 		t = &workTokens{ch: make(chan struct{}, w.perClient), credit: workBurst, last: w.clock.Now()}
 		w.clients[client] = t
 	}
-	if t.users++; t.users == 1 {
-		w.active++
-	}
+	t.users++
 	w.mu.Unlock()
 	select {
 	case t.ch <- struct{}{}:
@@ -519,14 +512,11 @@ func (w *Work) Acquire(ctx context.Context, client string) (release func(), err 
 		w.leave(client, t)
 		return nil, status.FromContextError(ctx.Err()).Err()
 	}
-	// Within the rate: wait out what the client owes, while another client works.
+	// Within the rate: wait out what the client owes.
 	for {
 		w.mu.Lock()
 		w.refill(t)
 		owed := -t.credit
-		if owed > 0 && w.active == 1 {
-			t.credit, owed = 0, 0 // alone: nobody's share waits on this client's work
-		}
 		w.mu.Unlock()
 		if owed <= 0 {
 			break
@@ -638,9 +628,7 @@ func restore(prev int) {
 func (w *Work) leave(client string, t *workTokens) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	if t.users--; t.users == 0 {
-		w.active--
-	}
+	t.users--
 	w.refill(t)
 	if t.users == 0 && t.credit >= workBurst {
 		delete(w.clients, client)
