@@ -667,8 +667,26 @@ func (s *Signer) linger(batch []*pending) []*pending {
 				return batch
 			}
 		case <-s.hurry:
-			return batch
+			return s.drain(batch)
 		case <-t.C:
+			return s.drain(batch)
+		}
+	}
+	return batch
+}
+
+// drain adds to batch the links already queued, without waiting for more: select
+// picks among ready cases at random, so a Flush's wake-up may come before links
+// queued ahead of it.
+func (s *Signer) drain(batch []*pending) []*pending {
+	for len(batch) < 1024 {
+		select {
+		case p, ok := <-s.queue:
+			if !ok {
+				return batch
+			}
+			batch = append(batch, p)
+		default:
 			return batch
 		}
 	}
