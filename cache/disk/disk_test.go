@@ -329,3 +329,88 @@ func TestConcurrentOpensKeepTheirOwners(t *testing.T) {
 		}
 	}
 }
+
+// TestPutOverBlobsTheIndexLacks: a primary's Put does not stat a blob its index lacks,
+// so a file another process put at the blob's name is met at the link: kept when it
+// holds the blob (and indexed), replaced when it is damaged in place or truncated.
+func TestPutOverBlobsTheIndexLacks(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	other := open(t, dir, Options{})
+	s := open(t, dir, Options{Primary: true})
+
+	data, d := cachetest.RandomBlob(t, 4096)
+	if err := other.Put(ctx, d, bytes.NewReader(data)); err != nil {
+		t.Fatal(err)
+	}
+	before, _ := os.Stat(s.BlobPath(d))
+	if err := s.Put(ctx, d, bytes.NewReader(data)); err != nil {
+		t.Fatal(err)
+	}
+	after, _ := os.Stat(s.BlobPath(d))
+	if !os.SameFile(before, after) {
+		t.Fatal("a good blob another process wrote was replaced")
+	}
+	if !s.indexed("c"+d.Hash, d.Size) {
+		t.Fatal("the blob found at the link was not indexed")
+	}
+
+	for name, spoil := range map[string]func(path string){
+		"damaged in place": func(path string) { damage(t, path, 100) },
+		"truncated":        func(path string) { os.Truncate(path, 1000) },
+	} {
+		data, d := cachetest.RandomBlob(t, 8192)
+		if err := other.Put(ctx, d, bytes.NewReader(data)); err != nil {
+			t.Fatal(err)
+		}
+		path := s.BlobPath(d)
+		os.Chmod(path, 0o644)
+		spoil(path)
+		os.Chmod(path, 0o444)
+		if err := s.Put(ctx, d, bytes.NewReader(data)); err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		if got, err := os.ReadFile(path); err != nil || !bytes.Equal(got, data) {
+			t.Fatalf("%s: the blob was not replaced by the bytes uploaded (%v)", name, err)
+		}
+		if err := s.Verify(d); err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+	}
+}
+
+// TestFreeSpaceReadingReused: with ample room the free disk space is read once per
+// freeTTL, not per blob; near a full disk every reservation reads it afresh, and a
+// blob that does not fit is refused.
+func TestFreeSpaceReadingReused(t *testing.T) {
+	ctx := context.Background()
+	s := open(t, t.TempDir(), Options{Primary: true})
+	reads, free := 0, int64(100<<30)
+	s.freeSpace = func() (int64, error) { reads++; return free, nil }
+	put := func() error {
+		data, d := cachetest.RandomBlob(t, 4096)
+		return s.Put(ctx, d, bytes.NewReader(data))
+	}
+	for i := 0; i < 5; i++ {
+		if err := put(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if reads != 1 {
+		t.Fatalf("free space read %d times for 5 blobs with 100 GiB free, want 1", reads)
+	}
+	free = freeMargin
+	s.mu.Lock()
+	s.lastAt = s.lastAt.Add(-freeTTL) // the reading expired
+	s.mu.Unlock()
+	for i := 0; i < 3; i++ {
+		if err := put(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if reads != 4 {
+		t.Fatalf("free space read %d times, want a fresh reading per blob near the margin (4)", reads)
+	}
+	free = 2048
+	cachetest.WantCode(t, put(), codes.ResourceExhausted)
+}
