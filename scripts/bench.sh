@@ -24,12 +24,15 @@ go build -o "$work/casbench" ./test/bench/casbench
 "$KILN" serve --data "$work/kiln" --listen 127.0.0.1:18801 --http-listen "" --log-level warn &
 pids+=($!)
 wait_port 18801
-servers=(--server kiln=127.0.0.1:18801)
+# --pid: casbench also prints each server's CPU per MiB, blob and digest, which does not
+# depend on the share of the machine a server gets (the load, or kiln's per-client
+# CPU limit, --client-max-cpus: a quarter of a core by default on 2 cores).
+servers=(--server kiln=127.0.0.1:18801 --pid kiln=$!)
 if [ -n "${BAZEL_REMOTE:-}" ] && [ -x "$BAZEL_REMOTE" ]; then
   "$BAZEL_REMOTE" --dir "$work/br" --max_size 20 --storage_mode uncompressed --grpc_address 127.0.0.1:18802 --http_address 127.0.0.1:18803 >/dev/null 2>&1 &
   pids+=($!)
   wait_port 18802
-  servers+=(--server bazel-remote=127.0.0.1:18802)
+  servers+=(--server bazel-remote=127.0.0.1:18802 --pid bazel-remote=$!)
 else
   echo "bazel-remote: skipped (set BAZEL_REMOTE=/path/to/bazel-remote for a side-by-side run)"
 fi
@@ -108,6 +111,7 @@ echo
 echo "== summary: kiln against its peers (goals of issue 15 in brackets) =="
 if [ -f "$work/cas.txt" ]; then
   grep -h '^kiln / ' "$work/cas.txt" | sed 's/^/CAS [every row >= 1.5x, every round]: /' || true
+  grep -h '^server CPU per unit' "$work/cas.txt" | sed 's/^/CAS, what each costs the server (above 1: kiln spends less): /' || true
 fi
 if [ -f "$work/sandbox.txt" ]; then
   awk '$1 == "sandboxd-cold/bwrap-p50" { p = $2 } $1 == "sandboxd-cold/bwrap-cpu" { c = $2 }

@@ -3,7 +3,10 @@
 // single-core SHA-256 for reference (a verifying store cannot stream faster than it
 // hashes). It speaks plain REAPI, so the same run measures kiln and its peers: given
 // several --server flags, it measures each row on every server in turn, over --rounds
-// rounds, and prints the ratios of the first server to the others.
+// rounds, and prints the ratios of the first server to the others. Given each
+// server's process (--pid), it also reports the CPU the server spent per unit of each
+// row (per MiB, per blob, per digest): unlike a rate, that does not depend on how much
+// of the machine the server was given, by the load or by a per-client limit.
 package main
 
 import (
@@ -16,6 +19,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -34,17 +38,33 @@ type result struct {
 	BatchBlobsPerS  float64 `json:"batch_update_4k_blobs_s"`
 	FindMissingPerS float64 `json:"find_missing_digests_s"`
 	SHA256MBps      float64 `json:"sha256_single_core_mb_s"`
+	// The server's CPU (user + system) per unit of each row; 0: not measured (no --pid).
+	UploadCPU   float64 `json:"upload_cpu_ms_per_mib,omitempty"`
+	DownloadCPU float64 `json:"download_cpu_ms_per_mib,omitempty"`
+	BatchCPU    float64 `json:"batch_update_cpu_us_per_blob,omitempty"`
+	FindCPU     float64 `json:"find_missing_cpu_us_per_1k_digests,omitempty"`
+}
+
+// row is one measured figure of a result.
+type row struct {
+	name string
+	get  func(*result) *float64
 }
 
 // rows are the measured rows of a result, in print order.
-var rows = []struct {
-	name string
-	get  func(*result) *float64
-}{
+var rows = []row{
 	{"upload MB/s", func(r *result) *float64 { return &r.UploadMBps }},
 	{"download MB/s", func(r *result) *float64 { return &r.DownloadMBps }},
 	{"batch-4KiB blobs/s", func(r *result) *float64 { return &r.BatchBlobsPerS }},
 	{"find-missing digests/s", func(r *result) *float64 { return &r.FindMissingPerS }},
+}
+
+// cpuRows are the server's CPU per unit of each row, in print order.
+var cpuRows = []row{
+	{"upload ms/MiB", func(r *result) *float64 { return &r.UploadCPU }},
+	{"download ms/MiB", func(r *result) *float64 { return &r.DownloadCPU }},
+	{"batch-4KiB us/blob", func(r *result) *float64 { return &r.BatchCPU }},
+	{"find-missing us/1k digests", func(r *result) *float64 { return &r.FindCPU }},
 }
 
 // server is one REAPI endpoint under test.
@@ -52,6 +72,38 @@ type server struct {
 	name string
 	bs   bytestream.ByteStreamClient
 	cas  repb.ContentAddressableStorageClient
+	pid  int // its process, for its CPU time; 0: unknown
+}
+
+// cpu is the CPU time (user + system, all its threads, live or gone) the server's
+// process has used; 0 without a pid.
+func (s *server) cpu() time.Duration {
+	if s.pid == 0 {
+		return 0
+	}
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", s.pid))
+	if err != nil {
+		fail(fmt.Errorf("%s: read its CPU time: %v", s.name, err))
+	}
+	// The command name (field 2) may hold spaces: fields count from the last ')'.
+	f := strings.Fields(string(b[strings.LastIndexByte(string(b), ')')+1:]))
+	utime, _ := strconv.ParseInt(f[11], 10, 64) // field 14
+	stime, _ := strconv.ParseInt(f[12], 10, 64) // field 15
+	return time.Duration(utime+stime) * time.Second / clockTicks
+}
+
+// clockTicks is USER_HZ, the unit of /proc's CPU times: 100 on Linux's every
+// architecture that Go supports.
+const clockTicks = 100
+
+// measure runs row on s and stores the server's CPU per unit (units of work, in
+// scale: 1e3 for ms, 1e6 for us) into *cpu when s has a pid.
+func measure(s *server, cpu *float64, units, scale float64, row func()) {
+	before := s.cpu()
+	row()
+	if s.pid != 0 {
+		*cpu = (s.cpu() - before).Seconds() * scale / units
+	}
 }
 
 // serverList collects repeated --server NAME=ADDR flags.
@@ -63,7 +115,8 @@ func (l *serverList) Set(v string) error { *l = append(*l, v); return nil }
 func main() {
 	addr := flag.String("addr", "127.0.0.1:8980", "server address (without --server)")
 	name := flag.String("name", "kiln", "label for the server (without --server)")
-	var servers serverList
+	var servers, pids serverList
+	flag.Var(&pids, "pid", "NAME=PID of a server's process: also report the CPU it spends per unit of each row (repeat per server)")
 	flag.Var(&servers, "server", "NAME=ADDR of a server to measure; repeat it to compare servers in one run, each row measured server after server (the first is the one ratios are of)")
 	rounds := flag.Int("rounds", 1, "measure every row this many times, interleaving the servers (alternating their order), and print medians, every round's ratio and the median of those")
 	streams := flag.Int("streams", 8, "parallel streams")
@@ -100,6 +153,19 @@ func main() {
 		defer conn.Close()
 		ss = append(ss, &server{name: n, bs: bytestream.NewByteStreamClient(conn), cas: repb.NewContentAddressableStorageClient(conn)})
 	}
+	for _, p := range pids {
+		n, v, _ := strings.Cut(p, "=")
+		pid, err := strconv.Atoi(v)
+		found := false
+		for _, s := range ss {
+			if s.name == n && err == nil {
+				s.pid, found = pid, true
+			}
+		}
+		if !found {
+			fail(fmt.Errorf("--pid %q: want NAME=PID of a --server NAME", p))
+		}
+	}
 	ctx := context.Background()
 	seed := uint64(time.Now().UnixNano())
 	res := make([][]result, len(ss)) // [server][round]
@@ -124,17 +190,20 @@ func main() {
 		for i := range rr {
 			rr[i].Server = ss[i].name
 		}
+		mib := float64(len(big))
 		for _, i := range order {
-			rr[i].UploadMBps = upload(ctx, ss[i], big, *streams)
+			measure(ss[i], &rr[i].UploadCPU, mib, 1e3, func() { rr[i].UploadMBps = upload(ctx, ss[i], big, *streams) })
 		}
 		for _, i := range order {
-			rr[i].DownloadMBps = download(ctx, ss[i], big, *streams)
+			measure(ss[i], &rr[i].DownloadCPU, mib, 1e3, func() { rr[i].DownloadMBps = download(ctx, ss[i], big, *streams) })
 		}
 		for _, i := range order {
-			rr[i].BatchBlobsPerS = batchUpdate(ctx, ss[i], small, *streams)
+			measure(ss[i], &rr[i].BatchCPU, float64(len(small)), 1e6, func() { rr[i].BatchBlobsPerS = batchUpdate(ctx, ss[i], small, *streams) })
 		}
 		for _, i := range order {
-			rr[i].FindMissingPerS = findMissing(ctx, ss[i], small, *fmDigests, *streams, seed)
+			measure(ss[i], &rr[i].FindCPU, float64(*fmDigests)/1000, 1e6, func() {
+				rr[i].FindMissingPerS = findMissing(ctx, ss[i], small, *fmDigests, *streams, seed)
+			})
 		}
 		// Single-core SHA-256 over the same 1 MiB blobs, once per server slot: the load
 		// on the machine at the time, for reference.
@@ -180,27 +249,52 @@ func main() {
 	// Each round's ratio compares measurements made a moment apart; their median is the
 	// ratio printed first.
 	for i := 1; i < len(ss); i++ {
-		fmt.Printf("%s / %s:", ss[0].name, ss[i].name)
-		for _, row := range rows {
-			var per []string
-			var ratios []float64
-			for r := 0; r < *rounds; r++ {
-				x := *row.get(&res[0][r]) / *row.get(&res[i][r])
-				ratios = append(ratios, x)
-				per = append(per, fmt.Sprintf("%.2f", x))
-			}
-			sort.Float64s(ratios)
-			m := ratios[len(ratios)/2]
-			if len(ratios)%2 == 0 {
-				m = (ratios[len(ratios)/2-1] + ratios[len(ratios)/2]) / 2
-			}
-			fmt.Printf("  %s %.2fx", row.name, m)
-			if *rounds > 1 {
-				fmt.Printf(" (rounds %s)", strings.Join(per, " "))
-			}
+		printRoundRatios(fmt.Sprintf("%s / %s:", ss[0].name, ss[i].name), rows, res[0], res[i], *rounds)
+	}
+	if ss[0].pid == 0 {
+		return
+	}
+	for _, m := range meds {
+		if m.UploadCPU == 0 && m.BatchCPU == 0 {
+			continue
+		}
+		fmt.Printf("%-14s server CPU:", m.Server)
+		for _, row := range cpuRows {
+			fmt.Printf("  %s %.2f", row.name, *row.get(&m))
 		}
 		fmt.Println()
 	}
+	// The peer's CPU over the first server's: above 1, the first spends less per unit.
+	for i := 1; i < len(ss); i++ {
+		if ss[i].pid != 0 {
+			printRoundRatios(fmt.Sprintf("server CPU per unit, %s / %s:", ss[i].name, ss[0].name), cpuRows, res[i], res[0], *rounds)
+		}
+	}
+}
+
+// printRoundRatios prints, row by row, the median over the rounds of a's value over
+// b's, and every round's ratio.
+func printRoundRatios(label string, rows []row, a, b []result, rounds int) {
+	fmt.Print(label)
+	for _, row := range rows {
+		var per []string
+		var ratios []float64
+		for r := 0; r < rounds; r++ {
+			x := *row.get(&a[r]) / *row.get(&b[r])
+			ratios = append(ratios, x)
+			per = append(per, fmt.Sprintf("%.2f", x))
+		}
+		sort.Float64s(ratios)
+		m := ratios[len(ratios)/2]
+		if len(ratios)%2 == 0 {
+			m = (ratios[len(ratios)/2-1] + ratios[len(ratios)/2]) / 2
+		}
+		fmt.Printf("  %s %.2fx", row.name, m)
+		if rounds > 1 {
+			fmt.Printf(" (rounds %s)", strings.Join(per, " "))
+		}
+	}
+	fmt.Println()
 }
 
 func printResult(r result) {
@@ -211,10 +305,8 @@ func printResult(r result) {
 // median is the row-by-row median of rs.
 func median(rs []result) result {
 	m := result{Server: rs[0].Server}
-	for _, row := range append(rows, struct {
-		name string
-		get  func(*result) *float64
-	}{"sha256", func(r *result) *float64 { return &r.SHA256MBps }}) {
+	all := append(append(rows[:len(rows):len(rows)], cpuRows...), row{"sha256", func(r *result) *float64 { return &r.SHA256MBps }})
+	for _, row := range all {
 		var v []float64
 		for i := range rs {
 			v = append(v, *row.get(&rs[i]))
