@@ -636,7 +636,6 @@ func (s *Store) committedFile(key, final string, size int64, f *os.File) {
 		s.remember(key[1:], final)
 		return
 	}
-	// After the link: the link changed the inode's ctime, which the memo records.
 	var st unix.Stat_t
 	if unix.Fstat(int(f.Fd()), &st) == nil {
 		s.verified.add(key[1:], fileIDOf(&st), s.now())
@@ -749,7 +748,7 @@ func (s *Store) Get(ctx context.Context, d cache.Digest, offset int64) (io.ReadC
 		return nil, status.Errorf(codes.NotFound, "blob %s not found", d)
 	}
 	s.touch(key, path, d.Size)
-	if st, ok := info.Sys().(*syscall.Stat_t); ok && s.verified.ok(d.Hash, fileID{st.Ino, st.Ctim.Nano(), st.Size}, s.now()) {
+	if st, ok := info.Sys().(*syscall.Stat_t); ok && s.verified.ok(d.Hash, fileIDOfSys(st), s.now()) {
 		// Hashed recently, unchanged since: read it as it is.
 		if offset > 0 {
 			if _, err := f.Seek(offset, io.SeekStart); err != nil {
@@ -769,7 +768,7 @@ func (s *Store) Get(ctx context.Context, d cache.Digest, offset int64) (io.ReadC
 	vr := cache.NewVerifyingReader(f, d, h, offset, func() { s.removeCorrupt(path, key, info) })
 	var id fileID
 	if st, ok := info.Sys().(*syscall.Stat_t); ok {
-		id = fileID{st.Ino, st.Ctim.Nano(), st.Size}
+		id = fileIDOfSys(st)
 	}
 	return &memoizingReader{VerifyingReader: vr, done: func() { s.verified.add(d.Hash, id, s.now()) }}, nil
 }

@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"context"
 	"io"
+	"os"
+	"path/filepath"
 	"strconv"
 	"testing"
 	"time"
@@ -83,5 +85,49 @@ func TestMemoIsBounded(t *testing.T) {
 	m.drop(strconv.Itoa(last))
 	if m.ok(strconv.Itoa(last), fileID{ino: uint64(last)}, now) {
 		t.Fatal("a dropped verification is still remembered")
+	}
+}
+
+// TestLinkedBlobStaysVerified: hardlinking a blob into an exec root and removing the link
+// (which change its ctime) keep it remembered; a write to it (which moves its mtime)
+// does not.
+func TestLinkedBlobStaysVerified(t *testing.T) {
+	ctx := context.Background()
+	s := open(t, t.TempDir(), Options{Primary: true})
+	data, d := cachetest.RandomBlob(t, 100000)
+	if err := s.Put(ctx, d, bytes.NewReader(data)); err != nil {
+		t.Fatal(err)
+	}
+	root := t.TempDir()
+	for i := 0; i < 3; i++ {
+		src, err := s.BlobFile(ctx, d)
+		if err != nil {
+			t.Fatal(err)
+		}
+		link := filepath.Join(root, "input"+strconv.Itoa(i))
+		if err := os.Link(src, link); err != nil {
+			t.Fatal(err)
+		}
+		if i%2 == 1 {
+			os.Remove(link)
+		}
+	}
+	r, err := s.Get(ctx, d, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.Close()
+	if !isPlainFile(r) {
+		t.Fatal("a blob was hashed again after it was linked and unlinked")
+	}
+	os.Chmod(s.BlobPath(d), 0o644)
+	f, err := os.OpenFile(s.BlobPath(d), os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.WriteAt([]byte{data[10] ^ 0xff}, 10)
+	f.Close()
+	if err := s.Verify(d); err == nil {
+		t.Fatal("a blob written to after it was remembered passed Verify without a hash")
 	}
 }
