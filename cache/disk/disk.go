@@ -527,7 +527,7 @@ func (s *Store) commit(tmp *os.File, key, final string, size int64) error {
 	if err != nil {
 		return status.Errorf(codes.Internal, "commit %s: %v", final, err)
 	}
-	s.committed(key, final, size)
+	s.committed(key, final, size, nil)
 	return nil
 }
 
@@ -567,7 +567,7 @@ func (s *Store) commitUnnamed(tmp *os.File, key, final string, size int64) error
 	if err != nil {
 		return status.Errorf(codes.Internal, "commit %s: %v", final, err)
 	}
-	s.committedFile(key, final, size, tmp)
+	s.committed(key, final, size, tmp)
 	return nil
 }
 
@@ -599,7 +599,7 @@ func (s *Store) keepExisting(tmp *os.File, key, final string, size int64) error 
 	if err != nil {
 		return status.Errorf(codes.Internal, "commit %s: %v", final, err)
 	}
-	s.committedFile(key, final, size, tmp)
+	s.committed(key, final, size, tmp)
 	return nil
 }
 
@@ -618,35 +618,30 @@ func linkFile(f *os.File, path string) error {
 }
 
 // committed indexes an entry just moved or linked to its final path (and syncs its
-// directory with Fsync); a blob is remembered as verified.
-func (s *Store) committed(key, final string, size int64) { s.committedFile(key, final, size, nil) }
-
-// committedFile is committed for an entry whose file is still open as f (nil: not), so
-// that remembering it verified takes an fstat, not a path lookup.
-func (s *Store) committedFile(key, final string, size int64, f *os.File) {
+// directory with Fsync); a blob is remembered as verified. f is the entry's file if it
+// is still open (nil: not), so that remembering it takes an fstat, not a path lookup.
+func (s *Store) committed(key, final string, size int64, f *os.File) {
 	if s.opts.Fsync {
 		syncDir(filepath.Dir(final))
 	}
 	s.touch(key, final, size)
 	s.stampForeign()
-	if key[0] != 'c' {
-		return
-	}
-	if f == nil {
-		s.remember(key[1:], final)
-		return
-	}
-	var st unix.Stat_t
-	if unix.Fstat(int(f.Fd()), &st) == nil {
-		s.verified.add(key[1:], fileIDOf(&st), s.now())
+	if key[0] == 'c' {
+		s.remember(key[1:], final, f)
 	}
 }
 
-// remember records that the file at path, just written from bytes that matched blob
-// hash, is verified.
-func (s *Store) remember(hash, path string) {
+// remember records that the file at path (open as f, or nil), just written from bytes
+// that matched blob hash, is verified.
+func (s *Store) remember(hash, path string, f *os.File) {
 	var st unix.Stat_t
-	if unix.Stat(path, &st) == nil {
+	var err error
+	if f != nil {
+		err = unix.Fstat(int(f.Fd()), &st)
+	} else {
+		err = unix.Stat(path, &st)
+	}
+	if err == nil {
 		s.verified.add(hash, fileIDOf(&st), s.now())
 	}
 }
@@ -908,7 +903,7 @@ func (s *Store) reserve(d cache.Digest, bounded bool) error {
 			return status.Errorf(codes.ResourceExhausted, "blob %s: blobs being written already claim %d of the store's %d bytes (--max-size); retry later", d, s.reserved, max)
 		}
 	}
-	if claimed := max(s.reserved+s.staging-s.temp.Load(), 0); ferr == nil && claimed+d.Size > free {
+	if claimed := s.claimedLocked(); ferr == nil && claimed+d.Size > free {
 		return status.Errorf(codes.ResourceExhausted, "blob %s: not enough free disk space for the store (%d bytes free, %d more claimed by blobs being written)", d, free, claimed)
 	}
 	if bounded {
@@ -918,6 +913,10 @@ func (s *Store) reserve(d cache.Digest, bounded bool) error {
 	}
 	return nil
 }
+
+// claimedLocked is the disk space claimed by blobs being written or staged and not yet
+// written (their temp files hold the rest). Callers hold s.mu.
+func (s *Store) claimedLocked() int64 { return max(s.reserved+s.staging-s.temp.Load(), 0) }
 
 // freeTTL and freeMargin bound how a reading of the free disk space is reused: for at
 // most freeTTL, and only while it leaves more than freeMargin beyond what is claimed
@@ -932,7 +931,7 @@ const (
 func (s *Store) free(need int64) (int64, error) {
 	now := time.Now()
 	s.mu.Lock()
-	last, at, claimed := s.lastFree, s.lastAt, max(s.reserved+s.staging-s.temp.Load(), 0)
+	last, at, claimed := s.lastFree, s.lastAt, s.claimedLocked()
 	s.mu.Unlock()
 	if !at.IsZero() && now.Sub(at) < freeTTL && last-claimed-need > freeMargin {
 		return last, nil
@@ -1135,12 +1134,7 @@ func (s *Store) AdoptFile(_ context.Context, d cache.Digest, f *os.File) error {
 	if err != nil {
 		return status.Errorf(codes.Internal, "adopt %s: %v", f.Name(), err)
 	}
-	if s.opts.Fsync {
-		syncDir(filepath.Dir(final))
-	}
-	s.touch(key, final, d.Size)
-	s.stampForeign()
-	s.remember(d.Hash, final)
+	s.committed(key, final, d.Size, f)
 	return nil
 }
 

@@ -12,7 +12,7 @@ import (
 	"github.com/kilnbuild/kiln/cache"
 	"github.com/kilnbuild/kiln/cache/cachetest"
 	"github.com/kilnbuild/kiln/internal/dirplace"
-	"golang.org/x/sys/unix"
+	"github.com/kilnbuild/kiln/internal/dirplace/dirplacetest"
 )
 
 // TestUnnamedTempFiles: blobs and action-cache entries are written through unnamed
@@ -63,13 +63,7 @@ func TestUnnamedTempFiles(t *testing.T) {
 // their subdirectories to be placed apart (chattr +T on the store, cas/ and ac/).
 func TestNewStoreSpreadsItsDirectories(t *testing.T) {
 	dir := t.TempDir()
-	var st unix.Statfs_t
-	if err := unix.Statfs(dir, &st); err != nil {
-		t.Fatal(err)
-	}
-	if st.Type != unix.EXT4_SUPER_MAGIC {
-		t.Skipf("%s is not on ext2/3/4", dir)
-	}
+	dirplacetest.SkipUnlessExt(t, dir)
 	open(t, dir, Options{})
 	for _, d := range []string{"", "cas", "ac"} {
 		if m, err := dirplace.Marked(filepath.Join(dir, d)); err != nil || !m {

@@ -13,7 +13,7 @@ import (
 
 	"github.com/kilnbuild/kiln/engine/attest/tlog"
 	"github.com/kilnbuild/kiln/internal/dirplace"
-	"golang.org/x/sys/unix"
+	"github.com/kilnbuild/kiln/internal/dirplace/dirplacetest"
 )
 
 const crashEnv = "KILN_ATTEST_CRASH_HELPER"
@@ -302,13 +302,7 @@ func TestLingerNotForSyncLog(t *testing.T) {
 // so that their shards are placed apart (package dirplace).
 func TestStoreShardsSpread(t *testing.T) {
 	data := t.TempDir()
-	var st unix.Statfs_t
-	if err := unix.Statfs(data, &st); err != nil {
-		t.Fatal(err)
-	}
-	if st.Type != unix.EXT4_SUPER_MAGIC {
-		t.Skipf("%s is not on ext2/3/4", data)
-	}
+	dirplacetest.SkipUnlessExt(t, data)
 	s := openSigner(t, data, Options{SyncLog: true})
 	if _, err := s.Link(context.Background(), sampleAction()); err != nil {
 		t.Fatal(err)

@@ -561,20 +561,7 @@ func (s *Signer) writeLoop() {
 	go s.finishLoop(finishQ)
 	ctx := context.Background()
 	for first := range s.queue {
-		batch := []*pending{first}
-	gather:
-		for len(batch) < 1024 {
-			select {
-			case p, ok := <-s.queue:
-				if !ok {
-					break gather
-				}
-				batch = append(batch, p)
-			default:
-				break gather
-			}
-		}
-		batch = s.linger(batch)
+		batch := s.linger(s.drain([]*pending{first}))
 		results := make([]appendResult, len(batch))
 		var entries [][]byte
 		var logged []int
@@ -633,6 +620,9 @@ func (s *Signer) writeLoop() {
 // batches of one paid it for every action.
 const DefaultLogLinger = 50 * time.Millisecond
 
+// maxLogBatch bounds the links appended to the log in one batch.
+const maxLogBatch = 1024
+
 // linger adds to batch the links that arrive within Options.LogLinger, unless someone
 // waits for one of them to be logged (SyncLog, Append, Flush, Close).
 func (s *Signer) linger(batch []*pending) []*pending {
@@ -651,12 +641,12 @@ func (s *Signer) linger(batch []*pending) []*pending {
 		}
 		return false
 	}
-	if d < 0 || len(batch) >= 1024 || waited() {
+	if d < 0 || len(batch) >= maxLogBatch || waited() {
 		return batch
 	}
 	t := time.NewTimer(d)
 	defer t.Stop()
-	for len(batch) < 1024 {
+	for len(batch) < maxLogBatch {
 		select {
 		case p, ok := <-s.queue:
 			if !ok {
@@ -679,7 +669,7 @@ func (s *Signer) linger(batch []*pending) []*pending {
 // picks among ready cases at random, so a Flush's wake-up may come before links
 // queued ahead of it.
 func (s *Signer) drain(batch []*pending) []*pending {
-	for len(batch) < 1024 {
+	for len(batch) < maxLogBatch {
 		select {
 		case p, ok := <-s.queue:
 			if !ok {

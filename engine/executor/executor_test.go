@@ -16,7 +16,7 @@ import (
 	"github.com/kilnbuild/kiln/engine/executor"
 	"github.com/kilnbuild/kiln/engine/executor/executortest"
 	"github.com/kilnbuild/kiln/internal/dirplace"
-	"golang.org/x/sys/unix"
+	"github.com/kilnbuild/kiln/internal/dirplace/dirplacetest"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/durationpb"
@@ -419,13 +419,7 @@ func TestQuarantinedProduct(t *testing.T) {
 // to be placed in a block group of its own choosing (chattr +T on the work dir).
 func TestWorkDirSpreadsRunDirs(t *testing.T) {
 	e := executortest.NewEnv(t, nil)
-	var st unix.Statfs_t
-	if err := unix.Statfs(e.Config.WorkDir, &st); err != nil {
-		t.Fatal(err)
-	}
-	if st.Type != unix.EXT4_SUPER_MAGIC {
-		t.Skipf("%s is not on ext2/3/4", e.Config.WorkDir)
-	}
+	dirplacetest.SkipUnlessExt(t, e.Config.WorkDir)
 	if m, err := dirplace.Marked(e.Config.WorkDir); err != nil || !m {
 		t.Fatalf("work dir: marked %v, %v", m, err)
 	}

@@ -5,18 +5,12 @@ import (
 	"path/filepath"
 	"testing"
 
-	"golang.org/x/sys/unix"
+	"github.com/kilnbuild/kiln/internal/dirplace/dirplacetest"
 )
 
 func TestSpreadMarksExt4(t *testing.T) {
 	dir := t.TempDir()
-	var st unix.Statfs_t
-	if err := unix.Statfs(dir, &st); err != nil {
-		t.Fatal(err)
-	}
-	if st.Type != unix.EXT4_SUPER_MAGIC {
-		t.Skipf("%s is not on ext2/3/4 (magic %#x)", dir, st.Type)
-	}
+	dirplacetest.SkipUnlessExt(t, dir)
 	if m, err := Marked(dir); err != nil || m {
 		t.Fatalf("fresh dir: marked %v, %v", m, err)
 	}
