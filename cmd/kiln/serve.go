@@ -83,7 +83,8 @@ the flag's name as its key; flags given on the command line override the file.
 	f.IntVar(&l.ClientTrees, "client-max-trees", 0, "GetTree calls in progress per client (0: 8)")
 	f.IntVar(&l.ClientQueued, "client-max-queued", 0, "executions per client waiting for a slot (0: 1000)")
 	f.Float64Var(&l.ClientCalls, "client-max-calls", 0, "calls one client may start per second; more wait their turn (0: 1000)")
-	f.Float64Var(&l.ClientCPUs, "client-max-cpus", 0, "cores one client's decompressing, hashing and tree parsing may use over time, e.g. 0.5 (0: an eighth of the CPUs, at least 0.25)")
+	f.Float64Var(&l.ClientCPUs, "client-max-cpus", 0, "cores one client's decompressing, hashing and tree parsing may use over time while other clients have calls in progress, e.g. 0.5 (0: an eighth of the CPUs, at least 0.25)")
+	f.BoolVar(&l.ClientCPUsAlways, "client-max-cpus-always", false, "hold a client to --client-max-cpus even when it is alone on the server (a machine shared with other work)")
 	ex := &cfg.Execution
 	f.BoolVar(&ex.Disabled, "no-execution", false, "serve storage only (no Execution service, no sandbox)")
 	f.StringVar(&ex.DefaultToolchain, "default-toolchain", "", "container-image for actions that name none (a pinned reference)")

@@ -394,7 +394,7 @@ func TestFrontendValidatesInputTree(t *testing.T) {
 		c.CAS = reads
 	})
 	mem := limits.NewBudget(64<<20, 1<<20)
-	f := NewFrontend(embeddedJS(t)(), env.Exec, env.CAS, nil, nil).Limit(mem, limits.NewWork(1), 0)
+	f := NewFrontend(embeddedJS(t)(), env.Exec, env.CAS, nil, nil).Limit(mem, limits.NewWork(1, false), 0)
 	ctx := context.Background()
 
 	root := env.Put(t, &repb.Directory{Files: []*repb.FileNode{{Name: "leaf", Digest: cache.EmptyDigest.Proto()}}})

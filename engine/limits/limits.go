@@ -426,9 +426,17 @@ func cgroupLimit() int64 {
 // is the CPU time that thread used while the token was held (user and system), not
 // the wall time: on a busy machine a niced thread waits for a CPU most of the time,
 // and counting that wait as work would throttle a client for others' load.
+//
+// The rate holds a client back only while it shares the server: while another client
+// has a call in progress (any call, an Execute waiting on its action included; see
+// Enter) or ended one less than workQuiet ago. A client alone on the server slows
+// nobody by going on, so it does, and what it owes is forgiven: it pays its rate from
+// the moment another client shows up. A client that never called Enter is never alone,
+// and with evenAlone (a machine shared with other work) no client is.
 type Work struct {
 	perClient int
 	rate      float64 // cores
+	evenAlone bool    // hold a client alone on the server to the rate too
 	clock     clock.Clock
 	nice      int                  // the priority work runs at; 0: as the process
 	cpu       func() time.Duration // the calling thread's CPU time (threadCPU)
@@ -436,7 +444,19 @@ type Work struct {
 	mu      sync.Mutex
 	clients map[string]*workTokens
 	leaves  int
+	present map[string]*presence // clients with calls in progress or just ended (Enter)
+	entered int
 }
+
+// presence is one client's calls in progress and when its last one ended.
+type presence struct {
+	calls int
+	last  time.Time
+}
+
+// workQuiet is how long after its last call a client still counts as sharing the
+// server: the gap between one build's calls and the next is shorter.
+const workQuiet = 2 * time.Second
 
 // WorkNice is the nice value CPU-heavy client work runs at.
 const WorkNice = 10
@@ -456,12 +476,86 @@ type workTokens struct {
 func DefaultClientCPUs() float64 { return max(0.25, float64(runtime.NumCPU())/8) }
 
 // NewWork returns a Work allowing each client rate cores over time (0:
-// DefaultClientCPUs) and, at once, as many whole cores as that (at least one).
-func NewWork(rate float64) *Work {
+// DefaultClientCPUs), while it shares the server or always with evenAlone, and, at
+// once, as many whole cores as that (at least one).
+func NewWork(rate float64, evenAlone bool) *Work {
 	if rate <= 0 {
 		rate = DefaultClientCPUs()
 	}
-	return &Work{perClient: max(1, int(math.Ceil(rate))), rate: rate, clock: clock.System(), nice: WorkNice, cpu: threadCPU, clients: map[string]*workTokens{}}
+	return &Work{perClient: max(1, int(math.Ceil(rate))), rate: rate, evenAlone: evenAlone, clock: clock.System(), nice: WorkNice, cpu: threadCPU,
+		clients: map[string]*workTokens{}, present: map[string]*presence{}}
+}
+
+// Enter records that client has a call in progress, until leave is called (once): the
+// presence that decides whether other clients share the server. A nil *Work records
+// nothing.
+func (w *Work) Enter(client string) (leave func()) {
+	if w == nil {
+		return func() {}
+	}
+	w.mu.Lock()
+	p := w.present[client]
+	if p == nil {
+		p = &presence{}
+		w.present[client] = p
+	}
+	p.calls++
+	if w.entered++; w.entered%1024 == 0 {
+		w.prunePresent()
+	}
+	w.mu.Unlock()
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			w.mu.Lock()
+			p.calls--
+			p.last = w.clock.Now()
+			w.mu.Unlock()
+		})
+	}
+}
+
+// prunePresent forgets the clients gone quiet. Callers hold w.mu.
+func (w *Work) prunePresent() {
+	now := w.clock.Now()
+	for c, p := range w.present {
+		if p.quiet(now) {
+			delete(w.present, c) // no call of its is in progress: no leave refers to it
+		}
+	}
+}
+
+// quiet reports whether p has no call in progress and ended its last over workQuiet ago.
+func (p *presence) quiet(now time.Time) bool { return p.calls == 0 && now.Sub(p.last) >= workQuiet }
+
+// Alone reports whether client has a call in progress and no other client has one or
+// ended one within workQuiet: whether its rate is waived now (never with evenAlone).
+func (w *Work) Alone(client string) bool {
+	if w == nil {
+		return false
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.alone(client)
+}
+
+// alone is Alone; it forgets clients gone quiet on the way. Callers hold w.mu.
+func (w *Work) alone(client string) bool {
+	if w.evenAlone {
+		return false
+	}
+	now := w.clock.Now()
+	for c, p := range w.present {
+		if p.quiet(now) {
+			delete(w.present, c)
+			continue
+		}
+		if c != client {
+			return false
+		}
+	}
+	p := w.present[client]
+	return p != nil && p.calls > 0
 }
 
 // threadCPU is the CPU time the calling OS thread has used; -1 if it cannot be read.
@@ -512,11 +606,14 @@ func (w *Work) Acquire(ctx context.Context, client string) (release func(), err 
 		w.leave(client, t)
 		return nil, status.FromContextError(ctx.Err()).Err()
 	}
-	// Within the rate: wait out what the client owes.
+	// Within the rate: wait out what the client owes, while it shares the server.
 	for {
 		w.mu.Lock()
 		w.refill(t)
 		owed := -t.credit
+		if owed > 0 && w.alone(client) {
+			t.credit, owed = 0, 0
+		}
 		w.mu.Unlock()
 		if owed <= 0 {
 			break
@@ -533,8 +630,7 @@ func (w *Work) Acquire(ctx context.Context, client string) (release func(), err 
 		once.Do(func() {
 			used := m.end()
 			w.mu.Lock()
-			w.refill(t)
-			t.credit -= used
+			w.charge(client, t, used)
 			w.mu.Unlock()
 			<-t.ch
 			w.leave(client, t)
@@ -556,10 +652,19 @@ func (w *Work) Also(client string, fn func()) {
 	used := m.end()
 	w.mu.Lock()
 	if t := w.clients[client]; t != nil {
-		w.refill(t)
-		t.credit -= used
+		w.charge(client, t, used)
 	}
 	w.mu.Unlock()
+}
+
+// charge counts work done for client against its credit; alone, the client owes
+// nothing for it. Callers hold w.mu.
+func (w *Work) charge(client string, t *workTokens, used time.Duration) {
+	w.refill(t)
+	t.credit -= used
+	if t.credit < 0 && w.alone(client) {
+		t.credit = 0
+	}
 }
 
 // meter measures the work done on one goroutine, pinned to its OS thread meanwhile.

@@ -110,7 +110,7 @@ func TestBytes(t *testing.T) {
 // client's; beyond its rate it waits out what it owes (an idle client does not shed its
 // debt by pausing); a cancelled wait gives up; clients that owe nothing are forgotten.
 func TestWork(t *testing.T) {
-	w := NewWork(1)
+	w := NewWork(1, false)
 	clk := &testClock{now: time.Unix(1000, 0), advance: true}
 	w.clock = clk
 	w.cpu = clk.cpu // every moment of the test clock is work
@@ -149,7 +149,7 @@ func TestWork(t *testing.T) {
 		t.Fatalf("%d clients kept, want only the one at work", len(w.clients))
 	}
 	// A WorkReader holds the token between reads of its input, not while it waits.
-	w = NewWork(1)
+	w = NewWork(1, false)
 	r2 := &WorkReader{R: strings.NewReader("abc"), W: w, Client: "a", Ctx: ctx}
 	buf := make([]byte, 1)
 	r2.Read(buf)
@@ -161,6 +161,74 @@ func TestWork(t *testing.T) {
 		t.Fatal(err)
 	} else {
 		rel()
+	}
+}
+
+// TestWorkAlone: a client alone on the server (the only one with a call in progress or
+// ended within workQuiet) is not held to its rate and its debt is forgiven; once
+// another client has a call in progress, and until it has been quiet for workQuiet,
+// the rate holds again; a client that never entered is never alone.
+func TestWorkAlone(t *testing.T) {
+	w := NewWork(1, false)
+	clk := &testClock{now: time.Unix(1000, 0), advance: true}
+	w.clock = clk
+	w.cpu = clk.cpu
+	ctx := context.Background()
+	overwork := func(client string) { // work 1 s beyond the burst
+		t.Helper()
+		rel, err := w.Acquire(ctx, client)
+		if err != nil {
+			t.Fatal(err)
+		}
+		clk.now = clk.now.Add(workBurst + time.Second)
+		rel()
+	}
+	leaveA := w.Enter("a")
+	overwork("a")
+	overwork("a")
+	if len(clk.slept) != 0 {
+		t.Fatalf("a client alone waited %v", clk.slept)
+	}
+	leaveB := w.Enter("b")
+	overwork("a") // forgiven: a owes only this 1 s from now
+	rel, err := w.Acquire(ctx, "a")
+	if err != nil || len(clk.slept) != 1 || clk.slept[0] != time.Second {
+		t.Fatalf("with b's call in progress a waited %v (%v), want the 1 s it owes", clk.slept, err)
+	}
+	rel()
+	leaveB()
+	leaveB()      // once
+	overwork("a") // b ended its call 1.5 s ago, less than workQuiet
+	if _, err := w.Acquire(ctx, "a"); err != nil || len(clk.slept) != 2 {
+		t.Fatalf("b ended its call just now: a waited %v, want a second wait (%v)", clk.slept, err)
+	}
+	// The token is still held; free it for the next acquisition.
+	<-w.clients["a"].ch
+	w.clients["a"].users--
+	clk.now = clk.now.Add(workQuiet)
+	overwork("a")
+	if _, ok := w.present["b"]; ok {
+		t.Fatal("b was kept after going quiet")
+	}
+	n := len(clk.slept)
+	if rel, err := w.Acquire(ctx, "a"); err != nil || len(clk.slept) != n {
+		t.Fatalf("b quiet for %v: a waited %v (%v)", workQuiet, clk.slept[n:], err)
+	} else {
+		rel()
+	}
+	leaveA()
+	overwork("c") // c never entered: never alone
+	if _, err := w.Acquire(ctx, "c"); err != nil || len(clk.slept) != n+1 {
+		t.Fatalf("a client without a call in progress was not held to its rate: waited %v", clk.slept[n:])
+	}
+	// --client-max-cpus-always: alone or not, the rate holds.
+	w = NewWork(1, true)
+	w.clock, w.cpu = clk, clk.cpu
+	defer w.Enter("a")()
+	overwork("a")
+	n = len(clk.slept)
+	if _, err := w.Acquire(ctx, "a"); err != nil || len(clk.slept) != n+1 || w.Alone("a") {
+		t.Fatalf("held even alone: a waited %v (%v)", clk.slept[n:], err)
 	}
 }
 
@@ -216,7 +284,7 @@ func TestWorkRunsNiced(t *testing.T) {
 	runtime.LockOSThread() // stay on one thread to compare before and after
 	defer runtime.UnlockOSThread()
 	before := niceOf()
-	w := NewWork(1)
+	w := NewWork(1, false)
 	release, err := w.Acquire(context.Background(), "a")
 	if err != nil {
 		t.Fatal(err)
@@ -234,7 +302,7 @@ func TestWorkRunsNiced(t *testing.T) {
 // time it held a token: a long wait for a CPU (or for the network, with a token held)
 // costs the client nothing; the CPU time of work done beside the holder (Also) counts.
 func TestWorkCountsCPU(t *testing.T) {
-	w := NewWork(1)
+	w := NewWork(1, false)
 	clk := &testClock{now: time.Unix(1000, 0), advance: true}
 	w.clock = clk
 	ctx := context.Background()

@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -14,11 +15,13 @@ import (
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"github.com/kilnbuild/kiln/cache"
+	"github.com/kilnbuild/kiln/cache/disk"
 	"github.com/kilnbuild/kiln/engine/limits"
 	"github.com/klauspost/compress/zstd"
 	"google.golang.org/genproto/googleapis/bytestream"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 )
@@ -486,12 +489,68 @@ func (g *gateStore) Get(ctx context.Context, d cache.Digest, off int64) (io.Read
 	return g.BlobStore.Get(ctx, d, off)
 }
 
+// TestCallLimitRecordsPresence: a client's call in progress (a ByteStream upload not
+// finished) makes it present to the per-client CPU rate, through CallLimit; when the
+// call ends it no longer is.
+func TestCallLimitRecordsPresence(t *testing.T) {
+	work := limits.NewWork(1, false)
+	store, err := disk.Open(context.Background(), t.TempDir(), disk.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer store.Close()
+	srv := New(store, store.ActionCache(), Options{Work: work})
+	defer srv.Close()
+	g := grpc.NewServer(CallLimit(nil, work)...)
+	srv.Register(g)
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go g.Serve(lis)
+	defer g.Stop()
+	conn, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	const client = "peer:127.0.0.1"
+	if work.Alone(client) {
+		t.Fatal("a client without a call was present")
+	}
+	st, err := bytestream.NewByteStreamClient(conn).Write(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	data := []byte("0123456789")
+	d := cache.DigestOf(data)
+	if err := st.Send(&bytestream.WriteRequest{ResourceName: "uploads/" + uuid() + "/blobs/" + d.Hash + "/10", Data: data[:5]}); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(10 * time.Second); !work.Alone(client); time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the client's upload in progress did not make it present")
+		}
+	}
+	if err := st.Send(&bytestream.WriteRequest{WriteOffset: 5, Data: data[5:], FinishWrite: true}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := st.CloseAndRecv(); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(10 * time.Second); work.Alone(client); time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the client was still at work after its call ended")
+		}
+	}
+}
+
 // TestReclaimWhileWaitingForWork: an interrupted upload whose data waits for its
 // client's CPU token (held elsewhere, say by the upload that needs room) is dropped at
 // once when reclaimed, not when the token comes free: no deadlock between the two.
 func TestReclaimWhileWaitingForWork(t *testing.T) {
 	ctx := context.Background()
-	work := limits.NewWork(1)
+	work := limits.NewWork(1, false)
 	e := newEnv(t, Options{Work: work})
 	release, err := work.Acquire(ctx, "attacker")
 	if err != nil {

@@ -74,25 +74,34 @@ func ClientID(ctx context.Context) string {
 }
 
 // CallLimit returns the interceptors that make each call wait for its client's turn
-// under c (limits.Calls), the health service excepted.
-func CallLimit(c *limits.Calls) []grpc.ServerOption {
-	wait := func(ctx context.Context, method string) error {
+// under c (limits.Calls) and record it, while it runs, as the client's presence in w
+// (limits.Work.Enter: whether clients share the server), the health service excepted.
+func CallLimit(c *limits.Calls, w *limits.Work) []grpc.ServerOption {
+	enter := func(ctx context.Context, method string) (leave func(), err error) {
 		if strings.HasPrefix(method, "/grpc.health.") {
-			return nil
+			return func() {}, nil
 		}
-		return c.Wait(ctx, ClientID(ctx))
+		client := ClientID(ctx)
+		if err := c.Wait(ctx, client); err != nil {
+			return nil, err
+		}
+		return w.Enter(client), nil
 	}
 	return []grpc.ServerOption{
 		grpc.ChainUnaryInterceptor(func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
-			if err := wait(ctx, info.FullMethod); err != nil {
+			leave, err := enter(ctx, info.FullMethod)
+			if err != nil {
 				return nil, err
 			}
+			defer leave()
 			return h(ctx, req)
 		}),
 		grpc.ChainStreamInterceptor(func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) error {
-			if err := wait(ss.Context(), info.FullMethod); err != nil {
+			leave, err := enter(ss.Context(), info.FullMethod)
+			if err != nil {
 				return err
 			}
+			defer leave()
 			return h(srv, ss)
 		}),
 	}

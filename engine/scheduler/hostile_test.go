@@ -145,7 +145,7 @@ func TestClientQueuedLimit(t *testing.T) {
 // work while an identical execution ran and ended is answered from the action cache;
 // the action does not run a second time.
 func TestAdmissionWaitRunsNothingTwice(t *testing.T) {
-	work := limits.NewWork(1)
+	work := limits.NewWork(1, false)
 	e, _ := newLimitedEnv(t, 1, func(c *SchedulerConfig) { c.Work = work })
 	root := e.Put(t, &repb.Directory{})
 	d := e.Action(t, &repb.Command{Arguments: []string{"write", "o", "x"}, OutputFiles: []string{"o"}}, root, nil)
@@ -230,7 +230,7 @@ func (p *pausingAC) Get(ctx context.Context, key cache.ActionKey) (*repb.ActionR
 // looked) is neither run again nor lost: the second joins the first or finds its result.
 func TestFinishedDuringLookupRunsNothingTwice(t *testing.T) {
 	ac := &pausingAC{n: 2, entered: make(chan struct{}), resume: make(chan struct{})}
-	work := limits.NewWork(1)
+	work := limits.NewWork(1, false)
 	env := executortest.NewEnv(t, func(c *executor.ExecutorConfig) {
 		ac.ActionCache = c.AC
 		c.AC = ac

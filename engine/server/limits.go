@@ -33,8 +33,10 @@ type Limits struct {
 	// their turn. 0: limits.DefaultClientCalls.
 	ClientCalls float64 `yaml:"client-max-calls"`
 	// ClientCPUs bounds the cores one client's decompressing, hashing and tree parsing
-	// may use over time; 0: limits.DefaultClientCPUs.
-	ClientCPUs float64 `yaml:"client-max-cpus"`
+	// may use over time while other clients have calls in progress (or always, with
+	// ClientCPUsAlways: a machine shared with other work); 0: limits.DefaultClientCPUs.
+	ClientCPUs       float64 `yaml:"client-max-cpus"`
+	ClientCPUsAlways bool    `yaml:"client-max-cpus-always"`
 }
 
 // maxStreams bounds the concurrent calls of one connection (gRPC's own default is

@@ -101,7 +101,7 @@ func Serve(ctx context.Context, cfg Config) error {
 	}
 	mem := newBudget(cfg.Limits)
 	mem.Register(reg)
-	work := limits.NewWork(cfg.Limits.ClientCPUs)
+	work := limits.NewWork(cfg.Limits.ClientCPUs, cfg.Limits.ClientCPUsAlways)
 	opts := cfg.Options
 	opts.Primary, opts.Logger, opts.Registerer, opts.Pinner = true, log, reg, pinner(lock)
 	opts.Memory, opts.ClientQueued, opts.Work = mem, cfg.Limits.ClientQueued, work
@@ -179,7 +179,7 @@ func Serve(ctx context.Context, cfg Config) error {
 	gopts = append(gopts, authn.ServerOptions()...)
 	// Each call waits for its client's turn, the client named as authn established it
 	// (a token's identity, else its certificate's, else its address).
-	gopts = append(gopts, reapi.CallLimit(limits.NewCalls(mem, cfg.Limits.ClientCalls))...)
+	gopts = append(gopts, reapi.CallLimit(limits.NewCalls(mem, cfg.Limits.ClientCalls), work)...)
 	if policy != nil {
 		log.Info("authorization policy", "file", cfg.AuthzFile, "rules", policy.String())
 	}

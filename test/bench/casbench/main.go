@@ -23,6 +23,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
@@ -97,8 +98,11 @@ func (s *server) cpu() time.Duration {
 const clockTicks = 100
 
 // measure runs row on s and stores the server's CPU per unit (units of work, in
-// scale: 1e3 for ms, 1e6 for us) into *cpu when s has a pid.
+// scale: 1e3 for ms, 1e6 for us) into *cpu when s has a pid. It first writes out the
+// machine's dirty pages (sync): what the rows before wrote, the kernel would otherwise
+// write back during this one, on the same cores, whichever server it measures.
 func measure(s *server, cpu *float64, units, scale float64, row func()) {
+	syscall.Sync()
 	before := s.cpu()
 	row()
 	if s.pid != 0 {
