@@ -9,6 +9,8 @@
 # memory. The server runs with its defaults (no limit flags). Builds alone, attacked
 # and with the same attack aimed at a second kiln server on the machine (the control)
 # alternate, PAIRS of each, so that load from elsewhere on the machine hits all alike.
+# After each attack, the next build waits until both servers have finished the work the
+# attack left them: a server still busy with it would bill the next build for the last.
 # On a small machine the attacking client and the work it makes a server do compete
 # with the build for CPU and disk whichever server is attacked: the control's ratio is
 # what sharing the machine costs, the attacked ratio what sharing the server costs too.
@@ -69,6 +71,18 @@ attack() {
 stop_attack() {
   kill -INT "$apid"; wait "$apid" || true
   sed -i 's/hostile: attacking/hostile: attacked/' "$work/attack.log"
+  settle
+}
+# settle waits (up to 20 s) until both servers have finished what the attack left them
+# (under 10% of a core over half a second), so that no build pays for the one before.
+settle() {
+  local a b
+  for _ in $(seq 40); do
+    a=$(awk -v x="$(cpu "$spid")" -v y="$(cpu "$s2pid")" 'BEGIN { print x + y }')
+    sleep 0.5
+    b=$(awk -v x="$(cpu "$spid")" -v y="$(cpu "$s2pid")" 'BEGIN { print x + y }')
+    awk -v a="$a" -v b="$b" 'BEGIN { exit !(b - a < 0.05) }' && return
+  done
 }
 for i in $(seq "$PAIRS"); do
   alone+=("$(build "alone$i")")
