@@ -21,12 +21,13 @@ want() { [[ " $parts " == *" $1 "* ]]; }
 if want cas; then
 echo "== CAS (ByteStream 1 MiB x 8 streams, BatchUpdate 4 KiB, FindMissing) =="
 go build -o "$work/casbench" ./test/bench/casbench
-"$KILN" serve --data "$work/kiln" --listen 127.0.0.1:18801 --http-listen "" --log-level warn &
+"$KILN" serve --data "$work/kiln" --listen 127.0.0.1:18801 --http-listen "" --log-level warn ${SERVE_ARGS:-} &
 pids+=($!)
 wait_port 18801
 # --pid: casbench also prints each server's CPU per MiB, blob and digest, which does not
 # depend on the share of the machine a server gets (the load, or kiln's per-client
-# CPU limit, --client-max-cpus: a quarter of a core by default on 2 cores).
+# CPU rate, --client-max-cpus, which holds only while clients share the server: not
+# for casbench's one client, unless --client-max-cpus-always is in SERVE_ARGS).
 servers=(--server kiln=127.0.0.1:18801 --pid kiln=$!)
 if [ -n "${BAZEL_REMOTE:-}" ] && [ -x "$BAZEL_REMOTE" ]; then
   "$BAZEL_REMOTE" --dir "$work/br" --max_size 20 --storage_mode uncompressed --grpc_address 127.0.0.1:18802 --http_address 127.0.0.1:18803 >/dev/null 2>&1 &
