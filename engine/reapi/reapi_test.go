@@ -545,6 +545,9 @@ func TestByteStreamResume(t *testing.T) {
 		if committed != 300000 {
 			t.Fatalf("committed %d, want 300000", committed)
 		}
+		// Until the server has seen the break, a new stream is refused (ABORTED, which
+		// clients retry): resume after it.
+		e.srv.bs.waitDetached(t, name)
 		r, err := write(ctx, e.bs, name, [][]byte{body[committed:]}, committed, true)
 		if err != nil {
 			t.Fatalf("resume (compressed=%v): %v", compressed, err)
