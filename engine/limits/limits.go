@@ -446,6 +446,8 @@ type Work struct {
 	leaves  int
 	present map[string]*presence // clients with calls in progress or just ended (Enter)
 	entered int
+
+	waited prometheus.Counter // seconds of work held back by the rate
 }
 
 // presence is one client's calls in progress and when its last one ended.
@@ -483,7 +485,26 @@ func NewWork(rate float64, evenAlone bool) *Work {
 		rate = DefaultClientCPUs()
 	}
 	return &Work{perClient: max(1, int(math.Ceil(rate))), rate: rate, evenAlone: evenAlone, clock: clock.System(), nice: WorkNice, cpu: threadCPU,
-		clients: map[string]*workTokens{}, present: map[string]*presence{}}
+		clients: map[string]*workTokens{}, present: map[string]*presence{},
+		waited: prometheus.NewCounter(prometheus.CounterOpts{Name: "kiln_client_cpu_wait_seconds_total",
+			Help: "Seconds clients' CPU-heavy work waited out --client-max-cpus (summed over the waits)."})}
+}
+
+// Register exports the rate's metrics: the time work waited for it, and how many
+// clients are present (with a call in progress or ended within workQuiet).
+func (w *Work) Register(reg prometheus.Registerer) {
+	if w == nil || reg == nil {
+		return
+	}
+	present := prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "kiln_clients_present",
+		Help: "Clients with a call in progress or ended in the last 2 s: while more than one, --client-max-cpus holds."},
+		func() float64 {
+			w.mu.Lock()
+			defer w.mu.Unlock()
+			w.prunePresent()
+			return float64(len(w.present))
+		})
+	reg.MustRegister(w.waited, present)
 }
 
 // Enter records that client has a call in progress, until leave is called (once): the
@@ -618,7 +639,9 @@ func (w *Work) Acquire(ctx context.Context, client string) (release func(), err 
 		if owed <= 0 {
 			break
 		}
-		if err := sleep(ctx, w.clock, time.Duration(float64(owed)/w.rate)); err != nil {
+		d := time.Duration(float64(owed) / w.rate)
+		w.waited.Add(d.Seconds())
+		if err := sleep(ctx, w.clock, d); err != nil {
 			<-t.ch
 			w.leave(client, t)
 			return nil, err

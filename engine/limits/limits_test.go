@@ -9,6 +9,8 @@ import (
 	"time"
 
 	"github.com/kilnbuild/kiln/internal/clock"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -220,6 +222,17 @@ func TestWorkAlone(t *testing.T) {
 	overwork("c") // c never entered: never alone
 	if _, err := w.Acquire(ctx, "c"); err != nil || len(clk.slept) != n+1 {
 		t.Fatalf("a client without a call in progress was not held to its rate: waited %v", clk.slept[n:])
+	}
+	// The metrics: the waits so far (1 s, 1 s, 1 s) and the clients present (x, with a
+	// call in progress; a left 2.5 s ago, b long before).
+	defer w.Enter("x")()
+	if got := testutil.ToFloat64(w.waited); got != 3 {
+		t.Fatalf("kiln_client_cpu_wait_seconds_total %v, want 3", got)
+	}
+	reg := prometheus.NewRegistry()
+	w.Register(reg)
+	if err := testutil.GatherAndCompare(reg, strings.NewReader("# HELP kiln_clients_present Clients with a call in progress or ended in the last 2 s: while more than one, --client-max-cpus holds.\n# TYPE kiln_clients_present gauge\nkiln_clients_present 1\n"), "kiln_clients_present"); err != nil {
+		t.Fatal(err)
 	}
 	// --client-max-cpus-always: alone or not, the rate holds.
 	w = NewWork(1, true)

@@ -102,6 +102,7 @@ func Serve(ctx context.Context, cfg Config) error {
 	mem := newBudget(cfg.Limits)
 	mem.Register(reg)
 	work := limits.NewWork(cfg.Limits.ClientCPUs, cfg.Limits.ClientCPUsAlways)
+	work.Register(reg)
 	opts := cfg.Options
 	opts.Primary, opts.Logger, opts.Registerer, opts.Pinner = true, log, reg, pinner(lock)
 	opts.Memory, opts.ClientQueued, opts.Work = mem, cfg.Limits.ClientQueued, work
