@@ -74,15 +74,17 @@ stop_attack() {
   settle
 }
 # settle waits (up to 20 s) until both servers have finished what the attack left them
-# (under 10% of a core over half a second), so that no build pays for the one before.
+# (under 10% of a core over half a second), then writes out the machine's dirty pages
+# (what the attack made the servers write), so that no build pays for the one before.
 settle() {
   local a b
   for _ in $(seq 40); do
     a=$(awk -v x="$(cpu "$spid")" -v y="$(cpu "$s2pid")" 'BEGIN { print x + y }')
     sleep 0.5
     b=$(awk -v x="$(cpu "$spid")" -v y="$(cpu "$s2pid")" 'BEGIN { print x + y }')
-    awk -v a="$a" -v b="$b" 'BEGIN { exit !(b - a < 0.05) }' && return
+    awk -v a="$a" -v b="$b" 'BEGIN { exit !(b - a < 0.05) }' && break
   done
+  sync
 }
 for i in $(seq "$PAIRS"); do
   alone+=("$(build "alone$i")")
