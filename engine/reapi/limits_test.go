@@ -5,7 +5,6 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -15,13 +14,11 @@ import (
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"github.com/kilnbuild/kiln/cache"
-	"github.com/kilnbuild/kiln/cache/disk"
 	"github.com/kilnbuild/kiln/engine/limits"
 	"github.com/klauspost/compress/zstd"
 	"google.golang.org/genproto/googleapis/bytestream"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 )
@@ -494,31 +491,11 @@ func (g *gateStore) Get(ctx context.Context, d cache.Digest, off int64) (io.Read
 // call ends it no longer is.
 func TestCallLimitRecordsPresence(t *testing.T) {
 	work := limits.NewWork(1, false)
-	store, err := disk.Open(context.Background(), t.TempDir(), disk.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer store.Close()
-	srv := New(store, store.ActionCache(), Options{Work: work})
-	defer srv.Close()
-	g := grpc.NewServer(CallLimit(nil, work)...)
-	srv.Register(g)
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	go g.Serve(lis)
-	defer g.Stop()
-	conn, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	const client = "peer:127.0.0.1"
-	if work.Alone(client) {
+	e := newEnv(t, Options{Work: work}, CallLimit(nil, work)...)
+	if work.Alone("a") {
 		t.Fatal("a client without a call was present")
 	}
-	st, err := bytestream.NewByteStreamClient(conn).Write(context.Background())
+	st, err := e.bs.Write(as(context.Background(), "a"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -527,7 +504,7 @@ func TestCallLimitRecordsPresence(t *testing.T) {
 	if err := st.Send(&bytestream.WriteRequest{ResourceName: "uploads/" + uuid() + "/blobs/" + d.Hash + "/10", Data: data[:5]}); err != nil {
 		t.Fatal(err)
 	}
-	for deadline := time.Now().Add(10 * time.Second); !work.Alone(client); time.Sleep(time.Millisecond) {
+	for deadline := time.Now().Add(10 * time.Second); !work.Alone("a"); time.Sleep(time.Millisecond) {
 		if time.Now().After(deadline) {
 			t.Fatal("the client's upload in progress did not make it present")
 		}
@@ -538,7 +515,7 @@ func TestCallLimitRecordsPresence(t *testing.T) {
 	if _, err := st.CloseAndRecv(); err != nil {
 		t.Fatal(err)
 	}
-	for deadline := time.Now().Add(10 * time.Second); work.Alone(client); time.Sleep(time.Millisecond) {
+	for deadline := time.Now().Add(10 * time.Second); work.Alone("a"); time.Sleep(time.Millisecond) {
 		if time.Now().After(deadline) {
 			t.Fatal("the client was still at work after its call ended")
 		}

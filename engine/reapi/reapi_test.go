@@ -35,13 +35,13 @@ type env struct {
 	srv   *Server
 }
 
-func newEnv(t *testing.T, opts Options) *env {
+func newEnv(t *testing.T, opts Options, gopts ...grpc.ServerOption) *env {
 	t.Helper()
 	store, err := disk.Open(context.Background(), t.TempDir(), disk.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	return newEnvOn(t, store, cache.WithEmptyBlob(store), opts)
+	return newEnvOn(t, store, cache.WithEmptyBlob(store), opts, gopts...)
 }
 
 // openBounded opens a primary store in dir bounded to maxSize bytes.
@@ -54,11 +54,13 @@ func openBounded(t *testing.T, dir string, maxSize int64) *disk.Store {
 	return store
 }
 
-// newEnvOn serves cas (over store) to a client.
-func newEnvOn(t *testing.T, store *disk.Store, cas cache.BlobStore, opts Options) *env {
+// newEnvOn serves cas (over store) to a client, with gopts after the test's client
+// naming (as).
+func newEnvOn(t *testing.T, store *disk.Store, cas cache.BlobStore, opts Options, gopts ...grpc.ServerOption) *env {
 	t.Helper()
 	srv := New(cas, cache.WithCompletenessCheck(store.ActionCache(), cas), opts)
-	g := grpc.NewServer(grpc.MaxRecvMsgSize(MaxMessageSize), grpc.ChainUnaryInterceptor(testClientUnary), grpc.ChainStreamInterceptor(testClientStream))
+	g := grpc.NewServer(append([]grpc.ServerOption{grpc.MaxRecvMsgSize(MaxMessageSize),
+		grpc.ChainUnaryInterceptor(testClientUnary), grpc.ChainStreamInterceptor(testClientStream)}, gopts...)...)
 	srv.Register(g)
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
